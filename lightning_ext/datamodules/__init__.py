@@ -1,0 +1,14 @@
+"""LightningDataModules: offline real datasets with fixed, documented splits (and, later, filtered data)."""
+
+from lightning_ext._lazy import lazy_exports
+
+_EXPORTS = {
+    "InMemoryDataModule": "base",
+    "DigitsDataModule": "digits",
+    "FashionMNISTDataModule": "fashion_mnist",
+    "MNIST5kDataModule": "mnist5k",
+    "TabularDataModule": "tabular",
+    "PlanetoidDataModule": "planetoid",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,0 +1,200 @@
+"""Shared machinery for the in-memory DataModules: fixed seeded splits, resumable shuffling, DDP sharding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+
+@dataclass
+class Arrays:
+    """What a subclass loads: features, integer labels, and the official test split when there is one."""
+
+    x: np.ndarray
+    y: np.ndarray
+    x_test: Optional[np.ndarray] = None
+    y_test: Optional[np.ndarray] = None
+
+
+def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices ``0..len(y)-1`` into (rest, held_out) with ``fraction`` held out, class-stratified.
+
+    Deterministic for a given ``seed``; classes too small to stratify fall back to a plain seeded split.
+    """
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(y))
+    if fraction <= 0:
+        return idx, idx[:0]
+    try:
+        rest, held = train_test_split(idx, test_size=fraction, random_state=seed, stratify=y)
+    except ValueError:
+        rest, held = train_test_split(idx, test_size=fraction, random_state=seed)
+    return np.sort(rest), np.sort(held)
+
+
+class InMemoryDataModule(LightningDataModule):
+    """Base class: data that fits in memory, split once with a fixed seed into train/val/test.
+
+    Subclasses set ``num_classes`` and ``input_shape`` in ``__init__`` and implement :meth:`load_arrays`.
+
+    The split is a function of ``split_seed`` only (not of the training seed), so every run, rank and resume
+    sees the same samples in each split. Where the dataset has an official test split, it is the test split
+    and validation is carved out of the official training split; otherwise ``test_fraction`` of all samples
+    is held out first, then ``val_fraction`` of the remainder. Both are class-stratified.
+
+    Training batches are shuffled by a :class:`~torch.utils.data.DistributedSampler` seeded with
+    ``shuffle_seed + epoch``: with one process it is an ordinary seeded shuffle, and under DDP each rank gets
+    its shard of the same permutation, so a two-process run with half the batch size sees exactly the global
+    batches of a one-process run. The order depends only on the epoch, so a resumed run sees the same order.
+
+    Args:
+        batch_size: samples per batch (per process under DDP).
+        num_workers: DataLoader worker processes.
+        val_fraction: share of the training pool used for validation.
+        test_fraction: share of all samples held out for testing (ignored where an official test split exists).
+        split_seed: seed of the train/val/test split.
+        shuffle: shuffle training batches.
+        shuffle_seed: seed of the per-epoch training shuffle.
+        train_fraction: keep only this random, class-stratified share of the training split (1.0 keeps all).
+        train_subset_seed: seed of that subset.
+        pin_memory: DataLoader ``pin_memory``.
+    """
+
+    num_classes: int
+    input_shape: tuple[int, ...]
+    has_official_test_split: bool = False
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        split_seed: int = 0,
+        shuffle: bool = True,
+        shuffle_seed: int = 0,
+        train_fraction: float = 1.0,
+        train_subset_seed: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+        if num_workers < 0:
+            raise ValueError(f"`num_workers` must be >= 0, got {num_workers}.")
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"`val_fraction` must be in [0, 1), got {val_fraction}.")
+        if not 0 <= test_fraction < 1:
+            raise ValueError(f"`test_fraction` must be in [0, 1), got {test_fraction}.")
+        if not 0 < train_fraction <= 1:
+            raise ValueError(f"`train_fraction` must be in (0, 1], got {train_fraction}; 1.0 keeps all data.")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.split_seed = split_seed
+        self.shuffle = shuffle
+        self.shuffle_seed = shuffle_seed
+        self.train_fraction = train_fraction
+        self.train_subset_seed = train_subset_seed
+        self.pin_memory = pin_memory
+        self.train_set: Optional[TensorDataset] = None
+        self.val_set: Optional[TensorDataset] = None
+        self.test_set: Optional[TensorDataset] = None
+
+    # -- subclass API --------------------------------------------------------------------------------------
+    def load_arrays(self) -> Arrays:
+        """Return all samples as numpy arrays (features already scaled to a fixed range)."""
+        raise NotImplementedError
+
+    def to_tensor(self, x: np.ndarray) -> torch.Tensor:
+        """Convert features to a float tensor shaped ``(N, *input_shape)``."""
+        return torch.as_tensor(x, dtype=torch.float32).reshape(len(x), *self.input_shape)
+
+    def normalize(self, train_x: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Standardise with statistics of the training split (per feature for vectors, global for images)."""
+        dims = 0 if train_x.dim() == 2 else tuple(range(train_x.dim()))
+        mean, std = train_x.mean(dim=dims), train_x.std(dim=dims).clamp_min(1e-6)
+        return tuple((t - mean) / std for t in (train_x, *others))
+
+    # -- splits --------------------------------------------------------------------------------------------
+    def split_indices(self, arrays: Arrays) -> dict[str, np.ndarray]:
+        """Indices into ``arrays`` for each split (test indices refer to the official test set if present)."""
+        y = arrays.y
+        if arrays.x_test is not None:
+            pool, test = np.arange(len(y)), np.arange(len(arrays.y_test))
+        else:
+            pool, test = stratified_split(y, self.test_fraction, self.split_seed)
+        train_rel, val_rel = stratified_split(y[pool], self.val_fraction, self.split_seed + 1)
+        train, val = pool[train_rel], pool[val_rel]
+        if self.train_fraction < 1:
+            keep_rel, _ = stratified_split(y[train], 1 - self.train_fraction, self.train_subset_seed)
+            train = train[keep_rel]
+        if len(train) == 0:
+            raise ValueError(
+                "The training split is empty; raise `train_fraction` or lower `val_fraction`/`test_fraction`."
+            )
+        return {"train": train, "val": val, "test": test}
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.train_set is not None:
+            return
+        arrays = self.load_arrays()
+        labels = np.unique(arrays.y)
+        if labels.min() < 0 or labels.max() >= self.num_classes:
+            raise ValueError(
+                f"{type(self).__name__}: labels must lie in [0, {self.num_classes}), found {labels.min()}..{labels.max()}."
+            )
+        split = self.split_indices(arrays)
+        x_all, y_all = self.to_tensor(arrays.x), torch.as_tensor(arrays.y, dtype=torch.long)
+        if arrays.x_test is not None:
+            x_test, y_test = self.to_tensor(arrays.x_test), torch.as_tensor(arrays.y_test, dtype=torch.long)
+        else:
+            x_test, y_test = x_all, y_all
+        x_tr, x_va, x_te = self.normalize(x_all[split["train"]], x_all[split["val"]], x_test[split["test"]])
+        self.train_set = TensorDataset(x_tr, y_all[split["train"]])
+        self.val_set = TensorDataset(x_va, y_all[split["val"]])
+        self.test_set = TensorDataset(x_te, y_test[split["test"]])
+        self.split_sizes = {k: len(v) for k, v in split.items()}
+
+    # -- loaders -------------------------------------------------------------------------------------------
+    def _loader(self, dataset: TensorDataset, train: bool) -> DataLoader:
+        if dataset is None or len(dataset) == 0:
+            raise RuntimeError(
+                f"{type(self).__name__}: this split is empty; call setup() first or raise its fraction."
+            )
+        sampler = None
+        if train:
+            world, rank = 1, 0
+            trainer = getattr(self, "trainer", None)
+            if trainer is not None:
+                world, rank = trainer.world_size, trainer.global_rank
+            sampler = DistributedSampler(
+                dataset, num_replicas=world, rank=rank, shuffle=self.shuffle, seed=self.shuffle_seed
+            )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)

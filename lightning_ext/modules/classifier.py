@@ -1,0 +1,136 @@
+"""A supervised classifier around any ``nn.Module``: the model the library's callbacks compose onto."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+
+class Classifier(LightningModule):
+    """Cross-entropy classification of ``(x, y)`` batches with accuracy and macro-F1 from torchmetrics.
+
+    Logs ``{train,val,test}_loss`` (plus ``train_loss_epoch``, the epoch mean over all ranks), ``{train,val,test}_acc`` and ``{val,test}_f1``. The optimiser and LR
+    scheduler are injected LightningCLI-style (``optimizer: {class_path: torch.optim.SGD, init_args: ...}``);
+    without one, AdamW with ``lr`` and ``weight_decay`` is used. In ``setup`` the data's ``num_classes`` and
+    ``input_shape`` (when the datamodule has them) are checked against the model.
+
+    Args:
+        net: maps a batch of inputs to ``num_classes`` logits.
+        num_classes: number of classes.
+        input_shape: shape of one input (without batch), checked against the datamodule; ``None`` skips it.
+        lr: learning rate of the default AdamW.
+        weight_decay: weight decay of the default AdamW.
+        optimizer: optimiser factory ``params -> Optimizer``; overrides ``lr``/``weight_decay``.
+        scheduler: LR-scheduler factory ``optimizer -> LRScheduler``.
+        scheduler_interval: step the scheduler every ``"epoch"`` or every ``"step"``.
+
+    Example:
+        >>> from torch import nn
+        >>> model = Classifier(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), num_classes=10)
+        >>> model(torch.zeros(2, 1, 8, 8)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        num_classes: int,
+        input_shape: Optional[tuple[int, ...]] = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        optimizer: Optional[OptimizerCallable] = None,
+        scheduler: Optional[LRSchedulerCallable] = None,
+        scheduler_interval: str = "epoch",
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"`num_classes` must be >= 2, got {num_classes}.")
+        if lr <= 0:
+            raise ValueError(f"`lr` must be > 0, got {lr}.")
+        if scheduler_interval not in ("epoch", "step"):
+            raise ValueError(f"`scheduler_interval` must be 'epoch' or 'step', got {scheduler_interval!r}.")
+        self.net = net
+        self.num_classes = num_classes
+        self.input_shape = tuple(input_shape) if input_shape is not None else None
+        self.lr, self.weight_decay = lr, weight_decay
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.scheduler_interval = scheduler_interval
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_f1 = MulticlassF1Score(num_classes, average="macro")
+        self.test_f1 = MulticlassF1Score(num_classes, average="macro")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    # -- checks against the data ---------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None:
+            return
+        data_classes = getattr(dm, "num_classes", None)
+        if data_classes is not None and data_classes != self.num_classes:
+            raise ValueError(
+                f"The model has num_classes={self.num_classes} but {type(dm).__name__} has {data_classes} "
+                f"classes. Set `model.init_args.num_classes: {data_classes}`."
+            )
+        data_shape = getattr(dm, "input_shape", None)
+        if data_shape is not None and self.input_shape is not None and tuple(data_shape) != self.input_shape:
+            raise ValueError(
+                f"The model expects inputs of shape {self.input_shape} but {type(dm).__name__} yields "
+                f"{tuple(data_shape)}. {self._shape_hint(tuple(data_shape))}"
+            )
+
+    def _shape_hint(self, data_shape: tuple[int, ...]) -> str:
+        return f"Build the model for input shape {data_shape}."
+
+    # -- steps ---------------------------------------------------------------------------------------------
+    def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        acc = getattr(self, f"{stage}_acc")
+        acc(logits, y)
+        if stage == "train":
+            self.log("train_loss", loss, prog_bar=True)
+            # the epoch mean over all ranks, comparable between single-process and DDP runs
+            self.log("train_loss_epoch", loss, on_step=False, on_epoch=True, sync_dist=True)
+        else:
+            self.log(f"{stage}_loss", loss, prog_bar=stage == "val", sync_dist=True)
+        self.log(f"{stage}_acc", acc, prog_bar=stage != "train")
+        if stage != "train":
+            f1 = getattr(self, f"{stage}_f1")
+            f1(logits, y)
+            self.log(f"{stage}_f1", f1)
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x).argmax(dim=-1)
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.optimizer_factory is not None:
+            optimizer = self.optimizer_factory(params)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
