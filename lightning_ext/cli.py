@@ -189,7 +189,13 @@ def run_cli(args: Optional[list[str]] = None) -> Optional[LightningExtCLI]:
 
         print(f"lightning-ext {lightning_ext.__version__}")
         return None
-    return LightningExtCLI(args=argv)
+    if args is None:
+        return LightningExtCLI()
+    saved, sys.argv = sys.argv, sys.argv[:1]  # programmatic call: don't mix with the host's own argv
+    try:
+        return LightningExtCLI(args=argv)
+    finally:
+        sys.argv = saved
 
 
 def main() -> None:

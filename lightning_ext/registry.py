@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from dataclasses import dataclass
 
 KINDS = ("callbacks", "modules", "datamodules")
@@ -31,7 +32,9 @@ class Component:
 def _summary(obj: object) -> str:
     doc = inspect.getdoc(obj) or ""
     paragraph = doc.strip().split("\n\n")[0]
-    return " ".join(line.strip() for line in paragraph.splitlines())
+    text = " ".join(line.strip() for line in paragraph.splitlines())
+    text = re.sub(r":\w+:`~?([^`]+)`", lambda m: m.group(1).rsplit(".", 1)[-1], text)  # :class:`~a.B` -> B
+    return text.replace("``", "`")
 
 
 def components(kind: str | None = None) -> list[Component]:

@@ -17,9 +17,10 @@ import ipaddress
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
+if TYPE_CHECKING:  # torch is imported lazily: sitecustomize runs block_network() in every test process
+    import torch
 
 # -- network --------------------------------------------------------------------------------------------------
 
@@ -233,6 +234,8 @@ def crash_and_resume(
 
 def assert_same_parameters(a: torch.nn.Module, b: torch.nn.Module, atol: float = 1e-6, rtol: float = 1e-5) -> None:
     """Assert two modules have the same parameter and buffer names, shapes and values (within tolerance)."""
+    import torch
+
     sa, sb = a.state_dict(), b.state_dict()
     if sa.keys() != sb.keys():
         raise AssertionError(f"different keys: only in first {sorted(sa.keys() - sb.keys())[:5]}, "

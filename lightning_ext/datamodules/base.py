@@ -64,6 +64,8 @@ class InMemoryDataModule(LightningDataModule):
         train_fraction: keep only this random, class-stratified share of the training split (1.0 keeps all).
         train_subset_seed: seed of that subset.
         pin_memory: DataLoader ``pin_memory``.
+        drop_last: drop the last incomplete training batch (then a DDP run and a one-process run with the
+            same global batch see identical batches, padding included).
     """
 
     num_classes: int
@@ -82,6 +84,7 @@ class InMemoryDataModule(LightningDataModule):
         train_fraction: float = 1.0,
         train_subset_seed: int = 0,
         pin_memory: bool = False,
+        drop_last: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -104,6 +107,7 @@ class InMemoryDataModule(LightningDataModule):
         self.train_fraction = train_fraction
         self.train_subset_seed = train_subset_seed
         self.pin_memory = pin_memory
+        self.drop_last = drop_last
         self.train_set: Optional[TensorDataset] = None
         self.val_set: Optional[TensorDataset] = None
         self.test_set: Optional[TensorDataset] = None
@@ -120,7 +124,8 @@ class InMemoryDataModule(LightningDataModule):
     def normalize(self, train_x: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Standardise with statistics of the training split (per feature for vectors, global for images)."""
         dims = 0 if train_x.dim() == 2 else tuple(range(train_x.dim()))
-        mean, std = train_x.mean(dim=dims), train_x.std(dim=dims).clamp_min(1e-6)
+        mean, std = train_x.mean(dim=dims), train_x.std(dim=dims)
+        std = torch.where(std > 1e-6, std, torch.ones_like(std))  # constant features stay unscaled
         return tuple((t - mean) / std for t in (train_x, *others))
 
     # -- splits --------------------------------------------------------------------------------------------
@@ -185,6 +190,7 @@ class InMemoryDataModule(LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            drop_last=self.drop_last and train,
         )
 
     def train_dataloader(self) -> DataLoader:

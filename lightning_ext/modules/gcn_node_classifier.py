@@ -54,7 +54,9 @@ class GCNNodeClassifier(LightningModule):
         self.conv1 = GCNConv(num_features, hidden, cached=False)
         self.conv2 = GCNConv(hidden, num_classes, cached=False)
         self.num_classes = num_classes
-        self.metrics = torch.nn.ModuleDict({s: MulticlassAccuracy(num_classes, average="micro") for s in ("train", "val", "test")})
+        self.accuracy = torch.nn.ModuleDict(
+            {f"{s}_acc": MulticlassAccuracy(num_classes, average="micro") for s in ("train", "val", "test")}
+        )
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -73,9 +75,10 @@ class GCNNodeClassifier(LightningModule):
         mask = graph[f"{stage}_mask"]
         logits = self(graph.x, graph.edge_index)[mask]
         loss = F.cross_entropy(logits, graph.y[mask])
-        self.metrics[stage](logits, graph.y[mask])
+        acc = self.accuracy[f"{stage}_acc"]
+        acc(logits, graph.y[mask])
         self.log(f"{stage}_loss", loss, batch_size=int(mask.sum()), prog_bar=stage == "train")
-        self.log(f"{stage}_acc", self.metrics[stage], batch_size=int(mask.sum()), prog_bar=stage != "train")
+        self.log(f"{stage}_acc", acc, batch_size=int(mask.sum()), prog_bar=stage != "train")
         return loss
 
     def training_step(self, graph, batch_idx: int) -> torch.Tensor:

@@ -36,27 +36,35 @@ def create_timm_backbone(name: str, num_classes: int, in_chans: int, **kwargs) -
     return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
 
 
-def adapt_stem_for_small_images(model: nn.Module) -> list[str]:
-    """Make a timm CNN keep resolution in its stem: stride 1 in the first conv, no stem max-pool.
+def adapt_stem(model: nn.Module, downsample: int) -> list[str]:
+    """Reduce how much a timm CNN's stem downsamples: 4 (ImageNet default), 2 or 1.
 
-    ImageNet stems downsample 4x before the first stage; on 8x8 or 28x28 inputs that throws away most of
-    the image. Returns what was changed (empty when nothing was recognised).
+    ImageNet stems (a stride-2 conv, then a stride-2 max-pool) shrink the image 4x before the first stage;
+    on 8x8 or 28x28 inputs that throws most of the image away. ``downsample=2`` sets the first conv's stride
+    to 1 and keeps the max-pool; ``1`` also removes the max-pool. Patchify stems (kernel == stride: ViTs,
+    ConvNeXt) are never changed. Returns what was changed (empty when nothing applied).
     """
+    if downsample not in (1, 2, 4):
+        raise ValueError(f"`stem_downsample` must be 1, 2 or 4, got {downsample}.")
+    if downsample == 4:
+        return []
     changed = []
-    first = getattr(model, "pretrained_cfg", {}).get("first_conv") or getattr(model, "default_cfg", {}).get(
-        "first_conv"
-    )
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    first = cfg.get("first_conv")
     if isinstance(first, (list, tuple)):
         first = first[0]
+    conv = None
     if first:
         try:
             conv = model.get_submodule(first)
         except AttributeError:
             conv = None
-        if isinstance(conv, nn.Conv2d) and conv.stride != (1, 1):
-            conv.stride = (1, 1)
-            changed.append(f"{first}.stride=1")
-    if isinstance(getattr(model, "maxpool", None), nn.MaxPool2d):
+    has_pool = isinstance(getattr(model, "maxpool", None), nn.MaxPool2d)
+    overlapping = isinstance(conv, nn.Conv2d) and conv.stride != (1, 1) and conv.kernel_size[0] > conv.stride[0]
+    if overlapping and (has_pool or downsample == 1):
+        conv.stride = (1, 1)
+        changed.append(f"{first}.stride=1")
+    if has_pool and downsample == 1:
         model.maxpool = nn.Identity()
         changed.append("maxpool removed")
     return changed
@@ -102,8 +110,9 @@ class ImageClassifier(Classifier):
     """Image classification with a timm backbone by name (or any ``nn.Module``), for small and large images.
 
     For names, the backbone is built with ``timm.create_model(name, num_classes, in_chans)`` and no download.
-    With ``small_input`` (default: when the image is under 64 pixels) the ImageNet stem keeps resolution
-    (first conv stride 1, no max-pool), so 8x8 digits and 28x28 Fashion-MNIST train well. On construction a
+    For images under 64 pixels the ImageNet stem keeps full resolution by default (``stem_downsample=1``:
+    first conv stride 1, no max-pool), so 8x8 digits train well; ``stem_downsample=2`` is a cheaper middle
+    ground for 28x28 (see :func:`adapt_stem`). On construction a
     dummy batch checks that the backbone accepts ``(in_chans, *image_size)`` and returns ``num_classes``
     logits; a mismatch is a ``ValueError`` that says what to change.
 
@@ -112,7 +121,8 @@ class ImageClassifier(Classifier):
         num_classes: number of classes.
         in_chans: image channels.
         image_size: image height and width (int for square).
-        small_input: adapt the stem for small images; ``None`` decides from ``image_size`` (< 64).
+        stem_downsample: how much the CNN stem shrinks the image (1, 2 or 4 = ImageNet); ``None`` picks 1
+            for images under 64 pixels and 4 otherwise.
         pretrained_weights: local file with backbone weights (never downloaded); see
             :func:`load_backbone_weights`.
         backbone_kwargs: extra ``timm.create_model`` arguments (``{"img_size": 28}`` for ViTs,
@@ -131,7 +141,7 @@ class ImageClassifier(Classifier):
         num_classes: int = 10,
         in_chans: int = 1,
         image_size: Union[int, tuple[int, int]] = 28,
-        small_input: Optional[bool] = None,
+        stem_downsample: Optional[int] = None,
         pretrained_weights: Optional[str] = None,
         backbone_kwargs: Optional[dict] = None,
         lr: float = 1e-3,
@@ -147,13 +157,14 @@ class ImageClassifier(Classifier):
             raise ValueError(f"`image_size` must be positive, got {image_size}.")
         if isinstance(backbone, str):
             net = create_timm_backbone(backbone, num_classes, in_chans, **(backbone_kwargs or {}))
-            if small_input if small_input is not None else min(height, width) < 64:
-                changed = adapt_stem_for_small_images(net)
-                if changed:
-                    rank_zero_info(f"ImageClassifier: adapted {backbone} to small images ({', '.join(changed)}).")
+            if stem_downsample is None:
+                stem_downsample = 1 if min(height, width) < 64 else 4
+            changed = adapt_stem(net, stem_downsample)
+            if changed:
+                rank_zero_info(f"ImageClassifier: adapted the stem of {backbone} ({', '.join(changed)}).")
         elif isinstance(backbone, nn.Module):
-            if backbone_kwargs:
-                raise ValueError("`backbone_kwargs` only applies to timm backbones given by name.")
+            if backbone_kwargs or stem_downsample is not None:
+                raise ValueError("`backbone_kwargs` and `stem_downsample` only apply to timm backbones given by name.")
             net = backbone
         else:
             raise TypeError(f"`backbone` must be a timm model name or an nn.Module, got {type(backbone).__name__}.")

@@ -1,0 +1,109 @@
+"""The `lightning-ext` command: list, print_config, short names, subclass mode, errors with suggestions."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from lightning.pytorch import LightningDataModule, LightningModule
+
+from lightning_ext import registry
+from lightning_ext.cli import UnknownClassError, run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
+FAST = ["--trainer.fast_dev_run=1", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+def _run(*args, **kwargs):
+    exe = Path(sys.executable).parent / "lightning-ext"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "lightning_ext"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=REPO, **kwargs)
+
+
+def test_list_prints_every_component_grouped_by_kind():
+    out = subprocess.run([sys.executable, "-m", "lightning_ext", "list"], capture_output=True, text=True,
+                         check=True, env={"COLUMNS": "200", "PATH": ""}).stdout
+    for title in registry.KIND_TITLES.values():
+        assert title in out
+    for comp in registry.components():
+        assert comp.name in out
+    # grouped: every module is listed after the LightningModules title and before the DataModules title
+    mod_at, dm_at = out.index("LightningModules"), out.index("LightningDataModules")
+    assert all(mod_at < out.index(c.name) < dm_at for c in registry.components("modules"))
+
+
+def test_readme_component_table_matches_the_registry():
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"<!-- components:start -->\n(.*?)\n<!-- components:end -->", readme, re.S)
+    assert block, "README.md needs the component table between the components:start/end markers"
+    assert block.group(1).strip() == registry.markdown_table().strip(), (
+        "README component table is out of date; regenerate it with "
+        "`python -c 'from lightning_ext import registry; print(registry.markdown_table())'`"
+    )
+
+
+def test_console_script_version_and_print_config():
+    assert _run("--version").stdout.startswith("lightning-ext ")
+    res = _run("fit", "--config", QUICKSTART, "--print_config")
+    assert res.returncode == 0, res.stderr
+    cfg = yaml.safe_load(res.stdout)
+    assert cfg["model"]["class_path"] == "lightning_ext.ImageClassifier"  # short name resolved to our class
+    assert cfg["data"]["class_path"] == "lightning_ext.DigitsDataModule"
+    assert cfg["model"]["init_args"]["image_size"] == 8 and cfg["test_after_fit"] is True
+
+
+def test_unknown_class_name_exits_2_and_suggests_close_names():
+    res = _run("fit", "--config", QUICKSTART, "--model=ImageClasifier")
+    assert res.returncode == 2
+    assert "Unknown class 'ImageClasifier'" in res.stderr and "Did you mean: ImageClassifier" in res.stderr
+
+
+def test_unknown_names_in_a_config_file_are_caught(tmp_path):
+    cfg = yaml.safe_load(Path(QUICKSTART).read_text())
+    cfg["trainer"]["callbacks"] = [{"class_path": "EarlyStoping", "init_args": {"monitor": "val_loss"}}]
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(UnknownClassError, match="Did you mean: EarlyStopping"):
+        run_cli(["fit", "--config", str(path)])
+    cfg["trainer"]["callbacks"] = [{"class_path": "lightning.pytorch.callbacks.EarlyStoping"}]
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(UnknownClassError, match="lightning.pytorch.callbacks.EarlyStopping"):
+        run_cli(["fit", "--config", str(path)])
+
+
+def test_short_names_for_our_components_and_lightning_callbacks(tmp_path):
+    cli = run_cli(["fit", "--config", QUICKSTART, f"--trainer.default_root_dir={tmp_path}",
+                   "--trainer.callbacks+=LearningRateMonitor", "--data.init_args.batch_size=32", *FAST])
+    assert type(cli.model).__name__ == "ImageClassifier" and cli.datamodule.batch_size == 32
+    assert any(type(c).__name__ == "LearningRateMonitor" for c in cli.trainer.callbacks)
+    assert "test_acc" in cli.trainer.callback_metrics  # test_after_fit ran the test split
+
+
+class UserModel(LightningModule):
+    """A user's own module, named by full class path in YAML."""
+
+    def __init__(self, width: int = 4):
+        super().__init__()
+        import torch
+
+        self.layer = torch.nn.Linear(64, 10)
+
+    def training_step(self, batch, batch_idx):
+        import torch.nn.functional as F
+
+        x, y = batch
+        return F.cross_entropy(self.layer(x.flatten(1)), y)
+
+    def configure_optimizers(self):
+        import torch
+
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_users_own_module_by_class_path(tmp_path):
+    cli = run_cli(["fit", "--model=test_cli.UserModel", "--model.width=8", "--data=DigitsDataModule",
+                   f"--trainer.default_root_dir={tmp_path}", *FAST])
+    assert isinstance(cli.model, UserModel) and isinstance(cli.datamodule, LightningDataModule)

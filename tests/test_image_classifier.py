@@ -1,0 +1,119 @@
+"""ImageClassifier: timm backbones on small images, local weights, and clear errors for misfits."""
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from torch import nn
+
+from lightning_ext.datamodules import DigitsDataModule, TabularDataModule
+from lightning_ext.modules import ImageClassifier, MLPClassifier
+
+
+@pytest.mark.parametrize("size", [8, 28])
+def test_resnet_adapted_to_small_grayscale_images(size):
+    model = ImageClassifier("resnet18", num_classes=10, in_chans=1, image_size=size)
+    assert model.net.conv1.stride == (1, 1) and isinstance(model.net.maxpool, nn.Identity)
+    assert model(torch.randn(3, 1, size, size)).shape == (3, 10)
+
+
+def test_large_images_keep_the_imagenet_stem():
+    model = ImageClassifier("resnet18", num_classes=5, in_chans=3, image_size=96)
+    assert model.net.conv1.stride == (2, 2) and isinstance(model.net.maxpool, nn.MaxPool2d)
+
+
+def test_stem_downsample_2_keeps_the_pool():
+    model = ImageClassifier("resnet10t", num_classes=10, image_size=28, stem_downsample=2)
+    assert model.net.conv1[0].stride == (1, 1) and isinstance(model.net.maxpool, nn.MaxPool2d)
+    with pytest.raises(ValueError, match="stem_downsample"):
+        ImageClassifier("resnet10t", image_size=28, stem_downsample=3)
+
+
+def test_any_module_can_be_the_backbone():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    model = ImageClassifier(net, num_classes=10, image_size=8)
+    assert model.net is net and "backbone" not in model.hparams
+
+
+def test_unknown_backbone_name_suggests_close_names():
+    with pytest.raises(ValueError, match=r"Unknown timm backbone 'resnet19'.*resnet18"):
+        ImageClassifier("resnet19")
+
+
+def test_wrong_image_size_for_the_backbone_is_explained():
+    with pytest.raises(ValueError, match=r"cannot process images of shape \(1, 28, 28\).*img_size"):
+        ImageClassifier("vit_tiny_patch16_224", num_classes=10, in_chans=1, image_size=28)
+    # and the advice works
+    model = ImageClassifier("vit_tiny_patch16_224", num_classes=10, image_size=28,
+                            backbone_kwargs={"img_size": 28, "patch_size": 4})
+    assert model(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
+
+
+def test_backbone_with_wrong_output_width_is_refused():
+    with pytest.raises(ValueError, match=r"expected \(10,\) logits"):
+        ImageClassifier(nn.Sequential(nn.Flatten(), nn.Linear(64, 7)), num_classes=10, image_size=8)
+
+
+def _trainer():
+    return Trainer(accelerator="cpu", fast_dev_run=1, logger=False, enable_progress_bar=False,
+                   enable_model_summary=False)
+
+
+def test_num_classes_that_disagrees_with_the_data_fails_before_training():
+    model = ImageClassifier("resnet18", num_classes=7, image_size=8)
+    with pytest.raises(ValueError, match=r"num_classes=7 but DigitsDataModule has 10.*num_classes: 10"):
+        _trainer().fit(model, datamodule=DigitsDataModule())
+
+
+def test_image_size_that_disagrees_with_the_data_fails_before_training():
+    model = ImageClassifier("resnet18", num_classes=10, image_size=28)
+    with pytest.raises(ValueError, match=r"expects inputs of shape \(1, 28, 28\).*image_size: \[8, 8\]"):
+        _trainer().fit(model, datamodule=DigitsDataModule())
+
+
+def test_mlp_on_tabular_trains_one_step():
+    model = MLPClassifier(num_features=13, num_classes=3)
+    _trainer().fit(model, datamodule=TabularDataModule("wine"))
+
+
+def test_local_rgb_weights_load_into_a_grayscale_model(tmp_path):
+    rgb = ImageClassifier("resnet18", num_classes=1000, in_chans=3, image_size=224)
+    torch.save(rgb.net.state_dict(), tmp_path / "rgb.pt")
+    gray = ImageClassifier("resnet18", num_classes=10, in_chans=1, image_size=28,
+                           pretrained_weights=str(tmp_path / "rgb.pt"))
+    torch.testing.assert_close(gray.net.conv1.weight, rgb.net.conv1.weight.sum(dim=1, keepdim=True))
+    torch.testing.assert_close(gray.net.layer1[0].conv1.weight, rgb.net.layer1[0].conv1.weight)
+    assert gray.net.fc.weight.shape == (10, 512)  # head for another class count is skipped, not loaded
+
+
+def test_lightning_checkpoint_loads_as_pretrained_weights(tmp_path):
+    src = ImageClassifier("resnet18", num_classes=10, image_size=8)
+    torch.save({"state_dict": src.state_dict()}, tmp_path / "model.ckpt")
+    dst = ImageClassifier("resnet18", num_classes=10, image_size=8, pretrained_weights=str(tmp_path / "model.ckpt"))
+    torch.testing.assert_close(dst.net.fc.weight, src.net.fc.weight)
+
+
+def test_weights_load_without_unpickling_arbitrary_objects(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    torch.save({"state_dict": {"x": Evil()}}, tmp_path / "evil.pt")
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
+        ImageClassifier("resnet18", num_classes=10, image_size=8, pretrained_weights=str(tmp_path / "evil.pt"))
+
+
+def test_missing_or_foreign_weights_are_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ImageClassifier("resnet18", image_size=8, pretrained_weights=str(tmp_path / "nope.pt"))
+    torch.save({"unrelated.weight": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="No tensor"):
+        ImageClassifier("resnet18", image_size=8, pretrained_weights=str(tmp_path / "other.pt"))
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="in_chans"):
+        ImageClassifier("resnet18", in_chans=0)
+    with pytest.raises(ValueError, match="num_classes"):
+        ImageClassifier("resnet18", num_classes=1, image_size=8)
+    with pytest.raises(ValueError, match="scheduler_interval"):
+        ImageClassifier("resnet18", image_size=8, scheduler_interval="batch")
