@@ -1,9 +1,8 @@
-"""Suite-wide set-up: no network, a headless matplotlib, small thread counts, shared data paths."""
+"""Fixtures and markers for tests/ (the network guard lives in the repository-root conftest.py)."""
 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -12,28 +11,11 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 PLANETOID_ROOT = SHARED / "data" / "planetoid"
 
-# Child processes (CLI subprocesses, ddp_spawn workers) run tests/netguard/sitecustomize.py at start-up.
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    [str(REPO / "tests" / "netguard"), str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
-)
-os.environ.setdefault("MPLBACKEND", "Agg")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("PL_DISABLE_FORK", "1")
-
-
-def pytest_configure(config):
-    from lightning_ext.testing import block_network
-
-    block_network()
-    import torch
-
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-
 
 @pytest.fixture
 def planetoid_root() -> Path:
     """../shared/data/planetoid (read-only; PlanetoidDataModule copies raw files to its cache_dir)."""
-    if not PLANETOID_ROOT.is_dir():
+    if not PLANETOID_ROOT.is_dir() and not os.environ.get("CI"):
         pytest.skip(f"{PLANETOID_ROOT} is missing: the shared/ folder must sit beside the repository.")
     return PLANETOID_ROOT
 

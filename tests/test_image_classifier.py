@@ -117,3 +117,16 @@ def test_bad_arguments_are_refused():
         ImageClassifier("resnet18", num_classes=1, image_size=8)
     with pytest.raises(ValueError, match="scheduler_interval"):
         ImageClassifier("resnet18", image_size=8, scheduler_interval="batch")
+
+
+def test_checkpoint_round_trip_with_weights_only(tmp_path):
+    from lightning_ext.testing import assert_same_parameters
+
+    model = ImageClassifier("resnet18", num_classes=10, image_size=8, lr=0.01)
+    trainer = Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0)
+    trainer.fit(model, datamodule=DigitsDataModule())
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    restored = ImageClassifier.load_from_checkpoint(tmp_path / "m.ckpt", weights_only=True)
+    assert restored.hparams.lr == 0.01 and restored.hparams.stem_downsample == 1
+    assert_same_parameters(model, restored)

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
@@ -127,7 +126,8 @@ class ImageClassifier(Classifier):
             :func:`load_backbone_weights`.
         backbone_kwargs: extra ``timm.create_model`` arguments (``{"img_size": 28}`` for ViTs,
             ``{"drop_rate": 0.1}``).
-        lr, weight_decay, optimizer, scheduler, scheduler_interval: see :class:`Classifier`.
+        **kwargs: optimisation arguments of :class:`Classifier` (``lr``, ``weight_decay``, ``optimizer``,
+            ``scheduler``, ``scheduler_interval``).
 
     Example:
         >>> model = ImageClassifier("resnet18", num_classes=10, in_chans=1, image_size=8)
@@ -144,11 +144,7 @@ class ImageClassifier(Classifier):
         stem_downsample: Optional[int] = None,
         pretrained_weights: Optional[str] = None,
         backbone_kwargs: Optional[dict] = None,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        optimizer: Optional[OptimizerCallable] = None,
-        scheduler: Optional[LRSchedulerCallable] = None,
-        scheduler_interval: str = "epoch",
+        **kwargs,
     ) -> None:
         if in_chans < 1:
             raise ValueError(f"`in_chans` must be >= 1, got {in_chans}.")
@@ -168,16 +164,7 @@ class ImageClassifier(Classifier):
             net = backbone
         else:
             raise TypeError(f"`backbone` must be a timm model name or an nn.Module, got {type(backbone).__name__}.")
-        super().__init__(
-            net,
-            num_classes,
-            input_shape=(in_chans, height, width),
-            lr=lr,
-            weight_decay=weight_decay,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            scheduler_interval=scheduler_interval,
-        )
+        super().__init__(net, num_classes, input_shape=(in_chans, height, width), **kwargs)
         ignore = ["optimizer", "scheduler"] + (["backbone"] if isinstance(backbone, nn.Module) else [])
         self.save_hyperparameters(ignore=ignore)
         if pretrained_weights:

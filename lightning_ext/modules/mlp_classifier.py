@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from lightning_ext.modules.classifier import Classifier
@@ -31,7 +28,8 @@ class MLPClassifier(Classifier):
         num_classes: number of classes.
         hidden: widths of the hidden layers.
         dropout: dropout after each hidden layer.
-        lr, weight_decay, optimizer, scheduler, scheduler_interval: see :class:`Classifier`.
+        **kwargs: optimisation arguments of :class:`Classifier` (``lr``, ``weight_decay``, ``optimizer``,
+            ``scheduler``, ``scheduler_interval``).
 
     Example:
         >>> import torch
@@ -45,11 +43,7 @@ class MLPClassifier(Classifier):
         num_classes: int,
         hidden: list[int] = [64, 64],  # noqa: B006 - jsonargparse needs a literal default to show
         dropout: float = 0.0,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        optimizer: Optional[OptimizerCallable] = None,
-        scheduler: Optional[LRSchedulerCallable] = None,
-        scheduler_interval: str = "epoch",
+        **kwargs,
     ) -> None:
         if num_features < 1:
             raise ValueError(f"`num_features` must be >= 1, got {num_features}.")
@@ -57,14 +51,6 @@ class MLPClassifier(Classifier):
             raise ValueError(f"Every hidden width must be >= 1, got {hidden}.")
         if not 0 <= dropout < 1:
             raise ValueError(f"`dropout` must be in [0, 1), got {dropout}.")
-        super().__init__(
-            mlp(num_features, list(hidden), num_classes, dropout),
-            num_classes,
-            input_shape=(num_features,),
-            lr=lr,
-            weight_decay=weight_decay,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            scheduler_interval=scheduler_interval,
-        )
+        super().__init__(mlp(num_features, list(hidden), num_classes, dropout), num_classes,
+                         input_shape=(num_features,), **kwargs)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])

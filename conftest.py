@@ -1,0 +1,23 @@
+"""Applies to the whole suite (tests/ and the package's doctests): no network, headless, offline hubs."""
+
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent
+
+# Child processes (CLI subprocesses, ddp_spawn workers) run tests/netguard/sitecustomize.py at start-up.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(REPO / "tests" / "netguard"), str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
+)
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def pytest_configure(config):
+    from lightning_ext.testing import block_network
+
+    block_network()
+    import torch
+
+    # one thread per xdist worker (two workers share two cores), two when running serially
+    torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
