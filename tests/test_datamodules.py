@@ -177,3 +177,14 @@ def test_planetoid_public_split_from_shared_root(planetoid_root, tmp_path):
 def test_planetoid_missing_files_say_how_to_get_them(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"ind\.citeseer.*download=True"):
         PlanetoidDataModule(root=str(tmp_path), name="CiteSeer")
+
+
+def test_long_tailed_training_split_keeps_val_and_test_balanced():
+    dm = MNIST5kDataModule(long_tail_ratio=10)
+    dm.setup()
+    counts = dm.class_counts("train")
+    assert counts[0] == 360 and counts[-1] == 36  # class c keeps 10 ** (-c / 9) of its 360 samples
+    assert all(a >= b for a, b in zip(counts, counts[1:]))
+    assert dm.class_counts("test") == [100] * 10 and dm.class_counts("val") == [40] * 10
+    with pytest.raises(ValueError, match="long_tail_ratio"):
+        MNIST5kDataModule(long_tail_ratio=0.5)

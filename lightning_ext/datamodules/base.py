@@ -62,7 +62,11 @@ class InMemoryDataModule(LightningDataModule):
         shuffle: shuffle training batches.
         shuffle_seed: seed of the per-epoch training shuffle.
         train_fraction: keep only this random, class-stratified share of the training split (1.0 keeps all).
-        train_subset_seed: seed of that subset.
+        train_subset_seed: seed of that subset (and of the long-tailed subsampling).
+        long_tail_ratio: make the training split long-tailed (Cui et al., 2019): class ``c`` keeps a share
+            ``long_tail_ratio ** (-c / (num_classes - 1))`` of its samples, so class 0 keeps all and the
+            last class ``1 / long_tail_ratio``. 1.0 (default) leaves the split balanced; validation and
+            test stay balanced either way.
         pin_memory: DataLoader ``pin_memory``.
         drop_last: drop the last incomplete training batch (then a DDP run and a one-process run with the
             same global batch see identical batches, padding included).
@@ -85,6 +89,7 @@ class InMemoryDataModule(LightningDataModule):
         train_subset_seed: int = 0,
         pin_memory: bool = False,
         drop_last: bool = False,
+        long_tail_ratio: float = 1.0,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -97,6 +102,8 @@ class InMemoryDataModule(LightningDataModule):
             raise ValueError(f"`test_fraction` must be in [0, 1), got {test_fraction}.")
         if not 0 < train_fraction <= 1:
             raise ValueError(f"`train_fraction` must be in (0, 1], got {train_fraction}; 1.0 keeps all data.")
+        if long_tail_ratio < 1:
+            raise ValueError(f"`long_tail_ratio` must be >= 1 (1.0 = balanced), got {long_tail_ratio}.")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.val_fraction = val_fraction
@@ -108,6 +115,7 @@ class InMemoryDataModule(LightningDataModule):
         self.train_subset_seed = train_subset_seed
         self.pin_memory = pin_memory
         self.drop_last = drop_last
+        self.long_tail_ratio = long_tail_ratio
         self.train_set: Optional[TensorDataset] = None
         self.val_set: Optional[TensorDataset] = None
         self.test_set: Optional[TensorDataset] = None
@@ -141,11 +149,28 @@ class InMemoryDataModule(LightningDataModule):
         if self.train_fraction < 1:
             keep_rel, _ = stratified_split(y[train], 1 - self.train_fraction, self.train_subset_seed)
             train = train[keep_rel]
+        if self.long_tail_ratio > 1:
+            train = self._long_tail(train, y)
         if len(train) == 0:
             raise ValueError(
                 "The training split is empty; raise `train_fraction` or lower `val_fraction`/`test_fraction`."
             )
         return {"train": train, "val": val, "test": test}
+
+    def _long_tail(self, train: np.ndarray, y: np.ndarray) -> np.ndarray:
+        rng = np.random.default_rng(self.train_subset_seed)
+        keep = []
+        for c in range(self.num_classes):
+            members = train[y[train] == c]
+            share = self.long_tail_ratio ** (-c / max(1, self.num_classes - 1))
+            n = max(1, int(round(share * len(members)))) if len(members) else 0
+            keep.append(np.sort(rng.choice(members, size=n, replace=False)))
+        return np.sort(np.concatenate(keep))
+
+    def class_counts(self, split: str = "train") -> list[int]:
+        """Samples per class in a split (after ``setup``)."""
+        dataset = {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]
+        return np.bincount(dataset.tensors[1].numpy(), minlength=self.num_classes).tolist()
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_set is not None:
