@@ -29,7 +29,7 @@ OUT = REPO / "docs" / "results"
 
 
 class EpochTimer(Callback):
-    """Wall-clock seconds of each training epoch (validation excluded) and val accuracy after it."""
+    """Wall-clock seconds of the training batches of each epoch (validation excluded) and val accuracy."""
 
     def __init__(self) -> None:
         self.train_seconds: list[float] = []
@@ -38,14 +38,16 @@ class EpochTimer(Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._t = time.perf_counter()
 
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self.train_seconds.append(time.perf_counter() - self._t)
+    def on_validation_start(self, trainer, pl_module) -> None:
+        # Lightning validates at the end of the training epoch, before on_train_epoch_end
+        if not trainer.sanity_checking:
+            self.train_seconds.append(time.perf_counter() - self._t)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
             self.val_acc.append(float(trainer.callback_metrics["val_acc"]))
             print(f"  epoch {trainer.current_epoch}: val_acc={self.val_acc[-1]:.4f} "
-                  f"train {self.train_seconds[-1] if self.train_seconds else float('nan'):.0f}s", flush=True)
+                  f"train {self.train_seconds[-1]:.0f}s", flush=True)
 
 
 def run_seed(seed: int, extra: list[str]) -> dict:
