@@ -159,13 +159,13 @@ class LightningExtCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, weights_only=False)
 
 
-def print_components() -> None:
-    """Print every shipped component, grouped by kind, with its one-line summary."""
+def print_components(kinds: Iterable[str] = registry.KINDS) -> None:
+    """Print every shipped component of the given kinds, grouped by kind, with its one-line summary."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    for kind in registry.KINDS:
+    for kind in kinds:
         items = registry.components(kind)
         table = Table(title=registry.KIND_TITLES[kind], title_justify="left", show_lines=False)
         table.add_column("name", style="bold cyan", no_wrap=True)
@@ -182,7 +182,11 @@ def run_cli(args: Optional[list[str]] = None) -> Optional[LightningExtCLI]:
     ``list``/``--version``). Tests and notebooks call this; unknown class names raise :class:`UnknownClassError`."""
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] == ["list"]:
-        print_components()
+        kinds = argv[1:] or list(registry.KINDS)
+        unknown = [k for k in kinds if k not in registry.KINDS]
+        if unknown:
+            raise SystemExit(f"lightning-ext list [{'|'.join(registry.KINDS)}]: unknown kind {unknown[0]!r}")
+        print_components(kinds)
         return None
     if argv[:1] == ["--version"]:
         import lightning_ext

@@ -107,3 +107,11 @@ def test_users_own_module_by_class_path(tmp_path):
     cli = run_cli(["fit", "--model=test_cli.UserModel", "--model.width=8", "--data=DigitsDataModule",
                    f"--trainer.default_root_dir={tmp_path}", *FAST])
     assert isinstance(cli.model, UserModel) and isinstance(cli.datamodule, LightningDataModule)
+
+
+def test_list_one_kind_and_unknown_kind():
+    out = subprocess.run([sys.executable, "-m", "lightning_ext", "list", "datamodules"], capture_output=True,
+                         text=True, check=True, env={"COLUMNS": "200", "PATH": ""}).stdout
+    assert "DigitsDataModule" in out and "ImageClassifier" not in out
+    res = subprocess.run([sys.executable, "-m", "lightning_ext", "list", "optimizers"], capture_output=True, text=True)
+    assert res.returncode != 0 and "unknown kind 'optimizers'" in res.stderr
