@@ -34,3 +34,9 @@ def fashion_mnist_available() -> bool:
 needs_fashion_mnist = pytest.mark.skipif(
     not fashion_mnist_available() and not os.environ.get("CI"), reason="Fashion-MNIST IDX files missing: `apt-get install dataset-fashion-mnist`"
 )
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp_path(tmp_path, monkeypatch):
+    """Each test runs in its own temporary directory, so nothing it writes by default lands in the repo."""
+    monkeypatch.chdir(tmp_path)
