@@ -2,6 +2,13 @@
 
 from lightning_ext._lazy import lazy_exports
 
-_EXPORTS: dict[str, str] = {}
+_EXPORTS: dict[str, str] = {
+    "ActivatingWhilePruning": "activating_while_pruning",
+    "BetaRankPruning": "beta_rank_pruning",
+    "DataFreeCompression": "data_free_compression",
+    "KnowledgeDistillation": "knowledge_distillation",
+    "L1FilterPruning": "l1_filter_pruning",
+    "RandomFilterPruning": "random_filter_pruning",
+}
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -7,6 +7,7 @@ _EXPORTS = {
     "ImageClassifier": "image_classifier",
     "MLPClassifier": "mlp_classifier",
     "GCNNodeClassifier": "gcn_node_classifier",
+    "DistillationModule": "distillation_module",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

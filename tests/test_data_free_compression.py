@@ -1,0 +1,419 @@
+"""DataFreeCompression (UDFC): the closed form, the quantizer, physical channel removal, no data, resume, DDP."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+
+from lightning_ext.callbacks.data_free_compression import (
+    CompressionError,
+    DataFreeCompression,
+    _refuse_strategy,
+    data_free_compress,
+    find_compensable_chains,
+    quantize_per_channel,
+    reconstruction_from_bn_statistics,
+)
+from lightning_ext.datamodules import DigitsDataModule
+from lightning_ext.modules import ImageClassifier
+from lightning_ext.testing import assert_same_parameters, crash_and_resume
+
+FAST = dict(num_samples=1024, measure=False)
+
+
+def _cnn(widths=(8, 12, 16), seed=0, pool=False):
+    torch.manual_seed(seed)
+    layers, c = [], 1
+    for w in widths:
+        layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU()]
+        if pool:
+            layers.append(nn.MaxPool2d(2))
+        c = w
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10))
+
+
+def _set_bn_statistics(net, x):
+    """Give every BatchNorm exact running statistics of ``x`` (cumulative average) and random affine params."""
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    net.train()
+    with torch.no_grad():
+        net(x)
+    net.eval()
+
+
+# -- quantizer ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+def test_quantizer_uses_at_most_2_to_the_b_levels_per_channel(bits):
+    torch.manual_seed(bits)
+    w = torch.randn(16, 8, 3, 3) * torch.linspace(0.01, 3, 16).reshape(16, 1, 1, 1)
+    q = quantize_per_channel(w, bits)
+    assert q.shape == w.shape and q.dtype == w.dtype
+    for row_w, row_q in zip(w.reshape(16, -1), q.reshape(16, -1)):
+        assert row_q.unique().numel() <= 2 ** bits
+        step = row_w.abs().max() / (2 ** (bits - 1) - 1)
+        assert (row_q - row_w).abs().max() <= step / 2 + 1e-6  # rounding error of a uniform grid
+        assert row_q.abs().max() == pytest.approx(row_w.abs().max().item(), rel=1e-6)  # the extreme is on the grid
+    torch.testing.assert_close(quantize_per_channel(q, bits), q)  # idempotent
+
+
+def test_quantizer_refuses_bits_outside_2_to_16():
+    for bits in (1, 17, 0, 6.0, True):
+        with pytest.raises(ValueError, match="bits"):
+            quantize_per_channel(torch.ones(2, 2), bits)
+
+
+# -- the closed form ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("input_model", ["shared", "fitted"])
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_compensation_is_exact_for_a_linear_two_layer_chain(kind, input_model):
+    """No activation between the layers and the pruned filter lies in the span of the kept ones: the compressed
+    network computes exactly what the original did, on any input (the input here is not white); naive pruning
+    does not."""
+    torch.manual_seed(0)
+    if kind == "conv":
+        net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.Conv2d(6, 4, 1))
+        make_x = lambda n: torch.rand(n, 3, 7, 7) + 0.5  # noqa: E731 - non-zero input mean on purpose
+    else:
+        net = nn.Sequential(nn.Linear(10, 6, bias=True), nn.BatchNorm1d(6), nn.Linear(6, 4))
+        make_x = lambda n: torch.rand(n, 10) + 0.5  # noqa: E731
+    producer = net[0]
+    with torch.no_grad():  # filter 5 = a small combination of filters 0, 2 and 4 (smallest L1: it is pruned)
+        producer.weight[5] = 0.05 * producer.weight[0] - 0.08 * producer.weight[2] + 0.03 * producer.weight[4]
+        if producer.bias is not None:
+            producer.bias[5] = 0.05 * producer.bias[0] - 0.08 * producer.bias[2] + 0.03 * producer.bias[4]
+    _set_bn_statistics(net, make_x(512))
+    x = make_x(64)
+    with torch.no_grad():
+        expected = net(x)
+    naive, udfc = copy.deepcopy(net), copy.deepcopy(net)
+    kwargs = dict(prune_ratio=1 / 6, weight_bits=None, importance="l1", ridge=0.0, input_model=input_model, **FAST)
+    report = data_free_compress(udfc, make_x(2), compensate=True, **kwargs)
+    data_free_compress(naive, make_x(2), compensate=False, **kwargs)
+    assert report.history == [{"module": "0", "pruned": [5], "channels": 6}]
+    assert report.layers[0]["bias_correction"] == "consumer bias"
+    with torch.no_grad():
+        torch.testing.assert_close(udfc(x), expected, atol=1e-4, rtol=1e-4)
+        assert (naive(x) - expected).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("input_model", ["per_channel", "shared", "fitted"])
+def test_closed_form_recovers_the_combination_and_ridge_shrinks_it_to_the_mean(input_model):
+    w = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [2.0, -1.0, 0.0]], dtype=torch.float64)
+    var = (w ** 2).sum(1)  # BN statistics of white unit-variance inputs
+    gamma, beta = var.sqrt(), torch.tensor([0.1, -0.2, 0.3, 0.4], dtype=torch.float64)
+    args = dict(pruned=[3], input_model=input_model, eps=0.0)
+    exact = reconstruction_from_bn_statistics(w, var, gamma, beta, activations=[], ridge=0.0, num_samples=512, **args)
+    torch.testing.assert_close(exact["R"][:, 3], torch.tensor([2.0, -1.0, 0.0], dtype=torch.float64))
+    assert exact["delta"][3].item() == pytest.approx(0.4 - (2 * 0.1 + 0.2), abs=1e-9)
+    assert exact["error_after"].item() < 1e-8 < exact["error_before"].item()
+    # through a ReLU the fit is approximate but still reduces the model's expected error
+    relu = reconstruction_from_bn_statistics(w, var, gamma, beta, ridge=1e-3, num_samples=4096, **args)
+    assert relu["error_after"] < 0.5 * relu["error_before"]
+    # an overwhelming ridge leaves only the expected value of the lost activation: E[relu(N(0.4, 5))]
+    mean_only = reconstruction_from_bn_statistics(w, var, gamma, beta, ridge=1e12, num_samples=8192, **args)
+    assert mean_only["R"].abs().max() < 1e-6
+    sd = 5 ** 0.5
+    z = torch.tensor(0.4 / sd, dtype=torch.float64)
+    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+    expected = 0.4 * normal.cdf(z) + sd * normal.log_prob(z).exp()
+    assert mean_only["delta"][3].item() == pytest.approx(expected.item(), rel=0.05)
+
+
+def test_per_channel_model_keeps_the_exact_batchnorm_marginals_when_the_input_is_not_white():
+    """The running variances disagree with a white input; the per-channel model still has mean beta and
+    variance gamma^2 per channel (checked through the mean of a ReLU), the shared one does not."""
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    var = torch.tensor([1.0, 9.0, 32.0, 4.0], dtype=torch.float64)  # input gains 1, 9, 16, 2: not white
+    gamma = torch.tensor([1.0, 2.0, 3.0, 1.0], dtype=torch.float64)
+    beta = torch.tensor([0.5, -1.0, 0.0, 0.2], dtype=torch.float64)
+    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+    expected = beta[2] * normal.cdf(beta[2] / gamma[2]) + gamma[2] * normal.log_prob(beta[2] / gamma[2]).exp()
+    per = reconstruction_from_bn_statistics(w, var, gamma, beta, pruned=[2], ridge=1e12, eps=0.0,
+                                            input_model="per_channel", num_samples=16384)
+    shared = reconstruction_from_bn_statistics(w, var, gamma, beta, pruned=[2], ridge=1e12, eps=0.0,
+                                               input_model="shared", num_samples=16384)
+    assert per["delta"][2].item() == pytest.approx(expected.item(), rel=0.03)
+    assert abs(shared["delta"][2].item() - expected.item()) > 0.1 * expected.item()
+
+
+# -- physical removal ------------------------------------------------------------------------------------------
+
+
+def test_output_channels_are_removed_with_batchnorm_and_next_layer_consistent():
+    net = _cnn((8, 12, 16))
+    _set_bn_statistics(net, torch.randn(64, 1, 8, 8))
+    params = sum(p.numel() for p in net.parameters())
+    report = data_free_compress(net, torch.zeros(2, 1, 8, 8), prune_ratio=0.25, weight_bits=6, **FAST)
+    convs = [m for m in net if isinstance(m, nn.Conv2d)]
+    bns = [m for m in net if isinstance(m, nn.BatchNorm2d)]
+    assert [c.out_channels for c in convs] == [6, 9, 12]
+    assert [c.weight.shape[0] for c in convs] == [6, 9, 12]
+    assert [c.in_channels for c in convs] == [1, 6, 9] and [c.weight.shape[1] for c in convs] == [1, 6, 9]
+    for bn, c in zip(bns, convs):
+        assert bn.num_features == c.out_channels
+        assert bn.weight.shape == bn.bias.shape == bn.running_mean.shape == bn.running_var.shape == (c.out_channels,)
+    assert net[-1].in_features == 12 and net[-1].weight.shape == (10, 12)
+    assert net(torch.randn(3, 1, 8, 8)).shape == (3, 10)
+    assert report.params_after == sum(p.numel() for p in net.parameters()) < params == report.params_before
+    assert report.macs_after < report.macs_before
+    assert [h["module"] for h in report.history] == ["0", "3", "6"]
+    for layer in (*convs, net[-1]):  # every weight is on a 6-bit grid after compensation
+        assert max(row.unique().numel() for row in layer.weight.detach().reshape(layer.weight.shape[0], -1)) <= 64
+
+
+def test_residual_coupled_layers_are_only_quantized_in_a_timm_resnet():
+    model = ImageClassifier("resnet10t", num_classes=10, in_chans=1, image_size=8)
+    chains, skipped = find_compensable_chains(model, torch.zeros(2, 1, 8, 8))
+    assert "net.layer1.0.conv1" in chains and chains["net.layer1.0.conv1"].consumer == "net.layer1.0.conv2"
+    assert "net.layer1.0.conv2" in skipped and "coupled" in skipped["net.layer1.0.conv2"]
+    before = {n: m.weight.shape[0] for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    report = data_free_compress(model, torch.zeros(2, 1, 8, 8), prune_ratio=0.3, weight_bits=6,
+                                layers=["net.conv1.*", "net.layer1.*", "net.layer2.*"], **FAST)
+    after = {n: m.weight.shape[0] for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    assert {r["name"] for r in report.layers} == {n for n in before if n.startswith(("net.conv1", "net.layer1",
+                                                                                         "net.layer2"))}
+    for name in before:
+        if name in chains and name.startswith(("net.conv1", "net.layer1", "net.layer2")):
+            assert after[name] == before[name] - round(0.3 * before[name]), name
+        else:
+            assert after[name] == before[name], name
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    assert report.params_after < report.params_before
+
+
+# -- behaviour on a trained model -------------------------------------------------------------------------------
+
+
+def test_compensation_recovers_most_of_the_accuracy_naive_pruning_loses():
+    dm = DigitsDataModule()
+    dm.setup()
+    (xtr, ytr), (xva, yva) = dm.train_set.tensors, dm.val_set.tensors
+    net = _cnn((24, 48, 48), seed=0)
+    opt = torch.optim.AdamW(net.parameters(), 5e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        net.train()
+        for idx in torch.randperm(len(xtr), generator=gen).split(64):
+            loss = F.cross_entropy(net(xtr[idx]), ytr[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    def acc(m):
+        with torch.no_grad():
+            return (m.eval()(xva).argmax(1) == yva).float().mean().item()
+
+    base = acc(net)
+    naive, udfc = copy.deepcopy(net), copy.deepcopy(net)
+    data_free_compress(naive, xva[:2] * 0, prune_ratio=0.3, weight_bits=6, compensate=False, measure=False)
+    data_free_compress(udfc, xva[:2] * 0, prune_ratio=0.3, weight_bits=6, compensate=True, measure=False)
+    acc_naive, acc_udfc = acc(naive), acc(udfc)
+    assert base > 0.9
+    assert acc_udfc - acc_naive >= 0.5 * (base - acc_naive), (base, acc_naive, acc_udfc)
+
+
+# -- arguments and refusals -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ratio", [0, 1, -0.1, 1.5, True, "0.3"])
+def test_prune_ratios_outside_0_1_are_refused(ratio):
+    with pytest.raises(ValueError, match="prune_ratio"):
+        DataFreeCompression(prune_ratio=ratio)
+    with pytest.raises(ValueError, match="prune_ratio"):
+        data_free_compress(_cnn(), torch.zeros(2, 1, 8, 8), prune_ratio=ratio)
+
+
+@pytest.mark.parametrize("bits", [1, 17, 0, 6.0, True])
+def test_bits_outside_2_16_are_refused(bits):
+    with pytest.raises(ValueError, match="weight_bits"):
+        DataFreeCompression(weight_bits=bits)
+
+
+def test_other_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="Nothing to do"):
+        DataFreeCompression(prune_ratio=None, weight_bits=None)
+    with pytest.raises(ValueError, match="apply_at"):
+        DataFreeCompression(apply_at="fit_end")
+    with pytest.raises(ValueError, match="importance"):
+        DataFreeCompression(importance="taylor")
+    with pytest.raises(ValueError, match="save_path"):
+        DataFreeCompression(save_path="x.ckpt")  # only meaningful with apply_at='train_end'
+    with pytest.raises(ValueError, match="example_input_shape"):
+        DataFreeCompression(example_input_shape=[0, 8])
+
+
+def test_a_ratio_that_empties_a_layer_is_refused_and_changes_nothing():
+    net = _cnn((2, 8))
+    state = copy.deepcopy(net.state_dict())
+    with pytest.raises(CompressionError, match=r"leave layer '0' with 0 of 2 channels"):
+        data_free_compress(net, torch.zeros(2, 1, 8, 8), prune_ratio=0.8, weight_bits=6, **FAST)
+    assert_same_parameters(net, _cnn((2, 8)))
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+
+
+def test_a_model_without_batchnorm_cannot_be_pruned_but_can_be_quantized():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    with pytest.raises(CompressionError, match="BatchNorm"):
+        data_free_compress(net, torch.zeros(2, 1, 8, 8), prune_ratio=0.3, **FAST)
+    report = data_free_compress(net, torch.zeros(2, 1, 8, 8), prune_ratio=None, weight_bits=4, **FAST)
+    assert [r["action"] for r in report.layers] == ["quantized", "quantized"]
+    assert net[1].weight.detach()[0].unique().numel() <= 16
+
+
+def test_fsdp_and_deepspeed_are_refused():
+    for name in ("FSDPStrategy", "DeepSpeedStrategy"):
+        strategy = type(name, (), {})()
+        with pytest.raises(RuntimeError, match="does not support"):
+            _refuse_strategy(SimpleNamespace(strategy=strategy))
+
+
+def test_ddp_spawn_fit_is_refused_with_advice():
+    trainer = Trainer(strategy="ddp_spawn", devices=2, accelerator="cpu", logger=False)
+    model = ImageClassifier(_cnn(), num_classes=10, image_size=8)
+    with pytest.raises(RuntimeError, match="strategy='ddp'"):
+        DataFreeCompression().setup(trainer, model, "fit")
+
+
+# -- the callback: no data, logging, checkpoints ----------------------------------------------------------------
+
+
+class _NoTrainingData(DigitsDataModule):
+    """Digits whose training/validation loaders raise and whose test samples count their accesses."""
+
+    def setup(self, stage=None):
+        super().setup(stage)
+        self.touched = 0
+        base = self.test_set
+
+        class Counting(torch.utils.data.Dataset):
+            def __len__(inner):
+                return len(base)
+
+            def __getitem__(inner, i):
+                self.touched += 1
+                return base[i]
+
+        self.counting_test_set = Counting()
+
+    def train_dataloader(self):
+        raise AssertionError("DataFreeCompression must not read training data")
+
+    def val_dataloader(self):
+        raise AssertionError("DataFreeCompression must not read validation data")
+
+    def test_dataloader(self):
+        return torch.utils.data.DataLoader(self.counting_test_set, batch_size=128)
+
+
+class _CheckBeforeTest(Callback):
+    def on_test_start(self, trainer, pl_module):
+        self.touched_before_test = trainer.datamodule.touched
+        self.channels = pl_module.net[0].out_channels
+
+
+def _model(seed=0, widths=(8, 12, 16)):
+    torch.manual_seed(seed)
+    return ImageClassifier(_cnn(widths, seed), num_classes=10, image_size=8, lr=0.01)
+
+
+def test_callback_compresses_without_touching_any_data_and_logs_sizes(tmp_path):
+    dm, spy = _NoTrainingData(), _CheckBeforeTest()
+    cb = DataFreeCompression(prune_ratio=0.25, weight_bits=6, num_samples=1024, latency_batch_size=4, latency_repeats=3)
+    trainer = Trainer(accelerator="cpu", logger=CSVLogger(str(tmp_path), name="", version=""), callbacks=[cb, spy],
+                      enable_progress_bar=False, enable_model_summary=False)
+    out = trainer.test(_model(), datamodule=dm, verbose=False)
+    assert spy.touched_before_test == 0 and spy.channels == 6
+    assert dm.touched == len(dm.test_set)  # then the test loop (and only it) read the test split
+    assert 0 <= out[0]["test_acc"] <= 1
+    m = cb.summary
+    assert m["params_after"] < m["params_before"] and m["macs_after"] < m["macs_before"]
+    assert m["latency_ms_before"] > 0 and m["latency_ms_after"] > 0
+    logged = (tmp_path / "metrics.csv").read_text()
+    for key in ("params_before", "params_after", "macs_before", "macs_after", "latency_ms_before", "latency_ms_after"):
+        assert f"data_free_compression/{key}" in logged
+    state = cb.state_dict()
+    assert state["applied"] and [h["module"] for h in state["history"]] == ["net.0", "net.3", "net.6"]
+
+
+def test_resume_from_a_checkpoint_of_the_compressed_model_reproduces_the_parameters(tmp_path):
+    make_cb = lambda: [DataFreeCompression(prune_ratio=0.3, weight_bits=6, num_samples=1024, latency_repeats=0)]  # noqa
+    full, resumed, info = crash_and_resume(_model, lambda: DigitsDataModule(batch_size=64), make_cb, max_epochs=3,
+                                           crash_epoch=2, tmp_path=tmp_path, limit_train_batches=3,
+                                           limit_val_batches=2)
+    assert full.net[0].out_channels == resumed.net[0].out_channels == 6
+    assert_same_parameters(full, resumed)
+    assert info["resumed_callbacks"][0].history == info["full_callbacks"][0].history
+    # and the compressed checkpoint loads into a fresh, uncompressed model for evaluation
+    fresh = _model(seed=1)
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      callbacks=make_cb(), default_root_dir=str(tmp_path), enable_checkpointing=False)
+    trainer.validate(fresh, datamodule=DigitsDataModule(), ckpt_path=str(info["checkpoint"]), verbose=False)
+    assert fresh.net[0].out_channels == 6
+
+
+def test_train_end_compression_saves_a_checkpoint_that_a_fresh_model_loads(tmp_path):
+    cb = DataFreeCompression(prune_ratio=0.3, weight_bits=4, apply_at="train_end", save_path="compressed.ckpt",
+                             num_samples=1024, latency_repeats=0)
+    model = _model()
+    trainer = Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=4, limit_val_batches=2, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                      callbacks=[cb])
+    trainer.fit(model, datamodule=DigitsDataModule())
+    assert model.net[0].out_channels == 6 and cb.saved_checkpoint == str(tmp_path / "compressed.ckpt")
+    before = trainer.test(model, datamodule=DigitsDataModule(), verbose=False)[0]
+    fresh = _model(seed=3)
+    tester = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                     default_root_dir=str(tmp_path), enable_checkpointing=False,
+                     callbacks=[DataFreeCompression(prune_ratio=0.3, weight_bits=4, apply_at="train_end")])
+    after = tester.test(fresh, datamodule=DigitsDataModule(), ckpt_path=cb.saved_checkpoint, verbose=False)[0]
+    assert_same_parameters(model, fresh)
+    assert after["test_acc"] == pytest.approx(before["test_acc"])
+    # a checkpoint written BEFORE compression cannot go into the compressed model: a clear error
+    ckpt = tmp_path / "uncompressed.ckpt"
+    torch.save({"state_dict": _model().state_dict()}, ckpt)
+    with pytest.raises(CompressionError, match="saved before DataFreeCompression compressed"):
+        model.load_state_dict(torch.load(ckpt, weights_only=True)["state_dict"])
+
+
+# -- DDP --------------------------------------------------------------------------------------------------------
+
+
+class _SameWeightsOnAllRanks(Callback):
+    def on_validation_start(self, trainer, pl_module):
+        if trainer.world_size == 1:
+            return
+        sums = torch.stack([p.detach().double().sum() for p in pl_module.parameters()])
+        gathered = trainer.strategy.all_gather(sums)
+        if not torch.equal(gathered[0], gathered[-1]):
+            raise AssertionError("the ranks hold different compressed models")
+
+
+@pytest.mark.ddp
+def test_ddp_ranks_get_rank_zeros_compressed_model_and_match_one_process(tmp_path):
+    def run(**kwargs):
+        cb = DataFreeCompression(prune_ratio=0.3, weight_bits=6, num_samples=1024, latency_repeats=0)
+        trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                          callbacks=[cb, _SameWeightsOnAllRanks()], default_root_dir=str(tmp_path), **kwargs)
+        return trainer.validate(_model(), datamodule=DigitsDataModule(batch_size=32), verbose=False)[0]
+
+    single = run(devices=1)
+    ddp = run(devices=2, strategy="ddp_spawn")
+    assert ddp["val_acc"] == pytest.approx(single["val_acc"], abs=1e-6)
+    assert ddp["val_loss"] == pytest.approx(single["val_loss"], abs=1e-5)
