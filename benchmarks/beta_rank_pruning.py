@@ -9,7 +9,8 @@ depends only on channel counts); only the choice of filters differs. Metrics on 
 balanced accuracy (mean per-class recall), macro-F1, and the mean recall of the five rarest classes. Nothing is
 tuned on the test split; no model selection is done (the last epoch is evaluated).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/beta_rank_pruning.py            # about 20-30 minutes, 1 thread
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/beta_rank_pruning.py    # ~25 min of CPU on one thread
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/beta_rank_pruning.py --report-only   # rewrite the page
 
 Writes docs/results/beta_rank_pruning.md and docs/results/beta_rank_pruning.png (raw numbers:
 runs/benchmarks/beta_rank_pruning.json).
@@ -43,6 +44,7 @@ from lightning_ext.datamodules import FashionMNISTDataModule  # noqa: E402
 from lightning_ext.modules import ImageClassifier  # noqa: E402
 
 METHODS = {"beta-rank": BetaRankPruning, "l1": L1FilterPruning, "random": RandomFilterPruning}
+RAW = REPO / "runs" / "benchmarks" / "beta_rank_pruning.json"  # raw numbers (git-ignored)
 
 
 class EpochPrinter(Callback):
@@ -111,7 +113,15 @@ def main() -> None:
     parser.add_argument("--dense-lr", type=float, default=0.05)
     parser.add_argument("--finetune-lr", type=float, default=0.01)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the page from the saved raw numbers")
     args = parser.parse_args()
+    if args.report_only:
+        raw = json.loads(RAW.read_text())
+        for key, value in raw["args"].items():
+            if key not in ("out", "report_only"):
+                setattr(args, key, value)
+        write_report(args, raw["train_counts"], raw["dense"], raw["runs"], raw["runtime_s"])
+        return
     torch.set_num_threads(1)
     start_all = time.time()
     x1 = torch.zeros(1, 1, 28, 28)
@@ -157,7 +167,8 @@ def write_report(args, train_counts, dense_runs, runs, runtime) -> None:
     import matplotlib.pyplot as plt
 
     args.out.mkdir(parents=True, exist_ok=True)
-    command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/beta_rank_pruning.py " + " ".join(sys.argv[1:])
+    argv = [] if args.report_only else sys.argv[1:]
+    command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/beta_rank_pruning.py " + " ".join(argv)
     lines = [
         "# Beta-Rank vs L1 vs random filter pruning on long-tailed Fashion-MNIST",
         "",
@@ -183,7 +194,8 @@ def write_report(args, train_counts, dense_runs, runs, runtime) -> None:
         f"{args.batch_size} training images (the code's `--limit 1`).",
         f"- Seeds: {args.seeds} (initialisation, data order, random pruner). Single-threaded "
         f"(`torch.set_num_threads(1)`) on {platform.processor() or platform.machine()}, a shared 2-core machine. "
-        f"Total runtime {runtime / 60:.1f} min.",
+        f"Total runtime {runtime / 60:.1f} min wall clock (the machine was shared with other jobs; about a third "
+        "of that is this script's CPU time).",
         "",
         "## Results (mean ± std over seeds, %)",
         "",
@@ -216,17 +228,39 @@ def write_report(args, train_counts, dense_runs, runs, runtime) -> None:
                 r = next(r for r in runs if r["seed"] == seed and r["method"] == name and r["target"] == target)
                 cells.append(f"{100 * r['balanced_acc']:.2f} / {100 * r['macro_f1']:.2f}")
             lines.append(f"| {seed} | {target} | " + " | ".join(cells) + " |")
-    lines += ["", "## Verdict", "", "<!-- verdict -->", ""]
+    wins = [t for t, means, _ in verdict_rows if means["beta-rank"] >= max(means["l1"], means["random"])]
+    clear = [t for t, means, stds in verdict_rows
+             if means["beta-rank"] - max(means["l1"], means["random"]) > max(stds.values())]
+    verdict = ("reproduced" if len(clear) == len(verdict_rows) else
+               "partly reproduced" if wins else "not reproduced")
+    lines += ["", "## Verdict", "", f"**{verdict.capitalize()}.** Balanced accuracy, mean (± std) over seeds:", ""]
     for target, means, stds in verdict_rows:
         order = sorted(means, key=means.get, reverse=True)
-        lines.append(f"- At {target:.0%} MACs reduction: " + " > ".join(
-            f"{n} {100 * means[n]:.2f} (± {100 * stds[n]:.2f})" for n in order) + " (balanced accuracy, %).")
+        lines.append(f"- {target:.0%} MACs reduction: " + " > ".join(
+            f"{n} {100 * means[n]:.2f} (± {100 * stds[n]:.2f})" for n in order) + ".")
+    gaps = [100 * (means["beta-rank"] - means["l1"]) for _, means, _ in verdict_rows]
+    lines += [
+        "",
+        "Beta-Rank minus L1: " + " and ".join(f"{g:+.2f}" for g in gaps) + " points of balanced accuracy at the "
+        "two targets"
+        + (", ahead of both baselines at every target by more than the seed spread." if verdict == "reproduced" else
+           "; the claimed advantage on imbalanced training data did not appear here (with 3 seeds, gaps of about "
+           "one standard deviation are not significant either way; L1 and random pruning were about equal)."),
+        "",
+        "Differences from the paper's setting that may matter: a small long-tailed Fashion-MNIST split instead of "
+        "the ISIC/IDRiD medical images at 256x256; a ResNet-10t trained here from scratch for a few epochs instead of "
+        "converged CIFAR ResNet-56/110 and VGG-16 baselines; 3 epochs of fine-tuning instead of 150; every conv pruned "
+        "with one uniform share per coupled group (convs tied by residual sums share a decision, their ranks "
+        "averaged) instead of hand-set per-layer rates. The rank itself follows the official code "
+        "(`std_filters`: output std over input-patch std, times mean |W|, min-max per layer), with the receptive "
+        "field taken over height and width as the paper intends (see `BetaRankPruning`'s docstring).",
+    ]
     (args.out / "beta_rank_pruning.md").write_text("\n".join(lines) + "\n")
-    raw = REPO / "runs" / "benchmarks" / "beta_rank_pruning.json"  # raw numbers (git-ignored)
-    raw.parent.mkdir(parents=True, exist_ok=True)
-    raw.write_text(json.dumps(
-        {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-         "dense": dense_runs, "runs": runs, "runtime_s": runtime}, indent=1))
+    if not args.report_only:
+        RAW.parent.mkdir(parents=True, exist_ok=True)
+        RAW.write_text(json.dumps(
+            {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+             "train_counts": train_counts, "dense": dense_runs, "runs": runs, "runtime_s": runtime}, indent=1))
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     colors = {"beta-rank": "tab:red", "l1": "tab:blue", "random": "tab:grey"}
