@@ -194,8 +194,8 @@ def write_report(args, train_counts, dense_runs, runs, runtime) -> None:
         f"{args.batch_size} training images (the code's `--limit 1`).",
         f"- Seeds: {args.seeds} (initialisation, data order, random pruner). Single-threaded "
         f"(`torch.set_num_threads(1)`) on {platform.processor() or platform.machine()}, a shared 2-core machine. "
-        f"Total runtime {runtime / 60:.1f} min wall clock (the machine was shared with other jobs; about a third "
-        "of that is this script's CPU time).",
+        f"Total runtime {runtime / 60:.1f} min wall clock (the machine was shared with other jobs; the script itself "
+        "used roughly a quarter of that in CPU time).",
         "",
         "## Results (mean ± std over seeds, %)",
         "",

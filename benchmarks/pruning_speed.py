@@ -12,7 +12,8 @@ Per seed, on balanced Fashion-MNIST (a stratified training subset, the full offi
 Latency is the median over interleaved rounds (dense, ours, masked, dense, ...) of forward passes on a batch of
 64 images in eval mode under ``inference_mode``, single-threaded; speedups are ratios measured in the same run.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/pruning_speed.py          # about 25 minutes, 1 thread
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/pruning_speed.py     # ~25 min of CPU on one thread
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/pruning_speed.py --report-only   # rewrite the page
 
 Writes docs/results/pruning_speed.md and docs/results/pruning_speed.png (raw numbers:
 runs/benchmarks/pruning_speed.json).
@@ -42,6 +43,8 @@ from lightning_ext.callbacks.filter_pruning import count_macs_params, measure_la
 from lightning_ext.callbacks.l1_filter_pruning import L1FilterPruning  # noqa: E402
 from lightning_ext.datamodules import FashionMNISTDataModule  # noqa: E402
 from lightning_ext.modules import ImageClassifier  # noqa: E402
+
+RAW = REPO / "runs" / "benchmarks" / "pruning_speed.json"  # raw numbers (git-ignored)
 
 
 class EpochPrinter(Callback):
@@ -111,7 +114,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--stem-downsample", type=int, default=2)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the page from the saved raw numbers")
     args = parser.parse_args()
+    if args.report_only:
+        raw = json.loads(RAW.read_text())
+        for key, value in raw["args"].items():
+            if key not in ("out", "report_only"):
+                setattr(args, key, type(getattr(args, key))(value) if not isinstance(getattr(args, key), list)
+                        else json.loads(value))
+        write_report(args, raw["rows"], raw["runtime_s"])
+        return
     torch.set_num_threads(1)
     start_all = time.time()
     x1 = torch.zeros(1, 1, 28, 28)
@@ -176,7 +188,8 @@ def write_report(args, rows: list[dict], runtime: float) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     names = {"dense": "dense", "ours": f"ours: physical (L1, round_to={args.round_to})",
              "masked": "ModelPruning (masked ln_structured)"}
-    command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/pruning_speed.py " + " ".join(sys.argv[1:])
+    argv = [] if args.report_only else sys.argv[1:]
+    command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/pruning_speed.py " + " ".join(argv)
     dense_acc = [r["dense"]["test_acc"] for r in rows]
     lines = [
         "# Pruning speed: physical filter removal vs masks (CPU inference)",
@@ -204,7 +217,8 @@ def write_report(args, rows: list[dict], runtime: float) -> None:
         "`torch.inference_mode()`, `torch.set_num_threads(1)`. The machine is a shared 2-core VM "
         f"({platform.processor() or platform.machine()}) with other jobs running, so absolute times are noisy; "
         "the ratios come from the same rounds.",
-        f"- Seeds: {[r['seed'] for r in rows]}. Total runtime {runtime / 60:.1f} min.",
+        f"- Seeds: {[r['seed'] for r in rows]}. Total runtime {runtime / 60:.1f} min wall clock (the machine was "
+        "shared with other jobs).",
         "",
         "## Results (mean ± std over seeds)",
         "",
@@ -243,16 +257,27 @@ def write_report(args, rows: list[dict], runtime: float) -> None:
     speed = statistics.mean(r["ours"]["speedup"] for r in rows)
     drop = statistics.mean(100 * (r["dense"]["test_acc"] - r["ours"]["test_acc"]) for r in rows)
     masked_speed = statistics.mean(r["masked"]["speedup"] for r in rows)
-    lines += ["", "## Verdict", "", "<!-- verdict -->", "",
-              f"- Measured: ours {speed:.2f}x faster than dense with {drop:+.2f} points of accuracy lost "
-              f"(mean over seeds); ModelPruning's masked model {masked_speed:.2f}x.",
-              f"- Goal (>= 1.6x, <= 1 point lost): speed {'met' if speed >= 1.6 else 'not met'}, accuracy "
-              f"{'met' if drop <= 1.0 else 'not met'}."]
+    speed_ok, acc_ok, masked_ok = speed >= 1.6, drop <= 1.0, abs(masked_speed - 1.0) <= 0.1
+    verdict = "met" if speed_ok and acc_ok else "partly met" if speed_ok or acc_ok else "not met"
+    lines += [
+        "", "## Verdict", "",
+        f"**Goal {verdict}.** Physically pruned to {100 * statistics.mean(1 - r['ours']['macs'] / r['dense']['macs'] for r in rows):.1f}% "
+        f"fewer MACs, the network ran {speed:.2f}x faster than the dense one (goal: >= 1.6x, "
+        f"{'met' if speed_ok else 'not met'}) and lost {drop:+.2f} points of test accuracy (goal: <= 1 point, "
+        f"{'met' if acc_ok else 'not met'}), mean over seeds. ModelPruning's masked model ran at {masked_speed:.2f}x, "
+        f"{'near 1.0x as expected' if masked_ok else 'not near 1.0x'}: zeroed filters are still computed.",
+        "",
+        "Why the speedup is below the MACs ratio: MACs fall about 2x, but the batch-64 forward pass also spends time "
+        "in operations that shrink less or not at all (the stem works on full-resolution 28x28 maps, BatchNorm, "
+        "ReLU, residual adds and pooling are memory-bound, and smaller convolutions use the CPU's vector units "
+        "less efficiently, which `round_to=8` partly offsets). Larger inputs or wider layers would move the ratio "
+        "closer to the MACs ratio; this page reports this model at this size only.",
+    ]
     (args.out / "pruning_speed.md").write_text("\n".join(lines) + "\n")
-    raw = REPO / "runs" / "benchmarks" / "pruning_speed.json"
-    raw.parent.mkdir(parents=True, exist_ok=True)
-    raw.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
-                               "runtime_s": runtime}, indent=1))
+    if not args.report_only:
+        RAW.parent.mkdir(parents=True, exist_ok=True)
+        RAW.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
+                                   "runtime_s": runtime}, indent=1))
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     keys = ["dense", "ours", "masked"]
