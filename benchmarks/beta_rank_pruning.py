@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import json
 import platform
 import statistics
@@ -30,42 +29,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import seed_everything
 from sklearn.metrics import f1_score
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lightning_ext.callbacks.beta_rank_pruning import BetaRankPruning  # noqa: E402
-from lightning_ext.callbacks.filter_pruning import count_macs_params  # noqa: E402
+from lightning_ext.pruning import count_macs_params  # noqa: E402
 from lightning_ext.callbacks.l1_filter_pruning import L1FilterPruning  # noqa: E402
 from lightning_ext.callbacks.random_filter_pruning import RandomFilterPruning  # noqa: E402
 from lightning_ext.datamodules import FashionMNISTDataModule  # noqa: E402
-from lightning_ext.modules import ImageClassifier  # noqa: E402
+from benchmarks._common import fit, mean_std, resnet10t_fmnist, test_predictions  # noqa: E402
 
 METHODS = {"beta-rank": BetaRankPruning, "l1": L1FilterPruning, "random": RandomFilterPruning}
 RAW = REPO / "runs" / "benchmarks" / "beta_rank_pruning.json"  # raw numbers (git-ignored)
 
 
-class EpochPrinter(Callback):
-    def __init__(self, label: str) -> None:
-        self.label, self.start = label, 0.0
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        self.start = time.time()
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        loss = trainer.callback_metrics.get("train_loss_epoch")
-        print(f"  [{self.label}] epoch {trainer.current_epoch + 1}/{trainer.max_epochs} "
-              f"loss {float(loss):.3f} ({time.time() - self.start:.0f} s)", flush=True)
-
-
-def make_model(args, lr: float, epochs: int) -> ImageClassifier:
-    return ImageClassifier(
-        "resnet10t", num_classes=10, in_chans=1, image_size=28, stem_downsample=args.stem_downsample,
-        optimizer=functools.partial(torch.optim.SGD, lr=lr, momentum=0.9, weight_decay=5e-4),
-        scheduler=functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=epochs),
-    )
+def make_model(args, lr: float, epochs: int):
+    return resnet10t_fmnist(args.stem_downsample, lr, epochs)
 
 
 def make_dm(args, seed: int) -> FashionMNISTDataModule:
@@ -73,31 +55,16 @@ def make_dm(args, seed: int) -> FashionMNISTDataModule:
                                   train_fraction=args.train_fraction, shuffle_seed=seed)
 
 
-def fit(model, dm, epochs: int, callbacks: list, label: str) -> float:
-    start = time.time()
-    Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-            callbacks=[*callbacks, EpochPrinter(label)]).fit(model, datamodule=dm)
-    return time.time() - start
-
-
-@torch.no_grad()
 def evaluate(model, dm) -> dict:
-    dm.setup("test")
-    model.eval()
-    preds, labels = [], []
-    for x, y in dm.test_dataloader():
-        preds.append(model(x).argmax(1))
-        labels.append(y)
-    p, y = torch.cat(preds).numpy(), torch.cat(labels).numpy()
+    preds, labels = test_predictions(model, dm)
+    p, y = preds.numpy(), labels.numpy()
     recall = np.array([(p[y == c] == c).mean() for c in range(10)])
     return {"balanced_acc": float(recall.mean()), "macro_f1": float(f1_score(y, p, average="macro")),
             "tail_recall": float(recall[5:].mean()), "acc": float((p == y).mean())}
 
 
 def summarize(runs: list[dict], key: str) -> str:
-    values = [100 * r[key] for r in runs]
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.2f}"
+    return mean_std(100 * r[key] for r in runs)
 
 
 def main() -> None:

@@ -14,8 +14,6 @@ step to every pruning event it sees.
 from __future__ import annotations
 
 import math
-import statistics
-import time
 import warnings
 from typing import Any, Optional, Union
 
@@ -23,6 +21,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+
+from lightning_ext.pruning.measure import layer_macs, measure_latency
 
 __all__ = ["ActivatingWhilePruning", "ap_prune_step", "dead_neuron_rate", "model_cost"]
 
@@ -219,52 +219,19 @@ def model_cost(model: nn.Module, inputs: Tensor, latency_repeats: int = 5) -> di
             if name.endswith("_orig") and isinstance(getattr(module, name[: -len("_orig")] + "_mask", None), Tensor):
                 eff = eff * getattr(module, name[: -len("_orig")] + "_mask")
             nonzero += int(torch.count_nonzero(eff))
-    macs, macs_nonzero = [0], [0.0]
 
-    def hook(module, _inp, out):
-        # one sample: every output element costs in_features (Linear) or in/groups x kernel (Conv) MACs
-        if isinstance(module, nn.Linear):
-            m = out.numel() * module.in_features
-        else:
-            m = out.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+    def nonzero_share(module: nn.Module) -> float:
         weight, _ = _effective_weight(module)
-        macs[0] += int(m)
-        macs_nonzero[0] += float(m) * float(torch.count_nonzero(weight)) / max(1, weight.numel())
+        return float(torch.count_nonzero(weight)) / max(1, weight.numel())
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _PRUNABLE_TYPES)]
-    was_training = model.training
-    model.eval()
-    latencies = []
-    try:
-        with torch.no_grad():
-            model(inputs[:1])
-            for h in handles:
-                h.remove()
-            handles = []
-            if latency_repeats > 0:
-                model(inputs)  # warm-up
-                for _ in range(latency_repeats):
-                    _sync(inputs)
-                    t0 = time.perf_counter()
-                    model(inputs)
-                    _sync(inputs)
-                    latencies.append((time.perf_counter() - t0) * 1000.0)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    latency = 1000.0 * measure_latency(model, inputs, warmup=1, repeats=latency_repeats) if latency_repeats > 0 else float("nan")
     return {
         "params": params,
         "params_nonzero": nonzero,
-        "macs": macs[0],
-        "macs_nonzero": macs_nonzero[0],
-        "latency_ms": statistics.median(latencies) if latencies else float("nan"),
+        "macs": layer_macs(model, inputs[:1]),
+        "macs_nonzero": layer_macs(model, inputs[:1], weight_share=nonzero_share),
+        "latency_ms": latency,
     }
-
-
-def _sync(t: Tensor) -> None:
-    if t.is_cuda:
-        torch.cuda.synchronize(t.device)
 
 
 def _effective_weight(module: nn.Module) -> tuple[Tensor, Tensor]:

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 
-from lightning_ext.callbacks.filter_pruning import FilterPruning, Scores, _eval_mode, resolve_layer_names
+from lightning_ext.callbacks.filter_pruning import FilterPruning, Scores, resolve_layer_names
+from lightning_ext.pruning.measure import eval_mode
 
 RATIO_DIRECTIONS = ("out/in", "in/out")
 
@@ -159,7 +160,7 @@ def beta_rank_scores(
     if not batches:
         raise ValueError("Beta-Rank needs at least one calibration batch.")
     try:
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for batch in batches:
                 model(batch)
     finally:
