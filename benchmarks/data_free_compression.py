@@ -16,9 +16,11 @@ Settings: `digits_cnn` (the spec's smallest experiment: conv 1-32-64, BN, ReLU, 
 max-pooling, 5 epochs on a 10% stratified subset of Fashion-MNIST, full official test set). ResNet-18
 uses the first 3 seeds only (its training dominates the run time).
 
-Writes docs/results/data_free_compression.{md,json,png}. Single-threaded (torch.set_num_threads(1)).
+Writes docs/results/data_free_compression.{md,json,png}. Single-threaded (torch.set_num_threads(1)). The page
+also summarises the earlier run with `input_model="fitted"` as default (data_free_compression_seeds0-4.json)
+and the selection run (data_free_compression_selection.json) when those files exist.
 
-    python benchmarks/data_free_compression.py --seeds 0 1 2 3 4
+    python benchmarks/data_free_compression.py --seeds 5 6 7 8 9 --settings digits_cnn fmnist_cnn
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 from torch import nn
 
-from lightning_ext.callbacks.data_free_compression import data_free_compress, measure_latency_ms
+from lightning_ext.callbacks.data_free_compression import data_free_compress
+from lightning_ext.pruning import measure_latency
 from lightning_ext.datamodules import DigitsDataModule, FashionMNISTDataModule
 from lightning_ext.modules import ImageClassifier
 
@@ -49,7 +52,7 @@ VARIANTS = {
     "udfc_mean_only": dict(ridge=1e12),
     "udfc_no_bias": dict(bias_correction=False),
     "udfc_linear": dict(activation_aware=False),
-    "udfc_per_channel": dict(input_model="per_channel"),
+    "udfc_fitted": dict(input_model="fitted"),
     "udfc_shared": dict(input_model="shared"),
     "prune_naive": dict(weight_bits=None, compensate=False),
     "prune_udfc": dict(weight_bits=None),
@@ -108,8 +111,8 @@ def interleaved_latency(a: nn.Module, b: nn.Module, x: torch.Tensor, rounds: int
     """Median latency of two models measured alternately (fair under a shared, noisy CPU)."""
     ta, tb = [], []
     for _ in range(rounds):
-        ta.append(measure_latency_ms(a, x, repeats=repeats))
-        tb.append(measure_latency_ms(b, x, repeats=repeats))
+        ta.append(1000 * measure_latency(a, x, repeats=repeats))
+        tb.append(1000 * measure_latency(b, x, repeats=repeats))
     return statistics.median(ta), statistics.median(tb)
 
 
@@ -167,6 +170,7 @@ def ms(values) -> str:
 
 
 SELECTION = OUT / "data_free_compression_selection.json"
+EARLIER = OUT / "data_free_compression_seeds0-4.json"  # the run with `fitted` as default, see the report
 
 
 def verdict(results: dict) -> tuple[str, list[str]]:
@@ -263,25 +267,29 @@ def write_report(results: dict, args, total_seconds: float) -> None:
         "Fashion-MNIST: the official 10,000).",
         "",
         "Variants: `naive` = prune + quantize without compensation; `udfc` = with the closed-form compensation "
-        "(defaults: `input_model=\"fitted\"`, ridge 1e-3, 8,192 Gaussian draws); `udfc_mean_only` = ridge 1e12, "
+        "(defaults: `input_model=\"per_channel\"`, ridge 1e-3, 8,192 Gaussian draws); `udfc_mean_only` = ridge "
+        "1e12, "
         "i.e. only the expected value of the lost activations is restored (no linear combination of other "
         "channels); `udfc_no_bias` = the linear combination without the bias correction; `udfc_linear` = moments "
-        "computed as if there were no ReLU; `udfc_per_channel` / `udfc_shared` = the other two Gaussian input "
+        "computed as if there were no ReLU; `udfc_fitted` / `udfc_shared` = the other two Gaussian input "
         "models; `prune_*` = pruning only; `quant_*` = 6-bit quantization only; `*_w4` = 30% pruning + 4-bit.",
         "",
-        "Choices made before the evaluation seeds: ridge 1e-3 and 8,192 draws were fixed a priori. The default "
-        "`input_model` (`fitted`) was chosen on the VALIDATION split of two separate selection seeds (10, 11); "
-        "the evaluation seeds below were not used for any choice.",
+        "How the defaults were chosen (validation splits only): ridge 1e-3 and 8,192 draws were fixed a priori. "
+        "A first selection run (seeds 10, 11; table below) picked `input_model=\"fitted\"` by mean validation "
+        "accuracy, and a first evaluation ran on seeds 0-4 with that default (summarised at the end). On the "
+        "VALIDATION split of those seeds `per_channel` was clearly better on Fashion-MNIST, so the default became "
+        "`per_channel` and the method was evaluated again on fresh seeds, never used for any choice: "
+        f"{', '.join(str(x) for x in args.seeds)} (the tables below).",
         "",
     ]
     if SELECTION.exists():
         sel = json.loads(SELECTION.read_text())
         models = ["udfc_per_channel", "udfc_shared", "udfc_fitted", "udfc_mean_only", "naive", "base"]
         lines += ["Selection run (validation accuracy, seeds 10 and 11, same settings except 20% of the Fashion-MNIST "
-                  "training split; `udfc_per_channel` was the default during that run). Mean over the four runs: "
+                  "training split; `per_channel` was the default during that run). Mean over the four runs: "
                   + ", ".join(f"`{m}` {statistics.mean(r['val'][m] for r in sel):.3f}" for m in
                               ("udfc_fitted", "udfc_per_channel", "udfc_shared"))
-                  + "; `fitted` had the best mean and became the default.", "",
+                  + "; `fitted` had the best mean and became the first default.", "",
                   "| setting | seed | " + " | ".join(models) + " |",
                   "|---|---|" + "---|" * len(models)]
         for row in sel:
@@ -330,6 +338,25 @@ def write_report(results: dict, args, total_seconds: float) -> None:
                 lines.append(f"| `{row['name']}` | {row['action']} | {row['channels_before']} -> "
                              f"{row['channels_after']} | {row['error_before']:.3g} | {row['error_after']:.3g} |")
         lines.append("")
+    if EARLIER.exists():
+        earlier = json.loads(EARLIER.read_text())
+        cols = ["base", "naive", "udfc_fitted", "udfc_per_channel", "udfc_mean_only"]
+        lines += ["## First evaluation: seeds 0-4 with `fitted` as default", "",
+                  f"Same protocol and code except the default; raw numbers in `{EARLIER.name}` (there `udfc` is "
+                  "`fitted`). Test accuracy, mean ± std, then the recovery per seed:", "",
+                  "| setting | seeds | " + " | ".join(f"`{c}`" for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
+        for name, runs in earlier.items():
+            cells = [ms(r["test"]["udfc" if c == "udfc_fitted" else c] for r in runs) for c in cols]
+            lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+        lines.append("")
+        for name, runs in earlier.items():
+            for c, key in (("udfc_fitted", "udfc"), ("udfc_per_channel", "udfc_per_channel")):
+                rec = [(r["test"][key] - r["test"]["naive"]) / (r["test"]["base"] - r["test"]["naive"])
+                       if r["test"]["base"] > r["test"]["naive"] else float("nan") for r in runs]
+                lines.append(f"- {name}, `{c}`: recovery " + ", ".join("n/a" if x != x else f"{x:.2f}" for x in rec))
+        lines += ["", "With `fitted`, the Fashion-MNIST CNN missed the criterion on 2 of 5 seeds. The ResNet-18 on "
+                  "digits loses almost nothing to naive pruning (its prunable channels are the inner convs of "
+                  "residual blocks), so there is nothing to recover and it was not re-run.", ""]
     lines += [
         "## What is the paper's and what is ours",
         "",
@@ -341,8 +368,8 @@ def write_report(results: dict, args, total_seconds: float) -> None:
         "minimised in closed form; two different scale factors S and S'. The summary also mentions "
         "hyper-parameters alpha1 = 0.01 and alpha2 = 0.008, which we could not map onto a formula.",
         "",
-        "Ours (not confirmed): the Gaussian model of the channels from BN statistics (input covariance fitted to "
-        "the running variances), the multivariate least-squares regression of the damage on the kept quantized "
+        "Ours (not confirmed): the Gaussian model of the channels from BN statistics (each channel with BN's own "
+        "mean and variance, correlated as its filter would be on a white input), the multivariate least-squares regression of the damage on the kept quantized "
         "channels (its rows for pruned channels play the role of S, its diagonal for quantized channels that of "
         "S'), the seeded Monte-Carlo moments through the real activation, the ridge and the bias correction. "
         "No official code was released (an awesome-list links github.com/Dtudy/UDFC, which we could not inspect).",

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import fnmatch
-import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -15,15 +13,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_ext._optional import require
+from lightning_ext.pruning.measure import call_model, layer_macs, measure_latency, num_params
 
 __all__ = [
     "CompressionReport",
     "DataFreeCompression",
     "apply_compression_history",
-    "count_macs",
     "data_free_compress",
     "find_compensable_chains",
-    "measure_latency_ms",
     "quantize_per_channel",
     "reconstruction_from_bn_statistics",
 ]
@@ -41,7 +38,7 @@ class CompressionError(ValueError):
 
 
 def _check_arguments(prune_ratio, weight_bits, importance, ridge, num_samples, min_channels,
-                     input_model="fitted") -> None:
+                     input_model="per_channel") -> None:
     if prune_ratio is None and weight_bits is None:
         raise ValueError("Nothing to do: set `prune_ratio` (e.g. 0.3), `weight_bits` (e.g. 6), or both.")
     if prune_ratio is not None:
@@ -112,14 +109,6 @@ def _tp():
     return require("torch_pruning", "DataFreeCompression")
 
 
-def _forward(model: nn.Module, example_inputs: Any) -> Any:
-    if isinstance(example_inputs, (tuple, list)):
-        return model(*example_inputs)
-    if isinstance(example_inputs, dict):
-        return model(**example_inputs)
-    return model(example_inputs)
-
-
 def _is_weight_layer(module: nn.Module) -> bool:
     conv = isinstance(module, nn.modules.conv._ConvNd) and not module.transposed
     return conv or isinstance(module, nn.Linear)
@@ -141,7 +130,7 @@ def _execution_order(model: nn.Module, example_inputs: Any) -> list[str]:
             handles.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            _forward(model, example_inputs)
+            call_model(model, example_inputs)
     finally:
         for h in handles:
             h.remove()
@@ -302,7 +291,7 @@ def _fold(producer: nn.Module, bn: nn.Module) -> dict[str, torch.Tensor]:
     return {"w": w, "var": var, "scale": scale, "beta": beta, "folded_bias": beta + scale * (bias - mean)}
 
 
-_INPUT_MODELS = ("fitted", "per_channel", "shared")
+_INPUT_MODELS = ("per_channel", "fitted", "shared")
 
 
 def _joint_covariance(w: torch.Tensor, q: Optional[torch.Tensor], var: torch.Tensor, scale: torch.Tensor,
@@ -338,7 +327,7 @@ def reconstruction_from_bn_statistics(
     pruned: Sequence[int],
     quantized_weight: Optional[torch.Tensor] = None,
     activations: Sequence[tuple] = (("relu",),),
-    input_model: str = "fitted",
+    input_model: str = "per_channel",
     ridge: float = 1e-3,
     num_samples: int = 8192,
     seed: int = 0,
@@ -347,13 +336,14 @@ def reconstruction_from_bn_statistics(
     """Closed-form compensation of the next layer for pruned and quantized channels, from BN statistics only.
 
     Model (no data): the layer's input patches ``x`` are Gaussian and the BN outputs ``h_j = W~_j . x + b~_j``
-    (BN-folded filters ``W~_j = gamma_j W_j / sigma_j``) have BN's shift ``beta_j`` as mean. The input covariance
-    is inferred from the running variances ``sigma_j^2 = W_j Sigma_x W_j^T``: ``input_model="fitted"``
-    (default) takes the ``Sigma_x`` closest to ``tau^2 I`` (Frobenius) that reproduces every running variance,
-    ``Sigma_x = tau^2 I + W^T diag(c) W`` with ``tau^2`` the median of ``sigma_j^2 / ||W_j||^2`` (negative
-    eigenvalues of the joint covariance are clipped); ``"shared"`` takes ``Sigma_x = tau^2 I``;
-    ``"per_channel"`` keeps the white correlations but rescales each channel to BN's exact marginal
-    ``N(beta_j, gamma_j^2)``. The damaged pre-activations ``h^q_j = Q~_j . x + ...`` (quantized filter)
+    (BN-folded filters ``W~_j = gamma_j W_j / sigma_j``) have BN's shift ``beta_j`` as mean. Three covariance
+    models, all from the weights and the running variances ``sigma_j^2``: ``input_model="per_channel"``
+    (default) correlates the channels as if the input were white, ``corr(h_i, h_j) = cos(W_i, W_j)``, and keeps
+    BN's exact marginal ``N(beta_j, gamma_j^2)`` for every channel (each channel has its own input gain
+    ``sigma_j^2 / ||W_j||^2``); ``"shared"`` uses one white input ``Sigma_x = tau^2 I``, ``tau^2`` the median
+    gain; ``"fitted"`` uses the input covariance closest to ``tau^2 I`` (Frobenius) that reproduces every
+    running variance, ``Sigma_x = tau^2 I + W^T diag(c) W`` (negative eigenvalues of the joint covariance are
+    clipped). The damaged pre-activations ``h^q_j = Q~_j . x + ...`` (quantized filter, same input and gain)
     share the draw. With ``a = act(h)``, ``b = act(h^q)`` and the damage ``d_c = a_c`` for a pruned channel,
     ``d_j = a_j - b_j`` for a kept (quantized) one, the minimiser of the expected reconstruction error of every
     next-layer output, ``E || V (a - [b_K + b_K R + delta]) ||^2`` for any next-layer weight ``V``, is the
@@ -374,7 +364,7 @@ def reconstruction_from_bn_statistics(
         pruned: indices of the pruned output channels.
         quantized_weight: ``(C, F)`` quantized weights; ``None`` when not quantizing.
         activations: activation specs between BN and the next layer (``[]`` for none).
-        input_model: ``"fitted"``, ``"per_channel"`` or ``"shared"`` (see above).
+        input_model: ``"per_channel"``, ``"fitted"`` or ``"shared"`` (see above).
         ridge: relative ridge ``lambda``.
         num_samples: Gaussian draws for the moments.
         seed: seed of the draws.
@@ -485,64 +475,6 @@ def _compensate_consumer(model: nn.Module, chain: Chain, rec: dict, bias_correct
     return "none (next layer has no bias and no BatchNorm)"
 
 
-# -- measurements -------------------------------------------------------------------------------------------
-
-
-def count_macs(model: nn.Module, example_inputs: Any) -> int:
-    """Multiply-accumulates of the conv and linear layers for ONE sample of ``example_inputs``."""
-    total = [0]
-    batch = [1]
-
-    def hook(module, args, output):
-        out = output.numel() // max(1, batch[0])
-        if isinstance(module, nn.Linear):
-            total[0] += out * module.in_features
-        else:
-            total[0] += out * (module.in_channels // module.groups) * math.prod(module.kernel_size)
-
-    first = example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
-    batch[0] = int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() > 0 else 1
-    handles = [m.register_forward_hook(hook) for m in model.modules() if _is_weight_layer(m)]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            _forward(model, example_inputs)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return int(total[0])
-
-
-def measure_latency_ms(model: nn.Module, example_inputs: Any, repeats: int = 20, warmup: int = 3) -> float:
-    """Median wall-clock milliseconds of one forward pass on ``example_inputs`` (eval mode, no grad)."""
-    was_training = model.training
-    model.eval()
-    first = example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
-    cuda = isinstance(first, torch.Tensor) and first.is_cuda
-    times = []
-    try:
-        with torch.no_grad():
-            for i in range(warmup + repeats):
-                if cuda:
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                _forward(model, example_inputs)
-                if cuda:
-                    torch.cuda.synchronize()
-                if i >= warmup:
-                    times.append(time.perf_counter() - start)
-    finally:
-        model.train(was_training)
-    times.sort()
-    return 1000.0 * times[len(times) // 2]
-
-
-def _num_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 # -- the functional core ------------------------------------------------------------------------------------
 
 
@@ -612,7 +544,7 @@ def data_free_compress(
     seed: int = 0,
     layers: Optional[Sequence[str]] = None,
     min_channels: int = 1,
-    input_model: str = "fitted",
+    input_model: str = "per_channel",
     activation_aware: bool = True,
     measure: bool = True,
     latency_repeats: int = 20,
@@ -641,7 +573,7 @@ def data_free_compress(
         layers: glob patterns of the layer names to compress (default: all).
         min_channels: fewest channels a pruned layer may keep; a ratio that leaves fewer is refused.
         input_model: how the BN statistics become a joint Gaussian model of the channels, see
-            :func:`reconstruction_from_bn_statistics` (``"fitted"``, ``"per_channel"`` or ``"shared"``).
+            :func:`reconstruction_from_bn_statistics` (``"per_channel"``, ``"fitted"`` or ``"shared"``).
         activation_aware: push the Gaussian pre-activations through the traced activation (ReLU, ...) when
             computing the moments; ``False`` treats the chain as linear (an ablation).
         measure: measure parameters, MACs and latency before and after (MACs/params per layer always).
@@ -711,10 +643,10 @@ def _compress(model, example_inputs, prune_ratio, weight_bits, compensate, bias_
                     f"`layers`."
                 )
             plan[name] = n
-    params_before = _num_params(model)
-    macs_before = count_macs(model, example_inputs)
+    params_before = num_params(model)
+    macs_before = layer_macs(model, example_inputs)
     timed = measure and latency_repeats > 0
-    latency_before = measure_latency_ms(model, example_inputs, latency_repeats) if timed else None
+    latency_before = 1000 * measure_latency(model, example_inputs, repeats=latency_repeats) if timed else None
 
     rows, history, quantized = [], [], set()
     for name in targets:
@@ -761,16 +693,16 @@ def _compress(model, example_inputs, prune_ratio, weight_bits, compensate, bias_
         else:
             continue
         row["channels_after"] = module.weight.shape[0]
-        row["params_after_step"] = _num_params(model)
-        row["macs_after_step"] = count_macs(model, example_inputs)
+        row["params_after_step"] = num_params(model)
+        row["macs_after_step"] = layer_macs(model, example_inputs)
         rows.append(row)
 
-    latency_after = measure_latency_ms(model, example_inputs, latency_repeats) if timed else None
+    latency_after = 1000 * measure_latency(model, example_inputs, repeats=latency_repeats) if timed else None
     config = dict(prune_ratio=prune_ratio, weight_bits=weight_bits, compensate=compensate,
                   bias_correction=bias_correction, importance=importance, ridge=ridge, num_samples=num_samples,
                   seed=seed, layers=list(layers) if layers is not None else None, min_channels=min_channels,
                   input_model=input_model, activation_aware=activation_aware)
-    return CompressionReport(params_before, _num_params(model), macs_before, count_macs(model, example_inputs),
+    return CompressionReport(params_before, num_params(model), macs_before, layer_macs(model, example_inputs),
                              latency_before, latency_after, rows, history, skipped, config)
 
 
@@ -894,10 +826,10 @@ class DataFreeCompression(Callback):
                \\delta = E[d] - E[b_K] R
 
     minimise the expected reconstruction error ``E||Z^{(l+1)} - \\hat Z^{(l+1)}||^2`` of the next feature map.
-    The moments come from BN statistics alone: the layer's input is modelled as Gaussian with the covariance
-    closest to white that reproduces every BN running variance (so each BN output has BN's own moments,
-    ``N(beta_j, gamma_j^2)``, and channels correlate through their filters), and the pre-activations are pushed
-    through the real activation by seeded Gaussian draws. Channels are then removed physically through
+    The moments come from BN statistics alone: each BN output is Gaussian with BN's own moments,
+    ``h_j ~ N(beta_j, gamma_j^2)``, channels correlate as their filters would on a white input
+    (``corr(h_i, h_j) = cos(W_i, W_j)``), and the draws are pushed through the real activation (seeded Monte
+    Carlo; no data). Channels are then removed physically through
     Torch-Pruning's dependency graph.
 
     What is confirmed from the paper (abstract, Fig. 1 caption, and a third-party summary): no data and no
@@ -935,8 +867,8 @@ class DataFreeCompression(Callback):
         seed: seed of the draws.
         layers: glob patterns of layer names to compress (relative to the LightningModule, e.g. ``net.layer*``).
         min_channels: fewest channels a pruned layer may keep.
-        input_model: Gaussian model of the channels from BN statistics: ``"fitted"`` (the input covariance
-            that reproduces BN's running variances), ``"per_channel"`` or ``"shared"``; see
+        input_model: Gaussian model of the channels from BN statistics: ``"per_channel"`` (BN's exact
+            marginals, white-input correlations), ``"fitted"`` or ``"shared"``; see
             :func:`reconstruction_from_bn_statistics`.
         example_input_shape: one input's shape without batch; default: the module's ``example_input_array``
             or ``input_shape``. Only shapes are used, never data.
@@ -972,7 +904,7 @@ class DataFreeCompression(Callback):
         seed: int = 0,
         layers: Optional[list[str]] = None,
         min_channels: int = 1,
-        input_model: str = "fitted",
+        input_model: str = "per_channel",
         example_input_shape: Optional[list[int]] = None,
         latency_batch_size: int = 32,
         latency_repeats: int = 20,
