@@ -21,3 +21,13 @@ def pytest_configure(config):
 
     # one thread per xdist worker (two workers share two cores), two when running serially
     torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _doctests_run_in_tmp_path(request, tmp_path, monkeypatch):
+    """Doctests (e.g. a Trainer's default_root_dir, a saved plot) write into a temporary directory, not the repo."""
+    if isinstance(request.node, pytest.DoctestItem):
+        monkeypatch.chdir(tmp_path)
