@@ -8,6 +8,7 @@ _EXPORTS: dict[str, str] = {
     "DataFreeCompression": "data_free_compression",
     "KnowledgeDistillation": "knowledge_distillation",
     "L1FilterPruning": "l1_filter_pruning",
+    "ModelMerging": "model_merging",
     "RandomFilterPruning": "random_filter_pruning",
 }
 __all__ = sorted(_EXPORTS)

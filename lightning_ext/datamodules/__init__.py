@@ -9,6 +9,7 @@ _EXPORTS = {
     "MNIST5kDataModule": "mnist5k",
     "TabularDataModule": "tabular",
     "PlanetoidDataModule": "planetoid",
+    "MultiTaskDataModule": "multi_task",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -8,6 +8,7 @@ _EXPORTS = {
     "MLPClassifier": "mlp_classifier",
     "GCNNodeClassifier": "gcn_node_classifier",
     "DistillationModule": "distillation_module",
+    "AdaMerging": "ada_merging",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,0 +1,90 @@
+"""Model merging on state dicts, usable without a Trainer (the functional core of issue 5).
+
+- :mod:`~lightning_ext.merging.task_vectors`: :func:`read_state_dict` (``weights_only=True``),
+  :func:`task_vector`, :func:`split_head`/:func:`is_head_key` (task-specific heads stay per task),
+  :func:`check_same_architecture` (first differing key and shape), :func:`base_distance` and
+  :func:`check_base_distance` (a task vector from another base model is refused), :func:`simple_average`;
+- :mod:`~lightning_ext.merging.task_arithmetic`: :func:`task_arithmetic_merge` (Ilharco et al., ICLR 2023);
+- :mod:`~lightning_ext.merging.ties_merging`: :func:`ties_merging_merge` (Yadav et al., NeurIPS 2023) and its
+  steps :func:`trim_top_k`, :func:`elect_sign`, :func:`disjoint_merge`;
+- :mod:`~lightning_ext.merging.ada_merging`: :class:`AdaMergingModel` (task- or layer-wise coefficients as the
+  only trainable parameters, merged weights through ``torch.func.functional_call``), :func:`entropy_loss`,
+  :func:`fit_ada_merging`, :func:`diagnose_collapse`, :func:`apply_coefficients`, :func:`plot_coefficients`
+  (Yang et al., ICLR 2024);
+- :mod:`~lightning_ext.merging.memory`: :func:`measure_peak_memory`.
+
+Average, task arithmetic and TIES stream: they hold the base, an accumulator and one fine-tuned model at a
+time, whatever the number of models. AdaMerging must hold every task vector (N model copies): that is inherent
+to learning the coefficients by gradient.
+
+The Lightning forms are :class:`~lightning_ext.modules.ada_merging.AdaMerging` (a LightningModule whose
+parameters are the coefficients), :class:`~lightning_ext.callbacks.model_merging.ModelMerging` (merges
+fine-tuned checkpoints into the user's own LightningModule) and
+:class:`~lightning_ext.datamodules.multi_task.MultiTaskDataModule` (unlabelled inputs of several tasks).
+
+Example:
+    >>> import torch
+    >>> from lightning_ext.merging import task_arithmetic_merge, ties_merging_merge
+    >>> base = {"w": torch.tensor([1.0, 1.0, 1.0])}
+    >>> ft = [{"w": torch.tensor([1.1, 1.0, 0.9])}, {"w": torch.tensor([1.0, 1.2, 0.9])}]
+    >>> task_arithmetic_merge(base, ft, scaling=1.0)["w"]
+    tensor([1.1000, 1.2000, 0.8000])
+    >>> ties_merging_merge(base, ft, k=1.0)["w"]  # disjoint mean: agreeing entries are averaged
+    tensor([1.1000, 1.2000, 0.9000])
+"""
+
+from lightning_ext.merging.ada_merging import (
+    AdaMergingHistory,
+    AdaMergingModel,
+    apply_coefficients,
+    diagnose_collapse,
+    entropy_loss,
+    fit_ada_merging,
+    load_coefficients,
+    plot_coefficients,
+    save_coefficients,
+)
+from lightning_ext.merging.memory import PeakMemory, measure_peak_memory
+from lightning_ext.merging.task_arithmetic import task_arithmetic_merge
+from lightning_ext.merging.task_vectors import (
+    ArchitectureMismatchError,
+    ForeignBaseError,
+    base_distance,
+    check_base_distance,
+    check_same_architecture,
+    is_head_key,
+    read_state_dict,
+    simple_average,
+    split_head,
+    task_vector,
+)
+from lightning_ext.merging.ties_merging import disjoint_merge, elect_sign, ties_merging_merge, trim_top_k
+
+__all__ = [
+    "AdaMergingHistory",
+    "AdaMergingModel",
+    "ArchitectureMismatchError",
+    "ForeignBaseError",
+    "PeakMemory",
+    "apply_coefficients",
+    "base_distance",
+    "check_base_distance",
+    "check_same_architecture",
+    "diagnose_collapse",
+    "disjoint_merge",
+    "elect_sign",
+    "entropy_loss",
+    "fit_ada_merging",
+    "is_head_key",
+    "load_coefficients",
+    "measure_peak_memory",
+    "plot_coefficients",
+    "read_state_dict",
+    "save_coefficients",
+    "simple_average",
+    "split_head",
+    "task_arithmetic_merge",
+    "task_vector",
+    "ties_merging_merge",
+    "trim_top_k",
+]

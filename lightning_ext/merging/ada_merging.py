@@ -1,0 +1,655 @@
+r"""AdaMerging: learn task-wise or layer-wise merging coefficients by entropy minimisation on unlabelled inputs.
+
+Yang, Wang, Shen, Liu, Guo, Wang, Tao, *AdaMerging: Adaptive Model Merging for Multi-Task Learning*, ICLR
+2024, arXiv:2310.02575. Reference code: https://github.com/EnnengYang/AdaMerging
+(``src/main_{task,layer}_wise_adamerging{,pp}.py``).
+
+.. math::
+    \text{task-wise: } \theta = \theta_0 + \sum_k \lambda_k \tau_k, \qquad
+    \text{layer-wise: } \theta^l = \theta_0^l + \sum_k \lambda_k^l \tau_k^l, \qquad
+    \min_\lambda \sum_k \mathbb{E}_{x \in B_k} H\big(\mathrm{softmax}(h_k(f_\theta(x)))\big)
+
+As in the reference code: all coefficients start at the prior 0.3; the forward pass uses
+``clamp(lambda, 0, 1)`` (a coefficient pushed past a bound gets no gradient there and stays); the
+coefficient of :math:`\theta_0` is fixed at 1; the loss is the sum over tasks of the mean softmax entropy of
+a batch of unlabelled test inputs of that task, through that task's own frozen head :math:`h_k`; Adam, lr
+1e-3, betas (0.9, 0.999), no weight decay, 500 steps. The official loop sums two batches of 16 per task per
+step, which for Adam is one batch of 32 (the loss scale does not matter). AdaMerging++ (``ties_k``) learns the
+coefficients over TIES-processed task vectors (trimmed to the top ``ties_k`` and restricted to the elected
+sign).
+
+**"Layer"** is each parameter tensor, as in the reference code (which merges ``named_parameters``). Floating
+buffers are merged too (absent in the paper's ViTs): BatchNorm running statistics use the coefficients of
+their module's ``weight``, detached (BatchNorm is not differentiable in its running statistics, so the
+gradient reaches the coefficients through the parameters only); other floating buffers get a row of their own
+that never receives a gradient (it stays at the prior). The merged network always runs in eval mode (no
+dropout, BatchNorm uses the merged running statistics).
+
+**Memory.** AdaMerging must hold the N task vectors (the merged weights are rebuilt from them at every step,
+and the gradient of :math:`\lambda_k^l` is :math:`\langle \partial L/\partial\theta^l, \tau_k^l\rangle`), so it
+costs about N + 2 model copies: the base (the network itself), the N stacked task vectors and the merged
+weights of the current step (plus activations). :meth:`AdaMergingModel.from_finetuned` fills the stacks one
+checkpoint at a time, so loading never needs N more.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from lightning_ext._optional import require
+from lightning_ext.merging.task_vectors import (
+    _PREFIXES,
+    DEFAULT_MAX_TASK_VECTOR_RATIO,
+    Source,
+    StateDict,
+    check_same_architecture,
+    is_head_key,
+    iter_finetuned,
+    mergeable_keys,
+    read_state_dict,
+)
+
+__all__ = [
+    "AdaMergingHistory",
+    "AdaMergingModel",
+    "GRANULARITIES",
+    "ada_merging_loss",
+    "apply_coefficients",
+    "diagnose_collapse",
+    "entropy_loss",
+    "fit_ada_merging",
+    "load_coefficients",
+    "plot_coefficients",
+    "save_coefficients",
+]
+
+GRANULARITIES = ("task", "layer")
+_STAT_SUFFIXES = (".running_mean", ".running_var")
+
+
+def entropy_loss(logits: Tensor) -> Tensor:
+    r"""Mean Shannon entropy of ``softmax(logits)`` over the batch (in float32), the AdaMerging objective.
+
+    Example:
+        >>> torch.isclose(entropy_loss(torch.zeros(4, 10)), torch.log(torch.tensor(10.0)))  # uniform: log C
+        tensor(True)
+    """
+    logits = logits.float()
+    return -(logits.softmax(dim=1) * logits.log_softmax(dim=1)).sum(dim=1).mean()
+
+
+def layer_rows(keys: Sequence[str]) -> tuple[list[str], dict[str, int]]:
+    """Rows of the layer-wise coefficient matrix: one per key, except BatchNorm running statistics, which share
+    the row of their module's ``weight`` when it is merged. Returns ``(row names, key -> row)``."""
+    names: list[str] = []
+    row_of: dict[str, int] = {}
+    key_set = set(keys)
+    for key in keys:
+        if key.endswith(_STAT_SUFFIXES) and key.rsplit(".", 1)[0] + ".weight" in key_set:
+            continue
+        row_of[key] = len(names)
+        names.append(key)
+    for key in keys:
+        if key not in row_of:
+            row_of[key] = row_of[key.rsplit(".", 1)[0] + ".weight"]
+    return names, row_of
+
+
+def _assign(module: nn.Module, key: str, value: Tensor) -> None:
+    """Replace the parameter or buffer ``key`` of ``module`` by ``value`` (its shape may differ)."""
+    owner_name, _, attr = key.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if attr in owner._parameters:
+        owner._parameters[attr] = nn.Parameter(value.detach().clone(), requires_grad=owner._parameters[attr].requires_grad)
+    elif attr in owner._buffers:
+        owner._buffers[attr] = value.detach().clone()
+    else:
+        raise KeyError(f"The network has no parameter or buffer {key!r}.")
+
+
+class AdaMergingModel(nn.Module):
+    r"""A merged network whose only trainable parameters are the merging coefficients (the functional core).
+
+    ``forward(x, task)`` rebuilds the merged weights :math:`\theta_0 + \sum_k \mathrm{clamp}(\lambda_k^{(l)},
+    0, 1)\,\tau_k` and runs ``network`` on them with :func:`torch.func.functional_call`, with the head tensors
+    of ``task`` substituted, so gradients reach only :attr:`raw_coefficients`. The network's own weights are
+    :math:`\theta_0` (frozen, eval mode).
+
+    Args:
+        network: the architecture, holding the pretrained weights :math:`\theta_0`.
+        task_vectors: one ``{key: tensor}`` per task (the mergeable keys of ``network``: floating, not heads),
+            or ``{key: tensor of shape (N, *shape)}`` already stacked.
+        heads: one ``{head key: tensor}`` per task (keys of ``network``; shapes may differ from its own head),
+            or ``None`` when all tasks share the network's head.
+        granularity: ``"layer"`` (one coefficient per tensor and task) or ``"task"`` (one per task).
+        prior: initial value of every coefficient (0.3 in the paper's code).
+        clamp_range: the coefficients used are clamped to this range (``(0, 1)`` in the paper's code).
+        task_names: names for logs and plots (default ``task0..``).
+
+    Example:
+        >>> torch.manual_seed(0) and None
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> tvs = [{k: 0.1 * torch.randn_like(v) for k, v in net.state_dict().items() if not k.startswith("2.")}
+        ...        for _ in range(2)]
+        >>> heads = [{k: torch.randn_like(v) for k, v in net.state_dict().items() if k.startswith("2.")} for _ in range(2)]
+        >>> model = AdaMergingModel(net, tvs, heads, granularity="layer")
+        >>> model.coefficients().shape, model(torch.randn(5, 4), task=1).shape
+        (torch.Size([2, 2]), torch.Size([5, 3]))
+        >>> [n for n, p in model.named_parameters() if p.requires_grad]
+        ['raw_coefficients']
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        task_vectors: Union[Sequence[Mapping[str, Tensor]], Mapping[str, Tensor]],
+        heads: Optional[Sequence[Mapping[str, Tensor]]] = None,
+        granularity: str = "layer",
+        prior: float = 0.3,
+        clamp_range: tuple[float, float] = (0.0, 1.0),
+        task_names: Optional[Sequence[str]] = None,
+    ) -> None:
+        super().__init__()
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"`granularity` must be one of {GRANULARITIES}, got {granularity!r}.")
+        lo, hi = (float(c) for c in clamp_range)
+        if not lo < hi:
+            raise ValueError(f"`clamp_range` must be (low, high) with low < high, got {clamp_range}.")
+        if not lo <= prior <= hi:
+            raise ValueError(f"`prior` must lie in clamp_range {clamp_range}, got {prior}.")
+        self.network = network.eval().requires_grad_(False)
+        own = self.network.state_dict()
+        if isinstance(task_vectors, Mapping):
+            stacks = {k: v for k, v in task_vectors.items()}
+            if not stacks:
+                raise ValueError("`task_vectors` is empty.")
+            num_tasks = next(iter(stacks.values())).shape[0]
+        else:
+            if len(task_vectors) == 0:
+                raise ValueError("AdaMerging needs at least one task vector.")
+            num_tasks = len(task_vectors)
+            first_keys = list(task_vectors[0])
+            for i, tv in enumerate(task_vectors[1:], start=1):
+                if list(tv) != first_keys:
+                    raise ValueError(f"Task vector {i} has other keys than task vector 0.")
+            stacks = {k: torch.stack([tv[k] for tv in task_vectors]) for k in first_keys}
+        keys = [k for k in own if k in stacks]
+        unknown = [k for k in stacks if k not in own]
+        if unknown:
+            raise ValueError(f"Task-vector keys not in the network: {unknown[:3]} (check the key prefixes).")
+        for k in keys:
+            if tuple(stacks[k].shape) != (num_tasks, *own[k].shape):
+                raise ValueError(
+                    f"Task vectors of {k!r} have shape {tuple(stacks[k].shape[1:])}, the network's is {tuple(own[k].shape)}."
+                )
+        self.keys = keys
+        # buffers (BatchNorm running statistics) are merged with detached coefficients: BatchNorm is not
+        # differentiable in its running statistics, so only parameters carry the entropy gradient
+        self._buffer_keys = {name for name, _ in self.network.named_buffers()} & set(keys)
+        self.num_tasks = int(num_tasks)
+        self._stacks: dict[str, Tensor] = {k: stacks[k] for k in keys}
+        if heads is not None:
+            if len(heads) != num_tasks:
+                raise ValueError(f"Got {len(heads)} heads for {num_tasks} task vectors; give one head per task.")
+            for i, head in enumerate(heads):
+                missing = [k for k in head if k not in own]
+                if missing:
+                    raise ValueError(f"Head {i} has keys that are not in the network: {missing[:3]}.")
+        self._heads: list[dict[str, Tensor]] = [dict(h) for h in heads] if heads is not None else []
+        self.granularity = granularity
+        self.prior = float(prior)
+        self.clamp_range = (lo, hi)
+        if granularity == "layer":
+            self.layer_names, self._row_of = layer_rows(keys)
+        else:
+            self.layer_names, self._row_of = ["all"], {k: 0 for k in keys}
+        self.task_names = list(task_names) if task_names is not None else [f"task{i}" for i in range(num_tasks)]
+        if len(self.task_names) != num_tasks:
+            raise ValueError(f"Got {len(self.task_names)} task names for {num_tasks} task vectors.")
+        self.raw_coefficients = nn.Parameter(torch.full((len(self.layer_names), num_tasks), float(prior)))
+
+    # -- construction from checkpoints -------------------------------------------------------------------------
+    @classmethod
+    def from_finetuned(
+        cls,
+        network: nn.Module,
+        finetuned: Iterable[Source],
+        head_keys: Sequence[str] = (),
+        base: Optional[Source] = None,
+        ties_k: Optional[float] = None,
+        granularity: str = "layer",
+        prior: float = 0.3,
+        clamp_range: tuple[float, float] = (0.0, 1.0),
+        task_names: Optional[Sequence[str]] = None,
+        max_task_vector_ratio: float = DEFAULT_MAX_TASK_VECTOR_RATIO,
+        on_foreign_base: str = "error",
+    ) -> "AdaMergingModel":
+        """Build from fine-tuned state dicts or checkpoint paths, filling the task-vector stacks one model at a
+        time (each checked against the base: architecture outside ``head_keys``, base distance). ``base`` (a
+        state dict or path; default: the network's current weights) is loaded into ``network``; each model's
+        ``head_keys`` tensors become its task's head. ``ties_k`` gives AdaMerging++."""
+        if base is not None:
+            load_shared_weights(network, base, head_keys, name="the base checkpoint")
+        device = next((t.device for t in network.state_dict().values()), torch.device("cpu"))
+        own = {k: v.detach().to("cpu") for k, v in network.state_dict().items()}
+        keys = mergeable_keys(own, head_keys)
+        if not keys:
+            raise ValueError("Nothing to merge: every floating tensor of the network is under `head_keys`.")
+        sources = list(finetuned)
+        if not sources:
+            raise ValueError("AdaMerging needs at least one fine-tuned model.")
+        names = None
+        if task_names is not None:
+            if len(task_names) != len(sources):
+                raise ValueError(f"Got {len(task_names)} task names for {len(sources)} fine-tuned models.")
+            names = [f"{n} ({s})" if isinstance(s, (str, Path)) else str(n) for n, s in zip(task_names, sources)]
+        stacks = {k: torch.empty((len(sources), *own[k].shape), dtype=own[k].dtype) for k in keys}
+        heads: list[dict[str, Tensor]] = []
+        if ties_k is not None:
+            from lightning_ext.merging.ties_merging import ties_selected_task_vectors
+
+            stream: Iterator[tuple[str, dict[str, Tensor], dict[str, Tensor]]] = ties_selected_task_vectors(
+                own, sources, ties_k, head_keys, max_task_vector_ratio, on_foreign_base, names
+            )
+        else:
+            def _plain() -> Iterator[tuple[str, dict[str, Tensor], dict[str, Tensor]]]:
+                for label, state in iter_finetuned(own, sources, head_keys, max_task_vector_ratio, on_foreign_base, names):
+                    head = {k: v.clone() for k, v in state.items() if is_head_key(k, head_keys)}
+                    tv = {k: state[k].to(own[k].dtype) - own[k] for k in keys}
+                    del state
+                    yield label, tv, head
+            stream = _plain()
+        for i, (label, tv, head) in enumerate(stream):
+            for k in keys:
+                stacks[k][i].copy_(tv[k])
+            del tv
+            if head_keys and not head:
+                raise ValueError(f"{label} has no tensors under head_keys={list(head_keys)}; check the prefixes.")
+            heads.append(head)
+        model = cls(network, stacks, heads if head_keys else None, granularity, prior, clamp_range, task_names)
+        return model.to(device)
+
+    # -- device moves: the stacks and heads are plain tensors (not buffers: DDP must not broadcast them) ---------
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "AdaMergingModel":
+        super()._apply(fn, recurse)
+        self._stacks = {k: fn(v) for k, v in self._stacks.items()}
+        self._heads = [{k: fn(v) for k, v in h.items()} for h in self._heads]
+        return self
+
+    def train(self, mode: bool = True) -> "AdaMergingModel":
+        super().train(mode)
+        self.network.eval()  # the merged network always runs in eval mode
+        return self
+
+    # -- the merge ------------------------------------------------------------------------------------------------
+    def coefficients(self) -> Tensor:
+        """The coefficients used, ``clamp(raw, *clamp_range)``, of shape ``(layers, tasks)`` (``(1, tasks)`` task-wise)."""
+        return self.raw_coefficients.clamp(*self.clamp_range)
+
+    def coefficients_of(self, key: str) -> Tensor:
+        """The ``(tasks,)`` coefficients applied to tensor ``key``."""
+        return self.coefficients()[self._row_of[key]]
+
+    def merged_tensors(self) -> dict[str, Tensor]:
+        """``{key: theta_0 + sum_k lambda_k tau_k}`` for every merged key (differentiable in the coefficients)."""
+        lam = self.coefficients()
+        base = self.network.state_dict(keep_vars=True)
+        out = {}
+        for k in self.keys:
+            stack = self._stacks[k]
+            row = lam[self._row_of[k]]
+            if k in self._buffer_keys:
+                row = row.detach()
+            out[k] = base[k] + torch.tensordot(row.to(stack.dtype), stack, dims=1)
+        return out
+
+    def head(self, task: int) -> dict[str, Tensor]:
+        """The head tensors of ``task`` (empty when the tasks share the network's head)."""
+        if not 0 <= task < self.num_tasks:
+            raise IndexError(f"task {task} is out of range for {self.num_tasks} tasks.")
+        return self._heads[task] if self._heads else {}
+
+    def forward(self, x: Any, task: int) -> Tensor:
+        task = int(task)
+        tensors = {**self.merged_tensors(), **self.head(task)}
+        if self.network.training:
+            self.network.eval()
+        return functional_call(self.network, tensors, (x,), strict=False)
+
+    @torch.no_grad()
+    def merged_state_dict(self, task: Optional[int] = None) -> dict[str, Tensor]:
+        """The merged network's state dict (detached), with the head of ``task`` when given."""
+        state = {k: v.detach().clone() for k, v in self.network.state_dict().items()}
+        state.update({k: v.detach().clone() for k, v in self.merged_tensors().items()})
+        if task is not None:
+            state.update({k: v.detach().clone() for k, v in self.head(task).items()})
+        return state
+
+    @torch.no_grad()
+    def export(self, task: Optional[int] = None) -> nn.Module:
+        """A standalone copy of the network with the merged weights (and ``task``'s head), in eval mode.
+
+        Head tensors whose shapes differ from the network's are swapped in as new parameters; attributes such as
+        ``nn.Linear.out_features`` keep the network's values."""
+        net = copy.deepcopy(self.network)
+        for k, v in self.merged_state_dict(task).items():
+            _assign(net, k, v)
+        return net.eval()
+
+    def coefficient_table(self) -> list[dict[str, float]]:
+        """One row per layer: ``{"layer": name, <task name>: coefficient, ...}``."""
+        lam = self.coefficients().detach().cpu()
+        return [{"layer": name, **{t: float(lam[i, j]) for j, t in enumerate(self.task_names)}}
+                for i, name in enumerate(self.layer_names)]
+
+
+def load_shared_weights(network: nn.Module, source: Source, head_keys: Sequence[str] = (), name: str = "the checkpoint") -> None:
+    """Load the non-head tensors of ``source`` (``weights_only=True``) into ``network``, refusing a checkpoint
+    of another architecture (first differing key and shape)."""
+    own = network.state_dict()
+    state = read_state_dict(source, reference_keys=own.keys(), name=name)
+    check_same_architecture(own, state, head_keys, reference_name="the network", other_name=name)
+    network.load_state_dict({k: state[k] for k in own if not is_head_key(k, head_keys)}, strict=False)
+
+
+# -- the objective and a plain optimisation loop ----------------------------------------------------------------------
+
+
+@dataclass
+class AdaMergingHistory:
+    """What :func:`fit_ada_merging` records per step, to see when and why a run collapses.
+
+    ``entropy[s][k]`` and ``dominant_share[s][k]`` are task ``k``'s mean entropy and the share of its batch
+    predicted as its most frequent class at step ``s``; ``coefficients`` holds snapshots (every ``record_every``
+    steps and the last) of the clamped coefficients with their ``coefficient_steps``; ``at_bounds`` is the share of
+    coefficients at either clamp bound at each step.
+    """
+
+    task_names: list[str]
+    steps: list[int] = field(default_factory=list)
+    entropy: list[list[float]] = field(default_factory=list)
+    dominant_share: list[list[float]] = field(default_factory=list)
+    at_bounds: list[float] = field(default_factory=list)
+    coefficient_steps: list[int] = field(default_factory=list)
+    coefficients: list[list[list[float]]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("task_names", "steps", "entropy", "dominant_share", "at_bounds",
+                                              "coefficient_steps", "coefficients")}
+
+    @classmethod
+    def from_dict(cls, state: Mapping[str, Any]) -> "AdaMergingHistory":
+        return cls(**{k: copy.deepcopy(v) for k, v in state.items()})
+
+    def record(self, step: int, entropies: Sequence[float], shares: Sequence[float], coefficients: Tensor,
+               clamp_range: tuple[float, float], snapshot: bool) -> None:
+        lam = coefficients.detach().float().cpu()
+        lo, hi = clamp_range
+        self.steps.append(int(step))
+        self.entropy.append([float(e) for e in entropies])
+        self.dominant_share.append([float(s) for s in shares])
+        self.at_bounds.append(float(((lam <= lo + 1e-6) | (lam >= hi - 1e-6)).float().mean()))
+        if snapshot:
+            self.coefficient_steps.append(int(step))
+            self.coefficients.append(lam.tolist())
+
+
+def ada_merging_loss(model: AdaMergingModel, batches: Sequence[tuple[Tensor, int]]) -> tuple[Tensor, list[float], list[float], list[int]]:
+    """Sum over the given ``(inputs, task)`` batches of the mean prediction entropy through each task's head.
+
+    Returns ``(loss, entropies, dominant-class shares, tasks)``; the last three per batch, for diagnostics."""
+    if not batches:
+        raise ValueError("AdaMerging needs at least one (inputs, task) batch per step.")
+    total: Optional[Tensor] = None
+    entropies, shares, tasks = [], [], []
+    for x, task in batches:
+        task = int(task)
+        logits = model(x, task)
+        h = entropy_loss(logits)
+        total = h if total is None else total + h
+        with torch.no_grad():
+            counts = torch.bincount(logits.argmax(dim=1), minlength=logits.shape[1])
+            shares.append(float(counts.max()) / max(1, logits.shape[0]))
+        entropies.append(float(h.detach()))
+        tasks.append(task)
+    assert total is not None
+    return total, entropies, shares, tasks
+
+
+def _cycle(loader: Iterable) -> Iterator:
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("An unlabelled loader of AdaMerging yielded no batch.")
+
+
+def _inputs(batch: Any) -> Tensor:
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def fit_ada_merging(
+    model: AdaMergingModel,
+    loaders: Sequence[Iterable],
+    steps: int = 500,
+    lr: float = 1e-3,
+    record_every: int = 10,
+    progress: bool = True,
+    history: Optional[AdaMergingHistory] = None,
+    on_step: Optional[Callable[[int, AdaMergingModel, AdaMergingHistory], None]] = None,
+) -> AdaMergingHistory:
+    """Optimise the coefficients without a Trainer: ``steps`` Adam steps (betas 0.9/0.999, no weight decay), each
+    on one batch of every task (``loaders[k]`` yields task ``k``'s inputs or ``(inputs, labels)``; labels are
+    ignored and loaders are cycled). Shows a progress bar; returns the :class:`AdaMergingHistory`.
+    ``on_step(step, model, history)`` is called after each step (e.g. to evaluate)."""
+    if len(loaders) != model.num_tasks:
+        raise ValueError(f"Got {len(loaders)} loaders for {model.num_tasks} tasks; give one per task, in task order.")
+    if steps < 1:
+        raise ValueError(f"`steps` must be >= 1, got {steps}.")
+    from tqdm.auto import tqdm
+
+    device = model.raw_coefficients.device
+    optimizer = torch.optim.Adam([model.raw_coefficients], lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+    history = history if history is not None else AdaMergingHistory(list(model.task_names))
+    streams = [_cycle(loader) for loader in loaders]
+    bar = tqdm(range(steps), desc=f"AdaMerging ({model.granularity}-wise)", disable=not progress, leave=False)
+    for step in bar:
+        batches = [(_inputs(next(s)).to(device), k) for k, s in enumerate(streams)]
+        loss, entropies, shares, _ = ada_merging_loss(model, batches)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        last = step == steps - 1
+        history.record(step, entropies, shares, model.coefficients(), model.clamp_range,
+                       snapshot=last or step % max(1, record_every) == 0)
+        if progress:
+            bar.set_postfix(entropy=f"{float(loss):.3f}")
+        if on_step is not None:
+            on_step(step, model, history)
+    return history
+
+
+def diagnose_collapse(history: AdaMergingHistory, share_threshold: float = 0.9, bounds_threshold: float = 0.5) -> list[str]:
+    """Messages about signs of collapse in a run (empty when none):
+
+    - a task whose batches end up predicted as one class (dominant-class share >= ``share_threshold`` over the
+      last tenth of the steps) although they were not at the start: entropy minimisation made the merged model
+      confidently predict a single class;
+    - a task whose entropy fell to almost 0 (below 0.05, from above) while another's rose (by 10 % and 0.05);
+    - many coefficients (share >= ``bounds_threshold``) stuck at a clamp bound, where they get no gradient.
+    """
+    if not history.steps:
+        return []
+    messages = []
+    n = len(history.steps)
+    tail = max(1, n // 10)
+    for k, name in enumerate(history.task_names):
+        start = history.dominant_share[0][k]
+        end = sum(row[k] for row in history.dominant_share[-tail:]) / tail
+        if end >= share_threshold and start < share_threshold:
+            step = next((history.steps[i] for i in range(n) if history.dominant_share[i][k] >= share_threshold), history.steps[-1])
+            messages.append(
+                f"{name}: predictions collapsed to one class (dominant-class share {start:.2f} at the start, "
+                f"{end:.2f} at the end, first above {share_threshold} at step {step})."
+            )
+    first, last = history.entropy[0], [sum(row[k] for row in history.entropy[-tail:]) / tail for k in range(len(history.task_names))]
+    low = [k for k, (e, f) in enumerate(zip(last, first)) if e < 0.05 and f >= 0.05]
+    rose = [k for k, (e, f) in enumerate(zip(last, first)) if k not in low and e > f + max(0.05, 0.1 * f)]
+    if low and rose:
+        messages.append(
+            f"entropy went to ~0 on {[history.task_names[k] for k in low]} while it rose on "
+            f"{[history.task_names[k] for k in rose]}: the coefficients favour some tasks over others."
+        )
+    if history.at_bounds[-1] >= bounds_threshold:
+        step = next(history.steps[i] for i in range(n) if history.at_bounds[i] >= bounds_threshold)
+        messages.append(
+            f"{history.at_bounds[-1]:.0%} of the coefficients are at a clamp bound (since step {step}); clamped "
+            "coefficients get no gradient."
+        )
+    return messages
+
+
+# -- coefficients: save, load, apply, plot ----------------------------------------------------------------------------
+
+
+def save_coefficients(path: Union[str, Path], coefficients: Tensor, layer_names: Sequence[str],
+                      task_names: Sequence[str], granularity: str) -> Path:
+    """Save learned (clamped) coefficients so :func:`apply_coefficients` or the ``ModelMerging`` callback can reuse them."""
+    file = Path(path)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"coefficients": coefficients.detach().float().cpu(), "layer_names": list(layer_names),
+                "task_names": list(task_names), "granularity": granularity}, file)
+    return file
+
+
+def load_coefficients(path: Union[str, Path]) -> dict[str, Any]:
+    """Read a file written by :func:`save_coefficients` (``weights_only=True``)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"Coefficients file {file} does not exist.")
+    data = torch.load(file, map_location="cpu", weights_only=True)
+    if not isinstance(data, Mapping) or not {"coefficients", "layer_names", "task_names", "granularity"} <= data.keys():
+        raise ValueError(f"{file} is not a coefficients file (expected coefficients, layer_names, task_names, granularity).")
+    return dict(data)
+
+
+def _align_names(given: list[str], rows: list[str]) -> list[str]:
+    """``given`` with one wrapper prefix (``net.``, ...) added or stripped if that makes it equal ``rows``."""
+    if given == rows:
+        return given
+    for prefix in _PREFIXES:
+        stripped = [g[len(prefix):] if g.startswith(prefix) else g for g in given]
+        added = [prefix + g for g in given]
+        for candidate in (stripped, added):
+            if candidate == rows:
+                return candidate
+    return given
+
+
+def apply_coefficients(
+    base: StateDict,
+    finetuned: Iterable[Source],
+    coefficients: Tensor,
+    layer_names: Optional[Sequence[str]] = None,
+    head_keys: Sequence[str] = (),
+    max_task_vector_ratio: float = DEFAULT_MAX_TASK_VECTOR_RATIO,
+    on_foreign_base: str = "error",
+    names: Optional[Sequence[str]] = None,
+) -> dict[str, Tensor]:
+    """Merge with given (learned) coefficients, streaming one model at a time like task arithmetic.
+
+    ``coefficients`` has shape ``(1, N)`` (task-wise) or ``(layers, N)`` with ``layer_names`` naming the rows
+    (as saved by :func:`save_coefficients`); they are used as given (no clamping). Returns the merged shared
+    state dict (heads left out)."""
+    sources = list(finetuned)
+    stream = iter_finetuned(base, sources, head_keys, max_task_vector_ratio, on_foreign_base, names)
+    lam = torch.as_tensor(coefficients).float().cpu()
+    if lam.dim() != 2 or lam.shape[1] != len(sources):
+        raise ValueError(f"`coefficients` must have shape (layers, {len(sources)}) for {len(sources)} models, got {tuple(lam.shape)}.")
+    keys = mergeable_keys(base, head_keys)
+    if lam.shape[0] == 1:
+        row_of = {k: 0 for k in keys}
+    else:
+        names_rows, row_of = layer_rows(keys)
+        given = _align_names(list(layer_names), names_rows) if layer_names is not None else None
+        if given is None or given != names_rows:
+            first = next((f"{a!r} != {b!r}" for a, b in zip(given or [], names_rows) if a != b), "different counts")
+            raise ValueError(
+                f"The layer-wise coefficients were learned for other layers than this model's ({len(given or [])} vs "
+                f"{len(names_rows)} rows; first difference: {first}). Learn them on the same architecture and head_keys."
+            )
+    acc = {k: torch.zeros_like(base[k]) for k in keys}
+    for i, (_, state) in enumerate(stream):
+        for k in keys:
+            coef = float(lam[row_of[k], i])
+            acc[k].add_(state[k].to(base[k].dtype), alpha=coef).sub_(base[k], alpha=coef)
+        del state
+    return {k: (acc.pop(k).add_(v) if k in acc else v.clone()) for k, v in base.items() if not is_head_key(k, head_keys)}
+
+
+def plot_coefficients(
+    path: Union[str, Path],
+    coefficients: Tensor,
+    layer_names: Sequence[str],
+    task_names: Sequence[str],
+    history: Optional[AdaMergingHistory] = None,
+    title: str = "AdaMerging coefficients",
+) -> Path:
+    """Save a PNG: the learned coefficients per layer and task (a heatmap, or bars when task-wise) and, with a
+    ``history``, the entropy per task and the mean coefficient per task over the steps."""
+    matplotlib = require("matplotlib", "plotting AdaMerging coefficients")
+    matplotlib.use("Agg")
+    plt = require("matplotlib.pyplot", "plotting AdaMerging coefficients")
+    lam = coefficients.detach().float().cpu()
+    panels = 3 if history is not None and history.steps else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.5), squeeze=False)
+    ax = axes[0][0]
+    if lam.shape[0] == 1:
+        ax.bar(range(len(task_names)), lam[0].numpy())
+        ax.set_xticks(range(len(task_names)), task_names, rotation=30, ha="right")
+        ax.set_ylabel("coefficient")
+        ax.set_title("task-wise coefficients")
+    else:
+        image = ax.imshow(lam.numpy(), aspect="auto", interpolation="nearest", cmap="viridis", vmin=0.0, vmax=1.0)
+        ax.set_xticks(range(len(task_names)), task_names, rotation=30, ha="right")
+        step = max(1, len(layer_names) // 20)
+        ax.set_yticks(range(0, len(layer_names), step), [layer_names[i] for i in range(0, len(layer_names), step)], fontsize=6)
+        ax.set_title("layer-wise coefficients (rows: tensors)")
+        fig.colorbar(image, ax=ax)
+    if panels == 3:
+        assert history is not None
+        ax = axes[0][1]
+        for k, name in enumerate(history.task_names):
+            ax.plot(history.steps, [row[k] for row in history.entropy], label=name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("mean entropy")
+        ax.set_title("entropy per task")
+        ax.legend(fontsize=7)
+        ax = axes[0][2]
+        snaps = torch.tensor(history.coefficients)  # (snapshots, layers, tasks)
+        for k, name in enumerate(history.task_names):
+            mean = snaps[:, :, k].mean(1).numpy()
+            ax.plot(history.coefficient_steps, mean, label=name)
+            ax.fill_between(history.coefficient_steps, snaps[:, :, k].min(1).values.numpy(),
+                            snaps[:, :, k].max(1).values.numpy(), alpha=0.15)
+        ax.set_xlabel("step")
+        ax.set_ylabel("coefficient (mean, min-max band)")
+        ax.set_title("coefficients over steps")
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    file = Path(path)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(file, dpi=110)
+    plt.close(fig)
+    return file

@@ -1,0 +1,412 @@
+r"""Task vectors on state dicts: reading checkpoints safely, architecture checks, the base-model distance check
+and simple weight averaging.
+
+A task vector is :math:`\tau_k = \theta_k - \theta_0`, the difference between a model fine-tuned on task
+:math:`k` and the pretrained model it was fine-tuned from (Ilharco et al., *Editing Models with Task
+Arithmetic*, ICLR 2023, arXiv:2212.04089, https://github.com/mlfoundations/task_vectors).
+
+Conventions shared by every merging function of :mod:`lightning_ext.merging`:
+
+- **Sources.** A fine-tuned model is given as a state dict or as a path to one (a ``torch.save``'d state dict
+  or a Lightning checkpoint, whose ``"state_dict"`` is used). Paths are read with
+  ``torch.load(map_location="cpu", weights_only=True)``, one at a time, only when needed, so merging N models
+  does not hold N models in memory (see each function for what it holds).
+- **Heads.** ``head_keys`` lists key prefixes of task-specific parts (``["classifier"]`` matches
+  ``classifier.weight`` and ``classifier.1.bias``). They are never merged, their shapes may differ between
+  tasks (a 10-class and a 4-class head), and they are *not* in a merged state dict: each task keeps its own
+  head (:func:`split_head` extracts it).
+- **What is merged.** Every floating-point entry of the base state dict that is not a head, parameters and
+  floating buffers (BatchNorm running statistics) alike; integer buffers (``num_batches_tracked``) are
+  copied from the base.
+- **Refusals.** A model whose keys or shapes differ from the base's is refused with the first differing key
+  and both shapes (:func:`check_same_architecture`); a model whose task vector is far from the base (relative
+  norm :math:`\lVert\tau_k\rVert / \lVert\theta_0\rVert` of the weight matrices and kernels above
+  ``max_task_vector_ratio``, default 0.5) was
+  almost certainly not fine-tuned from this base and is refused, or warned about (:func:`check_base_distance`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+StateDict = Mapping[str, Tensor]
+Source = Union[str, os.PathLike, Mapping[str, Tensor]]
+
+__all__ = [
+    "ArchitectureMismatchError",
+    "BaseDistance",
+    "ForeignBaseError",
+    "FOREIGN_BASE_ACTIONS",
+    "base_distance",
+    "check_base_distance",
+    "check_same_architecture",
+    "is_head_key",
+    "iter_finetuned",
+    "mergeable_keys",
+    "read_state_dict",
+    "simple_average",
+    "split_head",
+    "task_vector",
+]
+
+FOREIGN_BASE_ACTIONS = ("error", "warn", "ignore")
+DEFAULT_MAX_TASK_VECTOR_RATIO = 0.5
+_PREFIXES = ("net.", "model.", "module.", "backbone.", "_orig_mod.")
+_STAT_SUFFIXES = ("running_mean", "running_var")
+
+
+class ArchitectureMismatchError(ValueError):
+    """Two state dicts to merge do not have the same keys and shapes (outside the heads)."""
+
+
+class ForeignBaseError(ValueError):
+    """A fine-tuned model is too far from the base model to have been fine-tuned from it."""
+
+
+# -- reading ------------------------------------------------------------------------------------------------------
+
+
+def _describe(source: Source, name: Optional[str]) -> str:
+    if name:
+        return name
+    return str(source) if isinstance(source, (str, os.PathLike)) else "state dict"
+
+
+def _unwrap(obj: Mapping, where: str) -> dict[str, Tensor]:
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    state = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
+    if not state:
+        raise ValueError(f"{where} contains no tensors: expected a state dict or a Lightning checkpoint.")
+    return state
+
+
+def _match_prefixes(state: dict[str, Tensor], reference: Iterable[str]) -> dict[str, Tensor]:
+    """Add or strip one wrapper prefix (``net.``, ``model.``, ...) so the keys best match ``reference``."""
+    ref = set(reference)
+    best, best_overlap = state, len(ref & state.keys())
+    if best_overlap == len(state):
+        return state
+    for prefix in _PREFIXES:
+        stripped = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        added = {prefix + k: v for k, v in state.items()}
+        for candidate in (stripped, added):
+            overlap = len(ref & candidate.keys())
+            if overlap > best_overlap:
+                best, best_overlap = candidate, overlap
+    return best
+
+
+def read_state_dict(source: Source, reference_keys: Optional[Iterable[str]] = None, name: Optional[str] = None) -> dict[str, Tensor]:
+    """A state dict from a mapping or a file (``torch.load(weights_only=True)``, on the CPU).
+
+    Lightning checkpoints (and ``{"model_state_dict": ...}``/``{"model": ...}`` files) are unwrapped; only
+    tensor values are kept. With ``reference_keys``, one wrapper prefix (``net.``, ``model.``, ``module.``,
+    ``backbone.``, ``_orig_mod.``) is added or stripped if that makes the keys match better, so a checkpoint
+    of an ``ImageClassifier`` (keys ``net.*``) can be merged into its bare backbone and vice versa.
+
+    Example:
+        >>> read_state_dict({"net.w": torch.ones(2)}, reference_keys=["w"])
+        {'w': tensor([1., 1.])}
+    """
+    where = _describe(source, name)
+    if isinstance(source, Mapping):
+        state = _unwrap(source, where)
+    elif isinstance(source, (str, os.PathLike)):
+        file = Path(source).expanduser()
+        if not file.is_file():
+            raise FileNotFoundError(f"Checkpoint {file} does not exist.")
+        try:
+            obj = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - re-raised with advice
+            raise ValueError(
+                f"Could not read {file} with torch.load(weights_only=True): {err}. Save models to merge as state "
+                "dicts (torch.save(model.state_dict(), path)) or as Lightning checkpoints of plain types."
+            ) from err
+        if not isinstance(obj, Mapping):
+            raise ValueError(f"{file} holds a {type(obj).__name__}, expected a state dict or a Lightning checkpoint.")
+        state = _unwrap(obj, where)
+    else:
+        raise TypeError(f"A model to merge must be a state dict or a path, got {type(source).__name__}.")
+    if reference_keys is not None:
+        state = _match_prefixes(state, reference_keys)
+    return state
+
+
+# -- keys and architecture ----------------------------------------------------------------------------------------
+
+
+def is_head_key(key: str, head_keys: Sequence[str]) -> bool:
+    """Whether ``key`` belongs to a task-specific head: equal to a prefix or below it (``prefix.``).
+
+    Example:
+        >>> is_head_key("classifier.1.weight", ["classifier"]), is_head_key("classifier_x.weight", ["classifier"])
+        (True, False)
+    """
+    for prefix in head_keys:
+        p = prefix.rstrip(".")
+        if key == p or key.startswith(p + "."):
+            return True
+    return False
+
+
+def split_head(state: StateDict, head_keys: Sequence[str]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Split a state dict into ``(shared, head)`` by :func:`is_head_key`."""
+    shared, head = {}, {}
+    for k, v in state.items():
+        (head if is_head_key(k, head_keys) else shared)[k] = v
+    return shared, head
+
+
+def mergeable_keys(base: StateDict, head_keys: Sequence[str] = ()) -> list[str]:
+    """Keys that merging changes: floating-point entries of ``base`` outside the heads, in ``base`` order."""
+    return [k for k, v in base.items() if v.is_floating_point() and not is_head_key(k, head_keys)]
+
+
+def check_same_architecture(
+    reference: StateDict, other: StateDict, head_keys: Sequence[str] = (),
+    reference_name: str = "the base model", other_name: str = "the model",
+) -> None:
+    """Raise :class:`ArchitectureMismatchError` naming the first key (outside the heads) whose presence or
+    shape differs between ``reference`` and ``other``.
+
+    Example:
+        >>> check_same_architecture({"w": torch.zeros(2, 3)}, {"w": torch.zeros(3, 3)}, other_name="task 1")
+        Traceback (most recent call last):
+        ...
+        lightning_ext.merging.task_vectors.ArchitectureMismatchError: Cannot merge task 1 into the base model: ...
+    """
+    prefix = f"Cannot merge {other_name} into {reference_name}: the architectures differ."
+    heads_hint = (
+        " If this is a task-specific head (a classifier for another number of classes), list its prefix in "
+        "`head_keys` so it stays per task."
+    )
+    for key, ref in reference.items():
+        if is_head_key(key, head_keys):
+            continue
+        if key not in other:
+            raise ArchitectureMismatchError(
+                f"{prefix} First differing key: {key!r} (shape {tuple(ref.shape)} in {reference_name}) is missing "
+                f"from {other_name}."
+            )
+        if tuple(other[key].shape) != tuple(ref.shape):
+            raise ArchitectureMismatchError(
+                f"{prefix} First differing key: {key!r} has shape {tuple(other[key].shape)} in {other_name} but {tuple(ref.shape)} in "
+                f"{reference_name}.{heads_hint}"
+            )
+    for key, value in other.items():
+        if key not in reference and not is_head_key(key, head_keys):
+            raise ArchitectureMismatchError(
+                f"{prefix} First differing key: {key!r} (shape {tuple(value.shape)}) is in {other_name} but not in {reference_name}."
+            )
+
+
+# -- task vectors and the base-distance check ---------------------------------------------------------------------
+
+
+def task_vector(base: StateDict, finetuned: StateDict, head_keys: Sequence[str] = ()) -> dict[str, Tensor]:
+    r""":math:`\tau = \theta_{ft} - \theta_0` for every mergeable key (floating, not a head), in the base's dtype.
+
+    Example:
+        >>> task_vector({"w": torch.tensor([1.0, 2.0]), "head": torch.zeros(1)},
+        ...             {"w": torch.tensor([1.5, 1.0]), "head": torch.ones(1)}, head_keys=["head"])
+        {'w': tensor([ 0.5000, -1.0000])}
+    """
+    return {k: finetuned[k].to(base[k].dtype) - base[k] for k in mergeable_keys(base, head_keys)}
+
+
+@dataclass(frozen=True)
+class BaseDistance:
+    r"""How far a fine-tuned model is from the base: :math:`\lVert\theta - \theta_0\rVert / \lVert\theta_0\rVert`
+    over all checked tensors (``ratio``), and the tensor where that ratio is largest."""
+
+    ratio: float
+    worst_key: str
+    worst_ratio: float
+
+
+def _checked_keys(base: StateDict, keys: Iterable[str]) -> list[str]:
+    # weight matrices and kernels only: biases and normalisation scales (BatchNorm gammas start at 1 in every
+    # network) would hide a foreign model, and running statistics legitimately move far on a new input domain
+    floating = [k for k in keys if base[k].is_floating_point() and not k.endswith(_STAT_SUFFIXES)]
+    weights = [k for k in floating if base[k].dim() >= 2]
+    return weights or floating
+
+
+def base_distance(base: StateDict, finetuned: StateDict, keys: Optional[Sequence[str]] = None) -> BaseDistance:
+    r"""Relative distance of ``finetuned`` from ``base`` (one tensor at a time, summed in float64).
+
+    ``keys`` defaults to the floating keys of ``base`` present in ``finetuned``. Only weight matrices and
+    kernels (tensors of two or more dimensions) are compared when there are any: biases and normalisation scales
+    (BatchNorm's gamma is 1 at initialisation in every network) would make two unrelated networks look close,
+    and BatchNorm running statistics legitimately move far when fine-tuning on a new input domain.
+
+    Example:
+        >>> base_distance({"w": torch.tensor([[3.0, 4.0]])}, {"w": torch.tensor([[3.0, 4.5]])}).ratio
+        0.1
+    """
+    keys = [k for k in base if base[k].is_floating_point() and k in finetuned] if keys is None else list(keys)
+    diff_sq = base_sq = 0.0
+    worst_key, worst = "", 0.0
+    for k in _checked_keys(base, keys):
+        b = base[k]
+        d = float(torch.linalg.vector_norm(finetuned[k].to(b.dtype) - b)) ** 2  # one temporary per tensor
+        n = float(torch.linalg.vector_norm(b)) ** 2
+        diff_sq += d
+        base_sq += n
+        r = math.sqrt(d / n) if n > 0 else (math.inf if d > 0 else 0.0)
+        if r > worst:
+            worst_key, worst = k, r
+    ratio = math.sqrt(diff_sq / base_sq) if base_sq > 0 else (math.inf if diff_sq > 0 else 0.0)
+    return BaseDistance(ratio, worst_key, worst)
+
+
+def check_base_distance(
+    base: StateDict, finetuned: StateDict, max_ratio: float = DEFAULT_MAX_TASK_VECTOR_RATIO, action: str = "error",
+    name: str = "the model", keys: Optional[Sequence[str]] = None,
+) -> BaseDistance:
+    r"""Refuse (``action="error"``), warn about (``"warn"``) or accept (``"ignore"``) a fine-tuned model whose
+    relative distance from the base (:func:`base_distance`) exceeds ``max_ratio``.
+
+    Fine-tuning moves the weights of a pretrained model by a few percent of their norm (the task vectors of the
+    task-arithmetic paper are small next to the pretrained weights). Two independently initialised or
+    independently pretrained networks differ by about :math:`\sqrt{2}` times the norm of either, so a ratio
+    near or above 1 means the model was not fine-tuned from this base, and merging its "task vector" would add
+    a whole foreign network to the base.
+    """
+    if action not in FOREIGN_BASE_ACTIONS:
+        raise ValueError(f"`on_foreign_base` must be one of {FOREIGN_BASE_ACTIONS}, got {action!r}.")
+    dist = base_distance(base, finetuned, keys)
+    if action != "ignore" and dist.ratio > max_ratio:
+        message = (
+            f"{name} is far from the base model: ||theta - theta_0|| / ||theta_0|| = {dist.ratio:.3g} (largest in "
+            f"{dist.worst_key!r}: {dist.worst_ratio:.3g}), above max_task_vector_ratio={max_ratio}. Fine-tuning "
+            "usually moves the weights by a few percent; a ratio near or above 1 means it was not fine-tuned from "
+            "this base (another pretrained model or another random initialisation), so its task vector is "
+            "meaningless. Give the base it was fine-tuned from, or raise `max_task_vector_ratio` (or set "
+            "`on_foreign_base='warn'`) if the fine-tuning really moved it this far."
+        )
+        if action == "error":
+            raise ForeignBaseError(message)
+        warnings.warn(message, UserWarning, stacklevel=2)
+    return dist
+
+
+def _validate_ratio(max_ratio: float) -> None:
+    if not max_ratio > 0:
+        raise ValueError(f"`max_task_vector_ratio` must be > 0, got {max_ratio}.")
+
+
+def _names(sources: Sequence[Source], names: Optional[Sequence[str]]) -> list[str]:
+    if names is not None:
+        if len(names) != len(sources):
+            raise ValueError(f"Got {len(names)} names for {len(sources)} models.")
+        return [str(n) for n in names]
+    out = []
+    for i, s in enumerate(sources):
+        out.append(f"model {i} ({s})" if isinstance(s, (str, os.PathLike)) else f"model {i}")
+    return out
+
+
+def iter_finetuned(
+    base: StateDict, finetuned: Iterable[Source], head_keys: Sequence[str] = (),
+    max_task_vector_ratio: float = DEFAULT_MAX_TASK_VECTOR_RATIO, on_foreign_base: str = "error",
+    names: Optional[Sequence[str]] = None,
+) -> Iterator[tuple[str, dict[str, Tensor]]]:
+    """Yield ``(name, state_dict)`` for each fine-tuned model, loaded one at a time and checked against ``base``
+    (same architecture outside the heads, not from a foreign base). Nothing is kept between iterations. The
+    arguments (and an empty list) are refused at the call, not at the first iteration."""
+    _validate_ratio(max_task_vector_ratio)
+    if on_foreign_base not in FOREIGN_BASE_ACTIONS:
+        raise ValueError(f"`on_foreign_base` must be one of {FOREIGN_BASE_ACTIONS}, got {on_foreign_base!r}.")
+    sources = list(finetuned)
+    if not sources:
+        raise ValueError("No fine-tuned models to merge: give at least one state dict or checkpoint path.")
+    labels = _names(sources, names)
+    keys = mergeable_keys(base, head_keys)
+    if not keys:
+        raise ValueError("Nothing to merge: the base has no floating-point tensor outside `head_keys`.")
+
+    def stream() -> Iterator[tuple[str, dict[str, Tensor]]]:
+        for source, label in zip(sources, labels):
+            state = read_state_dict(source, reference_keys=base.keys(), name=label)
+            check_same_architecture(base, state, head_keys, other_name=label)
+            check_base_distance(base, state, max_task_vector_ratio, on_foreign_base, label, keys)
+            yield label, state
+
+    return stream()
+
+
+# -- simple averaging ---------------------------------------------------------------------------------------------
+
+
+def simple_average(
+    finetuned: Iterable[Source], head_keys: Sequence[str] = (), base: Optional[StateDict] = None,
+    max_task_vector_ratio: float = DEFAULT_MAX_TASK_VECTOR_RATIO, on_foreign_base: str = "error",
+    names: Optional[Sequence[str]] = None,
+) -> dict[str, Tensor]:
+    r"""Uniform weight average :math:`\frac{1}{N}\sum_k \theta_k` of the shared (non-head) weights.
+
+    Streams: holds one running sum and one loaded model at a time. Integer buffers come from ``base`` when
+    given, else from the first model.
+    With ``base`` given, every model is checked against it (architecture, base distance); without, against
+    the first model (architecture only). Equal to task arithmetic with :math:`\lambda = 1/N`.
+
+    Example:
+        >>> simple_average([{"w": torch.tensor([0.0, 2.0])}, {"w": torch.tensor([1.0, 4.0])}])
+        {'w': tensor([0.5000, 3.0000])}
+    """
+    sources = list(finetuned)
+    if not sources:
+        raise ValueError("No fine-tuned models to average.")
+    labels = _names(sources, names)
+    total: dict[str, Tensor] = {}
+    reference: Optional[StateDict] = base
+    count = 0
+    if base is not None:
+        stream: Iterable[tuple[str, dict[str, Tensor]]] = iter_finetuned(
+            base, sources, head_keys, max_task_vector_ratio, on_foreign_base, labels
+        )
+    else:
+        def _plain() -> Iterator[tuple[str, dict[str, Tensor]]]:
+            ref = None
+            for src, label in zip(sources, labels):
+                state = read_state_dict(src, reference_keys=None if ref is None else ref.keys(), name=label)
+                if ref is None:
+                    ref = state
+                else:
+                    check_same_architecture(ref, state, head_keys, reference_name=labels[0], other_name=label)
+                yield label, state
+        stream = _plain()
+    for _, state in stream:
+        if reference is None:
+            reference = {k: v for k, v in state.items() if not is_head_key(k, head_keys)}
+        if not total:
+            for k, v in reference.items():
+                if is_head_key(k, head_keys):
+                    continue
+                if v.is_floating_point():
+                    total[k] = state[k].to(v.dtype).clone()
+                else:
+                    total[k] = (state[k] if base is None else v).clone()
+        else:
+            for k in total:
+                if total[k].is_floating_point():
+                    total[k].add_(state[k].to(total[k].dtype))
+        count += 1
+        del state
+    for k in total:
+        if total[k].is_floating_point():
+            total[k].div_(count)
+    return total
