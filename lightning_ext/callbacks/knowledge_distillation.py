@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_ext._optional import require
+from lightning_ext.checkpoints import load_checkpoint, match_prefixes, state_dict_from
 from lightning_ext.losses.knowledge_distillation import (
     COMBINE_MODES,
     WeightSchedule,
@@ -32,7 +33,10 @@ from lightning_ext.losses.knowledge_distillation import (
 )
 
 InputKey = Optional[Union[int, str]]
-_STRIP_PREFIXES = ("net.", "model.", "module.", "backbone.", "student.", "teacher.", "_orig_mod.")
+
+def _read_checkpoint(path: Union[str, Path]) -> dict:
+    return load_checkpoint(path, "Teacher checkpoint", "teacher_checkpoint")
+
 
 # -- the teacher ----------------------------------------------------------------------------------------------
 
@@ -40,33 +44,6 @@ _STRIP_PREFIXES = ("net.", "model.", "module.", "backbone.", "student.", "teache
 def _close(name: str, names: list[str]) -> str:
     close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
     return f" Close names: {', '.join(close)}." if close else ""
-
-
-def _read_checkpoint(path: Union[str, Path]) -> dict:
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise FileNotFoundError(f"Teacher checkpoint {file} does not exist; check `teacher_checkpoint`.")
-    try:
-        ckpt = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - re-raised with advice
-        raise ValueError(
-            f"Could not read teacher checkpoint {file} with torch.load(weights_only=True): {err}. Save the teacher "
-            "as a state dict (torch.save(model.state_dict(), path)) or a Lightning checkpoint of plain types."
-        ) from err
-    if not isinstance(ckpt, Mapping):
-        raise ValueError(f"Teacher checkpoint {file} holds a {type(ckpt).__name__}, expected a state dict.")
-    return dict(ckpt)
-
-
-def _state_dict_of(ckpt: Mapping) -> dict[str, Tensor]:
-    for key in ("state_dict", "model_state_dict", "model"):
-        if isinstance(ckpt.get(key), Mapping):
-            ckpt = ckpt[key]
-            break
-    state = {k: v for k, v in ckpt.items() if isinstance(v, Tensor)}
-    if not state:
-        raise ValueError("The teacher checkpoint contains no tensors (expected a state dict or a Lightning checkpoint).")
-    return state
 
 
 def load_teacher_weights(module: nn.Module, path: Union[str, Path]) -> None:
@@ -77,18 +54,9 @@ def load_teacher_weights(module: nn.Module, path: Union[str, Path]) -> None:
     ``ValueError`` lists what is missing: distilling from a half-loaded teacher would silently teach noise.
     Extra tensors in the file are ignored with a warning.
     """
-    state = _state_dict_of(_read_checkpoint(path))
+    state = state_dict_from(_read_checkpoint(path), f"Teacher checkpoint {path}")
     own = module.state_dict()
-
-    def candidates() -> Iterator[dict[str, Tensor]]:
-        yield state
-        for prefix in _STRIP_PREFIXES:
-            stripped = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            if stripped:
-                yield stripped
-            yield {prefix + k: v for k, v in state.items()}
-
-    best = max(candidates(), key=lambda s: len(own.keys() & s.keys()))
+    best = match_prefixes(state, own.keys())
     missing = sorted(own.keys() - best.keys())
     if missing:
         raise ValueError(

@@ -45,8 +45,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_ext._optional import require
+from lightning_ext.checkpoints import WRAPPER_PREFIXES
 from lightning_ext.merging.task_vectors import (
-    _PREFIXES,
     DEFAULT_MAX_TASK_VECTOR_RATIO,
     Source,
     StateDict,
@@ -547,7 +547,7 @@ def _align_names(given: list[str], rows: list[str]) -> list[str]:
     """``given`` with one wrapper prefix (``net.``, ...) added or stripped if that makes it equal ``rows``."""
     if given == rows:
         return given
-    for prefix in _PREFIXES:
+    for prefix in WRAPPER_PREFIXES:
         stripped = [g[len(prefix):] if g.startswith(prefix) else g for g in given]
         added = [prefix + g for g in given]
         for candidate in (stripped, added):

@@ -32,14 +32,14 @@ import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import Tensor
 
+from lightning_ext.checkpoints import Source, read_state_dict
+
 StateDict = Mapping[str, Tensor]
-Source = Union[str, os.PathLike, Mapping[str, Tensor]]
 
 __all__ = [
     "ArchitectureMismatchError",
@@ -60,7 +60,6 @@ __all__ = [
 
 FOREIGN_BASE_ACTIONS = ("error", "warn", "ignore")
 DEFAULT_MAX_TASK_VECTOR_RATIO = 0.5
-_PREFIXES = ("net.", "model.", "module.", "backbone.", "_orig_mod.")
 _STAT_SUFFIXES = ("running_mean", "running_var")
 
 
@@ -73,75 +72,6 @@ class ForeignBaseError(ValueError):
 
 
 # -- reading ------------------------------------------------------------------------------------------------------
-
-
-def _describe(source: Source, name: Optional[str]) -> str:
-    if name:
-        return name
-    return str(source) if isinstance(source, (str, os.PathLike)) else "state dict"
-
-
-def _unwrap(obj: Mapping, where: str) -> dict[str, Tensor]:
-    for key in ("state_dict", "model_state_dict", "model"):
-        if isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-            break
-    state = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
-    if not state:
-        raise ValueError(f"{where} contains no tensors: expected a state dict or a Lightning checkpoint.")
-    return state
-
-
-def _match_prefixes(state: dict[str, Tensor], reference: Iterable[str]) -> dict[str, Tensor]:
-    """Add or strip one wrapper prefix (``net.``, ``model.``, ...) so the keys best match ``reference``."""
-    ref = set(reference)
-    best, best_overlap = state, len(ref & state.keys())
-    if best_overlap == len(state):
-        return state
-    for prefix in _PREFIXES:
-        stripped = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        added = {prefix + k: v for k, v in state.items()}
-        for candidate in (stripped, added):
-            overlap = len(ref & candidate.keys())
-            if overlap > best_overlap:
-                best, best_overlap = candidate, overlap
-    return best
-
-
-def read_state_dict(source: Source, reference_keys: Optional[Iterable[str]] = None, name: Optional[str] = None) -> dict[str, Tensor]:
-    """A state dict from a mapping or a file (``torch.load(weights_only=True)``, on the CPU).
-
-    Lightning checkpoints (and ``{"model_state_dict": ...}``/``{"model": ...}`` files) are unwrapped; only
-    tensor values are kept. With ``reference_keys``, one wrapper prefix (``net.``, ``model.``, ``module.``,
-    ``backbone.``, ``_orig_mod.``) is added or stripped if that makes the keys match better, so a checkpoint
-    of an ``ImageClassifier`` (keys ``net.*``) can be merged into its bare backbone and vice versa.
-
-    Example:
-        >>> read_state_dict({"net.w": torch.ones(2)}, reference_keys=["w"])
-        {'w': tensor([1., 1.])}
-    """
-    where = _describe(source, name)
-    if isinstance(source, Mapping):
-        state = _unwrap(source, where)
-    elif isinstance(source, (str, os.PathLike)):
-        file = Path(source).expanduser()
-        if not file.is_file():
-            raise FileNotFoundError(f"Checkpoint {file} does not exist.")
-        try:
-            obj = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - re-raised with advice
-            raise ValueError(
-                f"Could not read {file} with torch.load(weights_only=True): {err}. Save models to merge as state "
-                "dicts (torch.save(model.state_dict(), path)) or as Lightning checkpoints of plain types."
-            ) from err
-        if not isinstance(obj, Mapping):
-            raise ValueError(f"{file} holds a {type(obj).__name__}, expected a state dict or a Lightning checkpoint.")
-        state = _unwrap(obj, where)
-    else:
-        raise TypeError(f"A model to merge must be a state dict or a path, got {type(source).__name__}.")
-    if reference_keys is not None:
-        state = _match_prefixes(state, reference_keys)
-    return state
 
 
 # -- keys and architecture ----------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-from pathlib import Path
 from typing import Optional, Union
 
 import torch
@@ -11,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_ext._optional import require
+from lightning_ext.checkpoints import load_checkpoint, state_dict_from
 from lightning_ext.modules.classifier import Classifier
 
 
@@ -76,12 +76,8 @@ def load_backbone_weights(model: nn.Module, path: str, in_chans: int) -> dict[st
     (``in_chans=1``) as timm does; tensors whose shape still differs (a classifier head for another class
     count) are skipped and reported. Keys prefixed ``net.``/``model.``/``backbone.`` are matched too.
     """
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise FileNotFoundError(f"Pretrained weights file {file} does not exist; check `pretrained_weights`.")
-    state = torch.load(file, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
+    state = state_dict_from(load_checkpoint(path, "Pretrained weights file", "pretrained_weights"),
+                            f"Pretrained weights file {path}")
     own = model.state_dict()
     fixed, skipped = {}, []
     for key, value in state.items():
@@ -99,7 +95,7 @@ def load_backbone_weights(model: nn.Module, path: str, in_chans: int) -> dict[st
         fixed[target] = value
     if not fixed:
         raise ValueError(
-            f"No tensor in {file} matches the backbone's parameter names; is it a checkpoint of this architecture?"
+            f"No tensor in {path} matches the backbone's parameter names; is it a checkpoint of this architecture?"
         )
     result = model.load_state_dict(fixed, strict=False)
     return {"missing": list(result.missing_keys), "skipped": skipped}
