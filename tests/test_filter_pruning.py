@@ -107,6 +107,33 @@ def test_torchvision_mobilenet_v2_depthwise_convs_shrink():
     assert model(x).shape == (2, 10)
 
 
+class TwoBranchConcat(nn.Module):
+    """A user model with an Inception-style concatenation: two conv branches, concatenated, then a 1x1 conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(1, 12, 1), nn.BatchNorm2d(12), nn.ReLU())
+        self.mix = nn.Conv2d(20, 16, 1)
+        self.head = nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3))
+
+    def forward(self, x):
+        return self.head(self.mix(torch.cat([self.a(x), self.b(x)], dim=1)))
+
+
+def test_concatenated_branches_shrink_and_the_consumer_keeps_the_right_input_channels():
+    torch.manual_seed(0)
+    model, x = TwoBranchConcat(), torch.randn(2, 1, 8, 8)
+    before, mix = model(x), model.mix.weight.detach().clone()
+    scores = {"a.0": torch.arange(8.0), "b.0": torch.arange(12.0), "mix": torch.arange(16.0)}
+    prune_filters(model, x[:1], scores, ratio=0.5, ignored_layers=["mix"])
+    assert (model.a[0].out_channels, model.b[0].out_channels) == (4, 6)
+    assert model.mix.in_channels == 10
+    # the lowest-scoring half of each branch went; mix keeps exactly the input columns of the survivors
+    torch.testing.assert_close(model.mix.weight, mix[:, [4, 5, 6, 7, 14, 15, 16, 17, 18, 19]])
+    assert model(x).shape == before.shape
+
+
 def test_macs_target_is_reached_within_tolerance():
     model, x = timm_resnet(), torch.zeros(1, 1, 8, 8)
     for target in (0.45, 0.58):
