@@ -394,7 +394,7 @@ Validation accuracy (%, same runs):
 
 {res.get('verdict_text', '')}
 
-Automatic checks from the table: KD > no KD at every fraction: **{kd_helps_all}**; KD gain largest at 10%:
+Automatic checks from the first (200-step) table: KD > no KD at every fraction: **{kd_helps_all}**; KD gain largest at 10%:
 **{gain_small_largest}**; random+KD minus EL2N+KD (points): {', '.join(f'{int(100 * f)}%: {100 * d:+.2f}' for f, d in rand_vs_el2n.items())};
 small-teacher KD minus ResNet-10t KD (points): {', '.join(f'{int(100 * f)}%: {100 * d:+.2f}' for f, d in small_vs_large.items())}.
 """
