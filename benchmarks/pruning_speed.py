@@ -235,6 +235,8 @@ def write_report(args, rows: list[dict], runtime: float) -> None:
     drop = statistics.mean(100 * (r["dense_ft"]["test_acc"] - r["ours"]["test_acc"]) for r in rows)
     masked_speed = statistics.mean(r["masked"]["speedup"] for r in rows)
     speed_ok, acc_ok, masked_ok = speed >= 1.6, drop <= 1.0, abs(masked_speed - 1.0) <= 0.1
+    ref_gain = statistics.mean(100 * (r["dense_ft"]["test_acc"] - r["dense"]["test_acc"]) for r in rows)
+    macs_ratio = statistics.mean(r["dense"]["macs"] / r["ours"]["macs"] for r in rows)
     verdict = "met" if speed_ok and acc_ok else "partly met" if speed_ok or acc_ok else "not met"
     lines += [
         "", "## Verdict", "",
@@ -242,9 +244,15 @@ def write_report(args, rows: list[dict], runtime: float) -> None:
         f"fewer MACs, the network ran {speed:.2f}x faster than the dense one (goal: >= 1.6x, "
         f"{'met' if speed_ok else 'not met'}); its test accuracy differed from the dense network trained as long by "
         f"{-drop:+.2f} points (goal: at most 1 point lost, {'met' if acc_ok else 'not met'}), mean over seeds. ModelPruning's masked model ran at {masked_speed:.2f}x, "
-        f"{'near 1.0x as expected' if masked_ok else 'not near 1.0x'}: zeroed filters are still computed.",
+        f"{'near 1.0x as expected: ' if masked_ok else 'more than 0.1 away from 1.0x, most likely timing noise of the shared machine: '}"
+        "its tensors keep the dense shapes, so the zeroed filters are still computed.",
         "",
-        "Why the speedup is below the MACs ratio: MACs fall about 2x, but the batch-64 forward pass also spends time "
+        f"Why the accuracy goal is missed: the reference gained {ref_gain:.1f} points from its {args.finetune_epochs} "
+        "extra epochs, so at this budget (chosen to fit a 2-core CPU) the dense network is far from converged and the "
+        "comparison measures how fast a network with half the MACs catches up in a short fine-tune, not what it can "
+        "reach. The 1-point goal needs a converged dense model and a longer fine-tune; that run was not made.",
+        "",
+        f"Why the speedup ({speed:.2f}x) is below the MACs ratio ({macs_ratio:.2f}x): the batch-64 forward pass also spends time "
         "in operations that shrink less or not at all (the stem works on full-resolution 28x28 maps, BatchNorm, "
         "ReLU, residual adds and pooling are memory-bound, and smaller convolutions use the CPU's vector units "
         "less efficiently, which `round_to=8` partly offsets). Larger inputs or wider layers would move the ratio "
