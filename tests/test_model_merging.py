@@ -4,6 +4,7 @@ functional model, the AdaMerging LightningModule, the ModelMerging callback and 
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from pathlib import Path
 
@@ -668,3 +669,55 @@ def test_ada_merging_module_and_multi_task_data_are_written_in_yaml(tmp_path, mo
                        "--trainer.enable_checkpointing=false", f"--trainer.default_root_dir={tmp_path}"])
     assert cli.trainer.global_step == 2 and cli.model.head_keys == ["net.classifier"]
     assert cli.model.task_names == ["digits", "inverted"] and (tmp_path / "coefficients.png").is_file()
+
+
+# -- DDP: two gloo processes learn/merge exactly what one process does ----------------------------------------------
+
+
+@pytest.mark.ddp
+def test_ada_merging_module_under_ddp_learns_the_single_process_coefficients(zoo, tmp_path):
+    """Two processes with half the per-task batch each learn the coefficients of one process over 2 epochs (the
+    second epoch checks that both ranks move on to the next epoch's inputs instead of replaying the first)."""
+    from lightning_ext.testing import fit_ddp_vs_single
+
+    total = 64  # inputs per task per epoch
+
+    def make_data(batch_size: int) -> MultiTaskDataModule:
+        return _multi(batch_size=batch_size, steps_per_epoch=total // batch_size)
+
+    single, ddp = fit_ddp_vs_single(lambda: _module(zoo, lr=0.02), make_data, global_batch_size=16, tmp_path=tmp_path,
+                                    test=False, max_epochs=2, limit_val_batches=0, num_sanity_val_steps=0)
+    raw = "merger.raw_coefficients"
+    assert not torch.allclose(single.state_dict[raw], torch.full_like(single.state_dict[raw], 0.3)), "it trained"
+    torch.testing.assert_close(ddp.state_dict[raw], single.state_dict[raw], atol=1e-6, rtol=1e-5)
+
+
+class FrozenNorm(ImageClassifier):
+    """ImageClassifier whose BatchNorm uses running statistics in training too (for exact DDP comparisons)."""
+
+    def on_train_epoch_start(self) -> None:
+        self.net[2].eval()
+
+
+@pytest.mark.ddp
+def test_model_merging_callback_under_ddp_merges_like_one_process(zoo, tmp_path):
+    from lightning_ext.testing import fit_ddp_vs_single
+
+    """Rank 0 merges and broadcasts; training on after the merge (BatchNorm frozen, so the two runs can agree
+    exactly) gives the one-process weights only if every rank holds the merged model."""
+    ckpt = str(zoo["tasks"][1])
+
+    def make_model() -> ImageClassifier:
+        net = _net(0)
+        net.load_state_dict(_sd(zoo["base"]))
+        # SGD: Adam's first steps turn float-rounding differences of near-zero gradients into +-lr updates
+        return FrozenNorm(net, num_classes=10, image_size=8, optimizer=functools.partial(torch.optim.SGD, lr=0.05))
+
+    single, ddp = fit_ddp_vs_single(make_model, lambda bs: DigitsDataModule(batch_size=bs, drop_last=True),
+                                    global_batch_size=64, tmp_path=tmp_path, test=False, max_epochs=1,
+                                    limit_val_batches=0, num_sanity_val_steps=0,
+                                    callbacks=[ModelMerging(checkpoints=[ckpt], method="ties", scaling=0.8)])
+    base = _sd(zoo["base"])
+    assert not torch.allclose(single.state_dict["net.1.weight"], base["1.weight"]), "merged and trained"
+    for name, value in single.state_dict.items():
+        torch.testing.assert_close(ddp.state_dict[name], value, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
 SPLITS = ("train", "val", "test")
@@ -84,23 +84,35 @@ class _RoundRobinSteps(Dataset):
         return batch
 
 
-class _EpochSampler(Sampler[int]):
-    """Yields ``epoch * length + step`` for the steps of the current epoch (Lightning calls ``set_epoch``)."""
+class _EpochSampler(DistributedSampler):
+    """Yields the steps ``epoch * length + step`` of the current epoch; under DDP rank ``r`` of ``W`` takes steps
+    ``r, r + W, ...`` (padded by wrapping so every rank runs as many steps).
 
-    def __init__(self, length: int) -> None:
-        self.length, self.epoch = length, 0
+    A ``DistributedSampler`` so that Lightning neither wraps it nor shuffles it: Lightning's wrapper for other
+    samplers shuffles training steps and never forwards ``set_epoch``, so under DDP every epoch replayed the first
+    epoch's inputs in another order. With ``W`` ranks and batch ``B / W``, the ranks together see exactly the
+    inputs one process sees with batch ``B`` (when ``length`` is a multiple of ``W``).
+    """
+
+    def __init__(self, length: int, num_replicas: int = 1, rank: int = 0) -> None:  # noqa: D107 - no super().__init__
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas}).")
+        self.length, self.num_replicas, self.rank, self.epoch = length, num_replicas, rank, 0
+        self.num_samples = -(-length // num_replicas)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return self.length
+        return self.num_samples
 
     def __iter__(self) -> Iterator[int]:
         # a generator reads the epoch at the first step, not when the iterator is made: a resumed Lightning run
         # creates the iterator before it calls set_epoch (with num_workers > 0 the indices are taken earlier)
         first = self.epoch * self.length
-        yield from range(first, first + self.length)
+        steps = list(range(self.length))
+        steps += steps[: self.num_samples * self.num_replicas - self.length]
+        yield from (first + step for step in steps[self.rank::self.num_replicas])
 
 
 class _Collate:
@@ -134,7 +146,10 @@ class MultiTaskDataModule(LightningDataModule):
         adapt_split: split whose inputs (without labels) are served for adaptation: ``"test"``, ``"val"`` or ``"train"``.
         batch_size: inputs per task per step (32: the official code sums two batches of 16 per task).
         eval_batch_size: batch size of the labelled validation/test loaders.
-        steps_per_epoch: steps per epoch (default: enough to see the largest task's split once).
+        steps_per_epoch: steps per epoch (default: enough to see the largest task's split once). Under DDP the ranks
+            share these steps (rank ``r`` of ``W`` runs steps ``r, r + W, ...``), so ``W`` processes with
+            ``batch_size / W`` and ``steps_per_epoch`` see the inputs one process sees with ``batch_size`` and
+            ``steps_per_epoch / W``.
         image_size: resize images to this (int or ``[height, width]``); ``None`` keeps them.
         in_chans: repeat single-channel images to this many channels; ``None`` keeps them.
         seed: seed of the permutations.
@@ -243,7 +258,11 @@ class MultiTaskDataModule(LightningDataModule):
         datasets = self._require()[self.adapt_split]
         steps = self.steps_per_epoch or max(-(-len(d) // self.batch_size) for d in datasets)
         dataset = _RoundRobinSteps(datasets, self.batch_size, steps, self.seed, self.image_size, self.in_chans)
-        return DataLoader(dataset, batch_size=None, sampler=_EpochSampler(steps), num_workers=self.num_workers,
+        world, rank = 1, 0
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            world, rank = trainer.world_size, trainer.global_rank
+        return DataLoader(dataset, batch_size=None, sampler=_EpochSampler(steps, world, rank), num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
