@@ -29,13 +29,14 @@ recognition at different resolutions. This is a much easier and more related tas
 **Protocol** (per seed; the paper's, scaled down to a CPU):
 
 1. Heads: a linear probe per task on the frozen pretrained body (the analogue of CLIP's zero-shot heads).
-2. Fine-tuning: the body only, one copy per task, heads frozen (``--finetune-steps`` Adam steps at lr 1e-5 as in
-   the task-arithmetic paper's CLIP fine-tuning, batch 64; larger rates such as 5e-5 or SGD at 1e-2 blew the
-   loss up in a 40-step check on MNIST 5k, 1e-5 took the probe's 80 % to 84 %).
-   BatchNorm layers stay in eval mode (running statistics frozen at ImageNet's, affine parameters trained):
-   with batch statistics the features the probe heads were fitted on shift at once and the first steps
-   destroy the heads' accuracy; frozen statistics also keep the running statistics out of the task vectors.
-3. Merging the bodies, each task keeping its own head: simple average; Task Arithmetic with lambda chosen on the
+2. Fine-tuning: body and head together from the probe, one copy per task (``--finetune-steps`` AdamW steps,
+   one-cycle schedule peaking at ``--finetune-lr`` 3e-4, batch 64, gradient norm clipped at 1). BatchNorm layers
+   stay in eval mode (running statistics frozen at ImageNet's, affine parameters trained), which keeps the running
+   statistics out of the task vectors. An earlier protocol (body only, heads frozen at the probe, Adam 1e-5 without
+   warm-up) moved the weights by 0.2-4 % and gained at most 1.5 points over the probe: the probe fits its 2,000
+   training images almost perfectly (training loss 0.17 on Fashion-MNIST), leaving the body little gradient.
+   Plain Adam at 5e-4 diverged; warm-up plus clipping made 3e-4 stable (Fashion-MNIST validation 79.5 -> 88.5 %).
+3. Merging the bodies, each task keeping its own fine-tuned head: simple average; Task Arithmetic with lambda chosen on the
    validation split (grid ``--lambdas``, never on test); TIES-Merging (k = 20 %, lambda chosen on validation from
    ``--ties-lambdas``); task-wise and layer-wise AdaMerging (prior 0.3, clamp [0, 1], Adam, entropy of the
    unlabelled *test* inputs as in the paper, ``--ada-steps`` steps with ``--ada-batch`` inputs per task).
@@ -241,17 +242,23 @@ def linear_probe(features: Tensor, y: Tensor, classes: int, seed: int, steps: in
     return {"classifier.1.weight": linear.weight.detach().clone(), "classifier.1.bias": linear.bias.detach().clone()}
 
 
-def finetune_body(base: nn.Module, head: dict[str, Tensor], task: Task, steps: int, lr: float, seed: int,
-                  log: Callable[[str], None]) -> dict[str, Tensor]:
-    """Fine-tune everything but the (frozen) head; returns the state dict (body + this task's head)."""
+def finetune(base: nn.Module, head: dict[str, Tensor], task: Task, steps: int, lr: float, seed: int,
+             log: Callable[[str], None]) -> dict[str, Tensor]:
+    """Fine-tune body and head together, starting from the task's linear probe; returns the state dict.
+
+    AdamW with a one-cycle schedule (15 % warm-up, cosine decay) and gradient clipping at norm 1. BatchNorm layers
+    stay in eval mode: running statistics frozen at ImageNet's (so they are not part of the task vectors), affine
+    parameters trained. Without the warm-up and clipping, Adam at 5e-4 diverged (loss 2.3 after 50 steps); with
+    them 3e-4 took Fashion-MNIST from the probe's 79.5 % to 88.5 % validation accuracy in 400 steps.
+    """
     torch.manual_seed(seed)
     net = with_head(copy.deepcopy(base), head)
-    net.classifier[1].requires_grad_(False)
     params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     g = torch.Generator().manual_seed(seed)
     net.train()
-    for module in net.modules():  # BatchNorm statistics stay at ImageNet's, so the probe heads stay valid
+    for module in net.modules():  # BatchNorm statistics stay at ImageNet's
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()
     start = time.time()
@@ -260,7 +267,9 @@ def finetune_body(base: nn.Module, head: dict[str, Tensor], task: Task, steps: i
         loss = F.cross_entropy(net(task.x_train[idx]), task.y_train[idx])
         opt.zero_grad()
         loss.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        sched.step()
         if (step + 1) % max(1, steps // 3) == 0 or step + 1 == steps:
             log(f"    fine-tune {task.name}: step {step + 1}/{steps} loss {float(loss):.3f} ({time.time() - start:.0f} s)")
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -303,13 +312,14 @@ def run_seed(seed: int, tasks: list[Task], weights: Path, args, workdir: Path, l
         heads.append(linear_probe(body_features(base, task.x_train), task.y_train, task.num_classes, seed * 100 + k))
     res["acc"]["Pretrained"] = evaluate_merged(base, base_sd, heads, tasks)
 
-    paths, individual, distances = [], [], []
+    paths, individual, distances, ft_heads = [], [], [], []
     for k, task in enumerate(tasks):
-        sd = finetune_body(base, heads[k], task, args.finetune_steps, args.finetune_lr, seed * 100 + k, log)
+        sd = finetune(base, heads[k], task, args.finetune_steps, args.finetune_lr, seed * 100 + k, log)
+        ft_heads.append({key: sd[key].clone() for key in ("classifier.1.weight", "classifier.1.bias")})
         path = workdir / f"seed{seed}_{task.name}.pt"
         torch.save(sd, path)
         paths.append(path)
-        net = with_head(copy.deepcopy(base), heads[k])
+        net = with_head(copy.deepcopy(base), ft_heads[k])
         net.load_state_dict(sd)
         individual.append(accuracy(net, task.x_test, task.y_test))
         distances.append(base_distance(base_sd, sd, [k2 for k2 in base_sd if base_sd[k2].is_floating_point()]).ratio)
@@ -317,8 +327,8 @@ def run_seed(seed: int, tasks: list[Task], weights: Path, args, workdir: Path, l
     res["task_vector_ratio"] = distances
     log(f"  seed {seed}: individual {np.round(individual, 3).tolist()}, ||tau||/||theta0|| {np.round(distances, 3).tolist()}")
 
-    def merged_eval(shared: dict[str, Tensor], split: str = "test") -> list[float]:
-        return evaluate_merged(base, shared, heads, tasks, split)
+    def merged_eval(shared: dict[str, Tensor], split: str = "test") -> list[float]:  # each task its fine-tuned head
+        return evaluate_merged(base, shared, ft_heads, tasks, split)
 
     # simple average
     shared, sec, mib, _ = timed_and_measured(lambda: simple_average(paths, head_keys=HEAD, base=base_sd))
@@ -343,55 +353,80 @@ def run_seed(seed: int, tasks: list[Task], weights: Path, args, workdir: Path, l
     # AdaMerging
     for granularity in ("task", "layer"):
         method = f"AdaMerging ({granularity}-wise)"
+        acc, merge, ada = run_ada_merging(base, paths, tasks, granularity, args.ada_lr, seed, args, log, method)
+        res["acc"][method], res["merge"][method], res["ada"][granularity] = acc, merge, ada
 
-        def build() -> AdaMergingModel:
-            net = copy.deepcopy(base)
-            return AdaMergingModel.from_finetuned(net, paths, HEAD, granularity=granularity, prior=0.3,
-                                                  task_names=[t.name for t in tasks])
-
-        model, build_sec, build_mib, held_mib = timed_and_measured(build)
-        g = torch.Generator().manual_seed(seed)
-        loaders = [torch.utils.data.DataLoader(t.x_test, batch_size=args.ada_batch, shuffle=True, generator=g) for t in tasks]
-        clone = copy.deepcopy(model)  # the per-step memory comes on top of what the model holds
-        _, mem = measure_peak_memory(fit_ada_merging, clone, loaders, steps=3, lr=args.ada_lr, progress=False)
-        del clone
-        tracked: list[dict] = []
-
-        def track(step: int, m: AdaMergingModel, history: AdaMergingHistory) -> None:
-            if (step + 1) % args.track_every == 0 or step + 1 == args.ada_steps:
-                t0 = time.perf_counter()
-                with torch.no_grad():
-                    accs = [accuracy(_TaskView(m, k), t.x_test, t.y_test) for k, t in enumerate(tasks)]
-                tracked.append({"step": step + 1, "acc": accs, "seconds": time.perf_counter() - t0})
-                log(f"    {method} step {step + 1}: entropy {np.round(history.entropy[-1], 3).tolist()} "
-                    f"test acc {np.round(accs, 3).tolist()} at bounds {history.at_bounds[-1]:.2f}")
-
-        with torch.no_grad():  # step 0: the prior (= Task Arithmetic with lambda 0.3)
-            tracked.append({"step": 0, "acc": [accuracy(_TaskView(model, k), t.x_test, t.y_test) for k, t in enumerate(tasks)]})
-        start = time.perf_counter()
-        history = fit_ada_merging(model, loaders, steps=args.ada_steps, lr=args.ada_lr, record_every=5,
-                                  progress=args.progress, on_step=track)
-        sec = time.perf_counter() - start
-        res["acc"][method] = merged_eval({k: v for k, v in model.merged_state_dict().items() if not k.startswith("classifier.1")})
-        track_seconds = sum(t.get("seconds", 0.0) for t in tracked)
-        res["merge"][method] = {"seconds": sec - track_seconds + build_sec, "seconds_build": build_sec,
-                                "seconds_per_step": (sec - track_seconds) / args.ada_steps,
-                                "peak_mib": max(build_mib, held_mib + mem.peak_mib), "peak_mib_build": build_mib,
-                                "held_mib": held_mib, "peak_mib_per_step": mem.peak_mib}
-        lam = model.coefficients().detach()
-        res["ada"][granularity] = {
-            "history": history.to_dict(),
-            "tracked_test_acc": tracked,
-            "collapse": diagnose_collapse(history),
-            "final_coefficients": lam.tolist(),
-            "layer_names": list(model.layer_names),
-            "coefficient_mean_per_task": lam.mean(0).tolist(),
-            "share_at_bounds": history.at_bounds[-1],
-        }
-        log(f"  seed {seed}: {method}: test {np.round(res['acc'][method], 3).tolist()}; coefficients (mean per task) "
-            f"{np.round(lam.mean(0).tolist(), 3).tolist()}; collapse signs: {res['ada'][granularity]['collapse'] or 'none'}")
-        del model
+    # collapse study: the same layer-wise AdaMerging at larger learning rates (one seed)
+    if seed == args.collapse_seed and args.collapse_lrs:
+        res["collapse_study"] = {}
+        for lr in args.collapse_lrs:
+            label = f"AdaMerging (layer-wise), lr {lr:g}"
+            acc, merge, ada = run_ada_merging(base, paths, tasks, "layer", lr, seed, args, log, label, measure=False)
+            res["collapse_study"][str(lr)] = {"acc": acc, "seconds": merge["seconds"], **ada}
     return res
+
+
+def run_ada_merging(base: nn.Module, paths: list[Path], tasks: list[Task], granularity: str, lr: float, seed: int,
+                    args, log: Callable[[str], None], label: str, measure: bool = True) -> tuple[list[float], dict, dict]:
+    """Task- or layer-wise AdaMerging from the fine-tuned models at ``paths``: test accuracy per task, time/memory,
+    and the run's history, tracked test accuracy (for this report only), coefficients and collapse diagnosis."""
+
+    def build() -> AdaMergingModel:
+        net = copy.deepcopy(base)
+        return AdaMergingModel.from_finetuned(net, paths, HEAD, granularity=granularity, prior=0.3,
+                                              task_names=[t.name for t in tasks])
+
+    if measure:
+        model, build_sec, build_mib, held_mib = timed_and_measured(build)
+    else:
+        start = time.perf_counter()
+        model = build()
+        build_sec, build_mib, held_mib = time.perf_counter() - start, float("nan"), float("nan")
+    g = torch.Generator().manual_seed(seed)
+    loaders = [torch.utils.data.DataLoader(t.x_test, batch_size=args.ada_batch, shuffle=True, generator=g) for t in tasks]
+    step_mib = float("nan")
+    if measure:
+        clone = copy.deepcopy(model)  # the per-step memory comes on top of what the model holds
+        _, mem = measure_peak_memory(fit_ada_merging, clone, loaders, steps=3, lr=lr, progress=False)
+        step_mib = mem.peak_mib
+        del clone
+    tracked: list[dict] = []
+
+    def track(step: int, m: AdaMergingModel, history: AdaMergingHistory) -> None:
+        if (step + 1) % args.track_every == 0 or step + 1 == args.ada_steps:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                accs = [accuracy(_TaskView(m, k), t.x_test, t.y_test) for k, t in enumerate(tasks)]
+            tracked.append({"step": step + 1, "acc": accs, "seconds": time.perf_counter() - t0})
+            log(f"    {label} step {step + 1}: entropy {np.round(history.entropy[-1], 3).tolist()} "
+                f"test acc {np.round(accs, 3).tolist()} at bounds {history.at_bounds[-1]:.2f}")
+
+    with torch.no_grad():  # step 0: the prior (= Task Arithmetic with lambda 0.3)
+        tracked.append({"step": 0, "acc": [accuracy(_TaskView(model, k), t.x_test, t.y_test) for k, t in enumerate(tasks)]})
+    start = time.perf_counter()
+    history = fit_ada_merging(model, loaders, steps=args.ada_steps, lr=lr, record_every=5,
+                              progress=args.progress, on_step=track)
+    sec = time.perf_counter() - start
+    acc = [accuracy(_TaskView(model, k), t.x_test, t.y_test) for k, t in enumerate(tasks)]
+    track_seconds = sum(t.get("seconds", 0.0) for t in tracked)
+    merge = {"seconds": sec - track_seconds + build_sec, "seconds_build": build_sec,
+             "seconds_per_step": (sec - track_seconds) / args.ada_steps,
+             "peak_mib": max(build_mib, held_mib + step_mib), "peak_mib_build": build_mib,
+             "held_mib": held_mib, "peak_mib_per_step": step_mib}
+    lam = model.coefficients().detach()
+    ada = {
+        "lr": lr,
+        "history": history.to_dict(),
+        "tracked_test_acc": tracked,
+        "collapse": diagnose_collapse(history),
+        "final_coefficients": lam.tolist(),
+        "layer_names": list(model.layer_names),
+        "coefficient_mean_per_task": lam.mean(0).tolist(),
+        "share_at_bounds": history.at_bounds[-1],
+    }
+    log(f"  seed {seed}: {label}: test {np.round(acc, 3).tolist()}; coefficients (mean per task) "
+        f"{np.round(lam.mean(0).tolist(), 3).tolist()}; collapse signs: {ada['collapse'] or 'none'}")
+    return acc, merge, ada
 
 
 class _TaskView(nn.Module):
@@ -506,6 +541,20 @@ def write_report(runs: list[dict], summary: dict, args, seconds: float, out: Pat
             lines.append(f"- seed {r['seed']}, {gran}-wise: {'; '.join(a['collapse']) or 'no sign of collapse'} "
                          f"(coefficients at a bound: {a['share_at_bounds']:.0%}; mean per task "
                          f"{[round(v, 3) for v in a['coefficient_mean_per_task']]})")
+    study = [(r["seed"], r["collapse_study"]) for r in runs if r.get("collapse_study")]
+    for seed, entries in study:
+        base_lr = runs[0]["ada"]["layer"]["lr"]
+        rows = [(base_lr, next(r for r in runs if r["seed"] == seed)["acc"]["AdaMerging (layer-wise)"],
+                 next(r for r in runs if r["seed"] == seed)["ada"]["layer"])]
+        rows += [(float(lr), e["acc"], e) for lr, e in entries.items()]
+        lines += ["", f"## Collapse study (seed {seed}, layer-wise AdaMerging, {args.ada_steps} steps)", "",
+                  "| lr | " + " | ".join(TASKS) + " | Avg. | coefficients at a bound | min / max coefficient | signs of collapse |",
+                  "|---|" + "---|" * (len(TASKS) + 4)]
+        for lr, acc, e in rows:
+            lam = np.array(e["final_coefficients"])
+            lines.append(f"| {lr:g} | " + " | ".join(f"{100 * a:.1f}" for a in acc) + f" | {100 * np.mean(acc):.1f} | "
+                         f"{e['share_at_bounds']:.0%} | {lam.min():.2f} / {lam.max():.2f} | "
+                         f"{'; '.join(e['collapse']) or 'none'} |")
     (out / "ada_merging.md").write_text("\n".join(lines) + "\n")
 
 
@@ -521,14 +570,17 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--n-train", type=int, default=2000, help="training images per task (probe and fine-tuning)")
     p.add_argument("--n-val", type=int, default=200, help="validation images per task (lambda selection)")
     p.add_argument("--n-test", type=int, default=500, help="test images per task (evaluation, AdaMerging inputs)")
-    p.add_argument("--finetune-steps", type=int, default=200)
-    p.add_argument("--finetune-lr", type=float, default=1e-5, help="Adam learning rate of the fine-tuning")
+    p.add_argument("--finetune-steps", type=int, default=400)
+    p.add_argument("--finetune-lr", type=float, default=3e-4, help="peak AdamW learning rate of the fine-tuning")
     p.add_argument("--lambdas", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0])
     p.add_argument("--ties-lambdas", type=float, nargs="+", default=[0.5, 0.7, 1.0, 1.5])
     p.add_argument("--ada-steps", type=int, default=300, help="AdaMerging steps (the paper: 500)")
     p.add_argument("--ada-lr", type=float, default=1e-3, help="AdaMerging Adam learning rate (the paper: 1e-3)")
     p.add_argument("--ada-batch", type=int, default=16, help="unlabelled inputs per task per step (the paper: 2 x 16)")
     p.add_argument("--track-every", type=int, default=50, help="test accuracy of the AdaMerging model every N steps")
+    p.add_argument("--collapse-lrs", type=float, nargs="*", default=[1e-2, 1e-1],
+                   help="collapse study: layer-wise AdaMerging again at these learning rates (one seed)")
+    p.add_argument("--collapse-seed", type=int, default=0, help="the seed of the collapse study")
     p.add_argument("--progress", action="store_true", help="tqdm bars for the AdaMerging loops")
     p.add_argument("--out", type=Path, default=None, help="report directory (default docs/results; --quick: a temp dir)")
     args = p.parse_args(argv)
@@ -537,6 +589,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.n_train, args.n_val, args.n_test = 128, 48, 64
         args.finetune_steps, args.ada_steps, args.track_every = 4, 4, 2
         args.lambdas, args.ties_lambdas = [0.3, 1.0], [1.0]
+        args.collapse_lrs = [1e-1]
     if args.threads is None:
         args.threads = 1 if args.quick else 2
     return args
