@@ -36,13 +36,13 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer, seed_everything
 from torch import nn
 
 from lightning_ext.callbacks.knowledge_distillation import KnowledgeDistillation
 from lightning_ext.datamodules.base import Arrays
 from lightning_ext.datamodules.fashion_mnist import FashionMNISTDataModule
+from lightning_ext.filtering.el2n import el2n_scores
 from lightning_ext.losses.knowledge_distillation import KeptFractionWeight
 from lightning_ext.modules import ImageClassifier
 
@@ -150,17 +150,6 @@ def fit_eval(model, dm, steps: int, label: str, callbacks=(), progress_every: in
 
 
 # -- EL2N -----------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def el2n_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """EL2N (Paul et al., 2021): ``|| softmax(f(x)) - onehot(y) ||_2`` per sample, model in eval mode."""
-    model.eval()
-    out = []
-    for i in range(0, len(x), batch_size):
-        p = F.softmax(model(x[i:i + batch_size]), dim=1)
-        out.append((p - F.one_hot(y[i:i + batch_size], p.shape[1]).float()).norm(dim=1))
-    return torch.cat(out)
 
 
 def el2n_keep(scores: np.ndarray, labels: np.ndarray, fraction: float) -> np.ndarray:

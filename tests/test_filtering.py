@@ -1,0 +1,317 @@
+"""FilteredDataModule and the data scorers (lightning_ext.filtering) on digits with planted faults."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import LightningDataModule, Trainer
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from lightning_ext.datamodules import DigitsDataModule
+from lightning_ext.datamodules.filtered import FilteredDataModule, FilteredDataModuleError
+from lightning_ext.filtering import (
+    ComputeAwareSelection, DensityBasedPruning, DFNScorer, DP4TLLabelMapping, EL2NScorer, Embedder,
+    FilteringScalingLaw, RandomScorer, RuleFilter, Scorer, ScoringData, SelfSupervisedPrototypes, SemDeDup,
+    cluster_quotas, compare_curations, count_to_keep, results_table, top_k,
+)
+from lightning_ext.modules import ImageClassifier
+
+
+def _digits_pool(noise: float = 0.0, seed: int = 0):
+    dm = DigitsDataModule()
+    dm.setup()
+    x, y = dm.train_set.tensors
+    y_noisy = y.clone()
+    rng = np.random.default_rng(seed)
+    flip = rng.random(len(y)) < noise
+    y_noisy[torch.as_tensor(flip)] = torch.as_tensor((y[flip].numpy() + rng.integers(1, 10, flip.sum())) % 10)
+    return x, y, y_noisy, ~flip
+
+
+# -- selection helpers -------------------------------------------------------------------------------------
+
+
+def test_count_to_keep_and_top_k():
+    assert count_to_keep(0.25, 8) == 2 and count_to_keep(3, 8) == 3 and count_to_keep(None, 8) is None
+    for bad in (0.0, 1.5, 0, 9):
+        with pytest.raises(ValueError):
+            count_to_keep(bad, 8)
+    s = np.array([0.3, -np.inf, 0.9, 0.1, 0.5, 0.7])
+    assert top_k(s, 3).tolist() == [2, 4, 5]
+    assert top_k(s, None).tolist() == [0, 2, 3, 4, 5]
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    assert top_k(s, 4, labels).tolist() == [0, 2, 4, 5]  # two per class
+
+
+# -- FilteredDataModule ------------------------------------------------------------------------------------
+
+
+class DropClass(Scorer):
+    """Rejects one class entirely (to test the per-class minimum)."""
+
+    def __init__(self, label: int = 3) -> None:
+        self.label = label
+
+    def score(self, data):
+        return {"score": np.where(data.labels == self.label, -np.inf, 1.0)}
+
+
+def test_filtered_datamodule_filters_train_only_caches_and_exports(tmp_path):
+    cache, export = tmp_path / "cache", tmp_path / "kept.json"
+    dm = FilteredDataModule(DigitsDataModule(batch_size=32), RandomScorer(seed=1), keep=0.25, class_balanced=True,
+                            cache_dir=str(cache), export_path=str(export))
+    dm.setup("fit")
+    full = DigitsDataModule()
+    full.setup()
+    assert len(dm.kept_indices) == round(0.25 * 1293)
+    assert len(dm.datamodule.val_set) == len(full.val_set) and len(dm.datamodule.test_set) == len(full.test_set)
+    # the loader yields exactly the kept samples
+    xs = torch.cat([x for x, _ in dm.train_dataloader()])
+    assert len(xs) == len(dm.kept_indices)
+    expected = full.train_set.tensors[0][torch.as_tensor(dm.kept_indices)]
+    assert {tuple(r.flatten().tolist()[:8]) for r in xs} == {tuple(r.flatten().tolist()[:8]) for r in expected}
+    # per-class survivors, class-balanced
+    assert sum(k for k, _ in dm.survivors.values()) == len(dm.kept_indices)
+    assert all(k >= 30 for k, _ in dm.survivors.values())
+    info = json.loads(export.read_text())
+    assert info["kept_indices"] == dm.kept_indices.tolist() and info["fingerprint"] == dm.fingerprint
+    assert len(list(cache.glob("*.npz"))) == 1 and not dm.loaded_from_cache
+    # same data + scorer: read from the cache, and a new `keep` does not rescore
+    again = FilteredDataModule(DigitsDataModule(), RandomScorer(seed=1), keep=0.5, cache_dir=str(cache))
+    again.setup("fit")
+    assert again.loaded_from_cache and again.fingerprint == dm.fingerprint
+    # another scorer configuration or other data: another fingerprint
+    other = FilteredDataModule(DigitsDataModule(), RandomScorer(seed=2), keep=0.5, cache_dir=str(cache))
+    other.setup("fit")
+    assert not other.loaded_from_cache and other.fingerprint != dm.fingerprint
+    other_data = FilteredDataModule(DigitsDataModule(split_seed=1), RandomScorer(seed=1), keep=0.5, cache_dir=str(cache))
+    other_data.setup("fit")
+    assert other_data.fingerprint != dm.fingerprint
+    # attributes of the wrapped datamodule are visible (models check them)
+    assert dm.num_classes == 10 and dm.input_shape == (1, 8, 8)
+
+
+def test_emptied_class_raises_unless_allowed():
+    dm = FilteredDataModule(DigitsDataModule(), DropClass(3), keep=None, cache_dir=None)
+    with pytest.raises(FilteredDataModuleError, match=r"class 3: 0 of .*min_per_class: 0"):
+        dm.setup("fit")
+    ok = FilteredDataModule(DigitsDataModule(), DropClass(3), keep=None, min_per_class=0, cache_dir=None)
+    ok.setup("fit")
+    assert ok.survivors[3][0] == 0 and len(ok.kept_indices) == 1293 - ok.survivors[3][1]
+    with pytest.raises(ValueError, match="class_balanced"):
+        FilteredDataModule(DigitsDataModule(), DensityBasedPruning(), keep=0.3, class_balanced=True)
+    with pytest.raises(ValueError, match="fraction"):
+        FilteredDataModule(DigitsDataModule(), RandomScorer(), keep=1.5)
+
+
+class PlainDataModule(LightningDataModule):
+    """A user datamodule that only defines loaders (no train_set attribute)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(60, 1, 8, 8, generator=g), torch.arange(60) % 3
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=8, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(TensorDataset(self.x[:12], self.y[:12]), batch_size=8)
+
+
+def test_any_lightning_datamodule_trains_on_the_subset():
+    dm = FilteredDataModule(PlainDataModule(), RandomScorer(), keep=24, cache_dir=None)
+    model = ImageClassifier(nn.Sequential(nn.Flatten(), nn.Linear(64, 3)), num_classes=3, image_size=8)
+    trainer = Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == 3  # 24 kept samples / batch 8
+    assert dm.train_dataloader().batch_size == 8
+
+
+class RankDependentScorer(Scorer):
+    """Different scores on every rank: only a broadcast from rank 0 gives the ranks one subset."""
+
+    def score(self, data):
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        return {"score": np.random.default_rng(100 + rank).random(len(data))}
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return ImageClassifier(nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)),
+                           num_classes=10, image_size=8, lr=0.01)
+
+
+def _filtered_digits(batch_size):
+    return FilteredDataModule(DigitsDataModule(batch_size=batch_size, drop_last=True), RankDependentScorer(),
+                              keep=0.5, cache_dir=None)
+
+
+@pytest.mark.ddp
+def test_ddp_ranks_train_on_rank_zeros_subset(tmp_path):
+    from lightning_ext.testing import fit_ddp_vs_single
+
+    single, ddp = fit_ddp_vs_single(_mlp, _filtered_digits, global_batch_size=64, tmp_path=tmp_path,
+                                    max_epochs=2, test=False)
+    torch.testing.assert_close(torch.tensor(ddp.curve("train_loss_epoch")),
+                               torch.tensor(single.curve("train_loss_epoch")), atol=1e-5, rtol=0)
+    for name, value in single.state_dict.items():
+        torch.testing.assert_close(ddp.state_dict[name], value, atol=1e-5, rtol=1e-5)
+
+
+# -- scorers on planted faults ------------------------------------------------------------------------------
+
+
+def test_dfn_trained_on_trusted_samples_finds_clean_labels():
+    x, _, y_noisy, clean = _digits_pool(noise=0.3)
+    data = ScoringData.from_tensors(x, y_noisy)
+    trusted = np.flatnonzero(clean)[:150]
+    s = DFNScorer(trusted_indices=trusted.tolist(), epochs=40, progress=False)
+    kept = s.select(s.score(data), data, len(data) // 2)
+    precision = clean[kept].mean()
+    assert precision > 0.9, precision  # vs 0.7 clean in the pool
+    with pytest.raises(ValueError, match="exactly one"):
+        DFNScorer()
+
+
+def test_el2n_easy_prefers_clean_labels():
+    x, _, y_noisy, clean = _digits_pool(noise=0.3)
+    data = ScoringData.from_tensors(x, y_noisy)
+    s = EL2NScorer(epochs=3, proxies=1, keep="easy", progress=False)
+    kept = s.select(s.score(data), data, len(data) // 2)
+    assert clean[kept].mean() > 0.8
+
+
+def test_semdedup_removes_planted_duplicates():
+    x, y, _, _ = _digits_pool()
+    g = torch.Generator().manual_seed(0)
+    src = torch.arange(100)
+    dup = x[src] + 1e-3 * torch.randn(100, *x.shape[1:], generator=g)
+    data = ScoringData.from_tensors(torch.cat([x, dup]), torch.cat([y, y[src]]))
+    s = SemDeDup(Embedder(progress=False), num_clusters=10, eps=0.001)
+    scores = s.score(data)
+    kept = s.select(scores, data, None)
+    removed = np.setdiff1d(np.arange(len(data)), kept)
+    pairs = {frozenset((int(i), len(x) + j)) for j, i in enumerate(src)}
+    # one member of every planted pair goes, and (almost) nothing else
+    assert sum(any(r in p for r in removed) for p in pairs) == 100
+    assert len(removed) <= 105
+
+
+def test_cluster_quotas_solve_the_bounded_problem():
+    p = np.array([0.4, 0.3, 0.2, 0.1])
+    x = cluster_quotas(100, p, np.zeros(4), np.full(4, 1000))
+    assert x.tolist() == [40, 30, 20, 10]  # proportional when no bound is active
+    x = cluster_quotas(100, p, np.array([0, 0, 0, 25]), np.array([30, 1000, 1000, 1000]))
+    assert x.sum() == 100 and x[0] == 30 and x[3] == 25 and x[1] > x[2]
+    with pytest.raises(ValueError, match="Cannot keep"):
+        cluster_quotas(100, p, np.zeros(4), np.full(4, 10))
+
+
+def test_dbp_gives_complex_clusters_more_of_the_budget():
+    x, y, _, _ = _digits_pool()
+    # classes 0-4 made redundant: 6 jittered copies of 20 images each; classes 5-9 stay diverse
+    g = torch.Generator().manual_seed(0)
+    parts, labels = [], []
+    for c in range(10):
+        xc = x[y == c]
+        if c < 5:
+            xc = xc[:20].repeat(6, 1, 1, 1) + 0.05 * torch.randn(120, *x.shape[1:], generator=g)
+        parts.append(xc)
+        labels.append(torch.full((len(xc),), c))
+    data = ScoringData.from_tensors(torch.cat(parts), torch.cat(labels))
+    s = DensityBasedPruning(Embedder(progress=False), num_clusters=20, dedup_eps=None, temperature=0.05)
+    scores = s.score(data)
+    kept = s.select(scores, data, int(0.3 * len(data)))
+    assert len(kept) == int(0.3 * len(data))
+    share = np.bincount(data.labels[kept], minlength=10) / np.bincount(data.labels, minlength=10)
+    assert share[5:].mean() > 1.3 * share[:5].mean(), share
+    # SSP and random run on the same pool
+    ssp = SelfSupervisedPrototypes(Embedder(progress=False), num_clusters=10)
+    assert len(ssp.select(ssp.score(data), data, 100)) == 100
+
+
+def test_dp4tl_label_mapping_drops_distractor_classes():
+    x, y, _, _ = _digits_pool()
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(500, *x.shape[1:], generator=g)
+    src_x = torch.cat([x[y < 8], noise])  # source: digits 0-7 plus 5 classes of noise images
+    src_y = torch.cat([y[y < 8], 8 + torch.arange(500) % 5])
+    target = x[y < 8][::5]  # target inputs resemble the digit classes
+    s = DP4TLLabelMapping(target=target, surrogate_epochs=3, class_fraction=0.5, progress=False)
+    dm_data = ScoringData.from_tensors(src_x, src_y)
+    scores = s.score(dm_data)
+    assert len(scores["kept_classes"]) == round(0.5 * 13)
+    assert set(scores["kept_classes"].tolist()) <= set(range(8))
+    kept = s.select(scores, dm_data, None)
+    assert set(src_y[kept].unique().tolist()) == set(scores["kept_classes"].tolist())
+
+
+def reject_label_zero(x, y, meta):
+    return int(y) != 0
+
+
+def test_rule_filter_resolution_blank_images_keywords_and_predicates():
+    x = torch.randn(6, 1, 8, 8)
+    x[2] = 0.5  # constant image
+    meta = {"caption": ["a portrait photo", "a woman", "a doctor smiling", "landscape", "the actor", "man"],
+            "height": [300, 100, 400, 400, 400, 400], "width": [300, 100, 400, 1500, 400, 400]}
+    data = ScoringData.from_tensors(x, torch.tensor([1, 1, 1, 1, 0, 1]), metadata=meta)
+    f = RuleFilter(min_resolution=200, max_aspect_ratio=3.0, min_pixel_std=1e-3,
+                   keywords=["portrait", "woman", "man", "actor", "doctor"],
+                   predicates=["test_filtering.reject_label_zero"])
+    scores = f.score(data)
+    assert f.select(scores, data, None).tolist() == [0, 5]
+    assert f.rejection_counts(scores) == {"min_resolution": 1, "max_aspect_ratio": 1, "min_pixel_std": 1,
+                                          "keywords": 0, "test_filtering.reject_label_zero": 1}
+    with pytest.raises(ValueError, match="no rule"):
+        RuleFilter()
+    with pytest.raises(ValueError, match="Cannot import"):
+        RuleFilter(predicates=["nowhere.nothing"])
+
+
+def test_scaling_law_fit_and_compute_aware_selection():
+    truth = FilteringScalingLaw([{"a": 1.0, "b": -0.5, "tau": 1.0}, {"a": 1.0, "b": -0.4, "tau": 4.0}],
+                                bucket_size=100, d=0.0)
+    n = [50, 100, 200, 400, 800]
+    fit = FilteringScalingLaw.fit_bucket(n, [truth.error(m, 1) + 0.0 for m in n], 100, d=0.0)
+    assert abs(fit.b + 0.5) < 0.05
+    assert truth.best_pool(50) == 1 and truth.best_pool(10_000) == 2
+    data = ScoringData.from_tensors(torch.zeros(200, 1), torch.zeros(200, dtype=torch.long))
+    sizes = []
+    for budget in (50, 10_000):
+        s = ComputeAwareSelection(RandomScorer(), truth, samples_seen=budget)
+        sizes.append(len(s.select(s.score(data), data, None)))
+    assert sizes == [100, 200]
+
+
+def test_embedder_reads_a_checkpoint_and_timm_names(tmp_path):
+    def arch():
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 5))
+
+    torch.manual_seed(1)
+    trained = ImageClassifier(arch(), num_classes=5, image_size=8)
+    torch.save({"state_dict": trained.state_dict()}, tmp_path / "model.ckpt")  # keys net.*
+    x = torch.randn(10, 1, 8, 8)
+    emb = Embedder(arch(), checkpoint=str(tmp_path / "model.ckpt"), normalize=False, progress=False).embed(x)
+    np.testing.assert_allclose(emb, trained.net(x).detach().numpy(), atol=1e-6)
+    assert Embedder("resnet10t", progress=False).embed(torch.randn(3, 1, 16, 16)).shape == (3, 512)
+    with pytest.raises(FileNotFoundError):
+        Embedder(arch(), checkpoint=str(tmp_path / "missing.pt"), progress=False).embed(x)
+
+
+def test_select_harness_tabulates_equal_size_subsets():
+    def make_model(seed):
+        return ImageClassifier(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), num_classes=10, image_size=8)
+
+    results = compare_curations(lambda: DigitsDataModule(batch_size=64), make_model,
+                                {"random": RandomScorer(0), "ssp": SelfSupervisedPrototypes(Embedder(progress=False))},
+                                keep=0.3, seeds=(0, 1), trainer_kwargs={"max_epochs": 1})
+    assert len(results) == 4 and {r.num_kept for r in results} == {388}
+    table = results_table(results)
+    assert "| random | 388 |" in table and "| ssp | 388 |" in table and "±" in table
