@@ -27,6 +27,7 @@ class CurationResult:
     clean_precision: Optional[float] = None
     clean_recall: Optional[float] = None
     classes_kept: int = 0
+    kept: Optional[np.ndarray] = field(default=None, repr=False)
 
 
 def compare_curations(
@@ -100,7 +101,7 @@ def compare_curations(
             for out in (trainer.validate(model, datamodule=dm, verbose=False),
                         trainer.test(model, datamodule=dm, verbose=False)):
                 metrics.update({k: float(v) for k, v in out[0].items()})
-            res = CurationResult(name, seed, len(kept), metrics, fit_seconds, score_seconds)
+            res = CurationResult(name, seed, len(kept), metrics, fit_seconds, score_seconds, kept=np.asarray(kept))
             if clean_mask is not None:
                 clean = np.asarray(clean_mask, dtype=bool)
                 res.clean_precision = float(clean[kept].mean())
