@@ -1,0 +1,239 @@
+"""``StagedPipelineDataModule``: a real multi-stage input pipeline whose CPU allocation can change mid-run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from lightning.pytorch import LightningDataModule
+
+from lightning_ext.pipeline.staged import Allocation, Stage, StagedPipeline
+from lightning_ext.pipeline.workloads import (
+    WORKLOADS, default_cache_dir, fashion_mnist_png_stages, movielens_rows_stages, synthetic_stages,
+    write_fashion_mnist_pngs, write_movielens_rows,
+)
+
+
+class _IndexMap:
+    """First-stage wrapper: pipeline position -> dataset index of this split."""
+
+    def __init__(self, indices: np.ndarray, fn) -> None:
+        self.indices, self.fn = indices, fn
+
+    def __call__(self, k: int):
+        return self.fn(int(self.indices[k]))
+
+
+class StagedPipelineDataModule(LightningDataModule):
+    """A staged input pipeline (read, decode/parse, augment/featurize) on torchdata nodes, tunable mid-run.
+
+    Each stage has its own worker pool whose size, like the prefetch depth, can change while training runs
+    (:class:`~lightning_ext.callbacks.PipelineTuner` does this); every training sample of an epoch is
+    delivered exactly once whatever the allocation does, and a mid-epoch checkpoint resumes at the next
+    unused batch (Lightning saves the pipeline's ``state_dict``). Two real workloads
+    (:mod:`lightning_ext.pipeline.workloads`):
+
+    - ``"fashion_mnist_png"``: Fashion-MNIST written once as PNG files (stages read / decode / augment);
+      batches ``(x, y)``, ``x`` of shape ``(B, 1, 28, 28)``; the official test images are the test split.
+    - ``"movielens_rows"``: MovieLens-100K ratings joined with user and movie attributes as text rows
+      (stages read / parse / featurize with feature hashing); batches ``(x, y)``, ``x`` of shape
+      ``(B, 3 + hash_buckets)``, ``y = rating >= 4``; a seeded 10 % of rows is the test split.
+    - ``"synthetic"``: seeded random vectors with ``synthetic_cpu_ms`` of CPU work per sample (stages read /
+      transform); ``x`` of shape ``(B, 8)`` with ``x[:, 0]`` the sample index (to count deliveries).
+
+    Validation is a seeded ``val_fraction`` of the training pool. Under DDP each rank reads its shard of one
+    seeded permutation per epoch. Users with their own stages subclass and override :meth:`build_stages`.
+
+    Args:
+        workload: ``"fashion_mnist_png"``, ``"movielens_rows"`` or ``"synthetic"``.
+        batch_size: samples per batch (per process under DDP).
+        workers: initial workers per stage by name (missing stages get 1), e.g. ``{"read": 2, "decode": 1}``.
+        prefetch: initial prefetch depth (batches).
+        train_samples: use the first ``train_samples`` samples of the training pool (``None``: all).
+        test_samples: use the first ``test_samples`` samples of the test pool (``None``: all).
+        val_fraction: share of the training pool held out for validation.
+        augment: random crop and flip for training images.
+        read_latency_ms: sleep added to every read, emulating remote storage.
+        hash_buckets: hashed categorical columns of the tabular workload.
+        synthetic_cpu_ms: CPU milliseconds per sample in the synthetic workload's transform stage.
+        seed: seed of the splits, the per-epoch shuffle and the augmentations.
+        shuffle: shuffle the training samples every epoch.
+        drop_last: drop the last incomplete training batch.
+        cache_dir: where the PNG files / text rows are written (default: ``<tmp>/lightning_ext_pipeline``).
+        data_dir: where the Fashion-MNIST IDX files are (default: the usual search paths).
+        pin_memory: add a PinMemory node (CUDA only).
+        multiprocessing_context: start method of process stages (``None``: the OS default).
+
+    Example:
+        >>> dm = StagedPipelineDataModule("movielens_rows", batch_size=32, train_samples=256)  # doctest: +SKIP
+        >>> dm.prepare_data(); dm.setup("fit")  # doctest: +SKIP
+        >>> next(iter(dm.train_dataloader()))[0].shape  # doctest: +SKIP
+        torch.Size([32, 67])
+    """
+
+    def __init__(
+        self,
+        workload: str = "fashion_mnist_png",
+        batch_size: int = 64,
+        workers: Optional[dict[str, int]] = None,
+        prefetch: int = 2,
+        train_samples: Optional[int] = 10000,
+        test_samples: Optional[int] = 2000,
+        val_fraction: float = 0.1,
+        augment: bool = True,
+        read_latency_ms: float = 0.0,
+        hash_buckets: int = 64,
+        synthetic_cpu_ms: float = 0.0,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        cache_dir: Optional[str] = None,
+        data_dir: Optional[str] = None,
+        pin_memory: bool = False,
+        multiprocessing_context: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        if workload not in WORKLOADS:
+            raise ValueError(f"Unknown `workload` {workload!r}; choose one of {WORKLOADS}.")
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+        if prefetch < 1:
+            raise ValueError(f"`prefetch` must be >= 1, got {prefetch}.")
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"`val_fraction` must be in [0, 1), got {val_fraction}.")
+        for name, n in (("train_samples", train_samples), ("test_samples", test_samples)):
+            if n is not None and n < 1:
+                raise ValueError(f"`{name}` must be >= 1 or None (all), got {n}.")
+        if read_latency_ms < 0:
+            raise ValueError(f"`read_latency_ms` must be >= 0, got {read_latency_ms}.")
+        if synthetic_cpu_ms < 0:
+            raise ValueError(f"`synthetic_cpu_ms` must be >= 0, got {synthetic_cpu_ms}.")
+        if hash_buckets < 1:
+            raise ValueError(f"`hash_buckets` must be >= 1, got {hash_buckets}.")
+        if workers is not None and any(int(v) < 0 for v in workers.values()):
+            raise ValueError(f"Worker counts must be >= 0, got {workers}.")
+        self.workload, self.batch_size, self.workers, self.prefetch = workload, batch_size, dict(workers or {}), prefetch
+        self.train_samples, self.test_samples, self.val_fraction = train_samples, test_samples, val_fraction
+        self.augment, self.read_latency_ms, self.hash_buckets = augment, read_latency_ms, hash_buckets
+        self.synthetic_cpu_ms = synthetic_cpu_ms
+        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.data_dir, self.pin_memory, self.multiprocessing_context = data_dir, pin_memory, multiprocessing_context
+        if workload == "fashion_mnist_png":
+            self.num_classes, self.input_shape = 10, (1, 28, 28)
+        elif workload == "synthetic":
+            self.num_classes, self.input_shape = 2, (8,)
+        else:
+            self.num_classes, self.input_shape = 2, (3 + hash_buckets,)
+        self.num_features = int(np.prod(self.input_shape))
+        self._folders: dict[str, Path] = {}
+        self._splits: dict[str, np.ndarray] = {}
+        self.train_pipeline: Optional[StagedPipeline] = None
+
+    # -- data ----------------------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        self._write_files()
+
+    def _write_files(self) -> None:
+        if self._folders:
+            return
+        if self.workload == "synthetic":
+            self._folders = {"train": self.cache_dir, "test": self.cache_dir}
+        elif self.workload == "fashion_mnist_png":
+            self._folders = {
+                "train": write_fashion_mnist_pngs(self.cache_dir, "train", self.train_samples, self.data_dir),
+                "test": write_fashion_mnist_pngs(self.cache_dir, "test", self.test_samples, self.data_dir),
+            }
+        else:
+            folder = write_movielens_rows(self.cache_dir)
+            self._folders = {"train": folder, "test": folder}
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self._splits:
+            return
+        self._write_files()  # every rank: prepare_data may have run elsewhere, writing is idempotent
+        rng = np.random.default_rng(self.seed)
+        if self.workload == "synthetic":
+            n_train = self.train_samples or 10000
+            pool = rng.permutation(n_train)
+            test = np.arange(n_train, n_train + (self.test_samples or 2000))
+        elif self.workload == "fashion_mnist_png":
+            n_train = len(np.load(self._folders["train"] / "labels.npy"))
+            test = np.arange(len(np.load(self._folders["test"] / "labels.npy")))
+            pool = rng.permutation(n_train)
+        else:
+            n_rows = len(np.load(self._folders["train"] / "offsets.npy")) - 1
+            order = rng.permutation(n_rows)
+            n_test = n_rows // 10
+            test, pool = np.sort(order[:n_test]), order[n_test:]
+            if self.train_samples is not None:
+                pool = pool[: self.train_samples]
+            if self.test_samples is not None:
+                test = test[: self.test_samples]
+        n_val = int(round(self.val_fraction * len(pool)))
+        self._splits = {"train": np.sort(pool[n_val:]), "val": np.sort(pool[:n_val]), "test": test}
+        if len(self._splits["train"]) == 0:
+            raise ValueError("The training split is empty; raise `train_samples` or lower `val_fraction`.")
+
+    def build_stages(self, split: str) -> list[Stage]:
+        """The stages reading one split (dataset indices in, ``(x, y)`` samples out)."""
+        folder = self._folders["test" if split == "test" else "train"]
+        if self.workload == "synthetic":
+            return synthetic_stages(self.read_latency_ms, self.synthetic_cpu_ms, self.seed)
+        if self.workload == "fashion_mnist_png":
+            return fashion_mnist_png_stages(folder, self.augment and split == "train", self.read_latency_ms, self.seed)
+        return movielens_rows_stages(folder, self.read_latency_ms, self.hash_buckets)
+
+    def initial_allocation(self, stages: list[Stage]) -> Allocation:
+        unknown = set(self.workers) - {s.name for s in stages}
+        if unknown:
+            raise ValueError(f"`workers` names unknown stages {sorted(unknown)}; the stages are "
+                             f"{[s.name for s in stages]}.")
+        return Allocation(tuple(int(self.workers.get(s.name, max(1, s.min_workers))) for s in stages), self.prefetch)
+
+    def _pipeline(self, split: str) -> StagedPipeline:
+        if not self._splits:
+            raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a dataloader.")
+        indices = self._splits[split]
+        if len(indices) == 0:
+            raise RuntimeError(f"{type(self).__name__}: the {split} split is empty; raise its size.")
+        stages = self.build_stages(split)
+        stages[0] = Stage(stages[0].name, _IndexMap(indices, stages[0].fn), stages[0].method, stages[0].min_workers,
+                          stages[0].max_workers)
+        train = split == "train"
+        rank, world = 0, 1
+        trainer = getattr(self, "trainer", None)
+        if train and trainer is not None:
+            rank, world = trainer.global_rank, trainer.world_size
+        return StagedPipeline(
+            len(indices), stages, self.batch_size, allocation=self.initial_allocation(stages),
+            shuffle=self.shuffle and train, seed=self.seed, drop_last=self.drop_last and train, rank=rank,
+            world_size=world, pin_memory=self.pin_memory, multiprocessing_context=self.multiprocessing_context,
+        )
+
+    def train_dataloader(self) -> StagedPipeline:
+        if self.train_pipeline is not None:
+            self.train_pipeline.close()
+        self.train_pipeline = self._pipeline("train")
+        return self.train_pipeline
+
+    def val_dataloader(self) -> StagedPipeline:
+        return self._pipeline("val")
+
+    def test_dataloader(self) -> StagedPipeline:
+        return self._pipeline("test")
+
+    def predict_dataloader(self) -> StagedPipeline:
+        return self._pipeline("test")
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        # trainers fetch a batch ahead; a checkpoint must resume after the last batch *trained on*
+        trainer = getattr(self, "trainer", None)
+        if self.train_pipeline is not None and trainer is not None and trainer.training:
+            self.train_pipeline.mark_consumed()
+        return batch
+
+    def teardown(self, stage: Optional[str] = None) -> None:
+        if self.train_pipeline is not None:
+            self.train_pipeline.close()
