@@ -18,8 +18,10 @@ single-threaded (``torch.set_num_threads(1)``):
 - Methods (loss hyperparameters from the papers/reference configs, not tuned here): FroSSL with 2 and 4
   views (invariance weight 1.0), VICReg (25/25/1), Barlow Twins (lambda 5.1e-3), SimCLR (temperature 0.2,
   solo-learn's CIFAR value).
-- Measured per epoch on the validation split: the online probe's accuracy and weighted kNN accuracy
-  (k = 20, tau = 0.07, bank = 5,000 fixed training images); the effective rank of the backbone features.
+- Measured per epoch on the validation split: weighted kNN accuracy (k = 20, tau = 0.07, bank = 5,000
+  fixed training images), an offline linear probe (logistic regression, C = 1, on standardised frozen
+  features of the same 5,000 clean images), the online probe's accuracy, and the effective rank of the
+  backbone features.
   Before training, the kNN accuracy of the random-init encoder (the same for all methods of a seed).
 - Per run: median training-step time (forward, backward, optimizer), reported relative to SimCLR.
 
@@ -76,13 +78,47 @@ class CachedFashionMNIST(FashionMNISTDataModule):
         return CachedFashionMNIST._arrays
 
 
+class LinearProbe(Callback):
+    """Offline linear probe per epoch: logistic regression on frozen, standardised features of clean images.
+
+    Fitted on the kNN bank (the same fixed training images), scored on the validation split each epoch and on
+    the test split after training. Unlike the online probe (trained by SGD on augmented views while the
+    encoder moves), it measures the linear separability of the current representation directly.
+    """
+
+    def __init__(self, bank_size: int) -> None:
+        self.bank_size, self.val_acc, self.test_acc, self._fitted = bank_size, {}, None, None
+
+    def _xy(self, pl_module, dataset):
+        knn = KNNEvaluation(max_bank_size=None)
+        feats, labels = knn._features(pl_module, dataset)
+        return feats.numpy(), labels.numpy()
+
+    def fit_and_score(self, trainer, pl_module, split: str, dm=None) -> float:
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        dm = dm if dm is not None else trainer.datamodule
+        bank = KNNEvaluation(max_bank_size=self.bank_size)._limit(dm.train_set, self.bank_size)
+        x, y = self._xy(pl_module, bank)
+        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500, C=1.0)).fit(x, y)
+        xq, yq = self._xy(pl_module, dm.val_set if split == "val" else dm.test_set)
+        return float((clf.predict(xq) == yq).mean())
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.val_acc[trainer.current_epoch + 1] = self.fit_and_score(trainer, pl_module, "val")
+
+
 class Recorder(Callback):
     """Per-epoch validation metrics and per-step training time (optimizer step included)."""
 
     KEYS = ("val_probe_acc", "val_knn_acc", "train_loss_epoch", "train_feature_rank", "train_projection_rank")
 
-    def __init__(self, label: str) -> None:
+    def __init__(self, label: str, linear: LinearProbe) -> None:
         self.label, self.epochs, self.step_times, self._t0, self._epoch_start = label, [], [], 0.0, 0.0
+        self.linear = linear
 
     def on_train_epoch_start(self, trainer, pl_module):
         self._epoch_start = time.time()
@@ -98,6 +134,7 @@ class Recorder(Callback):
             return
         row = {"epoch": trainer.current_epoch + 1}
         row.update({k: float(trainer.callback_metrics[k]) for k in self.KEYS if k in trainer.callback_metrics})
+        row["val_linear_acc"] = self.linear.val_acc.get(row["epoch"], float("nan"))
         if len(self.epochs) and self.epochs[-1]["epoch"] == row["epoch"]:
             self.epochs[-1].update(row)
         else:
@@ -111,7 +148,8 @@ class Recorder(Callback):
         self.epochs[-1].update({k: float(m[k]) for k in self.KEYS if k.startswith("train_") and k in m})
         print(f"  [{self.label}] epoch {trainer.current_epoch + 1}/{trainer.max_epochs} "
               f"loss {float(m.get('train_loss_epoch', float('nan'))):.3f} "
-              f"probe {float(m.get('val_probe_acc', float('nan'))):.3f} knn {float(m.get('val_knn_acc', float('nan'))):.3f} "
+              f"probe {float(m.get('val_probe_acc', float('nan'))):.3f} "
+              f"linear {self.linear.val_acc.get(trainer.current_epoch + 1, float('nan')):.3f} knn {float(m.get('val_knn_acc', float('nan'))):.3f} "
               f"({time.time() - self._epoch_start:.0f} s)", flush=True)
 
 
@@ -158,19 +196,25 @@ def run_one(name: str, seed: int, args) -> dict:
     seed_everything(seed, verbose=False)
     model = make_model(cls, method_kwargs, args, steps)
     knn0 = init_knn(model, dm, args.bank_size)
-    rec = Recorder(f"{name} seed {seed}")
+    linear = LinearProbe(args.bank_size)
+    linear0 = linear.fit_and_score(None, model, "val", dm)
+    rec = Recorder(f"{name} seed {seed}", linear)
     knn = KNNEvaluation(k=20, temperature=0.07, max_bank_size=args.bank_size, batch_size=1000)
     trainer = Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                      callbacks=[knn, rec])
+                      callbacks=[knn, linear, rec])
     start = time.time()
     load_before = os.getloadavg()[0]
     trainer.fit(model, datamodule=dm)
     fit_s = time.time() - start
     test = trainer.test(model, datamodule=dm, verbose=False)[0]
+    test_linear = linear.fit_and_score(trainer, model, "test")
+    args.weights_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(model.backbone.state_dict(), args.weights_dir / f"{name.replace(' ', '_')}_seed{seed}.pt")
     return {
-        "method": name, "seed": seed, "epochs": rec.epochs, "init_val_knn_acc": knn0,
+        "method": name, "seed": seed, "epochs": rec.epochs, "init_val_knn_acc": knn0, "init_val_linear_acc": linear0,
         "test_probe_acc": float(test["test_probe_acc"]), "test_knn_acc": float(test["test_knn_acc"]),
+        "test_linear_acc": test_linear,
         "median_step_s": statistics.median(rec.step_times), "fit_s": fit_s, "train_size": len(dm.train_set),
         "val_size": len(dm.val_set), "loadavg_1min_start": load_before, "loadavg_1min_end": os.getloadavg()[0],
         "skipped_steps": model.skipped_steps,
@@ -201,19 +245,20 @@ def summarise(runs: list[dict], methods: list[str], target_share: float) -> str:
     lines = []
     by = {m: [r for r in runs if r["method"] == m] for m in methods}
     by = {m: rs for m, rs in by.items() if rs}
-    for key, label in (("val_knn_acc", "kNN"), ("val_probe_acc", "online probe")):
+    for key, label in (("val_knn_acc", "kNN"), ("val_linear_acc", "linear probe (offline)"),
+                       ("val_probe_acc", "online probe")):
         finals = {m: statistics.mean(curve(r, key)[-1] for r in rs) for m, rs in by.items()}
         target = target_share * min(finals.values())
         lines.append(f"\n### {label}: validation accuracy (%) per epoch, mean ± std over seeds\n")
         num_epochs = max(len(r["epochs"]) for rs in by.values() for r in rs)
         header = "| method | " + " | ".join(f"ep {e}" for e in range(1, num_epochs + 1)) + " |"
-        if key == "val_knn_acc":
+        if key in ("val_knn_acc", "val_linear_acc"):
             header = header.replace("| method | ", "| method | init | ")
         lines += [header, "|" + "---|" * (header.count("|") - 1)]
         for m, rs in by.items():
             cells = [mean_std([curve(r, key)[e] for r in rs], 100, 1) for e in range(num_epochs)]
-            if key == "val_knn_acc":
-                cells = [mean_std([r["init_val_knn_acc"] for r in rs], 100, 1)] + cells
+            if key in ("val_knn_acc", "val_linear_acc"):
+                cells = [mean_std([r[f"init_{key}"] for r in rs], 100, 1)] + cells
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append(f"\nCommon target ({label}): {target_share:.0%} of the lowest final mean "
                      f"= **{100 * target:.2f}%**. Epoch at which each seed first reaches it:\n")
@@ -226,13 +271,15 @@ def summarise(runs: list[dict], methods: list[str], target_share: float) -> str:
             lines.append(f"| {m} | {shown} | {mean} | {mean_std([curve(r, key)[-1] for r in rs], 100)} |")
     simclr = [r["median_step_s"] for r in by.get("SimCLR", [])]
     lines += ["\n### Test accuracy after the last epoch (%), step time\n",
-              "| method | test kNN | test probe | median step (ms) | step time / SimCLR | effective rank (features, last epoch) | fit time per run (s) |",
-              "|---|---|---|---|---|---|---|"]
+              "| method | test kNN | test linear (offline) | test online probe | median step (ms) | step time / SimCLR "
+              "| effective rank (features, last epoch) | fit time per run (s) |",
+              "|---|---|---|---|---|---|---|---|"]
     for m, rs in by.items():
         step = statistics.mean(r["median_step_s"] for r in rs)
         ratio = f"{step / statistics.mean(simclr):.2f}x" if simclr else "-"
         rank = mean_std([curve(r, "train_feature_rank")[-1] for r in rs], 1, 1)
         lines.append(f"| {m} | {mean_std([r['test_knn_acc'] for r in rs], 100)} | "
+                     f"{mean_std([r['test_linear_acc'] for r in rs], 100)} | "
                      f"{mean_std([r['test_probe_acc'] for r in rs], 100)} | {1000 * step:.0f} | {ratio} | {rank} | "
                      f"{statistics.mean(r['fit_s'] for r in rs):.0f} |")
     return "\n".join(lines)
@@ -244,10 +291,10 @@ def plot(runs: list[dict], methods: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for ax, key, title in zip(axes, ("val_knn_acc", "val_probe_acc", "train_feature_rank"),
-                              ("validation kNN accuracy", "validation online-probe accuracy",
-                               "effective rank of backbone features (train)")):
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
+    for ax, key, title in zip(axes, ("val_knn_acc", "val_linear_acc", "val_probe_acc", "train_feature_rank"),
+                              ("validation kNN accuracy", "validation linear-probe accuracy (offline)",
+                               "validation online-probe accuracy", "effective rank of backbone features (train)")):
         for m in methods:
             rs = [r for r in runs if r["method"] == m]
             if not rs:
@@ -256,9 +303,9 @@ def plot(runs: list[dict], methods: list[str], path: Path) -> None:
             ys = torch.tensor([curve(r, key)[:n] for r in rs])
             xs = list(range(1, n + 1))
             mean, std = ys.mean(0), ys.std(0) if len(rs) > 1 else torch.zeros(n)
-            if key == "val_knn_acc":
+            if key in ("val_knn_acc", "val_linear_acc"):
                 xs = [0] + xs
-                init = torch.tensor([r["init_val_knn_acc"] for r in rs])
+                init = torch.tensor([r[f"init_{key}"] for r in rs])
                 mean = torch.cat([init.mean()[None], mean])
                 std = torch.cat([(init.std() if len(rs) > 1 else torch.zeros(()))[None], std])
             ax.plot(xs, mean, marker="o", ms=3, label=m)
@@ -284,10 +331,13 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(CONFIGS))
     parser.add_argument("--target-share", type=float, default=0.97)
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default docs/results/frossl.json)")
+    parser.add_argument("--weights-dir", type=Path, default=REPO / "runs" / "bench_ssl",
+                        help="where the trained backbones are saved")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.epochs, args.train_size, args.val_size, args.bank_size = [0], 2, 1024, 500, 500
         args.out = args.out or REPO / "runs" / "bench_ssl_quick" / "frossl.json"
+        args.weights_dir = REPO / "runs" / "bench_ssl_quick"
     out = args.out or OUT / "frossl.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
@@ -296,7 +346,7 @@ def main() -> None:
         raise SystemExit(f"Unknown methods {sorted(unknown)}; choose from {list(CONFIGS)}.")
 
     state = json.loads(out.read_text()) if out.exists() else {}
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "methods", "seeds")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "methods", "seeds", "weights_dir")}
     if state.get("settings", settings) != settings:
         raise SystemExit(f"{out} holds runs with other settings {state['settings']}; pass another --out.")
     state["settings"] = settings

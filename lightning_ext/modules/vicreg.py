@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Union
 
+import torch  # noqa: F401  (used by the doctest)
 from torch import Tensor, nn
 
 from lightning_ext.losses.vicreg import vicreg_loss
@@ -30,7 +31,13 @@ class VICReg(SelfSupervisedModule):
             :class:`~lightning_ext.modules.self_supervised.SelfSupervisedModule`.
 
     Example:
-        >>> model = VICReg("resnet18", image_size=8, proj_hidden_dim=64, proj_output_dim=32)  # doctest: +SKIP
+        >>> from lightning_ext.modules.self_supervised import ConvEncoder
+        >>> model = VICReg(ConvEncoder(1, (8, 16)), image_size=28, proj_hidden_dim=32, proj_output_dim=16)
+        >>> model(torch.zeros(2, 1, 28, 28)).shape  # backbone features, what the probe and kNN evaluate
+        torch.Size([2, 16])
+        >>> loss, _ = model.ssl_loss(torch.randn(2, 32, 16))  # (views, batch, projection dim)
+        >>> bool(loss.isfinite())
+        True
     """
 
     method_name = "VICReg"
