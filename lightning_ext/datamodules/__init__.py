@@ -10,6 +10,11 @@ _EXPORTS = {
     "TabularDataModule": "tabular",
     "PlanetoidDataModule": "planetoid",
     "MultiTaskDataModule": "multi_task",
+    "FilteredDataModule": "filtered",
+    "StagedPipelineDataModule": "staged_pipeline",
+    "InteractionFileDataModule": "interactions",
+    "LastFMDataModule": "lastfm",
+    "MovieLens100KDataModule": "movielens100k",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -9,6 +9,15 @@ _EXPORTS = {
     "GCNNodeClassifier": "gcn_node_classifier",
     "DistillationModule": "distillation_module",
     "AdaMerging": "ada_merging",
+    "FroSSL": "frossl",
+    "VICReg": "vicreg",
+    "BarlowTwins": "barlow_twins",
+    "SimCLR": "simclr",
+    "MFBPR": "mf_bpr",
+    "LightGCN": "lightgcn",
+    "UltraGCN": "ultragcn",
+    "LightGCL": "lightgcl",
+    "DCCF": "dccf",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
