@@ -304,12 +304,31 @@ def plot(runs, path):
     fig.savefig(path, dpi=110)
 
 
+def speed_only(path: Path, epochs: int = 5):
+    lastfm = LastFMDataModule(val_fraction=0.1)
+    lastfm.setup()
+    load = os.getloadavg()
+    ours_epoch, ours_eval = ours_speed(lastfm, epochs=epochs)
+    pyg_epoch, pyg_eval = pyg_reference_speed(lastfm, epochs=epochs)
+    speed = {"ours_epoch_s": ours_epoch, "ours_eval_s": ours_eval, "pyg_epoch_s": pyg_epoch, "pyg_eval_s": pyg_eval,
+             "epoch_speedup": pyg_epoch / ours_epoch, "eval_speedup": pyg_eval / ours_eval, "epochs": epochs,
+             "loadavg_start": load, "loadavg_end": os.getloadavg()}
+    print({k: v if isinstance(v, (int, tuple)) else round(v, 3) for k, v in speed.items()}, flush=True)
+    result = json.loads(path.read_text()) if path.is_file() else {}
+    result.setdefault("speed_reruns", []).append(speed)
+    path.write_text(json.dumps(result, indent=1))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 epochs, 1 seed, no grid: a smoke test")
     parser.add_argument("--out", default=str(OUT / "graph_recommenders.json"))
+    parser.add_argument("--speed-only", action="store_true",
+                        help="re-measure only ours-vs-PyG speed (5 epochs each) and add it to an existing --out JSON")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.speed_only:
+        return speed_only(Path(args.out))
     global SEEDS, EQUAL_EPOCHS
     if args.quick:
         for k in EPOCHS:

@@ -261,6 +261,10 @@ def test_ranking_metrics_match_a_brute_force_reference_and_are_batch_invariant()
         assert float(b[f"recall@{k}"]) == pytest.approx(rec, abs=1e-6)
     recall, _, valid = topk_ranking(torch.zeros(2, 3), torch.tensor([[1], [0]]), None, ks=(2,))
     assert valid.tolist() == [False, True]
+    # duplicate target pairs count once; copy=False masks the caller's tensor in place
+    s = torch.tensor([[3.0, 2.0, 1.0]])
+    dup = topk_ranking(s, torch.tensor([[0, 0], [1, 1]]), torch.tensor([[0], [0]]), ks=(1,), copy=False)
+    assert dup[0].item() == 1.0 and s[0, 0] == float("-inf")
 
 
 # -- models -------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from torchmetrics import Metric
 
 
 def topk_ranking(scores: torch.Tensor, target: torch.Tensor, exclude: torch.Tensor | None,
-                 ks: Sequence[int] = (20,)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 ks: Sequence[int] = (20,), copy: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-user Recall@K and NDCG@K for one batch.
 
     Args:
@@ -23,6 +23,8 @@ def topk_ranking(scores: torch.Tensor, target: torch.Tensor, exclude: torch.Tens
         target: ``(2, m)`` ``(row, item)`` pairs of held-out items.
         exclude: ``(2, n)`` ``(row, item)`` pairs of known items, masked with ``-inf`` (``None``: none).
         ks: cut-offs.
+        copy: mask a copy of ``scores``; ``False`` writes the ``-inf`` mask into ``scores`` (saves a copy of a
+            ``B x I`` matrix when the caller does not need it afterwards).
 
     Returns:
         ``recall (len(ks), B)``, ``ndcg (len(ks), B)`` and the ``(B,)`` mask of users with held-out items.
@@ -34,15 +36,20 @@ def topk_ranking(scores: torch.Tensor, target: torch.Tensor, exclude: torch.Tens
         ([0.0, 1.0], [0.0, 0.6309])
     """
     batch, n_items = scores.shape
-    scores = scores.detach().float().clone()
+    scores = scores.detach()
+    if copy or scores.dtype != torch.float32:
+        scores = scores.float().clone()
     if exclude is not None and exclude.numel():
         scores[exclude[0], exclude[1]] = float("-inf")
-    truth = torch.zeros(batch, n_items, dtype=torch.bool, device=scores.device)
-    truth[target[0], target[1]] = True
-    n_true = truth.sum(1)
     k_max = min(max(ks), n_items)
     top = scores.topk(k_max, dim=1).indices
-    hits = truth.gather(1, top).float()
+    # hits without a dense B x I truth matrix: look the top-k (row, item) keys up among the sorted target keys
+    target_keys = torch.unique(target[0] * n_items + target[1])  # sorted, duplicates merged
+    n_true = torch.bincount(target_keys // n_items, minlength=batch)
+    top_keys = (torch.arange(batch, device=scores.device)[:, None] * n_items + top).reshape(-1)
+    where = torch.searchsorted(target_keys, top_keys).clamp(max=max(len(target_keys) - 1, 0))
+    hits = (target_keys[where] == top_keys).reshape(batch, k_max).float() if len(target_keys) else \
+        torch.zeros(batch, k_max, device=scores.device)
     discount = 1.0 / torch.log2(torch.arange(2, k_max + 2, device=scores.device, dtype=torch.float32))
     ideal = torch.cat([discount.new_zeros(1), discount.cumsum(0)])
     recall, ndcg = [], []
@@ -57,7 +64,7 @@ def topk_ranking(scores: torch.Tensor, target: torch.Tensor, exclude: torch.Tens
 class RankingMetrics(Metric):
     """Mean full-ranking Recall@K and NDCG@K over users, accumulated over user batches (DDP: summed over ranks).
 
-    ``update(scores, target, exclude)`` takes one batch as in :func:`topk_ranking`; ``compute()`` returns
+    ``update(scores, target, exclude, copy=True)`` takes one batch as in :func:`topk_ranking`; ``compute()`` returns
     ``{"recall@K": ..., "ndcg@K": ...}`` for every K.
 
     Args:
@@ -83,8 +90,9 @@ class RankingMetrics(Metric):
         self.add_state("ndcg_sum", torch.zeros(len(ks), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("users", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, scores: torch.Tensor, target: torch.Tensor, exclude: torch.Tensor | None = None) -> None:
-        recall, ndcg, valid = topk_ranking(scores, target, exclude, self.ks)
+    def update(self, scores: torch.Tensor, target: torch.Tensor, exclude: torch.Tensor | None = None,
+               copy: bool = True) -> None:
+        recall, ndcg, valid = topk_ranking(scores, target, exclude, self.ks, copy=copy)
         self.recall_sum += recall[:, valid].sum(1).double()
         self.ndcg_sum += ndcg[:, valid].sum(1).double()
         self.users += valid.sum()

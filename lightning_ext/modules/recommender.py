@@ -163,7 +163,7 @@ class Recommender(LightningModule):
         self._cache_embeddings()
 
     def _eval_step(self, batch: dict, metrics: RankingMetrics) -> None:
-        metrics.update(self(batch["users"]), batch["target"], batch["exclude"])
+        metrics.update(self(batch["users"]), batch["target"], batch["exclude"], copy=False)  # fresh scores
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics)
