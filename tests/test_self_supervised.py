@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import os
 import socket
-from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -324,6 +324,10 @@ def test_non_finite_loss_raises_or_skips_the_step():
     assert model.skipped_steps >= 3
     backbone.poison = False
     assert_same_parameters(model, before)  # nothing moved: not the backbone, projector or probe
+    # Lightning cannot skip a step under DDP: refused up front instead of failing mid-run
+    model._trainer = SimpleNamespace(world_size=2, datamodule=None)
+    with pytest.raises(RuntimeError, match="cannot skip steps in distributed training"):
+        model.setup("fit")
 
 
 def test_timm_backbone_by_name_gives_features():
@@ -360,3 +364,35 @@ def test_knn_callback_resumes_with_its_history(tmp_path):
     resumed_hist = info["resumed_callbacks"][0].history
     assert [h["epoch"] for h in resumed_hist] == [h["epoch"] for h in full_hist] == [0, 1, 2]
     assert resumed_hist[-1]["val_knn_acc"] == pytest.approx(full_hist[-1]["val_knn_acc"])
+
+
+# -- views ------------------------------------------------------------------------------------------------------
+
+
+def test_augmentation_crops_flips_and_checks_its_arguments():
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    mirror = MultiViewAugmentation(crop_scale=(1.0, 1.0), flip_p=1.0, jitter_p=0.0)
+    torch.testing.assert_close(mirror(x), x.flip(-1))
+    out = MultiViewAugmentation(crop_size=(6, 5), blur_p=1.0, noise_std=0.1)(torch.randn(3, 2, 12, 12))
+    assert out.shape == (3, 2, 6, 5) and torch.isfinite(out).all()
+    for bad in (dict(crop_scale=(0.0, 1.0)), dict(flip_p=1.5), dict(contrast=1.0), dict(crop_size=0)):
+        with pytest.raises(ValueError):
+            MultiViewAugmentation(**bad)
+    with pytest.raises(ValueError, match="B, C, H, W"):
+        MultiViewAugmentation()(torch.randn(4, 4))
+
+
+def test_views_depend_on_seed_and_batch_position_only():
+    model = _tiny(FroSSL, augmentation_seed=3)
+    x = torch.randn(8, 1, 8, 8)
+    state = torch.get_rng_state()
+    model._batch_idx = 5
+    first, again = model.make_views(x), model.make_views(x)
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is untouched
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], first[1])  # the views of one batch differ from each other
+    model._batch_idx = 6
+    assert not torch.equal(model.make_views(x)[0], first[0])
+    other = _tiny(VICReg, augmentation_seed=3)  # another method with the same seed sees the same views
+    other._batch_idx = 5
+    assert all(torch.equal(a, b) for a, b in zip(other.make_views(x), first))

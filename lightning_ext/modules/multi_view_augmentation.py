@@ -80,7 +80,8 @@ class MultiViewAugmentation(nn.Module):
                 raise ValueError(f"`{name}` must be a probability in [0, 1], got {p}.")
         if brightness < 0 or not 0 <= contrast < 1 or noise_std < 0:
             raise ValueError(
-                f"Need brightness >= 0, 0 <= contrast < 1 and noise_std >= 0; got {brightness}, {contrast}, {noise_std}."
+                "Need brightness >= 0, 0 <= contrast < 1 and noise_std >= 0; "
+                f"got {brightness}, {contrast}, {noise_std}."
             )
         self.flip_p, self.jitter_p, self.grayscale_p, self.blur_p = flip_p, jitter_p, grayscale_p, blur_p
         self.brightness, self.contrast, self.noise_std = brightness, contrast, noise_std
@@ -120,7 +121,8 @@ class MultiViewAugmentation(nn.Module):
         # like torchvision: up to 10 draws of (area, ratio) per image, the first that fits; else the whole image
         tries = 10
         area = _uniform(b * tries, *self.crop_scale, dev).view(tries, b)
-        log_ratio = _uniform(b * tries, math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1]), dev).view(tries, b)
+        log_low, log_high = math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1])
+        log_ratio = _uniform(b * tries, log_low, log_high, dev).view(tries, b)
         ratio = torch.exp(log_ratio) * (h / w)  # width / height in normalised coordinates
         cand_w, cand_h = torch.sqrt(area * ratio), torch.sqrt(area / ratio)
         fits = (cand_w <= 1) & (cand_h <= 1)

@@ -170,8 +170,9 @@ class SelfSupervisedModule(LightningModule):
     per-rank BatchNorm statistics; use ``SyncBatchNorm`` for those). ``False`` computes it per rank.
 
     **Non-finite loss.** ``nonfinite_loss="raise"`` (default) stops with a ``FloatingPointError`` naming the
-    usual causes; ``"skip"`` skips that optimizer step (all ranks together) and warns, counting the skips in
-    ``skipped_steps`` (saved in checkpoints); BatchNorm running statistics fed by the bad batch are restored.
+    usual causes (all ranks stop together under DDP); ``"skip"`` skips that optimizer step and warns,
+    counting the skips in ``skipped_steps`` (saved in checkpoints); BatchNorm running statistics fed by the
+    bad batch are restored. Lightning cannot skip steps under DDP, so ``"skip"`` is refused there in ``setup``.
 
     **Reproducible views.** Views come from an RNG seeded by ``augmentation_seed`` and the batch's position
     (:meth:`make_views`): a resumed run matches an uninterrupted one, and two methods trained with the same
@@ -462,6 +463,12 @@ class SelfSupervisedModule(LightningModule):
 
     # -- checks against the data, optimisation, state --------------------------------------------------------
     def setup(self, stage: str) -> None:
+        if self._trainer is not None and self.nonfinite_loss == "skip" and self.trainer.world_size > 1:
+            raise RuntimeError(
+                f"{type(self).__name__}(nonfinite_loss='skip') cannot skip steps in distributed training "
+                "(Lightning does not support a training_step that returns None there). Use "
+                "`nonfinite_loss: raise` with gradient clipping (`trainer.gradient_clip_val`) under DDP."
+            )
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is None:
             return

@@ -12,7 +12,7 @@ from lightning_ext.modules.self_supervised import SelfSupervisedModule
 
 
 class VICReg(SelfSupervisedModule):
-    """VICReg (Bardes, Ponce and LeCun, ICLR 2022): invariance MSE, per-feature variance hinge, covariance decorrelation.
+    """VICReg (Bardes, Ponce and LeCun, ICLR 2022): invariance MSE, variance hinge, covariance decorrelation.
 
     Paper: arXiv:2105.04906. Reference code: https://github.com/facebookresearch/vicreg (``main_vicreg.py``);
     loss: :func:`lightning_ext.losses.vicreg.vicreg_loss`. Defaults: the paper's weights 25/25/1 and a
