@@ -48,6 +48,7 @@ SCENARIOS = {
     "png_remote": dict(workload="fashion_mnist_png", batch_size=64, read_latency_ms=2.0, step_ms=5.0,
                        slots_per_cpu=4, train_samples=60000),
 }
+MIN_WINDOW_S = 0.5
 CONFIGS = ("default", "even_split", "hill_climb", "rl", "oracle")
 
 
@@ -105,7 +106,8 @@ def run_config(scn: dict, allocation: Allocation | None, agent: str | None, seco
     tuner = None
     if agent is not None:
         tuner = PipelineTuner(agent=agent, cpu_budget=budget, decide_every_n_batches=decide_every,
-                              warmup_batches=2, explore_decisions=explore, seed=seed, memory_budget_mb=1024)
+                              min_window_s=MIN_WINDOW_S, warmup_batches=2, explore_decisions=explore, seed=seed,
+                              memory_budget_mb=1024)
         callbacks.append(tuner)
     model = FixedStep(dm.num_features, scn["step_ms"])
     trainer = Trainer(accelerator="cpu", devices=1, max_epochs=1000, logger=False, enable_checkpointing=False,
@@ -119,7 +121,8 @@ def run_config(scn: dict, allocation: Allocation | None, agent: str | None, seco
                    final=str(tuner.history[-1]["next"]["workers"]) + f" p{tuner.history[-1]['next']['prefetch']}",
                    best=str(tuner.best_allocation), rebuilds=dm.train_pipeline.stats.rebuilds)
         if trace_png:
-            plot_tuning(tuner.history, STAGES[scn["workload"]], trace_png, f"{agent} on {trace_png}")
+            plot_tuning(tuner.history, STAGES[scn["workload"]], trace_png,
+                        f"{agent} on {scn['workload']} (read latency {scn['read_latency_ms']} ms, budget {budget})")
             out["trace"] = [{k: h[k] for k in ("time_s", "throughput", "workers", "prefetch", "settled")}
                             for h in tuner.history]
     return out
@@ -148,14 +151,23 @@ def main() -> None:
     ap.add_argument("--grid-seconds", type=float, default=5.0)
     ap.add_argument("--explore", type=int, default=50, help="RL decisions before settling")
     ap.add_argument("--decide-every", type=int, default=12, help="batches per measurement window")
+    ap.add_argument("--min-window", type=float, default=1.0, help="seconds a measurement window lasts at least")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="smoke test: tiny runs, writes to /tmp")
     ap.add_argument("--out", default="docs/results/pipeline_tuner")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the plot and print tables from <out>.json")
     args = ap.parse_args()
+    if args.report_only:
+        results = json.loads(Path(f"{args.out}.json").read_text())
+        write_plot(results, f"{args.out}.png")
+        print(markdown(results))
+        return
     torch.set_num_threads(args.threads)
+    global MIN_WINDOW_S
+    MIN_WINDOW_S = args.min_window
     if args.quick:
         args.rounds, args.static_seconds, args.tuner_seconds, args.steady_seconds = 1, 2.0, 6.0, 2.0
-        args.grid_seconds, args.explore, args.decide_every = 1.0, 6, 4
+        args.grid_seconds, args.explore, args.decide_every, MIN_WINDOW_S = 1.0, 6, 4, 0.0
         args.out = "/tmp/pipeline_tuner_quick/pipeline_tuner"
         for s in SCENARIOS.values():
             s["train_samples"] = 4000 if s["workload"] == "fashion_mnist_png" else 20000
@@ -207,12 +219,49 @@ def main() -> None:
             save()
     save()
     write_plot(results, f"{out}.png")
+    print(markdown(results))
     print(f"done in {time.time() - t_start:.0f} s; wrote {out}.json and {out}.png")
 
 
 def summary(res: dict, cfg: str, key: str = "steady") -> tuple[float, float]:
     vals = [r[cfg][key]["samples_per_s"] for r in res["rounds"]]
     return statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+
+
+def _ms(vals: list[float], digits: int = 0) -> str:
+    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return f"{statistics.mean(vals):.{digits}f} ± {sd:.{digits}f}"
+
+
+def markdown(results: dict) -> str:
+    """Tables for the results page: per scenario, every configuration's throughput and its ratios per round."""
+    lines = []
+    for name, res in results["scenarios"].items():
+        rounds = res["rounds"]
+        lines += [f"### {name}: budget {res['budget']} workers, oracle {res['oracle']}", "",
+                  "| configuration | allocation | steady samples/s | whole-run samples/s | data-wait (steady) | "
+                  "x oracle (steady) | x default (steady) | x hill climber (steady) | settled after |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for cfg in CONFIGS:
+            steady = [r[cfg]["steady"]["samples_per_s"] for r in rounds]
+            whole = [r[cfg]["whole"]["samples_per_s"] for r in rounds]
+            wait = [r[cfg]["steady"]["wait_fraction"] for r in rounds]
+            ratio = {b: [r[cfg]["steady"]["samples_per_s"] / r[b]["steady"]["samples_per_s"] for r in rounds]
+                     for b in ("oracle", "default", "hill_climb")}
+            alloc = ", ".join(r[cfg].get("allocation") or r[cfg].get("best") or "?" for r in rounds)
+            settled = [r[cfg]["settled_s"] for r in rounds if r[cfg].get("settled_s") is not None]
+            n_tuned = sum(1 for r in rounds if "decisions" in r[cfg])
+            settle = "-" if not n_tuned else (f"{_ms(settled)} s ({len(settled)}/{n_tuned} runs)" if settled
+                                              else f"not within the run (0/{n_tuned})")
+            lines.append(f"| {cfg} | {alloc} | {_ms(steady)} | {_ms(whole)} | {_ms(wait, 2)} | "
+                         f"{_ms(ratio['oracle'], 2)} | {_ms(ratio['default'], 2)} | {_ms(ratio['hill_climb'], 2)} | "
+                         f"{settle} |")
+        loads = [f"{r['loadavg_start'][0]:.1f}-{r['loadavg_end'][0]:.1f}" for r in rounds]
+        grid = ", ".join(f"{k}: {v:.0f}" for k, v in sorted(res["grid"].items(), key=lambda kv: -kv[1]))
+        lines += ["", f"1-min load average per round (start-end): {', '.join(loads)}.", "",
+                  f"Exhaustive search ({len(res['grid'])} allocations, {results['args']['grid_seconds']:.0f} s each, "
+                  f"samples/s): {grid}.", ""]
+    return "\n".join(lines)
 
 
 def write_plot(results: dict, path: str) -> None:

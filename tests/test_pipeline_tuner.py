@@ -188,7 +188,8 @@ def _model():
 
 
 def _tuner(**kw):
-    args = dict(agent="rl", cpu_budget=4, decide_every_n_batches=3, warmup_batches=1, explore_decisions=6)
+    args = dict(agent="rl", cpu_budget=4, decide_every_n_batches=3, min_window_s=0.0, warmup_batches=1,
+                explore_decisions=6)
     args.update(kw)
     return PipelineTuner(**args)
 

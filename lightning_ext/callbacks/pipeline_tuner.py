@@ -112,6 +112,7 @@ class PipelineTuner(Callback):
         cpu_budget: most workers in total per process (``None``: CPUs per process on this machine).
         memory_budget_mb: most estimated in-flight batch memory (``None``: half the available RAM).
         decide_every_n_batches: batches per measurement window (``mode="pipeline"``).
+        min_window_s: a window also lasts at least this many seconds (short windows are noisy).
         warmup_batches: batches skipped after a change before measuring (the pipeline refills).
         max_prefetch: highest prefetch depth (``prefetch_factor`` in dataloader mode).
         explore_decisions: decisions the RL agent explores before settling.
@@ -133,6 +134,7 @@ class PipelineTuner(Callback):
         cpu_budget: Optional[int] = None,
         memory_budget_mb: Optional[float] = None,
         decide_every_n_batches: int = 20,
+        min_window_s: float = 0.5,
         warmup_batches: int = 2,
         max_prefetch: int = 8,
         explore_decisions: int = 100,
@@ -151,6 +153,8 @@ class PipelineTuner(Callback):
             raise ValueError(f"`memory_budget_mb` must be > 0, got {memory_budget_mb}.")
         if decide_every_n_batches < 1:
             raise ValueError(f"`decide_every_n_batches` must be >= 1, got {decide_every_n_batches}.")
+        if min_window_s < 0:
+            raise ValueError(f"`min_window_s` must be >= 0, got {min_window_s}.")
         if warmup_batches < 0 or warmup_batches >= decide_every_n_batches:
             raise ValueError(f"`warmup_batches` must be in [0, decide_every_n_batches), got {warmup_batches}.")
         if max_prefetch < 1:
@@ -161,7 +165,7 @@ class PipelineTuner(Callback):
             raise ValueError(f"`min_gain` must be >= 0, got {min_gain}.")
         self.agent_name, self.mode, self.cpu_budget = agent, mode, cpu_budget
         self.memory_budget_mb, self.decide_every_n_batches = memory_budget_mb, decide_every_n_batches
-        self.warmup_batches, self.max_prefetch = warmup_batches, max_prefetch
+        self.warmup_batches, self.max_prefetch, self.min_window_s = warmup_batches, max_prefetch, min_window_s
         self.explore_decisions, self.min_gain, self.seed = explore_decisions, min_gain, seed
         self.plot_path, self.verbose = plot_path, verbose
         self.agent: Optional[Agent] = None
@@ -276,7 +280,8 @@ class PipelineTuner(Callback):
             self._t0, self._stats0, self._batches_in_window = time.perf_counter(), pipe.stats.copy(), 0
             return
         self._batches_in_window += 1
-        if self._batches_in_window >= self.decide_every_n_batches:
+        if (self._batches_in_window >= self.decide_every_n_batches
+                and time.perf_counter() - self._t0 >= self.min_window_s):
             self._decide(trainer, self._pipeline_observation(pipe))
 
     def _pipeline_observation(self, pipe: StagedPipeline) -> Observation:
