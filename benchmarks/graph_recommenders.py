@@ -376,5 +376,54 @@ def main():
     print(f"wall {result['wall_s']:.0f}s, load {load_start} -> {result['loadavg_end']}", flush=True)
 
 
+
+
+def report(path: Path) -> str:
+    """Markdown tables (results, tuning, UltraGCN time-to-target, speed) from a finished run's JSON."""
+    import numpy as np
+
+    r = json.loads(path.read_text())
+    lines = []
+    for ds, models in r["summary"].items():
+        lines += [f"### {ds}", "", "| model | lr | test Recall@20 | test NDCG@20 | test Recall@40 | test NDCG@40 | val Recall@20 | best epochs |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for model, e in models.items():
+            base = model.split(" @<=")[0]
+            fmt = lambda m: f"{e[m][0]:.4f} ± {e[m][1]:.4f}"
+            lines.append(f"| {model} | {r['chosen_lr'].get(base, '')} | {fmt('test_recall@20')} | {fmt('test_ndcg@20')} | "
+                         f"{fmt('test_recall@40')} | {fmt('test_ndcg@40')} | {fmt('val_recall@20')} | {e['epochs']} |")
+        lines.append("")
+    lines += ["### Tuning (LastFM, seed 0, validation Recall@20 of the best epoch)", "", "| model | lr | val Recall@20 | epochs run |", "|---|---|---|---|"]
+    for run in r["runs"]:
+        if run.get("tuning"):
+            lines.append(f"| {run['model']} | {run['lr']:g} | {run['best']['all']['val_recall@20']:.4f} | {run['epochs_run']} |")
+    lines += ["", "### UltraGCN time to LightGCN's best validation Recall@20", "",
+              "| dataset | seed | LightGCN best val R@20 | LightGCN time to it (s) | UltraGCN time to it (s) | UltraGCN best val R@20 | UltraGCN trained (s) | ratio |",
+              "|---|---|---|---|---|---|---|---|"]
+    lgn = {(x["dataset"], x["seed"]): x for x in r["runs"] if x["model"] == "LightGCN" and x["selected"]}
+    for x in r["runs"]:
+        if x["model"] != "UltraGCN" or not x["selected"]:
+            continue
+        g = lgn[(x["dataset"], x["seed"])]
+        t_l = g["best"]["all"]["train_time"]
+        t_u = x["time_to_target"]
+        ratio = f"{t_l / t_u:.2f}x" if t_u else "not reached"
+        lines.append(f"| {x['dataset']} | {x['seed']} | {x['target']:.4f} | {t_l:.0f} | {t_u if t_u is None else round(t_u)} | "
+                     f"{x['best']['all']['val_recall@20']:.4f} | {x['train_time']:.0f} | {ratio} |")
+    lines += ["", "### Seconds per training epoch (median, 1 thread, shared machine)", "", "| dataset | model | s/epoch |", "|---|---|---|"]
+    per = {}
+    for x in r["runs"]:
+        if x["selected"]:
+            per.setdefault((x["dataset"], x["model"]), []).append(x["epoch_time"])
+    for (ds, m), v in per.items():
+        lines.append(f"| {ds} | {m} | {np.median(v):.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__" and "--report" in sys.argv:
+    print(report(Path(sys.argv[-1])))
+    sys.exit(0)
+
+
 if __name__ == "__main__":
     sys.exit(main())
