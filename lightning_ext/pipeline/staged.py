@@ -265,9 +265,11 @@ class _Graph:
         self._halt()
         threads, procs = [], []
         for node in self.tail_nodes:
-            thread = getattr(getattr(node, "_it", None), "_thread", None)
+            it = getattr(node, "_it", None)
+            thread = getattr(it, "_thread", None)
             if thread is not None:
                 threads.append(thread)
+                it._shutdown = _noop  # reaped here; torchdata's __del__ could run in one of these threads
         for m in self.mappers:
             it = _mapper_iter(m)
             if it is None:
@@ -281,6 +283,7 @@ class _Graph:
                 if hasattr(q, "cancel_join_thread"):
                     q.cancel_join_thread()
             threads += [it._read_thread, it._sort_thread]
+            it._shutdown = _noop
             if it.method == "process":
                 procs += it._workers
                 # torchdata's __del__ would test these processes from forked children of later graphs
@@ -293,6 +296,10 @@ class _Graph:
             _reap(threads, procs)
         else:
             threading.Thread(target=_reap, args=(threads, procs), daemon=True).start()
+
+
+def _noop() -> None:
+    pass
 
 
 def _reap(threads: list, procs: list) -> None:
