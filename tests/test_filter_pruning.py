@@ -405,7 +405,7 @@ pruners = [BetaRankPruning(ratio=0.25, start_epoch=0, latency_repeats=0),
            RankDependentScores(ratio=0.25, start_epoch=1, latency_repeats=0)]
 trainer = Trainer(callbacks=pruners, strategy="ddp", devices=2, accelerator="cpu", max_epochs=3, logger=False,
                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                  deterministic=True)
+                  deterministic=True, default_root_dir=sys.argv[1])  # the plots land there, not in the cwd
 trainer.fit(model, datamodule=make_ddp_dm(32))
 torch.save({"state": model.state_dict(), "steps": [p.steps for p in pruners]},
            sys.argv[1] + f"/rank{trainer.global_rank}.pt")
