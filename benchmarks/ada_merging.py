@@ -55,7 +55,8 @@ on the average accuracy, in the mean over seeds and in how many seeds).
 
 Writes ``docs/results/ada_merging.{md,json,png}`` (not with ``--quick``, which writes to a temporary directory).
 
-    python benchmarks/ada_merging.py                 # 3 seeds, 2 threads: about 35-45 min (up to ~1 h on a busy CPU)
+    python benchmarks/ada_merging.py                 # 3 seeds, 2 threads: 159 min measured on a busy 2-core VM
+    python benchmarks/ada_merging.py --heads frozen --out runs/ada_frozen   # heads fixed at the probes
     python benchmarks/ada_merging.py --seeds 1       # one seed: about 15 min
     python benchmarks/ada_merging.py --quick         # smoke test of the script (~1.5 min, numbers meaningless)
 
@@ -243,7 +244,7 @@ def linear_probe(features: Tensor, y: Tensor, classes: int, seed: int, steps: in
 
 
 def finetune(base: nn.Module, head: dict[str, Tensor], task: Task, steps: int, lr: float, seed: int,
-             log: Callable[[str], None]) -> dict[str, Tensor]:
+             log: Callable[[str], None], freeze_head: bool = False) -> dict[str, Tensor]:
     """Fine-tune body and head together, starting from the task's linear probe; returns the state dict.
 
     AdamW with a one-cycle schedule (15 % warm-up, cosine decay) and gradient clipping at norm 1. BatchNorm layers
@@ -253,6 +254,8 @@ def finetune(base: nn.Module, head: dict[str, Tensor], task: Task, steps: int, l
     """
     torch.manual_seed(seed)
     net = with_head(copy.deepcopy(base), head)
+    if freeze_head:  # the CLIP protocol: the head stays the probe, only the body adapts to it
+        net.classifier[1].requires_grad_(False)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
@@ -314,7 +317,8 @@ def run_seed(seed: int, tasks: list[Task], weights: Path, args, workdir: Path, l
 
     paths, individual, distances, ft_heads = [], [], [], []
     for k, task in enumerate(tasks):
-        sd = finetune(base, heads[k], task, args.finetune_steps, args.finetune_lr, seed * 100 + k, log)
+        sd = finetune(base, heads[k], task, args.finetune_steps, args.finetune_lr, seed * 100 + k, log,
+                      freeze_head=args.heads == "frozen")
         ft_heads.append({key: sd[key].clone() for key in ("classifier.1.weight", "classifier.1.bias")})
         path = workdir / f"seed{seed}_{task.name}.pt"
         torch.save(sd, path)
@@ -583,6 +587,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--n-test", type=int, default=500, help="test images per task (evaluation, AdaMerging inputs)")
     p.add_argument("--finetune-steps", type=int, default=400)
     p.add_argument("--finetune-lr", type=float, default=3e-4, help="peak AdamW learning rate of the fine-tuning")
+    p.add_argument("--heads", choices=("joint", "frozen"), default="joint",
+                   help="fine-tune each head with its body (joint) or keep the probe heads fixed (frozen, as CLIP's "
+                        "zero-shot heads in the paper)")
     p.add_argument("--lambdas", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0])
     p.add_argument("--ties-lambdas", type=float, nargs="+", default=[0.5, 0.7, 1.0, 1.5])
     p.add_argument("--ada-steps", type=int, default=300, help="AdaMerging steps (the paper: 500)")

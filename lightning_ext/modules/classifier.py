@@ -125,12 +125,18 @@ class Classifier(LightningModule):
         return self(x).argmax(dim=-1)
 
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        if self.optimizer_factory is not None:
-            optimizer = self.optimizer_factory(params)
-        else:
-            optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
+        return configure_optimization(self, [p for p in self.parameters() if p.requires_grad])
+
+
+def configure_optimization(module: Any, params: Any) -> Any:
+    """What ``configure_optimizers`` returns for a module with LightningCLI-style injection: its
+    ``optimizer_factory`` (or AdamW with its ``lr``/``weight_decay``) over ``params`` (parameters or groups), plus
+    its ``scheduler_factory`` stepped every ``scheduler_interval`` when one is set."""
+    if module.optimizer_factory is not None:
+        optimizer = module.optimizer_factory(params)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=module.lr, weight_decay=module.weight_decay)
+    if module.scheduler_factory is None:
+        return optimizer
+    scheduler = module.scheduler_factory(optimizer)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": module.scheduler_interval}}

@@ -496,14 +496,9 @@ class SelfSupervisedModule(LightningModule):
             if self.probe_lr is not None:
                 probe_group["lr"] = self.probe_lr
             groups.append(probe_group)
-        if self.optimizer_factory is not None:
-            optimizer = self.optimizer_factory(groups)
-        else:
-            optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
+        from lightning_ext.modules.classifier import configure_optimization
+
+        return configure_optimization(self, groups)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["skipped_steps"] = self.skipped_steps
