@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from lightning_ext.datamodules.base import InMemoryDataModule
-from lightning_ext.datamodules.fashion_mnist import FashionMNISTDataModule
-from lightning_ext.filtering.training import small_cnn
+from lightning_ext.data.base import InMemoryDataModule
+from lightning_ext.data.fashion_mnist import FashionMNISTDataModule
+from lightning_ext.curation.training import small_cnn
 from lightning_ext.modules import ImageClassifier
 
 

@@ -32,7 +32,7 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from torch import nn
 
-from lightning_ext.callbacks.activating_while_pruning import ActivatingWhilePruning, dead_neuron_rate, model_cost
+from lightning_ext.compression.activating_while_pruning import ActivatingWhilePruning, dead_neuron_rate, model_cost
 from lightning_ext.datamodules import DigitsDataModule
 from lightning_ext.modules import ImageClassifier
 
@@ -209,8 +209,8 @@ class EpochRecorder(Callback):
 
 
 def run_filter(seed: int, pruner_name: str, with_ap: bool, args) -> dict:
-    from lightning_ext.callbacks.beta_rank_pruning import BetaRankPruning
-    from lightning_ext.callbacks.l1_filter_pruning import L1FilterPruning
+    from lightning_ext.compression.beta_rank_pruning import BetaRankPruning
+    from lightning_ext.compression.l1_filter_pruning import L1FilterPruning
 
     dm = DigitsDataModule(batch_size=64, shuffle_seed=seed)
     dm.setup()

@@ -86,7 +86,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_ext.datamodules import DigitsDataModule, FashionMNISTDataModule, MNIST5kDataModule
-from lightning_ext.datamodules.multi_task import prepare_images
+from lightning_ext.merging.multi_task import prepare_images
 from lightning_ext.merging import (
     AdaMergingHistory,
     AdaMergingModel,

@@ -37,8 +37,8 @@ import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 from torch import nn
 
-from lightning_ext.callbacks.data_free_compression import data_free_compress
-from lightning_ext.pruning import measure_latency
+from lightning_ext.compression.data_free_compression import data_free_compress
+from lightning_ext.compression import measure_latency
 from lightning_ext.datamodules import DigitsDataModule, FashionMNISTDataModule
 from lightning_ext.modules import ImageClassifier
 
@@ -231,7 +231,7 @@ def write_report(results: dict, args, total_seconds: float) -> None:
         "",
         "Paper: Bai, Chen, Shen, Qian, Liu, *Unified Data-Free Compression: Pruning and Quantization without "
         "Fine-Tuning*, ICCV 2023 (arXiv:2308.07209). Component: `lightning_ext.callbacks.DataFreeCompression`, "
-        "functional core `data_free_compress` in `lightning_ext/callbacks/data_free_compression.py`.",
+        "functional core `data_free_compress` in `lightning_ext/compression/data_free_compression.py`.",
         "",
         f"**Verdict: {word}** for the spec's criterion (compensation recovers >= 50% of the test accuracy lost by "
         "naive prune+quantize at 30% pruning and 6-bit weights, consistently across seeds), on small models and "

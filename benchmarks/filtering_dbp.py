@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import mean_std  # noqa: E402
 from _filtering_data import PoolDataModule, cnn_model, environment, planted_pool  # noqa: E402
 
-from lightning_ext.filtering import (  # noqa: E402
+from lightning_ext.curation import (  # noqa: E402
     DensityBasedPruning, Embedder, RandomScorer, ScoringData, SelfSupervisedPrototypes, SemDeDup,
     compare_curations, results_table,
 )

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import mean_std  # noqa: E402
 from _filtering_data import PoolDataModule, cnn_model, environment, planted_pool  # noqa: E402
 
-from lightning_ext.filtering import DFNScorer, EL2NScorer, RandomScorer, compare_curations, results_table  # noqa: E402
+from lightning_ext.curation import DFNScorer, EL2NScorer, RandomScorer, compare_curations, results_table  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "results"
 

@@ -33,9 +33,9 @@ from _common import mean_std  # noqa: E402
 from _filtering_data import environment  # noqa: E402
 
 from lightning_ext.datamodules import DigitsDataModule, MNIST5kDataModule  # noqa: E402
-from lightning_ext.datamodules.fashion_mnist import FashionMNISTDataModule  # noqa: E402
-from lightning_ext.filtering import DP4TLLabelMapping, ScoringData  # noqa: E402
-from lightning_ext.filtering.training import predict_logits, small_cnn, train_classifier  # noqa: E402
+from lightning_ext.data.fashion_mnist import FashionMNISTDataModule  # noqa: E402
+from lightning_ext.curation import DP4TLLabelMapping, ScoringData  # noqa: E402
+from lightning_ext.curation.training import predict_logits, small_cnn, train_classifier  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "results"
 

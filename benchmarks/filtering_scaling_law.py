@@ -28,8 +28,8 @@ from torch.utils.data import TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _filtering_data import environment, planted_pool  # noqa: E402
 
-from lightning_ext.filtering import FilteringScalingLaw  # noqa: E402
-from lightning_ext.filtering.training import predict_logits, small_cnn, train_classifier  # noqa: E402
+from lightning_ext.curation import FilteringScalingLaw  # noqa: E402
+from lightning_ext.curation.training import predict_logits, small_cnn, train_classifier  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "results"
 

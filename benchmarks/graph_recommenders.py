@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 
-from lightning_ext.datamodules.lastfm import LastFMDataModule
-from lightning_ext.datamodules.movielens100k import MovieLens100KDataModule
+from lightning_ext.recsys.lastfm import LastFMDataModule
+from lightning_ext.recsys.movielens100k import MovieLens100KDataModule
 from lightning_ext.modules import DCCF, MFBPR, LightGCL, LightGCN, UltraGCN
 
 REPO = Path(__file__).resolve().parents[1]

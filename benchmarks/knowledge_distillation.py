@@ -39,11 +39,11 @@ import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 from torch import nn
 
-from lightning_ext.callbacks.knowledge_distillation import KnowledgeDistillation
-from lightning_ext.datamodules.base import Arrays
-from lightning_ext.datamodules.fashion_mnist import FashionMNISTDataModule
-from lightning_ext.filtering.el2n import el2n_scores
-from lightning_ext.losses.knowledge_distillation import KeptFractionWeight
+from lightning_ext.distillation.callback import KnowledgeDistillation
+from lightning_ext.data.base import Arrays
+from lightning_ext.data.fashion_mnist import FashionMNISTDataModule
+from lightning_ext.curation.el2n import el2n_scores
+from lightning_ext.distillation.losses import KeptFractionWeight
 from lightning_ext.modules import ImageClassifier
 
 REPO = Path(__file__).resolve().parents[1]

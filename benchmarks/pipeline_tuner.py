@@ -34,7 +34,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
-from lightning_ext.callbacks.pipeline_tuner import PipelineTuner, plot_tuning
+from lightning_ext.pipeline.tuner import PipelineTuner, plot_tuning
 from lightning_ext.datamodules import StagedPipelineDataModule
 from lightning_ext.pipeline import Allocation
 from lightning_ext.pipeline.agents import SearchSpace

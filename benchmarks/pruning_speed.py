@@ -38,8 +38,8 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lightning_ext.pruning import count_macs_params, measure_latency  # noqa: E402
-from lightning_ext.callbacks.l1_filter_pruning import L1FilterPruning  # noqa: E402
+from lightning_ext.compression import count_macs_params, measure_latency  # noqa: E402
+from lightning_ext.compression.l1_filter_pruning import L1FilterPruning  # noqa: E402
 from lightning_ext.datamodules import FashionMNISTDataModule  # noqa: E402
 from benchmarks._common import fit, mean_std, resnet10t_fmnist, test_predictions  # noqa: E402
 

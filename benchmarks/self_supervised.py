@@ -48,12 +48,12 @@ from typing import Optional
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 
-from lightning_ext.callbacks.knn_evaluation import KNNEvaluation, knn_predict
-from lightning_ext.datamodules.base import Arrays
-from lightning_ext.datamodules.fashion_mnist import FashionMNISTDataModule
+from lightning_ext.ssl.knn_evaluation import KNNEvaluation, knn_predict
+from lightning_ext.data.base import Arrays
+from lightning_ext.data.fashion_mnist import FashionMNISTDataModule
 from lightning_ext.modules import BarlowTwins, FroSSL, SimCLR, VICReg
-from lightning_ext.modules.multi_view_augmentation import MultiViewAugmentation
-from lightning_ext.modules.self_supervised import ConvEncoder, WarmupCosineLR
+from lightning_ext.ssl.multi_view_augmentation import MultiViewAugmentation
+from lightning_ext.ssl.self_supervised import ConvEncoder, WarmupCosineLR
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "docs" / "results"

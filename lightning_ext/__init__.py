@@ -7,7 +7,7 @@ the component on first use. ``lightning-ext list`` prints every component with a
 
 from __future__ import annotations
 
-from lightning_ext._lazy import lazy_exports
+from lightning_ext.core.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -15,14 +15,9 @@ _SUBPACKAGES = ("callbacks", "datamodules", "modules")
 
 
 def _all_exports() -> dict[str, str]:
-    import importlib
+    from lightning_ext.catalogue import exports
 
-    out: dict[str, str] = {}
-    for sub in _SUBPACKAGES:
-        pkg = importlib.import_module(f"lightning_ext.{sub}")
-        for name, module in pkg._EXPORTS.items():
-            out[name] = f"{sub}.{module}"
-    return out
+    return {name: module for sub in _SUBPACKAGES for name, module in exports(sub).items()}
 
 
 def __getattr__(name: str):  # noqa: D103 - module-level lazy attribute access

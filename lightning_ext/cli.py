@@ -1,26 +1,22 @@
-"""The ``lightning-ext`` command: a LightningCLI in subclass mode, plus ``lightning-ext list``.
+"""The ``lightning-ext`` command: a LightningCLI in subclass mode, plus ``list`` and ``search``.
 
 ``lightning-ext fit|validate|test|predict --config configs/<x>.yaml`` trains or evaluates any
 LightningModule and LightningDataModule, ours or the user's, named by class path; ours, Lightning's
 callbacks and any other imported subclass also resolve by their short class name. Unknown names fail before
 anything is built, with the closest known names suggested. ``test_after_fit: true`` in a fit config runs
-the test split once training ends.
+the test split once training ends. ``lightning-ext list [--kind K] [--family F]`` and ``lightning-ext search
+WORDS`` read the static catalogue and import no component; a config imports only the classes it names.
 """
 
 from __future__ import annotations
 
-import difflib
-import importlib
 import sys
-from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import yaml
-from lightning.pytorch import Callback, LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import Logger
+from lightning_ext import catalogue
 
-from lightning_ext import registry
+if TYPE_CHECKING:
+    from lightning_ext.lightning_cli import LightningExtCLI
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -29,170 +25,76 @@ class UnknownClassError(ValueError):
     """A class named in a config or on the command line does not exist."""
 
 
-def _subclasses(base: type) -> set[type]:
-    seen, stack = set(), [base]
-    while stack:
-        for sub in stack.pop().__subclasses__():
-            if sub not in seen:
-                seen.add(sub)
-                stack.append(sub)
-    return seen
-
-
-def known_short_names() -> dict[str, str]:
-    """Short class name -> class path for every class that may be named without its module."""
-    import torch
-
-    registry.import_all()
-    importlib.import_module("lightning.pytorch.callbacks")
-    importlib.import_module("lightning.pytorch.loggers")
-    bases = (LightningModule, LightningDataModule, Callback, Logger, torch.optim.Optimizer,
-             torch.optim.lr_scheduler.LRScheduler)
-    names = {}
-    for base in bases:
-        for cls in _subclasses(base):
-            if not cls.__name__.startswith("_"):
-                names.setdefault(cls.__name__, f"{cls.__module__}.{cls.__name__}")
-    for comp in registry.components():
-        names[comp.name] = comp.class_path
-    return names
-
-
-def _class_names_in(node: Any, key: Optional[str] = None) -> Iterable[str]:
-    """Every class name written in a parsed config: ``class_path`` values and bare strings under model/data."""
-    if isinstance(node, dict):
-        for k, v in node.items():
-            if k == "class_path" and isinstance(v, str):
-                yield v
-            else:
-                yield from _class_names_in(v, k)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _class_names_in(item, key)
-    elif isinstance(node, str) and key in ("model", "data", "callbacks") and node and node[0].isupper():
-        yield node
-
-
-def _names_from_args(args: list[str]) -> list[str]:
-    names: list[str] = []
-    it = iter(range(len(args)))
-    for i in it:
-        arg = args[i]
-        key, _, value = arg.partition("=")
-        if not value and i + 1 < len(args) and not args[i + 1].startswith("--"):
-            value = args[i + 1]
-        if key == "--config" and value:
-            path = Path(value)
-            if path.is_file():
-                names += list(_class_names_in(yaml.safe_load(path.read_text())))
-        elif key in ("--model", "--data", "--trainer.callbacks", "--trainer.callbacks+") and value and not value.startswith("{"):
-            if not Path(value).is_file():
-                names.append(value)
-        elif key.endswith(".class_path") and value:
-            names.append(value)
-    return names
-
-
-def check_class_names(args: list[str]) -> None:
-    """Raise :class:`UnknownClassError` for a class named in ``args`` (or their configs) that cannot be found."""
-    names = _names_from_args(args)
-    if not names:
-        return
-    short = known_short_names()
-    for name in names:
-        if "." not in name:
-            if name in short:
-                continue
-            close = difflib.get_close_matches(name, short, n=5, cutoff=0.6)
-            raise UnknownClassError(
-                f"Unknown class {name!r}."
-                + (f" Did you mean: {', '.join(close)}?" if close else "")
-                + " Run `lightning-ext list` for our components, or give a full class path (package.module.Class)."
-            )
-        module_name, _, attr = name.rpartition(".")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as err:
-            raise UnknownClassError(f"Cannot import module {module_name!r} for class {name!r}: {err}.") from err
-        if not hasattr(module, attr):
-            candidates = [n for n in dir(module) if not n.startswith("_")]
-            close = difflib.get_close_matches(attr, candidates, n=5, cutoff=0.6)
-            raise UnknownClassError(
-                f"Module {module_name!r} has no class {attr!r}."
-                + (f" Did you mean: {', '.join(f'{module_name}.{c}' for c in close)}?" if close else "")
-            )
-
-
-class LightningExtCLI(LightningCLI):
-    """LightningCLI with subclass mode for model and data, our components importable by short name, a
-    ``test_after_fit`` option, and early, suggestive errors for unknown class names."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        registry.import_all()
-        kwargs.setdefault("subclass_mode_model", True)
-        kwargs.setdefault("subclass_mode_data", True)
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault(
-            "parser_kwargs",
-            {"description": "lightning-ext: research methods as Lightning components. "
-             "`lightning-ext list` shows them."},
-        )
-        super().__init__(*args, **kwargs)
-
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument(
-            "--test_after_fit", type=bool, default=False,
-            help="After `fit`, evaluate on the test split (best checkpoint if one was saved).",
-        )
-
-    def parse_arguments(self, parser, args) -> None:
-        if args is None:
-            check_class_names(sys.argv[1:])
-        elif isinstance(args, (list, tuple)):
-            check_class_names(list(args))
-        super().parse_arguments(parser, args)
-
-    def after_fit(self) -> None:
-        if not self.config.get("fit", {}).get("test_after_fit", False):
-            return
-        ckpt = getattr(self.trainer.checkpoint_callback, "best_model_path", "") or None
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, weights_only=False)
-
-
-def print_components(kinds: Iterable[str] = registry.KINDS) -> None:
-    """Print every shipped component of the given kinds, grouped by kind, with its one-line summary."""
+def print_entries(items: list[catalogue.Entry], title: str = "") -> None:
+    """Print catalogue entries as Rich tables grouped by kind: name, family, summary, arXiv id."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    for kind in kinds:
-        items = registry.components(kind)
-        table = Table(title=registry.KIND_TITLES[kind], title_justify="left", show_lines=False)
+    if not items:
+        console.print(f"no component matches{': ' + title if title else ''}")
+        return
+    for kind in catalogue.KINDS:
+        rows = [e for e in items if e.kind == kind]
+        if not rows:
+            continue
+        table = Table(title=catalogue.KIND_TITLES[kind], title_justify="left", show_lines=False)
         table.add_column("name", style="bold cyan", no_wrap=True)
+        table.add_column("family", no_wrap=True)
         table.add_column("summary")
-        for c in items:
-            table.add_row(c.name, c.summary)
-        if not items:
-            table.add_row("(none yet)", "")
+        table.add_column("arXiv", no_wrap=True)
+        for e in rows:
+            table.add_row(e.name, e.family, e.summary, e.arxiv or "")
         console.print(table)
+
+
+class UsageError(ValueError):
+    """A malformed ``list``/``search`` command line."""
+
+
+def _list_command(argv: list[str]) -> None:
+    kind = family = None
+    it = iter(argv)
+    for arg in it:
+        key, eq, value = arg.partition("=")
+        if key in ("--kind", "--family"):
+            value = value if eq else next(it, "")
+            if key == "--kind":
+                kind = value
+            else:
+                family = value
+        elif not arg.startswith("-") and kind is None:  # `lightning-ext list callbacks`, the short form
+            kind = arg
+        else:
+            raise UsageError(f"lightning-ext list [--kind {{{','.join(catalogue.KINDS)}}}] "
+                             f"[--family {{{','.join(catalogue.FAMILIES)}}}]: unexpected argument {arg!r}")
+    try:
+        items = catalogue.entries(kind, family)
+    except ValueError as err:
+        raise UsageError(f"lightning-ext list: {err}") from None
+    print_entries(items)
 
 
 def run_cli(args: Optional[list[str]] = None) -> Optional[LightningExtCLI]:
     """Run the command line ``args`` (default ``sys.argv[1:]``) and return the CLI object (``None`` for
-    ``list``/``--version``). Tests and notebooks call this; unknown class names raise :class:`UnknownClassError`."""
+    ``list``/``search``/``--version``). Tests and notebooks call this; unknown class names raise
+    :class:`UnknownClassError`, malformed ``list``/``search`` lines :class:`UsageError`."""
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] == ["list"]:
-        kinds = argv[1:] or list(registry.KINDS)
-        unknown = [k for k in kinds if k not in registry.KINDS]
-        if unknown:
-            raise SystemExit(f"lightning-ext list [{'|'.join(registry.KINDS)}]: unknown kind {unknown[0]!r}")
-        print_components(kinds)
+        _list_command(argv[1:])
+        return None
+    if argv[:1] == ["search"]:
+        if not argv[1:]:
+            raise UsageError("lightning-ext search WORDS: give one or more words, e.g. `lightning-ext search ties`")
+        print_entries(catalogue.search(argv[1:]), " ".join(argv[1:]))
         return None
     if argv[:1] == ["--version"]:
         import lightning_ext
 
         print(f"lightning-ext {lightning_ext.__version__}")
         return None
+    from lightning_ext.lightning_cli import LightningExtCLI
+
     if args is None:
         return LightningExtCLI()
     saved, sys.argv = sys.argv, sys.argv[:1]  # programmatic call: don't mix with the host's own argv
@@ -206,6 +108,14 @@ def main() -> None:
     """Entry point of ``lightning-ext`` and ``python -m lightning_ext``: errors in names exit with status 2."""
     try:
         run_cli()
-    except UnknownClassError as err:
+    except (UnknownClassError, UsageError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def __getattr__(name: str) -> Any:  # LightningExtCLI and the name checks live with Lightning's imports
+    if name in ("LightningExtCLI", "check_class_names", "known_short_names"):
+        from lightning_ext import lightning_cli
+
+        return getattr(lightning_cli, name)
+    raise AttributeError(f"module 'lightning_ext.cli' has no attribute {name!r}")

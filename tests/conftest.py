@@ -21,7 +21,7 @@ def planetoid_root() -> Path:
 
 
 def fashion_mnist_available() -> bool:
-    from lightning_ext.datamodules.fashion_mnist import find_fashion_mnist
+    from lightning_ext.data.fashion_mnist import find_fashion_mnist
 
     try:
         find_fashion_mnist()

@@ -12,7 +12,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
 
-from lightning_ext.callbacks.activating_while_pruning import (
+from lightning_ext.compression.activating_while_pruning import (
     ActivatingWhilePruning,
     _match_kept_indices,
     ap_prune_step,
@@ -369,7 +369,7 @@ def _cnn_model() -> ImageClassifier:
 
 
 def test_crash_and_resume_on_top_of_l1_filter_pruning(tmp_path):
-    l1 = pytest.importorskip("lightning_ext.callbacks.l1_filter_pruning")
+    l1 = pytest.importorskip("lightning_ext.compression.l1_filter_pruning")
 
     def callbacks():
         return [l1.L1FilterPruning(ratio=0.5, start_epoch=1, every_n_epochs=1, num_steps=2, ignored_layers=["net.8"],

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_ext.callbacks.beta_rank_pruning import BetaRankPruning, beta_rank_scores
-from lightning_ext.callbacks.filter_pruning import PruningError, count_macs_params
+from lightning_ext.compression.beta_rank_pruning import BetaRankPruning, beta_rank_scores
+from lightning_ext.compression.filter_pruning import PruningError, count_macs_params
 from lightning_ext.datamodules import DigitsDataModule
 from lightning_ext.modules import ImageClassifier
 from lightning_ext.testing import assert_same_parameters, crash_and_resume

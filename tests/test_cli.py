@@ -9,7 +9,7 @@ import pytest
 import yaml
 from lightning.pytorch import LightningDataModule, LightningModule
 
-from lightning_ext import registry
+from lightning_ext import catalogue
 from lightning_ext.cli import UnknownClassError, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,22 +26,22 @@ def _run(*args, **kwargs):
 def test_list_prints_every_component_grouped_by_kind():
     out = subprocess.run([sys.executable, "-m", "lightning_ext", "list"], capture_output=True, text=True,
                          check=True, env={"COLUMNS": "200", "PATH": ""}).stdout
-    for title in registry.KIND_TITLES.values():
+    for title in catalogue.KIND_TITLES.values():
         assert title in out
-    for comp in registry.components():
+    for comp in catalogue.components():
         assert comp.name in out
     # grouped: every module is listed after the LightningModules title and before the DataModules title
     mod_at, dm_at = out.index("LightningModules"), out.index("LightningDataModules")
-    assert all(mod_at < out.index(c.name) < dm_at for c in registry.components("modules"))
+    assert all(mod_at < out.index(c.name) < dm_at for c in catalogue.components("modules"))
 
 
-def test_readme_component_table_matches_the_registry():
+def test_readme_component_table_matches_the_catalogue():
     readme = (REPO / "README.md").read_text()
     block = re.search(r"<!-- components:start -->\n(.*?)\n<!-- components:end -->", readme, re.S)
     assert block, "README.md needs the component table between the components:start/end markers"
-    assert block.group(1).strip() == registry.markdown_table().strip(), (
+    assert block.group(1).strip() == catalogue.markdown_table().strip(), (
         "README component table is out of date; regenerate it with "
-        "`python -c 'from lightning_ext import registry; print(registry.markdown_table())'`"
+        "`python -c 'from lightning_ext import catalogue; print(catalogue.markdown_table())'`"
     )
 
 
@@ -114,4 +114,21 @@ def test_list_one_kind_and_unknown_kind():
                          text=True, check=True, env={"COLUMNS": "200", "PATH": ""}).stdout
     assert "DigitsDataModule" in out and "ImageClassifier" not in out
     res = subprocess.run([sys.executable, "-m", "lightning_ext", "list", "optimizers"], capture_output=True, text=True)
-    assert res.returncode != 0 and "unknown kind 'optimizers'" in res.stderr
+    assert res.returncode == 2 and "unknown kind 'optimizers'" in res.stderr
+
+
+def test_list_by_family_and_search_read_the_catalogue_without_importing_components():
+    code = ("import sys; from lightning_ext.cli import run_cli; run_cli(['list', '--family', 'curation']); "
+            "run_cli(['search', 'ties']); run_cli(['list', '--kind=losses']); "
+            "print('IMPORTED', sorted(m for m in sys.modules if m.startswith('lightning_ext.') and "
+            "m.split('.')[1] not in ('cli', 'catalogue', 'core')), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"COLUMNS": "200", "PATH": ""}).stdout
+    assert "SemDeDup" in out and "DensityBasedPruning" in out and "FilteredDataModule" in out
+    assert "ties_merging_merge" in out and "ModelMerging" in out  # found by alias TIES
+    assert "kd_kl_loss" in out and "frossl_loss" in out
+    assert out.strip().endswith("IMPORTED [] False"), out[-300:]
+    res = _run("search", "udfc")
+    assert res.returncode == 0 and "DataFreeCompression" in res.stdout
+    res = _run("list", "--family", "nosuch")
+    assert res.returncode == 2 and "unknown family 'nosuch'" in res.stderr and "Traceback" not in res.stderr

@@ -12,7 +12,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from lightning_ext.callbacks.data_free_compression import (
+from lightning_ext.compression.data_free_compression import (
     CompressionError,
     DataFreeCompression,
     _refuse_strategy,

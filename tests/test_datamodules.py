@@ -14,8 +14,8 @@ from lightning_ext.datamodules import (
     PlanetoidDataModule,
     TabularDataModule,
 )
-from lightning_ext.datamodules import fashion_mnist as fm_module
-from lightning_ext.datamodules import mnist5k as m5k_module
+from lightning_ext.data import fashion_mnist as fm_module
+from lightning_ext.data import mnist5k as m5k_module
 
 
 def _rows(ds):

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from torch import nn
 
-from lightning_ext.callbacks.filter_pruning import (
+from lightning_ext.compression.filter_pruning import (
     FilterPruning,
     PruningError,
     apply_pruning_history,
@@ -23,8 +23,8 @@ from lightning_ext.callbacks.filter_pruning import (
     prunable_filter_groups,
     prune_filters,
 )
-from lightning_ext.callbacks.l1_filter_pruning import L1FilterPruning, l1_filter_scores
-from lightning_ext.callbacks.random_filter_pruning import RandomFilterPruning, random_filter_scores
+from lightning_ext.compression.l1_filter_pruning import L1FilterPruning, l1_filter_scores
+from lightning_ext.compression.random_filter_pruning import RandomFilterPruning, random_filter_scores
 from lightning_ext.datamodules import DigitsDataModule
 from lightning_ext.modules import ImageClassifier
 from lightning_ext.testing import assert_same_parameters, crash_and_resume
@@ -389,8 +389,8 @@ def test_crash_and_resume_with_an_iterative_schedule_matches_the_uninterrupted_r
 DDP_SCRIPT = """
 import sys, torch
 from lightning.pytorch import Trainer
-from lightning_ext.callbacks.beta_rank_pruning import BetaRankPruning
-from lightning_ext.callbacks.random_filter_pruning import RandomFilterPruning, random_filter_scores
+from lightning_ext.compression.beta_rank_pruning import BetaRankPruning
+from lightning_ext.compression.random_filter_pruning import RandomFilterPruning, random_filter_scores
 from tests.test_filter_pruning import make_ddp_model, make_ddp_dm
 
 
@@ -425,7 +425,7 @@ def make_ddp_dm(batch_size):
 
 @pytest.mark.ddp
 def test_two_process_ddp_prunes_identically_on_both_ranks(tmp_path):
-    from lightning_ext.callbacks.beta_rank_pruning import BetaRankPruning
+    from lightning_ext.compression.beta_rank_pruning import BetaRankPruning
 
     script = tmp_path / "ddp_prune.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT))

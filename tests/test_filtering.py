@@ -1,4 +1,4 @@
-"""FilteredDataModule and the data scorers (lightning_ext.filtering) on digits with planted faults."""
+"""FilteredDataModule and the data scorers (lightning_ext.curation) on digits with planted faults."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_ext.datamodules import DigitsDataModule
-from lightning_ext.datamodules.filtered import FilteredDataModule, FilteredDataModuleError
-from lightning_ext.filtering import (
+from lightning_ext.curation.datamodule import FilteredDataModule, FilteredDataModuleError
+from lightning_ext.curation import (
     ComputeAwareSelection, DensityBasedPruning, DFNScorer, DP4TLLabelMapping, EL2NScorer, Embedder,
     FilteringScalingLaw, RandomScorer, RuleFilter, Scorer, ScoringData, SelfSupervisedPrototypes, SemDeDup,
     cluster_quotas, compare_curations, count_to_keep, results_table, top_k,

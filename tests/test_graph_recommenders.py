@@ -11,7 +11,7 @@ import pytest
 import torch
 from lightning.pytorch import Trainer, seed_everything
 
-from lightning_ext.datamodules.interactions import (
+from lightning_ext.recsys.interactions import (
     BPRBatchSampler,
     InteractionDataModule,
     InteractionFileDataModule,
@@ -19,12 +19,12 @@ from lightning_ext.datamodules.interactions import (
     per_user_split,
     read_user_items_file,
 )
-from lightning_ext.metrics.ranking import RankingMetrics, topk_ranking
-from lightning_ext.modules.dccf import DCCF, adaptive_edge_values
-from lightning_ext.modules.lightgcl import LightGCL
-from lightning_ext.modules.lightgcn import LightGCN
-from lightning_ext.modules.mf_bpr import MFBPR
-from lightning_ext.modules.ultragcn import UltraGCN, item_item_constraints, ultragcn_betas
+from lightning_ext.recsys.metrics import RankingMetrics, topk_ranking
+from lightning_ext.recsys.dccf import DCCF, adaptive_edge_values
+from lightning_ext.recsys.lightgcl import LightGCL
+from lightning_ext.recsys.lightgcn import LightGCN
+from lightning_ext.recsys.mf_bpr import MFBPR
+from lightning_ext.recsys.ultragcn import UltraGCN, item_item_constraints, ultragcn_betas
 from lightning_ext.recsys.graph import SparseGraph, bipartite_graph, spmm, symmetric_norm_values
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -182,7 +182,7 @@ def test_interaction_file_datamodule_reads_the_lightgcn_format(tmp_path):
 
 @needs_lastfm
 def test_lastfm_is_the_lightgcn_split():
-    from lightning_ext.datamodules.lastfm import LastFMDataModule
+    from lightning_ext.recsys.lastfm import LastFMDataModule
 
     dm = LastFMDataModule(root=str(LASTFM), val_fraction=0.1)
     dm.setup()
@@ -195,7 +195,7 @@ def test_lastfm_is_the_lightgcn_split():
 
 
 def test_movielens100k_implicit_rule_and_per_user_split():
-    from lightning_ext.datamodules.movielens100k import MovieLens100KDataModule, find_ml100k_inter
+    from lightning_ext.recsys.movielens100k import MovieLens100KDataModule, find_ml100k_inter
 
     raw = np.loadtxt(find_ml100k_inter(), skiprows=1)
     dm = MovieLens100KDataModule(min_rating=4, val_fraction=0)

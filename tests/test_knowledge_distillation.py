@@ -12,7 +12,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from lightning_ext.callbacks.knowledge_distillation import (
+from lightning_ext.distillation.callback import (
     Distiller,
     KnowledgeDistillation,
     build_teacher,
@@ -20,7 +20,7 @@ from lightning_ext.callbacks.knowledge_distillation import (
     select_input,
 )
 from lightning_ext.datamodules import DigitsDataModule
-from lightning_ext.losses.knowledge_distillation import (
+from lightning_ext.distillation.losses import (
     ConstantWeight,
     CosineWeight,
     KeptFractionWeight,

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from lightning.pytorch import Trainer
 from torch import nn
 
-from lightning_ext.callbacks.model_merging import ModelMerging
+from lightning_ext.merging.callback import ModelMerging
 from lightning_ext.datamodules import DigitsDataModule
-from lightning_ext.datamodules.base import Arrays
-from lightning_ext.datamodules.multi_task import MultiTaskDataModule, prepare_images
+from lightning_ext.data.base import Arrays
+from lightning_ext.merging.multi_task import MultiTaskDataModule, prepare_images
 from lightning_ext.merging import (
     AdaMergingHistory,
     AdaMergingModel,

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 import lightning_ext
-from lightning_ext import registry
+from lightning_ext import catalogue
 
 
 def test_import_is_light_and_fast():
@@ -20,7 +20,7 @@ def test_import_is_light_and_fast():
     assert seconds < 0.5, f"import lightning_ext took {seconds:.3f}s"
 
 
-@pytest.mark.parametrize("component", registry.components(), ids=lambda c: c.name)
+@pytest.mark.parametrize("component", catalogue.components(), ids=lambda c: c.name)
 def test_every_export_resolves_from_the_top_level_and_its_subpackage(component):
     cls = component.load()
     assert getattr(lightning_ext, component.name) is cls
@@ -38,7 +38,7 @@ def test_components_are_of_the_right_kind():
     from lightning.pytorch import Callback, LightningDataModule, LightningModule
 
     bases = {"callbacks": Callback, "modules": LightningModule, "datamodules": LightningDataModule}
-    for c in registry.components():
+    for c in catalogue.components():
         assert issubclass(c.load(), bases[c.kind]), c
 
 
@@ -51,7 +51,7 @@ def test_package_never_imports_pytorch_lightning():
 
 
 def test_missing_optional_dependency_error_says_what_to_install(monkeypatch):
-    from lightning_ext._optional import require
+    from lightning_ext.core.optional import require
 
     monkeypatch.setitem(sys.modules, "torch_geometric", None)  # simulates "not installed"
     with pytest.raises(ModuleNotFoundError, match=r"needed for PlanetoidDataModule.*pip install torch-geometric"):

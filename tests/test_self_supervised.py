@@ -16,15 +16,15 @@ from lightning.pytorch import Trainer, seed_everything
 from torch import nn
 
 from lightning_ext.callbacks import KNNEvaluation
-from lightning_ext.callbacks.knn_evaluation import knn_predict
+from lightning_ext.ssl.knn_evaluation import knn_predict
 from lightning_ext.datamodules import DigitsDataModule
-from lightning_ext.losses.barlow_twins import barlow_twins_loss
-from lightning_ext.losses.frossl import frossl_loss, frossl_loss_terms
-from lightning_ext.losses.simclr import simclr_loss
-from lightning_ext.losses.vicreg import vicreg_loss
+from lightning_ext.ssl.losses.barlow_twins import barlow_twins_loss
+from lightning_ext.ssl.losses.frossl import frossl_loss, frossl_loss_terms
+from lightning_ext.ssl.losses.simclr import simclr_loss
+from lightning_ext.ssl.losses.vicreg import vicreg_loss
 from lightning_ext.modules import BarlowTwins, FroSSL, SimCLR, VICReg
-from lightning_ext.modules.multi_view_augmentation import MultiViewAugmentation
-from lightning_ext.modules.self_supervised import ConvEncoder, effective_rank
+from lightning_ext.ssl.multi_view_augmentation import MultiViewAugmentation
+from lightning_ext.ssl.self_supervised import ConvEncoder, effective_rank
 from lightning_ext.testing import assert_same_parameters, crash_and_resume, fit_ddp_vs_single
 
 QUIET = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,

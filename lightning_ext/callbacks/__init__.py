@@ -1,17 +1,12 @@
-"""Callbacks: pruning, merging, distillation and pipeline tuning dropped onto any Trainer."""
+"""Callbacks: pruning, merging, distillation, kNN evaluation and pipeline tuning dropped onto any Trainer.
 
-from lightning_ext._lazy import lazy_exports
+A lazy facade over the family folders: the names come from :mod:`lightning_ext.catalogue`, and a component's
+module is imported the first time its name is used. The code lives in ``lightning_ext/<family>/``.
+"""
 
-_EXPORTS: dict[str, str] = {
-    "ActivatingWhilePruning": "activating_while_pruning",
-    "BetaRankPruning": "beta_rank_pruning",
-    "DataFreeCompression": "data_free_compression",
-    "KnowledgeDistillation": "knowledge_distillation",
-    "KNNEvaluation": "knn_evaluation",
-    "L1FilterPruning": "l1_filter_pruning",
-    "ModelMerging": "model_merging",
-    "RandomFilterPruning": "random_filter_pruning",
-    "PipelineTuner": "pipeline_tuner",
-}
+from lightning_ext.catalogue import exports
+from lightning_ext.core.lazy import lazy_exports
+
+_EXPORTS: dict[str, str] = exports("callbacks")
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,20 +1,12 @@
-"""LightningDataModules: offline real datasets with fixed, documented splits (and, later, filtered data)."""
+"""LightningDataModules: offline real datasets with fixed, documented splits, filtered and multi-task data.
 
-from lightning_ext._lazy import lazy_exports
+A lazy facade over the family folders: the names come from :mod:`lightning_ext.catalogue`, and a component's
+module is imported the first time its name is used. The code lives in ``lightning_ext/<family>/``.
+"""
 
-_EXPORTS = {
-    "InMemoryDataModule": "base",
-    "DigitsDataModule": "digits",
-    "FashionMNISTDataModule": "fashion_mnist",
-    "MNIST5kDataModule": "mnist5k",
-    "TabularDataModule": "tabular",
-    "PlanetoidDataModule": "planetoid",
-    "MultiTaskDataModule": "multi_task",
-    "FilteredDataModule": "filtered",
-    "StagedPipelineDataModule": "staged_pipeline",
-    "InteractionFileDataModule": "interactions",
-    "LastFMDataModule": "lastfm",
-    "MovieLens100KDataModule": "movielens100k",
-}
+from lightning_ext.catalogue import exports
+from lightning_ext.core.lazy import lazy_exports
+
+_EXPORTS: dict[str, str] = exports("datamodules")
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

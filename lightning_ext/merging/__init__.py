@@ -17,10 +17,10 @@ Average, task arithmetic and TIES stream: they hold the base, an accumulator and
 time, whatever the number of models. AdaMerging must hold every task vector (N model copies): that is inherent
 to learning the coefficients by gradient.
 
-The Lightning forms are :class:`~lightning_ext.modules.ada_merging.AdaMerging` (a LightningModule whose
-parameters are the coefficients), :class:`~lightning_ext.callbacks.model_merging.ModelMerging` (merges
+The Lightning forms are :class:`~lightning_ext.merging.module.AdaMerging` (a LightningModule whose
+parameters are the coefficients), :class:`~lightning_ext.merging.callback.ModelMerging` (merges
 fine-tuned checkpoints into the user's own LightningModule) and
-:class:`~lightning_ext.datamodules.multi_task.MultiTaskDataModule` (unlabelled inputs of several tasks).
+:class:`~lightning_ext.merging.multi_task.MultiTaskDataModule` (unlabelled inputs of several tasks).
 
 Example:
     >>> import torch

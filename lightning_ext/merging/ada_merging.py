@@ -44,8 +44,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_ext._optional import require
-from lightning_ext.checkpoints import WRAPPER_PREFIXES
+from lightning_ext.core.optional import require
+from lightning_ext.core.checkpoints import WRAPPER_PREFIXES
 from lightning_ext.merging.task_vectors import (
     DEFAULT_MAX_TASK_VECTOR_RATIO,
     Source,

@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lightning_ext.checkpoints import Source, read_state_dict
+from lightning_ext.core.checkpoints import Source, read_state_dict
 
 StateDict = Mapping[str, Tensor]
 

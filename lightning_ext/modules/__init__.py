@@ -1,23 +1,12 @@
-"""LightningModules: models and research methods that train with any Lightning Trainer."""
+"""LightningModules: models and research methods that train with any Lightning Trainer.
 
-from lightning_ext._lazy import lazy_exports
+A lazy facade over the family folders: the names come from :mod:`lightning_ext.catalogue`, and a component's
+module is imported the first time its name is used. The code lives in ``lightning_ext/<family>/``.
+"""
 
-_EXPORTS = {
-    "Classifier": "classifier",
-    "ImageClassifier": "image_classifier",
-    "MLPClassifier": "mlp_classifier",
-    "GCNNodeClassifier": "gcn_node_classifier",
-    "DistillationModule": "distillation_module",
-    "AdaMerging": "ada_merging",
-    "FroSSL": "frossl",
-    "VICReg": "vicreg",
-    "BarlowTwins": "barlow_twins",
-    "SimCLR": "simclr",
-    "MFBPR": "mf_bpr",
-    "LightGCN": "lightgcn",
-    "UltraGCN": "ultragcn",
-    "LightGCL": "lightgcl",
-    "DCCF": "dccf",
-}
+from lightning_ext.catalogue import exports
+from lightning_ext.core.lazy import lazy_exports
+
+_EXPORTS: dict[str, str] = exports("modules")
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

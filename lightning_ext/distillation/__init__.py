@@ -1,0 +1,3 @@
+"""Knowledge distillation: pure losses and weight schedules (:mod:`.losses`), the
+:class:`~lightning_ext.distillation.callback.KnowledgeDistillation` callback for any LightningModule and the explicit
+:class:`~lightning_ext.distillation.module.DistillationModule`."""

@@ -1,0 +1,1 @@
+"""Graph learning: the GCN node classifier and the Planetoid DataModule (PyG, the `[graph]` extra)."""

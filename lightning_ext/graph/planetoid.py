@@ -1,0 +1,136 @@
+"""Planetoid citation graphs (Cora, CiteSeer, PubMed) through PyG, from a local root, with the public split."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Literal, Optional
+
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from lightning_ext.core.optional import require
+
+# name -> (file prefix, number of node features, number of classes)
+PLANETOID = {"Cora": ("cora", 1433, 7), "CiteSeer": ("citeseer", 3703, 6), "PubMed": ("pubmed", 500, 3)}
+_RAW_SUFFIXES = ("x", "tx", "allx", "y", "ty", "ally", "graph", "test.index")
+
+
+def _single_graph(batch):
+    return batch[0]
+
+
+class PlanetoidDataModule(LightningDataModule):
+    """A Planetoid citation graph for full-batch node classification (Yang et al., 2016), read by PyG.
+
+    Protocol: the fixed public split of Kipf & Welling (``split="public"``): 20 labelled nodes per class for
+    training, 500 for validation, 1,000 for testing; or PyG's ``"full"``/``"random"`` splits (``"random"`` is
+    seeded by ``split_seed``). Every dataloader yields the whole graph once per epoch as a
+    ``torch_geometric.data.Data`` with ``train_mask``, ``val_mask`` and ``test_mask``; the module picks the
+    mask for its stage. Under DDP every rank gets the same single graph.
+
+    The raw files (``ind.<name>.{x,tx,allx,y,ty,ally,graph,test.index}``) are read from ``root/<name>/raw``.
+    PyG writes a ``processed/`` folder beside ``raw/``, so the raw files are first copied to
+    ``cache_dir/<name>/raw`` and the source stays untouched (it may be read-only).
+
+    Args:
+        root: folder holding ``<name>/raw``; default ``$PLANETOID_ROOT``.
+        name: ``"Cora"``, ``"CiteSeer"`` or ``"PubMed"``.
+        split: PyG split type.
+        split_seed: seed for ``split="random"``.
+        cache_dir: where PyG may write; default ``~/.cache/lightning_ext/planetoid``.
+        download: let PyG download missing files (needs a network).
+        normalize_features: row-normalise the bag-of-words features, as in the GCN paper.
+
+    Example:
+        >>> dm = PlanetoidDataModule(root="../shared/data/planetoid", name="Cora")  # doctest: +SKIP
+        >>> dm.setup(); dm.graph.num_nodes, int(dm.graph.train_mask.sum())  # doctest: +SKIP
+        (2708, 140)
+    """
+
+    def __init__(
+        self,
+        root: Optional[str] = None,
+        name: Literal["Cora", "CiteSeer", "PubMed"] = "Cora",
+        split: Literal["public", "full", "random"] = "public",
+        split_seed: int = 0,
+        cache_dir: Optional[str] = None,
+        download: bool = False,
+        normalize_features: bool = True,
+    ) -> None:
+        super().__init__()
+        if name not in PLANETOID:
+            raise ValueError(f"Unknown Planetoid dataset {name!r}; choose one of {sorted(PLANETOID)}.")
+        self.root = root or os.environ.get("PLANETOID_ROOT")
+        self.name = name
+        self.split = split
+        self.split_seed = split_seed
+        self.cache_dir = Path(cache_dir or Path.home() / ".cache" / "lightning_ext" / "planetoid").expanduser()
+        self.download = download
+        self.normalize_features = normalize_features
+        _, self.num_features, self.num_classes = PLANETOID[name]
+        self.graph = None
+        if not download:
+            self.raw_files()  # fail early, with instructions
+
+    def raw_files(self) -> list[Path]:
+        """The eight raw files under ``root/<name>/raw``; raises FileNotFoundError saying how to get them."""
+        prefix = PLANETOID[self.name][0]
+        raw = Path(self.root).expanduser() / self.name / "raw" if self.root else None
+        files = [raw / f"ind.{prefix}.{s}" for s in _RAW_SUFFIXES] if raw else []
+        missing = [f.name for f in files if not f.is_file()] if raw else ["(no root given)"]
+        if missing:
+            raise FileNotFoundError(
+                f"Planetoid {self.name}: raw files not found ({', '.join(missing)}) under "
+                f"{raw if raw else '`root`'}. Pass `root=` (or set $PLANETOID_ROOT) to a folder containing "
+                f"`{self.name}/raw/ind.{prefix}.*` (this repo's tests use ../shared/data/planetoid), or set "
+                "`download=True` on a machine with a network so PyG downloads them."
+            )
+        return files
+
+    def prepare_data(self) -> None:
+        raw_dst = self.cache_dir / self.name / "raw"
+        raw_dst.mkdir(parents=True, exist_ok=True)
+        if self.root and not self.download:
+            for src in self.raw_files():
+                dst = raw_dst / src.name
+                if not dst.exists() or dst.stat().st_size != src.stat().st_size:
+                    shutil.copyfile(src, dst)
+        if self.download:
+            self._dataset()
+
+    def _dataset(self):
+        require("torch_geometric", "PlanetoidDataModule")
+        import torch
+        from torch_geometric.datasets import Planetoid
+        from torch_geometric.transforms import NormalizeFeatures
+
+        transform = NormalizeFeatures() if self.normalize_features else None
+        with torch.random.fork_rng():
+            torch.manual_seed(self.split_seed)
+            return Planetoid(str(self.cache_dir), self.name, split=self.split, transform=transform)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.graph is not None:
+            return
+        if not (self.cache_dir / self.name / "raw").is_dir():
+            self.prepare_data()
+        self.graph = self._dataset()[0]
+
+    def _loader(self) -> DataLoader:
+        if self.graph is None:
+            raise RuntimeError("PlanetoidDataModule: call setup() before asking for a dataloader.")
+        return DataLoader([self.graph], batch_size=1, collate_fn=_single_graph)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader()
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader()
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader()

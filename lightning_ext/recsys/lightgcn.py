@@ -1,0 +1,82 @@
+"""LightGCN (He et al., SIGIR 2020): linear propagation on the normalised user-item graph, mean over layers."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+
+from lightning_ext.recsys.recommender import Recommender, bpr_loss
+from lightning_ext.recsys.graph import SparseGraph, spmm, symmetric_norm_values
+
+
+def lightgcn_propagate(graph: SparseGraph, values: torch.Tensor, x: torch.Tensor, num_layers: int) -> torch.Tensor:
+    """``mean_k Â^k x`` for ``k = 0..num_layers``: LightGCN's layer combination with ``α_k = 1/(K+1)``."""
+    out, layer = x, x
+    for _ in range(num_layers):
+        layer = spmm(graph, values, layer)
+        out = out + layer
+    return out / (num_layers + 1)
+
+
+class LightGCN(Recommender):
+    """LightGCN (He et al., SIGIR 2020): E = mean_k Â^k E⁰ on the symmetric-normalised bipartite graph, trained with BPR.
+
+    He, Deng, Wang, Li, Zhang and Wang, *LightGCN: Simplifying and Powering Graph Convolution Network for
+    Recommendation*, SIGIR 2020. Reference code: github.com/gusye1234/LightGCN-PyTorch (defaults from its
+    ``parse.py``: dim 64, 3 layers, Adam 1e-3, decay 1e-4, batch 2048, init N(0, 0.1)).
+
+    Â = D^-1/2 A D^-1/2 on the (U+I)² graph of training interactions, no self-loops. Loss: mean BPR over the
+    batch plus ``reg_weight · ½(||e_u⁰||² + ||e_i+⁰||² + ||e_i-⁰||²) / B`` on the batch's **layer-0**
+    embeddings only (as in the PyTorch port). The propagation is a CSR sparse product whose backward reuses
+    the precomputed transpose (:func:`lightning_ext.recsys.spmm`): the same code on CPU and CUDA. PyG's
+    ``LGConv`` computes the same layer; its ``torch.sparse`` backward is slower on CPU, so it is not used here
+    (``benchmarks/graph_recommenders.py`` times both).
+
+    Args:
+        num_layers: propagation layers K (0 is MF-BPR, see :class:`~lightning_ext.recsys.mf_bpr.MFBPR`).
+        reg_weight: L2 weight on the batch's layer-0 embeddings (LightGCN's ``decay``).
+        num_users, num_items, embedding_dim, lr, init, init_std, eval_ks, optimizer: see
+            :class:`~lightning_ext.recsys.recommender.Recommender`.
+
+    Example:
+        >>> from lightning_ext.recsys.interactions import Interactions
+        >>> import numpy as np
+        >>> data = Interactions(3, 4, np.array([[0, 0], [0, 1], [1, 1], [2, 3]]), np.zeros((0, 2), int), np.zeros((0, 2), int))
+        >>> model = LightGCN(num_layers=2, embedding_dim=8).bind(data)
+        >>> users, items = model.propagate(); tuple(users.shape), tuple(items.shape)
+        ((3, 8), (4, 8))
+        >>> sorted(model.training_loss(torch.tensor([0]), torch.tensor([1]), torch.tensor([2])))
+        ['bpr', 'loss', 'reg']
+    """
+
+    def __init__(self, num_layers: int = 3, reg_weight: float = 1e-4, num_users: Optional[int] = None,
+                 num_items: Optional[int] = None, embedding_dim: int = 64, lr: float = 1e-3, init: str = "normal",
+                 init_std: float = 0.1, eval_ks: Sequence[int] = (10, 20, 40),
+                 optimizer: Optional[OptimizerCallable] = None) -> None:
+        if num_layers < 0:
+            raise ValueError(f"`num_layers` must be >= 0, got {num_layers}.")
+        if reg_weight < 0:
+            raise ValueError(f"`reg_weight` must be >= 0, got {reg_weight}.")
+        self.num_layers, self.reg_weight = num_layers, reg_weight
+        super().__init__(num_users, num_items, embedding_dim, lr, init, init_std, eval_ks, optimizer)
+
+    def prepare(self, data) -> None:
+        if self.num_layers == 0:
+            return
+        self.graph = data.graph()
+        self.register_buffer("norm_values", symmetric_norm_values(self.graph), persistent=False)
+
+    def propagate(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([self.user_embedding.weight, self.item_embedding.weight])
+        if self.num_layers:
+            x = lightgcn_propagate(self.graph, self.norm_values, x, self.num_layers)
+        return x.split([self.num_users, self.num_items])
+
+    def training_loss(self, users, pos, neg):
+        user_emb, item_emb = self.propagate()
+        bpr = bpr_loss(user_emb[users], item_emb[pos], item_emb[neg])
+        e0 = (self.user_embedding(users), self.item_embedding(pos), self.item_embedding(neg))
+        reg = self.reg_weight * 0.5 * sum(e.pow(2).sum() for e in e0) / len(users)
+        return {"loss": bpr + reg, "bpr": bpr, "reg": reg}

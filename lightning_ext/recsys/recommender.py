@@ -1,0 +1,205 @@
+"""The shared base of the collaborative-filtering LightningModules: embeddings, BPR, full-ranking evaluation."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from torch import nn
+
+from lightning_ext.recsys.metrics import RankingMetrics
+
+
+def bpr_loss(user: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """Mean BPR loss ``softplus(<u, i-> - <u, i+>)`` over a batch of embedding triples."""
+    return F.softplus((user * neg).sum(-1) - (user * pos).sum(-1)).mean()
+
+
+class Recommender(LightningModule):
+    """Base class: user/item embeddings trained on BPR triples, evaluated by full ranking with known items masked.
+
+    Subclasses implement :meth:`propagate` (the final user and item embeddings), :meth:`training_loss` and,
+    when they need the interaction graph, :meth:`prepare`. The numbers of users and items may be left ``None``:
+    they are then read from the DataModule's :class:`~lightning_ext.recsys.interactions.Interactions` in
+    ``setup`` and saved with the hyperparameters, so checkpoints restore without the data. Graph buffers are
+    not saved: after ``load_from_checkpoint`` call :meth:`bind` with the data (a Trainer run does it).
+
+    Training batches are ``(B, 3)`` triples ``(user, positive, negative)``. Validation/test batches are user
+    batches (see :mod:`lightning_ext.recsys.interactions`); the module logs ``{val,test}_recall@K`` and
+    ``{val,test}_ndcg@K`` for every K in ``eval_ks``. ``predict_step`` returns each user's top ``max(eval_ks)``
+    unseen items.
+
+    Args:
+        num_users: number of users (``None``: from the data).
+        num_items: number of items (``None``: from the data).
+        embedding_dim: embedding size.
+        lr: learning rate of the default Adam.
+        init: ``"normal"`` (std ``init_std``), ``"xavier_uniform"`` or ``"xavier_normal"``.
+        init_std: std of the normal initialisation.
+        eval_ks: ranking cut-offs logged in validation and test.
+        optimizer: optimiser factory ``params -> Optimizer``; overrides ``lr``.
+    """
+
+    def __init__(self, num_users: Optional[int] = None, num_items: Optional[int] = None, embedding_dim: int = 64,
+                 lr: float = 1e-3, init: Literal["normal", "xavier_uniform", "xavier_normal"] = "normal",
+                 init_std: float = 0.1, eval_ks: Sequence[int] = (10, 20, 40),
+                 optimizer: Optional[OptimizerCallable] = None) -> None:
+        super().__init__()
+        if embedding_dim < 1:
+            raise ValueError(f"`embedding_dim` must be >= 1, got {embedding_dim}.")
+        if lr <= 0:
+            raise ValueError(f"`lr` must be > 0, got {lr}.")
+        if init not in ("normal", "xavier_uniform", "xavier_normal"):
+            raise ValueError(f"`init` must be 'normal', 'xavier_uniform' or 'xavier_normal', got {init!r}.")
+        for name, n in (("num_users", num_users), ("num_items", num_items)):
+            if n is not None and n < 1:
+                raise ValueError(f"`{name}` must be >= 1 (or None to read it from the data), got {n}.")
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.embedding_dim, self.lr, self.init, self.init_std = embedding_dim, lr, init, init_std
+        self.optimizer_factory = optimizer
+        self.num_users, self.num_items = num_users, num_items
+        self.user_embedding: Optional[nn.Embedding] = None
+        self.item_embedding: Optional[nn.Embedding] = None
+        self.val_metrics = RankingMetrics(eval_ks)
+        self.test_metrics = RankingMetrics(eval_ks)
+        self.eval_ks = tuple(eval_ks)
+        self._eval_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.bound = False
+        if num_users is not None and num_items is not None:
+            self._build(num_users, num_items)
+
+    # -- building --------------------------------------------------------------------------------------------
+    def _build(self, num_users: int, num_items: int) -> None:
+        self.num_users, self.num_items = num_users, num_items
+        self.hparams["num_users"], self.hparams["num_items"] = num_users, num_items
+        self.user_embedding = nn.Embedding(num_users, self.embedding_dim)
+        self.item_embedding = nn.Embedding(num_items, self.embedding_dim)
+        for emb in (self.user_embedding, self.item_embedding):
+            self.init_weight(emb.weight)
+        self.build_extra()
+
+    def init_weight(self, weight: torch.Tensor) -> None:
+        """Initialise a parameter the configured way."""
+        if self.init == "normal":
+            nn.init.normal_(weight, std=self.init_std)
+        elif self.init == "xavier_uniform":
+            nn.init.xavier_uniform_(weight)
+        else:
+            nn.init.xavier_normal_(weight)
+
+    def build_extra(self) -> None:
+        """Create parameters beyond the two embedding tables (called once the sizes are known)."""
+
+    def bind(self, data) -> "Recommender":
+        """Attach an :class:`~lightning_ext.recsys.interactions.Interactions` record (sizes and graph)."""
+        if self.user_embedding is None:
+            self._build(data.num_users, data.num_items)
+        elif (self.num_users, self.num_items) != (data.num_users, data.num_items):
+            raise ValueError(
+                f"{type(self).__name__} was built for {self.num_users} users x {self.num_items} items but the data "
+                f"has {data.num_users} x {data.num_items}. Leave `num_users`/`num_items` unset to take them from the data."
+            )
+        device = self.user_embedding.weight.device
+        self.prepare(data)
+        self.to(device)
+        self.bound = True
+        return self
+
+    def prepare(self, data) -> None:
+        """Build graph buffers from the training interactions (no-op for models without a graph)."""
+
+    def setup(self, stage: str) -> None:
+        if self.bound:
+            return
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data = getattr(dm, "interactions", None)
+        if data is None:
+            raise RuntimeError(
+                f"{type(self).__name__} needs an InteractionDataModule (LastFMDataModule, MovieLens100KDataModule, "
+                "InteractionFileDataModule, ...) passed as `datamodule=`, or call `model.bind(interactions)` first."
+            )
+        self.bind(data)
+
+    # -- the model -------------------------------------------------------------------------------------------
+    def propagate(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final ``(user_embeddings (U, d), item_embeddings (I, d))`` used for scoring."""
+        return self.user_embedding.weight, self.item_embedding.weight
+
+    def training_loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"loss": total, <part>: value, ...}`` for one batch of triples."""
+        raise NotImplementedError
+
+    def forward(self, users: torch.Tensor) -> torch.Tensor:
+        """Scores ``(B, I)`` of every item for these users."""
+        user_emb, item_emb = self._eval_embeddings or self.propagate()
+        return user_emb[users] @ item_emb.T
+
+    # -- steps -----------------------------------------------------------------------------------------------
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        if batch.dim() != 2 or batch.shape[1] != 3:
+            raise ValueError(f"training batches must be (B, 3) (user, positive, negative) triples, got {tuple(batch.shape)}.")
+        parts = self.training_loss(batch[:, 0], batch[:, 1], batch[:, 2])
+        self.log("train_loss", parts["loss"], prog_bar=True, batch_size=len(batch))
+        for name, value in parts.items():
+            if name != "loss":
+                self.log(f"train_{name}", value, on_step=False, on_epoch=True, batch_size=len(batch))
+        return parts["loss"]
+
+    def _cache_embeddings(self) -> None:
+        with torch.no_grad():
+            user_emb, item_emb = self.propagate()
+            self._eval_embeddings = (user_emb.detach(), item_emb.detach())
+
+    def on_validation_epoch_start(self) -> None:
+        self._cache_embeddings()
+
+    def on_test_epoch_start(self) -> None:
+        self._cache_embeddings()
+
+    def on_predict_epoch_start(self) -> None:
+        self._cache_embeddings()
+
+    def _eval_step(self, batch: dict, metrics: RankingMetrics) -> None:
+        metrics.update(self(batch["users"]), batch["target"], batch["exclude"], copy=False)  # fresh scores
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        scores = self(batch["users"])
+        scores[batch["exclude"][0], batch["exclude"][1]] = float("-inf")
+        return scores.topk(min(max(self.eval_ks), scores.shape[1]), dim=1).indices
+
+    def _log_metrics(self, metrics: RankingMetrics, stage: str) -> None:
+        for name, value in metrics.compute().items():
+            self.log(f"{stage}_{name}", value, prog_bar=name == "recall@20")
+        metrics.reset()
+        self._eval_embeddings = None
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics(self.val_metrics, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics(self.test_metrics, "test")
+
+    def on_predict_epoch_end(self) -> None:
+        self._eval_embeddings = None
+
+    def on_train_epoch_start(self) -> None:
+        self._eval_embeddings = None
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.optimizer_factory is not None:
+            return self.optimizer_factory(params)
+        return torch.optim.Adam(params, lr=self.lr)
+
+    def squared_norm(self) -> torch.Tensor:
+        """Σ ||θ||² over all trainable parameters."""
+        return sum(p.pow(2).sum() for p in self.parameters() if p.requires_grad)
