@@ -132,3 +132,18 @@ def test_list_by_family_and_search_read_the_catalogue_without_importing_componen
     assert res.returncode == 0 and "DataFreeCompression" in res.stdout
     res = _run("list", "--family", "nosuch")
     assert res.returncode == 2 and "unknown family 'nosuch'" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_config_imports_only_the_components_it_names():
+    code = ("import sys; from lightning_ext.cli import run_cli\ntry:\n"
+            f"    run_cli(['fit', '--config', {QUICKSTART!r}, '--print_config'])\nexcept SystemExit:\n    pass\n"
+            "print('FAMILIES', sorted({m.split('.')[1] for m in sys.modules if m.startswith('lightning_ext.') "
+            "and len(m.split('.')) > 2}))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-2000:]
+    families = res.stdout.strip().splitlines()[-1]
+    # ImageClassifier (vision) and DigitsDataModule (data) plus shared core; no other family was imported
+    assert families.startswith("FAMILIES"), res.stdout[-500:]
+    loaded = set(eval(families[len("FAMILIES"):]))  # noqa: S307 - our own printed list
+    assert loaded <= {"vision", "data", "core"}, loaded
+    assert {"vision", "data"} <= loaded
