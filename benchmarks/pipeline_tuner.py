@@ -265,13 +265,10 @@ def markdown(results: dict) -> str:
 
 
 def write_plot(results: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from lightning_ext.core.plotting import new_figure, save_figure
 
     names = list(results["scenarios"])
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
+    fig, axes = new_figure(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
     for ax, name in zip(axes[0], names):
         res = results["scenarios"][name]
         means, stds = zip(*(summary(res, c) for c in CONFIGS))
@@ -279,9 +276,7 @@ def write_plot(results: dict, path: str) -> None:
         ax.set_xticks(range(len(CONFIGS)), [c.replace("_", "\n") for c in CONFIGS], fontsize=8)
         ax.set_title(f"{name} (budget {res['budget']} workers)", fontsize=9)
         ax.set_ylabel("samples/s (steady state)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -337,3 +337,113 @@ def test_ddp_rank_zero_decides_and_every_rank_applies_it(tmp_path):
     assert r0["history"] == r1["history"] and len({str(h) for h in r0["history"]}) >= 2
     dm.setup()
     assert sorted(r0["ids"]["0"] + r1["ids"]["0"]) == sorted(dm._splits["train"].tolist())
+
+
+# -- house rules: validation, optional dependency, paths ------------------------------------------------------------
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"agent": "ppo"}, "agent"), ({"mode": "auto"}, "mode"), ({"cpu_budget": 0}, "cpu_budget"),
+    ({"cpu_budget": 2.5}, "cpu_budget"), ({"memory_budget_mb": NAN}, "memory_budget_mb"),
+    ({"memory_budget_mb": -1.0}, "memory_budget_mb"), ({"decide_every_n_batches": 0}, "decide_every_n_batches"),
+    ({"min_window_s": NAN}, "min_window_s"), ({"min_window_s": INF}, "min_window_s"),
+    ({"min_window_s": -0.1}, "min_window_s"), ({"warmup_batches": -1}, "warmup_batches"),
+    ({"warmup_batches": 20}, "warmup_batches"), ({"max_prefetch": 0}, "max_prefetch"),
+    ({"explore_decisions": 0}, "explore_decisions"), ({"min_gain": NAN}, "min_gain"), ({"seed": 1.5}, "seed"),
+])
+def test_pipeline_tuner_refuses_bad_values_naming_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name) as err:
+        PipelineTuner(**kwargs)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"workload": "criteo"}, "workload"), ({"batch_size": 0}, "batch_size"), ({"prefetch": 0}, "prefetch"),
+    ({"train_samples": 0}, "train_samples"), ({"test_samples": -5}, "test_samples"),
+    ({"val_fraction": NAN}, "val_fraction"), ({"val_fraction": 1.0}, "val_fraction"),
+    ({"read_latency_ms": INF}, "read_latency_ms"), ({"read_latency_ms": -1.0}, "read_latency_ms"),
+    ({"synthetic_cpu_ms": NAN}, "synthetic_cpu_ms"), ({"hash_buckets": 0}, "hash_buckets"),
+    ({"workers": {"read": -1}}, "workers"), ({"multiprocessing_context": "threads"}, "multiprocessing_context"),
+])
+def test_staged_pipeline_datamodule_refuses_bad_values_naming_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        StagedPipelineDataModule(**kwargs)
+
+
+def test_pipeline_parts_refuse_bad_values_naming_the_argument():
+    stage = Stage("read", abs, method="thread")
+    table = [
+        (lambda: Stage("x", abs, min_workers=-1), "min_workers"),
+        (lambda: Stage("x", abs, min_workers=2, max_workers=1), "max_workers"),
+        (lambda: Allocation((1, -1)), "worker count"),
+        (lambda: Allocation((1,), prefetch=0), "prefetch"),
+        (lambda: StagedPipeline(0, [stage], 4), "num_samples"),
+        (lambda: StagedPipeline(10, [stage], 0), "batch_size"),
+        (lambda: StagedPipeline(10, [stage], 4, watchdog_interval=NAN), "watchdog_interval"),
+        (lambda: StagedPipeline(10, [stage], 4, max_restarts=-1), "max_restarts"),
+        (lambda: StagedPipeline(10, [stage], 4, world_size=0), "world_size"),
+        (lambda: SearchSpace(("a",), (1,), (2,), 0), "cpu_budget"),
+        (lambda: SearchSpace(("a",), (1,), (2,), 2, memory_budget=NAN), "memory_budget"),
+        (lambda: HillClimber(SearchSpace(("a",), (1,), (2,), 2), min_gain=-0.1), "min_gain"),
+        (lambda: DQNAgent(SearchSpace(("a",), (1,), (2,), 2), explore_decisions=0), "explore_decisions"),
+        (lambda: DQNAgent(SearchSpace(("a",), (1,), (2,), 2), gamma=NAN), "gamma"),
+        (lambda: DQNAgent(SearchSpace(("a",), (1,), (2,), 2), lr=0.0), "lr"),
+    ]
+    for make, name in table:
+        with pytest.raises(ValueError, match=name):
+            make()
+
+
+def test_a_missing_torchdata_is_reported_at_construction_with_the_install_line(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchdata", None)  # makes `import torchdata` fail
+    for make in (lambda: PipelineTuner(), lambda: StagedPipelineDataModule("synthetic")):
+        with pytest.raises(ModuleNotFoundError, match="pip install"):
+            make()
+
+
+def test_importing_the_facades_and_the_pipeline_package_does_not_import_torchdata():
+    import subprocess
+    import sys
+
+    code = ("import sys, lightning_ext.callbacks, lightning_ext.datamodules, lightning_ext.pipeline; "
+            "from lightning_ext.callbacks import PipelineTuner; print('torchdata' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_the_pipeline_uses_the_shared_epoch_sampler_and_caches_under_the_cache_root(tmp_path, monkeypatch):
+    from lightning_ext.core.sampling import EpochSampler as Shared
+    from lightning_ext.pipeline import EpochSampler
+
+    assert EpochSampler is Shared and isinstance(_ids_pipeline().sampler, Shared)
+    monkeypatch.setenv("LIGHTNING_EXT_CACHE", str(tmp_path))
+    assert StagedPipelineDataModule("synthetic").cache_dir == tmp_path / "pipeline"
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="cache_dir"):
+        StagedPipelineDataModule("synthetic", cache_dir=str(tmp_path / "a_file"))
+
+
+def test_an_incomplete_cached_folder_is_written_again(tmp_path):
+    from lightning_ext.pipeline.workloads import write_movielens_rows
+
+    folder = write_movielens_rows(tmp_path)
+    rows = (folder / "rows.txt").read_bytes()
+    (folder / "stats.json").unlink()  # COMPLETE is still there, a file it needs is not
+    assert write_movielens_rows(tmp_path) == folder
+    assert (folder / "stats.json").is_file() and (folder / "rows.txt").read_bytes() == rows
+    assert [p.name for p in tmp_path.iterdir()] == ["movielens_rows"]  # no staging folder left behind
+
+
+def test_plot_path_is_relative_to_the_log_dir_and_none_disables_it(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    for plot_path in ("plots/tuning.png", None):
+        tuner = _tuner(agent="hill_climb", plot_path=plot_path)
+        logger = CSVLogger(str(tmp_path), name="run", version=str(plot_path is None))
+        _trainer([tuner], logger=logger, max_epochs=1).fit(_model(), datamodule=_dm(train_samples=160))
+        assert tuner.history
+        pngs = list(Path(logger.log_dir).rglob("*.png"))
+        assert pngs == ([Path(logger.log_dir) / "plots" / "tuning.png"] if plot_path else [])

@@ -27,6 +27,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from lightning_ext.core.validation import (
+    check_fraction, check_non_negative, check_number, check_positive, check_positive_int,
+)
 from lightning_ext.pipeline.staged import Allocation
 
 
@@ -53,6 +56,9 @@ class SearchSpace:
 
     def __post_init__(self) -> None:
         n = len(self.stage_names)
+        check_positive_int("cpu_budget", self.cpu_budget)
+        if self.memory_budget is not None:
+            check_positive("memory_budget (bytes, or None)", self.memory_budget)
         if not n or len(self.min_workers) != n or len(self.max_workers) != n:
             raise ValueError("`stage_names`, `min_workers` and `max_workers` must have the same, non-zero length.")
         if sum(self.min_workers) > self.cpu_budget:
@@ -223,7 +229,7 @@ class HillClimber(Agent):
 
     def __init__(self, space: SearchSpace, min_gain: float = 0.05) -> None:
         super().__init__(space)
-        self.min_gain = min_gain
+        self.min_gain = check_non_negative("min_gain", min_gain)
         self.current: Optional[Allocation] = None
         self.current_tput = 0.0
         self._candidates: list[Allocation] = []
@@ -325,8 +331,18 @@ class DQNAgent(Agent):
         from torch import nn
 
         super().__init__(space)
-        if explore_decisions < 1:
-            raise ValueError(f"`explore_decisions` must be >= 1, got {explore_decisions}.")
+        for name, value in (("explore_decisions", explore_decisions), ("hidden", hidden), ("replay_size", replay_size),
+                            ("batch_size", batch_size), ("target_sync", target_sync), ("min_visits", min_visits),
+                            ("confirm_top", confirm_top), ("drift_patience", drift_patience)):
+            check_positive_int(name, value)
+        for name, value in (("epsilon_start", epsilon_start), ("epsilon_end", epsilon_end), ("gamma", gamma),
+                            ("drift_tolerance", drift_tolerance)):
+            check_fraction(name, value)
+        for name, value in (("kappa", kappa), ("novelty", novelty)):
+            check_non_negative(name, value)
+        check_positive("lr", lr)
+        check_number("updates_per_decision", updates_per_decision, low=0, integer=True)
+        check_number("seed", seed, integer=True)
         self.explore_decisions, self.epsilon_start, self.epsilon_end = explore_decisions, epsilon_start, epsilon_end
         self.gamma, self.batch_size, self.updates_per_decision = gamma, batch_size, updates_per_decision
         self.replay_size, self.target_sync, self.kappa, self.min_visits = replay_size, target_sync, kappa, min_visits

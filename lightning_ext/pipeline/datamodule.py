@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, get_args
 
 import numpy as np
 from lightning.pytorch import LightningDataModule
+from typing_extensions import override
 
-from lightning_ext.pipeline.staged import Allocation, Stage, StagedPipeline
+from lightning_ext.core.optional import require
+from lightning_ext.core.validation import (
+    NonNegativeFloat, NonNegativeInt, PositiveInt, UnitIntervalRightOpen, check_choice, check_fraction,
+    check_non_negative, check_number, check_positive_int,
+)
+from lightning_ext.pipeline.staged import Allocation, MPContext, Stage, StagedPipeline
 from lightning_ext.pipeline.workloads import (
-    WORKLOADS, default_cache_dir, fashion_mnist_png_stages, movielens_rows_stages, synthetic_stages,
+    WORKLOADS, Workload, default_cache_dir, fashion_mnist_png_stages, movielens_rows_stages, synthetic_stages,
     write_fashion_mnist_pngs, write_movielens_rows,
 )
 
@@ -60,7 +66,9 @@ class StagedPipelineDataModule(LightningDataModule):
         seed: seed of the splits, the per-epoch shuffle and the augmentations.
         shuffle: shuffle the training samples every epoch.
         drop_last: drop the last incomplete training batch.
-        cache_dir: where the PNG files / text rows are written (default: ``<tmp>/lightning_ext_pipeline``).
+        cache_dir: where the PNG files / text rows are cached (default: ``core.paths.cache_root("pipeline")``, i.e.
+            ``$LIGHTNING_EXT_CACHE/pipeline`` or ``~/.cache/lightning_ext/pipeline``); a cached folder is reused only
+            when it is complete.
         data_dir: where the Fashion-MNIST IDX files are (default: the usual search paths).
         pin_memory: add a PinMemory node (CUDA only).
         multiprocessing_context: start method of process stages (``None``: the OS default).
@@ -74,51 +82,48 @@ class StagedPipelineDataModule(LightningDataModule):
 
     def __init__(
         self,
-        workload: str = "fashion_mnist_png",
-        batch_size: int = 64,
-        workers: Optional[dict[str, int]] = None,
-        prefetch: int = 2,
-        train_samples: Optional[int] = 10000,
-        test_samples: Optional[int] = 2000,
-        val_fraction: float = 0.1,
+        workload: Workload = "fashion_mnist_png",
+        batch_size: PositiveInt = 64,
+        workers: Optional[dict[str, NonNegativeInt]] = None,
+        prefetch: PositiveInt = 2,
+        train_samples: Optional[PositiveInt] = 10000,
+        test_samples: Optional[PositiveInt] = 2000,
+        val_fraction: UnitIntervalRightOpen = 0.1,
         augment: bool = True,
-        read_latency_ms: float = 0.0,
-        hash_buckets: int = 64,
-        synthetic_cpu_ms: float = 0.0,
+        read_latency_ms: NonNegativeFloat = 0.0,
+        hash_buckets: PositiveInt = 64,
+        synthetic_cpu_ms: NonNegativeFloat = 0.0,
         seed: int = 0,
         shuffle: bool = True,
         drop_last: bool = False,
         cache_dir: Optional[str] = None,
         data_dir: Optional[str] = None,
         pin_memory: bool = False,
-        multiprocessing_context: Optional[str] = None,
+        multiprocessing_context: Optional[MPContext] = None,
     ) -> None:
         super().__init__()
-        if workload not in WORKLOADS:
-            raise ValueError(f"Unknown `workload` {workload!r}; choose one of {WORKLOADS}.")
-        if batch_size < 1:
-            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
-        if prefetch < 1:
-            raise ValueError(f"`prefetch` must be >= 1, got {prefetch}.")
-        if not 0 <= val_fraction < 1:
-            raise ValueError(f"`val_fraction` must be in [0, 1), got {val_fraction}.")
+        require("torchdata", "StagedPipelineDataModule")
+        check_choice("workload", workload, WORKLOADS)
+        for name, value in (("batch_size", batch_size), ("prefetch", prefetch), ("hash_buckets", hash_buckets)):
+            check_positive_int(name, value)
+        check_fraction("val_fraction", val_fraction, allow_one=False)
         for name, n in (("train_samples", train_samples), ("test_samples", test_samples)):
-            if n is not None and n < 1:
-                raise ValueError(f"`{name}` must be >= 1 or None (all), got {n}.")
-        if read_latency_ms < 0:
-            raise ValueError(f"`read_latency_ms` must be >= 0, got {read_latency_ms}.")
-        if synthetic_cpu_ms < 0:
-            raise ValueError(f"`synthetic_cpu_ms` must be >= 0, got {synthetic_cpu_ms}.")
-        if hash_buckets < 1:
-            raise ValueError(f"`hash_buckets` must be >= 1, got {hash_buckets}.")
-        if workers is not None and any(int(v) < 0 for v in workers.values()):
-            raise ValueError(f"Worker counts must be >= 0, got {workers}.")
+            if n is not None:
+                check_positive_int(f"{name} (or None for all)", n)
+        check_non_negative("read_latency_ms", read_latency_ms)
+        check_non_negative("synthetic_cpu_ms", synthetic_cpu_ms)
+        for stage, n in (workers or {}).items():
+            check_number(f"workers[{stage!r}]", n, low=0, integer=True)
+        if multiprocessing_context is not None:
+            check_choice("multiprocessing_context", multiprocessing_context, get_args(MPContext))
+        if cache_dir is not None and Path(cache_dir).expanduser().is_file():
+            raise ValueError(f"cache_dir must be a folder, got the file {cache_dir!r}; pass a folder or None.")
         self.workload, self.batch_size, self.workers, self.prefetch = workload, batch_size, dict(workers or {}), prefetch
         self.train_samples, self.test_samples, self.val_fraction = train_samples, test_samples, val_fraction
         self.augment, self.read_latency_ms, self.hash_buckets = augment, read_latency_ms, hash_buckets
         self.synthetic_cpu_ms = synthetic_cpu_ms
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
-        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.data_dir, self.pin_memory, self.multiprocessing_context = data_dir, pin_memory, multiprocessing_context
         if workload == "fashion_mnist_png":
             self.num_classes, self.input_shape = 10, (1, 28, 28)
@@ -132,7 +137,9 @@ class StagedPipelineDataModule(LightningDataModule):
         self.train_pipeline: Optional[StagedPipeline] = None
 
     # -- data ----------------------------------------------------------------------------------------------
+    @override
     def prepare_data(self) -> None:
+        """Write the workload's files into the cache once (PNG files, text rows)."""
         self._write_files()
 
     def _write_files(self) -> None:
@@ -149,7 +156,9 @@ class StagedPipelineDataModule(LightningDataModule):
             folder = write_movielens_rows(self.cache_dir)
             self._folders = {"train": folder, "test": folder}
 
+    @override
     def setup(self, stage: Optional[str] = None) -> None:
+        """Seeded train / val / test splits of the workload (every rank)."""
         if self._splits:
             return
         self._write_files()  # every rank: prepare_data may have run elsewhere, writing is idempotent
@@ -212,28 +221,40 @@ class StagedPipelineDataModule(LightningDataModule):
             world_size=world, pin_memory=self.pin_memory, multiprocessing_context=self.multiprocessing_context,
         )
 
+    @override
     def train_dataloader(self) -> StagedPipeline:
+        """A fresh training pipeline (the previous one is closed), sharded over ranks."""
         if self.train_pipeline is not None:
             self.train_pipeline.close()
         self.train_pipeline = self._pipeline("train")
         return self.train_pipeline
 
+    @override
     def val_dataloader(self) -> StagedPipeline:
+        """The validation pipeline (no shuffling)."""
         return self._pipeline("val")
 
+    @override
     def test_dataloader(self) -> StagedPipeline:
+        """The test pipeline (no shuffling)."""
         return self._pipeline("test")
 
+    @override
     def predict_dataloader(self) -> StagedPipeline:
+        """The test split, for prediction."""
         return self._pipeline("test")
 
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+    @override
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count a training batch as consumed, so a checkpoint resumes after it."""
         # trainers fetch a batch ahead; a checkpoint must resume after the last batch *trained on*
         trainer = getattr(self, "trainer", None)
         if self.train_pipeline is not None and trainer is not None and trainer.training:
             self.train_pipeline.mark_consumed()
         return batch
 
+    @override
     def teardown(self, stage: Optional[str] = None) -> None:
+        """Stop the training pipeline's workers."""
         if self.train_pipeline is not None:
             self.train_pipeline.close()

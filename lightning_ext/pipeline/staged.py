@@ -23,11 +23,20 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Literal, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence, get_args
 
 import numpy as np
 
+from lightning_ext.core.optional import require
+from lightning_ext.core.sampling import EpochSampler
+from lightning_ext.core.validation import (
+    NonNegativeFloat, NonNegativeInt, PositiveInt, check_choice, check_non_negative, check_number,
+    check_positive_int,
+)
+
 _METHODS = ("thread", "process")
+#: start methods of process stages (``None``: the OS default)
+MPContext = Literal["fork", "spawn", "forkserver"]
 
 
 @dataclass
@@ -50,12 +59,11 @@ class Stage:
     max_workers: Optional[int] = None
 
     def __post_init__(self) -> None:
-        if self.method not in _METHODS:
-            raise ValueError(f"Stage {self.name!r}: `method` must be one of {_METHODS}, got {self.method!r}.")
-        if self.min_workers < 0:
-            raise ValueError(f"Stage {self.name!r}: `min_workers` must be >= 0, got {self.min_workers}.")
-        if self.max_workers is not None and self.max_workers < max(1, self.min_workers):
-            raise ValueError(f"Stage {self.name!r}: `max_workers` ({self.max_workers}) is below `min_workers`.")
+        check_choice(f"Stage {self.name!r}: method", self.method, _METHODS)
+        check_number(f"Stage {self.name!r}: min_workers", self.min_workers, low=0, integer=True)
+        if self.max_workers is not None:
+            check_number(f"Stage {self.name!r}: max_workers", self.max_workers, low=max(1, self.min_workers),
+                         integer=True)
 
 
 @dataclass(frozen=True)
@@ -66,11 +74,10 @@ class Allocation:
     prefetch: int = 2
 
     def __post_init__(self) -> None:
+        for w in self.workers:
+            check_number("Allocation: every worker count", w, low=0, integer=True)
         object.__setattr__(self, "workers", tuple(int(w) for w in self.workers))
-        if any(w < 0 for w in self.workers):
-            raise ValueError(f"Worker counts must be >= 0, got {self.workers}.")
-        if self.prefetch < 1:
-            raise ValueError(f"`prefetch` must be >= 1, got {self.prefetch}.")
+        check_positive_int("Allocation: prefetch", self.prefetch)
 
     @property
     def total(self) -> int:
@@ -103,46 +110,6 @@ class PipelineStats:
     def copy(self) -> "PipelineStats":
         return PipelineStats(self.batches, self.samples, self.wait_s, list(self.stage_busy_s), self.rebuilds,
                              self.rebuild_s, self.failures, self.batch_nbytes)
-
-
-class EpochSampler:
-    """Seeded per-epoch shuffle of ``range(num_samples)``, sharded like ``DistributedSampler``.
-
-    ``set_epoch`` is what Lightning calls at every epoch start (it looks for ``loader.sampler.set_epoch``).
-    Every rank gets ``ceil(num_samples / world_size)`` indices (padded by wrapping around, as
-    ``DistributedSampler`` does) unless ``drop_last``.
-    """
-
-    def __init__(self, num_samples: int, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = False) -> None:
-        if num_samples < 1:
-            raise ValueError(f"The pipeline needs at least one sample, got num_samples={num_samples}.")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"`rank` must be in [0, {world_size}), got {rank}.")
-        self.num_samples, self.shuffle, self.seed = num_samples, shuffle, seed
-        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        if self.drop_last:
-            return self.num_samples // self.world_size
-        return math.ceil(self.num_samples / self.world_size)
-
-    def indices(self) -> np.ndarray:
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples)
-        else:
-            order = np.arange(self.num_samples)
-        total = len(self) * self.world_size
-        if total > len(order):
-            order = np.concatenate([order, order[: total - len(order)]])
-        return order[:total][self.rank :: self.world_size]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices().tolist())
 
 
 class _StageCall:
@@ -353,27 +320,33 @@ class StagedPipeline:
 
     def __init__(
         self,
-        num_samples: int,
+        num_samples: PositiveInt,
         stages: Sequence[Stage],
-        batch_size: int,
+        batch_size: PositiveInt,
         allocation: Optional[Allocation] = None,
         collate_fn: Optional[Callable] = None,
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
+        rank: NonNegativeInt = 0,
+        world_size: PositiveInt = 1,
         pin_memory: bool = False,
-        multiprocessing_context: Optional[str] = None,
-        watchdog_interval: float = 0.5,
-        max_restarts: int = 3,
+        multiprocessing_context: Optional[MPContext] = None,
+        watchdog_interval: NonNegativeFloat = 0.5,
+        max_restarts: NonNegativeInt = 3,
     ) -> None:
+        require("torchdata", "StagedPipeline")
         if not stages:
             raise ValueError("A StagedPipeline needs at least one Stage.")
         if len({s.name for s in stages}) != len(stages):
             raise ValueError(f"Stage names must be unique, got {[s.name for s in stages]}.")
-        if batch_size < 1:
-            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+        for name, value in (("num_samples", num_samples), ("batch_size", batch_size), ("world_size", world_size)):
+            check_positive_int(name, value)
+        check_number("rank", rank, low=0, integer=True)
+        check_non_negative("watchdog_interval", watchdog_interval)
+        check_number("max_restarts", max_restarts, low=0, integer=True)
+        if multiprocessing_context is not None:
+            check_choice("multiprocessing_context", multiprocessing_context, get_args(MPContext))
         self.stages = list(stages)
         self.batch_size, self.drop_last = batch_size, drop_last
         self.sampler = EpochSampler(num_samples, shuffle, seed, rank, world_size)

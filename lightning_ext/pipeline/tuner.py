@@ -11,16 +11,26 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, get_args
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
+from lightning_ext.core.optional import require
+from lightning_ext.core.paths import output_path
+from lightning_ext.core.plotting import new_figure, save_figure
+from lightning_ext.core.validation import (
+    NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, check_choice, check_non_negative, check_number,
+    check_positive, check_positive_int,
+)
 from lightning_ext.pipeline.agents import Agent, DQNAgent, HillClimber, Observation, SearchSpace
 from lightning_ext.pipeline.staged import Allocation, Stage, StagedPipeline
 
-AGENTS = ("rl", "hill_climb")
-MODES = ("pipeline", "dataloader")
+AgentName = Literal["rl", "hill_climb"]
+Mode = Literal["pipeline", "dataloader"]
+AGENTS: tuple[str, ...] = get_args(AgentName)
+MODES: tuple[str, ...] = get_args(Mode)
 
 
 def available_cpus() -> int:
@@ -30,23 +40,22 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def default_memory_budget() -> float:
-    """Half of the available RAM, as tf.data AUTOTUNE (``kRamBudgetShare = 0.5``)."""
+def default_memory_budget() -> Optional[float]:
+    """Half of the available RAM, as tf.data AUTOTUNE (``kRamBudgetShare = 0.5``); ``None`` (no limit) if unknown."""
     try:
         return 0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # pragma: no cover
-        return float("inf")
+        return None
 
 
 def plot_tuning(history: list[dict], stage_names: list[str], path: str | os.PathLike, title: str = "") -> Path:
-    """Throughput and workers per stage (and prefetch) over time, from a tuner's ``history``; saves a PNG."""
-    import matplotlib
+    """Throughput and workers per stage (and prefetch) over time, from a tuner's ``history``; saves a PNG.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    Drawn with :mod:`lightning_ext.core.plotting` (matplotlib's object API, the backend left alone) and written
+    atomically; returns ``path``.
+    """
     t = [h["time_s"] for h in history]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
+    fig, (ax1, ax2) = new_figure(2, 1, figsize=(8, 5), sharex=True)
     ax1.plot(t, [h["throughput"] for h in history], lw=1)
     ax1.set_ylabel("samples/s")
     if title:
@@ -61,12 +70,7 @@ def plot_tuning(history: list[dict], stage_names: list[str], path: str | os.Path
     ax2.set_ylabel("workers")
     ax2.set_xlabel("seconds")
     ax2.legend(fontsize=7, loc="upper left", ncol=len(stage_names) + 1)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _batch_len(batch: Any) -> int:
@@ -104,7 +108,7 @@ class PipelineTuner(Callback):
 
     Logged (``trainer.logger``, rank 0): ``pipeline/throughput``, ``pipeline/wait_fraction``,
     ``pipeline/workers_<stage>``, ``pipeline/prefetch``, ``pipeline/settled``. ``plot_path`` saves a PNG of
-    throughput and allocation over time when fitting ends.
+    throughput and allocation over time when fitting ends (relative to ``trainer.log_dir``).
 
     Args:
         agent: ``"rl"`` or ``"hill_climb"``.
@@ -118,7 +122,8 @@ class PipelineTuner(Callback):
         explore_decisions: decisions the RL agent explores before settling.
         min_gain: relative gain the hill climber needs to keep an increment.
         seed: seed of the RL agent.
-        plot_path: save a throughput/allocation plot here at the end of fit (``None``: no plot).
+        plot_path: save a throughput/allocation plot here at the end of fit, relative to ``trainer.log_dir``
+            (an absolute path is used as given; ``None``: no plot).
         verbose: print every decision (rank 0).
 
     Example:
@@ -129,40 +134,35 @@ class PipelineTuner(Callback):
 
     def __init__(
         self,
-        agent: str = "rl",
-        mode: str = "pipeline",
-        cpu_budget: Optional[int] = None,
-        memory_budget_mb: Optional[float] = None,
-        decide_every_n_batches: int = 20,
-        min_window_s: float = 0.5,
-        warmup_batches: int = 2,
-        max_prefetch: int = 8,
-        explore_decisions: int = 100,
-        min_gain: float = 0.05,
+        agent: AgentName = "rl",
+        mode: Mode = "pipeline",
+        cpu_budget: Optional[PositiveInt] = None,
+        memory_budget_mb: Optional[PositiveFloat] = None,
+        decide_every_n_batches: PositiveInt = 20,
+        min_window_s: NonNegativeFloat = 0.5,
+        warmup_batches: NonNegativeInt = 2,
+        max_prefetch: PositiveInt = 8,
+        explore_decisions: PositiveInt = 100,
+        min_gain: NonNegativeFloat = 0.05,
         seed: int = 0,
         plot_path: Optional[str] = None,
         verbose: bool = False,
     ) -> None:
-        if agent not in AGENTS:
-            raise ValueError(f"`agent` must be one of {AGENTS}, got {agent!r}.")
-        if mode not in MODES:
-            raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}.")
-        if cpu_budget is not None and cpu_budget < 1:
-            raise ValueError(f"`cpu_budget` must be >= 1 (workers in total), got {cpu_budget}.")
-        if memory_budget_mb is not None and memory_budget_mb <= 0:
-            raise ValueError(f"`memory_budget_mb` must be > 0, got {memory_budget_mb}.")
-        if decide_every_n_batches < 1:
-            raise ValueError(f"`decide_every_n_batches` must be >= 1, got {decide_every_n_batches}.")
-        if min_window_s < 0:
-            raise ValueError(f"`min_window_s` must be >= 0, got {min_window_s}.")
-        if warmup_batches < 0 or warmup_batches >= decide_every_n_batches:
-            raise ValueError(f"`warmup_batches` must be in [0, decide_every_n_batches), got {warmup_batches}.")
-        if max_prefetch < 1:
-            raise ValueError(f"`max_prefetch` must be >= 1, got {max_prefetch}.")
-        if explore_decisions < 1:
-            raise ValueError(f"`explore_decisions` must be >= 1, got {explore_decisions}.")
-        if min_gain < 0:
-            raise ValueError(f"`min_gain` must be >= 0, got {min_gain}.")
+        require("torchdata", "PipelineTuner")
+        check_choice("agent", agent, AGENTS)
+        check_choice("mode", mode, MODES)
+        if cpu_budget is not None:
+            check_positive_int("cpu_budget (workers in total, or None)", cpu_budget)
+        if memory_budget_mb is not None:
+            check_positive("memory_budget_mb (or None)", memory_budget_mb)
+        for name, value in (("decide_every_n_batches", decide_every_n_batches), ("max_prefetch", max_prefetch),
+                            ("explore_decisions", explore_decisions)):
+            check_positive_int(name, value)
+        check_non_negative("min_window_s", min_window_s)
+        check_number("warmup_batches (below decide_every_n_batches)", warmup_batches, low=0,
+                     high=decide_every_n_batches, high_open=True, integer=True)
+        check_non_negative("min_gain", min_gain)
+        check_number("seed", seed, integer=True)
         self.agent_name, self.mode, self.cpu_budget = agent, mode, cpu_budget
         self.memory_budget_mb, self.decide_every_n_batches = memory_budget_mb, decide_every_n_batches
         self.warmup_batches, self.max_prefetch, self.min_window_s = warmup_batches, max_prefetch, min_window_s
@@ -186,7 +186,7 @@ class PipelineTuner(Callback):
         self._batch_end_t: Optional[float] = None
 
     # -- setup ---------------------------------------------------------------------------------------------
-    def _budgets(self, trainer: Trainer) -> tuple[int, float]:
+    def _budgets(self, trainer: Trainer) -> tuple[int, Optional[float]]:
         per_machine = max(1, trainer.world_size // max(1, getattr(trainer, "num_nodes", 1)))
         cpus = self.cpu_budget or max(1, available_cpus() // per_machine)
         memory = self.memory_budget_mb * 2**20 if self.memory_budget_mb else default_memory_budget()
@@ -240,7 +240,9 @@ class PipelineTuner(Callback):
         dl.prefetch_factor = allocation.prefetch if w > 0 else None  # None with 0 workers, required otherwise
         return True
 
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Build the search space and the agent (restored from a checkpoint if one was loaded); apply the start allocation."""
         cpus, memory = self._budgets(trainer)
         if self.mode == "pipeline":
             stages = self._pipeline(trainer).stages
@@ -263,11 +265,15 @@ class PipelineTuner(Callback):
     def _now(self) -> float:
         return self._time_offset + time.perf_counter() - self._fit_start
 
+    @override
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        """Dataloader mode: count the time since the last batch ended as waiting for data."""
         if self.mode == "dataloader" and self._batch_end_t is not None:
             self._wait += time.perf_counter() - self._batch_end_t
 
+    @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """Count the batch into the measurement window; decide when the window is full."""
         if self.mode == "dataloader":
             self._samples += _batch_len(batch)
             self._batch_end_t = time.perf_counter()
@@ -293,14 +299,18 @@ class PipelineTuner(Callback):
         return Observation(a, (s1.samples - s0.samples) / dt, (s1.wait_s - s0.wait_s) / dt, busy, s1.batch_nbytes,
                            mem, failed=s1.failures > s0.failures, seconds=dt)
 
+    @override
     def on_train_epoch_start(self, trainer, pl_module) -> None:
+        """Start a fresh measurement window (pipeline mode skips the warm-up batches)."""
         if self.mode == "dataloader":
             self._t0, self._samples, self._wait, self._batch_end_t = time.perf_counter(), 0, 0.0, None
         else:
             self._reset_window()
             self._skip = self.warmup_batches
 
+    @override
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        """Dataloader mode: decide the next epoch's ``num_workers`` and ``prefetch_factor`` from this epoch."""
         if self.mode != "dataloader" or self._samples == 0:
             return
         dt = max(time.perf_counter() - self._t0, 1e-9)
@@ -351,9 +361,12 @@ class PipelineTuner(Callback):
             metrics[f"pipeline/workers_{name}"] = float(w)
         trainer.logger.log_metrics(metrics, step=trainer.global_step)
 
+    @override
     def on_fit_end(self, trainer, pl_module) -> None:
-        if self.plot_path and self.history and trainer.is_global_zero and self.space is not None:
-            plot_tuning(self.history, list(self.space.stage_names), self.plot_path,
+        """Save the tuning plot (rank 0) when ``plot_path`` is set."""
+        path = output_path(trainer, self.plot_path)
+        if path is not None and self.history and trainer.is_global_zero and self.space is not None:
+            plot_tuning(self.history, list(self.space.stage_names), path,
                         f"PipelineTuner ({self.agent_name}, {self.mode})")
 
     # -- checkpoint ----------------------------------------------------------------------------------------
@@ -361,7 +374,9 @@ class PipelineTuner(Callback):
     def best_allocation(self) -> Optional[Allocation]:
         return None if self.agent is None else self.agent.best
 
+    @override
     def state_dict(self) -> dict[str, Any]:
+        """The agent, the allocation running now, the tuning clock and history."""
         if self.agent is None:
             return dict(self._pending_state or {})
         current = self.history[-1]["next"] if self.history else None
@@ -369,7 +384,9 @@ class PipelineTuner(Callback):
                 "allocation": current or (self.agent.best or self.space.minimum()).to_dict(),
                 "time_s": self._now(), "settled_at_s": self.settled_at_s, "history": self.history[-2000:]}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the saved tuner state until ``on_train_start`` rebuilds the agent from it."""
         if not state_dict:
             return
         if state_dict["agent_name"] != self.agent_name or state_dict["mode"] != self.mode:

@@ -16,6 +16,12 @@
 
 ``read_latency_ms`` adds a sleep to every read, to emulate remote storage (the case where a pipeline needs
 many more readers than cores).
+
+The files are written once into a cache folder, :func:`default_cache_dir` (``core.paths.cache_root("pipeline")``:
+``$LIGHTNING_EXT_CACHE/pipeline``, default ``~/.cache/lightning_ext/pipeline``), never into the shared temporary
+directory. Each folder is written under a temporary name and renamed into place with a ``COMPLETE`` marker, so a
+run killed mid-write never leaves a folder that looks finished; a cached folder is reused only if the marker and
+the files it needs are there, otherwise it is written again.
 """
 
 from __future__ import annotations
@@ -26,19 +32,25 @@ import os
 import time
 import zlib
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional, get_args
 
 import numpy as np
 
+from lightning_ext.core.paths import cache_root
 from lightning_ext.pipeline.staged import Stage
 
-WORKLOADS = ("fashion_mnist_png", "movielens_rows", "synthetic")
+Workload = Literal["fashion_mnist_png", "movielens_rows", "synthetic"]
+WORKLOADS: tuple[str, ...] = get_args(Workload)
 
 
 def default_cache_dir() -> Path:
-    import tempfile
+    """Where the workloads' files are cached: ``core.paths.cache_root("pipeline")``."""
+    return cache_root("pipeline")
 
-    return Path(tempfile.gettempdir()) / "lightning_ext_pipeline"
+
+def _is_complete(out: Path, *files: str) -> bool:
+    """A cached folder is reusable when it has the ``COMPLETE`` marker and every file it needs."""
+    return (out / "COMPLETE").is_file() and all((out / f).is_file() for f in files)
 
 
 def _staging(out: Path) -> Path:
@@ -48,12 +60,15 @@ def _staging(out: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
 
 
-def _publish(tmp: Path, out: Path) -> Path:
+def _publish(tmp: Path, out: Path, *files: str) -> Path:
     """Move a fully written folder into place (another process may have won the race: keep its copy)."""
     import shutil
 
     (tmp / "COMPLETE").touch()
-    if out.exists() and not (out / "COMPLETE").exists():  # left over by an interrupted older write
+    if _is_complete(out, *files):  # another process published first
+        shutil.rmtree(tmp, ignore_errors=True)
+        return out
+    if out.exists():  # left over by an interrupted older write, or files deleted from a cached copy
         shutil.rmtree(out, ignore_errors=True)
     try:
         os.replace(tmp, out)
@@ -78,13 +93,14 @@ def write_fashion_mnist_pngs(root: str | os.PathLike, split: str = "train", limi
     x, y = read_idx(files[f"{prefix}_x"]), read_idx(files[f"{prefix}_y"])
     n = len(x) if limit is None else min(limit, len(x))
     out = Path(root) / f"fashion_mnist_png_{prefix}_{n}"
-    if (out / "COMPLETE").is_file():
+    needed = ("labels.npy", f"{n - 1}.png")
+    if _is_complete(out, *needed):
         return out
     tmp = _staging(out)
     for i in range(n):
         Image.fromarray(x[i]).save(tmp / f"{i}.png")
     np.save(tmp / "labels.npy", y[:n].astype(np.int64))
-    return _publish(tmp, out)
+    return _publish(tmp, out, *needed)
 
 
 class ReadFile:
@@ -171,7 +187,8 @@ def write_movielens_rows(root: str | os.PathLike) -> Path:
     ``stats.json`` (mean and std of the dense fields over all rows).
     """
     out = Path(root) / "movielens_rows"
-    if (out / "COMPLETE").is_file():
+    needed = ("rows.txt", "offsets.npy", "stats.json")
+    if _is_complete(out, *needed):
         return out
     src = _recbole_ml100k()
     users = {r[0]: r[1:] for r in _read_table(src / "ml-100k.user")}
@@ -191,7 +208,7 @@ def write_movielens_rows(root: str | os.PathLike) -> Path:
     d = np.array(dense)
     (tmp / "stats.json").write_text(json.dumps({"mean": d.mean(0).tolist(), "std": d.std(0).tolist()}))
     np.save(tmp / "offsets.npy", np.array(offsets, dtype=np.int64))
-    return _publish(tmp, out)
+    return _publish(tmp, out, *needed)
 
 
 class ReadRow:
