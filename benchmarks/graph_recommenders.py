@@ -279,13 +279,10 @@ def summarise(runs):
 
 
 def plot(runs, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from lightning_ext.core.plotting import new_figure, save_figure
 
     datasets = sorted({r["dataset"] for r in runs})
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4.5), squeeze=False)
+    fig, axes = new_figure(1, len(datasets), figsize=(6.5 * len(datasets), 4.5), squeeze=False)
     for ax, ds in zip(axes[0], datasets):
         for r in runs:
             if r["dataset"] != ds or not r["selected"] or r["seed"] != 0:
@@ -298,8 +295,7 @@ def plot(runs, path):
         ax.set_title(f"{ds} (seed 0)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def supplement(path: Path):
@@ -341,13 +337,10 @@ def timing(path: Path):
 
 
 def plot_time(runs, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from lightning_ext.core.plotting import new_figure, save_figure
 
     datasets = sorted({r["dataset"] for r in runs})
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4.2), squeeze=False)
+    fig, axes = new_figure(1, len(datasets), figsize=(6.5 * len(datasets), 4.2), squeeze=False)
     colors = {"LightGCN": "tab:orange", "UltraGCN": "tab:green"}
     for ax, ds in zip(axes[0], datasets):
         for r in runs:
@@ -360,8 +353,7 @@ def plot_time(runs, path):
         ax.set_title(f"{ds}: UltraGCN vs LightGCN over time")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def speed_only(path: Path, rounds: int = 3, epochs: int = 2):

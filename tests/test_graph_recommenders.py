@@ -373,3 +373,93 @@ def test_model_without_interaction_data_says_what_to_pass():
     trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
     with pytest.raises(RuntimeError, match="InteractionDataModule"):
         trainer.fit(LightGCN(), train_dataloaders=DataLoader([torch.zeros(3, dtype=torch.long)]))
+
+
+# -- house rules: validation, the shared sampler ----------------------------------------------------------------
+
+NAN, INF = float("nan"), float("inf")
+COMMON_BAD = [({"embedding_dim": 0}, "embedding_dim"), ({"lr": NAN}, "lr"), ({"lr": 0.0}, "lr"),
+              ({"init": "kaiming"}, "init"), ({"init_std": INF}, "init_std"), ({"eval_ks": ()}, "eval_ks"),
+              ({"eval_ks": (10, 0)}, "eval_ks"), ({"num_users": 3}, "num_items"), ({"num_items": 4}, "num_users"),
+              ({"num_users": 0, "num_items": 4}, "num_users")]
+MODEL_BAD = {
+    LightGCN: [({"num_layers": -1}, "num_layers"), ({"num_layers": 1.5}, "num_layers"), ({"reg_weight": NAN}, "reg_weight"),
+               ({"reg_weight": -1e-4}, "reg_weight")],
+    MFBPR: [({"reg_weight": INF}, "reg_weight")],
+    UltraGCN: [({"w1": -1e-6}, "w1"), ({"w2": NAN}, "w2"), ({"w3": INF}, "w3"), ({"w4": -1.0}, "w4"),
+               ({"negative_num": 0}, "negative_num"), ({"negative_weight": NAN}, "negative_weight"),
+               ({"l2_weight": -1.0}, "l2_weight"), ({"item_item_weight": INF}, "item_item_weight"),
+               ({"num_neighbors": 0}, "num_neighbors")],
+    LightGCL: [({"num_layers": 0}, "num_layers"), ({"rank": 0}, "rank"), ({"temperature": 0.0}, "temperature"),
+               ({"temperature": NAN}, "temperature"), ({"cl_weight": NAN}, "cl_weight"), ({"l2_weight": -1.0}, "l2_weight")],
+    DCCF: [({"num_layers": 0}, "num_layers"), ({"num_intents": 0}, "num_intents"), ({"temperature": -1.0}, "temperature"),
+           ({"cl_weight": NAN}, "cl_weight"), ({"emb_weight": -1.0}, "emb_weight"), ({"cen_weight": INF}, "cen_weight")],
+}
+
+
+@pytest.mark.parametrize("cls, kwargs, name", [(cls, kw, name) for cls, rows in MODEL_BAD.items()
+                                               for kw, name in rows + COMMON_BAD])
+def test_models_refuse_bad_values_with_one_line_naming_the_argument(cls, kwargs, name):
+    with pytest.raises(ValueError, match=name) as err:
+        cls(**kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_datamodules_metrics_and_sampler_refuse_bad_values(tmp_path):
+    from lightning_ext.recsys.movielens100k import MovieLens100KDataModule
+
+    (tmp_path / "train.txt").write_text("0 1 2\n1 0\n")
+    train = str(tmp_path / "train.txt")
+    pairs = low_rank_pairs(5, 6, per_user=2)
+    table = [
+        (lambda: SyntheticInteractions(batch_size=0), "batch_size"),
+        (lambda: SyntheticInteractions(eval_batch_size=-1), "eval_batch_size"),
+        (lambda: SyntheticInteractions(val_fraction=NAN), "val_fraction"),
+        (lambda: SyntheticInteractions(val_fraction=1.0), "val_fraction"),
+        (lambda: SyntheticInteractions(num_workers=-1), "num_workers"),
+        (lambda: SyntheticInteractions(split_seed=0.5), "split_seed"),
+        (lambda: SyntheticInteractions(shuffle_seed=NAN), "shuffle_seed"),
+        (lambda: InteractionFileDataModule(train, num_users=0), "num_users"),
+        (lambda: InteractionFileDataModule(train, num_items=NAN), "num_items"),
+        (lambda: MovieLens100KDataModule(min_rating=6), "min_rating"),
+        (lambda: MovieLens100KDataModule(test_fraction=NAN), "test_fraction"),
+        (lambda: MovieLens100KDataModule(test_fraction=1.0), "test_fraction"),
+        (lambda: MovieLens100KDataModule(split="leave_one_out"), "split"),
+        (lambda: RankingMetrics(ks=()), "ks"),
+        (lambda: RankingMetrics(ks=(10, -1)), "ks"),
+        (lambda: BPRBatchSampler(pairs, 6, batch_size=0), "batch_size"),
+        (lambda: BPRBatchSampler(pairs, 0, batch_size=4), "num_items"),
+    ]
+    for make, name in table:
+        with pytest.raises(ValueError, match=name):
+            make()
+
+
+def test_bpr_sampler_is_the_shared_epoch_sampler_and_resumes_mid_epoch():
+    from lightning_ext.core.sampling import EpochSampler
+
+    pairs = low_rank_pairs(30, 20, per_user=10)
+    sampler = BPRBatchSampler(pairs, 20, batch_size=16, seed=2, num_replicas=2, rank=1)
+    assert isinstance(sampler, EpochSampler)
+    sampler.set_epoch(3)
+    full = list(sampler)
+    sampler.set_epoch(3)
+    it = iter(sampler)
+    first = [next(it) for _ in range(4)]
+    state = sampler.state_dict()
+    resumed = BPRBatchSampler(pairs, 20, batch_size=16, seed=2, num_replicas=2, rank=1)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(3)
+    rest = list(resumed)
+    assert len(first) + len(rest) == len(full) == len(sampler)
+    for a, b in zip(first + rest, full):
+        torch.testing.assert_close(a, b)
+    # fewer batches than ranks: every rank still gets one (the shared sampler wraps around)
+    tiny = [BPRBatchSampler(pairs[:10], 20, batch_size=16, num_replicas=2, rank=r) for r in (0, 1)]
+    assert [len(list(s)) for s in tiny] == [len(s) for s in tiny] == [1, 1]
+
+
+def test_interactions_from_pairs_takes_sizes_from_the_largest_ids():
+    data = Interactions.from_pairs([[0, 2], [3, 1]])
+    assert (data.num_users, data.num_items, len(data.train), len(data.val), len(data.test)) == (4, 3, 2, 0, 0)
+    assert Interactions.from_pairs([[0, 2]], num_users=5, num_items=9).stats()["items"] == 9

@@ -9,8 +9,11 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
-from lightning_ext.recsys.recommender import Recommender, bpr_loss
-from lightning_ext.recsys.graph import SparseGraph, spmm, symmetric_norm_values
+from lightning_ext.core.validation import (
+    NonNegativeFloat, PositiveFloat, PositiveInt, check_non_negative, check_positive, check_positive_int,
+)
+from lightning_ext.recsys.graph import SparseGraph, spmm
+from lightning_ext.recsys.recommender import Init, Recommender, bpr_loss
 
 
 def adaptive_edge_values(graph: SparseGraph, x: torch.Tensor) -> torch.Tensor:
@@ -36,9 +39,10 @@ class DCCF(Recommender):
     Z = D^-1/2 A D^-1/2 E (graph view); R = softmax(E C) Cᵀ with K learnable intent prototypes per side (intent
     view); H^β and H^γ propagate E over the training graph re-weighted by :func:`adaptive_edge_values` of Z and
     of R (adaptive augmentation, differentiable in the weights). Loss: mean BPR on the final embeddings,
-    ``emb_reg · Σ||e⁰||²`` over the batch (a sum, as in the code), ``cen_reg · (||C_u||² + ||C_i||²)``, and
-    ``ssl_reg · Σ_layers`` InfoNCE(Z, R) + InfoNCE(Z, H^β) + InfoNCE(Z, H^γ) on the batch's unique users and
-    unique positive items (normalised, in-batch negatives, temperature τ).
+    ``emb_weight · Σ||e⁰||²`` over the batch (a sum, as in the code), ``cen_weight · (||C_u||² + ||C_i||²)``,
+    and ``cl_weight · Σ_layers`` InfoNCE(Z, R) + InfoNCE(Z, H^β) + InfoNCE(Z, H^γ) on the batch's unique users
+    and unique positive items (normalised, in-batch negatives, temperature τ). The weights are the code's
+    ``ssl_reg``, ``emb_reg`` and ``cen_reg``, named here as every loss weight is (``<term>_weight``).
 
     Defaults from ``utility/parser.py``: d 32, 2 layers, K 128, τ 1.0, ssl_reg 0.1, emb_reg 2.5e-5, cen_reg
     5e-3, lr 1e-3, xavier-normal init (batch 10,240 is the DataModule's). The paper reports the final epoch (no
@@ -51,38 +55,35 @@ class DCCF(Recommender):
         num_layers: layers.
         num_intents: K prototypes per side.
         temperature: τ of InfoNCE.
-        ssl_reg: weight of the contrastive terms.
-        emb_reg: weight of the layer-0 embedding norm.
-        cen_reg: weight of the prototype norm.
+        cl_weight: weight of the contrastive terms (code ``ssl_reg``).
+        emb_weight: weight of the layer-0 embedding norm (code ``emb_reg``).
+        cen_weight: weight of the prototype norm (code ``cen_reg``).
         adaptive_augmentation: use H^β and H^γ.
         num_users, num_items, embedding_dim, lr, init, init_std, eval_ks, optimizer: see
             :class:`~lightning_ext.recsys.recommender.Recommender`.
 
     Example:
-        >>> import numpy as np
         >>> from lightning_ext.recsys.interactions import Interactions
-        >>> data = Interactions(3, 4, np.array([[0, 0], [0, 1], [1, 1], [2, 3]]), np.zeros((0, 2), int), np.zeros((0, 2), int))
+        >>> data = Interactions.from_pairs([[0, 0], [0, 1], [1, 1], [2, 3]])
         >>> model = DCCF(num_intents=4, embedding_dim=8).bind(data)
         >>> sorted(model.training_loss(torch.tensor([0, 1]), torch.tensor([1, 1]), torch.tensor([2, 3])))
         ['bpr', 'cen', 'cl', 'emb', 'loss']
     """
 
-    def __init__(self, num_layers: int = 2, num_intents: int = 128, temperature: float = 1.0, ssl_reg: float = 0.1,
-                 emb_reg: float = 2.5e-5, cen_reg: float = 5e-3, adaptive_augmentation: bool = True,
-                 num_users: Optional[int] = None, num_items: Optional[int] = None, embedding_dim: int = 32,
-                 lr: float = 1e-3, init: str = "xavier_normal", init_std: float = 0.1,
-                 eval_ks: Sequence[int] = (10, 20, 40), optimizer: Optional[OptimizerCallable] = None) -> None:
-        if num_layers < 1:
-            raise ValueError(f"`num_layers` must be >= 1, got {num_layers}.")
-        if num_intents < 1:
-            raise ValueError(f"`num_intents` must be >= 1, got {num_intents}.")
-        if temperature <= 0:
-            raise ValueError(f"`temperature` must be > 0, got {temperature}.")
-        for name, v in (("ssl_reg", ssl_reg), ("emb_reg", emb_reg), ("cen_reg", cen_reg)):
-            if v < 0:
-                raise ValueError(f"`{name}` must be >= 0, got {v}.")
+    def __init__(self, num_layers: PositiveInt = 2, num_intents: PositiveInt = 128, temperature: PositiveFloat = 1.0,
+                 cl_weight: NonNegativeFloat = 0.1, emb_weight: NonNegativeFloat = 2.5e-5,
+                 cen_weight: NonNegativeFloat = 5e-3, adaptive_augmentation: bool = True,
+                 num_users: Optional[PositiveInt] = None, num_items: Optional[PositiveInt] = None,
+                 embedding_dim: PositiveInt = 32, lr: PositiveFloat = 1e-3, init: Init = "xavier_normal",
+                 init_std: PositiveFloat = 0.1, eval_ks: Sequence[PositiveInt] = (10, 20, 40),
+                 optimizer: Optional[OptimizerCallable] = None) -> None:
+        check_positive_int("num_layers", num_layers)
+        check_positive_int("num_intents", num_intents)
+        check_positive("temperature", temperature)
+        for name, v in (("cl_weight", cl_weight), ("emb_weight", emb_weight), ("cen_weight", cen_weight)):
+            check_non_negative(name, v)
         self.num_layers, self.num_intents, self.temperature = num_layers, num_intents, temperature
-        self.ssl_reg, self.emb_reg, self.cen_reg = ssl_reg, emb_reg, cen_reg
+        self.cl_weight, self.emb_weight, self.cen_weight = cl_weight, emb_weight, cen_weight
         self.adaptive_augmentation = adaptive_augmentation
         super().__init__(num_users, num_items, embedding_dim, lr, init, init_std, eval_ks, optimizer)
 
@@ -91,8 +92,7 @@ class DCCF(Recommender):
         self.item_intent = nn.Parameter(nn.init.xavier_normal_(torch.empty(self.embedding_dim, self.num_intents)))
 
     def prepare(self, data) -> None:
-        self.graph = data.graph()
-        self.register_buffer("norm_values", symmetric_norm_values(self.graph), persistent=False)
+        self.build_graph(data)
 
     def _layers(self):
         n_u = self.num_users
@@ -122,8 +122,8 @@ class DCCF(Recommender):
         user_emb, item_emb = total.split([self.num_users, self.num_items])
         bpr = bpr_loss(user_emb[users], item_emb[pos], item_emb[neg])
         e0 = (self.user_embedding(users), self.item_embedding(pos), self.item_embedding(neg))
-        emb = self.emb_reg * sum(x.pow(2).sum() for x in e0)
-        cen = self.cen_reg * (self.user_intent.pow(2).sum() + self.item_intent.pow(2).sum())
+        emb = self.emb_weight * sum(x.pow(2).sum() for x in e0)
+        cen = self.cen_weight * (self.user_intent.pow(2).sum() + self.item_intent.pow(2).sum())
         uids, iids = torch.unique(users), torch.unique(pos) + self.num_users
         cl = bpr.new_zeros(())
         for layer in views:
@@ -131,5 +131,5 @@ class DCCF(Recommender):
                 if key in layer:
                     for ids in (uids, iids):
                         cl = cl + info_nce(layer["z"][ids], layer[key][ids], self.temperature)
-        cl = self.ssl_reg * cl
+        cl = self.cl_weight * cl
         return {"loss": bpr + emb + cen + cl, "bpr": bpr, "emb": emb, "cen": cen, "cl": cl}

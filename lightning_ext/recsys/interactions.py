@@ -6,7 +6,8 @@ What every :class:`InteractionDataModule` yields:
   negative drawn uniformly from the items the user has no training interaction with (LightGCN's sampler draws
   users uniformly instead; per-interaction epochs are the usual PyG/NGCF-style choice). Batches are
   ``LongTensor (B, 3)``; the order and the negatives depend only on ``(shuffle_seed, epoch)``, and under DDP
-  each rank gets its own share of the same epoch's batches.
+  each rank gets its own share of the same epoch's batches (:class:`BPRBatchSampler`, built on
+  :class:`~lightning_ext.core.sampling.EpochSampler`).
 - **val / test**: batches of users for full-ranking evaluation, as dicts ``{"users": (B,), "target": (2, m),
   "exclude": (2, n)}`` where ``target`` / ``exclude`` are ``(row in batch, item)`` pairs: the held-out items to
   find, and the known items to mask with ``-inf`` before ranking (training items for validation; training and
@@ -29,6 +30,12 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from typing_extensions import override
+
+from lightning_ext.core.sampling import EpochSampler
+from lightning_ext.core.validation import (
+    NonNegativeInt, PositiveInt, UnitIntervalRightOpen, check_fraction, check_number, check_positive_int,
+)
 
 
 @dataclass
@@ -41,6 +48,21 @@ class Interactions:
     val: np.ndarray
     test: np.ndarray
     protocol: str = ""
+
+    @classmethod
+    def from_pairs(cls, train, num_users: Optional[int] = None, num_items: Optional[int] = None,
+                   protocol: str = "") -> "Interactions":
+        """Training pairs only (no validation or test pairs); sizes default to ``1 + the largest id``.
+
+        Example:
+            >>> Interactions.from_pairs([[0, 0], [0, 1], [2, 3]]).stats()
+            {'users': 3, 'items': 4, 'train': 3, 'val': 0, 'test': 0}
+        """
+        train = np.asarray(train, dtype=np.int64).reshape(-1, 2)
+        empty = np.zeros((0, 2), dtype=np.int64)
+        num_users = int(train[:, 0].max()) + 1 if num_users is None else num_users
+        num_items = int(train[:, 1].max()) + 1 if num_items is None else num_items
+        return cls(num_users, num_items, train, empty, empty.copy(), protocol)
 
     def graph(self):
         """The (U+I)² bipartite graph of the training pairs (:class:`~lightning_ext.recsys.SparseGraph`)."""
@@ -115,40 +137,63 @@ class _Passthrough(Dataset):
         return item
 
 
-class BPRBatchSampler(DistributedSampler):
+class BPRBatchSampler(EpochSampler):
     """Yields ``(B, 3)`` BPR triple batches; one epoch covers every training pair once.
 
-    A :class:`~torch.utils.data.DistributedSampler` (so Lightning leaves it in place): ``set_epoch`` reseeds,
-    and with ``num_replicas > 1`` each rank takes every ``num_replicas``-th batch of the same epoch (ranks get
-    equally many batches; the few left over are dropped).
+    Built on :class:`~lightning_ext.core.sampling.EpochSampler` over the epoch's *batches* (unshuffled there):
+    it is a ``DistributedSampler`` (Lightning leaves it in place and calls ``set_epoch``), rank ``r`` of ``W``
+    takes batches ``r, r + W, ...`` (ranks get equally many; the few left over are dropped, and with fewer
+    batches than ranks every rank gets one, by the shared sampler's wrap-around padding), and ``state_dict``
+    counts the batches consumed, so a resumed run skips them. What stays its own, and why: the epoch shuffles
+    the training *pairs*, not batches, and draws each pair's negative from the same per-epoch generator
+    (``torch.Generator`` seeded with ``seed * 100003 + epoch``), so the triples of an epoch are one function of
+    ``(seed, epoch)`` that every rank computes alike. The shared sampler's index shuffle cannot draw negatives,
+    and sharding whole batches (not samples) keeps rank ``r``'s batch ``k`` equal to one process's batch
+    ``k W + r``.
+
+    Args:
+        pairs: training ``(user, item)`` pairs, ``(N, 2)``.
+        num_items: number of items (negatives are drawn from ``0..num_items-1``).
+        batch_size: triples per batch.
+        seed: seed of the pair shuffle and the negatives.
+        num_replicas, rank: DDP world size and this process's rank.
+        shuffle: shuffle the pairs every epoch (negatives are drawn either way).
     """
 
     def __init__(self, pairs: np.ndarray, num_items: int, batch_size: int, seed: int = 0,
                  num_replicas: int = 1, rank: int = 0, shuffle: bool = True) -> None:
+        check_positive_int("num_items", num_items)
+        check_positive_int("batch_size", batch_size)
+        pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
         self.pairs = torch.as_tensor(pairs, dtype=torch.long)
         self.keys = _pair_keys(pairs, num_items)
-        self.num_items, self.batch_size, self.shuffle = num_items, batch_size, shuffle
+        self.num_items, self.batch_size, self.shuffle_pairs = num_items, batch_size, bool(shuffle)
         self.n_batches = -(-len(pairs) // batch_size)
-        super().__init__(_Passthrough(self.n_batches), num_replicas=num_replicas, rank=rank, shuffle=shuffle,
-                         seed=seed)
+        super().__init__(self.n_batches, shuffle=False, seed=seed, rank=rank, world_size=num_replicas,
+                         drop_last=self.n_batches >= num_replicas)
 
-    def __len__(self) -> int:
-        return max(1, self.n_batches // self.num_replicas) if self.num_replicas > 1 else self.n_batches
+    def epoch_batches(self) -> list[torch.Tensor]:
+        """Every ``(B, 3)`` batch of the current epoch, in order, before the batches are shared out to ranks."""
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        n = len(self.pairs)
+        pairs = self.pairs[torch.randperm(n, generator=gen) if self.shuffle_pairs else torch.arange(n)]
+        neg = sample_negatives(pairs[:, 0].contiguous(), self.keys, self.num_items, gen)
+        return list(torch.split(torch.cat([pairs, neg[:, None]], dim=1), self.batch_size))
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(len(self.pairs), generator=gen) if self.shuffle else torch.arange(len(self.pairs))
-        pairs = self.pairs[order]
-        neg = sample_negatives(pairs[:, 0].contiguous(), self.keys, self.num_items, gen)
-        triples = torch.cat([pairs, neg[:, None]], dim=1)
-        batches = list(torch.split(triples, self.batch_size))
-        if self.num_replicas > 1:
-            batches = batches[self.rank::self.num_replicas][: len(self)]
-        return iter(batches)
+        batches = self.epoch_batches()
+        for i in super().__iter__():  # this rank's batch indices, resumable mid-epoch
+            yield batches[i]
 
 
 class _ShardSampler(DistributedSampler):
-    """Evaluation batches ``rank, rank + world, ...`` with no padding (torchmetrics sums the shards)."""
+    """Evaluation batches ``rank, rank + world, ...`` with no padding and nothing dropped.
+
+    Not :class:`~lightning_ext.core.sampling.EpochSampler`: that one pads every rank to the same length
+    (``drop_last=False``) or drops the tail (``drop_last=True``). Either would change full-ranking metrics:
+    torchmetrics sums every rank's per-user sums, so a padded batch would count its users twice and a dropped
+    one not at all. Ranks may therefore get one batch more or less than each other here.
+    """
 
     def __init__(self, n: int, num_replicas: int = 1, rank: int = 0) -> None:
         super().__init__(_Passthrough(n), num_replicas=num_replicas, rank=rank, shuffle=False)
@@ -207,15 +252,16 @@ class InteractionDataModule(LightningDataModule):
     #: set by subclasses: a short, exact description of data, implicit-feedback rule and split
     protocol: str = ""
 
-    def __init__(self, batch_size: int = 2048, eval_batch_size: int = 1024, val_fraction: float = 0.1,
-                 split_seed: int = 0, shuffle_seed: int = 0, num_workers: int = 0) -> None:
+    def __init__(self, batch_size: PositiveInt = 2048, eval_batch_size: PositiveInt = 1024,
+                 val_fraction: UnitIntervalRightOpen = 0.1, split_seed: int = 0, shuffle_seed: int = 0,
+                 num_workers: NonNegativeInt = 0) -> None:
         super().__init__()
-        if batch_size < 1 or eval_batch_size < 1:
-            raise ValueError(f"batch sizes must be >= 1, got {batch_size} and {eval_batch_size}.")
-        if not 0 <= val_fraction < 1:
-            raise ValueError(f"`val_fraction` must be in [0, 1), got {val_fraction}.")
-        if num_workers < 0:
-            raise ValueError(f"`num_workers` must be >= 0, got {num_workers}.")
+        check_positive_int("batch_size", batch_size)
+        check_positive_int("eval_batch_size", eval_batch_size)
+        check_fraction("val_fraction", val_fraction, allow_one=False)
+        check_number("split_seed", split_seed, integer=True)
+        check_number("shuffle_seed", shuffle_seed, integer=True)
+        check_number("num_workers", num_workers, low=0, integer=True)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_fraction, self.split_seed, self.shuffle_seed = val_fraction, split_seed, shuffle_seed
         self.num_workers = num_workers
@@ -233,7 +279,9 @@ class InteractionDataModule(LightningDataModule):
         return f"{self.protocol}{val if self.val_fraction > 0 else '; no validation split'}"
 
     # -- setup -----------------------------------------------------------------------------------------------
+    @override
     def setup(self, stage: Optional[str] = None) -> None:
+        """Load the protocol's splits once, carve validation out of training and check the ids."""
         if self.interactions is not None:
             return
         train, test, num_users, num_items = self.load_splits()
@@ -261,7 +309,9 @@ class InteractionDataModule(LightningDataModule):
             raise RuntimeError(f"{type(self).__name__}: call setup() first.")
         return self.interactions
 
+    @override
     def train_dataloader(self) -> DataLoader:
+        """BPR triple batches of the current epoch, this rank's share."""
         data = self._require()
         world, rank = self._world()
         sampler = BPRBatchSampler(data.train, data.num_items, self.batch_size, seed=self.shuffle_seed,
@@ -278,11 +328,15 @@ class InteractionDataModule(LightningDataModule):
         world, rank = self._world()
         return DataLoader(_EvalBatches(batches), sampler=_ShardSampler(len(batches), world, rank), batch_size=None)
 
+    @override
     def val_dataloader(self) -> DataLoader:
+        """User batches of the validation split (training items masked)."""
         data = self._require()
         return self._eval_loader(data.val, data.train, "val")
 
+    @override
     def test_dataloader(self) -> DataLoader:
+        """User batches of the test split (training and validation items masked)."""
         data = self._require()
         return self._eval_loader(data.test, np.concatenate([data.train, data.val]), "test")
 
@@ -328,9 +382,12 @@ class InteractionFileDataModule(InteractionDataModule):
         {'users': 2, 'items': 4, 'train': 5, 'val': 0, 'test': 2}
     """
 
-    def __init__(self, train_path: str, test_path: Optional[str] = None, num_users: Optional[int] = None,
-                 num_items: Optional[int] = None, split_name: str = "", **kwargs) -> None:
+    def __init__(self, train_path: str, test_path: Optional[str] = None, num_users: Optional[PositiveInt] = None,
+                 num_items: Optional[PositiveInt] = None, split_name: str = "", **kwargs) -> None:
         super().__init__(**kwargs)
+        for name, n in (("num_users", num_users), ("num_items", num_items)):
+            if n is not None:
+                check_positive_int(f"{name} (or None: 1 + the largest id in the files)", n)
         for p in (train_path, test_path):
             if p is not None and not Path(p).is_file():
                 raise FileNotFoundError(f"{p} does not exist; pass the path of a `user item item ...` file.")

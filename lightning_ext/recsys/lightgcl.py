@@ -7,8 +7,11 @@ from typing import Optional, Sequence
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
-from lightning_ext.recsys.recommender import Recommender
-from lightning_ext.recsys.graph import spmm, symmetric_norm_values
+from lightning_ext.core.validation import (
+    NonNegativeFloat, PositiveFloat, PositiveInt, check_non_negative, check_positive, check_positive_int,
+)
+from lightning_ext.recsys.graph import spmm
+from lightning_ext.recsys.recommender import Init, Recommender
 
 
 def svd_view(user_item: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -51,34 +54,30 @@ class LightGCL(Recommender):
             :class:`~lightning_ext.recsys.recommender.Recommender`.
 
     Example:
-        >>> import numpy as np
         >>> from lightning_ext.recsys.interactions import Interactions
-        >>> data = Interactions(3, 4, np.array([[0, 0], [0, 1], [1, 1], [2, 3]]), np.zeros((0, 2), int), np.zeros((0, 2), int))
+        >>> data = Interactions.from_pairs([[0, 0], [0, 1], [1, 1], [2, 3]])
         >>> model = LightGCL(rank=2, embedding_dim=8).bind(data)
         >>> sorted(model.training_loss(torch.tensor([0]), torch.tensor([1]), torch.tensor([2])))
         ['bpr', 'cl', 'l2', 'loss']
     """
 
-    def __init__(self, num_layers: int = 2, rank: int = 5, temperature: float = 0.2, cl_weight: float = 0.2,
-                 l2_weight: float = 1e-7, num_users: Optional[int] = None, num_items: Optional[int] = None,
-                 embedding_dim: int = 64, lr: float = 1e-3, init: str = "xavier_uniform", init_std: float = 0.1,
-                 eval_ks: Sequence[int] = (10, 20, 40), optimizer: Optional[OptimizerCallable] = None) -> None:
-        if num_layers < 1:
-            raise ValueError(f"`num_layers` must be >= 1, got {num_layers}.")
-        if rank < 1:
-            raise ValueError(f"`rank` must be >= 1, got {rank}.")
-        if temperature <= 0:
-            raise ValueError(f"`temperature` must be > 0, got {temperature}.")
-        if cl_weight < 0 or l2_weight < 0:
-            raise ValueError(f"`cl_weight` and `l2_weight` must be >= 0, got {cl_weight} and {l2_weight}.")
+    def __init__(self, num_layers: PositiveInt = 2, rank: PositiveInt = 5, temperature: PositiveFloat = 0.2,
+                 cl_weight: NonNegativeFloat = 0.2, l2_weight: NonNegativeFloat = 1e-7,
+                 num_users: Optional[PositiveInt] = None, num_items: Optional[PositiveInt] = None,
+                 embedding_dim: PositiveInt = 64, lr: PositiveFloat = 1e-3, init: Init = "xavier_uniform",
+                 init_std: PositiveFloat = 0.1, eval_ks: Sequence[PositiveInt] = (10, 20, 40),
+                 optimizer: Optional[OptimizerCallable] = None) -> None:
+        check_positive_int("num_layers", num_layers)
+        check_positive_int("rank", rank)
+        check_positive("temperature", temperature)
+        check_non_negative("cl_weight", cl_weight)
+        check_non_negative("l2_weight", l2_weight)
         self.num_layers, self.rank, self.temperature = num_layers, rank, temperature
         self.cl_weight, self.l2_weight = cl_weight, l2_weight
         super().__init__(num_users, num_items, embedding_dim, lr, init, init_std, eval_ks, optimizer)
 
     def prepare(self, data) -> None:
-        self.graph = data.graph()
-        values = symmetric_norm_values(self.graph)
-        self.register_buffer("norm_values", values, persistent=False)
+        values = self.build_graph(data)
         # the U x I block of the bipartite Â is LightGCL's normalised user-item matrix
         n_u = data.num_users
         block = self.graph.row < n_u

@@ -7,8 +7,11 @@ from typing import Optional, Sequence
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
-from lightning_ext.recsys.recommender import Recommender, bpr_loss
-from lightning_ext.recsys.graph import SparseGraph, spmm, symmetric_norm_values
+from lightning_ext.core.validation import (
+    NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, check_non_negative, check_number,
+)
+from lightning_ext.recsys.graph import SparseGraph, spmm
+from lightning_ext.recsys.recommender import Init, Recommender, bpr_loss
 
 
 def lightgcn_propagate(graph: SparseGraph, values: torch.Tensor, x: torch.Tensor, num_layers: int) -> torch.Tensor:
@@ -42,8 +45,7 @@ class LightGCN(Recommender):
 
     Example:
         >>> from lightning_ext.recsys.interactions import Interactions
-        >>> import numpy as np
-        >>> data = Interactions(3, 4, np.array([[0, 0], [0, 1], [1, 1], [2, 3]]), np.zeros((0, 2), int), np.zeros((0, 2), int))
+        >>> data = Interactions.from_pairs([[0, 0], [0, 1], [1, 1], [2, 3]])
         >>> model = LightGCN(num_layers=2, embedding_dim=8).bind(data)
         >>> users, items = model.propagate(); tuple(users.shape), tuple(items.shape)
         ((3, 8), (4, 8))
@@ -51,22 +53,18 @@ class LightGCN(Recommender):
         ['bpr', 'loss', 'reg']
     """
 
-    def __init__(self, num_layers: int = 3, reg_weight: float = 1e-4, num_users: Optional[int] = None,
-                 num_items: Optional[int] = None, embedding_dim: int = 64, lr: float = 1e-3, init: str = "normal",
-                 init_std: float = 0.1, eval_ks: Sequence[int] = (10, 20, 40),
+    def __init__(self, num_layers: NonNegativeInt = 3, reg_weight: NonNegativeFloat = 1e-4,
+                 num_users: Optional[PositiveInt] = None, num_items: Optional[PositiveInt] = None,
+                 embedding_dim: PositiveInt = 64, lr: PositiveFloat = 1e-3, init: Init = "normal",
+                 init_std: PositiveFloat = 0.1, eval_ks: Sequence[PositiveInt] = (10, 20, 40),
                  optimizer: Optional[OptimizerCallable] = None) -> None:
-        if num_layers < 0:
-            raise ValueError(f"`num_layers` must be >= 0, got {num_layers}.")
-        if reg_weight < 0:
-            raise ValueError(f"`reg_weight` must be >= 0, got {reg_weight}.")
-        self.num_layers, self.reg_weight = num_layers, reg_weight
+        self.num_layers = check_number("num_layers", num_layers, low=0, integer=True)
+        self.reg_weight = check_non_negative("reg_weight", reg_weight)
         super().__init__(num_users, num_items, embedding_dim, lr, init, init_std, eval_ks, optimizer)
 
     def prepare(self, data) -> None:
-        if self.num_layers == 0:
-            return
-        self.graph = data.graph()
-        self.register_buffer("norm_values", symmetric_norm_values(self.graph), persistent=False)
+        if self.num_layers:
+            self.build_graph(data)
 
     def propagate(self) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.cat([self.user_embedding.weight, self.item_embedding.weight])

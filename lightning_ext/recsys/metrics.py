@@ -12,6 +12,9 @@ from typing import Sequence
 
 import torch
 from torchmetrics import Metric
+from typing_extensions import override
+
+from lightning_ext.core.validation import check_positive_int
 
 
 def topk_ranking(scores: torch.Tensor, target: torch.Tensor, exclude: torch.Tensor | None,
@@ -82,22 +85,27 @@ class RankingMetrics(Metric):
 
     def __init__(self, ks: Sequence[int] = (10, 20, 40), **kwargs) -> None:
         super().__init__(**kwargs)
-        ks = tuple(int(k) for k in ks)
-        if not ks or min(ks) < 1:
-            raise ValueError(f"`ks` must be positive cut-offs, got {ks}.")
-        self.ks = ks
+        if not len(ks):
+            raise ValueError("ks must list at least one ranking cut-off, e.g. (10, 20).")
+        for k in ks:
+            check_positive_int("every ks entry (a ranking cut-off)", k)
+        self.ks = tuple(int(k) for k in ks)
         self.add_state("recall_sum", torch.zeros(len(ks), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("ndcg_sum", torch.zeros(len(ks), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("users", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
+    @override
     def update(self, scores: torch.Tensor, target: torch.Tensor, exclude: torch.Tensor | None = None,
                copy: bool = True) -> None:
+        """Add one user batch (see :func:`topk_ranking`)."""
         recall, ndcg, valid = topk_ranking(scores, target, exclude, self.ks, copy=copy)
         self.recall_sum += recall[:, valid].sum(1).double()
         self.ndcg_sum += ndcg[:, valid].sum(1).double()
         self.users += valid.sum()
 
+    @override
     def compute(self) -> dict[str, torch.Tensor]:
+        """Mean Recall@K and NDCG@K over the users seen (summed over ranks first)."""
         n = self.users.clamp(min=1)
         out = {}
         for j, k in enumerate(self.ks):

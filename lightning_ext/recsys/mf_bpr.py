@@ -6,7 +6,9 @@ from typing import Optional, Sequence
 
 from lightning.pytorch.cli import OptimizerCallable
 
+from lightning_ext.core.validation import NonNegativeFloat, PositiveFloat, PositiveInt
 from lightning_ext.recsys.lightgcn import LightGCN
+from lightning_ext.recsys.recommender import Init
 
 
 class MFBPR(LightGCN):
@@ -26,8 +28,9 @@ class MFBPR(LightGCN):
         torch.Size([7, 4])
     """
 
-    def __init__(self, reg_weight: float = 1e-4, num_users: Optional[int] = None, num_items: Optional[int] = None,
-                 embedding_dim: int = 64, lr: float = 1e-3, init: str = "normal", init_std: float = 0.1,
-                 eval_ks: Sequence[int] = (10, 20, 40), optimizer: Optional[OptimizerCallable] = None) -> None:
+    def __init__(self, reg_weight: NonNegativeFloat = 1e-4, num_users: Optional[PositiveInt] = None,
+                 num_items: Optional[PositiveInt] = None, embedding_dim: PositiveInt = 64, lr: PositiveFloat = 1e-3,
+                 init: Init = "normal", init_std: PositiveFloat = 0.1, eval_ks: Sequence[PositiveInt] = (10, 20, 40),
+                 optimizer: Optional[OptimizerCallable] = None) -> None:
         super().__init__(0, reg_weight, num_users, num_items, embedding_dim, lr, init, init_std, eval_ks, optimizer)
         self.hparams.pop("num_layers", None)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
 
 import numpy as np
 
+from lightning_ext.core.validation import OpenUnitInterval, check_choice, check_number
 from lightning_ext.recsys.interactions import InteractionDataModule, per_user_split
+
+#: how each user's positives are split into train and test
+Split = Literal["random", "temporal"]
 
 
 def find_ml100k_inter() -> Path:
@@ -49,15 +53,12 @@ class MovieLens100KDataModule(InteractionDataModule):
 
     NUM_USERS, NUM_ITEMS = 943, 1682
 
-    def __init__(self, min_rating: int = 4, test_fraction: float = 0.2,
-                 split: Literal["random", "temporal"] = "random", path: Optional[str] = None, **kwargs) -> None:
+    def __init__(self, min_rating: Literal[1, 2, 3, 4, 5] = 4, test_fraction: OpenUnitInterval = 0.2,
+                 split: Split = "random", path: Optional[str] = None, **kwargs) -> None:
         super().__init__(**kwargs)
-        if not 1 <= min_rating <= 5:
-            raise ValueError(f"`min_rating` must be in 1..5, got {min_rating}.")
-        if not 0 < test_fraction < 1:
-            raise ValueError(f"`test_fraction` must be in (0, 1), got {test_fraction}.")
-        if split not in ("random", "temporal"):
-            raise ValueError(f"`split` must be 'random' or 'temporal', got {split!r}.")
+        check_number("min_rating (a star rating)", min_rating, low=1, high=5, integer=True)
+        check_number("test_fraction", test_fraction, low=0, high=1, low_open=True, high_open=True)
+        check_choice("split", split, get_args(Split))
         self.min_rating, self.test_fraction, self.split = min_rating, test_fraction, split
         self.path = Path(path) if path else find_ml100k_inter()
         self.protocol = (f"ml-100k (implicit: rating >= {min_rating}; per-user {split} "

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, get_args
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
+from typing_extensions import override
 
+from lightning_ext.core.validation import PositiveFloat, PositiveInt, check_choice, check_positive, check_positive_int
+from lightning_ext.recsys.graph import symmetric_norm_values
 from lightning_ext.recsys.metrics import RankingMetrics
+
+#: how the embedding tables (and DCCF's intent prototypes) are initialised
+Init = Literal["normal", "xavier_uniform", "xavier_normal"]
 
 
 def bpr_loss(user: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
@@ -33,7 +39,7 @@ class Recommender(LightningModule):
     unseen items.
 
     Args:
-        num_users: number of users (``None``: from the data).
+        num_users: number of users (``None``: from the data; give both sizes or neither).
         num_items: number of items (``None``: from the data).
         embedding_dim: embedding size.
         lr: learning rate of the default Adam.
@@ -43,20 +49,25 @@ class Recommender(LightningModule):
         optimizer: optimiser factory ``params -> Optimizer``; overrides ``lr``.
     """
 
-    def __init__(self, num_users: Optional[int] = None, num_items: Optional[int] = None, embedding_dim: int = 64,
-                 lr: float = 1e-3, init: Literal["normal", "xavier_uniform", "xavier_normal"] = "normal",
-                 init_std: float = 0.1, eval_ks: Sequence[int] = (10, 20, 40),
+    def __init__(self, num_users: Optional[PositiveInt] = None, num_items: Optional[PositiveInt] = None,
+                 embedding_dim: PositiveInt = 64, lr: PositiveFloat = 1e-3, init: Init = "normal",
+                 init_std: PositiveFloat = 0.1, eval_ks: Sequence[PositiveInt] = (10, 20, 40),
                  optimizer: Optional[OptimizerCallable] = None) -> None:
         super().__init__()
-        if embedding_dim < 1:
-            raise ValueError(f"`embedding_dim` must be >= 1, got {embedding_dim}.")
-        if lr <= 0:
-            raise ValueError(f"`lr` must be > 0, got {lr}.")
-        if init not in ("normal", "xavier_uniform", "xavier_normal"):
-            raise ValueError(f"`init` must be 'normal', 'xavier_uniform' or 'xavier_normal', got {init!r}.")
+        check_positive_int("embedding_dim", embedding_dim)
+        check_positive("lr", lr)
+        check_choice("init", init, get_args(Init))
+        check_positive("init_std", init_std)
+        if not len(eval_ks):
+            raise ValueError("eval_ks must list at least one ranking cut-off, e.g. [10, 20].")
+        for k in eval_ks:
+            check_positive_int("every eval_ks entry", k)
+        if (num_users is None) != (num_items is None):
+            raise ValueError(f"num_users and num_items go together: give both or neither (None reads both from the "
+                             f"data), got num_users={num_users!r}, num_items={num_items!r}.")
         for name, n in (("num_users", num_users), ("num_items", num_items)):
-            if n is not None and n < 1:
-                raise ValueError(f"`{name}` must be >= 1 (or None to read it from the data), got {n}.")
+            if n is not None:
+                check_positive_int(f"{name} (or None to read it from the data)", n)
         self.save_hyperparameters(ignore=["optimizer"])
         self.embedding_dim, self.lr, self.init, self.init_std = embedding_dim, lr, init, init_std
         self.optimizer_factory = optimizer
@@ -111,7 +122,16 @@ class Recommender(LightningModule):
     def prepare(self, data) -> None:
         """Build graph buffers from the training interactions (no-op for models without a graph)."""
 
+    def build_graph(self, data) -> torch.Tensor:
+        """Keep the training graph as ``self.graph`` and its ``D^-1/2 A D^-1/2`` edge values as the (unsaved) buffer
+        ``norm_values``, which it returns: the first step of every graph model's :meth:`prepare`."""
+        self.graph = data.graph()
+        self.register_buffer("norm_values", symmetric_norm_values(self.graph), persistent=False)
+        return self.norm_values
+
+    @override
     def setup(self, stage: str) -> None:
+        """Take the sizes and the graph from the DataModule's interactions (unless :meth:`bind` ran already)."""
         if self.bound:
             return
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -132,13 +152,16 @@ class Recommender(LightningModule):
         """``{"loss": total, <part>: value, ...}`` for one batch of triples."""
         raise NotImplementedError
 
+    @override
     def forward(self, users: torch.Tensor) -> torch.Tensor:
         """Scores ``(B, I)`` of every item for these users."""
         user_emb, item_emb = self._eval_embeddings or self.propagate()
         return user_emb[users] @ item_emb.T
 
     # -- steps -----------------------------------------------------------------------------------------------
+    @override
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        """The loss of a ``(B, 3)`` batch of BPR triples; logs ``train_loss`` and the loss's parts."""
         if batch.dim() != 2 or batch.shape[1] != 3:
             raise ValueError(f"training batches must be (B, 3) (user, positive, negative) triples, got {tuple(batch.shape)}.")
         parts = self.training_loss(batch[:, 0], batch[:, 1], batch[:, 2])
@@ -153,25 +176,37 @@ class Recommender(LightningModule):
             user_emb, item_emb = self.propagate()
             self._eval_embeddings = (user_emb.detach(), item_emb.detach())
 
+    @override
     def on_validation_epoch_start(self) -> None:
+        """Propagate once; every validation batch scores from these embeddings."""
         self._cache_embeddings()
 
+    @override
     def on_test_epoch_start(self) -> None:
+        """Propagate once; every test batch scores from these embeddings."""
         self._cache_embeddings()
 
+    @override
     def on_predict_epoch_start(self) -> None:
+        """Propagate once; every prediction batch scores from these embeddings."""
         self._cache_embeddings()
 
     def _eval_step(self, batch: dict, metrics: RankingMetrics) -> None:
         metrics.update(self(batch["users"]), batch["target"], batch["exclude"], copy=False)  # fresh scores
 
+    @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Accumulate the ranking metrics of one user batch."""
         self._eval_step(batch, self.val_metrics)
 
+    @override
     def test_step(self, batch: dict, batch_idx: int) -> None:
+        """Accumulate the ranking metrics of one user batch."""
         self._eval_step(batch, self.test_metrics)
 
+    @override
     def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """Each user's top ``max(eval_ks)`` items, known items excluded."""
         scores = self(batch["users"])
         scores[batch["exclude"][0], batch["exclude"][1]] = float("-inf")
         return scores.topk(min(max(self.eval_ks), scores.shape[1]), dim=1).indices
@@ -182,19 +217,29 @@ class Recommender(LightningModule):
         metrics.reset()
         self._eval_embeddings = None
 
+    @override
     def on_validation_epoch_end(self) -> None:
+        """Log ``val_recall@K`` and ``val_ndcg@K``."""
         self._log_metrics(self.val_metrics, "val")
 
+    @override
     def on_test_epoch_end(self) -> None:
+        """Log ``test_recall@K`` and ``test_ndcg@K``."""
         self._log_metrics(self.test_metrics, "test")
 
+    @override
     def on_predict_epoch_end(self) -> None:
+        """Drop the cached embeddings."""
         self._eval_embeddings = None
 
+    @override
     def on_train_epoch_start(self) -> None:
+        """Drop the cached embeddings: training changes them."""
         self._eval_embeddings = None
 
-    def configure_optimizers(self):
+    @override
+    def configure_optimizers(self) -> Any:
+        """The injected optimiser factory, else Adam with ``lr``."""
         params = [p for p in self.parameters() if p.requires_grad]
         if self.optimizer_factory is not None:
             return self.optimizer_factory(params)

@@ -9,7 +9,10 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 
-from lightning_ext.recsys.recommender import Recommender
+from lightning_ext.core.validation import (
+    NonNegativeFloat, PositiveFloat, PositiveInt, check_non_negative, check_positive_int,
+)
+from lightning_ext.recsys.recommender import Init, Recommender
 
 
 def ultragcn_betas(train: np.ndarray, num_users: int, num_items: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +84,7 @@ class UltraGCN(Recommender):
     sized for small data; tune it on validation.
 
     Args:
-        w1, w2, w3, w4: the code's positive/negative weight terms.
+        w1, w2, w3, w4: the code's positive/negative weight terms (finite, >= 0).
         negative_num: uniform negatives per positive.
         negative_weight: weight of the negative BCE term.
         l2_weight: L2 weight on all parameters (code ``gamma``).
@@ -93,26 +96,24 @@ class UltraGCN(Recommender):
 
     Example:
         >>> from lightning_ext.recsys.interactions import Interactions
-        >>> data = Interactions(3, 4, np.array([[0, 0], [0, 1], [1, 1], [2, 3]]), np.zeros((0, 2), int), np.zeros((0, 2), int))
+        >>> data = Interactions.from_pairs([[0, 0], [0, 1], [1, 1], [2, 3]])
         >>> model = UltraGCN(negative_num=5, num_neighbors=2).bind(data)
         >>> sorted(model.training_loss(torch.tensor([0, 1]), torch.tensor([1, 1]), torch.tensor([2, 2])))
         ['constraint', 'item_item', 'l2', 'loss']
     """
 
-    def __init__(self, w1: float = 1e-6, w2: float = 1.0, w3: float = 1e-6, w4: float = 1.0,
-                 negative_num: int = 200, negative_weight: float = 300.0, l2_weight: float = 1e-4,
-                 item_item_weight: float = 5e-4, num_neighbors: int = 10, zero_diagonal: bool = False,
-                 num_users: Optional[int] = None, num_items: Optional[int] = None, embedding_dim: int = 64,
-                 lr: float = 1e-3, init: str = "normal", init_std: float = 1e-4,
-                 eval_ks: Sequence[int] = (10, 20, 40), optimizer: Optional[OptimizerCallable] = None) -> None:
-        if negative_num < 1:
-            raise ValueError(f"`negative_num` must be >= 1, got {negative_num}.")
-        if num_neighbors < 1:
-            raise ValueError(f"`num_neighbors` must be >= 1, got {num_neighbors}.")
-        for name, v in (("negative_weight", negative_weight), ("l2_weight", l2_weight),
-                        ("item_item_weight", item_item_weight)):
-            if v < 0:
-                raise ValueError(f"`{name}` must be >= 0, got {v}.")
+    def __init__(self, w1: NonNegativeFloat = 1e-6, w2: NonNegativeFloat = 1.0, w3: NonNegativeFloat = 1e-6,
+                 w4: NonNegativeFloat = 1.0, negative_num: PositiveInt = 200, negative_weight: NonNegativeFloat = 300.0,
+                 l2_weight: NonNegativeFloat = 1e-4, item_item_weight: NonNegativeFloat = 5e-4,
+                 num_neighbors: PositiveInt = 10, zero_diagonal: bool = False, num_users: Optional[PositiveInt] = None,
+                 num_items: Optional[PositiveInt] = None, embedding_dim: PositiveInt = 64, lr: PositiveFloat = 1e-3,
+                 init: Init = "normal", init_std: PositiveFloat = 1e-4, eval_ks: Sequence[PositiveInt] = (10, 20, 40),
+                 optimizer: Optional[OptimizerCallable] = None) -> None:
+        check_positive_int("negative_num", negative_num)
+        check_positive_int("num_neighbors", num_neighbors)
+        for name, v in (("w1", w1), ("w2", w2), ("w3", w3), ("w4", w4), ("negative_weight", negative_weight),
+                        ("l2_weight", l2_weight), ("item_item_weight", item_item_weight)):
+            check_non_negative(name, v)
         self.w = (w1, w2, w3, w4)
         self.negative_num, self.negative_weight = negative_num, negative_weight
         self.l2_weight, self.item_item_weight = l2_weight, item_item_weight
