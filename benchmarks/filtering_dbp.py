@@ -43,8 +43,8 @@ def curations(k: int):
     return {
         "all data": None,
         "random": RandomScorer(seed=0),
-        "SSP hard": SelfSupervisedPrototypes(emb, num_clusters=10, keep="hard"),
-        "SSP easy": SelfSupervisedPrototypes(emb, num_clusters=10, keep="easy"),
+        "SSP hard": SelfSupervisedPrototypes(emb, num_clusters=10, which="hard"),
+        "SSP easy": SelfSupervisedPrototypes(emb, num_clusters=10, which="easy"),
         "SemDeDup": SemDeDup(emb, num_clusters=k),
         "DBP tau=0.1": DensityBasedPruning(emb, num_clusters=k, temperature=0.1, dedup_eps=0.01),
         "DBP tau=0.5": DensityBasedPruning(emb, num_clusters=k, temperature=0.5, dedup_eps=0.01),
@@ -129,13 +129,10 @@ def main() -> None:
 
 
 def plot(report, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from lightning_ext.core.plotting import new_figure, save_figure
 
     conds = list(report["conditions"])
-    fig, axes = plt.subplots(1, len(conds), figsize=(6 * len(conds), 3.8))
+    fig, axes = new_figure(1, len(conds), figsize=(6 * len(conds), 3.8))
     for ax, cond in zip(np.atleast_1d(axes), conds):
         rows = report["conditions"][cond]["rows"]
         names = list(rows)
@@ -146,8 +143,7 @@ def plot(report, path: Path) -> None:
         ax.set_title(f"{cond}: 30% kept")
         ax.set_ylabel("test accuracy (%)")
         ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

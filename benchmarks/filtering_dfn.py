@@ -58,7 +58,7 @@ def main() -> None:
     curations = {
         "all data": None,
         "random 50%": RandomScorer(seed=0),
-        "EL2N easy 50%": EL2NScorer(proxies=2, epochs=1, keep="easy", progress=False),
+        "EL2N easy 50%": EL2NScorer(proxies=2, epochs=1, which="easy", progress=False),
         "DFN-noisy 50%": DFNScorer(trusted_indices=noisy_idx, epochs=dfn_epochs, progress=False),
         "DFN 50%": DFNScorer(trusted=trusted, epochs=dfn_epochs, progress=False),
     }
@@ -92,15 +92,12 @@ def main() -> None:
 
 
 def plot(results, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from lightning_ext.core.plotting import new_figure, save_figure
 
     names = list(dict.fromkeys(r.curation for r in results))
     acc = [[100 * r.metrics["test_acc"] for r in results if r.curation == n] for n in names]
     prec = [np.mean([r.clean_precision for r in results if r.curation == n]) for n in names]
-    fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, ax = new_figure(1, 2, figsize=(11, 3.8))
     ax[0].bar(names, [np.mean(a) for a in acc], yerr=[np.std(a, ddof=1) if len(a) > 1 else 0 for a in acc],
               color="tab:blue")
     ax[0].set_ylabel("test accuracy (%)")
@@ -110,8 +107,7 @@ def plot(results, path: Path) -> None:
     for a in ax:
         a.tick_params(axis="x", rotation=25)
     fig.suptitle("Fashion-MNIST pool, 30% labels flipped + 5% corrupted images: filters at 50% kept")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -159,10 +159,7 @@ def class_ranges(classes) -> str:
 
 def write_report(report: dict, out: Path, name: str = "dp4tl") -> None:
     """Write ``out/<name>.md`` and ``out/<name>.png`` from the saved JSON (``report`` as loaded from it)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from lightning_ext.core.plotting import new_figure, save_figure
 
     rows, cfg, counts = report["rows"], report["config"], np.asarray(report["lm_counts"])
     full_name = "full source (25 classes)"
@@ -185,7 +182,7 @@ def write_report(report: dict, out: Path, name: str = "dp4tl") -> None:
     seeds, load0, load1 = cfg["seeds"], report["env"]["loadavg_start"][0], report["loadavg_end"][0]
 
     # plot: accuracy vs classes kept, speed-up vs the sample ratio, LM votes per source class
-    fig, ax = plt.subplots(1, 3, figsize=(16, 4.2))
+    fig, ax = new_figure(1, 3, figsize=(16, 4.2))
     frac = [k / 25 for k in ks]
     for rowset, label, color in ((lm, "label mapping (LM)", "tab:red"), (rnd, "random classes", "tab:blue")):
         ax[0].errorbar(frac, [mean[rowset[k]] for k in ks], yerr=[std[rowset[k]] for k in ks], marker="o",
@@ -213,9 +210,7 @@ def write_report(report: dict, out: Path, name: str = "dp4tl") -> None:
                      fontsize=8)
     ax[2].set_ylabel(f"target images mapped (of {n_target})")
     ax[2].set_title("LM votes: surrogate's argmax source class")
-    fig.tight_layout()
-    fig.savefig(out / f"{name}.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / f"{name}.png", dpi=120)
 
     # page
     # "no loss" = the mean is at most one std (the larger of the two rows') below the full source

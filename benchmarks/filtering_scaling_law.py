@@ -98,10 +98,9 @@ def main() -> None:
 
 def write_report(report: dict, out: Path, name: str = "data_filtering_scaling_law") -> None:
     """Write ``out/<name>.md`` and ``out/<name>.png`` from the saved JSON (``report`` as loaded from it)."""
-    import matplotlib
+    from matplotlib import colormaps
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from lightning_ext.core.plotting import new_figure, save_figure
 
     budgets, noise, size = [int(n) for n in report["budgets"]], report["noise"], report["bucket_size"]
     nb = len(noise)
@@ -116,9 +115,9 @@ def write_report(report: dict, out: Path, name: str = "data_filtering_scaling_la
     load0, load1 = report["env"]["loadavg_start"][0], report["loadavg_end"][0]
 
     # plot: single buckets with their fitted laws, unions measured vs law, best pool per budget
-    fig, ax = plt.subplots(1, 3, figsize=(16, 4.2))
+    fig, ax = new_figure(1, 3, figsize=(16, 4.2))
     grid = np.geomspace(min(budgets) / 2, max(budgets) * 2, 80)
-    colors = plt.cm.viridis(np.linspace(0, 0.85, max(nb, len(ms))))
+    colors = colormaps["viridis"](np.linspace(0, 0.85, max(nb, len(ms))))
     for b in range(nb):
         ax[0].plot(budgets, single[b], "o", color=colors[b], label=f"bucket {b} ({noise[b]:.0%} flipped)")
         ax[0].plot(grid, [law.error(n, buckets=[b]) for n in grid], "-", color=colors[b], alpha=0.6)
@@ -141,9 +140,7 @@ def write_report(report: dict, out: Path, name: str = "data_filtering_scaling_la
     ax[2].set_ylabel("best number of top buckets")
     ax[2].set_title("claim: rises with compute (1 seed per point)")
     ax[2].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / f"{name}.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / f"{name}.png", dpi=120)
 
     # what can be read about the noise (one training seed per point, no repeats)
     violations = []  # single buckets out of quality order: a noisier bucket beating a cleaner one

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from lightning_ext.datamodules import DigitsDataModule
 from lightning_ext.curation.datamodule import FilteredDataModule, FilteredDataModuleError
 from lightning_ext.curation import (
-    ComputeAwareSelection, DensityBasedPruning, DFNScorer, DP4TLLabelMapping, EL2NScorer, Embedder,
+    ComputeAwareSelection, DensityBasedPruning, DFNScorer, DP4TLFeatureMapping, DP4TLLabelMapping, EL2NScorer, Embedder,
     FilteringScalingLaw, RandomScorer, RuleFilter, Scorer, ScoringData, SelfSupervisedPrototypes, SemDeDup,
     cluster_quotas, compare_curations, count_to_keep, results_table, top_k,
 )
@@ -182,7 +183,7 @@ def test_dfn_trained_on_trusted_samples_finds_clean_labels():
 def test_el2n_easy_prefers_clean_labels():
     x, _, y_noisy, clean = _digits_pool(noise=0.3)
     data = ScoringData.from_tensors(x, y_noisy)
-    s = EL2NScorer(epochs=3, proxies=1, keep="easy", progress=False)
+    s = EL2NScorer(epochs=3, proxies=1, which="easy", progress=False)
     kept = s.select(s.score(data), data, len(data) // 2)
     assert clean[kept].mean() > 0.8
 
@@ -315,3 +316,205 @@ def test_select_harness_tabulates_equal_size_subsets():
     assert len(results) == 4 and {r.num_kept for r in results} == {388}
     table = results_table(results)
     assert "| random | 388 |" in table and "| ssp | 388 |" in table and "±" in table
+
+
+# -- one vocabulary, declarative validation -----------------------------------------------------------------
+
+NAN, INF = float("nan"), float("inf")
+_TARGET = torch.zeros(4, 1, 8, 8)
+_LAW = FilteringScalingLaw([{"a": 1.0, "b": -0.5, "tau": 1.0}], bucket_size=10, d=0.0)
+
+#: (constructor, valid keyword arguments besides the bad one)
+SCORERS = {
+    "RandomScorer": (RandomScorer, {}),
+    "EL2NScorer": (EL2NScorer, {}),
+    "DFNScorer": (DFNScorer, {"trusted_indices": [0, 1]}),
+    "SemDeDup": (SemDeDup, {}),
+    "SelfSupervisedPrototypes": (SelfSupervisedPrototypes, {}),
+    "DensityBasedPruning": (DensityBasedPruning, {}),
+    "DP4TLLabelMapping": (DP4TLLabelMapping, {"target": _TARGET}),
+    "DP4TLFeatureMapping": (DP4TLFeatureMapping, {"target": _TARGET}),
+    "RuleFilter": (RuleFilter, {"min_pixel_std": 0.0}),
+    "ComputeAwareSelection": (ComputeAwareSelection, {"scorer": RandomScorer(), "law": _LAW, "samples_seen": 10}),
+}
+
+#: (scorer, argument, bad value): NaN, infinity, negative numbers, a wrong `which`, out-of-range fractions
+BAD_SCORER_VALUES = [
+    ("RandomScorer", "seed", -1), ("RandomScorer", "seed", NAN),
+    ("EL2NScorer", "lr", NAN), ("EL2NScorer", "lr", INF), ("EL2NScorer", "lr", -1e-3), ("EL2NScorer", "epochs", 0),
+    ("EL2NScorer", "proxies", -2), ("EL2NScorer", "which", "medium"), ("EL2NScorer", "batch_size", 0),
+    ("EL2NScorer", "seed", -1),
+    ("DFNScorer", "lr", NAN), ("DFNScorer", "weight_decay", -1.0), ("DFNScorer", "weight_decay", INF),
+    ("DFNScorer", "embed_dim", 0), ("DFNScorer", "epochs", -1), ("DFNScorer", "seed", -3),
+    ("SemDeDup", "eps", NAN), ("SemDeDup", "eps", 1.0), ("SemDeDup", "eps", -0.1), ("SemDeDup", "num_clusters", 0),
+    ("SemDeDup", "which", "farthest"), ("SemDeDup", "seed", -1),
+    ("SelfSupervisedPrototypes", "which", "medium"), ("SelfSupervisedPrototypes", "num_clusters", -1),
+    ("SelfSupervisedPrototypes", "seed", NAN),
+    ("DensityBasedPruning", "temperature", NAN), ("DensityBasedPruning", "temperature", INF),
+    ("DensityBasedPruning", "temperature", -0.5), ("DensityBasedPruning", "dedup_eps", 1.5),
+    ("DensityBasedPruning", "dedup_eps", NAN), ("DensityBasedPruning", "cls_bal_ratio", NAN),
+    ("DensityBasedPruning", "cls_bal_ratio", 1.1), ("DensityBasedPruning", "num_neighbors", 0),
+    ("DensityBasedPruning", "dedup_clusters", -4), ("DensityBasedPruning", "which", "medium"),
+    ("DP4TLLabelMapping", "class_fraction", NAN), ("DP4TLLabelMapping", "class_fraction", 0.0),
+    ("DP4TLLabelMapping", "class_fraction", 1.5), ("DP4TLLabelMapping", "lr", INF),
+    ("DP4TLLabelMapping", "surrogate_epochs", -1), ("DP4TLLabelMapping", "seed", -1),
+    ("DP4TLFeatureMapping", "class_fraction", INF), ("DP4TLFeatureMapping", "class_fraction", -0.5),
+    ("DP4TLFeatureMapping", "num_clusters", 1),
+    ("RuleFilter", "min_pixel_std", NAN), ("RuleFilter", "min_pixel_std", -1.0), ("RuleFilter", "max_aspect_ratio", INF),
+    ("RuleFilter", "max_aspect_ratio", 0.5), ("RuleFilter", "min_resolution", -10), ("RuleFilter", "keyword_mode", "all"),
+    ("ComputeAwareSelection", "samples_seen", 0), ("ComputeAwareSelection", "samples_seen", NAN),
+]
+
+
+def test_bad_value_table_covers_every_scorer():
+    assert {name for name, _, _ in BAD_SCORER_VALUES} == set(SCORERS)
+
+
+@pytest.mark.parametrize("name,arg,value", BAD_SCORER_VALUES, ids=lambda v: str(v))
+def test_scorer_rejects_bad_value_naming_the_argument(name, arg, value):
+    cls, kwargs = SCORERS[name]
+    cls(**kwargs)  # the valid baseline constructs
+    with pytest.raises(ValueError, match=rf"^`?{arg}`? must be") as err:
+        cls(**{**kwargs, arg: value})
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("arg,value", [
+    ("keep", NAN), ("keep", INF), ("keep", -0.5), ("keep", 0.0), ("keep", 1.5), ("keep", 0), ("keep", -3),
+    ("min_per_class", -1), ("min_per_class", NAN), ("shuffle_seed", -1), ("shuffle_seed", INF),
+], ids=str)
+def test_filtered_datamodule_rejects_bad_value_naming_the_argument(arg, value):
+    with pytest.raises(ValueError, match=rf"`?{arg}`?") as err:
+        FilteredDataModule(DigitsDataModule(), RandomScorer(), **{arg: value})
+    assert str(err.value).split()[0].strip("`") in (arg, f"{arg}`") and "\n" not in str(err.value)
+
+
+def test_cli_types_reject_bad_yaml_values():
+    """The constructor annotations (Literal, constrained numbers) let jsonargparse refuse a bad value by key."""
+    from jsonargparse import ArgumentParser
+
+    for cls, arg, value in [(EL2NScorer, "which", "medium"), (EL2NScorer, "lr", "nan"),
+                            (DensityBasedPruning, "temperature", "-1"), (SemDeDup, "eps", "1.0"),
+                            (DP4TLFeatureMapping, "class_fraction", "inf"), (FilteredDataModule, "keep", "0")]:
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_class_arguments(cls, "c", skip={"datamodule", "scorer", "target", "law", "embedder"})
+        with pytest.raises(Exception, match=rf"c\.{arg}"):
+            parser.parse_args([f"--c.{arg}={value}"])
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(FilteredDataModule, "c", skip={"datamodule", "scorer"})
+    assert parser.parse_args(["--c.keep=1"]).c.keep == 1  # one sample, not 100%
+    assert parser.parse_args(["--c.keep=0.5"]).c.keep == 0.5
+
+
+def test_which_orders_hard_easy_random():
+    x, y, _, _ = _digits_pool()
+    data = ScoringData.from_tensors(x, y)
+    emb = Embedder(progress=False)
+    scores = {w: SelfSupervisedPrototypes(emb, num_clusters=10, which=w).score(data) for w in ("hard", "easy", "random")}
+    dist = scores["hard"]["distance"]
+    np.testing.assert_allclose(scores["hard"]["score"], dist)
+    np.testing.assert_allclose(scores["easy"]["score"], -dist)
+    assert abs(np.corrcoef(scores["random"]["score"], dist)[0, 1]) < 0.1
+    # SemDeDup: `which` picks the survivor of a near-duplicate pair: the one farthest from the centroid ("hard",
+    # row 0) or nearest to it ("easy", row 1); the other one gets the high similarity and goes
+    from lightning_ext.curation import semdedup_max_similarity
+
+    e = np.array([[1.0, 0.0], [1.0, 0.001], [0.0, 1.0]])
+    assign, centroids = np.zeros(3, dtype=int), np.array([[0.7071, 0.7071]])
+    hard = semdedup_max_similarity(e, assign, centroids, which="hard")
+    easy = semdedup_max_similarity(e, assign, centroids, which="easy")
+    assert hard[1] > 0.99 > hard[0] and easy[0] > 0.99 > easy[1]
+    with pytest.raises(ValueError, match="which"):
+        semdedup_max_similarity(e, assign, centroids, which="middle")
+
+
+# -- scorer training through Fabric ---------------------------------------------------------------------------
+
+
+def test_scorer_training_is_deterministic_per_seed_and_leaves_the_global_rng_alone():
+    x, _, y_noisy, _ = _digits_pool(noise=0.2)
+    data = ScoringData.from_tensors(x[:300], y_noisy[:300])
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    a = EL2NScorer(epochs=1, proxies=1, seed=3, progress=False, accelerator="cpu").score(data)["el2n"]
+    assert torch.equal(torch.get_rng_state(), state)  # no global reseeding
+    b = EL2NScorer(epochs=1, proxies=1, seed=3, progress=False, accelerator="cpu").score(data)["el2n"]
+    c = EL2NScorer(epochs=1, proxies=1, seed=4, progress=False, accelerator="cpu").score(data)["el2n"]
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+    dfn = [DFNScorer(trusted_indices=list(range(50)), epochs=2, seed=s, progress=False).score(data)["score"]
+           for s in (0, 0, 1)]
+    np.testing.assert_array_equal(dfn[0], dfn[1])
+    assert not np.allclose(dfn[0], dfn[2])
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_train_classifier_runs_through_fabric_on_the_named_accelerator(monkeypatch):
+    import lightning.fabric
+
+    from lightning_ext.curation.training import predict_logits, train_classifier
+
+    made = []
+    original = lightning.fabric.Fabric.__init__
+
+    def spy(self, *args, **kwargs):
+        made.append(kwargs)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(lightning.fabric.Fabric, "__init__", spy)
+    data = TensorDataset(torch.randn(32, 4), torch.arange(32) % 2)
+    net = train_classifier(nn.Linear(4, 2), data, 2, batch_size=8, progress=False, accelerator="cpu")
+    assert made and made[0]["accelerator"] == "cpu" and made[0]["devices"] == 1
+    assert not net.training and predict_logits(net, torch.randn(5, 4)).shape == (5, 2)
+    with pytest.raises(ValueError, match="epochs"):
+        train_classifier(nn.Linear(4, 2), data, -1, progress=False)
+
+
+def test_curation_imports_no_other_familys_lightning_wrapper():
+    import subprocess
+    import sys
+
+    from lightning_ext.catalogue import FAMILIES
+
+    others = tuple(f"lightning_ext.{f}" for f in FAMILIES if f != "curation") + (
+        "lightning_ext.modules", "lightning_ext.callbacks", "lightning_ext.datamodules")
+    code = ("import sys, lightning_ext.curation as c, lightning_ext.curation.datamodule; "
+            "from lightning_ext.curation.training import build_model; "
+            "build_model('resnet10t', 3, 1, seed=0); c.Embedder('resnet10t', progress=False).network(1); "
+            f"bad = sorted(m for m in sys.modules if m.startswith({others!r})); assert not bad, bad")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+# -- where FilteredDataModule writes --------------------------------------------------------------------------
+
+
+def test_score_cache_under_cache_root_and_damaged_cache_rescored(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_EXT_CACHE", str(tmp_path / "root"))
+    dm = FilteredDataModule(DigitsDataModule(), RandomScorer(seed=1), keep=0.5)  # default cache_dir "scores"
+    dm.setup("fit")
+    path = dm.cache_path()
+    assert path.parent == tmp_path / "root" / "curation" / "scores" and path.is_file()
+    assert not list(path.parent.glob("*.tmp"))  # atomic write: no temporary file left
+    path.write_bytes(b"not an npz")
+    again = FilteredDataModule(DigitsDataModule(), RandomScorer(seed=1), keep=0.5)
+    with pytest.warns(UserWarning, match="unreadable score cache"):
+        again.setup("fit")
+    assert not again.loaded_from_cache and np.array_equal(again.kept_indices, dm.kept_indices)
+    third = FilteredDataModule(DigitsDataModule(), RandomScorer(seed=1), keep=0.5)
+    third.setup("fit")
+    assert third.loaded_from_cache  # the damaged file was rewritten
+    off = FilteredDataModule(DigitsDataModule(), RandomScorer(seed=1), keep=0.5, cache_dir=None)
+    off.setup("fit")
+    assert off.cache_path() is None and not off.loaded_from_cache
+
+
+def test_export_path_is_relative_to_the_run_directory(tmp_path):
+    dm = FilteredDataModule(PlainDataModule(), RandomScorer(), keep=24, cache_dir=None, export_path="kept.json")
+    model = ImageClassifier(nn.Sequential(nn.Flatten(), nn.Linear(64, 3)), num_classes=3, image_size=8)
+    trainer = Trainer(accelerator="cpu", max_epochs=1, default_root_dir=tmp_path, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, datamodule=dm)
+    exported = sorted(tmp_path.rglob("kept.json"))
+    assert exported == [Path(trainer.log_dir) / "kept.json"]
+    assert json.loads(exported[0].read_text())["kept_indices"] == dm.kept_indices.tolist()

@@ -12,16 +12,51 @@ import hashlib
 import inspect
 import json
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from lightning_ext.core.validation import check_choice, check_number
+
 Scores = dict[str, np.ndarray]
 
-__all__ = ["Scorer", "ScoringData", "Scores", "as_dataset", "count_to_keep", "dataset_inputs", "fingerprint", "labels_of", "top_k"]
+#: Which samples a scorer prefers: the hardest (highest difficulty), the easiest, or a seeded random order.
+Which = Literal["hard", "easy", "random"]
+WHICH = ("hard", "easy", "random")
+
+__all__ = ["Scorer", "ScoringData", "Scores", "WHICH", "Which", "as_dataset", "check_seed", "check_which", "count_to_keep",
+           "dataset_inputs", "fingerprint", "labels_of", "prefer", "top_k"]
+
+
+def check_which(which: Any) -> str:
+    """``which`` if it is ``"hard"``, ``"easy"`` or ``"random"``, else one ValueError naming ``which``."""
+    return check_choice("which", which, WHICH)
+
+
+def check_seed(seed: Any, name: str = "seed") -> int:
+    """``seed`` if it is an integer >= 0 (numpy's generators refuse negative seeds), else a ValueError naming it."""
+    return int(check_number(name, seed, low=0, integer=True))
+
+
+def prefer(difficulty: np.ndarray, which: str, seed: int = 0) -> np.ndarray:
+    """Turn a per-sample difficulty into a score to keep the top of: itself (``"hard"``), its negation
+    (``"easy"``) or, for ``"random"``, seeded uniform draws (NaN stays NaN, so invalid samples stay invalid).
+
+    Example:
+        >>> prefer(np.array([0.2, 0.9]), "easy").tolist()
+        [-0.2, -0.9]
+        >>> float(prefer(np.array([0.2, np.nan]), "random", seed=0)[1])
+        nan
+    """
+    difficulty = np.asarray(difficulty, dtype=np.float64)
+    if check_which(which) == "hard":
+        return difficulty.copy()
+    if which == "easy":
+        return -difficulty
+    return np.where(np.isnan(difficulty), np.nan, np.random.default_rng(seed).random(len(difficulty)))
 
 
 def labels_of(dataset: Dataset) -> np.ndarray:
@@ -158,7 +193,7 @@ class Scorer:
         for name in inspect.signature(type(self).__init__).parameters:
             if name in ("self", "args", "kwargs") or name.startswith("_"):
                 continue
-            if name in ("progress", "verbose", "batch_size", "device"):
+            if name in ("progress", "verbose", "batch_size", "device", "accelerator"):
                 continue  # do not change the scores
             out[name] = _describe(getattr(self, name, None))
         return out

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from typing_extensions import override
 
-from lightning_ext.curation.base import Scorer, Scores, ScoringData, count_to_keep, fingerprint
+from lightning_ext.core.fractions import UnitIntervalLeftOpen
+from lightning_ext.core.io import atomic_path, atomic_write_json
+from lightning_ext.core.paths import cache_root, output_path
+from lightning_ext.core.sampling import EpochSampler
+from lightning_ext.core.validation import NonNegativeInt, PositiveInt, check_number
+from lightning_ext.curation.base import Scorer, Scores, ScoringData, check_seed, count_to_keep, fingerprint
 
 #: attributes under which datamodules commonly hold their training dataset (replaced by the filtered one)
 TRAIN_ATTRIBUTES = ("train_set", "train_dataset", "dataset_train", "data_train")
@@ -37,15 +42,20 @@ class FilteredDataModule(LightningDataModule):
     :mod:`lightning_ext.curation`: random, EL2N, DFN, SemDeDup, SSP prototypicality, density-based pruning,
     DP4TL, rule filters, compute-aware selection) and ``keep`` samples survive. Then:
 
-    - **Cache.** Scores are saved to ``cache_dir/<scorer>-<fingerprint>.npz``, keyed by a hash of the data
-      and the scorer's configuration (including model weights), so a rerun or a different ``keep`` does
-      not rescore; changing the data or any scorer argument does.
+    - **Cache.** Scores are saved to ``cache_dir/<scorer>-<fingerprint>.npz`` (written atomically), keyed by
+      a hash of the data and the scorer's configuration (including model weights), so a rerun or a different
+      ``keep`` does not rescore; changing the data or any scorer argument does. The cache outlives runs, so
+      it does not live in the run's directory: a relative ``cache_dir`` lies under
+      ``core.paths.cache_root("curation")`` (``$LIGHTNING_EXT_CACHE/curation``, default
+      ``~/.cache/lightning_ext/curation``), an absolute one is used as given, ``None`` disables the cache.
+      A cache file that cannot be read or does not fit the pool is ignored (with a warning) and rewritten.
     - **DDP.** Rank 0 scores and selects; the kept indices are broadcast, so every rank trains on the same
       subset (and the wrapped datamodule's sampler shards it as usual).
     - **Survivors.** Samples kept per class are logged (``rank_zero_info``, and the trainer's logger as the
       hyperparameters ``filter/kept_class_<c>``) and stored in :attr:`survivors`.
-    - **Export.** ``export_path`` receives a JSON file with the kept indices (positions in the wrapped
-      training split), per-class counts, the scorer configuration and the fingerprint.
+    - **Export.** ``export_path`` (relative to ``trainer.log_dir``; ``None``, the default, skips it) receives
+      a JSON file with the kept indices (positions in the wrapped training split), per-class counts, the
+      scorer configuration and the fingerprint.
     - **No silent emptying.** A class that ends with fewer than ``min_per_class`` samples raises
       :class:`FilteredDataModuleError` saying what to change (set ``min_per_class: 0`` where dropping classes
       is the point, as with DP4TL).
@@ -53,7 +63,8 @@ class FilteredDataModule(LightningDataModule):
     The wrapped datamodule's own attributes (``num_classes``, ``input_shape``, ...) are readable here too.
     If it keeps its training dataset in ``train_set``/``train_dataset``/``dataset_train``/``data_train``,
     that attribute is swapped for the subset and its own ``train_dataloader`` is used (its sampler, batch
-    size and workers); otherwise a loader with the same settings and a seeded DistributedSampler is built.
+    size and workers); otherwise a loader with the same settings and a seeded
+    :class:`~lightning_ext.core.sampling.EpochSampler` is built.
     Optional ``train_metadata`` on the wrapped datamodule (a dict of per-sample columns, e.g. captions) is
     passed to the scorer.
 
@@ -64,8 +75,10 @@ class FilteredDataModule(LightningDataModule):
             the scorer does not reject (pure filters, DP4TL, compute-aware selection).
         class_balanced: split the budget over classes in proportion to their sizes (top scores per class).
         min_per_class: fewest samples any class present in the training split may keep.
-        cache_dir: where scores are cached; ``None`` disables the cache.
-        export_path: JSON file for the kept indices; ``None`` skips the export.
+        cache_dir: where scores are cached: relative to ``core.paths.cache_root("curation")``, or absolute;
+            ``None`` disables the cache.
+        export_path: JSON file for the kept indices, relative to ``trainer.log_dir`` (the working directory
+            without a trainer), or absolute; ``None`` skips the export.
         shuffle_seed: seed of the training shuffle when this module builds the loader itself.
 
     Example:
@@ -81,25 +94,25 @@ class FilteredDataModule(LightningDataModule):
         self,
         datamodule: LightningDataModule,
         scorer: Scorer,
-        keep: Union[float, int, None] = None,
+        keep: Union[PositiveInt, UnitIntervalLeftOpen, None] = None,
         class_balanced: bool = False,
-        min_per_class: int = 1,
-        cache_dir: Optional[str] = "runs/filter_cache",
+        min_per_class: NonNegativeInt = 1,
+        cache_dir: Optional[str] = "scores",
         export_path: Optional[str] = None,
-        shuffle_seed: int = 0,
+        shuffle_seed: NonNegativeInt = 0,
     ) -> None:
         super().__init__()
         if not isinstance(datamodule, LightningDataModule):
             raise TypeError(f"`datamodule` must be a LightningDataModule, got {type(datamodule).__name__}.")
         if not isinstance(scorer, Scorer):
             raise TypeError(f"`scorer` must be a lightning_ext.curation Scorer, got {type(scorer).__name__}.")
-        if keep is not None:
-            count_to_keep(keep, 10 ** 12)  # validates the type and range early
+        if keep is not None:  # PositiveInt comes first in the Union: `keep: 1` in YAML is one sample, not 100%
+            count_to_keep(keep, 10 ** 12)  # validates the type and range early (NaN and inf included)
         if class_balanced and not scorer.supports_class_balance:
             raise ValueError(f"{type(scorer).__name__} does not support class_balanced=True (it balances "
                              "clusters or keeps whole classes); set class_balanced=False.")
-        if min_per_class < 0:
-            raise ValueError(f"`min_per_class` must be >= 0, got {min_per_class}.")
+        check_number("min_per_class", min_per_class, low=0, integer=True)
+        check_seed(shuffle_seed, "shuffle_seed")
         self.datamodule, self.scorer, self.keep = datamodule, scorer, keep
         self.class_balanced, self.min_per_class = class_balanced, min_per_class
         self.cache_dir, self.export_path, self.shuffle_seed = cache_dir, export_path, shuffle_seed
@@ -130,26 +143,45 @@ class FilteredDataModule(LightningDataModule):
         self._train_attr = None
         return self.datamodule.train_dataloader().dataset
 
+    def cache_path(self) -> Optional[Path]:
+        """The score cache file of the current fingerprint (``None`` when the cache is disabled)."""
+        if self.cache_dir is None:
+            return None
+        root = Path(self.cache_dir).expanduser()
+        root = root if root.is_absolute() else cache_root("curation") / root
+        return root / f"{type(self.scorer).__name__}-{self.fingerprint}.npz"
+
+    def _read_cache(self, path: Path, n: int) -> Optional[Scores]:
+        """The cached scores, or ``None`` (with a warning) for a file that is unreadable or does not fit the pool."""
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                scores = {k: f[k] for k in f.files}
+        except Exception as err:  # noqa: BLE001 - a damaged cache is rescored, never trusted
+            rank_zero_warn(f"FilteredDataModule: ignoring the unreadable score cache {path} ({err}); rescoring.")
+            return None
+        if "score" not in scores or scores["score"].shape != (n,):
+            rank_zero_warn(f"FilteredDataModule: the score cache {path} does not hold one score per sample ({n}); "
+                           "rescoring.")
+            return None
+        return scores
+
     def _score(self, data: ScoringData) -> Scores:
         self.fingerprint = fingerprint(data, self.scorer.config(), {"datamodule": type(self.datamodule).__qualname__})
-        path = None
-        if self.cache_dir is not None:
-            path = Path(self.cache_dir) / f"{type(self.scorer).__name__}-{self.fingerprint}.npz"
-            if path.is_file():
-                with np.load(path, allow_pickle=False) as f:
-                    self.loaded_from_cache = True
-                    rank_zero_info(f"FilteredDataModule: scores loaded from {path}")
-                    return {k: f[k] for k in f.files}
+        path = self.cache_path()
+        if path is not None and path.is_file():
+            cached = self._read_cache(path, len(data))
+            if cached is not None:
+                self.loaded_from_cache = True
+                rank_zero_info(f"FilteredDataModule: scores loaded from {path}")
+                return cached
         scores = self.scorer.score(data)
         if "score" not in scores or len(scores["score"]) != len(data):
             raise ValueError(f"{type(self.scorer).__name__}.score must return a 'score' array with one value per "
                              f"sample ({len(data)}).")
         scores = {k: np.asarray(v) for k, v in scores.items()}
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp.npz")
-            np.savez(tmp, **scores)
-            tmp.replace(path)
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                np.savez(f, **scores)
         return scores
 
     def select(self, data: ScoringData) -> np.ndarray:
@@ -171,7 +203,9 @@ class FilteredDataModule(LightningDataModule):
                 "`min_per_class: 0` if dropping these classes is intended (e.g. DP4TL source-class pruning).")
         return kept
 
+    @override
     def setup(self, stage: Optional[str] = None) -> None:
+        """Set up the wrapped datamodule; for ``fit``, score and filter its training split (rank 0, broadcast)."""
         self.datamodule.setup(stage)
         if stage not in (None, "fit"):
             return
@@ -212,27 +246,28 @@ class FilteredDataModule(LightningDataModule):
                       "filter/fingerprint": self.fingerprint}
             params.update({f"filter/kept_class_{c}": k for c, (k, _) in self.survivors.items()})
             logger.log_hyperparams(params)
-        if self.export_path is not None:
-            self.export(self.export_path, n_total)
+        path = output_path(trainer, self.export_path)
+        if path is not None:
+            self.export(path, n_total)
 
     def export(self, path: Union[str, Path], n_total: Optional[int] = None) -> Path:
-        """Write the kept indices, per-class survivors, scorer configuration and fingerprint as JSON."""
+        """Write the kept indices, per-class survivors, scorer configuration and fingerprint as JSON (atomically,
+        to ``path`` as given; :attr:`export_path` is resolved against ``trainer.log_dir`` before it gets here)."""
         if self.kept_indices is None:
             raise RuntimeError("Nothing to export yet: call setup('fit') first.")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({
+        return atomic_write_json({
             "kept_indices": self.kept_indices.tolist(),
             "num_kept": len(self.kept_indices),
             "num_total": n_total if n_total is not None else len(self._original),
             "survivors_per_class": {str(c): {"kept": k, "total": t} for c, (k, t) in self.survivors.items()},
             "scorer": self.scorer.config(),
             "fingerprint": self.fingerprint,
-        }, indent=1, default=str))
-        return path
+        }, path, indent=1, default=str)
 
     # -- loaders -------------------------------------------------------------------------------------------
+    @override
     def train_dataloader(self) -> DataLoader:
+        """The kept samples: the wrapped datamodule's own loader, or one with its settings and an EpochSampler."""
         if self._filtered is None:
             raise RuntimeError("FilteredDataModule: call setup('fit') before train_dataloader().")
         if self._train_attr is not None:
@@ -241,16 +276,22 @@ class FilteredDataModule(LightningDataModule):
         original = self.datamodule.train_dataloader()
         trainer = getattr(self, "trainer", None)
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = DistributedSampler(self._filtered, num_replicas=world, rank=rank, shuffle=True, seed=self.shuffle_seed)
+        sampler = EpochSampler(len(self._filtered), seed=self.shuffle_seed, rank=rank, world_size=world)
         return DataLoader(self._filtered, batch_size=original.batch_size, sampler=sampler,
                           num_workers=original.num_workers, collate_fn=original.collate_fn,
                           pin_memory=original.pin_memory, drop_last=original.drop_last)
 
-    def val_dataloader(self):
+    @override
+    def val_dataloader(self) -> Any:
+        """The wrapped datamodule's validation loader, untouched."""
         return self.datamodule.val_dataloader()
 
-    def test_dataloader(self):
+    @override
+    def test_dataloader(self) -> Any:
+        """The wrapped datamodule's test loader, untouched."""
         return self.datamodule.test_dataloader()
 
-    def predict_dataloader(self):
+    @override
+    def predict_dataloader(self) -> Any:
+        """The wrapped datamodule's predict loader, untouched."""
         return self.datamodule.predict_dataloader()

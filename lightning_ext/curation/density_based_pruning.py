@@ -7,7 +7,11 @@ from typing import Optional
 
 import numpy as np
 
-from lightning_ext.curation.base import Scorer, Scores, ScoringData
+from lightning_ext.core.validation import (
+    ClosedUnitInterval, NonNegativeInt, OpenUnitInterval, PositiveFloat, PositiveInt, check_fraction, check_positive,
+    check_positive_int,
+)
+from lightning_ext.curation.base import Scorer, Scores, ScoringData, Which, check_seed, check_which, prefer
 from lightning_ext.curation.clustering import cosine_distance_to_centroid, spherical_kmeans
 from lightning_ext.curation.embeddings import Embedder, l2_normalize
 from lightning_ext.curation.semdedup import semdedup_max_similarity
@@ -125,19 +129,20 @@ class DensityBasedPruning(Scorer):
 
     supports_class_balance = False
 
-    def __init__(self, embedder: Optional[Embedder] = None, num_clusters: int = 100, temperature: float = 0.5,
-                 num_neighbors: int = 20, dedup_eps: Optional[float] = 0.05, dedup_clusters: Optional[int] = None,
-                 which: str = "hard", cls_bal_ratio: float = 0.0, seed: int = 0) -> None:
-        if num_clusters < 1:
-            raise ValueError(f"`num_clusters` must be >= 1, got {num_clusters}.")
-        if temperature <= 0:
-            raise ValueError(f"`temperature` must be > 0, got {temperature}.")
-        if dedup_eps is not None and not 0 < dedup_eps < 1:
-            raise ValueError(f"`dedup_eps` must be in (0, 1) or None, got {dedup_eps}.")
-        if which not in ("hard", "easy", "random"):
-            raise ValueError(f"`which` must be 'hard', 'easy' or 'random', got {which!r}.")
-        if not 0 <= cls_bal_ratio <= 1:
-            raise ValueError(f"`cls_bal_ratio` must be in [0, 1], got {cls_bal_ratio}.")
+    def __init__(self, embedder: Optional[Embedder] = None, num_clusters: PositiveInt = 100,
+                 temperature: PositiveFloat = 0.5, num_neighbors: PositiveInt = 20,
+                 dedup_eps: Optional[OpenUnitInterval] = 0.05, dedup_clusters: Optional[PositiveInt] = None,
+                 which: Which = "hard", cls_bal_ratio: ClosedUnitInterval = 0.0, seed: NonNegativeInt = 0) -> None:
+        check_positive_int("num_clusters", num_clusters)
+        check_positive("temperature", temperature)
+        check_positive_int("num_neighbors", num_neighbors)
+        if dedup_eps is not None:
+            check_fraction("dedup_eps", dedup_eps, allow_zero=False, allow_one=False)
+        if dedup_clusters is not None:
+            check_positive_int("dedup_clusters", dedup_clusters)
+        check_which(which)
+        check_fraction("cls_bal_ratio", cls_bal_ratio)
+        check_seed(seed)
         self.embedder = embedder if embedder is not None else Embedder()
         self.num_clusters, self.temperature, self.num_neighbors = num_clusters, temperature, num_neighbors
         self.dedup_eps, self.dedup_clusters, self.which = dedup_eps, dedup_clusters, which
@@ -160,12 +165,7 @@ class DensityBasedPruning(Scorer):
         assign[idx] = assign_v
         dist = np.full(n, np.nan)
         dist[idx] = cosine_distance_to_centroid(emb[idx], assign_v, centroids)
-        if self.which == "hard":
-            score = dist.copy()
-        elif self.which == "easy":
-            score = -dist
-        else:
-            score = np.random.default_rng(self.seed).random(n)
+        score = prefer(dist, self.which, self.seed)
         score[~valid] = -np.inf
         return {"score": score, "cluster": assign, "distance": dist, "complexity": complexity,
                 "d_intra": d_intra, "d_inter": d_inter}

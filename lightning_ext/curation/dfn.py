@@ -3,16 +3,18 @@ well each pool sample agrees with it; the pool is filtered to the top fraction."
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch import LightningDataModule
 from torch import nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from lightning_ext.curation.base import Scorer, Scores, ScoringData, as_dataset
-from lightning_ext.curation.training import build_model, train_classifier
+from lightning_ext.core.validation import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, check_positive_int
+from lightning_ext.curation.base import Scorer, Scores, ScoringData, _describe, as_dataset
+from lightning_ext.curation.training import build_model, check_training_args, local_rng, model_device, train_classifier
 
 __all__ = ["DFNScorer", "FilterNetwork"]
 
@@ -39,8 +41,10 @@ class FilterNetwork(nn.Module):
 
     @torch.no_grad()
     def agreement(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+        """Cosine of each image with its label's caption embedding (batches on the model's device, CPU result)."""
         self.eval()
-        out = [self.similarities(x[i:i + batch_size]).gather(1, y[i:i + batch_size, None])[:, 0]
+        device = model_device(self)
+        out = [self.similarities(x[i:i + batch_size].to(device)).cpu().gather(1, y[i:i + batch_size, None])[:, 0]
                for i in range(0, len(x), batch_size)]
         return torch.cat(out)
 
@@ -67,8 +71,9 @@ class DFNScorer(Scorer):
         lr: Adam learning rate.
         weight_decay: Adam weight decay (the trusted set is small).
         batch_size: training batch size.
-        seed: initialisation and shuffling seed.
+        seed: initialisation and shuffling seed (the caller's random state is untouched).
         progress: show a progress bar.
+        accelerator: where the filter trains, through Lightning Fabric (``"auto"``, ``"cpu"``, ``"gpu"``, ...).
 
     Example:
         >>> import torch
@@ -82,27 +87,28 @@ class DFNScorer(Scorer):
 
     def __init__(
         self,
-        trusted: Any = None,
+        trusted: Union[LightningDataModule, Dataset, None] = None,
         trusted_indices: Optional[Sequence[int]] = None,
         model: Union[nn.Module, str, None] = None,
-        embed_dim: int = 32,
-        epochs: int = 30,
-        lr: float = 2e-3,
-        weight_decay: float = 1e-4,
-        batch_size: int = 64,
-        seed: int = 0,
+        embed_dim: PositiveInt = 32,
+        epochs: PositiveInt = 30,
+        lr: PositiveFloat = 2e-3,
+        weight_decay: NonNegativeFloat = 1e-4,
+        batch_size: PositiveInt = 64,
+        seed: NonNegativeInt = 0,
         progress: bool = True,
+        accelerator: str = "auto",
     ) -> None:
         if (trusted is None) == (trusted_indices is None):
             raise ValueError("Give exactly one of `trusted` (a clean Dataset/DataModule) and `trusted_indices` "
                              "(positions of clean samples in the pool).")
         if trusted_indices is not None and len(trusted_indices) == 0:
             raise ValueError("`trusted_indices` is empty: the filter needs trusted samples to learn from.")
-        if embed_dim < 1 or epochs < 1:
-            raise ValueError(f"`embed_dim` and `epochs` must be >= 1, got {embed_dim} and {epochs}.")
+        check_positive_int("embed_dim", embed_dim)
+        check_training_args(epochs, lr, batch_size, seed, weight_decay)
         self.trusted, self.trusted_indices, self.model = trusted, trusted_indices, model
         self.embed_dim, self.epochs, self.lr, self.weight_decay = embed_dim, epochs, lr, weight_decay
-        self.batch_size, self.seed, self.progress = batch_size, seed, progress
+        self.batch_size, self.seed, self.progress, self.accelerator = batch_size, seed, progress, accelerator
         self.filter_: Optional[FilterNetwork] = None
 
     def config(self) -> dict:
@@ -110,8 +116,6 @@ class DFNScorer(Scorer):
         if self.trusted is not None and not isinstance(self.trusted, Dataset):
             cfg["trusted"] = {"datamodule": type(self.trusted).__qualname__, "repr": repr(vars(self.trusted).get("hparams", ""))}
         elif isinstance(self.trusted, TensorDataset):
-            from lightning_ext.curation.base import _describe
-
             cfg["trusted"] = [_describe(t) for t in self.trusted.tensors]
         if self.trusted_indices is not None:
             cfg["trusted_indices"] = [int(i) for i in self.trusted_indices]
@@ -129,11 +133,11 @@ class DFNScorer(Scorer):
         x0 = trusted[0][0]
         in_chans = x0.shape[0] if x0.dim() == 3 else 1
         encoder = build_model(self.model, self.embed_dim, in_chans, self.seed)
-        torch.manual_seed(self.seed)
-        net = FilterNetwork(encoder, data.num_classes, self.embed_dim)
+        with local_rng(self.seed):
+            net = FilterNetwork(encoder, data.num_classes, self.embed_dim)
         self.filter_ = train_classifier(net, trusted, self.epochs, lr=self.lr, batch_size=self.batch_size,
                                         seed=self.seed, weight_decay=self.weight_decay, progress=self.progress,
-                                        desc="DFN filter")
+                                        desc="DFN filter", accelerator=self.accelerator)
         return self.filter_
 
     def score(self, data: ScoringData) -> Scores:

@@ -3,6 +3,7 @@ et al., NeurIPS 2023, arXiv 2310.08782): prune whole *source* classes for a give
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -10,10 +11,12 @@ import torch
 from torch import nn
 
 from lightning_ext.core.checkpoints import read_state_dict
-from lightning_ext.curation.base import Scorer, Scores, ScoringData, as_dataset, dataset_inputs
+from lightning_ext.core.fractions import UnitIntervalLeftOpen
+from lightning_ext.core.validation import NonNegativeInt, PositiveFloat, PositiveInt, check_fraction, check_number
+from lightning_ext.curation.base import Scorer, Scores, ScoringData, as_dataset, check_seed, dataset_inputs
 from lightning_ext.curation.clustering import spherical_kmeans
 from lightning_ext.curation.embeddings import Embedder
-from lightning_ext.curation.training import build_model, predict_logits, train_classifier
+from lightning_ext.curation.training import build_model, check_training_args, predict_logits, train_classifier
 
 __all__ = ["DP4TLFeatureMapping", "DP4TLLabelMapping", "feature_mapping_counts", "label_mapping_counts",
            "top_classes"]
@@ -71,10 +74,9 @@ def _class_scores(ids: np.ndarray, counts: np.ndarray, kept: np.ndarray) -> np.n
 class _DP4TLBase(Scorer):
     supports_class_balance = False
 
-    def _check(self, class_fraction: float) -> None:
-        if not 0 < class_fraction <= 1:
-            raise ValueError(f"`class_fraction` must be in (0, 1], got {class_fraction}: the share of source "
-                             "classes kept (the paper prunes 40-80%, i.e. keeps 0.2-0.6).")
+    def _check(self, class_fraction: float, seed: int) -> None:
+        check_fraction("class_fraction", class_fraction, allow_zero=False)  # the paper keeps 0.2-0.6
+        check_seed(seed)
 
     def select(self, scores: Scores, data: ScoringData, n_keep: Optional[int], class_balanced: bool = False) -> np.ndarray:
         if class_balanced:
@@ -103,12 +105,13 @@ class DP4TLLabelMapping(_DP4TLBase):
         surrogate: the surrogate source classifier (``None`` = a small CNN; a timm name; an ``nn.Module``).
         surrogate_checkpoint: weights of an already trained surrogate (then ``surrogate_epochs=0``).
         surrogate_epochs: epochs to train the surrogate on the source pool first (the paper: a ResNet-18,
-            16 epochs on ImageNet).
+            16 epochs on ImageNet), through Lightning Fabric on ``accelerator``.
         class_fraction: share of the source classes kept.
         lr: surrogate Adam learning rate.
         batch_size: surrogate training batch size.
-        seed: surrogate seed.
+        seed: surrogate seed (the caller's random state is untouched).
         progress: show progress bars.
+        accelerator: where the surrogate trains (``"auto"``, ``"cpu"``, ``"gpu"``, ...).
 
     Example:
         >>> import torch
@@ -124,27 +127,28 @@ class DP4TLLabelMapping(_DP4TLBase):
         target: Any,
         surrogate: Union[nn.Module, str, None] = None,
         surrogate_checkpoint: Optional[str] = None,
-        surrogate_epochs: int = 1,
-        class_fraction: float = 0.5,
-        lr: float = 1e-3,
-        batch_size: int = 128,
-        seed: int = 0,
+        surrogate_epochs: NonNegativeInt = 1,
+        class_fraction: UnitIntervalLeftOpen = 0.5,
+        lr: PositiveFloat = 1e-3,
+        batch_size: PositiveInt = 128,
+        seed: NonNegativeInt = 0,
         progress: bool = True,
+        accelerator: str = "auto",
     ) -> None:
-        self._check(class_fraction)
-        if surrogate_epochs < 0:
-            raise ValueError(f"`surrogate_epochs` must be >= 0, got {surrogate_epochs}.")
+        self._check(class_fraction, seed)
+        check_training_args(surrogate_epochs, lr, batch_size, seed, epochs_name="surrogate_epochs", min_epochs=0)
         if surrogate_epochs == 0 and surrogate_checkpoint is None and not isinstance(surrogate, nn.Module):
             raise ValueError("With `surrogate_epochs=0` the surrogate must already be trained: pass an "
                              "nn.Module or a `surrogate_checkpoint`.")
         self.target, self.surrogate, self.surrogate_checkpoint = target, surrogate, surrogate_checkpoint
         self.surrogate_epochs, self.class_fraction = surrogate_epochs, class_fraction
         self.lr, self.batch_size, self.seed, self.progress = lr, batch_size, seed, progress
+        self.accelerator = accelerator
         self.surrogate_: Optional[nn.Module] = None
 
     def config(self) -> dict:
         cfg = super().config()
-        cfg["target"] = {"inputs_sha1": __import__("hashlib").sha1(
+        cfg["target"] = {"inputs_sha1": hashlib.sha1(
             dataset_inputs(as_dataset(self.target, "target")).numpy().tobytes()).hexdigest()}
         return cfg
 
@@ -160,7 +164,8 @@ class DP4TLLabelMapping(_DP4TLBase):
                                                 "Surrogate checkpoint"))
         if self.surrogate_epochs > 0:
             train_classifier(net, data.dataset, self.surrogate_epochs, lr=self.lr, batch_size=self.batch_size,
-                             seed=self.seed, progress=self.progress, desc="DP4TL surrogate")
+                             seed=self.seed, progress=self.progress, desc="DP4TL surrogate",
+                             accelerator=self.accelerator)
         self.surrogate_ = net.eval()
         return self.surrogate_
 
@@ -187,11 +192,11 @@ class DP4TLFeatureMapping(_DP4TLBase):
         seed: k-means seed.
     """
 
-    def __init__(self, target: Any, embedder: Optional[Embedder] = None, num_clusters: Optional[int] = None,
-                 class_fraction: float = 0.5, seed: int = 0) -> None:
-        self._check(class_fraction)
-        if num_clusters is not None and num_clusters < 2:
-            raise ValueError(f"`num_clusters` must be >= 2 or None, got {num_clusters}.")
+    def __init__(self, target: Any, embedder: Optional[Embedder] = None, num_clusters: Optional[PositiveInt] = None,
+                 class_fraction: UnitIntervalLeftOpen = 0.5, seed: NonNegativeInt = 0) -> None:
+        self._check(class_fraction, seed)
+        if num_clusters is not None:
+            check_number("num_clusters", num_clusters, low=2, integer=True)
         self.target, self.embedder = target, embedder if embedder is not None else Embedder()
         self.num_clusters, self.class_fraction, self.seed = num_clusters, class_fraction, seed
 

@@ -12,7 +12,9 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from lightning_ext.core.checkpoints import read_state_dict
-from lightning_ext.curation.base import ScoringData
+from lightning_ext.core.validation import PositiveInt, check_positive_int
+from lightning_ext.curation.base import ScoringData, _describe
+from lightning_ext.curation.training import build_model
 
 __all__ = ["Embedder", "feature_extractor", "l2_normalize"]
 
@@ -58,17 +60,17 @@ class Embedder:
         self,
         model: Union[nn.Module, str, None] = None,
         checkpoint: Optional[str] = None,
-        in_chans: Optional[int] = None,
-        pca_components: Optional[int] = None,
+        in_chans: Optional[PositiveInt] = None,
+        pca_components: Optional[PositiveInt] = None,
         normalize: bool = True,
-        batch_size: int = 256,
+        batch_size: PositiveInt = 256,
         progress: bool = True,
         device: str = "cpu",
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
-        if pca_components is not None and pca_components < 1:
-            raise ValueError(f"`pca_components` must be >= 1 or None, got {pca_components}.")
+        check_positive_int("batch_size", batch_size)
+        for name, value in (("in_chans", in_chans), ("pca_components", pca_components)):
+            if value is not None:
+                check_positive_int(name, value)
         if model is None and checkpoint is not None:
             raise ValueError("`checkpoint` needs a `model` to load into (an nn.Module or a timm backbone name).")
         self.model = model
@@ -82,8 +84,7 @@ class Embedder:
         self._net: Optional[nn.Module] = None
 
     def config(self) -> dict:
-        from lightning_ext.curation.base import _describe
-
+        """What changes the embeddings (the model by its weights' hash): part of a scorer's cache key."""
         return {"model": _describe(self.model), "checkpoint": self.checkpoint, "in_chans": self.in_chans,
                 "pca_components": self.pca_components, "normalize": self.normalize}
 
@@ -92,10 +93,8 @@ class Embedder:
         if self.model is None or self.model == "pixels":
             return None
         if self._net is None:
-            if isinstance(self.model, str):
-                from lightning_ext.vision.image_classifier import create_timm_backbone
-
-                net = create_timm_backbone(self.model, num_classes=0, in_chans=self.in_chans or in_chans)
+            if isinstance(self.model, str):  # a timm model without its head (num_classes=0), random weights
+                net = build_model(self.model, num_classes=0, in_chans=self.in_chans or in_chans, seed=0)
             else:
                 net = feature_extractor(self.model)
             if self.checkpoint is not None:

@@ -7,7 +7,8 @@ from typing import Optional
 
 import numpy as np
 
-from lightning_ext.curation.base import Scorer, Scores, ScoringData
+from lightning_ext.core.validation import NonNegativeInt, PositiveInt, check_positive_int
+from lightning_ext.curation.base import Scorer, Scores, ScoringData, Which, check_seed, check_which, prefer
 from lightning_ext.curation.clustering import cosine_distance_to_centroid, spherical_kmeans
 from lightning_ext.curation.embeddings import Embedder
 
@@ -25,8 +26,8 @@ class SelfSupervisedPrototypes(Scorer):
     Args:
         embedder: where embeddings come from (ideally a self-supervised encoder; default: the pixels).
         num_clusters: k (default 10; use about the number of classes).
-        keep: ``"hard"`` (farthest from the prototype kept) or ``"easy"``.
-        seed: k-means seed.
+        which: ``"hard"`` (farthest from the prototype kept), ``"easy"`` (nearest) or ``"random"``.
+        seed: k-means (and ``"random"``) seed.
 
     Example:
         >>> import torch
@@ -36,19 +37,19 @@ class SelfSupervisedPrototypes(Scorer):
         10
     """
 
-    def __init__(self, embedder: Optional[Embedder] = None, num_clusters: int = 10, keep: str = "hard",
-                 seed: int = 0) -> None:
-        if num_clusters < 1:
-            raise ValueError(f"`num_clusters` must be >= 1, got {num_clusters}.")
-        if keep not in ("hard", "easy"):
-            raise ValueError(f"`keep` must be 'hard' or 'easy', got {keep!r}.")
+    def __init__(self, embedder: Optional[Embedder] = None, num_clusters: PositiveInt = 10, which: Which = "hard",
+                 seed: NonNegativeInt = 0) -> None:
+        check_positive_int("num_clusters", num_clusters)
+        check_which(which)
+        check_seed(seed)
         self.embedder = embedder if embedder is not None else Embedder()
-        self.num_clusters, self.keep, self.seed = num_clusters, keep, seed
+        self.num_clusters, self.which, self.seed = num_clusters, which, seed
 
     def score_embeddings(self, emb: np.ndarray) -> Scores:
+        """The scores from precomputed embeddings."""
         assign, centroids = spherical_kmeans(emb, min(self.num_clusters, len(emb)), seed=self.seed)
         dist = cosine_distance_to_centroid(emb, assign, centroids).astype(np.float64)
-        return {"score": dist if self.keep == "hard" else -dist, "distance": dist, "cluster": assign}
+        return {"score": prefer(dist, self.which, self.seed), "distance": dist, "cluster": assign}
 
     def score(self, data: ScoringData) -> Scores:
         return self.score_embeddings(self.embedder.embed(data))

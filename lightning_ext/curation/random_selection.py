@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from lightning_ext.curation.base import Scorer, Scores, ScoringData
+from lightning_ext.core.validation import NonNegativeInt
+from lightning_ext.curation.base import Scorer, Scores, ScoringData, check_seed
 
 __all__ = ["RandomScorer"]
 
@@ -23,8 +24,8 @@ class RandomScorer(Scorer):
         4
     """
 
-    def __init__(self, seed: int = 0) -> None:
-        self.seed = seed
+    def __init__(self, seed: NonNegativeInt = 0) -> None:
+        self.seed = check_seed(seed)
 
     def score(self, data: ScoringData) -> Scores:
         return {"score": np.random.default_rng(self.seed).random(len(data))}

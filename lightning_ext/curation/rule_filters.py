@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import importlib
 import re
-from typing import Any, Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import numpy as np
 import torch
 
+from lightning_ext.core.validation import (
+    NonNegativeFloat, PositiveFloat, PositiveInt, check_choice, check_non_negative, check_number, check_positive_int,
+)
 from lightning_ext.curation.base import Scorer, Scores, ScoringData
 
 __all__ = ["RuleFilter", "import_predicate"]
@@ -60,19 +63,24 @@ class RuleFilter(Scorer):
 
     def __init__(
         self,
-        min_resolution: Optional[int] = None,
-        max_aspect_ratio: Optional[float] = None,
-        min_pixel_std: Optional[float] = None,
+        min_resolution: Optional[PositiveInt] = None,
+        max_aspect_ratio: Optional[PositiveFloat] = None,
+        min_pixel_std: Optional[NonNegativeFloat] = None,
         keywords: Optional[Sequence[str]] = None,
-        keyword_mode: str = "any",
-        min_caption_words: Optional[int] = None,
+        keyword_mode: Literal["any", "none"] = "any",
+        min_caption_words: Optional[PositiveInt] = None,
         caption_key: str = "caption",
         predicates: Optional[Sequence[str]] = None,
     ) -> None:
-        if keyword_mode not in ("any", "none"):
-            raise ValueError(f"`keyword_mode` must be 'any' or 'none', got {keyword_mode!r}.")
-        if max_aspect_ratio is not None and max_aspect_ratio < 1:
-            raise ValueError(f"`max_aspect_ratio` must be >= 1, got {max_aspect_ratio}.")
+        check_choice("keyword_mode", keyword_mode, ("any", "none"))
+        if min_resolution is not None:
+            check_positive_int("min_resolution", min_resolution)
+        if max_aspect_ratio is not None:
+            check_number("max_aspect_ratio", max_aspect_ratio, low=1)
+        if min_pixel_std is not None:
+            check_non_negative("min_pixel_std", min_pixel_std)
+        if min_caption_words is not None:
+            check_positive_int("min_caption_words", min_caption_words)
         if keywords is not None and len(keywords) == 0:
             raise ValueError("`keywords` is empty: give at least one keyword or None.")
         self.min_resolution, self.max_aspect_ratio, self.min_pixel_std = min_resolution, max_aspect_ratio, min_pixel_std

@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from lightning_ext.core.validation import PositiveFloat, PositiveInt, check_number, check_positive, check_positive_int
 from lightning_ext.curation.base import Scorer, Scores, ScoringData, top_k
 
 __all__ = ["ComputeAwareSelection", "FilteringScalingLaw", "PoolLaw"]
@@ -24,10 +25,9 @@ class PoolLaw:
     tau: float
 
     def __post_init__(self) -> None:
-        if self.b >= 0:
-            raise ValueError(f"A pool's utility `b` must be < 0 (error falls with data), got {self.b}.")
-        if self.tau <= 0:
-            raise ValueError(f"`tau` (utility half-life in repetitions) must be > 0, got {self.tau}.")
+        check_positive("a", self.a)
+        check_number("b", self.b, high=0, high_open=True)  # a pool's utility: error falls with data
+        check_positive("tau", self.tau)  # utility half-life in repetitions
 
 
 class FilteringScalingLaw:
@@ -56,11 +56,11 @@ class FilteringScalingLaw:
         (1, 2)
     """
 
-    def __init__(self, pools: Sequence = (), bucket_size: int = 1, d: float = 0.1, unit: float = 1.0) -> None:
-        if bucket_size < 1:
-            raise ValueError(f"`bucket_size` must be >= 1, got {bucket_size}.")
-        if unit <= 0:
-            raise ValueError(f"`unit` must be > 0, got {unit}.")
+    def __init__(self, pools: Sequence = (), bucket_size: PositiveInt = 1, d: float = 0.1,
+                 unit: PositiveFloat = 1.0) -> None:
+        check_positive_int("bucket_size", bucket_size)
+        check_number("d", d)
+        check_positive("unit", unit)
         self.pools = [p if isinstance(p, PoolLaw) else PoolLaw(**p) for p in pools]
         self.bucket_size, self.d, self.unit = bucket_size, d, unit
 
@@ -165,9 +165,8 @@ class ComputeAwareSelection(Scorer):
         100
     """
 
-    def __init__(self, scorer: Scorer, law: FilteringScalingLaw, samples_seen: int) -> None:
-        if samples_seen < 1:
-            raise ValueError(f"`samples_seen` must be >= 1, got {samples_seen}.")
+    def __init__(self, scorer: Scorer, law: FilteringScalingLaw, samples_seen: PositiveInt) -> None:
+        check_positive_int("samples_seen", samples_seen)
         if not law.pools:
             raise ValueError("`law` has no fitted pools.")
         self.scorer, self.law, self.samples_seen = scorer, law, samples_seen

@@ -6,14 +6,15 @@ from typing import Optional
 
 import numpy as np
 
-from lightning_ext.curation.base import Scorer, Scores, ScoringData
+from lightning_ext.core.validation import NonNegativeInt, OpenUnitInterval, PositiveInt, check_fraction, check_positive_int
+from lightning_ext.curation.base import Scorer, Scores, ScoringData, Which, check_seed, check_which
 from lightning_ext.curation.clustering import cosine_distance_to_centroid, spherical_kmeans
 from lightning_ext.curation.embeddings import Embedder, l2_normalize
 
 __all__ = ["SemDeDup", "semdedup_max_similarity"]
 
 
-def semdedup_max_similarity(emb: np.ndarray, assign: np.ndarray, centroids: np.ndarray, order: str = "hard",
+def semdedup_max_similarity(emb: np.ndarray, assign: np.ndarray, centroids: np.ndarray, which: Which = "hard",
                             seed: int = 0) -> np.ndarray:
     """For each sample, the largest cosine similarity to a sample *earlier* in its cluster's order.
 
@@ -29,17 +30,16 @@ def semdedup_max_similarity(emb: np.ndarray, assign: np.ndarray, centroids: np.n
         >>> int((m > 0.99).sum())  # one of the two near-identical rows is a duplicate
         1
     """
-    if order not in ("hard", "easy", "random"):
-        raise ValueError(f"`order` must be 'hard', 'easy' or 'random', got {order!r}.")
+    check_which(which)
     x = l2_normalize(np.asarray(emb, dtype=np.float32))
     dist = cosine_distance_to_centroid(x, assign, centroids)
     rng = np.random.default_rng(seed)
     out = np.full(len(x), -1.0, dtype=np.float32)
     for c in np.unique(assign):
         members = np.flatnonzero(assign == c)
-        if order == "hard":
+        if which == "hard":
             members = members[np.argsort(-dist[members], kind="stable")]
-        elif order == "easy":
+        elif which == "easy":
             members = members[np.argsort(dist[members], kind="stable")]
         else:
             members = rng.permutation(members)
@@ -65,8 +65,8 @@ class SemDeDup(Scorer):
         embedder: where embeddings come from (default: the L2-normalised pixels).
         num_clusters: k of the k-means (the paper: 50,000 on LAION-440M; about N / 100 to N / 1000 works).
         eps: duplicate threshold; ``None`` leaves the cut to the kept budget.
-        order: which member of a duplicate group is kept: ``"hard"`` (farthest from the centroid, default of
-            the official code), ``"easy"`` or ``"random"``.
+        which: which member of a duplicate group is kept: ``"hard"`` (farthest from the centroid, default of
+            the official code), ``"easy"`` (nearest) or ``"random"``.
         seed: k-means and ``"random"`` order seed.
 
     Example:
@@ -79,21 +79,20 @@ class SemDeDup(Scorer):
         20
     """
 
-    def __init__(self, embedder: Optional[Embedder] = None, num_clusters: int = 50, eps: Optional[float] = None,
-                 order: str = "hard", seed: int = 0) -> None:
-        if num_clusters < 1:
-            raise ValueError(f"`num_clusters` must be >= 1, got {num_clusters}.")
-        if eps is not None and not 0 < eps < 1:
-            raise ValueError(f"`eps` must be in (0, 1), got {eps}.")
-        if order not in ("hard", "easy", "random"):
-            raise ValueError(f"`order` must be 'hard', 'easy' or 'random', got {order!r}.")
+    def __init__(self, embedder: Optional[Embedder] = None, num_clusters: PositiveInt = 50,
+                 eps: Optional[OpenUnitInterval] = None, which: Which = "hard", seed: NonNegativeInt = 0) -> None:
+        check_positive_int("num_clusters", num_clusters)
+        if eps is not None:
+            check_fraction("eps", eps, allow_zero=False, allow_one=False)
+        check_which(which)
+        check_seed(seed)
         self.embedder = embedder if embedder is not None else Embedder()
-        self.num_clusters, self.eps, self.order, self.seed = num_clusters, eps, order, seed
+        self.num_clusters, self.eps, self.which, self.seed = num_clusters, eps, which, seed
 
     def score_embeddings(self, emb: np.ndarray) -> Scores:
         """The scores from precomputed embeddings."""
         assign, centroids = spherical_kmeans(emb, min(self.num_clusters, len(emb)), seed=self.seed)
-        m = semdedup_max_similarity(emb, assign, centroids, self.order, self.seed)
+        m = semdedup_max_similarity(emb, assign, centroids, self.which, self.seed)
         score = (1.0 - m).astype(np.float64)
         if self.eps is not None:
             score[m > 1 - self.eps] = -np.inf
