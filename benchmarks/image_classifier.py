@@ -78,20 +78,16 @@ def mean_std(values: list[float]) -> str:
 
 
 def write_report(runs: list[dict], args, total_seconds: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from lightning_ext.core.plotting import new_figure, save_figure
 
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "image_classifier.json").write_text(json.dumps(runs, indent=2))
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = new_figure(figsize=(5, 3.5))
     for r in runs:
         ax.plot(range(1, len(r["val_acc"]) + 1), r["val_acc"], marker="o", label=f"seed {r['seed']}")
     ax.set_xlabel("epoch"), ax.set_ylabel("validation accuracy"), ax.grid(alpha=0.3), ax.legend()
     ax.set_title("ImageClassifier (resnet10t) on Fashion-MNIST")
-    fig.tight_layout()
-    fig.savefig(OUT / "image_classifier.png", dpi=120)
+    save_figure(fig, OUT / "image_classifier.png", dpi=120)
     epoch_s = [s for r in runs for s in r["train_epoch_seconds"]]
     rows = "\n".join(
         f"| {r['seed']} | {r['val_acc'][-1]:.4f} | {r['test_acc']:.4f} | {r['test_f1']:.4f} | "

@@ -62,7 +62,7 @@ CONFIGS = {  # name -> (class, method arguments)
     "FroSSL (V=2)": (FroSSL, {"num_views": 2, "invariance_weight": 1.0}),
     "FroSSL (V=4)": (FroSSL, {"num_views": 4, "invariance_weight": 1.0}),
     "VICReg": (VICReg, {"invariance_weight": 25.0, "variance_weight": 25.0, "covariance_weight": 1.0}),
-    "Barlow Twins": (BarlowTwins, {"lambd": 5.1e-3}),
+    "Barlow Twins": (BarlowTwins, {"off_diagonal_weight": 5.1e-3}),
     "SimCLR": (SimCLR, {"temperature": 0.2, "proj_layers": 3}),
 }
 DEFAULT_METHODS = list(CONFIGS)
@@ -303,12 +303,9 @@ def summarise(runs: list[dict], methods: list[str], target_share: float) -> str:
 
 
 def plot(runs: list[dict], methods: list[str], path: Path) -> None:
-    import matplotlib
+    from lightning_ext.core.plotting import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
+    fig, axes = new_figure(1, 4, figsize=(19, 4.2))
     for ax, key, title in zip(axes, ("val_knn_acc", "val_linear_acc", "val_probe_acc", "train_feature_rank"),
                               ("validation kNN accuracy", "validation linear-probe accuracy (offline)",
                                "validation online-probe accuracy", "effective rank of backbone features (train)")):
@@ -331,8 +328,7 @@ def plot(runs: list[dict], methods: list[str], path: Path) -> None:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     print(f"wrote {path}")
 
 

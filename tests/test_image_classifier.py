@@ -130,3 +130,82 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path):
     restored = ImageClassifier.load_from_checkpoint(tmp_path / "m.ckpt", weights_only=True)
     assert restored.hparams.lr == 0.01 and restored.hparams.stem_downsample == 1
     assert_same_parameters(model, restored)
+
+
+def test_non_finite_pretrained_weights_are_refused(tmp_path):
+    src = ImageClassifier("resnet18", num_classes=10, image_size=8)
+    state = src.net.state_dict()
+    state["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match=r"'layer1\.0\.conv1\.weight' holds 1 non-finite"):
+        ImageClassifier("resnet18", num_classes=10, image_size=8, pretrained_weights=str(tmp_path / "nan.pt"))
+    state["layer1.0.conv1.weight"][0, 0, 0, 0] = float("inf")
+    torch.save({"state_dict": {f"net.{k}": v for k, v in state.items()}}, tmp_path / "inf.ckpt")
+    with pytest.raises(ValueError, match="non-finite"):
+        ImageClassifier("resnet18", num_classes=10, image_size=8, pretrained_weights=str(tmp_path / "inf.ckpt"))
+
+
+NAN, INF = float("nan"), float("inf")
+_NET = lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 10))  # noqa: E731
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"num_classes": -3}, "num_classes"), ({"num_classes": 1}, "num_classes"), ({"num_classes": 2.5}, "num_classes"),
+    ({"in_chans": 0}, "in_chans"), ({"image_size": 0}, "image_size"), ({"image_size": (8, -8)}, "image_size"),
+    ({"image_size": (8, 8, 8)}, "image_size"), ({"stem_downsample": 3}, "stem_downsample"),
+    ({"lr": NAN}, "lr"), ({"lr": -1.0}, "lr"), ({"weight_decay": INF}, "weight_decay"),
+    ({"weight_decay": -0.1}, "weight_decay"), ({"scheduler_interval": "batch"}, "scheduler_interval"),
+], ids=str)
+def test_image_classifier_refuses_bad_values(kwargs, match):
+    kwargs = {"image_size": 8, **kwargs}
+    with pytest.raises(ValueError, match=match) as info:
+        ImageClassifier("resnet18", **kwargs)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"num_classes": -3}, "num_classes"), ({"lr": NAN}, "lr"), ({"lr": 0}, "lr"),
+    ({"weight_decay": NAN}, "weight_decay"), ({"scheduler_interval": "never"}, "scheduler_interval"),
+    ({"input_shape": (1, 0, 8)}, "input_shape"),
+], ids=str)
+def test_classifier_refuses_bad_values(kwargs, match):
+    from lightning_ext.modules import Classifier
+
+    kwargs = {"num_classes": 10, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        Classifier(_NET(), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"num_classes": -3}, "num_classes"), ({"num_features": 0}, "num_features"), ({"hidden": [32, 0]}, "hidden"),
+    ({"dropout": NAN}, "dropout"), ({"dropout": 1.0}, "dropout"), ({"lr": INF}, "lr"),
+], ids=str)
+def test_mlp_classifier_refuses_bad_values(kwargs, match):
+    kwargs = {"num_features": 13, "num_classes": 3, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        MLPClassifier(**kwargs)
+
+
+def test_bad_yaml_values_are_refused_by_the_cli_with_their_key():
+    """The constructor types (Literal, constrained numbers) let the CLI parser refuse a value before building."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(ImageClassifier, "model")
+    assert parser.parse_args(["--model.stem_downsample=2", "--model.num_classes=3"]).model.stem_downsample == 2
+    for bad in ("--model.stem_downsample=3", "--model.num_classes=1", "--model.lr=-0.1",
+                "--model.scheduler_interval=batch"):
+        with pytest.raises(Exception, match=bad.split("=")[0].lstrip("-")):
+            parser.parse_args([bad])
+
+
+def test_vision_hooks_are_marked_override_with_a_docstring():
+    from lightning.pytorch import LightningModule
+
+    from lightning_ext.modules import Classifier
+
+    for cls in (Classifier, ImageClassifier, MLPClassifier):
+        for name, fn in vars(cls).items():
+            if callable(fn) and not name.startswith("_") and hasattr(LightningModule, name):
+                assert getattr(fn, "__override__", False), f"{cls.__name__}.{name} lacks @override"
+                assert fn.__doc__ and fn.__doc__.strip(), f"{cls.__name__}.{name} lacks a docstring"

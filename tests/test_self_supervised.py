@@ -24,7 +24,8 @@ from lightning_ext.ssl.losses.simclr import simclr_loss
 from lightning_ext.ssl.losses.vicreg import vicreg_loss
 from lightning_ext.modules import BarlowTwins, FroSSL, SimCLR, VICReg
 from lightning_ext.ssl.multi_view_augmentation import MultiViewAugmentation
-from lightning_ext.ssl.self_supervised import ConvEncoder, effective_rank
+from lightning_ext.ssl.online_linear_probe import OnlineLinearProbe
+from lightning_ext.ssl.self_supervised import ConvEncoder, WarmupCosineLR, effective_rank
 from lightning_ext.testing import assert_same_parameters, crash_and_resume, fit_ddp_vs_single
 
 QUIET = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
@@ -109,7 +110,7 @@ def test_barlow_twins_loss_matches_batchnorm_cross_correlation():
     c = bn(a).T @ bn(b) / 64
     on = (torch.diagonal(c) - 1).pow(2).sum()
     off = (c - torch.diag(torch.diagonal(c))).pow(2).sum()
-    torch.testing.assert_close(barlow_twins_loss([a, b], lambd=0.01, scale=0.5), 0.5 * (on + 0.01 * off))
+    torch.testing.assert_close(barlow_twins_loss([a, b], off_diagonal_weight=0.01, scale=0.5), 0.5 * (on + 0.01 * off))
 
 
 def test_simclr_loss_matches_textbook_nt_xent_for_two_views():
@@ -383,7 +384,7 @@ def test_augmentation_crops_flips_and_checks_its_arguments():
 
 
 def test_views_depend_on_seed_and_batch_position_only():
-    model = _tiny(FroSSL, augmentation_seed=3)
+    model = _tiny(FroSSL, seed=3)
     x = torch.randn(8, 1, 8, 8)
     state = torch.get_rng_state()
     model._batch_idx = 5
@@ -393,6 +394,95 @@ def test_views_depend_on_seed_and_batch_position_only():
     assert not torch.equal(first[0], first[1])  # the views of one batch differ from each other
     model._batch_idx = 6
     assert not torch.equal(model.make_views(x)[0], first[0])
-    other = _tiny(VICReg, augmentation_seed=3)  # another method with the same seed sees the same views
+    other = _tiny(VICReg, seed=3)  # another method with the same seed sees the same views
     other._batch_idx = 5
     assert all(torch.equal(a, b) for a, b in zip(other.make_views(x), first))
+
+
+# -- constructor checks, hyperparameters, hooks -------------------------------------------------------------------
+
+NAN, INF = float("nan"), float("inf")
+_SHARED_BAD = [
+    ({"num_views": 1}, "num_views"), ({"in_chans": 0}, "in_chans"), ({"image_size": (8, 0)}, "image_size"),
+    ({"lr": NAN}, "lr"), ({"lr": 0.0}, "lr"), ({"weight_decay": -1.0}, "weight_decay"),
+    ({"probe_lr": INF}, "probe_lr"), ({"num_classes": -3}, "num_classes"), ({"num_classes": 1}, "num_classes"),
+    ({"scheduler_interval": "batch"}, "scheduler_interval"), ({"nonfinite_loss": "ignore"}, "nonfinite_loss"),
+    ({"seed": 1.5}, "seed"), ({"eval_resize": 0}, "eval_resize"), ({"proj_output_dim": 0}, "proj_output_dim"),
+    ({"proj_layers": 0}, "proj_layers"),
+]
+_METHOD_BAD = [
+    (SimCLR, {"temperature": NAN}, "temperature"), (SimCLR, {"temperature": 0.0}, "temperature"),
+    (VICReg, {"invariance_weight": NAN}, "invariance_weight"), (VICReg, {"variance_weight": -1.0}, "variance_weight"),
+    (VICReg, {"covariance_weight": INF}, "covariance_weight"),
+    (BarlowTwins, {"off_diagonal_weight": NAN}, "off_diagonal_weight"), (BarlowTwins, {"scale_loss": 0.0}, "scale_loss"),
+    (FroSSL, {"invariance_weight": -0.5}, "invariance_weight"), (FroSSL, {"invariance_weight": NAN}, "invariance_weight"),
+]
+
+
+@pytest.mark.parametrize("cls", [FroSSL, VICReg, BarlowTwins, SimCLR], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("kwargs, match", _SHARED_BAD, ids=str)
+def test_self_supervised_modules_refuse_bad_shared_values(cls, kwargs, match):
+    kwargs = {"image_size": 8, "proj_hidden_dim": 32, "proj_output_dim": 16, **kwargs}
+    with pytest.raises(ValueError, match=match) as info:
+        cls(ConvEncoder(1, (8, 16)), **kwargs)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("cls, kwargs, match", _METHOD_BAD, ids=str)
+def test_self_supervised_modules_refuse_bad_loss_values(cls, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _tiny(cls, **kwargs)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: KNNEvaluation(temperature=NAN), "temperature"), (lambda: KNNEvaluation(k=0), "k must"),
+    (lambda: KNNEvaluation(max_bank_size=0), "max_bank_size"), (lambda: KNNEvaluation(batch_size=-1), "batch_size"),
+    (lambda: KNNEvaluation(every_n_epochs=0.5), "every_n_epochs"), (lambda: KNNEvaluation(seed=NAN), "seed"),
+    (lambda: knn_predict(torch.zeros(1, 2), torch.zeros(3, 2), torch.zeros(3, dtype=torch.long), 2,
+                         temperature=NAN), "temperature"),
+    (lambda: MultiViewAugmentation(brightness=NAN), "brightness"), (lambda: MultiViewAugmentation(noise_std=INF), "noise_std"),
+    (lambda: MultiViewAugmentation(flip_p=NAN), "flip_p"), (lambda: MultiViewAugmentation(contrast=NAN), "contrast"),
+    (lambda: MultiViewAugmentation(blur_sigma=(NAN, 1.0)), "blur_sigma"),
+    (lambda: MultiViewAugmentation(crop_ratio=(2.0, 1.0)), "crop_ratio"),
+    (lambda: ConvEncoder(in_chans=0), "in_chans"), (lambda: ConvEncoder(widths=()), "widths"),
+    (lambda: ConvEncoder(widths=(8, -1)), "widths"),
+    (lambda: WarmupCosineLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), 5, 5), "warmup_steps"),
+    (lambda: WarmupCosineLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), min_ratio=NAN), "min_ratio"),
+    (lambda: OnlineLinearProbe(0, 3), "in_features"), (lambda: OnlineLinearProbe(8, 1), "num_classes"),
+    (lambda: barlow_twins_loss(torch.randn(2, 8, 4), off_diagonal_weight=NAN), "off_diagonal_weight"),
+    (lambda: vicreg_loss(torch.randn(2, 8, 4), variance_weight=NAN), "variance_weight"),
+    (lambda: simclr_loss(torch.randn(2, 8, 4), temperature=INF), "temperature"),
+    (lambda: frossl_loss(torch.randn(2, 8, 4), invariance_weight=NAN), "invariance_weight"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_ssl_components_refuse_bad_values(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_hyperparameters_hold_the_method_and_shared_arguments_and_rebuild_the_model():
+    model = _tiny(SimCLR, temperature=0.3, seed=7, augmentation=nn.Identity())
+    hp = dict(model.hparams)
+    assert hp["temperature"] == 0.3 and hp["proj_layers"] == 2 and hp["seed"] == 7 and hp["image_size"] == 8
+    assert not {"backbone", "augmentation", "optimizer", "scheduler"} & set(hp)  # modules and factories stay out
+    assert int(model.augmentation_seed) == 7
+    rebuilt = SimCLR(ConvEncoder(1, (8, 16)), **hp)
+    assert rebuilt.temperature == 0.3 and len(rebuilt.projector) == len(model.projector)
+    drawn = _tiny(FroSSL)  # no seed: drawn from the global RNG and recorded, so the views can be rebuilt
+    assert drawn.hparams["seed"] == int(drawn.augmentation_seed)
+
+
+def test_ssl_hooks_are_marked_override_with_a_docstring():
+    from lightning.pytorch import Callback, LightningModule
+
+    from lightning_ext.ssl.self_supervised import SelfSupervisedModule
+
+    for cls, base in [(SelfSupervisedModule, LightningModule), (FroSSL, LightningModule), (VICReg, LightningModule),
+                      (BarlowTwins, LightningModule), (SimCLR, LightningModule), (KNNEvaluation, Callback)]:
+        hooks = [n for n, fn in vars(cls).items() if not n.startswith("_") and hasattr(base, n)]
+        for name in hooks:
+            fn = vars(cls)[name]
+            fn = fn.fget if isinstance(fn, property) else fn
+            assert getattr(fn, "__override__", False), f"{cls.__name__}.{name} lacks @override"
+            assert fn.__doc__ and fn.__doc__.strip(), f"{cls.__name__}.{name} lacks a docstring"
+        if cls in (SelfSupervisedModule, KNNEvaluation):
+            assert len(hooks) >= 5, hooks

@@ -1,4 +1,4 @@
-"""Shared machinery for the in-memory DataModules: fixed seeded splits, resumable shuffling, DDP sharding."""
+"""Shared machinery for the in-memory DataModules: fixed seeded splits, seeded shuffling, DDP sharding."""
 
 from __future__ import annotations
 
@@ -8,7 +8,18 @@ from typing import Optional
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
+from typing_extensions import override
+
+from lightning_ext.core.sampling import EpochSampler
+from lightning_ext.core.validation import (
+    NonNegativeInt,
+    PositiveInt,
+    UnitIntervalRightOpen,
+    check_number,
+    check_positive_int,
+)
+from lightning_ext.core.number_types import NotBelowOneFloat
 
 
 @dataclass
@@ -48,8 +59,8 @@ class InMemoryDataModule(LightningDataModule):
     and validation is carved out of the official training split; otherwise ``test_fraction`` of all samples
     is held out first, then ``val_fraction`` of the remainder. Both are class-stratified.
 
-    Training batches are shuffled by a :class:`~torch.utils.data.DistributedSampler` seeded with
-    ``shuffle_seed + epoch``: with one process it is an ordinary seeded shuffle, and under DDP each rank gets
+    Training batches are shuffled by a :class:`~lightning_ext.core.sampling.EpochSampler` seeded with
+    ``(shuffle_seed, epoch)``: with one process it is an ordinary seeded shuffle, and under DDP each rank gets
     its shard of the same permutation, so a two-process run with half the batch size sees exactly the global
     batches of a one-process run. The order depends only on the epoch, so a resumed run sees the same order.
 
@@ -78,32 +89,29 @@ class InMemoryDataModule(LightningDataModule):
 
     def __init__(
         self,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.2,
+        batch_size: PositiveInt = 64,
+        num_workers: NonNegativeInt = 0,
+        val_fraction: UnitIntervalRightOpen = 0.1,
+        test_fraction: UnitIntervalRightOpen = 0.2,
         split_seed: int = 0,
         shuffle: bool = True,
         shuffle_seed: int = 0,
-        train_fraction: float = 1.0,
+        train_fraction: float = 1.0,  # (0, 1]: checked below (merging's `Density` holds that type)
         train_subset_seed: int = 0,
         pin_memory: bool = False,
         drop_last: bool = False,
-        long_tail_ratio: float = 1.0,
+        long_tail_ratio: NotBelowOneFloat = 1.0,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
-        if num_workers < 0:
-            raise ValueError(f"`num_workers` must be >= 0, got {num_workers}.")
-        if not 0 <= val_fraction < 1:
-            raise ValueError(f"`val_fraction` must be in [0, 1), got {val_fraction}.")
-        if not 0 <= test_fraction < 1:
-            raise ValueError(f"`test_fraction` must be in [0, 1), got {test_fraction}.")
-        if not 0 < train_fraction <= 1:
-            raise ValueError(f"`train_fraction` must be in (0, 1], got {train_fraction}; 1.0 keeps all data.")
-        if long_tail_ratio < 1:
-            raise ValueError(f"`long_tail_ratio` must be >= 1 (1.0 = balanced), got {long_tail_ratio}.")
+        check_positive_int("batch_size", batch_size)
+        check_number("num_workers", num_workers, low=0, integer=True)
+        check_number("val_fraction", val_fraction, low=0, high=1, high_open=True)
+        check_number("test_fraction", test_fraction, low=0, high=1, high_open=True)
+        check_number("train_fraction (1.0 keeps all data)", train_fraction, low=0, high=1, low_open=True)
+        check_number("long_tail_ratio (1.0 = balanced)", long_tail_ratio, low=1)
+        for name, seed in (("split_seed", split_seed), ("shuffle_seed", shuffle_seed),
+                           ("train_subset_seed", train_subset_seed)):
+            check_number(name, seed, integer=True)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.val_fraction = val_fraction
@@ -172,7 +180,9 @@ class InMemoryDataModule(LightningDataModule):
         dataset = {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]
         return np.bincount(dataset.tensors[1].numpy(), minlength=self.num_classes).tolist()
 
+    @override
     def setup(self, stage: Optional[str] = None) -> None:
+        """Load the arrays once and split, normalise and wrap them as tensors (every rank the same)."""
         if self.train_set is not None:
             return
         arrays = self.load_arrays()
@@ -205,9 +215,8 @@ class InMemoryDataModule(LightningDataModule):
             trainer = getattr(self, "trainer", None)
             if trainer is not None:
                 world, rank = trainer.world_size, trainer.global_rank
-            sampler = DistributedSampler(
-                dataset, num_replicas=world, rank=rank, shuffle=self.shuffle, seed=self.shuffle_seed
-            )
+            sampler = EpochSampler(len(dataset), shuffle=self.shuffle, seed=self.shuffle_seed, rank=rank,
+                                   world_size=world)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -218,14 +227,22 @@ class InMemoryDataModule(LightningDataModule):
             drop_last=self.drop_last and train,
         )
 
+    @override
     def train_dataloader(self) -> DataLoader:
+        """Seeded, sharded, per-epoch shuffled training batches."""
         return self._loader(self.train_set, train=True)
 
+    @override
     def val_dataloader(self) -> DataLoader:
+        """Validation batches in order."""
         return self._loader(self.val_set, train=False)
 
+    @override
     def test_dataloader(self) -> DataLoader:
+        """Test batches in order."""
         return self._loader(self.test_set, train=False)
 
+    @override
     def predict_dataloader(self) -> DataLoader:
+        """The test split in order."""
         return self._loader(self.test_set, train=False)

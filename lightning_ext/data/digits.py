@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing_extensions import override
+
+from lightning_ext.core.validation import PositiveInt
 from lightning_ext.data.base import Arrays, InMemoryDataModule
 
 
@@ -28,10 +31,12 @@ class DigitsDataModule(InMemoryDataModule):
     num_classes = 10
     input_shape = (1, 8, 8)
 
-    def __init__(self, batch_size: int = 64, **kwargs) -> None:
+    def __init__(self, batch_size: PositiveInt = 64, **kwargs) -> None:
         super().__init__(batch_size=batch_size, **kwargs)
 
+    @override
     def load_arrays(self) -> Arrays:
+        """The 1,797 images scaled to [0, 1] and their labels."""
         from sklearn.datasets import load_digits
 
         bunch = load_digits()

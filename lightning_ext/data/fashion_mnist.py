@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from typing_extensions import override
 
+from lightning_ext.core.validation import PositiveInt, UnitIntervalRightOpen
 from lightning_ext.data.base import Arrays, InMemoryDataModule
 
 DEFAULT_SEARCH_PATHS = ("/usr/share/datasets/fashion-mnist",)
@@ -103,8 +105,8 @@ class FashionMNISTDataModule(InMemoryDataModule):
         self,
         data_dir: Optional[str] = None,
         download: bool = False,
-        batch_size: int = 128,
-        val_fraction: float = 5000 / 60000,
+        batch_size: PositiveInt = 128,
+        val_fraction: UnitIntervalRightOpen = 5000 / 60000,
         **kwargs,
     ) -> None:
         super().__init__(batch_size=batch_size, val_fraction=val_fraction, **kwargs)
@@ -115,7 +117,9 @@ class FashionMNISTDataModule(InMemoryDataModule):
         if not download:
             self.files = find_fashion_mnist(data_dir)  # fail early, with instructions
 
+    @override
     def prepare_data(self) -> None:
+        """With ``download=True`` and no local copy, download the IDX files with torchvision."""
         if not self.download:
             return
         try:
@@ -126,7 +130,9 @@ class FashionMNISTDataModule(InMemoryDataModule):
             FashionMNIST(self.data_dir, train=True, download=True)
             FashionMNIST(self.data_dir, train=False, download=True)
 
+    @override
     def load_arrays(self) -> Arrays:
+        """The official training and test splits, scaled to [0, 1]."""
         files = find_fashion_mnist(self.data_dir)
         return Arrays(
             x=read_idx(files["train_x"]) / 255.0,

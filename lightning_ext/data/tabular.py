@@ -5,6 +5,9 @@ from __future__ import annotations
 import difflib
 from typing import Literal
 
+from typing_extensions import override
+
+from lightning_ext.core.validation import PositiveInt
 from lightning_ext.data.base import Arrays, InMemoryDataModule
 
 # name -> (loader in sklearn.datasets, number of features, number of classes)
@@ -33,7 +36,8 @@ class TabularDataModule(InMemoryDataModule):
         (13, 3, {'train': 127, 'val': 15, 'test': 36})
     """
 
-    def __init__(self, name: Literal["iris", "wine", "breast_cancer"] = "iris", batch_size: int = 32, **kwargs) -> None:
+    def __init__(self, name: Literal["iris", "wine", "breast_cancer"] = "iris", batch_size: PositiveInt = 32,
+                 **kwargs) -> None:
         if name not in TABULAR_DATASETS:
             close = difflib.get_close_matches(str(name), TABULAR_DATASETS, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -43,7 +47,9 @@ class TabularDataModule(InMemoryDataModule):
         _, self.num_features, self.num_classes = TABULAR_DATASETS[name]
         self.input_shape = (self.num_features,)
 
+    @override
     def load_arrays(self) -> Arrays:
+        """The dataset's features and labels from scikit-learn."""
         import sklearn.datasets
 
         bunch = getattr(sklearn.datasets, TABULAR_DATASETS[self.name][0])()

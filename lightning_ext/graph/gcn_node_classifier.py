@@ -6,8 +6,23 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
 
 from lightning_ext.core.optional import require
+from lightning_ext.core.validation import (
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    UnitIntervalRightOpen,
+    check_non_negative,
+    check_number,
+    check_positive,
+    check_positive_int,
+)
+from lightning_ext.core.number_types import AtLeastTwoInt
+
+#: A class count: an integer >= 2 (shared from core.number_types).
+NumClasses = AtLeastTwoInt
 
 
 class GCNNodeClassifier(LightningModule):
@@ -35,19 +50,21 @@ class GCNNodeClassifier(LightningModule):
 
     def __init__(
         self,
-        num_features: int = 1433,
-        num_classes: int = 7,
-        hidden: int = 16,
-        dropout: float = 0.5,
-        lr: float = 0.01,
-        weight_decay: float = 5e-4,
+        num_features: PositiveInt = 1433,
+        num_classes: NumClasses = 7,
+        hidden: PositiveInt = 16,
+        dropout: UnitIntervalRightOpen = 0.5,
+        lr: PositiveFloat = 0.01,
+        weight_decay: NonNegativeFloat = 5e-4,
     ) -> None:
         super().__init__()
-        if min(num_features, num_classes, hidden) < 1:
-            raise ValueError("`num_features`, `num_classes` and `hidden` must all be >= 1.")
-        if not 0 <= dropout < 1:
-            raise ValueError(f"`dropout` must be in [0, 1), got {dropout}.")
         require("torch_geometric", "GCNNodeClassifier")
+        for name, value in (("num_features", num_features), ("hidden", hidden)):
+            check_positive_int(name, value)
+        check_number("num_classes", num_classes, low=2, integer=True)
+        check_number("dropout", dropout, low=0, high=1, high_open=True)
+        check_positive("lr", lr)
+        check_non_negative("weight_decay", weight_decay)
         from torch_geometric.nn import GCNConv
 
         self.save_hyperparameters()
@@ -58,14 +75,18 @@ class GCNNodeClassifier(LightningModule):
             {f"{s}_acc": MulticlassAccuracy(num_classes, average="micro") for s in ("train", "val", "test")}
         )
 
+    @override
     def setup(self, stage: str) -> None:
+        """Check the datamodule's ``num_features`` and ``num_classes`` against the model."""
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         for attr in ("num_features", "num_classes"):
             have, want = getattr(dm, attr, None), self.hparams[attr]
             if have is not None and have != want:
                 raise ValueError(f"The model has {attr}={want} but the data has {have}; set `model.init_args.{attr}: {have}`.")
 
+    @override
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        """Logits of every node of the graph."""
         x = F.dropout(x, self.hparams.dropout, self.training)
         x = F.relu(self.conv1(x, edge_index))
         x = F.dropout(x, self.hparams.dropout, self.training)
@@ -81,17 +102,27 @@ class GCNNodeClassifier(LightningModule):
         self.log(f"{stage}_acc", acc, batch_size=int(mask.sum()), prog_bar=stage != "train")
         return loss
 
+    @override
     def training_step(self, graph, batch_idx: int) -> torch.Tensor:
+        """Cross-entropy on the training nodes."""
         return self._step(graph, "train")
 
+    @override
     def validation_step(self, graph, batch_idx: int) -> None:
+        """Loss and accuracy on the validation nodes."""
         self._step(graph, "val")
 
+    @override
     def test_step(self, graph, batch_idx: int) -> None:
+        """Loss and accuracy on the test nodes."""
         self._step(graph, "test")
 
+    @override
     def predict_step(self, graph, batch_idx: int) -> torch.Tensor:
+        """Predicted class of every node."""
         return self(graph.x, graph.edge_index).argmax(dim=-1)
 
+    @override
     def configure_optimizers(self):
+        """Adam with the paper's learning rate and weight decay."""
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

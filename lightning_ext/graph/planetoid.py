@@ -9,8 +9,11 @@ from typing import Literal, Optional
 
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
 from lightning_ext.core.optional import require
+from lightning_ext.core.paths import cache_root
+from lightning_ext.core.validation import check_choice, check_number
 
 # name -> (file prefix, number of node features, number of classes)
 PLANETOID = {"Cora": ("cora", 1433, 7), "CiteSeer": ("citeseer", 3703, 6), "PubMed": ("pubmed", 500, 3)}
@@ -39,7 +42,8 @@ class PlanetoidDataModule(LightningDataModule):
         name: ``"Cora"``, ``"CiteSeer"`` or ``"PubMed"``.
         split: PyG split type.
         split_seed: seed for ``split="random"``.
-        cache_dir: where PyG may write; default ``~/.cache/lightning_ext/planetoid``.
+        cache_dir: where PyG may write; default ``planetoid`` under :func:`~lightning_ext.core.paths.cache_root`
+            (``$LIGHTNING_EXT_CACHE`` or ``~/.cache/lightning_ext``); it must not be a file.
         download: let PyG download missing files (needs a network).
         normalize_features: row-normalise the bag-of-words features, as in the GCN paper.
 
@@ -60,13 +64,17 @@ class PlanetoidDataModule(LightningDataModule):
         normalize_features: bool = True,
     ) -> None:
         super().__init__()
-        if name not in PLANETOID:
-            raise ValueError(f"Unknown Planetoid dataset {name!r}; choose one of {sorted(PLANETOID)}.")
+        require("torch_geometric", "PlanetoidDataModule")
+        check_choice("name", name, sorted(PLANETOID))
+        check_choice("split", split, ("public", "full", "random"))
+        check_number("split_seed", split_seed, integer=True)
         self.root = root or os.environ.get("PLANETOID_ROOT")
         self.name = name
         self.split = split
         self.split_seed = split_seed
-        self.cache_dir = Path(cache_dir or Path.home() / ".cache" / "lightning_ext" / "planetoid").expanduser()
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else cache_root("planetoid")
+        if self.cache_dir.exists() and not self.cache_dir.is_dir():
+            raise ValueError(f"cache_dir {self.cache_dir} is a file, not a folder; point `cache_dir` at a folder.")
         self.download = download
         self.normalize_features = normalize_features
         _, self.num_features, self.num_classes = PLANETOID[name]
@@ -89,7 +97,9 @@ class PlanetoidDataModule(LightningDataModule):
             )
         return files
 
+    @override
     def prepare_data(self) -> None:
+        """Copy the raw files into ``cache_dir`` (or let PyG download them with ``download=True``)."""
         raw_dst = self.cache_dir / self.name / "raw"
         raw_dst.mkdir(parents=True, exist_ok=True)
         if self.root and not self.download:
@@ -111,7 +121,9 @@ class PlanetoidDataModule(LightningDataModule):
             torch.manual_seed(self.split_seed)
             return Planetoid(str(self.cache_dir), self.name, split=self.split, transform=transform)
 
+    @override
     def setup(self, stage: Optional[str] = None) -> None:
+        """Read the graph once (PyG processes the raw files in ``cache_dir``)."""
         if self.graph is not None:
             return
         if not (self.cache_dir / self.name / "raw").is_dir():
@@ -123,14 +135,22 @@ class PlanetoidDataModule(LightningDataModule):
             raise RuntimeError("PlanetoidDataModule: call setup() before asking for a dataloader.")
         return DataLoader([self.graph], batch_size=1, collate_fn=_single_graph)
 
+    @override
     def train_dataloader(self) -> DataLoader:
+        """The whole graph, once per epoch."""
         return self._loader()
 
+    @override
     def val_dataloader(self) -> DataLoader:
+        """The whole graph (the module uses ``val_mask``)."""
         return self._loader()
 
+    @override
     def test_dataloader(self) -> DataLoader:
+        """The whole graph (the module uses ``test_mask``)."""
         return self._loader()
 
+    @override
     def predict_dataloader(self) -> DataLoader:
+        """The whole graph."""
         return self._loader()

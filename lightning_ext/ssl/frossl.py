@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Union
 
-import torch  # noqa: F401  (used by the doctest)
-
 from torch import Tensor, nn
+from typing_extensions import override
 
+from lightning_ext.core.validation import NonNegativeFloat, PositiveInt, check_non_negative
 from lightning_ext.ssl.losses.frossl import frossl_loss_terms
-from lightning_ext.ssl.self_supervised import SelfSupervisedModule
+from lightning_ext.ssl.self_supervised import NumViews, SelfSupervisedModule
 
 
 class FroSSL(SelfSupervisedModule):
@@ -29,16 +29,13 @@ class FroSSL(SelfSupervisedModule):
     global batch instead, so DDP trains like one process.
 
     Args:
-        backbone: timm model name or an ``nn.Module`` returning ``(B, F)`` features.
         num_views: views per image (2, 4 or 8 in the paper).
-        invariance_weight: ``w`` (1.0 for CIFAR/ImageNet-100, 1.4 for STL-10 in the reference configs).
-        proj_hidden_dim: projector hidden width.
-        proj_output_dim: projector output width ``D``.
-        **kwargs: the shared arguments of
-            :class:`~lightning_ext.ssl.self_supervised.SelfSupervisedModule` (``in_chans``,
-            ``image_size``, ``augmentation``, ``num_classes``, ``optimizer``, ``scheduler``, ...).
+        invariance_weight: ``w`` (1.0 for CIFAR/ImageNet-100, 1.4 for STL-10 in the reference configs); finite, >= 0.
+        Others: see :class:`~lightning_ext.ssl.self_supervised.SelfSupervisedModule` (``backbone``, ``in_chans``,
+            ``image_size``, ``augmentation``, ``num_classes``, ``optimizer``, ``scheduler``, ``seed``, ...).
 
     Example:
+        >>> import torch
         >>> from lightning_ext.ssl.self_supervised import ConvEncoder
         >>> model = FroSSL(ConvEncoder(1, (8, 16)), num_views=4, image_size=28, proj_hidden_dim=32,
         ...                proj_output_dim=16)
@@ -49,22 +46,16 @@ class FroSSL(SelfSupervisedModule):
 
     method_name = "FroSSL"
 
-    def __init__(
-        self,
-        backbone: Union[str, nn.Module] = "resnet18",
-        num_views: int = 2,
-        invariance_weight: float = 1.0,
-        proj_hidden_dim: int = 2048,
-        proj_output_dim: int = 1024,
-        **kwargs,
-    ) -> None:
-        if invariance_weight < 0:
-            raise ValueError(f"`invariance_weight` must be >= 0, got {invariance_weight}.")
+    def __init__(self, backbone: Union[str, nn.Module] = "resnet18", num_views: NumViews = 2,
+                 invariance_weight: NonNegativeFloat = 1.0, proj_hidden_dim: PositiveInt = 2048,
+                 proj_output_dim: PositiveInt = 1024, **kwargs) -> None:
+        check_non_negative("invariance_weight", invariance_weight)
         super().__init__(backbone, num_views=num_views, proj_hidden_dim=proj_hidden_dim,
                          proj_output_dim=proj_output_dim, **kwargs)
         self.invariance_weight = invariance_weight
-        self.save_hyperparameters(ignore=self._hparams_ignore(backbone))
 
+    @override
     def ssl_loss(self, z: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The FroSSL loss of the ``(V, N, D)`` projections and its two terms."""
         regulariser, invariance = frossl_loss_terms(z, self.invariance_weight, self.gather_distributed)
         return regulariser + invariance, {"regulariser": regulariser.detach(), "invariance": invariance.detach()}

@@ -9,6 +9,9 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
+from typing_extensions import override
+
+from lightning_ext.core.validation import PositiveFloat, PositiveInt, check_positive, check_positive_int
 
 __all__ = ["KNNEvaluation", "knn_predict"]
 
@@ -40,8 +43,8 @@ def knn_predict(
         >>> knn_predict(torch.tensor([[1.0, 0.05], [0.1, 1.0]]), bank, torch.tensor([0, 0, 1]), 2, k=1)
         tensor([0, 1])
     """
-    if k < 1 or temperature <= 0:
-        raise ValueError(f"Need k >= 1 and temperature > 0, got k={k}, temperature={temperature}.")
+    check_positive_int("k", k)
+    check_positive("temperature", temperature)
     if len(bank) == 0:
         raise ValueError("The kNN feature bank is empty.")
     if bank.shape[0] != bank_labels.shape[0]:
@@ -85,23 +88,25 @@ class KNNEvaluation(Callback):
         >>> trainer = Trainer(callbacks=[KNNEvaluation(k=20)])  # doctest: +SKIP
     """
 
-    def __init__(self, k: int = 20, temperature: float = 0.07, max_bank_size: Optional[int] = None,
-                 batch_size: int = 512, every_n_epochs: int = 1, feature_method: Optional[str] = None,
+    def __init__(self, k: PositiveInt = 20, temperature: PositiveFloat = 0.07, max_bank_size: Optional[PositiveInt] = None,
+                 batch_size: PositiveInt = 512, every_n_epochs: PositiveInt = 1, feature_method: Optional[str] = None,
                  seed: int = 0) -> None:
-        if k < 1 or temperature <= 0 or batch_size < 1 or every_n_epochs < 1:
-            raise ValueError(
-                f"Need k >= 1, temperature > 0, batch_size >= 1, every_n_epochs >= 1; got {k}, {temperature}, "
-                f"{batch_size}, {every_n_epochs}."
-            )
-        if max_bank_size is not None and max_bank_size < 1:
-            raise ValueError(f"`max_bank_size` must be >= 1 or None, got {max_bank_size}.")
+        for name, value in (("k", k), ("batch_size", batch_size), ("every_n_epochs", every_n_epochs)):
+            check_positive_int(name, value)
+        check_positive("temperature", temperature)
+        if max_bank_size is not None:
+            check_positive_int("max_bank_size (or None for the whole training split)", max_bank_size)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}.")
         self.k, self.temperature, self.max_bank_size = k, temperature, max_bank_size
         self.batch_size, self.every_n_epochs = batch_size, every_n_epochs
         self.feature_method, self.seed = feature_method, seed
         self.history: list[dict[str, float]] = []
 
     @property
+    @override
     def state_key(self) -> str:
+        """Identifies this callback's state in checkpoints by ``k``, ``temperature`` and ``max_bank_size``."""
         return self._generate_state_key(k=self.k, temperature=self.temperature, max_bank_size=self.max_bank_size)
 
     # -- data and features ------------------------------------------------------------------------------------
@@ -165,18 +170,26 @@ class KNNEvaluation(Callback):
         return float((preds == labels).float().mean())
 
     # -- hooks ------------------------------------------------------------------------------------------------
+    @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Log ``val_knn_acc`` every ``every_n_epochs`` (not during the sanity check)."""
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         acc = self.evaluate(trainer, pl_module, "val")
         self.history.append({"epoch": trainer.current_epoch, "val_knn_acc": acc})
         pl_module.log("val_knn_acc", acc, prog_bar=True)
 
+    @override
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Log ``test_knn_acc``."""
         pl_module.log("test_knn_acc", self.evaluate(trainer, pl_module, "test"))
 
+    @override
     def state_dict(self) -> dict[str, Any]:
+        """The history of validation kNN accuracies."""
         return {"history": list(self.history)}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the history."""
         self.history = list(state_dict.get("history", []))

@@ -8,13 +8,28 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_ext.core.validation import (
+    ClosedUnitInterval,
+    NonNegativeFloat,
+    UnitIntervalRightOpen,
+    check_fraction,
+    check_non_negative,
+    check_number,
+    check_positive_int,
+)
 
 
 def _range(value: Sequence[float], name: str, low: float = 0.0, high: float = math.inf) -> tuple[float, float]:
-    value = tuple(float(v) for v in value)
-    if len(value) != 2 or not low <= value[0] <= value[1] <= high:
+    value = tuple(value)
+    if len(value) != 2:
+        raise ValueError(f"`{name}` must be (min, max), got {value}.")
+    for v in value:
+        check_number(name, v, low=low, high=None if math.isinf(high) else high)
+    if value[0] > value[1]:
         raise ValueError(f"`{name}` must be (min, max) with {low} <= min <= max <= {high}, got {value}.")
-    return value  # type: ignore[return-value]
+    return float(value[0]), float(value[1])
 
 
 def _uniform(n: int, low: float, high: float, device: torch.device) -> Tensor:
@@ -56,33 +71,32 @@ class MultiViewAugmentation(nn.Module):
         crop_size: Optional[Union[int, Sequence[int]]] = None,
         crop_scale: Sequence[float] = (0.2, 1.0),
         crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
-        flip_p: float = 0.5,
-        brightness: float = 0.4,
-        contrast: float = 0.4,
-        jitter_p: float = 0.8,
-        grayscale_p: float = 0.0,
-        blur_p: float = 0.0,
+        flip_p: ClosedUnitInterval = 0.5,
+        brightness: NonNegativeFloat = 0.4,
+        contrast: UnitIntervalRightOpen = 0.4,
+        jitter_p: ClosedUnitInterval = 0.8,
+        grayscale_p: ClosedUnitInterval = 0.0,
+        blur_p: ClosedUnitInterval = 0.0,
         blur_sigma: Sequence[float] = (0.1, 2.0),
-        noise_std: float = 0.0,
+        noise_std: NonNegativeFloat = 0.0,
     ) -> None:
         super().__init__()
         if crop_size is not None:
             crop_size = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
-            if len(crop_size) != 2 or min(crop_size) < 1:
+            if len(crop_size) != 2:
                 raise ValueError(f"`crop_size` must be a positive int or (height, width), got {crop_size}.")
+            for size in crop_size:
+                check_positive_int("crop_size", size)
         self.crop_size = crop_size
         self.crop_scale = _range(crop_scale, "crop_scale", 0.0, 1.0)
         if self.crop_scale[0] <= 0:
             raise ValueError(f"`crop_scale` must be > 0, got {crop_scale}.")
         self.crop_ratio = _range(crop_ratio, "crop_ratio", 1e-3)
         for name, p in (("flip_p", flip_p), ("jitter_p", jitter_p), ("grayscale_p", grayscale_p), ("blur_p", blur_p)):
-            if not 0 <= p <= 1:
-                raise ValueError(f"`{name}` must be a probability in [0, 1], got {p}.")
-        if brightness < 0 or not 0 <= contrast < 1 or noise_std < 0:
-            raise ValueError(
-                "Need brightness >= 0, 0 <= contrast < 1 and noise_std >= 0; "
-                f"got {brightness}, {contrast}, {noise_std}."
-            )
+            check_fraction(name, p)
+        check_non_negative("brightness", brightness)
+        check_number("contrast", contrast, low=0, high=1, high_open=True)
+        check_non_negative("noise_std", noise_std)
         self.flip_p, self.jitter_p, self.grayscale_p, self.blur_p = flip_p, jitter_p, grayscale_p, blur_p
         self.brightness, self.contrast, self.noise_std = brightness, contrast, noise_std
         self.blur_sigma = _range(blur_sigma, "blur_sigma", 1e-3)
@@ -92,8 +106,10 @@ class MultiViewAugmentation(nn.Module):
                 f"brightness={self.brightness}, contrast={self.contrast}, jitter_p={self.jitter_p}, "
                 f"grayscale_p={self.grayscale_p}, blur_p={self.blur_p}, noise_std={self.noise_std}")
 
+    @override
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
+        """One random view of the batch ``x`` shaped ``(B, C, H, W)``."""
         if x.dim() != 4:
             raise ValueError(f"MultiViewAugmentation expects images shaped (B, C, H, W), got {tuple(x.shape)}.")
         x = self._crop_and_flip(x.float())

@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_ext.core.validation import PositiveInt, check_number, check_positive_int
 
 
 class OnlineLinearProbe(nn.Module):
@@ -29,12 +32,13 @@ class OnlineLinearProbe(nn.Module):
         True
     """
 
-    def __init__(self, in_features: int, num_classes: int) -> None:
+    def __init__(self, in_features: PositiveInt, num_classes: PositiveInt) -> None:
         super().__init__()
-        if in_features < 1 or num_classes < 2:
-            raise ValueError(f"Need in_features >= 1 and num_classes >= 2, got {in_features} and {num_classes}.")
+        check_positive_int("in_features", in_features)
+        check_number("num_classes", num_classes, low=2, integer=True)
         self.linear = nn.Linear(in_features, num_classes)
 
+    @override
     def forward(self, features: Tensor) -> Tensor:
         """Logits of detached ``(N, in_features)`` features."""
         return self.linear(features.detach().float())

@@ -5,28 +5,48 @@
 DataModule), an :class:`OnlineLinearProbe` on detached features, effective-rank logging, a guard against
 non-finite losses, and optimiser/scheduler injection in LightningCLI style. A method only implements
 :meth:`SelfSupervisedModule.ssl_loss`. The split follows solo-learn: pure loss functions in
-``lightning_ext/losses/<method>.py``, the Lightning wrappers in ``lightning_ext/modules/<method>.py``.
+``lightning_ext/ssl/losses/<method>.py``, the Lightning wrappers in ``lightning_ext/ssl/<method>.py``; each wrapper
+holds only its loss's arguments, its defaults and :meth:`~SelfSupervisedModule.ssl_loss`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
 
-from lightning_ext.vision.image_classifier import _pair, adapt_stem, create_timm_backbone
+from lightning_ext.core.optimization import configure_optimization
+from lightning_ext.core.validation import (
+    ClosedUnitInterval,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    check_choice,
+    check_fraction,
+    check_number,
+    check_positive,
+    check_positive_int,
+)
+from lightning_ext.core.number_types import AtLeastTwoInt
 from lightning_ext.ssl.multi_view_augmentation import MultiViewAugmentation
 from lightning_ext.ssl.online_linear_probe import OnlineLinearProbe
+from lightning_ext.vision.backbones import StemDownsample, build_backbone, image_pair, probe_backbone
+from lightning_ext.vision.classifier import NumClasses, check_num_classes, check_optimization
 
 __all__ = ["SelfSupervisedModule", "ConvEncoder", "WarmupCosineLR", "build_projector", "effective_rank"]
 
 NONFINITE_MODES = ("raise", "skip")
+ImageSize = Union[PositiveInt, tuple[PositiveInt, PositiveInt]]
+#: Views per image: an integer >= 2.
+NumViews = AtLeastTwoInt
 
 
 # -- building blocks ------------------------------------------------------------------------------------------
@@ -68,11 +88,9 @@ def build_projector(
         >>> build_projector(512, 2048, 1024)[0]
         Linear(in_features=512, out_features=2048, bias=True)
     """
-    if num_layers < 1 or min(in_dim, hidden_dim, out_dim) < 1:
-        raise ValueError(
-            f"The projector needs num_layers >= 1 and positive sizes, got num_layers={num_layers}, "
-            f"in_dim={in_dim}, hidden_dim={hidden_dim}, out_dim={out_dim}."
-        )
+    for name, value in (("proj_layers", num_layers), ("feature_dim", in_dim), ("proj_hidden_dim", hidden_dim),
+                        ("proj_output_dim", out_dim)):
+        check_positive_int(name, value)
     layers: list[nn.Module] = []
     dim = in_dim
     for _ in range(num_layers - 1):
@@ -96,11 +114,14 @@ class ConvEncoder(nn.Module):
         torch.Size([2, 16])
     """
 
-    def __init__(self, in_chans: int = 1, widths: Sequence[int] = (32, 64, 128)) -> None:
+    def __init__(self, in_chans: PositiveInt = 1, widths: Sequence[PositiveInt] = (32, 64, 128)) -> None:
         super().__init__()
         widths = list(widths)
-        if in_chans < 1 or not widths or min(widths) < 1:
-            raise ValueError(f"Need in_chans >= 1 and positive widths, got in_chans={in_chans}, widths={widths}.")
+        check_positive_int("in_chans", in_chans)
+        if not widths:
+            raise ValueError("widths must list at least one block width, got [].")
+        for width in widths:
+            check_positive_int("widths", width)
         layers: list[nn.Module] = []
         prev = in_chans
         for i, width in enumerate(widths):
@@ -110,7 +131,9 @@ class ConvEncoder(nn.Module):
         self.features = nn.Sequential(*layers)
         self.num_features = prev
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
+        """Globally pooled features ``(B, widths[-1])``."""
         return self.features(x).mean(dim=(2, 3))
 
 
@@ -132,12 +155,11 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
         [0.0, 0.5, 1.0, 0.854, 0.5, 0.146]
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int = 10, total_steps: int = 100,
-                 min_ratio: float = 0.0, last_epoch: int = -1) -> None:
-        if warmup_steps < 0 or total_steps < 1 or warmup_steps >= total_steps:
-            raise ValueError(f"Need 0 <= warmup_steps < total_steps, got {warmup_steps} and {total_steps}.")
-        if not 0 <= min_ratio <= 1:
-            raise ValueError(f"`min_ratio` must be in [0, 1], got {min_ratio}.")
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: NonNegativeInt = 10,
+                 total_steps: PositiveInt = 100, min_ratio: ClosedUnitInterval = 0.0, last_epoch: int = -1) -> None:
+        check_positive_int("total_steps", total_steps)
+        check_number("warmup_steps", warmup_steps, low=0, high=total_steps, high_open=True, integer=True)
+        check_fraction("min_ratio", min_ratio)
         self.warmup_steps, self.total_steps, self.min_ratio = warmup_steps, total_steps, min_ratio
         super().__init__(optimizer, self._factor, last_epoch)
 
@@ -174,7 +196,7 @@ class SelfSupervisedModule(LightningModule):
     counting the skips in ``skipped_steps`` (saved in checkpoints); BatchNorm running statistics fed by the
     bad batch are restored. Lightning cannot skip steps under DDP, so ``"skip"`` is refused there in ``setup``.
 
-    **Reproducible views.** Views come from an RNG seeded by ``augmentation_seed`` and the batch's position
+    **Reproducible views.** Views come from an RNG seeded by ``seed`` and the batch's position
     (:meth:`make_views`): a resumed run matches an uninterrupted one, and two methods trained with the same
     seed see the same augmented images.
 
@@ -204,7 +226,8 @@ class SelfSupervisedModule(LightningModule):
         nonfinite_loss: ``"raise"`` or ``"skip"``.
         log_effective_rank: log the effective ranks (an SVD of an ``N x F`` and an ``N x D`` matrix per step).
         validate_ssl_loss: compute the self-supervised loss on augmented validation views (``val_loss``).
-        augmentation_seed: seed of the views (see :meth:`make_views`); ``None`` draws one from the global RNG.
+        seed: seed of the views (see :meth:`make_views`); ``None`` draws one from the global RNG (which
+            ``seed_everything`` fixes); kept in the ``augmentation_seed`` buffer, so checkpoints restore it.
         eval_resize: resize images to this size in :meth:`forward` (evaluation, probe, kNN), e.g. the
             augmentation's ``crop_size``, so that evaluated images match the scale of the training views.
     """
@@ -214,49 +237,51 @@ class SelfSupervisedModule(LightningModule):
     def __init__(
         self,
         backbone: Union[str, nn.Module] = "resnet18",
-        in_chans: int = 1,
-        image_size: Union[int, tuple[int, int]] = 28,
-        stem_downsample: Optional[int] = None,
+        in_chans: PositiveInt = 1,
+        image_size: ImageSize = 28,
+        stem_downsample: Optional[StemDownsample] = None,
         backbone_kwargs: Optional[dict] = None,
-        proj_hidden_dim: int = 2048,
-        proj_output_dim: int = 1024,
-        proj_layers: int = 3,
+        proj_hidden_dim: PositiveInt = 2048,
+        proj_output_dim: PositiveInt = 1024,
+        proj_layers: PositiveInt = 3,
         proj_batch_norm: bool = True,
-        num_views: int = 2,
+        num_views: NumViews = 2,
         augmentation: Optional[nn.Module] = None,
-        num_classes: Optional[int] = 10,
-        probe_lr: Optional[float] = None,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-4,
+        num_classes: Optional[NumClasses] = 10,
+        probe_lr: Optional[PositiveFloat] = None,
+        lr: PositiveFloat = 1e-3,
+        weight_decay: NonNegativeFloat = 1e-4,
         optimizer: Optional[OptimizerCallable] = None,
         scheduler: Optional[LRSchedulerCallable] = None,
-        scheduler_interval: str = "epoch",
+        scheduler_interval: Literal["epoch", "step"] = "epoch",
         gather_distributed: bool = True,
-        nonfinite_loss: str = "raise",
+        nonfinite_loss: Literal["raise", "skip"] = "raise",
         log_effective_rank: bool = True,
         validate_ssl_loss: bool = True,
-        augmentation_seed: Optional[int] = None,
-        eval_resize: Optional[Union[int, tuple[int, int]]] = None,
+        seed: Optional[int] = None,
+        eval_resize: Optional[ImageSize] = None,
     ) -> None:
         super().__init__()
-        if num_views < 2:
+        if isinstance(num_views, bool) or not isinstance(num_views, int) or num_views < 2:
             raise ValueError(
                 f"{type(self).__name__} compares views of each image: `num_views` must be >= 2, got {num_views}."
             )
-        if in_chans < 1:
-            raise ValueError(f"`in_chans` must be >= 1, got {in_chans}.")
-        if lr <= 0 or weight_decay < 0 or (probe_lr is not None and probe_lr <= 0):
-            raise ValueError(f"Need lr > 0, weight_decay >= 0, probe_lr > 0; got {lr}, {weight_decay}, {probe_lr}.")
-        if scheduler_interval not in ("epoch", "step"):
-            raise ValueError(f"`scheduler_interval` must be 'epoch' or 'step', got {scheduler_interval!r}.")
-        if nonfinite_loss not in NONFINITE_MODES:
-            raise ValueError(f"`nonfinite_loss` must be one of {NONFINITE_MODES}, got {nonfinite_loss!r}.")
-        if num_classes is not None and num_classes < 2:
-            raise ValueError(f"`num_classes` must be >= 2 (or None to disable the probe), got {num_classes}.")
-        height, width = _pair(image_size)
+        check_positive_int("in_chans", in_chans)
+        check_optimization(lr, weight_decay)
+        if probe_lr is not None:
+            check_positive("probe_lr", probe_lr)
+        check_choice("scheduler_interval", scheduler_interval, ("epoch", "step"))
+        check_choice("nonfinite_loss", nonfinite_loss, NONFINITE_MODES)
+        if num_classes is not None:
+            check_num_classes(num_classes, "num_classes (or None to disable the probe)")
+        if seed is not None:
+            check_number("seed", seed, integer=True)
+        height, width = image_pair(image_size)
         self.input_shape = (in_chans, height, width)
-        self.backbone = self._build_backbone(backbone, in_chans, stem_downsample, backbone_kwargs)
-        self.feature_dim = self._check_backbone(backbone if isinstance(backbone, str) else type(backbone).__name__)
+        name = backbone if isinstance(backbone, str) else type(backbone).__name__
+        self.backbone, stem_downsample = build_backbone(backbone, 0, in_chans, (height, width), stem_downsample,
+                                                        backbone_kwargs, type(self).__name__)
+        self.feature_dim = self._feature_dim(name)
         self.projector = build_projector(self.feature_dim, proj_hidden_dim, proj_output_dim, proj_layers,
                                          proj_batch_norm)
         self.num_views = num_views
@@ -274,43 +299,20 @@ class SelfSupervisedModule(LightningModule):
         self.nonfinite_loss = nonfinite_loss
         self.log_effective_rank = log_effective_rank
         self.validate_ssl_loss = validate_ssl_loss
-        self.eval_resize = _pair(eval_resize) if eval_resize is not None else None
+        self.eval_resize = image_pair(eval_resize, "eval_resize") if eval_resize is not None else None
         self.skipped_steps = 0
         self._batch_idx = 0
-        if augmentation_seed is None:  # drawn from the global RNG, so seed_everything fixes it
-            augmentation_seed = int(torch.randint(0, 2**31 - 1, (1,)))
+        if seed is None:  # drawn from the global RNG (not reseeding it), so seed_everything fixes it
+            seed = int(torch.randint(0, 2**31 - 1, (1,)))
         # a buffer, so checkpoints restore it and DDP starts every rank from rank 0's value
-        self.register_buffer("augmentation_seed", torch.tensor(int(augmentation_seed), dtype=torch.long))
+        self.register_buffer("augmentation_seed", torch.tensor(int(seed), dtype=torch.long))
+        # every argument of this class and of the method subclass calling it (Lightning walks the __init__ frames)
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "augmentation"]
+                                  + (["backbone"] if isinstance(backbone, nn.Module) else []))
 
     # -- construction helpers ----------------------------------------------------------------------------------
-    def _build_backbone(self, backbone, in_chans, stem_downsample, backbone_kwargs) -> nn.Module:
-        if isinstance(backbone, str):
-            net = create_timm_backbone(backbone, 0, in_chans, **(backbone_kwargs or {}))
-            if stem_downsample is None:
-                stem_downsample = 1 if min(self.input_shape[1:]) < 64 else 4
-            changed = adapt_stem(net, stem_downsample)
-            if changed:
-                rank_zero_info(f"{type(self).__name__}: adapted the stem of {backbone} ({', '.join(changed)}).")
-            return net
-        if isinstance(backbone, nn.Module):
-            if backbone_kwargs or stem_downsample is not None:
-                raise ValueError("`backbone_kwargs` and `stem_downsample` only apply to timm backbones given by name.")
-            return backbone
-        raise TypeError(f"`backbone` must be a timm model name or an nn.Module, got {type(backbone).__name__}.")
-
-    def _check_backbone(self, name: str) -> int:
-        was_training = self.backbone.training
-        self.backbone.eval()
-        try:
-            with torch.no_grad():
-                out = self.backbone(torch.zeros(2, *self.input_shape))
-        except Exception as err:  # noqa: BLE001 - re-raised with advice
-            raise ValueError(
-                f"Backbone {name} cannot process images of shape {self.input_shape} (channels, height, width): "
-                f"{err}. Set `image_size`/`in_chans` to your data's, or pick a backbone that accepts this size."
-            ) from err
-        finally:
-            self.backbone.train(was_training)
+    def _feature_dim(self, name: str) -> int:
+        out = probe_backbone(self.backbone, self.input_shape, name)
         if out.dim() != 2 or out.shape[0] != 2:
             raise ValueError(
                 f"Backbone {name} must return (batch, features), got {tuple(out.shape)}; add global pooling and "
@@ -324,6 +326,7 @@ class SelfSupervisedModule(LightningModule):
         raise NotImplementedError
 
     # -- forward -----------------------------------------------------------------------------------------------
+    @override
     def forward(self, x: Tensor) -> Tensor:
         """Backbone features ``(B, F)`` of a batch of images: the representation that is evaluated.
 
@@ -403,7 +406,9 @@ class SelfSupervisedModule(LightningModule):
         return False
 
     # -- steps -------------------------------------------------------------------------------------------------
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> Optional[Tensor]:
+        """The self-supervised loss of the batch's views plus the probe's loss (``None`` skips the step)."""
         self._batch_idx = batch_idx
         views, y = self._views_and_labels(batch)
         if views[0].shape[0] < 2:
@@ -451,18 +456,26 @@ class SelfSupervisedModule(LightningModule):
             loss, _ = self.ssl_loss(z)
             self.log("val_loss", loss, sync_dist=True)
 
+    @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Probe accuracy on un-augmented images and the self-supervised loss on views."""
         self._eval_step(batch, "val", batch_idx)
 
+    @override
     def test_step(self, batch: Any, batch_idx: int) -> None:
+        """Probe accuracy on un-augmented test images."""
         self._eval_step(batch, "test", batch_idx)
 
+    @override
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Backbone features of a batch."""
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x)
 
     # -- checks against the data, optimisation, state --------------------------------------------------------
+    @override
     def setup(self, stage: str) -> None:
+        """Refuse ``nonfinite_loss='skip'`` under DDP; check the data's classes and image shape."""
         if self._trainer is not None and self.nonfinite_loss == "skip" and self.trainer.world_size > 1:
             raise RuntimeError(
                 f"{type(self).__name__}(nonfinite_loss='skip') cannot skip steps in distributed training "
@@ -486,7 +499,9 @@ class SelfSupervisedModule(LightningModule):
                 f"`image_size: [{data_shape[-2]}, {data_shape[-1]}]`."
             )
 
+    @override
     def configure_optimizers(self):
+        """The injected optimiser (default AdamW) with the probe in its own group (no weight decay)."""
         probe_params = set(map(id, self.probe.parameters())) if self.probe is not None else set()
         main = [p for p in self.parameters() if p.requires_grad and id(p) not in probe_params]
         main_group: dict[str, Any] = {"params": main}
@@ -496,17 +511,14 @@ class SelfSupervisedModule(LightningModule):
             if self.probe_lr is not None:
                 probe_group["lr"] = self.probe_lr
             groups.append(probe_group)
-        from lightning_ext.vision.classifier import configure_optimization
-
         return configure_optimization(self, groups)
 
+    @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Save the count of skipped steps."""
         checkpoint["skipped_steps"] = self.skipped_steps
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Restore the count of skipped steps."""
         self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
-
-    @staticmethod
-    def _hparams_ignore(backbone: Union[str, nn.Module]) -> list[str]:
-        """Arguments kept out of ``save_hyperparameters`` (modules and factories; the CLI saves its config)."""
-        return ["optimizer", "scheduler", "augmentation"] + (["backbone"] if isinstance(backbone, nn.Module) else [])

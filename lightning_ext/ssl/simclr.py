@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Union
 
-import torch  # noqa: F401  (used by the doctest)
 from torch import Tensor, nn
+from typing_extensions import override
 
+from lightning_ext.core.validation import PositiveFloat, PositiveInt, check_positive
 from lightning_ext.ssl.losses.simclr import simclr_loss
 from lightning_ext.ssl.self_supervised import SelfSupervisedModule
 
@@ -22,41 +23,31 @@ class SimCLR(SelfSupervisedModule):
     wrong labels after gathering).
 
     Args:
-        backbone: timm model name or an ``nn.Module`` returning ``(B, F)`` features.
-        temperature: softmax temperature tau.
-        proj_hidden_dim: projector hidden width.
-        proj_output_dim: projector output width.
+        temperature: softmax temperature tau (finite, > 0).
         proj_layers: linear layers in the projector (2 in the paper).
-        **kwargs: the shared arguments of
-            :class:`~lightning_ext.ssl.self_supervised.SelfSupervisedModule`.
+        Others: see :class:`~lightning_ext.ssl.self_supervised.SelfSupervisedModule` (``backbone``,
+            ``image_size``, the projector's widths, ``augmentation``, ``num_classes``, ``optimizer``, ``seed``...).
 
     Example:
+        >>> import torch
         >>> from lightning_ext.ssl.self_supervised import ConvEncoder
         >>> model = SimCLR(ConvEncoder(1, (8, 16)), image_size=28, proj_hidden_dim=32, proj_output_dim=16)
-        >>> model(torch.zeros(2, 1, 28, 28)).shape  # backbone features, what the probe and kNN evaluate
-        torch.Size([2, 16])
-        >>> loss, _ = model.ssl_loss(torch.randn(2, 32, 16))  # (views, batch, projection dim)
-        >>> bool(loss.isfinite())
+        >>> z = torch.randn(2, 32, 16)  # (views, batch, projection dim)
+        >>> bool(model.ssl_loss(z[[0, 0]])[0] < model.ssl_loss(z)[0])  # identical views score lower
         True
     """
 
     method_name = "SimCLR"
 
-    def __init__(
-        self,
-        backbone: Union[str, nn.Module] = "resnet18",
-        temperature: float = 0.1,
-        proj_hidden_dim: int = 2048,
-        proj_output_dim: int = 256,
-        proj_layers: int = 2,
-        **kwargs,
-    ) -> None:
-        if temperature <= 0:
-            raise ValueError(f"`temperature` must be > 0, got {temperature}.")
+    def __init__(self, backbone: Union[str, nn.Module] = "resnet18", temperature: PositiveFloat = 0.1,
+                 proj_hidden_dim: PositiveInt = 2048, proj_output_dim: PositiveInt = 256,
+                 proj_layers: PositiveInt = 2, **kwargs) -> None:
+        check_positive("temperature", temperature)
         super().__init__(backbone, proj_hidden_dim=proj_hidden_dim, proj_output_dim=proj_output_dim,
                          proj_layers=proj_layers, **kwargs)
         self.temperature = temperature
-        self.save_hyperparameters(ignore=self._hparams_ignore(backbone))
 
+    @override
     def ssl_loss(self, z: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """NT-Xent of the ``(V, N, D)`` projections."""
         return simclr_loss(z, self.temperature, gather_distributed=self.gather_distributed), {}

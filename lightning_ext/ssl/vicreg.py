@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Union
 
-import torch  # noqa: F401  (used by the doctest)
 from torch import Tensor, nn
+from typing_extensions import override
 
+from lightning_ext.core.validation import NonNegativeFloat, PositiveInt, check_non_negative
 from lightning_ext.ssl.losses.vicreg import vicreg_loss
 from lightning_ext.ssl.self_supervised import SelfSupervisedModule
 
@@ -21,44 +22,33 @@ class VICReg(SelfSupervisedModule):
     ranks; so does ``gather_distributed=True`` (default), with exact gradients.
 
     Args:
-        backbone: timm model name or an ``nn.Module`` returning ``(B, F)`` features.
-        invariance_weight: lambda (invariance).
-        variance_weight: mu (variance).
-        covariance_weight: nu (covariance).
-        proj_hidden_dim: projector hidden width.
-        proj_output_dim: projector output width.
-        **kwargs: the shared arguments of
-            :class:`~lightning_ext.ssl.self_supervised.SelfSupervisedModule`.
+        invariance_weight: lambda (invariance), finite and >= 0.
+        variance_weight: mu (variance), finite and >= 0.
+        covariance_weight: nu (covariance), finite and >= 0.
+        Others: see :class:`~lightning_ext.ssl.self_supervised.SelfSupervisedModule`.
 
     Example:
+        >>> import torch
         >>> from lightning_ext.ssl.self_supervised import ConvEncoder
-        >>> model = VICReg(ConvEncoder(1, (8, 16)), image_size=28, proj_hidden_dim=32, proj_output_dim=16)
-        >>> model(torch.zeros(2, 1, 28, 28)).shape  # backbone features, what the probe and kNN evaluate
-        torch.Size([2, 16])
-        >>> loss, _ = model.ssl_loss(torch.randn(2, 32, 16))  # (views, batch, projection dim)
-        >>> bool(loss.isfinite())
-        True
+        >>> model = VICReg(ConvEncoder(1, (8, 16)), image_size=8, proj_hidden_dim=32, proj_output_dim=16)
+        >>> feats, z = model._embed(model.make_views(torch.randn(16, 1, 8, 8)))
+        >>> tuple(feats.shape), tuple(z.shape)  # (views, batch, features), (views, batch, projection dim)
+        ((2, 16, 16), (2, 16, 16))
     """
 
     method_name = "VICReg"
 
-    def __init__(
-        self,
-        backbone: Union[str, nn.Module] = "resnet18",
-        invariance_weight: float = 25.0,
-        variance_weight: float = 25.0,
-        covariance_weight: float = 1.0,
-        proj_hidden_dim: int = 2048,
-        proj_output_dim: int = 2048,
-        **kwargs,
-    ) -> None:
-        if min(invariance_weight, variance_weight, covariance_weight) < 0:
-            raise ValueError("VICReg's loss weights must be >= 0, got "
-                             f"{invariance_weight}, {variance_weight}, {covariance_weight}.")
+    def __init__(self, backbone: Union[str, nn.Module] = "resnet18", invariance_weight: NonNegativeFloat = 25.0,
+                 variance_weight: NonNegativeFloat = 25.0, covariance_weight: NonNegativeFloat = 1.0,
+                 proj_hidden_dim: PositiveInt = 2048, proj_output_dim: PositiveInt = 2048, **kwargs) -> None:
+        weights = dict(invariance_weight=invariance_weight, variance_weight=variance_weight,
+                       covariance_weight=covariance_weight)
+        for name, value in weights.items():
+            check_non_negative(name, value)
         super().__init__(backbone, proj_hidden_dim=proj_hidden_dim, proj_output_dim=proj_output_dim, **kwargs)
-        self.weights = dict(invariance_weight=invariance_weight, variance_weight=variance_weight,
-                            covariance_weight=covariance_weight)
-        self.save_hyperparameters(ignore=self._hparams_ignore(backbone))
+        self.weights = weights
 
+    @override
     def ssl_loss(self, z: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The VICReg loss of the ``(V, N, D)`` projections, averaged over pairs of views."""
         return vicreg_loss(z, gather_distributed=self.gather_distributed, **self.weights), {}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +10,35 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from typing_extensions import override
+
+from lightning_ext.core.number_types import AtLeastTwoInt
+from lightning_ext.core.optimization import configure_optimization
+from lightning_ext.core.validation import (
+    NonNegativeFloat,
+    PositiveFloat,
+    check_choice,
+    check_non_negative,
+    check_number,
+    check_positive,
+    check_positive_int,
+)
+
+__all__ = ["Classifier", "NumClasses", "check_optimization", "configure_optimization"]
+
+#: A class count: an integer >= 2.
+NumClasses = AtLeastTwoInt
+
+
+def check_num_classes(value: Any, name: str = "num_classes") -> int:
+    """``value`` if it is an integer >= 2, else one line naming ``name``."""
+    return int(check_number(name, value, low=2, integer=True))
+
+
+def check_optimization(lr: Any, weight_decay: Any) -> None:
+    """Refuse a non-finite or non-positive ``lr`` and a non-finite or negative ``weight_decay``."""
+    check_positive("lr", lr)
+    check_non_negative("weight_decay", weight_decay)
 
 
 class Classifier(LightningModule):
@@ -40,21 +69,21 @@ class Classifier(LightningModule):
     def __init__(
         self,
         net: nn.Module,
-        num_classes: int,
+        num_classes: NumClasses,
         input_shape: Optional[tuple[int, ...]] = None,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
+        lr: PositiveFloat = 1e-3,
+        weight_decay: NonNegativeFloat = 0.0,
         optimizer: Optional[OptimizerCallable] = None,
         scheduler: Optional[LRSchedulerCallable] = None,
-        scheduler_interval: str = "epoch",
+        scheduler_interval: Literal["epoch", "step"] = "epoch",
     ) -> None:
         super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"`num_classes` must be >= 2, got {num_classes}.")
-        if lr <= 0:
-            raise ValueError(f"`lr` must be > 0, got {lr}.")
-        if scheduler_interval not in ("epoch", "step"):
-            raise ValueError(f"`scheduler_interval` must be 'epoch' or 'step', got {scheduler_interval!r}.")
+        check_num_classes(num_classes)
+        check_optimization(lr, weight_decay)
+        check_choice("scheduler_interval", scheduler_interval, ("epoch", "step"))
+        if input_shape is not None:
+            for size in input_shape:
+                check_positive_int("input_shape", size)
         self.net = net
         self.num_classes = num_classes
         self.input_shape = tuple(input_shape) if input_shape is not None else None
@@ -67,11 +96,15 @@ class Classifier(LightningModule):
         self.val_f1 = MulticlassF1Score(num_classes, average="macro")
         self.test_f1 = MulticlassF1Score(num_classes, average="macro")
 
+    @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch of inputs."""
         return self.net(x)
 
     # -- checks against the data ---------------------------------------------------------------------------
+    @override
     def setup(self, stage: str) -> None:
+        """Check the datamodule's ``num_classes`` and ``input_shape`` against the model."""
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is None:
             return
@@ -111,32 +144,29 @@ class Classifier(LightningModule):
             self.log(f"{stage}_f1", f1)
         return loss
 
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Cross-entropy of one training batch; logs loss and accuracy."""
         return self._shared_step(batch, "train")
 
+    @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Log validation loss, accuracy and macro-F1."""
         self._shared_step(batch, "val")
 
+    @override
     def test_step(self, batch: Any, batch_idx: int) -> None:
+        """Log test loss, accuracy and macro-F1."""
         self._shared_step(batch, "test")
 
+    @override
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Predicted class of each input."""
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x).argmax(dim=-1)
 
+    @override
     def configure_optimizers(self):
+        """The injected optimiser (default AdamW) and scheduler over the trainable parameters."""
         return configure_optimization(self, [p for p in self.parameters() if p.requires_grad])
 
-
-def configure_optimization(module: Any, params: Any) -> Any:
-    """What ``configure_optimizers`` returns for a module with LightningCLI-style injection: its
-    ``optimizer_factory`` (or AdamW with its ``lr``/``weight_decay``) over ``params`` (parameters or groups), plus
-    its ``scheduler_factory`` stepped every ``scheduler_interval`` when one is set."""
-    if module.optimizer_factory is not None:
-        optimizer = module.optimizer_factory(params)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=module.lr, weight_decay=module.weight_decay)
-    if module.scheduler_factory is None:
-        return optimizer
-    scheduler = module.scheduler_factory(optimizer)
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": module.scheduler_interval}}

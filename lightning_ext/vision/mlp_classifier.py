@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from lightning_ext.vision.classifier import Classifier
+from lightning_ext.core.validation import PositiveInt, UnitIntervalRightOpen, check_number, check_positive_int
+from lightning_ext.vision.classifier import Classifier, NumClasses, check_num_classes
 
 
 def mlp(num_features: int, hidden: list[int], num_classes: int, dropout: float = 0.0) -> nn.Sequential:
@@ -39,18 +40,17 @@ class MLPClassifier(Classifier):
 
     def __init__(
         self,
-        num_features: int,
-        num_classes: int,
-        hidden: list[int] = [64, 64],  # noqa: B006 - jsonargparse needs a literal default to show
-        dropout: float = 0.0,
+        num_features: PositiveInt,
+        num_classes: NumClasses,
+        hidden: list[PositiveInt] = [64, 64],  # noqa: B006 - jsonargparse needs a literal default to show
+        dropout: UnitIntervalRightOpen = 0.0,
         **kwargs,
     ) -> None:
-        if num_features < 1:
-            raise ValueError(f"`num_features` must be >= 1, got {num_features}.")
-        if any(h < 1 for h in hidden):
-            raise ValueError(f"Every hidden width must be >= 1, got {hidden}.")
-        if not 0 <= dropout < 1:
-            raise ValueError(f"`dropout` must be in [0, 1), got {dropout}.")
+        check_positive_int("num_features", num_features)
+        check_num_classes(num_classes)
+        for width in hidden:
+            check_positive_int("hidden", width)
+        check_number("dropout", dropout, low=0, high=1, high_open=True)
         super().__init__(mlp(num_features, list(hidden), num_classes, dropout), num_classes,
                          input_shape=(num_features,), **kwargs)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])

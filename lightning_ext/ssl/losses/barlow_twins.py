@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from lightning_ext.core.validation import check_non_negative, check_positive
 from lightning_ext.ssl.losses._views import Views, off_diagonal, pairs, stack_views
 
 __all__ = ["barlow_twins_loss"]
@@ -20,7 +21,7 @@ def _standardise(z: Tensor, eps: float) -> Tensor:
 
 
 def barlow_twins_loss(
-    views: Views, lambd: float = 5.1e-3, scale: float = 1.0, eps: float = 1e-5, gather_distributed: bool = False
+    views: Views, off_diagonal_weight: float = 5.1e-3, scale: float = 1.0, eps: float = 1e-5, gather_distributed: bool = False
 ) -> Tensor:
     r"""Barlow Twins loss of two views (paper eq. 1-2):
 
@@ -36,7 +37,7 @@ def barlow_twins_loss(
 
     Args:
         views: ``(V, N, D)`` or ``V >= 2`` tensors ``(N, D)``.
-        lambd: :math:`\lambda`, weight of the redundancy-reduction (off-diagonal) term.
+        off_diagonal_weight: :math:`\lambda`, weight of the redundancy-reduction (off-diagonal) term.
         scale: :math:`s`, a factor on the whole loss.
         eps: added to the variance before standardising.
         gather_distributed: compute on the global batch of all ranks.
@@ -53,8 +54,8 @@ def barlow_twins_loss(
         >>> round(float(barlow_twins_loss([z, torch.randn(4096, 4)])), 1)   # unrelated views: diagonal ~ 0
         4.0
     """
-    if lambd < 0 or scale <= 0:
-        raise ValueError(f"Need `lambd` >= 0 and `scale` > 0, got lambd={lambd}, scale={scale}.")
+    check_non_negative("off_diagonal_weight", off_diagonal_weight)
+    check_positive("scale", scale)
     z = stack_views(views, "BarlowTwins", min_batch=2, gather_distributed=gather_distributed)
     n = z.shape[1]
     total = z.new_zeros(())
@@ -62,5 +63,5 @@ def barlow_twins_loss(
         c = _standardise(z[a], eps).T @ _standardise(z[b], eps) / n
         on_diag = (c.diagonal() - 1).pow(2).sum()
         off_diag = off_diagonal(c).pow(2).sum()
-        total = total + scale * (on_diag + lambd * off_diag)
+        total = total + scale * (on_diag + off_diagonal_weight * off_diag)
     return total / len(pairs(z.shape[0]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_ext.core.validation import check_non_negative
 from lightning_ext.ssl.losses._views import Views, stack_views
 
 __all__ = ["frossl_loss", "frossl_loss_terms"]
@@ -57,8 +58,7 @@ def frossl_loss_terms(
     Raises:
         ValueError: fewer than two views, or a (global) batch of fewer than two samples.
     """
-    if invariance_weight < 0:
-        raise ValueError(f"`invariance_weight` must be >= 0, got {invariance_weight}.")
+    check_non_negative("invariance_weight", invariance_weight)
     z = stack_views(views, "FroSSL", min_batch=2, gather_distributed=gather_distributed)
     num_views, n, d = z.shape
     z = torch.nn.functional.normalize(z, p=2, dim=1)  # unit norm per feature column, over the batch

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_ext.ssl.losses._views import Views, stack_views
 from lightning_ext.core.distributed import rank
+from lightning_ext.core.validation import check_positive
+from lightning_ext.ssl.losses._views import Views, stack_views
 
 __all__ = ["simclr_loss"]
 
@@ -47,8 +48,7 @@ def simclr_loss(views: Views, temperature: float = 0.1, gather_distributed: bool
         >>> bool(aligned < simclr_loss(z))                         # lower than for unrelated "views"
         True
     """
-    if temperature <= 0:
-        raise ValueError(f"`temperature` must be > 0, got {temperature}.")
+    check_positive("temperature", temperature)
     local = stack_views(views, "SimCLR", min_batch=1)
     keys = stack_views(local, "SimCLR", min_batch=2, gather_distributed=gather_distributed)
     num_views, n, _ = local.shape

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_ext.core.validation import check_non_negative
 from lightning_ext.ssl.losses._views import Views, off_diagonal, pairs, stack_views
 
 __all__ = ["vicreg_loss"]
@@ -69,6 +70,9 @@ def vicreg_loss(
         >>> round(float(vicreg_loss([torch.zeros(512, 8), torch.zeros(512, 8)])), 4)  # collapse: 25 * (1 - 0.01)
         24.75
     """
+    for name, value in (("invariance_weight", invariance_weight), ("variance_weight", variance_weight),
+                        ("covariance_weight", covariance_weight)):
+        check_non_negative(name, value)
     z = stack_views(views, "VICReg", min_batch=2, gather_distributed=gather_distributed)
     total = z.new_zeros(())
     for a, b in pairs(z.shape[0]):
