@@ -335,14 +335,14 @@ def run_seed(seed: int, tasks: list[Task], weights: Path, args, workdir: Path, l
         return evaluate_merged(base, shared, ft_heads, tasks, split)
 
     # simple average
-    shared, sec, mib, _ = timed_and_measured(lambda: simple_average(paths, head_keys=HEAD, base=base_sd))
+    shared, sec, mib, _ = timed_and_measured(lambda: simple_average(paths, ignored_layers=HEAD, base=base_sd))
     res["acc"]["Simple average"] = merged_eval(shared)
     res["merge"]["Simple average"] = {"seconds": sec, "peak_mib": mib}
 
     # task arithmetic and TIES: lambda on validation
     for method, grid, make in (
-        ("Task Arithmetic", args.lambdas, lambda lam: task_arithmetic_merge(base_sd, paths, lam, head_keys=HEAD)),
-        ("TIES-Merging", args.ties_lambdas, lambda lam: ties_merging_merge(base_sd, paths, k=0.2, scaling=lam, head_keys=HEAD)),
+        ("Task Arithmetic", args.lambdas, lambda lam: task_arithmetic_merge(base_sd, paths, lam, ignored_layers=HEAD)),
+        ("TIES-Merging", args.ties_lambdas, lambda lam: ties_merging_merge(base_sd, paths, density=0.2, scaling=lam, ignored_layers=HEAD)),
     ):
         val = {}
         for lam in grid:
@@ -480,12 +480,9 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def write_plot(runs: list[dict], summary: dict, path: Path) -> None:
-    import matplotlib
+    from lightning_ext.core.plotting import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    fig, axes = new_figure(1, 3, figsize=(17, 4.8))
     ax = axes[0]
     means = [100 * np.mean(summary["avg"][m]) for m in METHODS]
     stds = [100 * (np.std(summary["avg"][m], ddof=1) if len(runs) > 1 else 0.0) for m in METHODS]
@@ -512,9 +509,7 @@ def write_plot(runs: list[dict], summary: dict, path: Path) -> None:
     ax.set_ylabel(f"tensor (of {lam.shape[0]}, input to output)")
     ax.set_title("learned layer-wise coefficients")
     fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def _rounded(value, digits: int = 4):

@@ -255,10 +255,7 @@ python benchmarks/knowledge_distillation.py {' '.join(la['argv'])}
 
 
 def write_report(res: dict, args, total_seconds: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from lightning_ext.core.plotting import new_figure, save_figure
 
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "knowledge_distillation.json").write_text(json.dumps(res, indent=2))
@@ -270,7 +267,7 @@ def write_report(res: dict, args, total_seconds: float) -> None:
     methods = [("random", "random subset"), ("random+kd", "random + KD (ResNet-10t)"),
                ("el2n", "EL2N subset"), ("el2n+kd", "EL2N + KD (ResNet-10t)"),
                ("random+kd_small", "random + KD (small CNN teacher)")]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = new_figure(figsize=(6.4, 4.2))
     for (method, label), marker in zip(methods, "osv^D"):
         fs = [f for f in FRACTIONS if acc(method, f)]
         if not fs:
@@ -293,8 +290,7 @@ def write_report(res: dict, args, total_seconds: float) -> None:
     ax.set_xlabel("kept fraction of the training split"), ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"Student CNN on Fashion-MNIST, {args.steps} steps, mean ± std over {len(args.seeds)} seeds", fontsize=9)
     ax.grid(alpha=0.3), ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(OUT / "knowledge_distillation.png", dpi=120)
+    save_figure(fig, OUT / "knowledge_distillation.png", dpi=120)
 
     rows = []
     for f in FRACTIONS:

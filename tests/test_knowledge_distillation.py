@@ -12,13 +12,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from lightning_ext.distillation.callback import (
-    Distiller,
-    KnowledgeDistillation,
-    build_teacher,
-    load_teacher_weights,
-    select_input,
-)
+from lightning_ext.distillation.callback import KnowledgeDistillation
+from lightning_ext.distillation.distiller import Distiller, select_input
+from lightning_ext.distillation.teacher import build_teacher, load_teacher_weights
 from lightning_ext.datamodules import DigitsDataModule
 from lightning_ext.distillation.losses import (
     ConstantWeight,
@@ -551,3 +547,76 @@ def test_distiller_works_without_a_trainer():
     assert student[1].weight.grad is not None and d.projectors["2__2"].weight.grad is not None
     d.detach()
     assert not student[2]._forward_hooks
+
+
+# -- declarative validation: one clear ValueError naming the argument ---------------------------------------------
+
+NAN, INF = float("nan"), float("inf")
+KD_BAD = [
+    ("temperature", {"temperature": NAN}),
+    ("temperature", {"temperature": INF}),
+    ("temperature", {"temperature": -1.0}),
+    ("combine", {"combine": "sum"}),
+    ("weight", {"weight": NAN}),
+    ("weight", {"weight": INF}),
+    ("weight", {"weight": -0.1}),
+    ("weight", {"weight": 1.5}),  # above 1 with combine='convex'
+    ("feature_weight", {"feature_weight": NAN}),
+    ("feature_weight", {"feature_weight": -1.0}),
+    ("input_shape", {"input_shape": [1, 0, 8]}),
+    ("optimizer_index", {"optimizer_index": -1}),
+]
+
+
+@pytest.mark.parametrize("name,kwargs", KD_BAD, ids=lambda v: str(v))
+def test_knowledge_distillation_refuses_bad_values(name, kwargs):
+    with pytest.raises(ValueError, match=name) as info:
+        KnowledgeDistillation(_teacher(), **kwargs)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name,kwargs", [kv for kv in KD_BAD if kv[0] not in ("input_shape", "optimizer_index")]
+                         + [("input_shape", {"input_shape": (1, -8, 8)})], ids=lambda v: str(v))
+def test_distillation_module_refuses_bad_values(name, kwargs):
+    with pytest.raises(ValueError, match=name):
+        DistillationModule(_student_net(), _teacher(), num_classes=10, **kwargs)
+
+
+@pytest.mark.parametrize("make", [lambda: ConstantWeight(NAN), lambda: LinearWeight(start=INF),
+                                  lambda: CosineWeight(steps=0), lambda: KeptFractionWeight(kept_fraction=NAN),
+                                  lambda: KeptFractionWeight(min_weight=NAN)])
+def test_weight_schedules_refuse_non_finite_values(make):
+    with pytest.raises(ValueError, match="finite number|integer"):
+        make()
+
+
+def test_a_teacher_checkpoint_with_nan_weights_is_refused(tmp_path):
+    state = _teacher(seed=5).state_dict()
+    state["3.bias"][2] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match=r"Teacher checkpoint .*nan\.pt: tensor '3\.bias' holds 1 non-finite"):
+        build_teacher(_teacher(seed=6), str(tmp_path / "nan.pt"))
+    with pytest.raises(ValueError, match="non-finite"):
+        KnowledgeDistillation(_teacher(), teacher_checkpoint=str(tmp_path / "nan.pt"))
+
+
+def test_kd_refuses_sharded_strategies_in_setup():
+    import types
+
+    class FSDPStrategy:  # stands in for Lightning's: only the class name is inspected
+        pass
+
+    with pytest.raises(RuntimeError, match="KnowledgeDistillation .*FSDPStrategy shards them"):
+        _kd().setup(types.SimpleNamespace(strategy=FSDPStrategy()), _student(), "fit")
+
+
+def test_hooks_are_marked_override_with_a_docstring():
+    from lightning_ext.distillation.module import DistillationModule as Module
+
+    for cls, hooks in ((KnowledgeDistillation, ("setup", "on_fit_start", "on_train_epoch_start", "teardown",
+                                                "on_before_optimizer_step", "on_exception", "state_dict",
+                                                "load_state_dict")),
+                       (Module, ("setup", "teardown", "on_fit_start", "on_train_epoch_start", "training_step"))):
+        for hook in hooks:
+            fn = vars(cls)[hook]
+            assert getattr(fn, "__override__", False) and fn.__doc__, f"{cls.__name__}.{hook}"

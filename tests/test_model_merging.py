@@ -125,7 +125,7 @@ def _sd(path) -> dict[str, torch.Tensor]:
 
 def test_task_arithmetic_with_lambda_one_and_one_task_returns_the_finetuned_weights(zoo):
     base, ft = _sd(zoo["base"]), _sd(zoo["tasks"][0])
-    merged = task_arithmetic_merge(base, [ft], scaling=1.0, head_keys=HEAD)
+    merged = task_arithmetic_merge(base, [ft], scaling=1.0, ignored_layers=HEAD)
     assert not any(k.startswith("4.") for k in merged), "heads are not merged"
     for k, v in merged.items():
         if v.is_floating_point():
@@ -137,20 +137,20 @@ def test_task_arithmetic_with_lambda_one_and_one_task_returns_the_finetuned_weig
 def test_task_arithmetic_streams_paths_and_takes_per_task_coefficients(zoo):
     base = _sd(zoo["base"])
     fts = [_sd(p) for p in zoo["tasks"]]
-    from_paths = task_arithmetic_merge(base, zoo["tasks"], scaling=[0.2, 0.7], head_keys=HEAD)
+    from_paths = task_arithmetic_merge(base, zoo["tasks"], scaling=[0.2, 0.7], ignored_layers=HEAD)
     tvs = [task_vector(base, ft, HEAD) for ft in fts]
     for k, tv0 in tvs[0].items():
         torch.testing.assert_close(from_paths[k], base[k] + 0.2 * tv0 + 0.7 * tvs[1][k], atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="2 scaling coefficients for 3 models"):
-        task_arithmetic_merge(base, zoo["tasks"] + zoo["tasks"][:1], scaling=[0.1, 0.2], head_keys=HEAD)
+        task_arithmetic_merge(base, zoo["tasks"] + zoo["tasks"][:1], scaling=[0.1, 0.2], ignored_layers=HEAD)
     with pytest.raises(ValueError, match="No fine-tuned models"):
-        task_arithmetic_merge(base, [], head_keys=HEAD)
+        task_arithmetic_merge(base, [], ignored_layers=HEAD)
 
 
 def test_simple_average_is_task_arithmetic_with_one_over_n(zoo):
     base = _sd(zoo["base"])
-    avg = simple_average(zoo["tasks"], head_keys=HEAD, base=base)
-    ta = task_arithmetic_merge(base, zoo["tasks"], scaling=0.5, head_keys=HEAD)
+    avg = simple_average(zoo["tasks"], ignored_layers=HEAD, base=base)
+    ta = task_arithmetic_merge(base, zoo["tasks"], scaling=0.5, ignored_layers=HEAD)
     assert avg.keys() == ta.keys()
     for k in avg:
         torch.testing.assert_close(avg[k], ta[k], atol=1e-6, rtol=0)
@@ -180,14 +180,14 @@ def test_ties_merge_matches_the_hand_computed_result():
         {"a": torch.tensor([-1.0, 2.0]), "b": torch.tensor([-0.2, -4.0]), "head": torch.ones(3), "n": torch.tensor(9)},
         {"a": torch.tensor([-1.0, 0.1]), "b": torch.tensor([0.0, 0.05]), "head": torch.ones(3), "n": torch.tensor(9)},
     ]
-    # trim (k=0.5 over the 4 shared entries): [3,0,0,-2], [0,2,0,-4], [-1,0.1,0,0]
+    # trim (density=0.5 over the 4 shared entries): [3,0,0,-2], [0,2,0,-4], [-1,0.1,0,0]
     # mass [2, 2.1, 0, -6] -> sign [+,+,+(majority),-]; agreeing means: [3, (2+0.1)/2, 0, -3]
-    merged = ties_merging_merge(base, fts, k=0.5, scaling=2.0, head_keys=["head"], on_foreign_base="ignore")
+    merged = ties_merging_merge(base, fts, density=0.5, scaling=2.0, ignored_layers=["head"], on_foreign_base="ignore")
     assert set(merged) == {"a", "b", "n"}
     torch.testing.assert_close(merged["a"], torch.tensor([6.0, 2.1]))
     torch.testing.assert_close(merged["b"], torch.tensor([0.0, -6.0]))
     assert int(merged["n"]) == 5
-    summed = ties_merging_merge(base, fts, k=0.5, scaling=1.0, merge="sum", head_keys=["head"], on_foreign_base="ignore")
+    summed = ties_merging_merge(base, fts, density=0.5, scaling=1.0, merge="sum", ignored_layers=["head"], on_foreign_base="ignore")
     torch.testing.assert_close(summed["a"], torch.tensor([3.0, 2.1]))
     # AdaMerging++'s per-task selected vectors: trimmed and sign-agreeing entries only
     selected = [tv for _, tv, _ in ties_selected_task_vectors(base, fts, 0.5, ["head"], on_foreign_base="ignore")]
@@ -199,18 +199,18 @@ def test_mismatched_architecture_is_refused_naming_the_key_and_shapes(zoo):
     other = _net(3, classes=10)
     other[1] = nn.Linear(64, 16)
     with pytest.raises(ArchitectureMismatchError, match=r"'1\.weight' has shape \(16, 64\) in .* but \(32, 64\)"):
-        task_arithmetic_merge(base, [other.state_dict()], head_keys=HEAD)
+        task_arithmetic_merge(base, [other.state_dict()], ignored_layers=HEAD)
     missing = {k: v for k, v in base.items() if k != "2.running_var"}
     with pytest.raises(ArchitectureMismatchError, match=r"'2\.running_var' \(shape \(32,\) .*\) is missing"):
         check_same_architecture(base, missing)
     extra = {**base, "5.weight": torch.zeros(2)}
     with pytest.raises(ArchitectureMismatchError, match=r"'5\.weight' \(shape \(2,\)\) is in the model but not"):
         check_same_architecture(base, extra)
-    # a head for another number of classes is fine when it is listed in head_keys, refused otherwise
+    # a head for another number of classes is fine when it is listed in ignored_layers, refused otherwise
     four_classes = copy.deepcopy(_sd(zoo["tasks"][0]))
     four_classes["4.weight"], four_classes["4.bias"] = torch.zeros(4, 32), torch.zeros(4)
-    task_arithmetic_merge(base, [four_classes], head_keys=HEAD)
-    with pytest.raises(ArchitectureMismatchError, match="head_keys"):
+    task_arithmetic_merge(base, [four_classes], ignored_layers=HEAD)
+    with pytest.raises(ArchitectureMismatchError, match="ignored_layers"):
         task_arithmetic_merge(base, [four_classes])
 
 
@@ -220,11 +220,11 @@ def test_a_model_from_another_base_is_refused_or_warned(zoo):
     assert base_distance(base, _sd(zoo["tasks"][0]), body).ratio < 0.25  # real fine-tuning: well inside 0.5
     foreign = _net(7).state_dict()  # another random initialisation
     with pytest.raises(ForeignBaseError, match=r"far from the base model: .* = 1\.\d+ .*max_task_vector_ratio=0\.5"):
-        task_arithmetic_merge(base, [zoo["tasks"][0], foreign], head_keys=HEAD, names=["t0", "t_foreign"])
+        task_arithmetic_merge(base, [zoo["tasks"][0], foreign], ignored_layers=HEAD, names=["t0", "t_foreign"])
     with pytest.warns(UserWarning, match="far from the base"):
-        ties_merging_merge(base, [foreign], head_keys=HEAD, on_foreign_base="warn")
+        ties_merging_merge(base, [foreign], ignored_layers=HEAD, on_foreign_base="warn")
     with pytest.raises(ForeignBaseError):
-        simple_average([zoo["tasks"][0], foreign], head_keys=HEAD, base=base)
+        simple_average([zoo["tasks"][0], foreign], ignored_layers=HEAD, base=base)
 
 
 def test_read_state_dict_uses_weights_only_and_unwraps_lightning_checkpoints(tmp_path):
@@ -280,7 +280,7 @@ def _ada(zoo, granularity="layer", **kwargs) -> AdaMergingModel:
 def test_ada_merging_starts_at_the_prior_and_matches_task_arithmetic_there(zoo):
     model = _ada(zoo, "task")
     assert torch.equal(model.coefficients(), torch.full((1, 2), 0.3))
-    ta = task_arithmetic_merge(_sd(zoo["base"]), zoo["tasks"], 0.3, head_keys=HEAD)
+    ta = task_arithmetic_merge(_sd(zoo["base"]), zoo["tasks"], 0.3, ignored_layers=HEAD)
     merged = model.merged_state_dict()
     for k in ta:
         torch.testing.assert_close(merged[k], ta[k], atol=1e-6, rtol=0)
@@ -342,7 +342,7 @@ def test_ada_merging_entropy_decreases_and_history_is_recorded(zoo):
 
 
 def test_ada_merging_plus_plus_learns_over_ties_vectors(zoo):
-    model = _ada(zoo, "task", ties_k=0.2)
+    model = _ada(zoo, "task", ties_density=0.2)
     base = _sd(zoo["base"])
     selected = [tv for _, tv, _ in ties_selected_task_vectors(base, zoo["tasks"], 0.2, HEAD)]
     torch.testing.assert_close(model._stacks["1.weight"][1], selected[1]["1.weight"])
@@ -357,12 +357,12 @@ def test_learned_coefficients_save_load_apply_and_plot(zoo, tmp_path):
     lam = model.coefficients().detach()
     save_coefficients(tmp_path / "c.pt", lam, model.layer_names, model.task_names, "layer")
     data = load_coefficients(tmp_path / "c.pt")
-    merged = apply_coefficients(_sd(zoo["base"]), zoo["tasks"], data["coefficients"], data["layer_names"], head_keys=HEAD)
+    merged = apply_coefficients(_sd(zoo["base"]), zoo["tasks"], data["coefficients"], data["layer_names"], ignored_layers=HEAD)
     expected = model.merged_state_dict()
     for k in merged:
         torch.testing.assert_close(merged[k], expected[k], atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="other layers"):
-        apply_coefficients(_sd(zoo["base"]), zoo["tasks"], lam, list(reversed(model.layer_names)), head_keys=HEAD)
+        apply_coefficients(_sd(zoo["base"]), zoo["tasks"], lam, list(reversed(model.layer_names)), ignored_layers=HEAD)
     history = fit_ada_merging(model, [[torch.randn(8, 1, 8, 8)]] * 2, steps=3, progress=False)
     png = plot_coefficients(tmp_path / "c.png", model.coefficients(), model.layer_names, model.task_names, history)
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
@@ -421,9 +421,9 @@ def test_multi_task_datamodule_serves_unlabelled_batches_of_every_task():
 
 def _module(zoo, **kwargs) -> AdaMerging:
     net = _net(0)
-    kwargs.setdefault("plot_path", "")
-    kwargs.setdefault("coefficients_path", "")
-    return AdaMerging(net, [str(p) for p in zoo["tasks"]], base_checkpoint=str(zoo["base"]), head_keys=HEAD,
+    kwargs.setdefault("plot_path", None)
+    kwargs.setdefault("coefficients_path", None)
+    return AdaMerging(net, [str(p) for p in zoo["tasks"]], base_checkpoint=str(zoo["base"]), ignored_layers=HEAD,
                       task_names=["digits", "inverted"], **kwargs)
 
 
@@ -502,16 +502,16 @@ def _lightning_checkpoint(zoo, task: int, path: Path) -> Path:
 
 def test_callback_merges_lightning_checkpoints_into_the_users_module(zoo, tmp_path):
     ckpt = _lightning_checkpoint(zoo, 1, tmp_path / "inverted.ckpt")
-    merging = ModelMerging(checkpoints=[str(ckpt)], method="task_arithmetic", scaling=0.4, save_finetuned="ft.pt",
-                           save_merged="merged.pt")
+    merging = ModelMerging(checkpoints=[str(ckpt)], method="task_arithmetic", scaling=0.4, finetuned_path="ft.pt",
+                           merged_path="merged.pt")
     module = _classifier(zoo)
     trainer = Trainer(max_steps=3, default_root_dir=tmp_path, callbacks=[merging], **QUIET)
     trainer.fit(module, datamodule=DigitsDataModule())
-    assert merging.merged and merging.num_models == 2 and merging.head_keys == ["net.4"]
+    assert merging.merged and merging.num_models == 2 and merging.ignored_layers == ["net.4"]
     finetuned = torch.load(tmp_path / "ft.pt", weights_only=True)
     base = {f"net.{k}": v for k, v in _sd(zoo["base"]).items()}
     expected = task_arithmetic_merge(base, [finetuned, {f"net.{k}": v for k, v in _sd(zoo["tasks"][1]).items()}],
-                                     0.4, head_keys=["net.4"])
+                                     0.4, ignored_layers=["net.4"])
     state = module.state_dict()
     for k, v in expected.items():
         torch.testing.assert_close(state[k], v, atol=1e-6, rtol=0)
@@ -580,7 +580,7 @@ def test_callback_failed_ada_merging_leaves_the_module_as_it_was(zoo, tmp_path):
     module = _classifier(zoo)
     before = {k: v.clone() for k, v in module.state_dict().items()}
     merging = ModelMerging(checkpoints=[str(tmp_path / "foreign.pt")], method="ada_merging", ada_data=_multi(),
-                           ada_steps=2, progress=False, plot_path="")
+                           ada_steps=2, progress=False, plot_path=None)
     with pytest.raises(ForeignBaseError):
         Trainer(max_steps=0, callbacks=[merging], **QUIET).fit(module, datamodule=DigitsDataModule())
     for k, v in module.state_dict().items():
@@ -630,7 +630,7 @@ def test_model_merging_yaml_runs(tmp_path, monkeypatch):
         warnings.simplefilter("ignore")
         cli = run_cli(["fit", "--config", str(config), "--trainer.fast_dev_run=2", "--trainer.enable_progress_bar=false",
                        f"--trainer.default_root_dir={tmp_path}", "--data=MNIST5kDataModule",
-                       "--model.init_args.image_size=28", "--trainer.callbacks.init_args.save_finetuned=tasks/mnist5k.pt"])
+                       "--model.init_args.image_size=28", "--trainer.callbacks.init_args.finetuned_path=tasks/mnist5k.pt"])
     callback = next(c for c in cli.trainer.callbacks if isinstance(c, ModelMerging))
     assert callback.merged and callback.num_models == 2 and (tmp_path / "tasks" / "mnist5k.pt").is_file()
 
@@ -667,7 +667,7 @@ def test_ada_merging_module_and_multi_task_data_are_written_in_yaml(tmp_path, mo
         cli = run_cli(["fit", "--config", str(path), "--trainer.max_steps=2", "--trainer.limit_val_batches=1",
                        "--trainer.enable_progress_bar=false", "--trainer.logger=false",
                        "--trainer.enable_checkpointing=false", f"--trainer.default_root_dir={tmp_path}"])
-    assert cli.trainer.global_step == 2 and cli.model.head_keys == ["net.classifier"]
+    assert cli.trainer.global_step == 2 and cli.model.ignored_layers == ["net.classifier"]
     assert cli.model.task_names == ["digits", "inverted"] and (tmp_path / "coefficients.png").is_file()
 
 
@@ -721,3 +721,176 @@ def test_model_merging_callback_under_ddp_merges_like_one_process(zoo, tmp_path)
     assert not torch.allclose(single.state_dict["net.1.weight"], base["1.weight"]), "merged and trained"
     for name, value in single.state_dict.items():
         torch.testing.assert_close(ddp.state_dict[name], value, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# -- issue 14: one vocabulary, declarative validation, shared mechanics -----------------------------------------------
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("method", {"method": "soup"}),
+    ("scaling", {"scaling": NAN}),
+    ("scaling", {"scaling": INF}),
+    ("ties_density", {"ties_density": NAN}),
+    ("ties_density", {"ties_density": 0.0}),
+    ("ties_density", {"ties_density": 20}),
+    ("ties_merge", {"ties_merge": "max"}),
+    ("ada_steps", {"ada_steps": 0}),
+    ("ada_lr", {"ada_lr": NAN}),
+    ("ada_lr", {"ada_lr": -1e-3}),
+    ("ada_granularity", {"ada_granularity": "block"}),
+    ("ada_prior", {"ada_prior": INF}),
+    ("ada_prior", {"ada_prior": -0.1}),
+    ("max_task_vector_ratio", {"max_task_vector_ratio": NAN}),
+    ("max_task_vector_ratio", {"max_task_vector_ratio": -1.0}),
+    ("on_foreign_base", {"on_foreign_base": "skip"}),
+    ("merged_path", {"merged_path": ""}),
+], ids=lambda v: str(v))
+def test_model_merging_refuses_bad_values(name, kwargs):
+    with pytest.raises(ValueError, match=name) as info:
+        ModelMerging(checkpoints=["other.pt"], **kwargs)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("granularity", {"granularity": "block"}),
+    ("prior", {"prior": NAN}),
+    ("prior", {"prior": 1.5}),
+    ("lr", {"lr": INF}),
+    ("lr", {"lr": 0.0}),
+    ("ties_density", {"ties_density": NAN}),
+    ("ties_density", {"ties_density": -0.2}),
+    ("max_task_vector_ratio", {"max_task_vector_ratio": INF}),
+    ("on_foreign_base", {"on_foreign_base": "skip"}),
+    ("record_every_n_steps", {"record_every_n_steps": 0}),
+    ("plot_path", {"plot_path": ""}),
+], ids=lambda v: str(v))
+def test_ada_merging_module_refuses_bad_values(zoo, name, kwargs):
+    with pytest.raises(ValueError, match=name):
+        _module(zoo, **kwargs)
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("adapt_split", {"adapt_split": "dev"}),
+    ("batch_size", {"batch_size": 0}),
+    ("eval_batch_size", {"eval_batch_size": NAN}),
+    ("steps_per_epoch", {"steps_per_epoch": -1}),
+    ("image_size", {"image_size": [8, 0]}),
+    ("in_chans", {"in_chans": 0}),
+    ("num_workers", {"num_workers": -1}),
+], ids=lambda v: str(v))
+def test_multi_task_datamodule_refuses_bad_values(name, kwargs):
+    with pytest.raises(ValueError, match=name):
+        _multi(**kwargs)
+
+
+def test_merging_functions_refuse_bad_values(zoo):
+    base = _sd(zoo["base"])
+    with pytest.raises(ValueError, match="density"):
+        ties_merging_merge(base, zoo["tasks"], density=NAN, ignored_layers=HEAD)
+    with pytest.raises(ValueError, match="merge"):
+        ties_merging_merge(base, zoo["tasks"], merge="max", ignored_layers=HEAD)
+    with pytest.raises(ValueError, match="max_task_vector_ratio"):
+        task_arithmetic_merge(base, zoo["tasks"], max_task_vector_ratio=NAN, ignored_layers=HEAD)
+    with pytest.raises(ValueError, match="on_foreign_base"):
+        task_arithmetic_merge(base, zoo["tasks"], on_foreign_base="skip", ignored_layers=HEAD)
+    with pytest.raises(ValueError, match="prior"):
+        _ada(zoo, prior=NAN)
+    with pytest.raises(ValueError, match="granularity"):
+        _ada(zoo, granularity="block")
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_with_a_clear_message(zoo, tmp_path):
+    state = _sd(zoo["tasks"][0])
+    state["1.weight"][0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    base = _sd(zoo["base"])
+    message = r"nan\.pt.*tensor '1\.weight' holds 1 non-finite value\(s\) \(NaN or inf\)"
+    with pytest.raises(ValueError, match=message):
+        read_state_dict(tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match=message):
+        task_arithmetic_merge(base, [zoo["tasks"][1], tmp_path / "nan.pt"], ignored_layers=HEAD)
+    with pytest.raises(ValueError, match=message):
+        AdaMerging(_net(0), [str(zoo["tasks"][1]), str(tmp_path / "nan.pt")], base_checkpoint=str(zoo["base"]))
+    with pytest.raises(ValueError, match="non-finite"):
+        Trainer(max_steps=1, callbacks=[ModelMerging(checkpoints=[str(tmp_path / "nan.pt")])], **QUIET).fit(
+            _classifier(zoo), datamodule=DigitsDataModule())
+
+
+def test_ignored_layers_take_module_names_and_globs():
+    from lightning_ext.merging import is_head_key, resolve_ignored_layers
+
+    module = ImageClassifier(_net(0), num_classes=10, image_size=8)
+    assert resolve_ignored_layers(module, None) == ["net.4"]
+    assert resolve_ignored_layers(module, ["net.[24]"]) == ["net.2", "net.4"]
+    assert resolve_ignored_layers(module, ["net.4", "net.4.weight"]) == ["net.4"]  # a tensor inside adds nothing
+    assert resolve_ignored_layers(module, []) == []
+    with pytest.raises(ValueError, match=r"ignored_layers.*'net\.9'.*Close names"):
+        resolve_ignored_layers(module, ["net.9"])
+    assert is_head_key("net.4.bias", ["net.*"]) and not is_head_key("net_x.bias", ["net"])
+    base = {"a.weight": torch.zeros(2), "heads.x.weight": torch.zeros(3), "heads.y.weight": torch.zeros(1)}
+    ft = {"a.weight": torch.ones(2), "heads.x.weight": torch.ones(3), "heads.y.weight": torch.ones(1)}
+    assert set(task_arithmetic_merge(base, [ft], 1.0, ["heads.*"], on_foreign_base="ignore")) == {"a.weight"}
+    with pytest.raises(ValueError, match="ignored_layers"):
+        Trainer(max_steps=1, callbacks=[ModelMerging(checkpoints=[], ignored_layers=["head"])], **QUIET).fit(
+            module, datamodule=DigitsDataModule())
+
+
+def test_output_paths_are_relative_to_the_log_dir_and_none_disables(zoo, tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    merging = ModelMerging(finetuned_path="tasks/a.pt", merged_path="merged.pt", method="average")
+    trainer = Trainer(max_steps=1, default_root_dir=tmp_path, callbacks=[merging], logger=CSVLogger(tmp_path),
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                      accelerator="cpu", devices=1)
+    trainer.fit(_classifier(zoo), datamodule=DigitsDataModule())
+    log_dir = Path(trainer.log_dir)
+    assert log_dir != tmp_path and (log_dir / "tasks" / "a.pt").is_file() and (log_dir / "merged.pt").is_file()
+    assert not list(log_dir.glob(".*.tmp")), "atomic writes leave no temporary file"
+    # a later run (another log dir) finds it with a recursive glob under default_root_dir
+    later = ModelMerging(checkpoints=["**/tasks/*.pt"], method="average", plot_path=None)
+    Trainer(max_steps=0, default_root_dir=tmp_path, callbacks=[later], **QUIET).fit(
+        _classifier(zoo), datamodule=DigitsDataModule())
+    assert later.num_models == 2
+
+
+def test_wrappers_refuse_sharded_strategies_in_setup(zoo):
+    import types
+
+    class FSDPStrategy:  # stands in for Lightning's: only the class name is inspected
+        pass
+
+    trainer = types.SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(RuntimeError, match="ModelMerging .*FSDPStrategy shards them"):
+        ModelMerging(checkpoints=["x.pt"]).setup(trainer, _classifier(zoo), "fit")
+    module = _module(zoo)
+    module.trainer = trainer  # type: ignore[assignment]
+    with pytest.raises(RuntimeError, match="AdaMerging .*FSDPStrategy shards them"):
+        module.setup("fit")
+
+
+def test_step_sampler_shards_steps_and_moves_on_with_the_epoch():
+    from lightning_ext.merging.multi_task import _StepSampler
+
+    single = _StepSampler(5)
+    ranks = [_StepSampler(5, num_replicas=2, rank=r) for r in range(2)]
+    assert list(single) == [0, 1, 2, 3, 4] and [list(s) for s in ranks] == [[0, 2, 4], [1, 3, 0]]
+    it = iter(single)
+    single.set_epoch(2)  # read when iteration starts (a resumed run sets the epoch after making the iterator)
+    assert list(it) == [10, 11, 12, 13, 14]
+
+
+def test_hooks_are_marked_override_with_a_docstring():
+    hooks = {
+        ModelMerging: ("setup", "on_fit_end", "on_validation_start", "on_test_start", "on_predict_start", "state_dict",
+                       "load_state_dict"),
+        AdaMerging: ("forward", "setup", "training_step", "validation_step", "test_step", "on_validation_epoch_end",
+                     "on_test_epoch_end", "configure_optimizers", "on_fit_end", "on_save_checkpoint",
+                     "on_load_checkpoint"),
+        MultiTaskDataModule: ("prepare_data", "setup", "train_dataloader", "val_dataloader", "test_dataloader"),
+    }
+    for cls, names in hooks.items():
+        for hook in names:
+            fn = vars(cls)[hook]
+            assert getattr(fn, "__override__", False) and fn.__doc__, f"{cls.__name__}.{hook}"

@@ -1,456 +1,37 @@
 r"""``KnowledgeDistillation``: add a frozen teacher to any training run, without changing its LightningModule.
 
-The functional core is :class:`Distiller` (teacher, forward hooks, projectors and the loss terms, usable
-without a Trainer) with the pure losses of :mod:`lightning_ext.distillation.losses`; the callback
-below and :class:`~lightning_ext.distillation.module.DistillationModule` are thin wrappers of it.
+A thin wrapper of :class:`~lightning_ext.distillation.distiller.Distiller` (teacher, forward hooks, projectors
+and the loss terms) and :func:`~lightning_ext.distillation.teacher.build_teacher`; the explicit counterpart is
+:class:`~lightning_ext.distillation.module.DistillationModule`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import difflib
 import functools
-import importlib
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from typing_extensions import override
 
-from lightning_ext.core.optional import require
-from lightning_ext.core.checkpoints import load_checkpoint, match_prefixes, state_dict_from
-from lightning_ext.distillation.losses import (
-    COMBINE_MODES,
-    WeightSchedule,
-    as_schedule,
-    combine_losses,
-    feature_mse_loss,
-    kd_kl_loss,
-    make_projector,
+from lightning_ext.core.inputs import example_inputs
+from lightning_ext.core.strategy import refuse_sharded_strategy
+from lightning_ext.core.validation import (
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    check_choice,
+    check_number,
+    check_positive,
 )
+from lightning_ext.distillation.distiller import Distiller, InputKey, select_input
+from lightning_ext.distillation.losses import COMBINE_MODES, CombineMode, WeightSchedule, as_schedule, combine_losses
+from lightning_ext.distillation.teacher import build_teacher
 
-InputKey = Optional[Union[int, str]]
-
-def _read_checkpoint(path: Union[str, Path]) -> dict:
-    return load_checkpoint(path, "Teacher checkpoint", "teacher_checkpoint")
-
-
-# -- the teacher ----------------------------------------------------------------------------------------------
-
-
-def _close(name: str, names: list[str]) -> str:
-    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
-    return f" Close names: {', '.join(close)}." if close else ""
-
-
-def load_teacher_weights(module: nn.Module, path: Union[str, Path]) -> None:
-    """Load a state dict or Lightning checkpoint into ``module`` with ``torch.load(weights_only=True)``.
-
-    Key prefixes that wrappers add (``net.``, ``model.``, ``module.``, ``_orig_mod.``, ...) are matched in
-    both directions. Every parameter and buffer of ``module`` must be found with the right shape, otherwise a
-    ``ValueError`` lists what is missing: distilling from a half-loaded teacher would silently teach noise.
-    Extra tensors in the file are ignored with a warning.
-    """
-    state = state_dict_from(_read_checkpoint(path), f"Teacher checkpoint {path}")
-    own = module.state_dict()
-    best = match_prefixes(state, own.keys())
-    missing = sorted(own.keys() - best.keys())
-    if missing:
-        raise ValueError(
-            f"Teacher checkpoint {path} does not match the teacher architecture {type(module).__name__}: "
-            f"{len(missing)} of its {len(own)} tensors are missing (e.g. {missing[:3]}); file keys look like "
-            f"{sorted(state)[:3]}. Build `teacher` with the architecture the checkpoint was saved from."
-        )
-    wrong = [f"{k}: file {tuple(best[k].shape)} vs model {tuple(own[k].shape)}" for k in own if best[k].shape != own[k].shape]
-    if wrong:
-        raise ValueError(
-            f"Teacher checkpoint {path} has tensors of other shapes than the teacher ({len(wrong)}, e.g. "
-            f"{wrong[:3]}). Check the teacher's constructor arguments (num_classes, widths)."
-        )
-    extra = best.keys() - own.keys()
-    if extra:
-        rank_zero_warn(f"KnowledgeDistillation: ignored {len(extra)} tensors of {path} not in the teacher, e.g. {sorted(extra)[:3]}.")
-    module.load_state_dict({k: best[k] for k in own}, strict=True)
-
-
-def build_teacher(
-    teacher: Union[nn.Module, str], checkpoint: Optional[str] = None, kwargs: Optional[dict] = None,
-    freeze: bool = True,
-) -> nn.Module:
-    """Build (or take) the teacher and load its weights; returns it frozen and in eval mode (``freeze``).
-
-    ``teacher`` is an ``nn.Module`` (in YAML: ``{class_path: ..., init_args: ...}``, e.g. an
-    ``ImageClassifier`` with ``pretrained_weights``), or a string: ``"timm:<name>"`` (``timm.create_model``
-    without download), ``"torchvision:<name>"`` (``torchvision.models.get_model(weights=None)``) or the class
-    path of any ``nn.Module``/``LightningModule``. ``kwargs`` go to that constructor; for a LightningModule
-    class with a Lightning ``checkpoint``, the checkpoint's saved hyperparameters are used first (``kwargs``
-    override them), so ``teacher: my_pkg.MyModel`` + ``teacher_checkpoint: best.ckpt`` restores a trained run.
-    ``checkpoint`` is loaded with :func:`load_teacher_weights` (``weights_only=True``).
-    """
-    kwargs = dict(kwargs or {})
-    if isinstance(teacher, nn.Module):
-        if kwargs:
-            raise ValueError("`teacher_kwargs` only apply when `teacher` is a name or a class path, not a module.")
-        module = teacher
-    elif isinstance(teacher, str):
-        module = _teacher_from_string(teacher, checkpoint, kwargs)
-    else:
-        raise TypeError(
-            f"`teacher` must be an nn.Module, 'timm:<name>', 'torchvision:<name>' or a class path, got "
-            f"{type(teacher).__name__}."
-        )
-    if checkpoint:
-        load_teacher_weights(module, checkpoint)
-    if freeze:
-        module.eval().requires_grad_(False)
-    return module
-
-
-def _teacher_from_string(spec: str, checkpoint: Optional[str], kwargs: dict) -> nn.Module:
-    if spec.endswith((".ckpt", ".pt", ".pth", ".bin", ".safetensors")) or "/" in spec:
-        raise ValueError(
-            f"`teacher={spec!r}` looks like a file. Give the architecture in `teacher` (a module, 'timm:<name>' "
-            "or a class path) and the weights file in `teacher_checkpoint`."
-        )
-    kind, sep, name = spec.partition(":")
-    if sep and kind == "timm":
-        timm = require("timm", "KnowledgeDistillation with a timm teacher")
-        if name not in timm.list_models():
-            raise ValueError(f"Unknown timm model {name!r}.{_close(name, timm.list_models())}")
-        return timm.create_model(name, pretrained=False, **kwargs)
-    if sep and kind == "torchvision":
-        models = require("torchvision.models", "KnowledgeDistillation with a torchvision teacher")
-        names = list(models.list_models())
-        if name not in names:
-            raise ValueError(f"Unknown torchvision model {name!r}.{_close(name, names)}")
-        return models.get_model(name, weights=None, **kwargs)
-    if sep:
-        raise ValueError(f"Unknown teacher source {kind!r} in {spec!r}; use 'timm:<name>', 'torchvision:<name>' or a class path.")
-    module_name, _, attr = spec.rpartition(".")
-    if not module_name:
-        raise ValueError(
-            f"`teacher={spec!r}` is not a class path; use 'package.module.Class', 'timm:<name>' or 'torchvision:<name>'."
-        )
-    try:
-        cls = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"Cannot import the teacher class {spec!r}: {err}.") from err
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise TypeError(f"The teacher class {spec!r} is not an nn.Module subclass.")
-    if checkpoint and issubclass(cls, LightningModule):
-        hparams = _read_checkpoint(checkpoint).get("hyper_parameters") or {}
-        kwargs = {**dict(hparams), **kwargs}
-    return cls(**kwargs)
-
-
-def _as_logits(output: Any) -> Tensor:
-    """The logits tensor of a model output: the tensor itself, ``output.logits``/``output["logits"]`` or ``output[0]``."""
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, Mapping) and "logits" in output:
-        return output["logits"]
-    if hasattr(output, "logits") and isinstance(output.logits, Tensor):
-        return output.logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    raise TypeError(f"Cannot find logits in a model output of type {type(output).__name__}.")
-
-
-def select_input(batch: Any, key: InputKey) -> Any:
-    """The model input of a batch: ``batch[key]`` for tuples/lists (int) and mappings (str); a bare tensor is the input."""
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(key, int) and isinstance(batch, (tuple, list)):
-        if not -len(batch) <= key < len(batch):
-            raise IndexError(f"`input_key={key}` is out of range for a batch of {len(batch)} elements.")
-        return batch[key]
-    if isinstance(key, str) and isinstance(batch, Mapping):
-        if key not in batch:
-            raise KeyError(f"`input_key={key!r}` is not in the batch; its keys are {sorted(batch)}.")
-        return batch[key]
-    raise TypeError(
-        f"Cannot take `input_key={key!r}` from a batch of type {type(batch).__name__}: use an int for tuple/list "
-        "batches, a str for dict batches, or null to give the teacher the student's own input."
-    )
-
-
-# -- the functional core --------------------------------------------------------------------------------------
-
-
-class Distiller:
-    r"""Teacher, forward hooks, projectors and the distillation terms: the core both wrappers share.
-
-    Usable without a Trainer: :meth:`attach` registers forward hooks on the student (feature modules, and the
-    module whose output are the logits when ``logits_module`` is given) and on the teacher; inside
-    :meth:`capturing` the student's hooked outputs are recorded (first call per module);
-    :meth:`teacher_logits` runs the frozen teacher under ``no_grad``; :meth:`terms` returns the logit KD term
-    (:func:`~lightning_ext.distillation.losses.kd_kl_loss`) and the summed feature terms
-    (:func:`~lightning_ext.distillation.losses.feature_mse_loss` after each pair's projector).
-
-    Args:
-        teacher: the teacher module (frozen and put in eval mode here).
-        temperature: KD temperature :math:`T`.
-        feature_pairs: ``{student_module_name: teacher_module_name}`` to distil features between.
-        logits_module: name of the student module whose output are the logits (``""``: the student itself);
-            ``None`` when the caller passes logits to :meth:`terms` directly.
-        projector_seed: seed of the projectors' initialisation (the global RNG is left untouched).
-        freeze: freeze the teacher now (else call :meth:`freeze` later, e.g. after checking it shares no
-            parameters with the student).
-
-    Example:
-        >>> torch.manual_seed(0) and None
-        >>> student = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
-        >>> teacher = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
-        >>> d = Distiller(teacher, feature_pairs={"0": "0"})
-        >>> d.attach(student)
-        >>> d.build(student, torch.zeros(2, 4))  # checks shapes, builds the 8->16 projector
-        >>> with d.capturing():
-        ...     logits = student(torch.randn(5, 4))
-        >>> terms = d.terms(logits, d.teacher_logits(torch.randn(5, 4)))
-        >>> sorted(terms), list(d.projectors)
-        (['feature', 'kd'], ['0__0'])
-    """
-
-    def __init__(
-        self,
-        teacher: nn.Module,
-        temperature: float = 4.0,
-        feature_pairs: Optional[Mapping[str, str]] = None,
-        logits_module: Optional[str] = None,
-        projector_seed: int = 0,
-        freeze: bool = True,
-    ) -> None:
-        if temperature <= 0:
-            raise ValueError(f"`temperature` must be > 0, got {temperature}.")
-        self.teacher = teacher
-        if freeze:
-            self.freeze()
-        self.temperature = float(temperature)
-        self.feature_pairs = dict(feature_pairs or {})
-        self.logits_module = logits_module
-        self.projector_seed = projector_seed
-        self.projectors = nn.ModuleDict()
-        self.built = False
-        self.checked = False
-        self._handles: list[Any] = []
-        self._capturing = False
-        self._student_feats: dict[str, Tensor] = {}
-        self._teacher_feats: dict[str, Tensor] = {}
-        self._logits: Optional[Tensor] = None
-        self._logits_input: Any = None
-
-    def freeze(self) -> None:
-        """Put the teacher in eval mode and turn off its gradients."""
-        self.teacher.eval().requires_grad_(False)
-
-    @staticmethod
-    def projector_key(student_name: str, teacher_name: str) -> str:
-        return f"{student_name.replace('.', '_')}__{teacher_name.replace('.', '_')}"
-
-    # -- hooks --------------------------------------------------------------------------------------------
-    @staticmethod
-    def _module(root: nn.Module, name: str, role: str, arg: str) -> nn.Module:
-        if name == "":
-            return root
-        try:
-            return root.get_submodule(name)
-        except AttributeError:
-            names = [n for n, _ in root.named_modules() if n]
-            raise ValueError(
-                f"The {role} has no module named {name!r} (in `{arg}`).{_close(name, names)} "
-                f"Its top-level modules are {[n for n, _ in root.named_children()][:10]}."
-            ) from None
-
-    def attach(self, student: nn.Module) -> None:
-        """Register the forward hooks on ``student`` and the teacher (replacing earlier ones)."""
-        self.detach()
-        for s_name, t_name in self.feature_pairs.items():
-            s_mod = self._module(student, s_name, "student", "feature_pairs")
-            t_mod = self._module(self.teacher, t_name, "teacher", "feature_pairs")
-            self._handles.append(s_mod.register_forward_hook(functools.partial(self._student_hook, s_name)))
-            self._handles.append(t_mod.register_forward_hook(functools.partial(self._teacher_hook, t_name)))
-        if self.logits_module is not None:
-            mod = self._module(student, self.logits_module, "student", "student_module")
-            self._handles.append(mod.register_forward_hook(self._logits_hook))
-
-    def detach(self) -> None:
-        """Remove every hook this distiller registered and drop what they captured."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self.clear()
-
-    def clear(self) -> None:
-        """Drop the captured tensors (they hold the autograd graph of the last step)."""
-        self._student_feats, self._teacher_feats, self._logits, self._logits_input = {}, {}, None, None
-
-    def __getstate__(self) -> dict:
-        # pickled for ddp_spawn: no hook handles, no captured (graph-holding) tensors
-        state = dict(self.__dict__)
-        state.update(_handles=[], _capturing=False, _student_feats={}, _teacher_feats={}, _logits=None,
-                     _logits_input=None)
-        return state
-
-    def _student_hook(self, name: str, module: nn.Module, args: tuple, output: Any) -> None:
-        if self._capturing and name not in self._student_feats:
-            self._student_feats[name] = _as_logits(output)
-
-    def _teacher_hook(self, name: str, module: nn.Module, args: tuple, output: Any) -> None:
-        self._teacher_feats[name] = _as_logits(output)
-
-    def _logits_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if self._capturing and self._logits is None:
-            self._logits = _as_logits(output)
-            self._logits_input = args[0] if args else None
-
-    @contextlib.contextmanager
-    def capturing(self) -> Iterator[None]:
-        """Record the student's hooked outputs during the block (earlier records are cleared first)."""
-        self._student_feats, self._logits, self._logits_input = {}, None, None
-        self._capturing = True
-        try:
-            yield
-        finally:
-            self._capturing = False
-
-    @property
-    def captured_logits(self) -> Tensor:
-        if self._logits is None:
-            raise RuntimeError(
-                f"The student module {self.logits_module or '(the LightningModule itself)'!r} did not run during "
-                "training_step, so no student logits were captured. Set `student_module` to the submodule that "
-                "computes the logits (e.g. 'net' when training_step calls self.net(x) instead of self(x))."
-            )
-        return self._logits
-
-    @property
-    def captured_input(self) -> Any:
-        if self._logits_input is None:
-            raise RuntimeError("No student input was captured; set `input_key` to pick the input from the batch.")
-        return self._logits_input
-
-    # -- teacher, checks, projectors ------------------------------------------------------------------------
-    def to(self, device: Union[str, torch.device], dtype: Optional[torch.dtype] = None) -> "Distiller":
-        """Move the teacher and the projectors (and cast them when ``dtype`` is given)."""
-        self.teacher.to(device=device, dtype=dtype)
-        self.projectors.to(device=device, dtype=dtype)
-        return self
-
-    def teacher_logits(self, x: Any) -> Tensor:
-        """The frozen teacher's logits for ``x`` (no gradient, eval mode, on ``x``'s device)."""
-        if self.teacher.training:
-            self.teacher.eval()
-        if isinstance(x, Tensor):
-            param = next(self.teacher.parameters(), None)
-            if param is not None and param.device != x.device:
-                self.teacher.to(x.device)
-        self._teacher_feats = {}
-        with torch.no_grad():
-            return _as_logits(self.teacher(x)).detach()
-
-    def check(self, student_logits: Tensor, teacher_logits: Tensor) -> None:
-        """Refuse a teacher whose outputs do not match the student's (class count, shape)."""
-        s, t = tuple(student_logits.shape[1:]), tuple(teacher_logits.shape[1:])
-        if s != t:
-            hint = (
-                f" The teacher predicts {t[-1]} classes and the student {s[-1]}: use a teacher trained for the "
-                "student's classes (set its num_classes)."
-                if len(s) == len(t) and s[:-1] == t[:-1] else ""
-            )
-            raise ValueError(
-                f"The teacher's outputs do not match the student's: teacher {t} per sample, student {s}.{hint}"
-            )
-        if student_logits.shape[0] != teacher_logits.shape[0]:
-            raise ValueError(
-                f"The teacher returned {teacher_logits.shape[0]} rows for a batch on which the student returned "
-                f"{student_logits.shape[0]}; check `input_key`."
-            )
-        self.checked = True
-
-    def build(self, student: Union[nn.Module, Callable[[Any], Any]], probe: Any, teacher_gets_captured_input: bool = False) -> None:
-        """Run student and teacher once on ``probe`` (no grad, eval mode): check their outputs agree and
-        build a projector for every feature pair whose widths differ. The hooks must be attached.
-        ``teacher_gets_captured_input`` gives the teacher the input the ``logits_module`` received."""
-        modules = [m for m in (student, self.teacher) if isinstance(m, nn.Module)]
-        modes = [m.training for m in modules]
-        for m in modules:
-            m.eval()
-        try:
-            with torch.no_grad():
-                try:
-                    with self.capturing():
-                        out = student(probe)
-                except Exception as err:  # noqa: BLE001 - re-raised with advice
-                    raise ValueError(
-                        f"The student could not run on the probe input {_describe(probe)}: {err}. Set `input_shape` "
-                        "(or `input_key`) so the probe matches what the model receives."
-                    ) from err
-                s_logits = self._logits if self.logits_module is not None else _as_logits(out)
-                if s_logits is None:
-                    s_logits = self.captured_logits  # raises with advice
-                x = self.captured_input if teacher_gets_captured_input else probe
-                try:
-                    t_logits = self.teacher_logits(x)
-                except Exception as err:  # noqa: BLE001 - re-raised with advice
-                    raise ValueError(
-                        f"The teacher cannot process the student's inputs {_describe(x)}: {err}. The teacher must "
-                        "accept the same inputs as the student (channels, image size)."
-                    ) from err
-                self.check(s_logits, t_logits)
-                feats = dict(self._student_feats), dict(self._teacher_feats)
-        finally:
-            for m, mode in zip(modules, modes):
-                m.train(mode)
-        self._build_projectors(*feats)
-
-    def _build_projectors(self, student_feats: dict[str, Tensor], teacher_feats: dict[str, Tensor]) -> None:
-        projectors = nn.ModuleDict()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.projector_seed)
-            for s_name, t_name in self.feature_pairs.items():
-                if s_name not in student_feats:
-                    raise ValueError(f"The student module {s_name!r} (in `feature_pairs`) did not run on the probe input.")
-                if t_name not in teacher_feats:
-                    raise ValueError(f"The teacher module {t_name!r} (in `feature_pairs`) did not run on the probe input.")
-                s_shape, t_shape = student_feats[s_name].shape[1:], teacher_feats[t_name].shape[1:]
-                proj = make_projector(s_shape, t_shape)
-                projectors[self.projector_key(s_name, t_name)] = proj if proj is not None else nn.Identity()
-        device = next((p.device for p in self.teacher.parameters()), torch.device("cpu"))
-        self.projectors = projectors.to(device)
-        self.built = True
-
-    # -- loss terms -----------------------------------------------------------------------------------------
-    def terms(self, student_logits: Tensor, teacher_logits: Tensor) -> dict[str, Tensor]:
-        """``{"kd": T^2 KL, "feature": sum of feature MSEs}`` (``feature`` only when there are feature pairs)."""
-        if not self.checked:
-            self.check(student_logits, teacher_logits)
-        out = {"kd": kd_kl_loss(student_logits, teacher_logits, self.temperature)}
-        if self.feature_pairs:
-            if not self.built:
-                raise RuntimeError("Feature distillation needs the projectors: call build(student, probe) first.")
-            total = student_logits.new_zeros((), dtype=torch.float32)
-            for s_name, t_name in self.feature_pairs.items():
-                if s_name not in self._student_feats:
-                    raise RuntimeError(f"The student module {s_name!r} (in `feature_pairs`) did not run in this step.")
-                if t_name not in self._teacher_feats:
-                    raise RuntimeError(f"The teacher module {t_name!r} (in `feature_pairs`) did not run in this step.")
-                proj = self.projectors[self.projector_key(s_name, t_name)]
-                total = total + feature_mse_loss(proj(self._student_feats[s_name]), self._teacher_feats[t_name])
-            out["feature"] = total
-        return out
-
-
-def _describe(x: Any) -> str:
-    return f"of shape {tuple(x.shape)}" if isinstance(x, Tensor) else f"of type {type(x).__name__}"
-
-
-# -- the callback ---------------------------------------------------------------------------------------------
-
-_UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
-
+__all__ = ["KnowledgeDistillation"]
 
 class KnowledgeDistillation(Callback):
     r"""Knowledge distillation from a frozen teacher into any LightningModule, without changing its code.
@@ -484,7 +65,7 @@ class KnowledgeDistillation(Callback):
     **Teacher.** Frozen (``requires_grad=False``) and put in eval mode in ``setup`` (after checking it shares
     no parameter with the student), moved to the student's device (and dtype under
     ``*-true`` precision) in ``on_fit_start``; it is an attribute of the callback, so it is neither in the
-    student's ``state_dict``/checkpoint nor in its optimizer. See :func:`build_teacher` for the accepted
+    student's ``state_dict``/checkpoint nor in its optimizer. See :func:`~lightning_ext.distillation.teacher.build_teacher` for the accepted
     forms; weights load with ``torch.load(weights_only=True)``. Before training, ``setup`` runs teacher and
     student once on a probe input (``input_shape``, the module's ``example_input_array``, the datamodule's
     ``input_shape``, or its first training batch) and refuses a teacher whose outputs differ from the
@@ -499,12 +80,12 @@ class KnowledgeDistillation(Callback):
 
     Supported: single device, DDP/ddp_spawn, mixed and true precision, gradient accumulation, resume. Refused
     in ``setup``: FSDP, DeepSpeed, model-parallel and XLA strategies (the teacher and projectors are not
-    sharded), and manual optimization (call :class:`Distiller` yourself, or use
+    sharded), and manual optimization (call :class:`~lightning_ext.distillation.distiller.Distiller` yourself, or use
     :class:`~lightning_ext.distillation.module.DistillationModule`).
 
     Args:
         teacher: an ``nn.Module`` (YAML: ``class_path``/``init_args``), ``"timm:<name>"``,
-            ``"torchvision:<name>"`` or a module class path; see :func:`build_teacher`.
+            ``"torchvision:<name>"`` or a module class path; see :func:`~lightning_ext.distillation.teacher.build_teacher`.
         teacher_checkpoint: local weights file for the teacher (state dict or Lightning checkpoint).
         teacher_kwargs: constructor arguments when ``teacher`` is a name or class path.
         weight: logit-KD weight :math:`\alpha` (a number or a
@@ -545,26 +126,22 @@ class KnowledgeDistillation(Callback):
         teacher_checkpoint: Optional[str] = None,
         teacher_kwargs: Optional[dict] = None,
         weight: Union[float, WeightSchedule] = 0.9,
-        temperature: float = 4.0,
-        combine: str = "convex",
+        temperature: PositiveFloat = 4.0,
+        combine: CombineMode = "convex",
         feature_pairs: Optional[dict[str, str]] = None,
         feature_weight: Union[float, WeightSchedule] = 1.0,
         student_module: str = "",
         input_key: InputKey = 0,
-        input_shape: Optional[list[int]] = None,
-        optimizer_index: int = 0,
+        input_shape: Optional[list[PositiveInt]] = None,
+        optimizer_index: NonNegativeInt = 0,
         projector_seed: int = 0,
         log_prefix: str = "train_kd",
     ) -> None:
         super().__init__()
-        if combine not in COMBINE_MODES:
-            raise ValueError(f"`combine` must be one of {COMBINE_MODES}, got {combine!r}.")
-        if temperature <= 0:
-            raise ValueError(f"`temperature` must be > 0, got {temperature}.")
-        self.weight = as_schedule(weight, "weight")
+        check_choice("combine", combine, COMBINE_MODES)
+        check_positive("temperature", temperature)
+        self.weight = as_schedule(weight, "weight", combine)
         self.feature_weight = as_schedule(feature_weight, "feature_weight")
-        if combine == "convex" and isinstance(weight, (int, float)) and not 0 <= weight <= 1:
-            raise ValueError(f"With combine='convex' `weight` must be in [0, 1], got {weight}; or use combine='add'.")
         if feature_pairs is not None and (
             not isinstance(feature_pairs, Mapping)
             or not all(isinstance(k, str) and isinstance(v, str) for k, v in feature_pairs.items())
@@ -574,10 +151,13 @@ class KnowledgeDistillation(Callback):
             raise TypeError(f"`student_module` must be a module name (str), got {type(student_module).__name__}.")
         if input_key is not None and (isinstance(input_key, bool) or not isinstance(input_key, (int, str))):
             raise TypeError(f"`input_key` must be an int, a str or null, got {input_key!r}.")
-        if input_shape is not None and (len(input_shape) == 0 or any(int(d) < 1 for d in input_shape)):
-            raise ValueError(f"`input_shape` must be a list of positive sizes (no batch dim), got {input_shape}.")
-        if optimizer_index < 0:
-            raise ValueError(f"`optimizer_index` must be >= 0, got {optimizer_index}.")
+        if input_shape is not None:
+            if len(input_shape) == 0:
+                raise ValueError("input_shape must list the sizes of one input without the batch dimension, got [].")
+            for d in input_shape:
+                check_number("input_shape", d, low=1, integer=True)
+        check_number("optimizer_index", optimizer_index, low=0, integer=True)
+        check_number("projector_seed", projector_seed, integer=True)
         if not log_prefix:
             raise ValueError("`log_prefix` must be a non-empty string.")
         teacher_name = teacher if isinstance(teacher, str) else type(teacher).__name__
@@ -598,7 +178,9 @@ class KnowledgeDistillation(Callback):
         self._module: Optional[LightningModule] = None
 
     @property
+    @override
     def state_key(self) -> str:
+        """Distinct per teacher, feature pairs, student module and log prefix (several instances may coexist)."""
         return self._generate_state_key(
             teacher=self._teacher_name, feature_pairs=self.feature_pairs, student_module=self.student_module,
             log_prefix=self.log_prefix,
@@ -610,20 +192,18 @@ class KnowledgeDistillation(Callback):
         return self._distiller.projectors
 
     # -- setup: checks, probe, projectors, the training_step wrapper ------------------------------------------
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Check the strategy and the teacher, probe both models, build the projectors, wrap ``training_step``."""
         if stage != "fit":
             return
-        strategy = type(trainer.strategy).__name__
-        if any(name in strategy for name in _UNSUPPORTED_STRATEGIES):
-            raise RuntimeError(
-                f"KnowledgeDistillation does not support {strategy}: the teacher and projectors are not sharded. "
-                "Use a single device or DDP (strategy='ddp')."
-            )
+        refuse_sharded_strategy(trainer, "KnowledgeDistillation", "keeps a whole teacher and whole projectors on "
+                                "every process", error=RuntimeError)
         if not pl_module.automatic_optimization:
             raise RuntimeError(
                 f"{type(pl_module).__name__} uses manual optimization, so the loss its training_step returns is "
                 "not what is backpropagated. Use DistillationModule, or call "
-                "lightning_ext.distillation.callback.Distiller from your training_step."
+                "lightning_ext.distillation.distiller.Distiller from your training_step."
             )
         if self.teacher is pl_module:
             raise ValueError("The teacher is the student itself; pass a separate (copied) teacher module.")
@@ -653,16 +233,16 @@ class KnowledgeDistillation(Callback):
         self._wrap(trainer, pl_module)
 
     def _probe_input(self, trainer: Trainer, pl_module: LightningModule) -> Any:
+        """Two zero inputs shaped like ``input_shape``, the module's ``example_input_array`` or the datamodule's
+        ``input_shape`` (:func:`~lightning_ext.core.inputs.example_inputs`), else the datamodule's first batch;
+        ``None`` when there is no datamodule (the module's own ``input_shape`` may not be what ``input_key`` picks)."""
         device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
-        if self.input_shape is not None:
-            return torch.zeros(2, *self.input_shape, device=device)
-        example = getattr(pl_module, "example_input_array", None)
-        if isinstance(example, Tensor):
-            return example.to(device)
+        if self.input_shape is not None or isinstance(getattr(pl_module, "example_input_array", None), Tensor):
+            return example_inputs(pl_module, self.input_shape, batch_size=2).to(device)
         dm = trainer.datamodule
         shape = getattr(dm, "input_shape", None)
         if shape is not None and (self.input_key is None or self.input_key == 0):
-            return torch.zeros(2, *shape, device=device)
+            return example_inputs(pl_module, shape, batch_size=2).to(device)
         if dm is not None and self.input_key is not None:
             try:
                 batch = next(iter(dm.train_dataloader()))
@@ -744,7 +324,9 @@ class KnowledgeDistillation(Callback):
         return {**output, "loss": loss}
 
     # -- device, optimizer, DDP -----------------------------------------------------------------------------
+    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Move teacher and projectors to the student's device; sync the projectors; add their param group."""
         dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), torch.float32)
         self._distiller.to(pl_module.device, dtype=None if dtype == torch.float32 else dtype)
         if trainer.world_size > 1 and len(self.projectors):
@@ -752,7 +334,9 @@ class KnowledgeDistillation(Callback):
             self.projectors.load_state_dict(state)
         self._ensure_param_group(trainer)
 
+    @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Keep the teacher in eval mode and the projectors in the optimizer."""
         self.teacher.eval()
         self._ensure_param_group(trainer)  # e.g. after another callback re-ran configure_optimizers
 
@@ -780,7 +364,9 @@ class KnowledgeDistillation(Callback):
                 if isinstance(last, list) and len(last) < len(optimizer.param_groups):
                     last.append(group["lr"])
 
+    @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        """Under DDP, average the projectors' gradients across ranks."""
         if trainer.world_size <= 1 or not len(self.projectors):
             return
         if optimizer is not trainer.optimizers[self.optimizer_index]:
@@ -794,25 +380,33 @@ class KnowledgeDistillation(Callback):
             p.grad = flat[offset:offset + n].view_as(p).clone()
             offset += n
 
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Remove the ``training_step`` wrapper and the hooks."""
         if stage != "fit":
             return
         self._unwrap()
         self._distiller.detach()
 
+    @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """Leave the user's module as it was when ``fit`` raises (Lightning runs no teardown then)."""
         # Lightning calls no teardown hooks when fit raises: leave the user's module as it was
         self._unwrap()
         self._distiller.detach()
 
     # -- state ----------------------------------------------------------------------------------------------
+    @override
     def state_dict(self) -> dict[str, Any]:
+        """The feature pairs and the projectors' weights."""
         return {
             "feature_pairs": dict(self.feature_pairs),
             "projectors": {k: v.detach().cpu().clone() for k, v in self.projectors.state_dict().items()},
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the projectors now, or once ``setup`` has built them."""
         if self._distiller.built:
             self._apply_state(state_dict)
         else:

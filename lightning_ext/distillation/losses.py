@@ -21,11 +21,19 @@ Papers:
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Sequence, Union, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lightning_ext.core.validation import (
+    check_fraction,
+    check_non_negative,
+    check_number,
+    check_positive,
+    check_positive_int,
+)
 
 __all__ = [
     "kd_kl_loss",
@@ -42,7 +50,9 @@ __all__ = [
     "as_schedule",
 ]
 
-COMBINE_MODES = ("convex", "add")
+#: How the distillation term joins the task loss (see :func:`combine_losses`).
+CombineMode = Literal["convex", "add"]
+COMBINE_MODES = get_args(CombineMode)
 
 
 # -- losses ---------------------------------------------------------------------------------------------------
@@ -73,8 +83,7 @@ def kd_kl_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: floa
         >>> round(float(kd_kl_loss(torch.zeros(1, 3), z, temperature=1.0)), 4)
         0.5743
     """
-    if temperature <= 0:
-        raise ValueError(f"`temperature` must be > 0, got {temperature}.")
+    check_positive("temperature", temperature)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"Student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
@@ -250,8 +259,7 @@ class ConstantWeight(WeightSchedule):
     """
 
     def __init__(self, value: float = 0.9) -> None:
-        if value < 0 or not math.isfinite(value):
-            raise ValueError(f"`value` must be a finite number >= 0, got {value}.")
+        check_non_negative("value", value)
         self.value = float(value)
 
     def __call__(self, step: int) -> float:
@@ -268,12 +276,10 @@ class LinearWeight(WeightSchedule):
     """
 
     def __init__(self, start: float = 0.0, end: float = 0.9, steps: int = 1000, delay: int = 0) -> None:
-        if start < 0 or end < 0:
-            raise ValueError(f"`start` and `end` must be >= 0, got {start} and {end}.")
-        if steps < 1:
-            raise ValueError(f"`steps` must be >= 1, got {steps}.")
-        if delay < 0:
-            raise ValueError(f"`delay` must be >= 0, got {delay}.")
+        check_non_negative("start", start)
+        check_non_negative("end", end)
+        check_positive_int("steps", steps)
+        check_number("delay", delay, low=0, integer=True)
         self.start, self.end, self.steps, self.delay = float(start), float(end), int(steps), int(delay)
 
     def __call__(self, step: int) -> float:
@@ -291,10 +297,9 @@ class CosineWeight(WeightSchedule):
     """
 
     def __init__(self, start: float = 0.9, end: float = 0.0, steps: int = 1000) -> None:
-        if start < 0 or end < 0:
-            raise ValueError(f"`start` and `end` must be >= 0, got {start} and {end}.")
-        if steps < 1:
-            raise ValueError(f"`steps` must be >= 1, got {steps}.")
+        check_non_negative("start", start)
+        check_non_negative("end", end)
+        check_positive_int("steps", steps)
         self.start, self.end, self.steps = float(start), float(end), int(steps)
 
     def __call__(self, step: int) -> float:
@@ -323,9 +328,11 @@ class KeptFractionWeight(WeightSchedule):
     """
 
     def __init__(self, kept_fraction: Optional[float] = None, min_weight: float = 0.5, max_weight: float = 0.9) -> None:
-        if kept_fraction is not None and not 0 < kept_fraction <= 1:
-            raise ValueError(f"`kept_fraction` must be in (0, 1], got {kept_fraction}.")
-        if not 0 <= min_weight <= max_weight <= 1:
+        if kept_fraction is not None:
+            check_fraction("kept_fraction", kept_fraction, allow_zero=False)
+        check_fraction("min_weight", min_weight)
+        check_fraction("max_weight", max_weight)
+        if not min_weight <= max_weight:
             raise ValueError(
                 f"Need 0 <= min_weight <= max_weight <= 1, got min_weight={min_weight}, max_weight={max_weight}."
             )
@@ -353,12 +360,25 @@ class KeptFractionWeight(WeightSchedule):
         return round(value, 12)
 
 
-def as_schedule(weight: Union[float, int, WeightSchedule], name: str = "weight") -> WeightSchedule:
-    """A number becomes :class:`ConstantWeight`; a schedule is returned as is; anything else is refused."""
+def as_schedule(weight: Union[float, int, WeightSchedule], name: str = "weight",
+                combine: Optional[str] = None) -> WeightSchedule:
+    """A number becomes :class:`ConstantWeight`; a schedule is returned as is; anything else is refused.
+
+    A number must be finite and >= 0, and at most 1 when ``combine="convex"`` (the error names ``name``).
+
+    Example:
+        >>> as_schedule(float("nan"), "weight")
+        Traceback (most recent call last):
+        ...
+        ValueError: weight must be a finite number >= 0, got nan.
+    """
     if isinstance(weight, WeightSchedule):
         return weight
     if isinstance(weight, bool) or not isinstance(weight, (int, float)):
         raise TypeError(
             f"`{name}` must be a number or a WeightSchedule (e.g. LinearWeight), got {type(weight).__name__}."
         )
+    if combine == "convex" and math.isfinite(weight) and weight > 1:
+        raise ValueError(f"With combine='convex' {name} must be in [0, 1], got {weight}; or use combine='add'.")
+    check_non_negative(name, weight)
     return ConstantWeight(float(weight))

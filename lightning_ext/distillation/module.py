@@ -7,17 +7,22 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from typing_extensions import override
 
-from lightning_ext.distillation.callback import Distiller, build_teacher
-from lightning_ext.distillation.losses import COMBINE_MODES, WeightSchedule, as_schedule, combine_losses
+from lightning_ext.core.validation import PositiveFloat, PositiveInt, check_choice, check_number, check_positive
+from lightning_ext.distillation.distiller import Distiller
+from lightning_ext.distillation.losses import COMBINE_MODES, CombineMode, WeightSchedule, as_schedule, combine_losses
+from lightning_ext.distillation.teacher import build_teacher
 from lightning_ext.vision.classifier import Classifier
+
+__all__ = ["DistillationModule"]
 
 
 class DistillationModule(Classifier):
     r"""A student classifier trained with a frozen teacher's soft targets (and features): explicit KD.
 
     The explicit counterpart of the :class:`~lightning_ext.distillation.callback.KnowledgeDistillation`
-    callback, sharing its core (:class:`~lightning_ext.distillation.callback.Distiller`). On
+    callback, sharing its core (:class:`~lightning_ext.distillation.distiller.Distiller`). On
     ``(x, y)`` batches the training loss is
 
     .. math::
@@ -29,7 +34,7 @@ class DistillationModule(Classifier):
     https://github.com/yoshitomo-matsubara/torchdistill) and FitNets hints (Romero et al., arXiv:1412.6550,
     https://github.com/adri-romsor/FitNets). Validation and test use the student alone.
 
-    The teacher is built by :func:`~lightning_ext.distillation.callback.build_teacher` (a module,
+    The teacher is built by :func:`~lightning_ext.distillation.teacher.build_teacher` (a module,
     ``"timm:<name>"``, ``"torchvision:<name>"`` or a class path, weights from ``teacher_checkpoint`` loaded
     with ``weights_only=True``), frozen, in eval mode, moved to this module's device in ``on_fit_start``, and
     kept out of ``state_dict()``, ``parameters()`` and so out of checkpoints and optimizers. The projectors,
@@ -76,25 +81,27 @@ class DistillationModule(Classifier):
         teacher_checkpoint: Optional[str] = None,
         teacher_kwargs: Optional[dict] = None,
         weight: Union[float, WeightSchedule] = 0.9,
-        temperature: float = 4.0,
-        combine: str = "convex",
+        temperature: PositiveFloat = 4.0,
+        combine: CombineMode = "convex",
         feature_pairs: Optional[dict[str, str]] = None,
         feature_weight: Union[float, WeightSchedule] = 1.0,
-        input_shape: Optional[tuple[int, ...]] = None,
+        input_shape: Optional[tuple[PositiveInt, ...]] = None,
         projector_seed: int = 0,
         **kwargs: Any,
     ) -> None:
         if not isinstance(student, nn.Module):
             raise TypeError(f"`student` must be an nn.Module, got {type(student).__name__}.")
-        if combine not in COMBINE_MODES:
-            raise ValueError(f"`combine` must be one of {COMBINE_MODES}, got {combine!r}.")
-        if combine == "convex" and isinstance(weight, (int, float)) and not 0 <= weight <= 1:
-            raise ValueError(f"With combine='convex' `weight` must be in [0, 1], got {weight}; or use combine='add'.")
+        check_choice("combine", combine, COMBINE_MODES)
+        check_positive("temperature", temperature)
+        weight_schedule = as_schedule(weight, "weight", combine)
+        feature_schedule = as_schedule(feature_weight, "feature_weight")
+        for d in input_shape or ():
+            check_number("input_shape", d, low=1, integer=True)
+        check_number("projector_seed", projector_seed, integer=True)
         if feature_pairs and input_shape is None:
             raise ValueError("`feature_pairs` need `input_shape` (one input, no batch dim) to size the projectors.")
         super().__init__(student, num_classes, input_shape=input_shape, **kwargs)
-        self.weight = as_schedule(weight, "weight")
-        self.feature_weight = as_schedule(feature_weight, "feature_weight")
+        self.weight, self.feature_weight = weight_schedule, feature_schedule
         self.combine = combine
         teacher_module = build_teacher(teacher, teacher_checkpoint, teacher_kwargs)
         if any(p is q for p in teacher_module.parameters() for q in student.parameters()):
@@ -118,21 +125,29 @@ class DistillationModule(Classifier):
         """The frozen teacher (not a submodule of this module)."""
         return self.distiller.teacher
 
+    @override
     def setup(self, stage: str) -> None:
+        """Set up the weight schedules and attach the distiller's hooks to the student."""
         super().setup(stage)
         if stage == "fit" and self.trainer is not None:
             self.weight.setup(self.trainer)
             self.feature_weight.setup(self.trainer)
         self.distiller.attach(self.net)
 
+    @override
     def teardown(self, stage: str) -> None:
+        """Remove the distiller's hooks."""
         self.distiller.detach()
 
+    @override
     def on_fit_start(self) -> None:
+        """Move the teacher to the student's device (and dtype under true precision)."""
         dtype = next((p.dtype for p in self.net.parameters() if p.is_floating_point()), torch.float32)
         self.distiller.teacher.to(device=self.device, dtype=None if dtype == torch.float32 else dtype)
 
+    @override
     def on_train_epoch_start(self) -> None:
+        """Keep the teacher in eval mode."""
         self.distiller.teacher.eval()
 
     def distillation_loss(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -153,7 +168,9 @@ class DistillationModule(Classifier):
         out["loss"] = loss
         return out
 
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Task loss plus the distillation terms on an ``(x, y)`` batch; logs every term."""
         x, y = batch
         out = self.distillation_loss(x, y)
         self.train_acc(out["logits"], y)

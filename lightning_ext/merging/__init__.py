@@ -1,7 +1,8 @@
 """Model merging on state dicts, usable without a Trainer (the functional core of issue 5).
 
-- :mod:`~lightning_ext.merging.task_vectors`: :func:`read_state_dict` (``weights_only=True``),
-  :func:`task_vector`, :func:`split_head`/:func:`is_head_key` (task-specific heads stay per task),
+- :mod:`~lightning_ext.merging.task_vectors`: :func:`read_state_dict` (``weights_only=True``, non-finite tensors
+  refused), :func:`task_vector`, :func:`split_head`/:func:`is_head_key` (``ignored_layers``: task-specific heads
+  stay per task), :func:`resolve_ignored_layers`,
   :func:`check_same_architecture` (first differing key and shape), :func:`base_distance` and
   :func:`check_base_distance` (a task vector from another base model is refused), :func:`simple_average`;
 - :mod:`~lightning_ext.merging.task_arithmetic`: :func:`task_arithmetic_merge` (Ilharco et al., ICLR 2023);
@@ -9,8 +10,9 @@
   steps :func:`trim_top_k`, :func:`elect_sign`, :func:`disjoint_merge`;
 - :mod:`~lightning_ext.merging.ada_merging`: :class:`AdaMergingModel` (task- or layer-wise coefficients as the
   only trainable parameters, merged weights through ``torch.func.functional_call``), :func:`entropy_loss`,
-  :func:`fit_ada_merging`, :func:`diagnose_collapse`, :func:`apply_coefficients`, :func:`plot_coefficients`
-  (Yang et al., ICLR 2024);
+  :func:`fit_ada_merging`, :func:`apply_coefficients` (Yang et al., ICLR 2024);
+- :mod:`~lightning_ext.merging.ada_diagnostics`: :class:`AdaMergingHistory`, :func:`diagnose_collapse`,
+  :func:`save_coefficients`/:func:`load_coefficients`, :func:`plot_coefficients`;
 - :mod:`~lightning_ext.merging.memory`: :func:`measure_peak_memory`.
 
 Average, task arithmetic and TIES stream: they hold the base, an accumulator and one fine-tuned model at a
@@ -29,21 +31,18 @@ Example:
     >>> ft = [{"w": torch.tensor([1.1, 1.0, 0.9])}, {"w": torch.tensor([1.0, 1.2, 0.9])}]
     >>> task_arithmetic_merge(base, ft, scaling=1.0)["w"]
     tensor([1.1000, 1.2000, 0.8000])
-    >>> ties_merging_merge(base, ft, k=1.0)["w"]  # disjoint mean: agreeing entries are averaged
+    >>> ties_merging_merge(base, ft, density=1.0)["w"]  # disjoint mean: agreeing entries are averaged
     tensor([1.1000, 1.2000, 0.9000])
 """
 
-from lightning_ext.merging.ada_merging import (
+from lightning_ext.merging.ada_diagnostics import (
     AdaMergingHistory,
-    AdaMergingModel,
-    apply_coefficients,
     diagnose_collapse,
-    entropy_loss,
-    fit_ada_merging,
     load_coefficients,
     plot_coefficients,
     save_coefficients,
 )
+from lightning_ext.merging.ada_merging import AdaMergingModel, apply_coefficients, entropy_loss, fit_ada_merging
 from lightning_ext.merging.memory import PeakMemory, measure_peak_memory
 from lightning_ext.merging.task_arithmetic import task_arithmetic_merge
 from lightning_ext.merging.task_vectors import (
@@ -52,8 +51,10 @@ from lightning_ext.merging.task_vectors import (
     base_distance,
     check_base_distance,
     check_same_architecture,
+    default_ignored_layers,
     is_head_key,
     read_state_dict,
+    resolve_ignored_layers,
     simple_average,
     split_head,
     task_vector,
@@ -70,6 +71,7 @@ __all__ = [
     "base_distance",
     "check_base_distance",
     "check_same_architecture",
+    "default_ignored_layers",
     "diagnose_collapse",
     "disjoint_merge",
     "elect_sign",
@@ -80,6 +82,7 @@ __all__ = [
     "measure_peak_memory",
     "plot_coefficients",
     "read_state_dict",
+    "resolve_ignored_layers",
     "save_coefficients",
     "simple_average",
     "split_head",

@@ -14,8 +14,9 @@ As in the reference code: all coefficients start at the prior 0.3; the forward p
 coefficient of :math:`\theta_0` is fixed at 1; the loss is the sum over tasks of the mean softmax entropy of
 a batch of unlabelled test inputs of that task, through that task's own frozen head :math:`h_k`; Adam, lr
 1e-3, betas (0.9, 0.999), no weight decay, 500 steps. The official loop sums two batches of 16 per task per
-step, which for Adam is one batch of 32 (the loss scale does not matter). AdaMerging++ (``ties_k``) learns the
-coefficients over TIES-processed task vectors (trimmed to the top ``ties_k`` and restricted to the elected
+step, which for Adam is one batch of 32 (the loss scale does not matter). AdaMerging++ (``ties_density``) learns the
+coefficients over TIES-processed task vectors (trimmed to the top share ``ties_density``, the TIES paper's :math:`k`,
+and restricted to the elected
 sign).
 
 **"Layer"** is each parameter tensor, as in the reference code (which merges ``named_parameters``). Floating
@@ -36,18 +37,20 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union, get_args
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_ext.core.optional import require
-from lightning_ext.core.checkpoints import WRAPPER_PREFIXES
+from lightning_ext.core.checkpoints import match_prefixes
+from lightning_ext.core.inputs import batch_inputs
+from lightning_ext.core.validation import check_choice, check_number, check_positive_int
+from lightning_ext.merging.ada_diagnostics import AdaMergingHistory
 from lightning_ext.merging.task_vectors import (
     DEFAULT_MAX_TASK_VECTOR_RATIO,
+    OnForeignBase,
     Source,
     StateDict,
     check_same_architecture,
@@ -58,20 +61,20 @@ from lightning_ext.merging.task_vectors import (
 )
 
 __all__ = [
-    "AdaMergingHistory",
     "AdaMergingModel",
     "GRANULARITIES",
+    "Granularity",
     "ada_merging_loss",
     "apply_coefficients",
-    "diagnose_collapse",
     "entropy_loss",
     "fit_ada_merging",
-    "load_coefficients",
-    "plot_coefficients",
-    "save_coefficients",
+    "layer_rows",
+    "load_shared_weights",
 ]
 
-GRANULARITIES = ("task", "layer")
+#: One coefficient per task (``"task"``) or per tensor and task (``"layer"``).
+Granularity = Literal["task", "layer"]
+GRANULARITIES = get_args(Granularity)
 _STAT_SUFFIXES = (".running_mean", ".running_var")
 
 
@@ -152,19 +155,17 @@ class AdaMergingModel(nn.Module):
         network: nn.Module,
         task_vectors: Union[Sequence[Mapping[str, Tensor]], Mapping[str, Tensor]],
         heads: Optional[Sequence[Mapping[str, Tensor]]] = None,
-        granularity: str = "layer",
+        granularity: Granularity = "layer",
         prior: float = 0.3,
         clamp_range: tuple[float, float] = (0.0, 1.0),
         task_names: Optional[Sequence[str]] = None,
     ) -> None:
         super().__init__()
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"`granularity` must be one of {GRANULARITIES}, got {granularity!r}.")
-        lo, hi = (float(c) for c in clamp_range)
+        check_choice("granularity", granularity, GRANULARITIES)
+        lo, hi = (float(check_number("clamp_range", c)) for c in clamp_range)
         if not lo < hi:
             raise ValueError(f"`clamp_range` must be (low, high) with low < high, got {clamp_range}.")
-        if not lo <= prior <= hi:
-            raise ValueError(f"`prior` must lie in clamp_range {clamp_range}, got {prior}.")
+        check_number("prior", prior, low=lo, high=hi)
         self.network = network.eval().requires_grad_(False)
         own = self.network.state_dict()
         if isinstance(task_vectors, Mapping):
@@ -222,27 +223,27 @@ class AdaMergingModel(nn.Module):
         cls,
         network: nn.Module,
         finetuned: Iterable[Source],
-        head_keys: Sequence[str] = (),
+        ignored_layers: Sequence[str] = (),
         base: Optional[Source] = None,
-        ties_k: Optional[float] = None,
-        granularity: str = "layer",
+        ties_density: Optional[float] = None,
+        granularity: Granularity = "layer",
         prior: float = 0.3,
         clamp_range: tuple[float, float] = (0.0, 1.0),
         task_names: Optional[Sequence[str]] = None,
         max_task_vector_ratio: float = DEFAULT_MAX_TASK_VECTOR_RATIO,
-        on_foreign_base: str = "error",
+        on_foreign_base: OnForeignBase = "error",
     ) -> "AdaMergingModel":
         """Build from fine-tuned state dicts or checkpoint paths, filling the task-vector stacks one model at a
-        time (each checked against the base: architecture outside ``head_keys``, base distance). ``base`` (a
+        time (each checked against the base: architecture outside ``ignored_layers``, base distance). ``base`` (a
         state dict or path; default: the network's current weights) is loaded into ``network``; each model's
-        ``head_keys`` tensors become its task's head. ``ties_k`` gives AdaMerging++."""
+        ``ignored_layers`` tensors become its task's head. ``ties_density`` gives AdaMerging++."""
         if base is not None:
-            load_shared_weights(network, base, head_keys, name="the base checkpoint")
+            load_shared_weights(network, base, ignored_layers, name="the base checkpoint")
         device = next((t.device for t in network.state_dict().values()), torch.device("cpu"))
         own = {k: v.detach().to("cpu") for k, v in network.state_dict().items()}
-        keys = mergeable_keys(own, head_keys)
+        keys = mergeable_keys(own, ignored_layers)
         if not keys:
-            raise ValueError("Nothing to merge: every floating tensor of the network is under `head_keys`.")
+            raise ValueError("Nothing to merge: every floating tensor of the network is under `ignored_layers`.")
         sources = list(finetuned)
         if not sources:
             raise ValueError("AdaMerging needs at least one fine-tuned model.")
@@ -253,16 +254,16 @@ class AdaMergingModel(nn.Module):
             names = [f"{n} ({s})" if isinstance(s, (str, Path)) else str(n) for n, s in zip(task_names, sources)]
         stacks = {k: torch.empty((len(sources), *own[k].shape), dtype=own[k].dtype) for k in keys}
         heads: list[dict[str, Tensor]] = []
-        if ties_k is not None:
+        if ties_density is not None:
             from lightning_ext.merging.ties_merging import ties_selected_task_vectors
 
             stream: Iterator[tuple[str, dict[str, Tensor], dict[str, Tensor]]] = ties_selected_task_vectors(
-                own, sources, ties_k, head_keys, max_task_vector_ratio, on_foreign_base, names
+                own, sources, ties_density, ignored_layers, max_task_vector_ratio, on_foreign_base, names
             )
         else:
             def _plain() -> Iterator[tuple[str, dict[str, Tensor], dict[str, Tensor]]]:
-                for label, state in iter_finetuned(own, sources, head_keys, max_task_vector_ratio, on_foreign_base, names):
-                    head = {k: v.clone() for k, v in state.items() if is_head_key(k, head_keys)}
+                for label, state in iter_finetuned(own, sources, ignored_layers, max_task_vector_ratio, on_foreign_base, names):
+                    head = {k: v.clone() for k, v in state.items() if is_head_key(k, ignored_layers)}
                     tv = {k: state[k].to(own[k].dtype) - own[k] for k in keys}
                     del state
                     yield label, tv, head
@@ -271,10 +272,10 @@ class AdaMergingModel(nn.Module):
             for k in keys:
                 stacks[k][i].copy_(tv[k])
             del tv
-            if head_keys and not head:
-                raise ValueError(f"{label} has no tensors under head_keys={list(head_keys)}; check the prefixes.")
+            if ignored_layers and not head:
+                raise ValueError(f"{label} has no tensors under ignored_layers={list(ignored_layers)}; check the prefixes.")
             heads.append(head)
-        model = cls(network, stacks, heads if head_keys else None, granularity, prior, clamp_range, task_names)
+        model = cls(network, stacks, heads if ignored_layers else None, granularity, prior, clamp_range, task_names)
         return model.to(device)
 
     # -- device moves: the stacks and heads are plain tensors (not buffers: DDP must not broadcast them) ---------
@@ -351,55 +352,16 @@ class AdaMergingModel(nn.Module):
                 for i, name in enumerate(self.layer_names)]
 
 
-def load_shared_weights(network: nn.Module, source: Source, head_keys: Sequence[str] = (), name: str = "the checkpoint") -> None:
+def load_shared_weights(network: nn.Module, source: Source, ignored_layers: Sequence[str] = (), name: str = "the checkpoint") -> None:
     """Load the non-head tensors of ``source`` (``weights_only=True``) into ``network``, refusing a checkpoint
     of another architecture (first differing key and shape)."""
     own = network.state_dict()
     state = read_state_dict(source, reference_keys=own.keys(), name=name)
-    check_same_architecture(own, state, head_keys, reference_name="the network", other_name=name)
-    network.load_state_dict({k: state[k] for k in own if not is_head_key(k, head_keys)}, strict=False)
+    check_same_architecture(own, state, ignored_layers, reference_name="the network", other_name=name)
+    network.load_state_dict({k: state[k] for k in own if not is_head_key(k, ignored_layers)}, strict=False)
 
 
 # -- the objective and a plain optimisation loop ----------------------------------------------------------------------
-
-
-@dataclass
-class AdaMergingHistory:
-    """What :func:`fit_ada_merging` records per step, to see when and why a run collapses.
-
-    ``entropy[s][k]`` and ``dominant_share[s][k]`` are task ``k``'s mean entropy and the share of its batch
-    predicted as its most frequent class at step ``s``; ``coefficients`` holds snapshots (every ``record_every``
-    steps and the last) of the clamped coefficients with their ``coefficient_steps``; ``at_bounds`` is the share of
-    coefficients at either clamp bound at each step.
-    """
-
-    task_names: list[str]
-    steps: list[int] = field(default_factory=list)
-    entropy: list[list[float]] = field(default_factory=list)
-    dominant_share: list[list[float]] = field(default_factory=list)
-    at_bounds: list[float] = field(default_factory=list)
-    coefficient_steps: list[int] = field(default_factory=list)
-    coefficients: list[list[list[float]]] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("task_names", "steps", "entropy", "dominant_share", "at_bounds",
-                                              "coefficient_steps", "coefficients")}
-
-    @classmethod
-    def from_dict(cls, state: Mapping[str, Any]) -> "AdaMergingHistory":
-        return cls(**{k: copy.deepcopy(v) for k, v in state.items()})
-
-    def record(self, step: int, entropies: Sequence[float], shares: Sequence[float], coefficients: Tensor,
-               clamp_range: tuple[float, float], snapshot: bool) -> None:
-        lam = coefficients.detach().float().cpu()
-        lo, hi = clamp_range
-        self.steps.append(int(step))
-        self.entropy.append([float(e) for e in entropies])
-        self.dominant_share.append([float(s) for s in shares])
-        self.at_bounds.append(float(((lam <= lo + 1e-6) | (lam >= hi - 1e-6)).float().mean()))
-        if snapshot:
-            self.coefficient_steps.append(int(step))
-            self.coefficients.append(lam.tolist())
 
 
 def ada_merging_loss(model: AdaMergingModel, batches: Sequence[tuple[Tensor, int]]) -> tuple[Tensor, list[float], list[float], list[int]]:
@@ -434,10 +396,6 @@ def _cycle(loader: Iterable) -> Iterator:
             raise ValueError("An unlabelled loader of AdaMerging yielded no batch.")
 
 
-def _inputs(batch: Any) -> Tensor:
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
-
-
 def fit_ada_merging(
     model: AdaMergingModel,
     loaders: Sequence[Iterable],
@@ -454,8 +412,8 @@ def fit_ada_merging(
     ``on_step(step, model, history)`` is called after each step (e.g. to evaluate)."""
     if len(loaders) != model.num_tasks:
         raise ValueError(f"Got {len(loaders)} loaders for {model.num_tasks} tasks; give one per task, in task order.")
-    if steps < 1:
-        raise ValueError(f"`steps` must be >= 1, got {steps}.")
+    check_positive_int("steps", steps)
+    check_number("lr", lr, low=0, low_open=True)
     from tqdm.auto import tqdm
 
     device = model.raw_coefficients.device
@@ -464,7 +422,7 @@ def fit_ada_merging(
     streams = [_cycle(loader) for loader in loaders]
     bar = tqdm(range(steps), desc=f"AdaMerging ({model.granularity}-wise)", disable=not progress, leave=False)
     for step in bar:
-        batches = [(_inputs(next(s)).to(device), k) for k, s in enumerate(streams)]
+        batches = [(batch_inputs(next(s)).to(device), k) for k, s in enumerate(streams)]
         loss, entropies, shares, _ = ada_merging_loss(model, batches)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -479,81 +437,13 @@ def fit_ada_merging(
     return history
 
 
-def diagnose_collapse(history: AdaMergingHistory, share_threshold: float = 0.9, bounds_threshold: float = 0.5) -> list[str]:
-    """Messages about signs of collapse in a run (empty when none):
-
-    - a task whose batches end up predicted as one class (dominant-class share >= ``share_threshold`` over the
-      last tenth of the steps) although they were not at the start: entropy minimisation made the merged model
-      confidently predict a single class;
-    - a task whose entropy fell to almost 0 (below 0.05, from above) while another's rose (by 10 % and 0.05);
-    - many coefficients (share >= ``bounds_threshold``) stuck at a clamp bound, where they get no gradient.
-    """
-    if not history.steps:
-        return []
-    messages = []
-    n = len(history.steps)
-    tail = max(1, n // 10)
-    for k, name in enumerate(history.task_names):
-        start = history.dominant_share[0][k]
-        end = sum(row[k] for row in history.dominant_share[-tail:]) / tail
-        if end >= share_threshold and start < share_threshold:
-            step = next((history.steps[i] for i in range(n) if history.dominant_share[i][k] >= share_threshold), history.steps[-1])
-            messages.append(
-                f"{name}: predictions collapsed to one class (dominant-class share {start:.2f} at the start, "
-                f"{end:.2f} at the end, first above {share_threshold} at step {step})."
-            )
-    first, last = history.entropy[0], [sum(row[k] for row in history.entropy[-tail:]) / tail for k in range(len(history.task_names))]
-    low = [k for k, (e, f) in enumerate(zip(last, first)) if e < 0.05 and f >= 0.05]
-    rose = [k for k, (e, f) in enumerate(zip(last, first)) if k not in low and e > f + max(0.05, 0.1 * f)]
-    if low and rose:
-        messages.append(
-            f"entropy went to ~0 on {[history.task_names[k] for k in low]} while it rose on "
-            f"{[history.task_names[k] for k in rose]}: the coefficients favour some tasks over others."
-        )
-    if history.at_bounds[-1] >= bounds_threshold:
-        step = next(history.steps[i] for i in range(n) if history.at_bounds[i] >= bounds_threshold)
-        messages.append(
-            f"{history.at_bounds[-1]:.0%} of the coefficients are at a clamp bound (since step {step}); clamped "
-            "coefficients get no gradient."
-        )
-    return messages
-
-
-# -- coefficients: save, load, apply, plot ----------------------------------------------------------------------------
-
-
-def save_coefficients(path: Union[str, Path], coefficients: Tensor, layer_names: Sequence[str],
-                      task_names: Sequence[str], granularity: str) -> Path:
-    """Save learned (clamped) coefficients so :func:`apply_coefficients` or the ``ModelMerging`` callback can reuse them."""
-    file = Path(path)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"coefficients": coefficients.detach().float().cpu(), "layer_names": list(layer_names),
-                "task_names": list(task_names), "granularity": granularity}, file)
-    return file
-
-
-def load_coefficients(path: Union[str, Path]) -> dict[str, Any]:
-    """Read a file written by :func:`save_coefficients` (``weights_only=True``)."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise FileNotFoundError(f"Coefficients file {file} does not exist.")
-    data = torch.load(file, map_location="cpu", weights_only=True)
-    if not isinstance(data, Mapping) or not {"coefficients", "layer_names", "task_names", "granularity"} <= data.keys():
-        raise ValueError(f"{file} is not a coefficients file (expected coefficients, layer_names, task_names, granularity).")
-    return dict(data)
+# -- merging with given coefficients ----------------------------------------------------------------------------------
 
 
 def _align_names(given: list[str], rows: list[str]) -> list[str]:
-    """``given`` with one wrapper prefix (``net.``, ...) added or stripped if that makes it equal ``rows``."""
-    if given == rows:
-        return given
-    for prefix in WRAPPER_PREFIXES:
-        stripped = [g[len(prefix):] if g.startswith(prefix) else g for g in given]
-        added = [prefix + g for g in given]
-        for candidate in (stripped, added):
-            if candidate == rows:
-                return candidate
-    return given
+    """``given`` with one wrapper prefix (``net.``, ...) added or stripped if that makes it match ``rows`` better
+    (:func:`lightning_ext.core.checkpoints.match_prefixes`)."""
+    return list(match_prefixes(dict.fromkeys(given), rows))
 
 
 def apply_coefficients(
@@ -561,22 +451,22 @@ def apply_coefficients(
     finetuned: Iterable[Source],
     coefficients: Tensor,
     layer_names: Optional[Sequence[str]] = None,
-    head_keys: Sequence[str] = (),
+    ignored_layers: Sequence[str] = (),
     max_task_vector_ratio: float = DEFAULT_MAX_TASK_VECTOR_RATIO,
-    on_foreign_base: str = "error",
+    on_foreign_base: OnForeignBase = "error",
     names: Optional[Sequence[str]] = None,
 ) -> dict[str, Tensor]:
     """Merge with given (learned) coefficients, streaming one model at a time like task arithmetic.
 
     ``coefficients`` has shape ``(1, N)`` (task-wise) or ``(layers, N)`` with ``layer_names`` naming the rows
-    (as saved by :func:`save_coefficients`); they are used as given (no clamping). Returns the merged shared
+    (as saved by :func:`~lightning_ext.merging.ada_diagnostics.save_coefficients`); they are used as given (no clamping). Returns the merged shared
     state dict (heads left out)."""
     sources = list(finetuned)
-    stream = iter_finetuned(base, sources, head_keys, max_task_vector_ratio, on_foreign_base, names)
+    stream = iter_finetuned(base, sources, ignored_layers, max_task_vector_ratio, on_foreign_base, names)
     lam = torch.as_tensor(coefficients).float().cpu()
     if lam.dim() != 2 or lam.shape[1] != len(sources):
         raise ValueError(f"`coefficients` must have shape (layers, {len(sources)}) for {len(sources)} models, got {tuple(lam.shape)}.")
-    keys = mergeable_keys(base, head_keys)
+    keys = mergeable_keys(base, ignored_layers)
     if lam.shape[0] == 1:
         row_of = {k: 0 for k in keys}
     else:
@@ -586,7 +476,7 @@ def apply_coefficients(
             first = next((f"{a!r} != {b!r}" for a, b in zip(given or [], names_rows) if a != b), "different counts")
             raise ValueError(
                 f"The layer-wise coefficients were learned for other layers than this model's ({len(given or [])} vs "
-                f"{len(names_rows)} rows; first difference: {first}). Learn them on the same architecture and head_keys."
+                f"{len(names_rows)} rows; first difference: {first}). Learn them on the same architecture and ignored_layers."
             )
     acc = {k: torch.zeros_like(base[k]) for k in keys}
     for i, (_, state) in enumerate(stream):
@@ -594,62 +484,4 @@ def apply_coefficients(
             coef = float(lam[row_of[k], i])
             acc[k].add_(state[k].to(base[k].dtype), alpha=coef).sub_(base[k], alpha=coef)
         del state
-    return {k: (acc.pop(k).add_(v) if k in acc else v.clone()) for k, v in base.items() if not is_head_key(k, head_keys)}
-
-
-def plot_coefficients(
-    path: Union[str, Path],
-    coefficients: Tensor,
-    layer_names: Sequence[str],
-    task_names: Sequence[str],
-    history: Optional[AdaMergingHistory] = None,
-    title: str = "AdaMerging coefficients",
-) -> Path:
-    """Save a PNG: the learned coefficients per layer and task (a heatmap, or bars when task-wise) and, with a
-    ``history``, the entropy per task and the mean coefficient per task over the steps."""
-    matplotlib = require("matplotlib", "plotting AdaMerging coefficients")
-    matplotlib.use("Agg")
-    plt = require("matplotlib.pyplot", "plotting AdaMerging coefficients")
-    lam = coefficients.detach().float().cpu()
-    panels = 3 if history is not None and history.steps else 1
-    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.5), squeeze=False)
-    ax = axes[0][0]
-    if lam.shape[0] == 1:
-        ax.bar(range(len(task_names)), lam[0].numpy())
-        ax.set_xticks(range(len(task_names)), task_names, rotation=30, ha="right")
-        ax.set_ylabel("coefficient")
-        ax.set_title("task-wise coefficients")
-    else:
-        image = ax.imshow(lam.numpy(), aspect="auto", interpolation="nearest", cmap="viridis", vmin=0.0, vmax=1.0)
-        ax.set_xticks(range(len(task_names)), task_names, rotation=30, ha="right")
-        step = max(1, len(layer_names) // 20)
-        ax.set_yticks(range(0, len(layer_names), step), [layer_names[i] for i in range(0, len(layer_names), step)], fontsize=6)
-        ax.set_title("layer-wise coefficients (rows: tensors)")
-        fig.colorbar(image, ax=ax)
-    if panels == 3:
-        assert history is not None
-        ax = axes[0][1]
-        for k, name in enumerate(history.task_names):
-            ax.plot(history.steps, [row[k] for row in history.entropy], label=name)
-        ax.set_xlabel("step")
-        ax.set_ylabel("mean entropy")
-        ax.set_title("entropy per task")
-        ax.legend(fontsize=7)
-        ax = axes[0][2]
-        snaps = torch.tensor(history.coefficients)  # (snapshots, layers, tasks)
-        for k, name in enumerate(history.task_names):
-            mean = snaps[:, :, k].mean(1).numpy()
-            ax.plot(history.coefficient_steps, mean, label=name)
-            ax.fill_between(history.coefficient_steps, snaps[:, :, k].min(1).values.numpy(),
-                            snaps[:, :, k].max(1).values.numpy(), alpha=0.15)
-        ax.set_xlabel("step")
-        ax.set_ylabel("coefficient (mean, min-max band)")
-        ax.set_title("coefficients over steps")
-        ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    file = Path(path)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(file, dpi=110)
-    plt.close(fig)
-    return file
+    return {k: (acc.pop(k).add_(v) if k in acc else v.clone()) for k, v in base.items() if not is_head_key(k, ignored_layers)}

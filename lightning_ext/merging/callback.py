@@ -10,38 +10,60 @@ from __future__ import annotations
 import glob
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, get_args
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
-from lightning_ext.merging.ada_merging import (
-    GRANULARITIES,
+from lightning_ext.core.io import atomic_torch_save
+from lightning_ext.core.paths import output_path
+from lightning_ext.core.strategy import refuse_sharded_strategy
+from lightning_ext.core.validation import (
+    ClosedUnitInterval,
+    PositiveFloat,
+    PositiveInt,
+    check_choice,
+    check_fraction,
+    check_number,
+    check_positive,
+    check_positive_int,
+)
+from lightning_ext.merging.ada_diagnostics import (
     AdaMergingHistory,
-    AdaMergingModel,
-    apply_coefficients,
+    check_output_paths,
     diagnose_collapse,
-    fit_ada_merging,
     load_coefficients,
     plot_coefficients,
+)
+from lightning_ext.merging.ada_merging import (
+    GRANULARITIES,
+    AdaMergingModel,
+    Granularity,
+    apply_coefficients,
+    fit_ada_merging,
 )
 from lightning_ext.merging.task_arithmetic import task_arithmetic_merge
 from lightning_ext.merging.task_vectors import (
     DEFAULT_MAX_TASK_VECTOR_RATIO,
     FOREIGN_BASE_ACTIONS,
+    OnForeignBase,
     check_same_architecture,
     is_head_key,
     read_state_dict,
+    resolve_ignored_layers,
     simple_average,
 )
-from lightning_ext.merging.ties_merging import MERGE_MODES, ties_merging_merge
-from lightning_ext.merging.module import detect_head_keys, resolve_path
+from lightning_ext.merging.ties_merging import MERGE_MODES, Density, MergeMode, check_density, ties_merging_merge
 
-METHODS = ("average", "task_arithmetic", "ties", "coefficients", "ada_merging")
-_UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
+__all__ = ["ModelMerging"]
+
+#: How ``ModelMerging`` merges (see its docstring).
+MergeMethod = Literal["average", "task_arithmetic", "ties", "coefficients", "ada_merging"]
+METHODS = get_args(MergeMethod)
 _GLOB_CHARS = set("*?[")
 
 
@@ -51,14 +73,6 @@ def _fingerprint(state: dict[str, Tensor], keys: list[str]) -> list[float]:
         v = state[k].detach().double()
         out += [float(v.sum()), float(v.pow(2).sum())]
     return out
-
-
-def _output_path(path: str, trainer: Trainer) -> Optional[Path]:
-    """``""`` -> None; a relative path is placed under the trainer's ``default_root_dir``."""
-    if not path:
-        return None
-    file = Path(path).expanduser()
-    return file if file.is_absolute() else Path(trainer.default_root_dir) / file
 
 
 def _same(a: Optional[list[float]], b: Optional[list[float]]) -> bool:
@@ -79,18 +93,20 @@ class ModelMerging(Callback):
     :math:`\theta_0` (or give ``base_checkpoint``); ``fit`` fine-tunes them on this run's task; at the end of
     ``fit`` the callback merges this run's fine-tuned weights (``include_current``) with ``checkpoints``, the
     other tasks' fine-tuned models (state dicts or Lightning checkpoints of the same LightningModule, read
-    one at a time with ``weights_only=True``; glob patterns allowed; relative paths are under the trainer's
-    ``default_root_dir``), and loads the merged weights into the module. Task-specific heads (``head_keys``; default: the module's last ``nn.Linear``) are never merged:
-    the module keeps its own head, so evaluating it afterwards measures the merged body on this run's task.
-    ``save_finetuned`` keeps this run's fine-tuned weights (taken before merging) for later runs, e.g. as
-    ``checkpoints: [tasks/*.pt]``; ``save_merged`` writes the merged state dict. ``ModelCheckpoint`` files
-    keep the fine-tuned (unmerged) weights. In ``validate``/``test``/``predict`` runs (no ``fit``), the merge
+    one at a time with ``weights_only=True``, NaN/inf refused; glob patterns allowed, ``**`` included; relative
+    paths are under the trainer's ``default_root_dir``, the root every run of a project shares), and loads the
+    merged weights into the module. Task-specific heads (``ignored_layers``: module names or globs; default: the
+    module's last ``nn.Linear``) are never merged: the module keeps its own head, so evaluating it afterwards
+    measures the merged body on this run's task. ``finetuned_path`` keeps this run's fine-tuned weights (taken
+    before merging) for later runs, which find them with e.g. ``checkpoints: ["**/tasks/*.pt"]``; ``merged_path``
+    writes the merged state dict. Output paths are relative to this run's ``trainer.log_dir``, ``None`` disables
+    them, and files are written atomically. ``ModelCheckpoint`` files keep the fine-tuned (unmerged) weights. In ``validate``/``test``/``predict`` runs (no ``fit``), the merge
     happens when the loop starts (on the weights restored from ``ckpt_path``, if any), and needs
     ``base_checkpoint``. A module that already holds this callback's merged weights is not merged twice.
 
     Methods (``method``): ``"average"`` (uniform weight average), ``"task_arithmetic"``
     (:math:`\theta_0 + \lambda\sum_k\tau_k`, ``scaling`` default 0.3), ``"ties"`` (TIES-Merging, keep the top
-    ``ties_k`` of each task vector, ``scaling`` default 1.0), ``"coefficients"`` (task- or layer-wise
+    share ``ties_density`` of each task vector, the paper's :math:`k`; ``scaling`` default 1.0), ``"coefficients"`` (task- or layer-wise
     coefficients from a file saved by the :class:`~lightning_ext.merging.module.AdaMerging` module, for
     the models in the order ``[current, *checkpoints]``), ``"ada_merging"`` (learn them here:
     ``ada_steps`` Adam steps of entropy minimisation on the unlabelled inputs of ``ada_data``, a
@@ -107,24 +123,26 @@ class ModelMerging(Callback):
 
     Args:
         checkpoints: fine-tuned checkpoints of the other tasks (paths or glob patterns; relative ones are under the
-            trainer's ``default_root_dir``, like ``save_finetuned``, so ``[tasks/*.pt]`` finds what earlier runs saved).
+            trainer's ``default_root_dir``, so ``["**/tasks/*.pt"]`` finds what earlier runs saved to ``finetuned_path``
+            in their log directories; this run's own file is skipped).
         method: ``"average"``, ``"task_arithmetic"``, ``"ties"``, ``"coefficients"`` or ``"ada_merging"``.
         scaling: :math:`\lambda` for task arithmetic (default 0.3) and TIES (default 1.0).
-        ties_k: share of each task vector kept by TIES.
+        ties_density: share of each task vector kept by TIES (the paper's :math:`k`), in (0, 1].
         ties_merge: ``"mean"`` (TIES) or ``"sum"`` of the agreeing entries.
         base_checkpoint: pretrained weights; default: the module's weights when ``fit`` starts.
         include_current: merge the module's own (fine-tuned) weights as the first model.
-        head_keys: prefixes of task-specific parameters (``None``: the last ``nn.Linear``; ``[]``: merge all).
+        ignored_layers: task-specific layers kept per task: module names or globs of the LightningModule
+            (``None``: the last ``nn.Linear``; ``[]``: merge all).
         coefficients: coefficients file for ``method: coefficients``.
         ada_data: unlabelled data of every task for ``method: ada_merging``.
         ada_steps: optimisation steps of ``ada_merging`` (the paper: 500).
         ada_lr: Adam learning rate of ``ada_merging``.
         ada_granularity: ``"layer"`` or ``"task"``.
         ada_prior: initial coefficient.
-        save_finetuned: file for this run's fine-tuned weights before merging (``""``: not saved; relative paths
-            are under the trainer's ``default_root_dir``).
-        save_merged: file for the merged state dict (``""``: not saved; relative: under ``default_root_dir``).
-        plot_path: PNG of learned coefficients for ``ada_merging`` (relative: in the log directory; ``""``: none).
+        finetuned_path: file for this run's fine-tuned weights before merging (relative to ``trainer.log_dir``;
+            ``None``: not saved).
+        merged_path: file for the merged state dict (relative to ``trainer.log_dir``; ``None``: not saved).
+        plot_path: PNG of learned coefficients for ``ada_merging`` (relative to ``trainer.log_dir``; ``None``: none).
         max_task_vector_ratio: refuse models farther than this from the base (relative norm).
         on_foreign_base: ``"error"``, ``"warn"`` or ``"ignore"``.
         progress: progress bar for ``ada_merging``.
@@ -143,47 +161,44 @@ class ModelMerging(Callback):
         >>> trainer = Trainer(max_steps=2, callbacks=[merging], logger=False, enable_checkpointing=False,
         ...                   enable_progress_bar=False, enable_model_summary=False)
         >>> trainer.fit(model := make(), datamodule=DigitsDataModule())
-        >>> merging.merged, merging.head_keys, merging.num_models
+        >>> merging.merged, merging.ignored_layers, merging.num_models
         (True, ['net.3'], 2)
     """
 
     def __init__(
         self,
         checkpoints: Optional[list[str]] = None,
-        method: str = "task_arithmetic",
+        method: MergeMethod = "task_arithmetic",
         scaling: Optional[float] = None,
-        ties_k: float = 0.2,
-        ties_merge: str = "mean",
+        ties_density: Density = 0.2,
+        ties_merge: MergeMode = "mean",
         base_checkpoint: Optional[str] = None,
         include_current: bool = True,
-        head_keys: Optional[list[str]] = None,
+        ignored_layers: Optional[list[str]] = None,
         coefficients: Optional[str] = None,
         ada_data: Optional[LightningDataModule] = None,
-        ada_steps: int = 500,
-        ada_lr: float = 1e-3,
-        ada_granularity: str = "layer",
-        ada_prior: float = 0.3,
-        save_finetuned: str = "",
-        save_merged: str = "",
-        plot_path: str = "model_merging_coefficients.png",
-        max_task_vector_ratio: float = DEFAULT_MAX_TASK_VECTOR_RATIO,
-        on_foreign_base: str = "error",
+        ada_steps: PositiveInt = 500,
+        ada_lr: PositiveFloat = 1e-3,
+        ada_granularity: Granularity = "layer",
+        ada_prior: ClosedUnitInterval = 0.3,
+        finetuned_path: Optional[str] = None,
+        merged_path: Optional[str] = None,
+        plot_path: Optional[str] = "model_merging_coefficients.png",
+        max_task_vector_ratio: PositiveFloat = DEFAULT_MAX_TASK_VECTOR_RATIO,
+        on_foreign_base: OnForeignBase = "error",
         progress: bool = True,
     ) -> None:
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
+        check_choice("method", method, METHODS)
         if isinstance(checkpoints, str):
             raise TypeError("`checkpoints` must be a list of paths (or glob patterns), not a single string.")
         checkpoints = [str(c) for c in (checkpoints or [])]
         if not checkpoints and not include_current:
             raise ValueError("Nothing to merge: give `checkpoints` or set `include_current: true`.")
-        if scaling is not None and not math.isfinite(scaling):
-            raise ValueError(f"`scaling` must be a finite number, got {scaling}.")
-        if not 0 < ties_k <= 1:
-            raise ValueError(f"`ties_k` must be in (0, 1] (0.2 keeps the top 20% of each task vector), got {ties_k}.")
-        if ties_merge not in MERGE_MODES:
-            raise ValueError(f"`ties_merge` must be one of {MERGE_MODES}, got {ties_merge!r}.")
+        if scaling is not None:
+            check_number("scaling", scaling)
+        check_density(ties_density, "ties_density")
+        check_choice("ties_merge", ties_merge, MERGE_MODES)
         if method == "coefficients" and not coefficients:
             raise ValueError("`method: coefficients` needs `coefficients`: a file saved by the AdaMerging module.")
         if method != "coefficients" and coefficients:
@@ -195,30 +210,28 @@ class ModelMerging(Callback):
             )
         if ada_data is not None and method != "ada_merging":
             raise ValueError(f"`ada_data` is only used with `method: ada_merging`, not {method!r}.")
-        if ada_steps < 1 or ada_lr <= 0:
-            raise ValueError(f"`ada_steps` must be >= 1 and `ada_lr` > 0, got {ada_steps} and {ada_lr}.")
-        if ada_granularity not in GRANULARITIES:
-            raise ValueError(f"`ada_granularity` must be one of {GRANULARITIES}, got {ada_granularity!r}.")
-        if not 0 <= ada_prior <= 1:
-            raise ValueError(f"`ada_prior` must be in [0, 1], got {ada_prior}.")
-        if max_task_vector_ratio <= 0:
-            raise ValueError(f"`max_task_vector_ratio` must be > 0, got {max_task_vector_ratio}.")
-        if on_foreign_base not in FOREIGN_BASE_ACTIONS:
-            raise ValueError(f"`on_foreign_base` must be one of {FOREIGN_BASE_ACTIONS}, got {on_foreign_base!r}.")
+        check_positive_int("ada_steps", ada_steps)
+        check_positive("ada_lr", ada_lr)
+        check_choice("ada_granularity", ada_granularity, GRANULARITIES)
+        check_fraction("ada_prior", ada_prior)
+        check_positive("max_task_vector_ratio", max_task_vector_ratio)
+        check_choice("on_foreign_base", on_foreign_base, FOREIGN_BASE_ACTIONS)
+        check_output_paths(finetuned_path=finetuned_path, merged_path=merged_path, plot_path=plot_path)
         self.checkpoints = checkpoints
         self.method = method
         self.scaling = scaling
-        self.ties_k, self.ties_merge = float(ties_k), ties_merge
+        self.ties_density, self.ties_merge = float(ties_density), ties_merge
         self.base_checkpoint = base_checkpoint
         self.include_current = include_current
-        self._head_keys_arg = list(head_keys) if head_keys is not None else None
-        self.head_keys: list[str] = []
+        self._ignored_layers_arg = list(ignored_layers) if ignored_layers is not None else None
+        self.ignored_layers: list[str] = []
         self.coefficients_file = coefficients
         self.ada_data = ada_data
         self.ada_steps, self.ada_lr = ada_steps, ada_lr
         self.ada_granularity, self.ada_prior = ada_granularity, ada_prior
-        self.save_finetuned, self.save_merged = save_finetuned, save_merged
+        self.finetuned_path, self.merged_path = finetuned_path, merged_path
         self.plot_path = plot_path
+        self._files: dict[str, Optional[Path]] = {}
         self.max_task_vector_ratio, self.on_foreign_base = max_task_vector_ratio, on_foreign_base
         self.progress = progress
         self.merged = False
@@ -231,32 +244,33 @@ class ModelMerging(Callback):
         self._merged_fingerprint: Optional[list[float]] = None
 
     @property
+    @override
     def state_key(self) -> str:
+        """Distinct per method and checkpoint list."""
         return self._generate_state_key(method=self.method, checkpoints=self.checkpoints)
 
     @property
     def default_scaling(self) -> float:
+        """The default :math:`\\lambda` of the method (0.3 for task arithmetic, 1.0 otherwise)."""
         return {"task_arithmetic": 0.3, "ties": 1.0}.get(self.method, 1.0)
 
     # -- setup: strategy, heads, base ------------------------------------------------------------------------------
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        strategy = type(trainer.strategy).__name__
-        if any(name in strategy for name in _UNSUPPORTED_STRATEGIES):
-            raise RuntimeError(
-                f"ModelMerging does not support {strategy}: it needs the full state dict on one process. Use a single "
-                "device or DDP."
-            )
-        self.head_keys = self._head_keys_arg if self._head_keys_arg is not None else detect_head_keys(pl_module)
+        """Refuse sharded strategies, resolve ``ignored_layers`` and the output paths, read the base."""
+        refuse_sharded_strategy(trainer, "ModelMerging", "merges whole state dicts on one process",
+                                error=RuntimeError)
+        self.ignored_layers = resolve_ignored_layers(pl_module, self._ignored_layers_arg)
         own = pl_module.state_dict()
-        unknown = [p for p in self.head_keys if not any(is_head_key(k, [p]) for k in own)]
-        if unknown:
-            raise ValueError(f"`head_keys` {unknown} match no parameter of {type(pl_module).__name__}; its keys look like {list(own)[:4]}.")
+        # on every rank: trainer.log_dir is a collective under DDP, and rank 0 alone writes the files
+        self._files = {name: output_path(trainer, getattr(self, name))
+                       for name in ("finetuned_path", "merged_path", "plot_path")}
         self._expand_checkpoints(trainer)  # fail early on a missing file
         if self.base_checkpoint:
             self._base = self._read_base(pl_module)
         elif stage == "fit":
             # before a resumed run restores its checkpoint: these are the weights fine-tuning started from
-            self._base = {k: v.detach().to("cpu", copy=True) for k, v in own.items() if not is_head_key(k, self.head_keys)}
+            self._base = {k: v.detach().to("cpu", copy=True) for k, v in own.items() if not is_head_key(k, self.ignored_layers)}
         if self._base is not None:
             self._base_fingerprint = _fingerprint(self._base, self._float_keys(self._base))
             if self._saved_base_fingerprint is not None:
@@ -265,9 +279,9 @@ class ModelMerging(Callback):
     def _read_base(self, pl_module: LightningModule) -> dict[str, Tensor]:
         own = pl_module.state_dict()
         state = read_state_dict(self.base_checkpoint, reference_keys=own.keys(), name=f"base_checkpoint {self.base_checkpoint}")
-        check_same_architecture(own, state, self.head_keys, reference_name=type(pl_module).__name__,
+        check_same_architecture(own, state, self.ignored_layers, reference_name=type(pl_module).__name__,
                                 other_name=f"base_checkpoint {self.base_checkpoint}")
-        return {k: state[k] for k in own if not is_head_key(k, self.head_keys)}
+        return {k: state[k] for k in own if not is_head_key(k, self.ignored_layers)}
 
     @staticmethod
     def _float_keys(state: dict[str, Tensor]) -> list[str]:
@@ -283,12 +297,13 @@ class ModelMerging(Callback):
 
     def _expand_checkpoints(self, trainer: Trainer) -> list[str]:
         paths: list[str] = []
-        own = _output_path(self.save_finetuned, trainer)
+        own = self._files.get("finetuned_path")
         own_file = str(own.resolve()) if own is not None else None
         for entry in self.checkpoints:
-            entry = str(_output_path(entry, trainer))  # relative: under default_root_dir, like the files it saves
+            file = Path(entry).expanduser()
+            entry = str(file if file.is_absolute() else Path(trainer.default_root_dir) / file)  # the runs' shared root
             if _GLOB_CHARS & set(entry):
-                found = sorted(glob.glob(entry))
+                found = sorted(glob.glob(entry, recursive=True))
                 found = [f for f in found if own_file is None or str(Path(f).resolve()) != own_file]
                 if not found:
                     rank_zero_warn(f"ModelMerging: the pattern {entry!r} matches no checkpoint.")
@@ -300,7 +315,9 @@ class ModelMerging(Callback):
         return paths
 
     # -- when to merge -----------------------------------------------------------------------------------------------
+    @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Merge this run's fine-tuned weights with the other tasks' models."""
         self._merge(trainer, pl_module)
 
     def _merge_outside_fit(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -308,19 +325,25 @@ class ModelMerging(Callback):
             return  # during fit the merge happens at the end
         self._merge(trainer, pl_module)
 
+    @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Outside ``fit``: merge before the validation loop runs."""
         self._merge_outside_fit(trainer, pl_module)
 
+    @override
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Outside ``fit``: merge before the test loop runs."""
         self._merge_outside_fit(trainer, pl_module)
 
+    @override
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Outside ``fit``: merge before the predict loop runs."""
         self._merge_outside_fit(trainer, pl_module)
 
     # -- the merge ------------------------------------------------------------------------------------------------------
     def _merge(self, trainer: Trainer, pl_module: LightningModule) -> None:
         own = pl_module.state_dict()
-        shared_float = [k for k, v in own.items() if v.is_floating_point() and not is_head_key(k, self.head_keys)]
+        shared_float = [k for k, v in own.items() if v.is_floating_point() and not is_head_key(k, self.ignored_layers)]
         if self._merged_fingerprint is not None and _same(_fingerprint(own, shared_float), self._merged_fingerprint):
             return  # the module already holds this callback's merged weights
         if self._base is None:
@@ -338,27 +361,25 @@ class ModelMerging(Callback):
         device = next((v.device for v in own.values()), torch.device("cpu"))
         result = pl_module.load_state_dict({k: v.to(device) for k, v in merged.items()}, strict=False)
         unexpected = list(result.unexpected_keys)
-        left = [k for k in result.missing_keys if not is_head_key(k, self.head_keys)]
+        left = [k for k in result.missing_keys if not is_head_key(k, self.ignored_layers)]
         if unexpected or left:
             raise RuntimeError(f"ModelMerging: the merged weights do not fit the module (missing {left[:3]}, unexpected {unexpected[:3]}).")
         self._merged_fingerprint = _fingerprint(pl_module.state_dict(), shared_float)
         self.merged = True
-        merged_file = _output_path(self.save_merged, trainer)
+        merged_file = self._files.get("merged_path")
         if trainer.is_global_zero and merged_file is not None:
-            merged_file.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({k: v.detach().cpu() for k, v in pl_module.state_dict().items()}, merged_file)
+            atomic_torch_save({k: v.detach().cpu() for k, v in pl_module.state_dict().items()}, merged_file)
         rank_zero_info(
             f"ModelMerging: merged {self.num_models} model(s) with {self.method} into {type(pl_module).__name__} "
-            f"(heads kept per task: {self.head_keys})."
+            f"(heads kept per task: {self.ignored_layers})."
         )
 
     def _compute(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Tensor]:
         assert self._base is not None
         current = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
-        finetuned_file = _output_path(self.save_finetuned, trainer)
+        finetuned_file = self._files.get("finetuned_path")
         if finetuned_file is not None and trainer.state.fn == TrainerFn.FITTING:
-            finetuned_file.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(current, finetuned_file)
+            atomic_torch_save(current, finetuned_file)
         paths = self._expand_checkpoints(trainer)
         sources: list[Any] = ([current] if self.include_current else []) + paths
         names = (["this run's model"] if self.include_current else []) + [f"checkpoint {p}" for p in paths]
@@ -367,15 +388,15 @@ class ModelMerging(Callback):
         if len(sources) == 1:
             rank_zero_warn("ModelMerging: merging a single model (no other checkpoint found); the result only rescales its task vector.")
         self.num_models = len(sources)
-        base = {**self._base, **{k: v for k, v in current.items() if is_head_key(k, self.head_keys)}}
-        common = dict(head_keys=self.head_keys, max_task_vector_ratio=self.max_task_vector_ratio,
+        base = {**self._base, **{k: v for k, v in current.items() if is_head_key(k, self.ignored_layers)}}
+        common = dict(ignored_layers=self.ignored_layers, max_task_vector_ratio=self.max_task_vector_ratio,
                       on_foreign_base=self.on_foreign_base, names=names)
         if self.method == "average":
             return simple_average(sources, base=base, **common)
         if self.method == "task_arithmetic":
             return task_arithmetic_merge(base, sources, self.scaling if self.scaling is not None else 0.3, **common)
         if self.method == "ties":
-            return ties_merging_merge(base, sources, self.ties_k, self.scaling if self.scaling is not None else 1.0,
+            return ties_merging_merge(base, sources, self.ties_density, self.scaling if self.scaling is not None else 1.0,
                                       self.ties_merge, **common)
         if self.method == "coefficients":
             assert self.coefficients_file is not None
@@ -410,20 +431,20 @@ class ModelMerging(Callback):
                         v.copy_(self._base[k].to(v.device))
             task_names = getattr(data, "task_names", None) or [f"model{i}" for i in range(len(sources))]
             merger = AdaMergingModel.from_finetuned(
-                pl_module, sources, self.head_keys, granularity=self.ada_granularity, prior=self.ada_prior,
+                pl_module, sources, self.ignored_layers, granularity=self.ada_granularity, prior=self.ada_prior,
                 task_names=task_names, max_task_vector_ratio=self.max_task_vector_ratio,
                 on_foreign_base=self.on_foreign_base,
             )
             self.history = fit_ada_merging(merger, loaders, self.ada_steps, self.ada_lr, progress=self.progress)
             lam = merger.coefficients().detach().cpu()
-            merged = {k: v.cpu() for k, v in merger.merged_state_dict().items() if not is_head_key(k, self.head_keys)}
+            merged = {k: v.cpu() for k, v in merger.merged_state_dict().items() if not is_head_key(k, self.ignored_layers)}
             layer_names = list(merger.layer_names)
             del merger
             done = True
         finally:
             with torch.no_grad():  # the module's own head always, and everything if the merge failed
                 for k, v in pl_module.state_dict().items():
-                    if not done or is_head_key(k, self.head_keys):
+                    if not done or is_head_key(k, self.ignored_layers):
                         v.copy_(current[k].to(v.device))
             for p, flag in flags:
                 p.requires_grad_(flag)
@@ -432,7 +453,7 @@ class ModelMerging(Callback):
         self.learned_coefficients = lam
         for message in diagnose_collapse(self.history):
             rank_zero_warn(f"ModelMerging (ada_merging): possible collapse: {message}")
-        plot_file = resolve_path(self.plot_path, trainer)
+        plot_file = self._files.get("plot_path")
         if plot_file is not None:
             plot_coefficients(plot_file, lam, layer_names, task_names, self.history,
                               title=f"ModelMerging: AdaMerging ({self.ada_granularity}-wise)")
@@ -441,7 +462,9 @@ class ModelMerging(Callback):
         return merged
 
     # -- state --------------------------------------------------------------------------------------------------------
+    @override
     def state_dict(self) -> dict[str, Any]:
+        """Fingerprints of the base and of the merged weights, the learned coefficients and the history."""
         return {
             "method": self.method,
             "base_fingerprint": self._base_fingerprint,
@@ -452,7 +475,9 @@ class ModelMerging(Callback):
             "history": self.history.to_dict() if self.history is not None else None,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the state; a resumed run must start from the same base (checked)."""
         if state_dict.get("method", self.method) != self.method:
             raise ValueError(
                 f"The checkpoint's ModelMerging state was saved with method={state_dict['method']!r}, this callback has "

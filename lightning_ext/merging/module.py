@@ -10,42 +10,36 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
+from typing_extensions import override
 
-from lightning_ext.merging.ada_merging import (
-    GRANULARITIES,
+from lightning_ext.core.paths import output_path
+from lightning_ext.core.strategy import refuse_sharded_strategy
+from lightning_ext.core.validation import (
+    ClosedUnitInterval,
+    PositiveFloat,
+    PositiveInt,
+    check_choice,
+    check_fraction,
+    check_positive,
+    check_positive_int,
+)
+from lightning_ext.merging.ada_diagnostics import (
     AdaMergingHistory,
-    AdaMergingModel,
-    ada_merging_loss,
+    check_output_paths,
     diagnose_collapse,
     plot_coefficients,
     save_coefficients,
 )
-from lightning_ext.merging.task_vectors import DEFAULT_MAX_TASK_VECTOR_RATIO, FOREIGN_BASE_ACTIONS
+from lightning_ext.merging.ada_merging import GRANULARITIES, AdaMergingModel, Granularity, ada_merging_loss
+from lightning_ext.merging.task_vectors import (
+    DEFAULT_MAX_TASK_VECTOR_RATIO,
+    FOREIGN_BASE_ACTIONS,
+    OnForeignBase,
+    resolve_ignored_layers,
+)
+from lightning_ext.merging.ties_merging import Density, check_density
 
-_UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
-
-
-def detect_head_keys(network: nn.Module) -> list[str]:
-    """The classifier head of ``network``: the last ``nn.Linear`` in module order (``["classifier.1"]`` for
-    torchvision's MobileNetV2, ``["net.fc"]`` for an ``ImageClassifier`` with a ResNet)."""
-    linears = [name for name, m in network.named_modules() if isinstance(m, nn.Linear) and name]
-    if not linears:
-        raise ValueError(
-            "Could not find the classifier head (no nn.Linear layer); set `head_keys` to the prefix of the "
-            "task-specific parameters (e.g. ['head'] or ['net.classifier'])."
-        )
-    return [linears[-1]]
-
-
-def resolve_path(path: str, trainer: Any) -> Optional[Path]:
-    """``""`` -> None; a relative path is placed in the trainer's log directory (or default_root_dir)."""
-    if not path:
-        return None
-    file = Path(path).expanduser()
-    if file.is_absolute() or trainer is None:
-        return file
-    root = getattr(trainer, "log_dir", None) or getattr(trainer, "default_root_dir", None) or "."
-    return Path(root) / file
+__all__ = ["AdaMerging"]
 
 
 class AdaMerging(LightningModule):
@@ -77,8 +71,8 @@ class AdaMerging(LightningModule):
     Logged: ``train_entropy`` (and ``train_entropy/<task>``), ``coef_mean/<task>``, ``coef_at_bounds`` (share of
     coefficients at a clamp bound). At the end of ``fit`` (rank 0) the coefficients are saved to
     ``coefficients_path`` (usable by the ``ModelMerging`` callback) and plotted per layer and task, with the
-    entropy and coefficient curves, to ``plot_path``; relative paths go to the trainer's log directory, ``""``
-    disables either.
+    entropy and coefficient curves, to ``plot_path``; relative paths go to the trainer's log directory
+    (``trainer.log_dir``), ``None`` disables either. Both files are written atomically.
 
     Supported: single device and DDP (coefficient gradients are averaged across ranks by DDP). Refused in
     ``setup``: FSDP, DeepSpeed, model-parallel and XLA strategies.
@@ -87,17 +81,19 @@ class AdaMerging(LightningModule):
         network: the architecture with the pretrained weights (YAML: ``class_path``/``init_args``).
         checkpoints: fine-tuned checkpoints, one per task, in task order.
         base_checkpoint: pretrained weights to load into ``network`` first (its head may differ).
-        head_keys: prefixes of the task-specific parameters (``None``: the last ``nn.Linear``, see
-            :func:`detect_head_keys`).
+        ignored_layers: the task-specific layers (heads) each task keeps: module names or globs of ``network``
+            (``None``: the last ``nn.Linear``, see :func:`~lightning_ext.merging.task_vectors.default_ignored_layers`;
+            ``[]``: merge every layer).
         task_names: names for logs (default: the checkpoint file stems).
         granularity: ``"layer"`` or ``"task"``.
         prior: initial coefficient value.
         lr: Adam learning rate.
-        ties_k: AdaMerging++: TIES-process the task vectors first, keeping this share (0.2) of each.
+        ties_density: AdaMerging++: TIES-process the task vectors first, keeping this share of each (the TIES
+            paper's :math:`k`, e.g. 0.2); ``None``: plain AdaMerging.
         max_task_vector_ratio: refuse fine-tuned models farther than this from the base (relative norm).
         on_foreign_base: ``"error"``, ``"warn"`` or ``"ignore"`` for such models.
-        plot_path: PNG of the coefficients and curves (``""`` disables).
-        coefficients_path: file of the learned coefficients (``""`` disables).
+        plot_path: PNG of the coefficients and curves (relative to ``trainer.log_dir``; ``None`` disables).
+        coefficients_path: file of the learned coefficients (relative to ``trainer.log_dir``; ``None`` disables).
         record_every_n_steps: coefficient snapshots for the plot and the history every this many steps.
 
     Example:
@@ -109,8 +105,8 @@ class AdaMerging(LightningModule):
         >>> for i in range(2):
         ...     state = {k: v + 0.01 * torch.randn_like(v) for k, v in net.state_dict().items()}
         ...     paths.append(os.path.join(tmp, f"task{i}.pt")); torch.save(state, paths[-1])
-        >>> model = AdaMerging(net, paths, plot_path="", coefficients_path="")
-        >>> model.head_keys, model.task_names, model.merger.coefficients().shape
+        >>> model = AdaMerging(net, paths, plot_path=None, coefficients_path=None)
+        >>> model.ignored_layers, model.task_names, model.merger.coefficients().shape
         (['3'], ['task0', 'task1'], torch.Size([2, 2]))
     """
 
@@ -119,51 +115,48 @@ class AdaMerging(LightningModule):
         network: nn.Module,
         checkpoints: list[str],
         base_checkpoint: Optional[str] = None,
-        head_keys: Optional[list[str]] = None,
+        ignored_layers: Optional[list[str]] = None,
         task_names: Optional[list[str]] = None,
-        granularity: str = "layer",
-        prior: float = 0.3,
-        lr: float = 1e-3,
-        ties_k: Optional[float] = None,
-        max_task_vector_ratio: float = DEFAULT_MAX_TASK_VECTOR_RATIO,
-        on_foreign_base: str = "error",
-        plot_path: str = "ada_merging_coefficients.png",
-        coefficients_path: str = "ada_merging_coefficients.pt",
-        record_every_n_steps: int = 10,
+        granularity: Granularity = "layer",
+        prior: ClosedUnitInterval = 0.3,
+        lr: PositiveFloat = 1e-3,
+        ties_density: Optional[Density] = None,
+        max_task_vector_ratio: PositiveFloat = DEFAULT_MAX_TASK_VECTOR_RATIO,
+        on_foreign_base: OnForeignBase = "error",
+        plot_path: Optional[str] = "ada_merging_coefficients.png",
+        coefficients_path: Optional[str] = "ada_merging_coefficients.pt",
+        record_every_n_steps: PositiveInt = 10,
     ) -> None:
         super().__init__()
         if not isinstance(network, nn.Module):
             raise TypeError(f"`network` must be an nn.Module, got {type(network).__name__}.")
         if isinstance(checkpoints, (str, Path)) or not checkpoints:
             raise ValueError("`checkpoints` must be a non-empty list of fine-tuned checkpoint paths, one per task.")
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"`granularity` must be one of {GRANULARITIES}, got {granularity!r}.")
-        if not 0.0 <= prior <= 1.0:
-            raise ValueError(f"`prior` must be in [0, 1] (coefficients are clamped to it), got {prior}.")
-        if lr <= 0:
-            raise ValueError(f"`lr` must be > 0, got {lr}.")
-        if ties_k is not None and not 0 < ties_k <= 1:
-            raise ValueError(f"`ties_k` must be in (0, 1] (0.2 keeps the top 20%) or null, got {ties_k}.")
-        if max_task_vector_ratio <= 0:
-            raise ValueError(f"`max_task_vector_ratio` must be > 0, got {max_task_vector_ratio}.")
-        if on_foreign_base not in FOREIGN_BASE_ACTIONS:
-            raise ValueError(f"`on_foreign_base` must be one of {FOREIGN_BASE_ACTIONS}, got {on_foreign_base!r}.")
-        if record_every_n_steps < 1:
-            raise ValueError(f"`record_every_n_steps` must be >= 1, got {record_every_n_steps}.")
+        check_choice("granularity", granularity, GRANULARITIES)
+        check_fraction("prior", prior)  # coefficients are clamped to [0, 1]
+        check_positive("lr", lr)
+        if ties_density is not None:
+            check_density(ties_density, "ties_density")
+        check_positive("max_task_vector_ratio", max_task_vector_ratio)
+        check_choice("on_foreign_base", on_foreign_base, FOREIGN_BASE_ACTIONS)
+        check_positive_int("record_every_n_steps", record_every_n_steps)
+        check_output_paths(plot_path=plot_path, coefficients_path=coefficients_path)
         if task_names is not None and len(task_names) != len(checkpoints):
             raise ValueError(f"Got {len(task_names)} task names for {len(checkpoints)} checkpoints; give one per checkpoint.")
         self.save_hyperparameters(ignore=["network"])
-        self.head_keys = list(head_keys) if head_keys is not None else detect_head_keys(network)
+        self.ignored_layers = resolve_ignored_layers(network, ignored_layers)
         self.task_names = [str(n) for n in task_names] if task_names is not None else [Path(str(c)).stem for c in checkpoints]
         if len(set(self.task_names)) != len(self.task_names):
             self.task_names = [f"{n}_{i}" for i, n in enumerate(self.task_names)]
         self.merger = AdaMergingModel.from_finetuned(
-            network, [str(c) for c in checkpoints], self.head_keys, base=base_checkpoint, ties_k=ties_k,
+            network, [str(c) for c in checkpoints], self.ignored_layers, base=base_checkpoint, ties_density=ties_density,
             granularity=granularity, prior=prior, task_names=self.task_names,
             max_task_vector_ratio=max_task_vector_ratio, on_foreign_base=on_foreign_base,
         )
         self.lr = lr
         self.plot_path, self.coefficients_path = plot_path, coefficients_path
+        self._plot_file: Optional[Path] = None
+        self._coefficients_file: Optional[Path] = None
         self.record_every_n_steps = record_every_n_steps
         self.history = AdaMergingHistory(list(self.task_names))
         self.val_acc = nn.ModuleList(MeanMetric() for _ in self.task_names)
@@ -173,7 +166,9 @@ class AdaMerging(LightningModule):
     def num_tasks(self) -> int:
         return self.merger.num_tasks
 
+    @override
     def forward(self, x: Tensor, task: int = 0) -> Tensor:
+        """The merged network on ``x`` with the head of ``task``."""
         return self.merger(x, task)
 
     def coefficients(self) -> Tensor:
@@ -189,12 +184,14 @@ class AdaMerging(LightningModule):
         return self.merger.export(task)
 
     # -- checks --------------------------------------------------------------------------------------------------
+    @override
     def setup(self, stage: str) -> None:
-        strategy = type(self.trainer.strategy).__name__
-        if any(name in strategy for name in _UNSUPPORTED_STRATEGIES):
-            raise RuntimeError(
-                f"AdaMerging does not support {strategy}: the task vectors are not sharded. Use a single device or DDP."
-            )
+        """Refuse sharded strategies and a datamodule with another task count; resolve the output paths."""
+        refuse_sharded_strategy(self.trainer, "AdaMerging", "keeps every task vector whole on each process",
+                                error=RuntimeError)
+        # on every rank: trainer.log_dir is a collective under DDP
+        self._plot_file = output_path(self.trainer, self.plot_path)
+        self._coefficients_file = output_path(self.trainer, self.coefficients_path)
         dm = self.trainer.datamodule
         tasks = getattr(dm, "num_tasks", None)
         if tasks is not None and tasks != self.num_tasks:
@@ -204,7 +201,9 @@ class AdaMerging(LightningModule):
             )
 
     # -- steps ---------------------------------------------------------------------------------------------------
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """The summed entropy over one unlabelled batch of each task; logs entropies and coefficients."""
         if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], (int, Tensor)) and not isinstance(batch[0], (tuple, list)):
             batch = [batch]  # a single (x, task) pair
         pairs = [(x, int(task)) for x, task in batch]
@@ -230,10 +229,14 @@ class AdaMerging(LightningModule):
         logits = self.merger(x, dataloader_idx)
         getattr(self, f"{stage}_acc")[dataloader_idx].update((logits.argmax(dim=1) == y).float())
 
+    @override
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Accuracy of the merged model on task ``dataloader_idx``."""
         self._eval_step(batch, dataloader_idx, "val")
 
+    @override
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Accuracy of the merged model on task ``dataloader_idx``."""
         self._eval_step(batch, dataloader_idx, "test")
 
     def _log_accuracy(self, stage: str) -> None:
@@ -249,26 +252,33 @@ class AdaMerging(LightningModule):
         if values:
             self.log(f"{stage}_acc", torch.stack(values).mean(), prog_bar=True, add_dataloader_idx=False)
 
+    @override
     def on_validation_epoch_end(self) -> None:
+        """Log ``val_acc/<task>`` and their mean ``val_acc``."""
         self._log_accuracy("val")
 
+    @override
     def on_test_epoch_end(self) -> None:
+        """Log ``test_acc/<task>`` and their mean ``test_acc``."""
         self._log_accuracy("test")
 
+    @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Adam on the coefficients (betas 0.9/0.999, no weight decay), as in the paper."""
         return torch.optim.Adam([self.merger.raw_coefficients], lr=self.lr, betas=(0.9, 0.999), weight_decay=0.0)
 
     # -- results -------------------------------------------------------------------------------------------------
+    @override
     def on_fit_end(self) -> None:
+        """Warn on signs of collapse; save the coefficients and the plot (rank 0)."""
         if not self.trainer.is_global_zero:
             return
         for message in diagnose_collapse(self.history):
             rank_zero_warn(f"AdaMerging: possible collapse: {message}")
         lam = self.merger.coefficients().detach().cpu()
-        coefficients_file = resolve_path(self.coefficients_path, self.trainer)
+        coefficients_file, plot_file = self._coefficients_file, self._plot_file
         if coefficients_file is not None:
             save_coefficients(coefficients_file, lam, self.merger.layer_names, self.task_names, self.merger.granularity)
-        plot_file = resolve_path(self.plot_path, self.trainer)
         if plot_file is not None:
             plot_coefficients(plot_file, lam, self.merger.layer_names, self.task_names, self.history,
                               title=f"AdaMerging ({self.merger.granularity}-wise)")
@@ -276,10 +286,14 @@ class AdaMerging(LightningModule):
         if saved:
             rank_zero_info(f"AdaMerging: saved {', '.join(saved)}.")
 
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the run's history beside the coefficients."""
         checkpoint["ada_merging_history"] = self.history.to_dict()
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the run's history."""
         state = checkpoint.get("ada_merging_history")
         if state is not None:
             self.history = AdaMergingHistory.from_dict(state)

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torch.utils.data._utils.collate import default_collate
+from typing_extensions import override
 
-SPLITS = ("train", "val", "test")
+from lightning_ext.core.sampling import EpochSampler
+from lightning_ext.core.validation import NonNegativeInt, PositiveInt, check_choice, check_number, check_positive_int
+
+__all__ = ["MultiTaskDataModule", "prepare_images"]
+
+#: A split of the tasks' DataModules.
+Split = Literal["train", "val", "test"]
+SPLITS = get_args(Split)
 
 
 def prepare_images(x: Tensor, image_size: Optional[Sequence[int]] = None, in_chans: Optional[int] = None) -> Tensor:
@@ -84,35 +93,25 @@ class _RoundRobinSteps(Dataset):
         return batch
 
 
-class _EpochSampler(DistributedSampler):
-    """Yields the steps ``epoch * length + step`` of the current epoch; under DDP rank ``r`` of ``W`` takes steps
-    ``r, r + W, ...`` (padded by wrapping so every rank runs as many steps).
+class _StepSampler(EpochSampler):
+    """:class:`~lightning_ext.core.sampling.EpochSampler` over the steps of an epoch, unshuffled and offset by the
+    epoch: it yields the global step numbers ``epoch * length + step`` (rank ``r`` of ``W`` takes steps
+    ``r, r + W, ...``, padded by wrapping so every rank runs as many steps).
 
-    A ``DistributedSampler`` so that Lightning neither wraps it nor shuffles it: Lightning's wrapper for other
-    samplers shuffles training steps and never forwards ``set_epoch``, so under DDP every epoch replayed the first
-    epoch's inputs in another order. With ``W`` ranks and batch ``B / W``, the ranks together see exactly the
-    inputs one process sees with batch ``B`` (when ``length`` is a multiple of ``W``).
+    The plain sampler yields ``0..length-1`` every epoch; :class:`_RoundRobinSteps` needs the global step, because
+    each task's inputs come from a stream of seeded permutations indexed by it (so an epoch's batches are a
+    function of its number, and every epoch sees new inputs). As a ``DistributedSampler``, Lightning neither wraps
+    nor shuffles it and calls its ``set_epoch``. With ``W`` ranks and batch ``B / W``, the ranks together see
+    exactly the inputs one process sees with batch ``B`` (when ``length`` is a multiple of ``W``).
     """
 
-    def __init__(self, length: int, num_replicas: int = 1, rank: int = 0) -> None:  # noqa: D107 - no super().__init__
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is not in [0, {num_replicas}).")
-        self.length, self.num_replicas, self.rank, self.epoch = length, num_replicas, rank, 0
-        self.num_samples = -(-length // num_replicas)
+    def __init__(self, length: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(length, shuffle=False, rank=rank, world_size=num_replicas)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self) -> Iterator[int]:
-        # a generator reads the epoch at the first step, not when the iterator is made: a resumed Lightning run
-        # creates the iterator before it calls set_epoch (with num_workers > 0 the indices are taken earlier)
-        first = self.epoch * self.length
-        steps = list(range(self.length))
-        steps += steps[: self.num_samples * self.num_replicas - self.length]
-        yield from (first + step for step in steps[self.rank::self.num_replicas])
+    @override
+    def indices(self) -> np.ndarray:
+        """This rank's global step numbers for the current epoch (read when iteration starts)."""
+        return super().indices() + self.epoch * self.num_samples_total
 
 
 class _Collate:
@@ -170,34 +169,36 @@ class MultiTaskDataModule(LightningDataModule):
         self,
         tasks: list[LightningDataModule],
         task_names: Optional[list[str]] = None,
-        adapt_split: str = "test",
-        batch_size: int = 32,
-        eval_batch_size: int = 256,
-        steps_per_epoch: Optional[int] = None,
-        image_size: Optional[Union[int, list[int]]] = None,
-        in_chans: Optional[int] = None,
+        adapt_split: Split = "test",
+        batch_size: PositiveInt = 32,
+        eval_batch_size: PositiveInt = 256,
+        steps_per_epoch: Optional[PositiveInt] = None,
+        image_size: Optional[Union[PositiveInt, list[PositiveInt]]] = None,
+        in_chans: Optional[PositiveInt] = None,
         seed: int = 0,
-        num_workers: int = 0,
+        num_workers: NonNegativeInt = 0,
     ) -> None:
         super().__init__()
         if not tasks:
             raise ValueError("`tasks` must list at least one DataModule (one per task).")
         if not all(isinstance(t, LightningDataModule) for t in tasks):
             raise TypeError("`tasks` must be LightningDataModules (YAML: class_path/init_args entries).")
-        if adapt_split not in SPLITS:
-            raise ValueError(f"`adapt_split` must be one of {SPLITS}, got {adapt_split!r}.")
-        if batch_size < 1 or eval_batch_size < 1:
-            raise ValueError(f"`batch_size` and `eval_batch_size` must be >= 1, got {batch_size} and {eval_batch_size}.")
-        if steps_per_epoch is not None and steps_per_epoch < 1:
-            raise ValueError(f"`steps_per_epoch` must be >= 1, got {steps_per_epoch}.")
-        if in_chans is not None and in_chans < 1:
-            raise ValueError(f"`in_chans` must be >= 1, got {in_chans}.")
-        if num_workers < 0:
-            raise ValueError(f"`num_workers` must be >= 0, got {num_workers}.")
+        check_choice("adapt_split", adapt_split, SPLITS)
+        check_positive_int("batch_size", batch_size)
+        check_positive_int("eval_batch_size", eval_batch_size)
+        if steps_per_epoch is not None:
+            check_positive_int("steps_per_epoch", steps_per_epoch)
+        if in_chans is not None:
+            check_positive_int("in_chans", in_chans)
+        check_number("num_workers", num_workers, low=0, integer=True)
+        check_number("seed", seed, integer=True)
         if isinstance(image_size, int):
             image_size = [image_size, image_size]
-        if image_size is not None and (len(image_size) != 2 or min(image_size) < 1):
-            raise ValueError(f"`image_size` must be an int or [height, width] of positive sizes, got {image_size}.")
+        if image_size is not None:
+            if len(image_size) != 2:
+                raise ValueError(f"image_size must be an int or [height, width], got {image_size}.")
+            for size in image_size:
+                check_positive_int("image_size", size)
         self.tasks = list(tasks)
         if task_names is None:
             names = [type(t).__name__ for t in self.tasks]
@@ -222,11 +223,15 @@ class MultiTaskDataModule(LightningDataModule):
         """Classes per task (``None`` where a DataModule does not say)."""
         return [getattr(t, "num_classes", None) for t in self.tasks]
 
+    @override
     def prepare_data(self) -> None:
+        """Prepare every task's DataModule."""
         for task in self.tasks:
             task.prepare_data()
 
+    @override
     def setup(self, stage: Optional[str] = None) -> None:
+        """Set up every task and collect its train/val/test datasets (once)."""
         if self._datasets is not None:
             return
         datasets: dict[str, list[Dataset]] = {s: [] for s in SPLITS}
@@ -254,7 +259,9 @@ class MultiTaskDataModule(LightningDataModule):
             raise RuntimeError("MultiTaskDataModule: call setup() first.")
         return self._datasets
 
+    @override
     def train_dataloader(self) -> DataLoader:
+        """One step per item: ``[(inputs of task k, k) for each task]``, sharded across ranks by step."""
         datasets = self._require()[self.adapt_split]
         steps = self.steps_per_epoch or max(-(-len(d) // self.batch_size) for d in datasets)
         dataset = _RoundRobinSteps(datasets, self.batch_size, steps, self.seed, self.image_size, self.in_chans)
@@ -262,7 +269,7 @@ class MultiTaskDataModule(LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
             world, rank = trainer.world_size, trainer.global_rank
-        return DataLoader(dataset, batch_size=None, sampler=_EpochSampler(steps, world, rank), num_workers=self.num_workers,
+        return DataLoader(dataset, batch_size=None, sampler=_StepSampler(steps, world, rank), num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
@@ -270,16 +277,19 @@ class MultiTaskDataModule(LightningDataModule):
         return [DataLoader(d, batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate,
                            num_workers=self.num_workers) for d in self._require()[split]]
 
+    @override
     def val_dataloader(self) -> list[DataLoader]:
+        """One labelled loader per task, in task order."""
         return self._eval_loaders("val")
 
+    @override
     def test_dataloader(self) -> list[DataLoader]:
+        """One labelled loader per task, in task order."""
         return self._eval_loaders("test")
 
-    def eval_dataloader(self, task: int, split: str = "test") -> DataLoader:
+    def eval_dataloader(self, task: int, split: Split = "test") -> DataLoader:
         """The labelled loader of one task's ``split`` (for evaluation outside a Trainer)."""
-        if split not in SPLITS:
-            raise ValueError(f"`split` must be one of {SPLITS}, got {split!r}.")
+        check_choice("split", split, SPLITS)
         return self._eval_loaders(split)[task]
 
     def unlabelled_dataloader(self, task: int, split: Optional[str] = None, batch_size: Optional[int] = None,

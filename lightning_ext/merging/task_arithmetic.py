@@ -21,6 +21,7 @@ from torch import Tensor
 
 from lightning_ext.merging.task_vectors import (
     DEFAULT_MAX_TASK_VECTOR_RATIO,
+    OnForeignBase,
     Source,
     StateDict,
     is_head_key,
@@ -35,9 +36,9 @@ def task_arithmetic_merge(
     base: StateDict,
     finetuned: Iterable[Source],
     scaling: Union[float, Sequence[float]] = 0.3,
-    head_keys: Sequence[str] = (),
+    ignored_layers: Sequence[str] = (),
     max_task_vector_ratio: float = DEFAULT_MAX_TASK_VECTOR_RATIO,
-    on_foreign_base: str = "error",
+    on_foreign_base: OnForeignBase = "error",
     names: Optional[Sequence[str]] = None,
 ) -> dict[str, Tensor]:
     r"""Merge fine-tuned models by task arithmetic; returns the merged shared (non-head) state dict.
@@ -51,7 +52,7 @@ def task_arithmetic_merge(
         finetuned: fine-tuned state dicts or paths (state dict or Lightning checkpoint, read with
             ``weights_only=True``), all fine-tuned from ``base``.
         scaling: :math:`\lambda` (one number), or one :math:`\lambda_k` per model.
-        head_keys: prefixes of task-specific keys; left out of the result (each task keeps its head).
+        ignored_layers: prefixes of task-specific keys; left out of the result (each task keeps its head).
         max_task_vector_ratio: refuse a model farther than this from the base (relative norm); see
             :func:`~lightning_ext.merging.task_vectors.check_base_distance`.
         on_foreign_base: ``"error"``, ``"warn"`` or ``"ignore"`` for such a model.
@@ -60,18 +61,18 @@ def task_arithmetic_merge(
     Example:
         >>> base = {"w": torch.tensor([1.0, 1.0]), "head": torch.zeros(3)}
         >>> ft = [{"w": torch.tensor([1.2, 1.0]), "head": torch.ones(3)}, {"w": torch.tensor([1.0, 0.9]), "head": torch.ones(3)}]
-        >>> task_arithmetic_merge(base, ft, scaling=1.0, head_keys=["head"])
+        >>> task_arithmetic_merge(base, ft, scaling=1.0, ignored_layers=["head"])
         {'w': tensor([1.2000, 0.9000])}
     """
     sources = list(finetuned)
-    stream = iter_finetuned(base, sources, head_keys, max_task_vector_ratio, on_foreign_base, names)
+    stream = iter_finetuned(base, sources, ignored_layers, max_task_vector_ratio, on_foreign_base, names)
     if isinstance(scaling, (int, float)):
         coefs = [float(scaling)] * len(sources)
     else:
         coefs = [float(s) for s in scaling]
         if len(coefs) != len(sources):
             raise ValueError(f"Got {len(coefs)} scaling coefficients for {len(sources)} models; give one per model.")
-    keys = mergeable_keys(base, head_keys)
+    keys = mergeable_keys(base, ignored_layers)
     acc = {k: torch.zeros_like(base[k]) for k in keys}
     for coef, (_, state) in zip(coefs, stream):
         for k in keys:
@@ -80,7 +81,7 @@ def task_arithmetic_merge(
         del state
     merged: dict[str, Tensor] = {}
     for k, v in base.items():
-        if is_head_key(k, head_keys):
+        if is_head_key(k, ignored_layers):
             continue
         merged[k] = acc.pop(k).add_(v) if k in acc else v.clone()
     return merged

@@ -8,13 +8,15 @@ Arithmetic*, ICLR 2023, arXiv:2212.04089, https://github.com/mlfoundations/task_
 Conventions shared by every merging function of :mod:`lightning_ext.merging`:
 
 - **Sources.** A fine-tuned model is given as a state dict or as a path to one (a ``torch.save``'d state dict
-  or a Lightning checkpoint, whose ``"state_dict"`` is used). Paths are read with
-  ``torch.load(map_location="cpu", weights_only=True)``, one at a time, only when needed, so merging N models
-  does not hold N models in memory (see each function for what it holds).
-- **Heads.** ``head_keys`` lists key prefixes of task-specific parts (``["classifier"]`` matches
-  ``classifier.weight`` and ``classifier.1.bias``). They are never merged, their shapes may differ between
-  tasks (a 10-class and a 4-class head), and they are *not* in a merged state dict: each task keeps its own
-  head (:func:`split_head` extracts it).
+  or a Lightning checkpoint, whose ``"state_dict"`` is used). Paths are read by :mod:`lightning_ext.core.checkpoints`
+  (``torch.load(map_location="cpu", weights_only=True)``), one at a time, only when needed, so merging N models
+  does not hold N models in memory (see each function for what it holds); a model holding NaN or infinity is
+  refused (:func:`read_state_dict`).
+- **Heads.** ``ignored_layers`` lists the task-specific layers: module names or globs (``["classifier"]`` matches
+  ``classifier.weight`` and ``classifier.1.bias``; ``["heads.*"]`` every layer under ``heads``). They are never
+  merged, their shapes may differ between tasks (a 10-class and a 4-class head), and they are *not* in a merged
+  state dict: each task keeps its own head (:func:`split_head` extracts it). The Lightning wrappers resolve the
+  names against the module first (:func:`resolve_ignored_layers`), so a name matching nothing is refused.
 - **What is merged.** Every floating-point entry of the base state dict that is not a head, parameters and
   floating buffers (BatchNorm running statistics) alike; integer buffers (``num_batches_tracked``) are
   copied from the base.
@@ -27,17 +29,21 @@ Conventions shared by every merging function of :mod:`lightning_ext.merging`:
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional, get_args
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from lightning_ext.core.checkpoints import Source, read_state_dict
+from lightning_ext.core import checkpoints
+from lightning_ext.core.checkpoints import Source
+from lightning_ext.core.layers import match_names
+from lightning_ext.core.validation import check_choice, check_finite_tensors, check_positive
 
 StateDict = Mapping[str, Tensor]
 
@@ -49,16 +55,20 @@ __all__ = [
     "base_distance",
     "check_base_distance",
     "check_same_architecture",
+    "default_ignored_layers",
     "is_head_key",
     "iter_finetuned",
     "mergeable_keys",
     "read_state_dict",
+    "resolve_ignored_layers",
     "simple_average",
     "split_head",
     "task_vector",
 ]
 
-FOREIGN_BASE_ACTIONS = ("error", "warn", "ignore")
+#: What to do with a model that was not fine-tuned from the base (see :func:`check_base_distance`).
+OnForeignBase = Literal["error", "warn", "ignore"]
+FOREIGN_BASE_ACTIONS = get_args(OnForeignBase)
 DEFAULT_MAX_TASK_VECTOR_RATIO = 0.5
 _STAT_SUFFIXES = ("running_mean", "running_var")
 
@@ -74,38 +84,99 @@ class ForeignBaseError(ValueError):
 # -- reading ------------------------------------------------------------------------------------------------------
 
 
+def read_state_dict(source: Source, reference_keys: Optional[Iterable[str]] = None,
+                    name: Optional[str] = None) -> dict[str, Tensor]:
+    """:func:`lightning_ext.core.checkpoints.read_state_dict` (``weights_only=True``, Lightning checkpoints
+    unwrapped, one wrapper prefix matched to ``reference_keys``), then refuse a tensor holding NaN or infinity:
+    merging it would spread the non-finite values to every merged weight.
+
+    Example:
+        >>> read_state_dict({"w": torch.tensor([1.0, float("nan")])}, name="task 0")
+        Traceback (most recent call last):
+        ...
+        ValueError: task 0: tensor 'w' holds 1 non-finite value(s) (NaN or inf); check the file or the run that wrote it.
+    """
+    state = checkpoints.read_state_dict(source, reference_keys, name)
+    where = name or (str(source) if isinstance(source, (str, os.PathLike)) else "The state dict")
+    return check_finite_tensors(state, where)
+
+
 # -- keys and architecture ----------------------------------------------------------------------------------------
 
 
-def is_head_key(key: str, head_keys: Sequence[str]) -> bool:
-    """Whether ``key`` belongs to a task-specific head: equal to a prefix or below it (``prefix.``).
+def _module_prefixes(key: str) -> Iterator[str]:
+    parts = key.split(".")
+    for i in range(1, len(parts) + 1):
+        yield ".".join(parts[:i])
+
+
+def is_head_key(key: str, ignored_layers: Sequence[str]) -> bool:
+    """Whether ``key`` belongs to an ignored (task-specific) layer: a name or glob (:func:`fnmatch.fnmatchcase`)
+    matching the key itself or one of the modules it lies in.
 
     Example:
         >>> is_head_key("classifier.1.weight", ["classifier"]), is_head_key("classifier_x.weight", ["classifier"])
         (True, False)
+        >>> is_head_key("heads.digits.bias", ["heads.*"]), is_head_key("net.4.weight", ["net.[0-9]"])
+        (True, True)
     """
-    for prefix in head_keys:
-        p = prefix.rstrip(".")
-        if key == p or key.startswith(p + "."):
+    for pattern in ignored_layers:
+        p = pattern.rstrip(".")
+        if any(prefix == p or fnmatch.fnmatchcase(prefix, p) for prefix in _module_prefixes(key)):
             return True
     return False
 
 
-def split_head(state: StateDict, head_keys: Sequence[str]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def default_ignored_layers(network: nn.Module) -> list[str]:
+    """The classifier head of ``network``: the last ``nn.Linear`` in module order (``["classifier.1"]`` for
+    torchvision's MobileNetV2, ``["net.fc"]`` for an ``ImageClassifier`` with a ResNet).
+
+    Example:
+        >>> default_ignored_layers(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+        ['2']
+    """
+    linears = [name for name, m in network.named_modules() if isinstance(m, nn.Linear) and name]
+    if not linears:
+        raise ValueError(
+            "Could not find the classifier head (no nn.Linear layer); set `ignored_layers` to the task-specific "
+            "layers (module names or globs, e.g. ['head'] or ['net.classifier'])."
+        )
+    return [linears[-1]]
+
+
+def resolve_ignored_layers(network: nn.Module, patterns: Optional[Sequence[str]]) -> list[str]:
+    """``patterns`` (module or tensor names, or globs; ``None``: :func:`default_ignored_layers`) resolved to the
+    names of ``network`` they match, through :func:`lightning_ext.core.layers.match_names`; a pattern matching
+    nothing is refused with the closest names. ``[]`` merges every layer.
+
+    Example:
+        >>> resolve_ignored_layers(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), ["1*"])
+        ['1']
+    """
+    if patterns is None:
+        return default_ignored_layers(network)
+    names = [n for n, _ in network.named_modules() if n]
+    names += [k for k in network.state_dict() if k not in names]
+    matched = match_names(names, patterns, "ignored_layers", f"{type(network).__name__} (names are relative to it)")
+    # a layer inside another matched layer adds nothing
+    return [n for n in matched if not any(n.startswith(m + ".") for m in matched if m != n)]
+
+
+def split_head(state: StateDict, ignored_layers: Sequence[str]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Split a state dict into ``(shared, head)`` by :func:`is_head_key`."""
     shared, head = {}, {}
     for k, v in state.items():
-        (head if is_head_key(k, head_keys) else shared)[k] = v
+        (head if is_head_key(k, ignored_layers) else shared)[k] = v
     return shared, head
 
 
-def mergeable_keys(base: StateDict, head_keys: Sequence[str] = ()) -> list[str]:
+def mergeable_keys(base: StateDict, ignored_layers: Sequence[str] = ()) -> list[str]:
     """Keys that merging changes: floating-point entries of ``base`` outside the heads, in ``base`` order."""
-    return [k for k, v in base.items() if v.is_floating_point() and not is_head_key(k, head_keys)]
+    return [k for k, v in base.items() if v.is_floating_point() and not is_head_key(k, ignored_layers)]
 
 
 def check_same_architecture(
-    reference: StateDict, other: StateDict, head_keys: Sequence[str] = (),
+    reference: StateDict, other: StateDict, ignored_layers: Sequence[str] = (),
     reference_name: str = "the base model", other_name: str = "the model",
 ) -> None:
     """Raise :class:`ArchitectureMismatchError` naming the first key (outside the heads) whose presence or
@@ -119,11 +190,11 @@ def check_same_architecture(
     """
     prefix = f"Cannot merge {other_name} into {reference_name}: the architectures differ."
     heads_hint = (
-        " If this is a task-specific head (a classifier for another number of classes), list its prefix in "
-        "`head_keys` so it stays per task."
+        " If this is a task-specific head (a classifier for another number of classes), list it in "
+        "`ignored_layers` so it stays per task."
     )
     for key, ref in reference.items():
-        if is_head_key(key, head_keys):
+        if is_head_key(key, ignored_layers):
             continue
         if key not in other:
             raise ArchitectureMismatchError(
@@ -136,7 +207,7 @@ def check_same_architecture(
                 f"{reference_name}.{heads_hint}"
             )
     for key, value in other.items():
-        if key not in reference and not is_head_key(key, head_keys):
+        if key not in reference and not is_head_key(key, ignored_layers):
             raise ArchitectureMismatchError(
                 f"{prefix} First differing key: {key!r} (shape {tuple(value.shape)}) is in {other_name} but not in {reference_name}."
             )
@@ -145,15 +216,15 @@ def check_same_architecture(
 # -- task vectors and the base-distance check ---------------------------------------------------------------------
 
 
-def task_vector(base: StateDict, finetuned: StateDict, head_keys: Sequence[str] = ()) -> dict[str, Tensor]:
+def task_vector(base: StateDict, finetuned: StateDict, ignored_layers: Sequence[str] = ()) -> dict[str, Tensor]:
     r""":math:`\tau = \theta_{ft} - \theta_0` for every mergeable key (floating, not a head), in the base's dtype.
 
     Example:
         >>> task_vector({"w": torch.tensor([1.0, 2.0]), "head": torch.zeros(1)},
-        ...             {"w": torch.tensor([1.5, 1.0]), "head": torch.ones(1)}, head_keys=["head"])
+        ...             {"w": torch.tensor([1.5, 1.0]), "head": torch.ones(1)}, ignored_layers=["head"])
         {'w': tensor([ 0.5000, -1.0000])}
     """
-    return {k: finetuned[k].to(base[k].dtype) - base[k] for k in mergeable_keys(base, head_keys)}
+    return {k: finetuned[k].to(base[k].dtype) - base[k] for k in mergeable_keys(base, ignored_layers)}
 
 
 @dataclass(frozen=True)
@@ -203,7 +274,7 @@ def base_distance(base: StateDict, finetuned: StateDict, keys: Optional[Sequence
 
 
 def check_base_distance(
-    base: StateDict, finetuned: StateDict, max_ratio: float = DEFAULT_MAX_TASK_VECTOR_RATIO, action: str = "error",
+    base: StateDict, finetuned: StateDict, max_ratio: float = DEFAULT_MAX_TASK_VECTOR_RATIO, action: OnForeignBase = "error",
     name: str = "the model", keys: Optional[Sequence[str]] = None,
 ) -> BaseDistance:
     r"""Refuse (``action="error"``), warn about (``"warn"``) or accept (``"ignore"``) a fine-tuned model whose
@@ -215,8 +286,7 @@ def check_base_distance(
     near or above 1 means the model was not fine-tuned from this base, and merging its "task vector" would add
     a whole foreign network to the base.
     """
-    if action not in FOREIGN_BASE_ACTIONS:
-        raise ValueError(f"`on_foreign_base` must be one of {FOREIGN_BASE_ACTIONS}, got {action!r}.")
+    check_choice("on_foreign_base", action, FOREIGN_BASE_ACTIONS)
     dist = base_distance(base, finetuned, keys)
     if action != "ignore" and dist.ratio > max_ratio:
         message = (
@@ -234,8 +304,7 @@ def check_base_distance(
 
 
 def _validate_ratio(max_ratio: float) -> None:
-    if not max_ratio > 0:
-        raise ValueError(f"`max_task_vector_ratio` must be > 0, got {max_ratio}.")
+    check_positive("max_task_vector_ratio", max_ratio)
 
 
 def _names(sources: Sequence[Source], names: Optional[Sequence[str]]) -> list[str]:
@@ -250,28 +319,27 @@ def _names(sources: Sequence[Source], names: Optional[Sequence[str]]) -> list[st
 
 
 def iter_finetuned(
-    base: StateDict, finetuned: Iterable[Source], head_keys: Sequence[str] = (),
-    max_task_vector_ratio: float = DEFAULT_MAX_TASK_VECTOR_RATIO, on_foreign_base: str = "error",
+    base: StateDict, finetuned: Iterable[Source], ignored_layers: Sequence[str] = (),
+    max_task_vector_ratio: float = DEFAULT_MAX_TASK_VECTOR_RATIO, on_foreign_base: OnForeignBase = "error",
     names: Optional[Sequence[str]] = None,
 ) -> Iterator[tuple[str, dict[str, Tensor]]]:
     """Yield ``(name, state_dict)`` for each fine-tuned model, loaded one at a time and checked against ``base``
     (same architecture outside the heads, not from a foreign base). Nothing is kept between iterations. The
     arguments (and an empty list) are refused at the call, not at the first iteration."""
     _validate_ratio(max_task_vector_ratio)
-    if on_foreign_base not in FOREIGN_BASE_ACTIONS:
-        raise ValueError(f"`on_foreign_base` must be one of {FOREIGN_BASE_ACTIONS}, got {on_foreign_base!r}.")
+    check_choice("on_foreign_base", on_foreign_base, FOREIGN_BASE_ACTIONS)
     sources = list(finetuned)
     if not sources:
         raise ValueError("No fine-tuned models to merge: give at least one state dict or checkpoint path.")
     labels = _names(sources, names)
-    keys = mergeable_keys(base, head_keys)
+    keys = mergeable_keys(base, ignored_layers)
     if not keys:
-        raise ValueError("Nothing to merge: the base has no floating-point tensor outside `head_keys`.")
+        raise ValueError("Nothing to merge: the base has no floating-point tensor outside `ignored_layers`.")
 
     def stream() -> Iterator[tuple[str, dict[str, Tensor]]]:
         for source, label in zip(sources, labels):
             state = read_state_dict(source, reference_keys=base.keys(), name=label)
-            check_same_architecture(base, state, head_keys, other_name=label)
+            check_same_architecture(base, state, ignored_layers, other_name=label)
             check_base_distance(base, state, max_task_vector_ratio, on_foreign_base, label, keys)
             yield label, state
 
@@ -282,8 +350,8 @@ def iter_finetuned(
 
 
 def simple_average(
-    finetuned: Iterable[Source], head_keys: Sequence[str] = (), base: Optional[StateDict] = None,
-    max_task_vector_ratio: float = DEFAULT_MAX_TASK_VECTOR_RATIO, on_foreign_base: str = "error",
+    finetuned: Iterable[Source], ignored_layers: Sequence[str] = (), base: Optional[StateDict] = None,
+    max_task_vector_ratio: float = DEFAULT_MAX_TASK_VECTOR_RATIO, on_foreign_base: OnForeignBase = "error",
     names: Optional[Sequence[str]] = None,
 ) -> dict[str, Tensor]:
     r"""Uniform weight average :math:`\frac{1}{N}\sum_k \theta_k` of the shared (non-head) weights.
@@ -306,7 +374,7 @@ def simple_average(
     count = 0
     if base is not None:
         stream: Iterable[tuple[str, dict[str, Tensor]]] = iter_finetuned(
-            base, sources, head_keys, max_task_vector_ratio, on_foreign_base, labels
+            base, sources, ignored_layers, max_task_vector_ratio, on_foreign_base, labels
         )
     else:
         def _plain() -> Iterator[tuple[str, dict[str, Tensor]]]:
@@ -316,15 +384,15 @@ def simple_average(
                 if ref is None:
                     ref = state
                 else:
-                    check_same_architecture(ref, state, head_keys, reference_name=labels[0], other_name=label)
+                    check_same_architecture(ref, state, ignored_layers, reference_name=labels[0], other_name=label)
                 yield label, state
         stream = _plain()
     for _, state in stream:
         if reference is None:
-            reference = {k: v for k, v in state.items() if not is_head_key(k, head_keys)}
+            reference = {k: v for k, v in state.items() if not is_head_key(k, ignored_layers)}
         if not total:
             for k, v in reference.items():
-                if is_head_key(k, head_keys):
+                if is_head_key(k, ignored_layers):
                     continue
                 if v.is_floating_point():
                     total[k] = state[k].to(v.dtype).clone()

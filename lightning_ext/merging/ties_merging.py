@@ -4,8 +4,8 @@ Yadav, Tam, Choshen, Raffel, Bansal, *TIES-Merging: Resolving Interference When 
 2023, arXiv:2306.01708. Reference code: https://github.com/prateeky2806/ties-merging (the AdaMerging and
 FusionBench repositories carry the same ``ties_merging_utils``).
 
-1. **Trim**: keep the ``k`` share (default 20 %) of entries of each task vector with the largest magnitude,
-   over the whole (shared) model, and zero the rest.
+1. **Trim**: keep the share :math:`k` (``density``, default 20 %) of entries of each task vector with the largest
+   magnitude, over the whole (shared) model, and zero the rest.
 2. **Elect sign**: :math:`\gamma = \mathrm{sign}(\sum_k \hat\tau_k)`, the sign of the total mass per
    parameter; parameters whose mass is exactly 0 get the majority sign of all parameters.
 3. **Disjoint merge**: :math:`\tau_m = ` the mean of the non-zero :math:`\hat\tau_k` entries whose sign
@@ -20,13 +20,16 @@ ties at the threshold).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Optional
+from typing import Literal, Optional, get_args
 
 import torch
+from jsonargparse.typing import registered_types, restricted_number_type
 from torch import Tensor
 
+from lightning_ext.core.validation import check_choice, check_number
 from lightning_ext.merging.task_vectors import (
     DEFAULT_MAX_TASK_VECTOR_RATIO,
+    OnForeignBase,
     Source,
     StateDict,
     is_head_key,
@@ -34,29 +37,40 @@ from lightning_ext.merging.task_vectors import (
     mergeable_keys,
 )
 
-__all__ = ["disjoint_merge", "elect_sign", "ties_merging_merge", "ties_selected_task_vectors", "trim_top_k"]
+__all__ = ["Density", "MergeMode", "check_density", "disjoint_merge", "elect_sign", "ties_merging_merge",
+           "ties_selected_task_vectors", "trim_top_k"]
 
-MERGE_MODES = ("mean", "sum")
+#: A share kept by TIES' trim step, in (0, 1] (``density``, the paper's :math:`k`). jsonargparse refuses a second
+#: name for a restriction another module registered first, so the registered (0, 1] type is reused if there is one.
+_DENSITY = [(">", 0.0), ("<=", 1.0)]
+Density = registered_types.get((tuple(sorted(_DENSITY)), float, "and")) or restricted_number_type(
+    "Density", float, _DENSITY, join="and", docstring="a float in (0, 1]: the share of each task vector kept")
+
+#: How TIES combines the agreeing entries: their mean (the paper) or their sum.
+MergeMode = Literal["mean", "sum"]
+MERGE_MODES = get_args(MergeMode)
 
 
-def _validate_k(k: float) -> None:
-    if not 0 < k <= 1:
-        raise ValueError(
-            f"`k` (the share of each task vector's entries kept) must be in (0, 1], got {k}; 0.2 keeps the top 20%."
-        )
+def check_density(density: float, name: str = "density") -> float:
+    """``density`` if it is a finite number in (0, 1], else one ValueError naming ``name``."""
+    try:
+        return check_number(name, density, low=0, high=1, low_open=True)
+    except ValueError:
+        raise ValueError(f"{name} (the share of each task vector's entries kept, the paper's k) must be a finite "
+                         f"number in (0, 1], got {density!r}; 0.2 keeps the top 20%.") from None
 
 
-def trim_top_k(flat: Tensor, k: float) -> Tensor:
-    """Keep the ``k`` share of entries of a 1-d tensor with the largest magnitude (ties at the threshold
-    kept), zero the rest; a new tensor.
+def trim_top_k(flat: Tensor, density: float) -> Tensor:
+    """Keep the share ``density`` (the paper's :math:`k`) of entries of a 1-d tensor with the largest magnitude
+    (ties at the threshold kept), zero the rest; a new tensor.
 
     Example:
         >>> trim_top_k(torch.tensor([3.0, -1.0, 0.5, -2.0]), 0.5)
         tensor([ 3.,  0.,  0., -2.])
     """
-    _validate_k(k)
+    check_density(density)
     d = flat.numel()
-    n_keep = max(1, int(d * k))
+    n_keep = max(1, int(d * density))
     if n_keep >= d:
         return flat.clone()
     magnitude = flat.abs()
@@ -84,8 +98,7 @@ def disjoint_merge(trimmed: Tensor, sign: Tensor, merge: str = "mean") -> Tensor
         >>> disjoint_merge(t, elect_sign(t.sum(0)))
         tensor([ 3.,  2.,  0., -3.])
     """
-    if merge not in MERGE_MODES:
-        raise ValueError(f"`merge` must be one of {MERGE_MODES}, got {merge!r}.")
+    check_choice("merge", merge, MERGE_MODES)
     agree = (trimmed * sign.to(trimmed.dtype)) > 0
     total = (trimmed * agree).sum(0)
     if merge == "sum":
@@ -105,12 +118,12 @@ def _unflatten(flat: Tensor, base: StateDict, keys: Sequence[str]) -> Iterator[t
         offset += n
 
 
-def _elect(base: StateDict, sources: list, keys: Sequence[str], k: float, head_keys: Sequence[str],
+def _elect(base: StateDict, sources: list, keys: Sequence[str], density: float, ignored_layers: Sequence[str],
            max_ratio: float, on_foreign_base: str, names: Optional[Sequence[str]]) -> tuple[Tensor, list[str]]:
     mass: Optional[Tensor] = None
     labels = []
-    for label, state in iter_finetuned(base, sources, head_keys, max_ratio, on_foreign_base, names):
-        trimmed = trim_top_k(_flat(base, state, keys), k)
+    for label, state in iter_finetuned(base, sources, ignored_layers, max_ratio, on_foreign_base, names):
+        trimmed = trim_top_k(_flat(base, state, keys), density)
         del state
         mass = trimmed if mass is None else mass.add_(trimmed)
         labels.append(label)
@@ -121,12 +134,12 @@ def _elect(base: StateDict, sources: list, keys: Sequence[str], k: float, head_k
 def ties_merging_merge(
     base: StateDict,
     finetuned: Iterable[Source],
-    k: float = 0.2,
+    density: float = 0.2,
     scaling: float = 1.0,
-    merge: str = "mean",
-    head_keys: Sequence[str] = (),
+    merge: MergeMode = "mean",
+    ignored_layers: Sequence[str] = (),
     max_task_vector_ratio: float = DEFAULT_MAX_TASK_VECTOR_RATIO,
-    on_foreign_base: str = "error",
+    on_foreign_base: OnForeignBase = "error",
     names: Optional[Sequence[str]] = None,
 ) -> dict[str, Tensor]:
     r"""Merge fine-tuned models with TIES-Merging; returns the merged shared (non-head) state dict.
@@ -139,10 +152,10 @@ def ties_merging_merge(
     Args:
         base: the pretrained state dict.
         finetuned: fine-tuned state dicts or checkpoint paths (``weights_only=True``).
-        k: share of each task vector's entries kept by magnitude (0.2 = top 20 %).
+        density: share :math:`k` of each task vector's entries kept by magnitude (0.2 = top 20 %).
         scaling: :math:`\lambda` applied to the merged task vector.
         merge: ``"mean"`` (TIES) or ``"sum"`` of the agreeing entries.
-        head_keys: prefixes of task-specific keys, left out (each task keeps its head).
+        ignored_layers: prefixes of task-specific keys, left out (each task keeps its head).
         max_task_vector_ratio: refuse models farther than this from the base (relative norm).
         on_foreign_base: ``"error"``, ``"warn"`` or ``"ignore"``.
         names: names of the models for messages.
@@ -150,20 +163,19 @@ def ties_merging_merge(
     Example:
         >>> base = {"w": torch.zeros(4)}
         >>> ft = [{"w": torch.tensor([3.0, -1.0, 0.5, -2.0])}, {"w": torch.tensor([-1.0, 2.0, -0.2, -4.0])}]
-        >>> ties_merging_merge(base, ft, k=0.5, on_foreign_base="ignore")
+        >>> ties_merging_merge(base, ft, density=0.5, on_foreign_base="ignore")
         {'w': tensor([ 3.,  2.,  0., -3.])}
     """
-    _validate_k(k)
-    if merge not in MERGE_MODES:
-        raise ValueError(f"`merge` must be one of {MERGE_MODES}, got {merge!r}.")
+    check_density(density)
+    check_choice("merge", merge, MERGE_MODES)
     sources = list(finetuned)
-    keys = mergeable_keys(base, head_keys)
-    sign, labels = _elect(base, sources, keys, k, head_keys, max_task_vector_ratio, on_foreign_base, names)
+    keys = mergeable_keys(base, ignored_layers)
+    sign, labels = _elect(base, sources, keys, density, ignored_layers, max_task_vector_ratio, on_foreign_base, names)
     total: Optional[Tensor] = None
     count: Optional[Tensor] = None
     count_dtype = torch.uint8 if len(sources) < 256 else torch.int32
-    for _, state in iter_finetuned(base, sources, head_keys, max_task_vector_ratio, "ignore", labels):
-        trimmed = trim_top_k(_flat(base, state, keys), k)
+    for _, state in iter_finetuned(base, sources, ignored_layers, max_task_vector_ratio, "ignore", labels):
+        trimmed = trim_top_k(_flat(base, state, keys), density)
         del state
         agree = (trimmed * sign) > 0
         trimmed.mul_(agree)
@@ -176,7 +188,7 @@ def ties_merging_merge(
     merged: dict[str, Tensor] = {}
     flat_parts = dict(_unflatten(total, base, keys))
     for key, v in base.items():
-        if is_head_key(key, head_keys):
+        if is_head_key(key, ignored_layers):
             continue
         if key in flat_parts:
             merged[key] = (v.float() + scaling * flat_parts[key]).to(v.dtype)
@@ -188,22 +200,22 @@ def ties_merging_merge(
 def ties_selected_task_vectors(
     base: StateDict,
     finetuned: Iterable[Source],
-    k: float = 0.2,
-    head_keys: Sequence[str] = (),
+    density: float = 0.2,
+    ignored_layers: Sequence[str] = (),
     max_task_vector_ratio: float = DEFAULT_MAX_TASK_VECTOR_RATIO,
-    on_foreign_base: str = "error",
+    on_foreign_base: OnForeignBase = "error",
     names: Optional[Sequence[str]] = None,
 ) -> Iterator[tuple[str, dict[str, Tensor], dict[str, Tensor]]]:
     r"""Yield ``(name, selected task vector, head)`` per model: its trimmed task vector with only the entries
     that agree with the elected sign (what AdaMerging++ learns coefficients over). Two passes, like
     :func:`ties_merging_merge`; one model's vectors are alive per iteration (the caller decides what to keep)."""
-    _validate_k(k)
+    check_density(density)
     sources = list(finetuned)
-    keys = mergeable_keys(base, head_keys)
-    sign, labels = _elect(base, sources, keys, k, head_keys, max_task_vector_ratio, on_foreign_base, names)
-    for label, state in iter_finetuned(base, sources, head_keys, max_task_vector_ratio, "ignore", labels):
-        head = {key: v for key, v in state.items() if is_head_key(key, head_keys)}
-        trimmed = trim_top_k(_flat(base, state, keys), k)
+    keys = mergeable_keys(base, ignored_layers)
+    sign, labels = _elect(base, sources, keys, density, ignored_layers, max_task_vector_ratio, on_foreign_base, names)
+    for label, state in iter_finetuned(base, sources, ignored_layers, max_task_vector_ratio, "ignore", labels):
+        head = {key: v for key, v in state.items() if is_head_key(key, ignored_layers)}
+        trimmed = trim_top_k(_flat(base, state, keys), density)
         del state
         trimmed.mul_((trimmed * sign) > 0)
         yield label, {key: part.to(base[key].dtype) for key, part in _unflatten(trimmed, base, keys)}, head
