@@ -4,7 +4,10 @@
 One method per module:
 
 - :mod:`~lightning_ext.curation.base`: the :class:`Scorer` protocol (``score`` once, cached; ``select`` for
-  any budget), :class:`ScoringData`, :func:`top_k`, :func:`fingerprint`;
+  any budget), :class:`ScoringData`, :func:`top_k`, :func:`fingerprint`, and ``Which`` (``"hard"``,
+  ``"easy"``, ``"random"``: the samples a scorer prefers, one name for every scorer that ranks by difficulty);
+- :mod:`~lightning_ext.curation.training`: scorer training (EL2N proxies, the DFN filter, DP4TL's surrogate)
+  through Lightning Fabric, on the accelerator the scorer is given, seeded without touching the global RNG;
 - :mod:`~lightning_ext.curation.embeddings`: :class:`Embedder` (any ``nn.Module``, a timm backbone name or a
   checkpoint; batched, with a progress bar; optional PCA);
 - :mod:`~lightning_ext.curation.random_selection`: :class:`RandomScorer`;
@@ -30,7 +33,7 @@ Example:
     4
 """
 
-from lightning_ext.curation.base import Scorer, Scores, ScoringData, count_to_keep, fingerprint, top_k
+from lightning_ext.curation.base import Scorer, Scores, ScoringData, Which, count_to_keep, fingerprint, top_k
 from lightning_ext.curation.density_based_pruning import DensityBasedPruning, cluster_complexity, cluster_quotas
 from lightning_ext.curation.dfn import DFNScorer, FilterNetwork
 from lightning_ext.curation.dp4tl import (
@@ -54,6 +57,7 @@ __all__ = [
     "ComputeAwareSelection", "CurationResult", "DFNScorer", "DP4TLFeatureMapping", "DP4TLLabelMapping",
     "DensityBasedPruning", "EL2NScorer", "Embedder", "FilterNetwork", "FilteringScalingLaw", "PoolLaw",
     "RandomScorer", "RuleFilter", "Scorer", "Scores", "ScoringData", "SelfSupervisedPrototypes", "SemDeDup",
+    "Which",
     "cluster_complexity", "cluster_quotas", "compare_curations", "count_to_keep", "el2n_scores",
     "feature_mapping_counts", "fingerprint", "label_mapping_counts", "results_table", "semdedup_max_similarity",
     "spherical_kmeans", "top_classes", "top_k",

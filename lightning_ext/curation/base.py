@@ -27,8 +27,8 @@ Scores = dict[str, np.ndarray]
 Which = Literal["hard", "easy", "random"]
 WHICH = ("hard", "easy", "random")
 
-__all__ = ["Scorer", "ScoringData", "Scores", "WHICH", "Which", "as_dataset", "check_seed", "check_which", "count_to_keep",
-           "dataset_inputs", "fingerprint", "labels_of", "prefer", "top_k"]
+__all__ = ["Scorer", "ScoringData", "Scores", "WHICH", "Which", "as_dataset", "check_seed", "check_which",
+           "count_to_keep", "dataset_inputs", "fingerprint", "labels_of", "prefer", "top_k"]
 
 
 def check_which(which: Any) -> str:

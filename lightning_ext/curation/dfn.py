@@ -12,7 +12,9 @@ from lightning.pytorch import LightningDataModule
 from torch import nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from lightning_ext.core.validation import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, check_positive_int
+from lightning_ext.core.validation import (
+    NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, check_positive_int,
+)
 from lightning_ext.curation.base import Scorer, Scores, ScoringData, _describe, as_dataset
 from lightning_ext.curation.training import build_model, check_training_args, local_rng, model_device, train_classifier
 
