@@ -11,6 +11,11 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 )
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# caches (score caches, pipeline caches) go to a fresh folder per test session, never the user's ~/.cache
+if "LIGHTNING_EXT_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["LIGHTNING_EXT_CACHE"] = tempfile.mkdtemp(prefix="lightning_ext_cache_")
 
 
 def pytest_configure(config):

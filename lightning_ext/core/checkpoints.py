@@ -91,8 +91,13 @@ def match_prefixes(
     return best
 
 
-def read_state_dict(source: Source, reference_keys: Optional[Iterable[str]] = None, name: Optional[str] = None) -> dict[str, Tensor]:
+def read_state_dict(source: Source, reference_keys: Optional[Iterable[str]] = None, name: Optional[str] = None,
+                    check_finite: bool = True) -> dict[str, Tensor]:
     """A state dict from a mapping or a file (``torch.load(weights_only=True)``, on the CPU).
+
+    With ``check_finite`` (the default), a floating tensor holding NaN or infinity is refused with a
+    :class:`ValueError` naming the tensor: user weights are never merged, distilled from or fine-tuned silently
+    broken.
 
     Lightning checkpoints (and ``{"model_state_dict": ...}``/``{"model": ...}`` files) are unwrapped; only
     tensor values are kept. With ``reference_keys``, one wrapper prefix (:data:`WRAPPER_PREFIXES`) is added or
@@ -111,4 +116,8 @@ def read_state_dict(source: Source, reference_keys: Optional[Iterable[str]] = No
         raise TypeError(f"Weights must be given as a state dict or a path, got {type(source).__name__}.")
     if reference_keys is not None:
         state = match_prefixes(state, reference_keys)
+    if check_finite:
+        from lightning_ext.core.validation import check_finite_tensors
+
+        check_finite_tensors(state, name or (str(source) if not isinstance(source, Mapping) else "The state dict"))
     return state

@@ -33,6 +33,8 @@ def output_path(trainer: Any, path: Optional[PathLike]) -> Optional[Path]:
     """
     if path is None:
         return None
+    if not str(path).strip():
+        raise ValueError("An output path must name a file or folder; use None (null in YAML) to disable the output.")
     path = Path(path).expanduser()
     return path if path.is_absolute() else run_dir(trainer) / path
 
