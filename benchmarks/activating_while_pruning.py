@@ -32,7 +32,8 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from torch import nn
 
-from lightning_ext.compression.activating_while_pruning import ActivatingWhilePruning, dead_neuron_rate, model_cost
+from lightning_ext.compression.activating_while_pruning import ActivatingWhilePruning
+from lightning_ext.compression.ap import dead_neuron_rate, model_cost
 from lightning_ext.datamodules import DigitsDataModule
 from lightning_ext.modules import ImageClassifier
 
@@ -191,7 +192,7 @@ def run_imp(seed: int, with_ap: bool, inputs: str, args) -> list[dict]:
     recorder = CycleRecorder(args.cycle_epochs, probe, dm, f"{inputs} seed {seed} {'IMP+AP' if with_ap else 'IMP'}")
     callbacks = [recorder, IterativeMagnitudePruning(p - q if with_ap else p, args.cycle_epochs, args.cycles)]
     if with_ap:
-        callbacks.append(ActivatingWhilePruning(q=q, p=p, probe_size=args.probe_size, latency_repeats=0, verbose=False))
+        callbacks.append(ActivatingWhilePruning(pruning_ratio=q, cycle_pruning_ratio=p, probe_size=args.probe_size, latency_repeats=0, verbose=False))
     trainer(callbacks, args.cycle_epochs * (args.cycles + 1)).fit(model, datamodule=dm)
     return recorder.rows
 
@@ -218,13 +219,13 @@ def run_filter(seed: int, pruner_name: str, with_ap: bool, args) -> dict:
     torch.manual_seed(seed)
     model = ImageClassifier(small_cnn(), num_classes=10, image_size=8, optimizer=adamw)
     cls = {"L1": L1FilterPruning, "Beta-Rank": BetaRankPruning}[pruner_name]
-    pruner = cls(ratio=args.filter_ratio, start_epoch=args.dense_epochs, every_n_epochs=args.every, num_steps=3,
-                 ignored_layers=["net.8"], latency_repeats=0, plot_path="", verbose=False)
+    pruner = cls(pruning_ratio=args.filter_ratio, start_epoch=args.dense_epochs, every_n_epochs=args.every, num_steps=3,
+                 ignored_layers=["net.8"], latency_repeats=0, plot_path=None, verbose=False)
     recorder = EpochRecorder(probe)
     callbacks = [pruner, recorder]
     ap = None
     if with_ap:
-        ap = ActivatingWhilePruning(q=args.q, probe_size=args.probe_size, latency_repeats=0, verbose=False)
+        ap = ActivatingWhilePruning(pruning_ratio=args.q, probe_size=args.probe_size, latency_repeats=0, verbose=False)
         callbacks.append(ap)
     start = time.perf_counter()
     trainer(callbacks, args.filter_epochs).fit(model, datamodule=dm)

@@ -114,7 +114,7 @@ def main() -> None:
                 pruned = make_model(args, args.finetune_lr, args.finetune_epochs)
                 pruned.load_state_dict(dense_state)
                 kwargs = {"seed": seed} if cls is RandomFilterPruning else {}
-                pruner = cls(target_macs_reduction=target, latency_repeats=0, plot_path="", verbose=False, **kwargs)
+                pruner = cls(macs_reduction=target, latency_repeats=0, plot_path=None, verbose=False, **kwargs)
                 secs = fit(pruned, dm, args.finetune_epochs, [pruner], f"seed {seed} {name} {target}")
                 macs_p, params_p = count_macs_params(pruned, x1)
                 run = {"seed": seed, "method": name, "target": target, "macs": macs_p, "params": params_p,
@@ -154,7 +154,7 @@ def write_report(args, train_counts, dense_runs, runs, runtime) -> None:
         f"- Dense training: {args.dense_epochs} epochs, SGD lr {args.dense_lr} (momentum 0.9, weight decay 5e-4, "
         f"as in the official `tuning.py`), cosine schedule, batch {args.batch_size}.",
         f"- Pruning: one-shot at the start of fine-tuning to MACs reductions {args.targets} "
-        "(`target_macs_reduction`; the same share of channels leaves every coupled group, so the three pruners "
+        "(`macs_reduction`; the same share of channels leaves every coupled group, so the three pruners "
         "yield identical shapes), then "
         f"{args.finetune_epochs} epochs of fine-tuning, SGD lr {args.finetune_lr}, cosine, identical data order. "
         "Beta-Rank: `ratio_direction=\"out/in\"` (the official code), one calibration batch of "

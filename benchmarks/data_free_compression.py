@@ -56,8 +56,8 @@ VARIANTS = {
     "udfc_shared": dict(input_model="shared"),
     "prune_naive": dict(weight_bits=None, compensate=False),
     "prune_udfc": dict(weight_bits=None),
-    "quant_naive": dict(prune_ratio=None, compensate=False),
-    "quant_udfc": dict(prune_ratio=None),
+    "quant_naive": dict(pruning_ratio=None, compensate=False),
+    "quant_udfc": dict(pruning_ratio=None),
     "naive_w4": dict(weight_bits=4, compensate=False),
     "udfc_w4": dict(weight_bits=4),
 }
@@ -133,7 +133,7 @@ def run_setting(name: str, seed: int) -> dict:
     compressed = {}
     for variant, kwargs in VARIANTS.items():
         m = copy.deepcopy(model)
-        args = dict(prune_ratio=PRUNE, weight_bits=BITS, measure=False, seed=seed)
+        args = dict(pruning_ratio=PRUNE, weight_bits=BITS, measure=False, seed=seed)
         args.update(kwargs)
         t = time.perf_counter()
         report = data_free_compress(m, example, **args)
@@ -148,7 +148,7 @@ def run_setting(name: str, seed: int) -> dict:
         res["ridge_val"] = {}
         for ridge in RIDGES:
             m = copy.deepcopy(model)
-            data_free_compress(m, example, prune_ratio=PRUNE, weight_bits=BITS, ridge=ridge, measure=False, seed=seed)
+            data_free_compress(m, example, pruning_ratio=PRUNE, weight_bits=BITS, ridge=ridge, measure=False, seed=seed)
             res["ridge_val"][str(ridge)] = accuracy(m, dm.val_set)
         sweep = " ".join(f"{k}={v:.3f}" for k, v in res["ridge_val"].items())
         print(f"  [{name}] seed {seed}: ridge sweep (val) {sweep}", flush=True)
@@ -258,7 +258,7 @@ def write_report(results: dict, args, total_seconds: float) -> None:
         "## Protocol",
         "",
         "Per seed: train the model (seeded init and shuffle) with the library's `ImageClassifier`, DataModule and "
-        "`Trainer`; then compress copies with `data_free_compress(prune_ratio=0.3, weight_bits=6)` in each "
+        "`Trainer`; then compress copies with `data_free_compress(pruning_ratio=0.3, weight_bits=6)` in each "
         "variant. The compression receives a tensor of zeros for tracing and nothing else: no data, no "
         "fine-tuning, no BN recalibration. All variants remove the same channels (smallest L1 norm of the "
         "BN-folded filter, 30% of every prunable conv, i.e. every conv -> BN -> ReLU (-> max-pool) -> conv/linear "

@@ -3,7 +3,7 @@
 Per seed, on balanced Fashion-MNIST (a stratified training subset, the full official test split):
 
 1. dense: a timm ResNet-10t (stem downsampling 2x, 28x28 inputs) trained from scratch;
-2. ours: ``L1FilterPruning(target_macs_reduction=0.5, round_to=8)`` removes filters physically at the start of
+2. ours: ``L1FilterPruning(macs_reduction=0.5, round_to=8)`` removes filters physically at the start of
    fine-tuning (one-shot), then fine-tunes; Beta-Rank and random pruning give the same shapes, so the same speed;
 3. masked: Lightning's ``ModelPruning("ln_structured", pruning_dim=0)`` zeroes the same share of filters in every
    conv (L1 norm, masks made permanent at the end of fit) at the end of the first of the same fine-tuning epochs;
@@ -111,8 +111,8 @@ def main() -> None:
         seed_everything(seed, workers=True)
         ours = make_model(args, 0.01, args.finetune_epochs)
         ours.load_state_dict(state)
-        pruner = L1FilterPruning(target_macs_reduction=args.target, round_to=args.round_to, latency_repeats=0,
-                                 plot_path="", verbose=True)
+        pruner = L1FilterPruning(macs_reduction=args.target, round_to=args.round_to, latency_repeats=0,
+                                 plot_path=None, verbose=True)
         ours_s = fit(ours, dm, args.finetune_epochs, [pruner], f"seed {seed} ours")
         convs = lambda m: [c for c in m.modules() if isinstance(c, nn.Conv2d)]  # noqa: E731
         share = 1 - sum(c.out_channels for c in convs(ours)) / sum(c.out_channels for c in convs(dense))
@@ -177,7 +177,7 @@ def write_report(args, rows: list[dict], runtime: float) -> None:
         "split (10,000). No validation-based selection: the last epoch is evaluated.",
         f"- Model: `ImageClassifier(\"resnet10t\", image_size=28, stem_downsample={args.stem_downsample})`; dense "
         f"training {args.dense_epochs} epochs (SGD lr 0.05, momentum 0.9, wd 5e-4, cosine, batch {args.batch_size}).",
-        f"- Ours: `L1FilterPruning(target_macs_reduction={args.target}, round_to={args.round_to})`, one-shot at the "
+        f"- Ours: `L1FilterPruning(macs_reduction={args.target}, round_to={args.round_to})`, one-shot at the "
         f"start of fine-tuning, then {args.finetune_epochs} epochs (SGD lr 0.01, cosine).",
         "- Masked: `ModelPruning(\"ln_structured\", amount=<the share of filters ours removed>, pruning_dim=0, "
         "pruning_norm=1, use_global_unstructured=False, use_lottery_ticket_hypothesis=False)` on every conv weight, "

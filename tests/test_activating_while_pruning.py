@@ -12,13 +12,9 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
 
-from lightning_ext.compression.activating_while_pruning import (
-    ActivatingWhilePruning,
-    _match_kept_indices,
-    ap_prune_step,
-    dead_neuron_rate,
-    model_cost,
-)
+from lightning_ext.compression import apply_pruning_history, recorded_channel_changes
+from lightning_ext.compression.activating_while_pruning import ActivatingWhilePruning
+from lightning_ext.compression.ap import ap_prune_step, dead_neuron_rate, kept_slices, model_cost
 from lightning_ext.datamodules import DigitsDataModule
 from lightning_ext.modules import ImageClassifier
 from lightning_ext.testing import assert_same_parameters, crash_and_resume, fit_ddp_vs_single
@@ -73,22 +69,26 @@ class ZeroSmallest(Callback):
 
 class ShrinkHidden(Callback):
     """Test structured pruner: at the end of `epoch`, physically remove the `n` hidden units of `net.1` with the
-    smallest L1 norm (Torch-Pruning removes the rows of net.1 and the columns of net.3), then rebuild the optimizer."""
+    smallest L1 norm (the rows of net.1 and the columns of net.3), then rebuild the optimizer. With `record`, it
+    goes through the library's engine (`apply_pruning_history`, which records the step); without, it calls
+    Torch-Pruning directly (no recorded step)."""
 
-    def __init__(self, n: int, epoch: int):
-        self.n, self.epoch = n, epoch
+    def __init__(self, n: int, epoch: int, record: bool = True):
+        self.n, self.epoch, self.record = n, epoch, record
 
     def on_train_epoch_end(self, trainer, pl_module):
         if trainer.current_epoch != self.epoch:
             return
-        import torch_pruning as tp
-
         fc = pl_module.net[1]
         idxs = fc.weight.detach().abs().sum(dim=1).argsort()[: self.n].tolist()
-        with torch.enable_grad():
-            graph = tp.DependencyGraph().build_dependency(pl_module.net, example_inputs=torch.zeros(1, 1, 8, 8))
-        group = graph.get_pruning_group(fc, tp.prune_linear_out_channels, idxs=idxs)
-        group.prune()
+        if self.record:
+            apply_pruning_history(pl_module.net, [["1", True, idxs]], torch.zeros(1, 1, 8, 8))
+        else:
+            import torch_pruning as tp
+
+            with torch.enable_grad():
+                graph = tp.DependencyGraph().build_dependency(pl_module.net, example_inputs=torch.zeros(1, 1, 8, 8))
+            graph.get_pruning_group(fc, tp.prune_linear_out_channels, idxs=idxs).prune()
         trainer.strategy.setup_optimizers(trainer)
 
 
@@ -176,22 +176,36 @@ def test_ap_step_warns_when_there_are_too_few_negative_survivors_and_checks_its_
         ap_prune_step(start, end, {"v": masks["w"]}, 1)
     with pytest.raises(ValueError, match="shapes differ"):
         ap_prune_step({"w": torch.zeros(4)}, end, masks, 1)
-    for bad in (0.0, 1.0, 1.5, -0.2):
-        with pytest.raises(ValueError, match="q"):
+    for bad in (0.0, 1.0, 1.5, -0.2, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="amount"):
             ap_prune_step(start, end, masks, bad)
+    with pytest.raises(ValueError, match="amount"):
+        ap_prune_step(start, end, masks, -1)
 
 
-def test_kept_indices_of_a_sliced_tensor_are_recovered():
-    g = torch.Generator().manual_seed(1)
-    old = torch.randn(8, 6, 3, generator=g)
-    rows, cols = torch.tensor([0, 2, 3, 7]), torch.tensor([1, 4, 5])
-    new = old[rows][:, cols].clone()
-    new[0, 0, 0] = 0.0  # a weight pruned earlier stays zero after slicing
-    idx = _match_kept_indices(old, new)
-    assert idx is not None
-    assert idx[0].tolist() == rows.tolist() and idx[1].tolist() == cols.tolist() and idx[2].tolist() == [0, 1, 2]
-    assert _match_kept_indices(old, torch.randn(4, 3, 3, generator=g)) is None  # not a slice of `old`
-    assert _match_kept_indices(old, torch.randn(9, 6, 3)) is None  # grew
+def test_kept_slices_are_read_from_the_recorded_pruning_steps():
+    """Which rows/columns of each layer survived comes from the recorded steps, not from the weight values: two
+    steps on a network whose weights are all equal (matching values could not tell the slices apart)."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(0.5)
+    old = {"1": net[1].weight.detach().clone(), "3": net[3].weight.detach().clone()}
+    shapes = {k: v.shape for k, v in old.items()}
+    apply_pruning_history(net, [["1", True, [0, 5]]], torch.zeros(1, 6))
+    apply_pruning_history(net, [["1", True, [1, 4]]], torch.zeros(1, 6))  # numbering after the first step
+    changes = recorded_channel_changes(net)
+    assert changes == [{"1": {0: [0, 5]}, "3": {1: [0, 5]}}, {"1": {0: [1, 4]}, "3": {1: [1, 4]}}]
+    rows = kept_slices(shapes["1"], changes, "1")
+    cols = kept_slices(shapes["3"], changes, "3")
+    assert rows[0].tolist() == [1, 3, 4, 7] and rows[1].tolist() == list(range(6))
+    assert cols[0].tolist() == [0, 1, 2] and cols[1].tolist() == [1, 3, 4, 7]
+    assert net[1].weight.shape == (4, 6) and net[3].weight.shape == (3, 4)
+    # names are relative to the model asked: a wrapper sees its submodule's records with the prefix
+    wrapper = nn.Module()
+    wrapper.net = net
+    assert list(recorded_channel_changes(wrapper)[0]) == ["net.1", "net.3"]
+    assert kept_slices((4, 6), [{"1": {0: [7]}}], "1") is None  # a record that does not fit the shape
 
 
 def test_model_cost_counts_params_macs_and_nonzero_weights():
@@ -200,8 +214,10 @@ def test_model_cost_counts_params_macs_and_nonzero_weights():
         net[0].weight[:2] = 0.0
     cost = model_cost(net, torch.zeros(5, 1, 8, 8), latency_repeats=2)
     assert cost["params"] == 4 * 9 + 4 + 256 * 10 + 10
-    assert cost["macs"] == 4 * 64 * 9 + 256 * 10
-    assert cost["macs_nonzero"] == pytest.approx(2 * 64 * 9 + 256 * 10)
+    # one sample, Torch-Pruning's convention: conv (+ bias per output element), ReLU per element, linear (+ bias)
+    conv, relu, linear = 4 * 64 * 9 + 4 * 64, 4 * 64, 256 * 10 + 10
+    assert cost["macs"] == conv + relu + linear
+    assert cost["macs_nonzero"] == pytest.approx(conv / 2 + relu + linear)  # half of the conv's weights are zero
     assert cost["params_nonzero"] == cost["params"] - 18
     assert cost["latency_ms"] > 0
 
@@ -210,20 +226,35 @@ def test_model_cost_counts_params_macs_and_nonzero_weights():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(q=0.0), "`q` must be a fraction"),
-    (dict(q=1.0), "`q` must be a fraction"),
-    (dict(q=-0.1), "`q` must be a fraction"),
-    (dict(q=2), "`q` must be a fraction"),
-    (dict(q=0.2, p=0.2), "must be smaller than `p`"),
-    (dict(q=0.3, p=0.2), "must be smaller than `p`"),
-    (dict(q=0.02, p=1.2), "`p` must be a fraction"),
+    (dict(pruning_ratio=0.0), "pruning_ratio must be a finite number > 0 and < 1"),
+    (dict(pruning_ratio=1.0), "pruning_ratio must be a finite number > 0 and < 1"),
+    (dict(pruning_ratio=-0.1), "pruning_ratio must be a finite number > 0 and < 1"),
+    (dict(pruning_ratio=2), "pruning_ratio must be a finite number > 0 and < 1"),
+    (dict(pruning_ratio=float("nan")), "pruning_ratio must be a finite number"),
+    (dict(pruning_ratio=float("inf")), "pruning_ratio must be a finite number"),
+    (dict(pruning_ratio=0.2, cycle_pruning_ratio=0.2), "must be smaller than `cycle_pruning_ratio`"),
+    (dict(pruning_ratio=0.3, cycle_pruning_ratio=0.2), "must be smaller than `cycle_pruning_ratio`"),
+    (dict(pruning_ratio=0.02, cycle_pruning_ratio=1.2), "cycle_pruning_ratio must be a finite number"),
+    (dict(pruning_ratio=0.02, cycle_pruning_ratio=float("nan")), "cycle_pruning_ratio must be a finite number"),
+    (dict(probe_size=float("inf")), "probe_size"),
+    (dict(probe_size=2.5), "probe_size"),
+    (dict(latency_repeats=float("nan")), "latency_repeats"),
     (dict(layers=[]), "`layers` is empty"),
     (dict(probe_size=-1), "probe_size"),
     (dict(latency_repeats=-2), "latency_repeats"),
 ])
 def test_bad_arguments_are_refused(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match) as info:
         ActivatingWhilePruning(**kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_a_missing_torch_pruning_fails_at_construction_with_the_install_line(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch_pruning", None)
+    with pytest.raises(ModuleNotFoundError, match="ActivatingWhilePruning.*pip install"):
+        ActivatingWhilePruning()
 
 
 def test_unknown_layer_names_and_sharded_strategies_are_refused_in_setup():
@@ -231,7 +262,7 @@ def test_unknown_layer_names_and_sharded_strategies_are_refused_in_setup():
     with pytest.raises(ValueError, match=r"net\.7.*Prunable modules: \['net.1', 'net.3'\]"):
         _trainer([ActivatingWhilePruning(layers=["net.7"])], 1, fast_dev_run=1).fit(model, datamodule=_dm())
     with pytest.raises(ValueError, match="no layer to prune"):
-        _trainer([ActivatingWhilePruning(exclude=["net.1", "net.3"])], 1, fast_dev_run=1).fit(model, datamodule=_dm())
+        _trainer([ActivatingWhilePruning(ignored_layers=["net.*"])], 1, fast_dev_run=1).fit(model, datamodule=_dm())
 
     class FSDPStrategy:  # stands in for Lightning's: only the class name is inspected
         pass
@@ -246,7 +277,7 @@ def test_unknown_layer_names_and_sharded_strategies_are_refused_in_setup():
 def test_pruned_weights_stay_zero_through_momentum_and_weight_decay_and_only_with_ap():
     def run(with_ap: bool):
         model = _mlp_model(optimizer=_sgd_momentum)
-        ap = ActivatingWhilePruning(q=0.05, probe_size=64, latency_repeats=0)
+        ap = ActivatingWhilePruning(pruning_ratio=0.05, probe_size=64, latency_repeats=0)
         trainer = _trainer([ZeroSmallest(0.5, epochs=(0,)), *([ap] if with_ap else [])], max_epochs=3)
         trainer.fit(model, datamodule=_dm())
         return model, ap, trainer
@@ -275,7 +306,8 @@ def test_works_with_lightnings_model_pruning(tmp_path):
     model = _mlp_model()
     pruner = ModelPruning("l1_unstructured", amount=0.18, parameter_names=["weight"],
                           use_lottery_ticket_hypothesis=False, make_pruning_permanent=False)
-    ap = ActivatingWhilePruning(q=0.02, p=0.2, probe_size=128)  # listed first: AP does not depend on the order
+    # listed first: AP does not depend on the order
+    ap = ActivatingWhilePruning(pruning_ratio=0.02, cycle_pruning_ratio=0.2, probe_size=128)
     trainer = _trainer([ap, pruner], max_epochs=3, logger=CSVLogger(str(tmp_path), name="", version=""))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -300,7 +332,7 @@ def test_works_with_lightnings_model_pruning(tmp_path):
 
 def test_works_with_a_structured_pruner_that_shrinks_layers():
     model = _mlp_model(hidden=32)
-    ap = ActivatingWhilePruning(q=0.05, probe_size=64, latency_repeats=1)
+    ap = ActivatingWhilePruning(pruning_ratio=0.05, probe_size=64, latency_repeats=1)
     callbacks = [ZeroSmallest(0.2, epochs=(0,)), ShrinkHidden(8, epoch=1), ap]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -319,12 +351,25 @@ def test_works_with_a_structured_pruner_that_shrinks_layers():
     assert int(sum((~m).sum() for m in ap._alive_ref.values())) == 24 * 64 + 10 * 24 - second["alive"]
 
 
+def test_a_layer_shrunk_without_a_recorded_step_is_skipped_with_a_warning():
+    """Raw Torch-Pruning calls leave no recorded step: AP cannot tell which slices survived, so it skips the
+    shrunk layers for that cycle (it never guesses from weight values)."""
+    model = _mlp_model(hidden=32)
+    ap = ActivatingWhilePruning(pruning_ratio=0.05, probe_size=0, latency_repeats=0)
+    callbacks = [ZeroSmallest(0.2, epochs=(0,)), ShrinkHidden(8, epoch=1, record=False), ap]
+    with pytest.warns(UserWarning, match=r"no consistent start/end weights for \['net.1', 'net.3'\].*recorded"):
+        _trainer(callbacks, max_epochs=3).fit(model, datamodule=_dm())
+    assert model.net[1].weight.shape == (24, 64)
+    assert ap.history[1]["ap_pruned"] == 0 < ap.history[0]["ap_pruned"]
+
+
 # -- resume and DDP -----------------------------------------------------------------------------------------------
 
 
 def test_crash_and_resume_matches_the_uninterrupted_run(tmp_path):
     def callbacks():
-        return [ZeroSmallest(0.3, epochs=(0, 1, 2)), ActivatingWhilePruning(q=0.03, probe_size=64, latency_repeats=0)]
+        return [ZeroSmallest(0.3, epochs=(0, 1, 2)),
+                ActivatingWhilePruning(pruning_ratio=0.03, probe_size=64, latency_repeats=0)]
 
     full, resumed, info = crash_and_resume(lambda: _mlp_model(optimizer=_sgd_momentum), _dm, callbacks,
                                            max_epochs=4, crash_epoch=2, tmp_path=tmp_path)
@@ -345,7 +390,8 @@ def test_ddp_matches_a_single_process(tmp_path):
         return _mlp_model(optimizer=_sgd_momentum)
 
     # prunes after epoch 0 (AP acts at the next epoch's first batch) and after epoch 1 (AP acts at train end)
-    callbacks = [ZeroSmallest(0.3, epochs=(0, 1)), ActivatingWhilePruning(q=0.03, probe_size=64, latency_repeats=0)]
+    callbacks = [ZeroSmallest(0.3, epochs=(0, 1)),
+                 ActivatingWhilePruning(pruning_ratio=0.03, probe_size=64, latency_repeats=0)]
     single, ddp = fit_ddp_vs_single(make_model, lambda bs: DigitsDataModule(batch_size=bs, drop_last=True), 64,
                                     tmp_path, test=False, max_epochs=2, callbacks=callbacks)
     for key in single.state_dict:
@@ -372,9 +418,9 @@ def test_crash_and_resume_on_top_of_l1_filter_pruning(tmp_path):
     l1 = pytest.importorskip("lightning_ext.compression.l1_filter_pruning")
 
     def callbacks():
-        return [l1.L1FilterPruning(ratio=0.5, start_epoch=1, every_n_epochs=1, num_steps=2, ignored_layers=["net.8"],
-                                   latency_repeats=0, plot_path="", verbose=False),
-                ActivatingWhilePruning(q=0.02, probe_size=32, latency_repeats=0, verbose=False)]
+        return [l1.L1FilterPruning(pruning_ratio=0.5, start_epoch=1, every_n_epochs=1, num_steps=2,
+                                   ignored_layers=["net.8"], latency_repeats=0, plot_path=None, verbose=False),
+                ActivatingWhilePruning(pruning_ratio=0.02, probe_size=32, latency_repeats=0, verbose=False)]
 
     # steps at the start of epochs 1 and 2; the crash comes before the second, which then runs after the resume
     full, resumed, info = crash_and_resume(_cnn_model, lambda: _dm(train_fraction=0.25), callbacks, max_epochs=3,

@@ -65,7 +65,7 @@ def test_scores_match_a_hand_computed_example(ratio, stride, padding, groups):
                      groups=groups)
     x = torch.randn(5, 3, 5, 5)
     for normalize in (True, False):
-        ours = beta_rank_scores(nn.Sequential(conv), x, ratio=ratio, normalize=normalize)["0"]
+        ours = beta_rank_scores(nn.Sequential(conv), x, ratio_direction=ratio, normalize=normalize)["0"]
         expected = hand_beta_rank(conv, x, stride, padding, groups, ratio, normalize)
         np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-8, atol=1e-12)
 
@@ -74,14 +74,14 @@ def test_the_ratio_direction_changes_the_ranking_and_is_validated():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 6, 3), nn.ReLU(), nn.Conv2d(6, 8, 3))
     x = torch.randn(32, 1, 8, 8)
-    out_in = beta_rank_scores(net, x, ratio="out/in")["2"]
-    in_out = beta_rank_scores(net, x, ratio="in/out")["2"]
+    out_in = beta_rank_scores(net, x, ratio_direction="out/in")["2"]
+    in_out = beta_rank_scores(net, x, ratio_direction="in/out")["2"]
     assert not torch.equal(torch.argsort(out_in), torch.argsort(in_out))
     with pytest.raises(ValueError, match="'out/in' \\(the official code\\) or 'in/out'"):
-        BetaRankPruning(ratio=0.5, ratio_direction="out_in")
+        BetaRankPruning(pruning_ratio=0.5, ratio_direction="out_in")
     with pytest.raises(ValueError, match="one of"):
-        beta_rank_scores(net, x, ratio="in")
-    pruner = BetaRankPruning(ratio=0.5, ratio_direction="in/out")
+        beta_rank_scores(net, x, ratio_direction="in")
+    pruner = BetaRankPruning(pruning_ratio=0.5, ratio_direction="in/out")
     trainer = type("T", (), {"strategy": type("S", (), {"reduce": staticmethod(lambda t, reduce_op: t)})()})()
     torch.testing.assert_close(pruner.filter_scores(net, [x], trainer)["2"], in_out)
 
@@ -125,7 +125,7 @@ def test_beta_rank_callback_prunes_to_a_macs_target_inside_fit(tmp_path):
 
     model = make_model()
     dense_macs = count_macs_params(model, torch.zeros(1, 1, 8, 8))[0]
-    pruner = BetaRankPruning(target_macs_reduction=0.45, calibration_batches=2, latency_repeats=0)
+    pruner = BetaRankPruning(macs_reduction=0.45, calibration_batches=2, latency_repeats=0)
     Trainer(max_epochs=1, callbacks=[pruner], accelerator="cpu", logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, limit_train_batches=2, limit_val_batches=1,
             default_root_dir=str(tmp_path)).fit(model, datamodule=make_dm())
@@ -133,7 +133,7 @@ def test_beta_rank_callback_prunes_to_a_macs_target_inside_fit(tmp_path):
     assert abs(1 - macs / dense_macs - 0.45) < 0.06  # 8 and 16 channels: coarse steps
     assert pruner.steps[0]["macs"] == macs and pruner.dense["macs"] == dense_macs
     with pytest.raises(PruningError, match="cannot be reached"):
-        Trainer(max_epochs=1, callbacks=[BetaRankPruning(target_macs_reduction=0.9, ignored_layers=["net.0"],
+        Trainer(max_epochs=1, callbacks=[BetaRankPruning(macs_reduction=0.9, ignored_layers=["net.0"],
                                                          latency_repeats=0)],
                 accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                 enable_model_summary=False, limit_train_batches=1, limit_val_batches=0,
@@ -142,7 +142,7 @@ def test_beta_rank_callback_prunes_to_a_macs_target_inside_fit(tmp_path):
 
 def test_beta_rank_crash_and_resume_with_an_iterative_schedule(tmp_path):
     def pruners():
-        return [BetaRankPruning(ratio=0.5, start_epoch=1, num_steps=2, latency_repeats=0)]
+        return [BetaRankPruning(pruning_ratio=0.5, start_epoch=1, num_steps=2, latency_repeats=0)]
 
     full, resumed, info = crash_and_resume(make_model, make_dm, pruners, max_epochs=3, crash_epoch=2,
                                            tmp_path=tmp_path)

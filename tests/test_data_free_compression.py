@@ -12,10 +12,10 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from lightning_ext.compression.data_free_compression import (
+from lightning_ext.compression import load_pruned_checkpoint
+from lightning_ext.compression.data_free_compression import DataFreeCompression
+from lightning_ext.compression.udfc import (
     CompressionError,
-    DataFreeCompression,
-    _refuse_strategy,
     data_free_compress,
     find_compensable_chains,
     quantize_per_channel,
@@ -103,10 +103,10 @@ def test_compensation_is_exact_for_a_linear_two_layer_chain(kind, input_model):
     with torch.no_grad():
         expected = net(x)
     naive, udfc = copy.deepcopy(net), copy.deepcopy(net)
-    kwargs = dict(prune_ratio=1 / 6, weight_bits=None, importance="l1", ridge=0.0, input_model=input_model, **FAST)
+    kwargs = dict(pruning_ratio=1 / 6, weight_bits=None, importance="l1", ridge=0.0, input_model=input_model, **FAST)
     report = data_free_compress(udfc, make_x(2), compensate=True, **kwargs)
     data_free_compress(naive, make_x(2), compensate=False, **kwargs)
-    assert report.history == [{"module": "0", "pruned": [5], "channels": 6}]
+    assert report.history == [["0", True, [5]]]  # the library's one history format (Torch-Pruning's)
     assert report.layers[0]["bias_correction"] == "consumer bias"
     with torch.no_grad():
         torch.testing.assert_close(udfc(x), expected, atol=1e-4, rtol=1e-4)
@@ -160,7 +160,7 @@ def test_output_channels_are_removed_with_batchnorm_and_next_layer_consistent():
     net = _cnn((8, 12, 16))
     _set_bn_statistics(net, torch.randn(64, 1, 8, 8))
     params = sum(p.numel() for p in net.parameters())
-    report = data_free_compress(net, torch.zeros(2, 1, 8, 8), prune_ratio=0.25, weight_bits=6, **FAST)
+    report = data_free_compress(net, torch.zeros(2, 1, 8, 8), pruning_ratio=0.25, weight_bits=6, **FAST)
     convs = [m for m in net if isinstance(m, nn.Conv2d)]
     bns = [m for m in net if isinstance(m, nn.BatchNorm2d)]
     assert [c.out_channels for c in convs] == [6, 9, 12]
@@ -173,7 +173,7 @@ def test_output_channels_are_removed_with_batchnorm_and_next_layer_consistent():
     assert net(torch.randn(3, 1, 8, 8)).shape == (3, 10)
     assert report.params_after == sum(p.numel() for p in net.parameters()) < params == report.params_before
     assert report.macs_after < report.macs_before
-    assert [h["module"] for h in report.history] == ["0", "3", "6"]
+    assert [op[0] for op in report.history] == ["0", "3", "6"]
     for layer in (*convs, net[-1]):  # every weight is on a 6-bit grid after compensation
         assert max(row.unique().numel() for row in layer.weight.detach().reshape(layer.weight.shape[0], -1)) <= 64
 
@@ -184,7 +184,7 @@ def test_residual_coupled_layers_are_only_quantized_in_a_timm_resnet():
     assert "net.layer1.0.conv1" in chains and chains["net.layer1.0.conv1"].consumer == "net.layer1.0.conv2"
     assert "net.layer1.0.conv2" in skipped and "coupled" in skipped["net.layer1.0.conv2"]
     before = {n: m.weight.shape[0] for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-    report = data_free_compress(model, torch.zeros(2, 1, 8, 8), prune_ratio=0.3, weight_bits=6,
+    report = data_free_compress(model, torch.zeros(2, 1, 8, 8), pruning_ratio=0.3, weight_bits=6,
                                 layers=["net.conv1.*", "net.layer1.*", "net.layer2.*"], **FAST)
     after = {n: m.weight.shape[0] for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     assert {r["name"] for r in report.layers} == {n for n in before if n.startswith(("net.conv1", "net.layer1",
@@ -222,8 +222,8 @@ def test_compensation_recovers_most_of_the_accuracy_naive_pruning_loses():
 
     base = acc(net)
     naive, udfc = copy.deepcopy(net), copy.deepcopy(net)
-    data_free_compress(naive, xva[:2] * 0, prune_ratio=0.3, weight_bits=6, compensate=False, measure=False)
-    data_free_compress(udfc, xva[:2] * 0, prune_ratio=0.3, weight_bits=6, compensate=True, measure=False)
+    data_free_compress(naive, xva[:2] * 0, pruning_ratio=0.3, weight_bits=6, compensate=False, measure=False)
+    data_free_compress(udfc, xva[:2] * 0, pruning_ratio=0.3, weight_bits=6, compensate=True, measure=False)
     acc_naive, acc_udfc = acc(naive), acc(udfc)
     assert base > 0.9
     assert acc_udfc - acc_naive >= 0.5 * (base - acc_naive), (base, acc_naive, acc_udfc)
@@ -233,11 +233,11 @@ def test_compensation_recovers_most_of_the_accuracy_naive_pruning_loses():
 
 
 @pytest.mark.parametrize("ratio", [0, 1, -0.1, 1.5, True, "0.3"])
-def test_prune_ratios_outside_0_1_are_refused(ratio):
-    with pytest.raises(ValueError, match="prune_ratio"):
-        DataFreeCompression(prune_ratio=ratio)
-    with pytest.raises(ValueError, match="prune_ratio"):
-        data_free_compress(_cnn(), torch.zeros(2, 1, 8, 8), prune_ratio=ratio)
+def test_pruning_ratios_outside_0_1_are_refused(ratio):
+    with pytest.raises(ValueError, match="pruning_ratio"):
+        DataFreeCompression(pruning_ratio=ratio)
+    with pytest.raises(ValueError, match="pruning_ratio"):
+        data_free_compress(_cnn(), torch.zeros(2, 1, 8, 8), pruning_ratio=ratio)
 
 
 @pytest.mark.parametrize("bits", [1, 17, 0, 6.0, True])
@@ -248,22 +248,60 @@ def test_bits_outside_2_16_are_refused(bits):
 
 def test_other_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="Nothing to do"):
-        DataFreeCompression(prune_ratio=None, weight_bits=None)
+        DataFreeCompression(pruning_ratio=None, weight_bits=None)
     with pytest.raises(ValueError, match="apply_at"):
         DataFreeCompression(apply_at="fit_end")
     with pytest.raises(ValueError, match="importance"):
         DataFreeCompression(importance="taylor")
     with pytest.raises(ValueError, match="save_path"):
         DataFreeCompression(save_path="x.ckpt")  # only meaningful with apply_at='train_end'
-    with pytest.raises(ValueError, match="example_input_shape"):
-        DataFreeCompression(example_input_shape=[0, 8])
+    with pytest.raises(ValueError, match="input_shape"):
+        DataFreeCompression(input_shape=[0, 8])
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("kwargs, argument", [
+    (dict(pruning_ratio=NAN), "pruning_ratio"),
+    (dict(pruning_ratio=INF), "pruning_ratio"),
+    (dict(pruning_ratio=-0.3), "pruning_ratio"),
+    (dict(weight_bits=NAN), "weight_bits"),
+    (dict(weight_bits=-6), "weight_bits"),
+    (dict(ridge=NAN), "ridge"),
+    (dict(ridge=INF), "ridge"),
+    (dict(ridge=-1e-3), "ridge"),
+    (dict(num_samples=INF), "num_samples"),
+    (dict(num_samples=-1024), "num_samples"),
+    (dict(min_channels=0), "min_channels"),
+    (dict(min_channels=NAN), "min_channels"),
+    (dict(seed=NAN), "seed"),
+    (dict(latency_batch_size=-2), "latency_batch_size"),
+    (dict(latency_repeats=INF), "latency_repeats"),
+    (dict(input_shape=[1, -8, 8]), "input_shape"),
+    (dict(importance="taylor"), "importance"),
+    (dict(input_model="gaussian"), "input_model"),
+    (dict(apply_at="epoch_end"), "apply_at"),
+])
+def test_bad_values_are_refused_with_one_line_naming_the_argument(kwargs, argument):
+    with pytest.raises(ValueError, match=argument) as info:
+        DataFreeCompression(**kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_a_missing_torch_pruning_fails_at_construction_with_the_install_line(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch_pruning", None)
+    with pytest.raises(ModuleNotFoundError, match="DataFreeCompression.*pip install"):
+        DataFreeCompression()
 
 
 def test_a_ratio_that_empties_a_layer_is_refused_and_changes_nothing():
     net = _cnn((2, 8))
     state = copy.deepcopy(net.state_dict())
     with pytest.raises(CompressionError, match=r"leave layer '0' with 0 of 2 channels"):
-        data_free_compress(net, torch.zeros(2, 1, 8, 8), prune_ratio=0.8, weight_bits=6, **FAST)
+        data_free_compress(net, torch.zeros(2, 1, 8, 8), pruning_ratio=0.8, weight_bits=6, **FAST)
     assert_same_parameters(net, _cnn((2, 8)))
     assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
 
@@ -271,8 +309,8 @@ def test_a_ratio_that_empties_a_layer_is_refused_and_changes_nothing():
 def test_a_model_without_batchnorm_cannot_be_pruned_but_can_be_quantized():
     net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
     with pytest.raises(CompressionError, match="BatchNorm"):
-        data_free_compress(net, torch.zeros(2, 1, 8, 8), prune_ratio=0.3, **FAST)
-    report = data_free_compress(net, torch.zeros(2, 1, 8, 8), prune_ratio=None, weight_bits=4, **FAST)
+        data_free_compress(net, torch.zeros(2, 1, 8, 8), pruning_ratio=0.3, **FAST)
+    report = data_free_compress(net, torch.zeros(2, 1, 8, 8), pruning_ratio=None, weight_bits=4, **FAST)
     assert [r["action"] for r in report.layers] == ["quantized", "quantized"]
     assert net[1].weight.detach()[0].unique().numel() <= 16
 
@@ -281,7 +319,7 @@ def test_fsdp_and_deepspeed_are_refused():
     for name in ("FSDPStrategy", "DeepSpeedStrategy"):
         strategy = type(name, (), {})()
         with pytest.raises(RuntimeError, match="does not support"):
-            _refuse_strategy(SimpleNamespace(strategy=strategy))
+            DataFreeCompression().setup(SimpleNamespace(strategy=strategy), None, "fit")
 
 
 def test_ddp_spawn_fit_is_refused_with_advice():
@@ -335,7 +373,8 @@ def _model(seed=0, widths=(8, 12, 16)):
 
 def test_callback_compresses_without_touching_any_data_and_logs_sizes(tmp_path):
     dm, spy = _NoTrainingData(), _CheckBeforeTest()
-    cb = DataFreeCompression(prune_ratio=0.25, weight_bits=6, num_samples=1024, latency_batch_size=4, latency_repeats=3)
+    cb = DataFreeCompression(pruning_ratio=0.25, weight_bits=6, num_samples=1024, latency_batch_size=4,
+                             latency_repeats=3)
     trainer = Trainer(accelerator="cpu", logger=CSVLogger(str(tmp_path), name="", version=""), callbacks=[cb, spy],
                       enable_progress_bar=False, enable_model_summary=False)
     out = trainer.test(_model(), datamodule=dm, verbose=False)
@@ -349,11 +388,12 @@ def test_callback_compresses_without_touching_any_data_and_logs_sizes(tmp_path):
     for key in ("params_before", "params_after", "macs_before", "macs_after", "latency_ms_before", "latency_ms_after"):
         assert f"data_free_compression/{key}" in logged
     state = cb.state_dict()
-    assert state["applied"] and [h["module"] for h in state["history"]] == ["net.0", "net.3", "net.6"]
+    assert state["applied"] and [op[0] for op in state["steps"][0]["ops"]] == ["net.0", "net.3", "net.6"]
 
 
 def test_resume_from_a_checkpoint_of_the_compressed_model_reproduces_the_parameters(tmp_path):
-    make_cb = lambda: [DataFreeCompression(prune_ratio=0.3, weight_bits=6, num_samples=1024, latency_repeats=0)]  # noqa
+    make_cb = lambda: [DataFreeCompression(pruning_ratio=0.3, weight_bits=6, num_samples=1024,  # noqa: E731
+                                           latency_repeats=0)]
     full, resumed, info = crash_and_resume(_model, lambda: DigitsDataModule(batch_size=64), make_cb, max_epochs=3,
                                            crash_epoch=2, tmp_path=tmp_path, limit_train_batches=3,
                                            limit_val_batches=2)
@@ -369,7 +409,7 @@ def test_resume_from_a_checkpoint_of_the_compressed_model_reproduces_the_paramet
 
 
 def test_train_end_compression_saves_a_checkpoint_that_a_fresh_model_loads(tmp_path):
-    cb = DataFreeCompression(prune_ratio=0.3, weight_bits=4, apply_at="train_end", save_path="compressed.ckpt",
+    cb = DataFreeCompression(pruning_ratio=0.3, weight_bits=4, apply_at="train_end", save_path="compressed.ckpt",
                              num_samples=1024, latency_repeats=0)
     model = _model()
     trainer = Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=4, limit_val_batches=2, logger=False,
@@ -381,10 +421,13 @@ def test_train_end_compression_saves_a_checkpoint_that_a_fresh_model_loads(tmp_p
     fresh = _model(seed=3)
     tester = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                      default_root_dir=str(tmp_path), enable_checkpointing=False,
-                     callbacks=[DataFreeCompression(prune_ratio=0.3, weight_bits=4, apply_at="train_end")])
+                     callbacks=[DataFreeCompression(pruning_ratio=0.3, weight_bits=4, apply_at="train_end")])
     after = tester.test(fresh, datamodule=DigitsDataModule(), ckpt_path=cb.saved_checkpoint, verbose=False)[0]
     assert_same_parameters(model, fresh)
     assert after["test_acc"] == pytest.approx(before["test_acc"])
+    # one replay path: the filter pruners' loader rebuilds a UDFC-compressed checkpoint too, without a Trainer
+    assert_same_parameters(model, load_pruned_checkpoint(_model(seed=4), cb.saved_checkpoint))
+    assert_same_parameters(model.net, load_pruned_checkpoint(_cnn(seed=4), cb.saved_checkpoint))
     # a checkpoint written BEFORE compression cannot go into the compressed model: a clear error
     ckpt = tmp_path / "uncompressed.ckpt"
     torch.save({"state_dict": _model().state_dict()}, ckpt)
@@ -408,7 +451,7 @@ class _SameWeightsOnAllRanks(Callback):
 @pytest.mark.ddp
 def test_ddp_ranks_get_rank_zeros_compressed_model_and_match_one_process(tmp_path):
     def run(**kwargs):
-        cb = DataFreeCompression(prune_ratio=0.3, weight_bits=6, num_samples=1024, latency_repeats=0)
+        cb = DataFreeCompression(pruning_ratio=0.3, weight_bits=6, num_samples=1024, latency_repeats=0)
         trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                           callbacks=[cb, _SameWeightsOnAllRanks()], default_root_dir=str(tmp_path), **kwargs)
         return trainer.validate(_model(), datamodule=DigitsDataModule(batch_size=32), verbose=False)[0]

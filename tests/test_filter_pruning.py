@@ -23,6 +23,7 @@ from lightning_ext.compression.filter_pruning import (
     prunable_filter_groups,
     prune_filters,
 )
+from lightning_ext.compression.beta_rank_pruning import BetaRankPruning
 from lightning_ext.compression.l1_filter_pruning import L1FilterPruning, l1_filter_scores
 from lightning_ext.compression.random_filter_pruning import RandomFilterPruning, random_filter_scores
 from lightning_ext.datamodules import DigitsDataModule
@@ -72,7 +73,7 @@ def test_timm_resnet_shrinks_physically_across_residual_adds():
     macs0, params0 = count_macs_params(model, x[:1])
     stem = model.conv1[0].weight.detach().clone()
     l1 = l1_filter_scores(model)
-    plan = prune_filters(model, x[:1], l1, ratio=0.5)
+    plan = prune_filters(model, x[:1], l1, pruning_ratio=0.5)
     after = conv_shapes(model)
     # every conv lost half its filters; residual partners and the classifier's inputs follow
     assert after["layer1.0.conv2"][1] == after["conv1.6"][1] == 32
@@ -96,7 +97,7 @@ def test_torchvision_mobilenet_v2_depthwise_convs_shrink():
     model, x = mobilenet_v2(weights=None, num_classes=10, width_mult=0.5), torch.randn(2, 3, 32, 32)
     macs0, _ = count_macs_params(model, x[:1])
     hidden = model.features[2].conv[0][0].out_channels
-    plan = prune_filters(model, x[:1], random_filter_scores(model, seed=0), ratio=0.3)
+    plan = prune_filters(model, x[:1], random_filter_scores(model, seed=0), pruning_ratio=0.3)
     depthwise = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
     assert depthwise and all(m.groups == m.in_channels == m.out_channels for m in depthwise)
     expanded = model.features[2].conv  # expand 1x1 -> depthwise 3x3 -> project 1x1
@@ -126,7 +127,7 @@ def test_concatenated_branches_shrink_and_the_consumer_keeps_the_right_input_cha
     model, x = TwoBranchConcat(), torch.randn(2, 1, 8, 8)
     before, mix = model(x), model.mix.weight.detach().clone()
     scores = {"a.0": torch.arange(8.0), "b.0": torch.arange(12.0), "mix": torch.arange(16.0)}
-    prune_filters(model, x[:1], scores, ratio=0.5, ignored_layers=["mix"])
+    prune_filters(model, x[:1], scores, pruning_ratio=0.5, ignored_layers=["mix"])
     assert (model.a[0].out_channels, model.b[0].out_channels) == (4, 6)
     assert model.mix.in_channels == 10
     # the lowest-scoring half of each branch went; mix keeps exactly the input columns of the survivors
@@ -138,7 +139,7 @@ def test_macs_target_is_reached_within_tolerance():
     model, x = timm_resnet(), torch.zeros(1, 1, 8, 8)
     for target in (0.45, 0.58):
         trial = timm_resnet()
-        plan = prune_filters(trial, x, l1_filter_scores(trial), target_macs_reduction=target)
+        plan = prune_filters(trial, x, l1_filter_scores(trial), macs_reduction=target)
         measured = 1 - count_macs_params(trial, x)[0] / count_macs_params(model, x)[0]
         assert abs(measured - target) < 0.02, (target, measured)
         assert plan.macs_reduction == pytest.approx(measured)
@@ -147,9 +148,9 @@ def test_macs_target_is_reached_within_tolerance():
 def test_ratio_against_reference_channels_reaches_a_cumulative_ratio():
     model, x = timm_resnet(), torch.zeros(1, 1, 16, 16)
     reference = {g.root: g.channels for g in prunable_filter_groups(model, x)}
-    first = plan_filter_pruning(model, x, l1_filter_scores(model), ratio=0.25, reference_channels=reference)
+    first = plan_filter_pruning(model, x, l1_filter_scores(model), pruning_ratio=0.25, reference_channels=reference)
     apply_pruning_history(model, first.ops, x)
-    second = plan_filter_pruning(model, x, l1_filter_scores(model), ratio=0.5, reference_channels=reference)
+    second = plan_filter_pruning(model, x, l1_filter_scores(model), pruning_ratio=0.5, reference_channels=reference)
     apply_pruning_history(model, second.ops, x)
     assert model.conv1[0].out_channels == 12 and model.layer4[0].conv1.out_channels == 256  # half of 24 / 512
 
@@ -157,7 +158,7 @@ def test_ratio_against_reference_channels_reaches_a_cumulative_ratio():
 def test_ignored_layers_keep_their_filters():
     model, x = timm_resnet(), torch.zeros(1, 1, 16, 16)
     before = conv_shapes(model)
-    prune_filters(model, x, l1_filter_scores(model), ratio=0.5, ignored_layers=["layer3.*", "conv1.0"])
+    prune_filters(model, x, l1_filter_scores(model), pruning_ratio=0.5, ignored_layers=["layer3.*", "conv1.0"])
     after = conv_shapes(model)
     for name in ("layer3.0.conv1", "layer3.0.conv2", "layer3.0.downsample.1", "conv1.0"):
         assert after[name][1] == before[name][1], name
@@ -178,7 +179,7 @@ def test_a_conv_head_that_reaches_the_output_is_never_pruned():
 
     model = ConvHead()
     assert [g.root for g in prunable_filter_groups(model, torch.zeros(1, 1, 6, 6))] == ["body"]
-    prune_filters(model, torch.zeros(1, 1, 6, 6), l1_filter_scores(model), ratio=0.5)
+    prune_filters(model, torch.zeros(1, 1, 6, 6), l1_filter_scores(model), pruning_ratio=0.5)
     assert model.head.out_channels == 5 and model.body.out_channels == 4
 
 
@@ -188,7 +189,7 @@ def test_random_scores_are_reproducible_and_l1_removes_the_smallest_filters():
         net[0].weight.copy_(torch.tensor([3.0, -0.5, 2.0, 0.1]).view(4, 1, 1, 1))
     assert torch.equal(random_filter_scores(net, 1)["2"], random_filter_scores(net, 1)["2"])
     assert not torch.equal(random_filter_scores(net, 1)["2"], random_filter_scores(net, 2)["2"])
-    plan = prune_filters(net, torch.zeros(1, 1, 2, 2), l1_filter_scores(net), ratio=0.5, ignored_layers=["2"])
+    plan = prune_filters(net, torch.zeros(1, 1, 2, 2), l1_filter_scores(net), pruning_ratio=0.5, ignored_layers=["2"])
     assert plan.ops == [["0", True, [1, 3]]]
     assert net[0].weight.flatten().tolist() == [3.0, 2.0]
 
@@ -196,10 +197,10 @@ def test_random_scores_are_reproducible_and_l1_removes_the_smallest_filters():
 def test_round_to_keeps_multiples_of_eight_channels():
     net = nn.Sequential(nn.Conv2d(1, 40, 3), nn.ReLU(), nn.Conv2d(40, 20, 3), nn.ReLU(), nn.Conv2d(20, 4, 1))
     x = torch.zeros(1, 1, 8, 8)
-    prune_filters(net, x, l1_filter_scores(net), ratio=0.3, round_to=8)
+    prune_filters(net, x, l1_filter_scores(net), pruning_ratio=0.3, round_to=8)
     assert (net[0].out_channels, net[2].out_channels) == (32, 16)  # 28 -> 32 and 14 -> 16
     with pytest.raises(ValueError, match="round_to"):
-        L1FilterPruning(ratio=0.5, round_to=0)
+        L1FilterPruning(pruning_ratio=0.5, round_to=0)
 
 
 def test_latency_and_macs_of_a_pruned_model():
@@ -214,40 +215,83 @@ def test_latency_and_macs_of_a_pruned_model():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"ratio": 0.0}, r"\(0, 1\)"),
-    ({"ratio": 1.2}, r"\(0, 1\)"),
-    ({"ratio": 1.0}, r"\(0, 1\)"),
-    ({"target_macs_reduction": 1.0}, r"\(0, 1\)"),
-    ({"target_macs_reduction": -0.1}, r"\(0, 1\)"),
+    ({"pruning_ratio": 0.0}, "pruning_ratio must be a finite number > 0 and < 1"),
+    ({"pruning_ratio": 1.2}, "pruning_ratio must be a finite number > 0 and < 1"),
+    ({"pruning_ratio": 1.0}, "pruning_ratio must be a finite number > 0 and < 1"),
+    ({"macs_reduction": 1.0}, "macs_reduction must be a finite number > 0 and < 1"),
+    ({"macs_reduction": -0.1}, "macs_reduction must be a finite number > 0 and < 1"),
     ({}, "exactly one"),
-    ({"ratio": 0.5, "target_macs_reduction": 0.5}, "exactly one"),
-    ({"target_macs_reduction": 0.5, "layer_ratios": {"net.0": 0.5}}, "layer_ratios"),
-    ({"ratio": 0.5, "layer_ratios": {"net.0": 1.0}}, r"\[0, 1\)"),
-    ({"ratio": 0.5, "num_steps": 0}, "num_steps"),
-    ({"ratio": 0.5, "every_n_epochs": 0}, "every_n_epochs"),
-    ({"ratio": 0.5, "ignored_layers": "net.0"}, "list of module names"),
+    ({"pruning_ratio": 0.5, "macs_reduction": 0.5}, "exactly one"),
+    ({"macs_reduction": 0.5, "layer_pruning_ratios": {"net.0": 0.5}}, "layer_pruning_ratios"),
+    ({"pruning_ratio": 0.5, "layer_pruning_ratios": {"net.0": 1.0}}, r"layer_pruning_ratios\['net.0'\].*>= 0 and < 1"),
+    ({"pruning_ratio": 0.5, "num_steps": 0}, "num_steps"),
+    ({"pruning_ratio": 0.5, "every_n_epochs": 0}, "every_n_epochs"),
+    ({"pruning_ratio": 0.5, "ignored_layers": "net.0"}, "list of module names"),
 ])
 def test_bad_arguments_are_refused_with_the_fix(kwargs, match):
     with pytest.raises(ValueError, match=match):
         L1FilterPruning(**kwargs)
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("cls", [L1FilterPruning, RandomFilterPruning, BetaRankPruning], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("kwargs, argument", [
+    ({"pruning_ratio": NAN}, "pruning_ratio"),
+    ({"pruning_ratio": INF}, "pruning_ratio"),
+    ({"pruning_ratio": -0.2}, "pruning_ratio"),
+    ({"macs_reduction": NAN}, "macs_reduction"),
+    ({"macs_reduction": -INF}, "macs_reduction"),
+    ({"pruning_ratio": 0.5, "layer_pruning_ratios": {"net.0": NAN}}, "layer_pruning_ratios"),
+    ({"pruning_ratio": 0.5, "start_epoch": -1}, "start_epoch"),
+    ({"pruning_ratio": 0.5, "every_n_epochs": INF}, "every_n_epochs"),
+    ({"pruning_ratio": 0.5, "num_steps": 1.5}, "num_steps"),
+    ({"pruning_ratio": 0.5, "calibration_batches": -3}, "calibration_batches"),
+    ({"pruning_ratio": 0.5, "round_to": NAN}, "round_to"),
+    ({"pruning_ratio": 0.5, "latency_batch_size": 0}, "latency_batch_size"),
+    ({"pruning_ratio": 0.5, "latency_repeats": -1}, "latency_repeats"),
+    ({"pruning_ratio": 0.5, "input_shape": [1, -8, 8]}, "input_shape"),
+])
+def test_nonfinite_negative_and_out_of_range_values_are_refused_naming_the_argument(cls, kwargs, argument):
+    with pytest.raises(ValueError, match=argument) as info:
+        cls(**kwargs)
+    assert "\n" not in str(info.value)  # one line
+
+
+def test_wrong_choices_and_values_of_the_subclasses_are_refused():
+    with pytest.raises(ValueError, match="ratio_direction"):
+        BetaRankPruning(pruning_ratio=0.5, ratio_direction="sideways")
+    for eps in (NAN, INF, 0.0, -1e-6):
+        with pytest.raises(ValueError, match="eps"):
+            BetaRankPruning(pruning_ratio=0.5, eps=eps)
+    with pytest.raises(ValueError, match="seed"):
+        RandomFilterPruning(pruning_ratio=0.5, seed=NAN)
+
+
+def test_a_missing_torch_pruning_fails_at_construction_with_the_install_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_pruning", None)  # what an install without the extra looks like
+    for cls in (L1FilterPruning, RandomFilterPruning, BetaRankPruning):
+        with pytest.raises(ModuleNotFoundError, match=f"{cls.__name__}.*pip install"):
+            cls(pruning_ratio=0.5)
+
+
 def test_the_base_callback_asks_subclasses_for_an_importance():
     with pytest.raises(NotImplementedError, match="must implement `filter_scores`"):
-        FilterPruning(ratio=0.5).filter_scores(make_model(), None, None)
+        FilterPruning(pruning_ratio=0.5).filter_scores(make_model(), None, None)
 
 
 def test_a_target_that_would_leave_zero_channels_is_refused_and_changes_nothing():
     net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
     x = torch.zeros(1, 1, 8, 8)
     with pytest.raises(PruningError, match=r"'0' \(2 channels\) with zero channels.*ignored_layers"):
-        prune_filters(net, x, l1_filter_scores(net), ratio=0.75)
+        prune_filters(net, x, l1_filter_scores(net), pruning_ratio=0.75)
     assert net[0].out_channels == 2 and net[2].out_channels == 8
     with pytest.raises(PruningError, match="cannot be reached.*zero channels"):
-        prune_filters(net, x, l1_filter_scores(net), target_macs_reduction=0.99, ignored_layers=["2"])
+        prune_filters(net, x, l1_filter_scores(net), macs_reduction=0.99, ignored_layers=["2"])
     assert conv_shapes(net) == {"0": (1, 2), "2": (2, 8), "4": (8, 4)}
     with pytest.raises(PruningError, match="no prunable conv filters"):
-        prune_filters(net, x, l1_filter_scores(net), ratio=0.5, ignored_layers=["0", "2"])
+        prune_filters(net, x, l1_filter_scores(net), pruning_ratio=0.5, ignored_layers=["0", "2"])
 
 
 class HardCodedView(nn.Module):
@@ -265,9 +309,9 @@ class HardCodedView(nn.Module):
 def test_an_untraceable_model_names_the_layer_and_suggests_ignored_layers():
     model, x = HardCodedView(), torch.zeros(1, 1, 8, 8)
     with pytest.raises(PruningError, match=r"\['c2'\].*ignored_layers.*not changed"):
-        prune_filters(model, x, l1_filter_scores(model), ratio=0.5)
+        prune_filters(model, x, l1_filter_scores(model), pruning_ratio=0.5)
     assert model.c1.out_channels == 8 and model.c2.out_channels == 16 and model.c2.in_channels == 8
-    prune_filters(model, x, l1_filter_scores(model), ratio=0.5, ignored_layers=["c2"])  # the suggested fix works
+    prune_filters(model, x, l1_filter_scores(model), pruning_ratio=0.5, ignored_layers=["c2"])  # the suggested fix
     assert model.c1.out_channels == 4 and model.c2.in_channels == 4 and model(x).shape == (1, 10)
 
 
@@ -286,16 +330,17 @@ def test_a_model_that_cannot_be_traced_at_all_names_the_failing_layer():
 
 def test_a_misspelt_layer_name_gets_close_names():
     model = make_model()
-    with pytest.raises(PruningError, match="no such module.*Close names: net.3"):
-        prune_filters(model, torch.zeros(1, 1, 8, 8), l1_filter_scores(model), ratio=0.5, ignored_layers=["net.33"])
+    with pytest.raises(PruningError, match="no such entry.*Close names: net.3"):
+        prune_filters(model, torch.zeros(1, 1, 8, 8), l1_filter_scores(model), pruning_ratio=0.5,
+                      ignored_layers=["net.33"])
     with pytest.raises(PruningError, match="not a Conv2d"):
-        plan_filter_pruning(model, torch.zeros(1, 1, 8, 8), {}, ratio=0.5, layer_ratios={"net.1": 0.5})
+        plan_filter_pruning(model, torch.zeros(1, 1, 8, 8), {}, pruning_ratio=0.5, layer_pruning_ratios={"net.1": 0.5})
 
 
 def test_sharding_strategies_and_spawning_launchers_are_refused():
     from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
-    pruner = L1FilterPruning(ratio=0.5)
+    pruner = L1FilterPruning(pruning_ratio=0.5)
     for strategy in (FSDPStrategy(), DeepSpeedStrategy.__new__(DeepSpeedStrategy)):
         trainer = types.SimpleNamespace(strategy=strategy, max_epochs=3)
         with pytest.raises(PruningError, match=f"{type(strategy).__name__} shards them.*strategy='ddp'"):
@@ -328,7 +373,7 @@ class Recorder(Callback):
 
 def test_pruning_inside_fit_rebuilds_the_optimizer_and_the_schedule_continues(tmp_path):
     model, recorder = make_model(), Recorder()
-    pruner = L1FilterPruning(ratio=0.5, start_epoch=1, latency_repeats=2, latency_batch_size=8)
+    pruner = L1FilterPruning(pruning_ratio=0.5, start_epoch=1, latency_repeats=2, latency_batch_size=8)
     trainer = Trainer(max_epochs=4, callbacks=[pruner, recorder], accelerator="cpu", logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       default_root_dir=str(tmp_path))
@@ -348,8 +393,8 @@ def test_pruning_inside_fit_rebuilds_the_optimizer_and_the_schedule_continues(tm
 
 
 @pytest.mark.parametrize("make_pruner", [
-    lambda: L1FilterPruning(ratio=0.5, start_epoch=1, num_steps=2, latency_repeats=0),
-    lambda: RandomFilterPruning(target_macs_reduction=0.5, start_epoch=1, num_steps=2, seed=3, latency_repeats=0),
+    lambda: L1FilterPruning(pruning_ratio=0.5, start_epoch=1, num_steps=2, latency_repeats=0),
+    lambda: RandomFilterPruning(macs_reduction=0.5, start_epoch=1, num_steps=2, seed=3, latency_repeats=0),
 ], ids=["l1", "random"])
 def test_crash_and_resume_with_an_iterative_schedule_matches_the_uninterrupted_run(tmp_path, make_pruner):
     full, resumed, info = crash_and_resume(make_model, make_dm, lambda: [make_pruner()], max_epochs=3,
@@ -401,8 +446,8 @@ class RankDependentScores(RandomFilterPruning):
 
 
 model = make_ddp_model()
-pruners = [BetaRankPruning(ratio=0.25, start_epoch=0, latency_repeats=0),
-           RankDependentScores(ratio=0.25, start_epoch=1, latency_repeats=0)]
+pruners = [BetaRankPruning(pruning_ratio=0.25, start_epoch=0, latency_repeats=0),
+           RankDependentScores(pruning_ratio=0.25, start_epoch=1, latency_repeats=0)]
 trainer = Trainer(callbacks=pruners, strategy="ddp", devices=2, accelerator="cpu", max_epochs=3, logger=False,
                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                   deterministic=True, default_root_dir=sys.argv[1])  # the plots land there, not in the cwd
@@ -441,7 +486,7 @@ def test_two_process_ddp_prunes_identically_on_both_ranks(tmp_path):
         torch.testing.assert_close(rank1["state"][key], value, atol=0, rtol=0)
     assert rank0["state"]["net.0.weight"].shape[0] == 9  # 16 -> 12 -> 9
     # Beta-Rank statistics are reduced over the ranks: the plan is that of one process seeing the global batch
-    single = BetaRankPruning(ratio=0.25, start_epoch=0, latency_repeats=0)
+    single = BetaRankPruning(pruning_ratio=0.25, start_epoch=0, latency_repeats=0)
     Trainer(callbacks=[single], accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=1, logger=False,
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             limit_val_batches=0).fit(make_ddp_model(), datamodule=make_ddp_dm(64))

@@ -3,15 +3,21 @@
 - :mod:`~lightning_ext.compression.graph`: :func:`prunable_filter_groups`, the groups of coupled conv filters that
   Torch-Pruning's dependency graph finds (BN, residual adds, depthwise convs, concatenations);
 - :mod:`~lightning_ext.compression.plan`: :func:`plan_filter_pruning` turns per-filter scores and a target (a
-  channel ratio or a MACs reduction) into a plan, :func:`apply_pruning_history` removes those channels and
-  :func:`prune_filters` does both;
-- :mod:`~lightning_ext.compression.history`: :func:`load_pruned_checkpoint` loads a pruned run's checkpoint into a
-  fresh (dense) model by replaying the history saved in it;
-- :mod:`~lightning_ext.core.measure`: :func:`count_macs_params`, :func:`layer_macs`,
-  :func:`measure_latency`, shared by every pruning and compression component.
+  ``pruning_ratio`` or a ``macs_reduction``) into a plan, :func:`apply_pruning_history` removes those channels,
+  :func:`prune_filters` does both and :func:`recorded_channel_changes` tells which weight slices each layer lost;
+- :mod:`~lightning_ext.compression.history`: the one history format and replay path of every pruning-like
+  callback; :func:`load_pruned_checkpoint` loads a pruned (or UDFC-compressed) run's checkpoint into a fresh
+  (dense) model by replaying the history saved in it;
+- :mod:`~lightning_ext.compression.udfc` (UDFC: data-free pruning + quantization with a closed-form
+  reconstruction) and :mod:`~lightning_ext.compression.ap` (Activate-while-Pruning: dead-neuron rate, the AP
+  step, model cost): pure cores, no Trainer needed;
+- :mod:`~lightning_ext.core.measure`: :func:`count_macs_params`, :func:`layer_macs`, :func:`measure_latency`,
+  one MACs convention (one sample, Torch-Pruning's counter) for every pruning and compression component.
 
-The Lightning callbacks built on it are in :mod:`lightning_ext.callbacks` (``BetaRankPruning``,
-``L1FilterPruning``, ``RandomFilterPruning``, ``ActivatingWhilePruning``, ``DataFreeCompression``).
+The Lightning callbacks built on them sit beside them (``filter_pruning.py`` and its importance subclasses
+``beta_rank_pruning.py``, ``l1_filter_pruning.py``, ``random_filter_pruning.py``; ``activating_while_pruning.py``;
+``data_free_compression.py``) and are exported by :mod:`lightning_ext.callbacks`. Torch-Pruning is the
+``compression`` extra: ``pip install "lightning-ext[compression]"``.
 
 Example:
     >>> import torch
@@ -20,7 +26,7 @@ Example:
     >>> net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3),
     ...                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
     >>> x = torch.zeros(1, 1, 8, 8)
-    >>> plan = prune_filters(net, x, {"0": torch.arange(8.0), "3": torch.arange(4.0)}, ratio=0.5)
+    >>> plan = prune_filters(net, x, {"0": torch.arange(8.0), "3": torch.arange(4.0)}, pruning_ratio=0.5)
     >>> net[0].out_channels, net[3].out_channels, net[6].in_features
     (4, 2, 2)
     >>> count_macs_params(net, x)[0] < plan.macs_before
@@ -29,18 +35,19 @@ Example:
 
 from lightning_ext.compression.graph import FilterGroup, PruningError, prunable_filter_groups, resolve_layer_names
 from lightning_ext.compression.history import load_pruned_checkpoint, pruning_steps_from_checkpoint, replay_pruning_steps
-from lightning_ext.core.measure import count_macs_params, layer_macs, measure_latency, num_params
 from lightning_ext.compression.plan import (
     PruningPlan,
     applied_pruning_steps,
     apply_pruning_history,
     plan_filter_pruning,
     prune_filters,
+    recorded_channel_changes,
 )
+from lightning_ext.core.measure import count_macs_params, layer_macs, measure_latency, num_params
 
 __all__ = [
     "FilterGroup", "PruningError", "PruningPlan", "applied_pruning_steps", "apply_pruning_history",
     "count_macs_params", "layer_macs", "load_pruned_checkpoint", "measure_latency", "num_params",
     "plan_filter_pruning", "prunable_filter_groups", "prune_filters", "pruning_steps_from_checkpoint",
-    "replay_pruning_steps", "resolve_layer_names",
+    "recorded_channel_changes", "replay_pruning_steps", "resolve_layer_names",
 ]

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Literal, Optional, Sequence, Union, get_args
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
+from typing_extensions import override
 
 from lightning_ext.compression.filter_pruning import FilterPruning, Scores, resolve_layer_names
 from lightning_ext.core.measure import eval_mode
+from lightning_ext.core.validation import PositiveFloat, check_choice, check_positive
 
-RATIO_DIRECTIONS = ("out/in", "in/out")
+RatioDirection = Literal["out/in", "in/out"]
+RATIO_DIRECTIONS = get_args(RatioDirection)
 
 
 class _ConvStatistics:
@@ -78,7 +81,7 @@ class _ConvStatistics:
         mean = total / count
         return (squares / count - mean * mean).clamp(min=0).sqrt(), mean
 
-    def scores(self, ratio: str, eps: float) -> torch.Tensor:
+    def scores(self, ratio_direction: str, eps: float) -> torch.Tensor:
         out_channels = self.out_sum.shape[0]
         sigma_out, mean_out = self._std(self.out_sum, self.out_sq, self.out_count)  # (C_out, H', W')
         sigma_in, mean_in = self._std(self.in_sum, self.in_sq, self.in_count.clamp(min=1))  # (G, H', W')
@@ -88,7 +91,7 @@ class _ConvStatistics:
         # a standard deviation within rounding error of zero makes the ratio undefined: that position is skipped
         in_ok = (sigma_in > eps * (1 + mean_in.abs())) & (self.in_count > 0)
         out_ok = sigma_out > eps * (1 + mean_out.abs())
-        if ratio == "out/in":
+        if ratio_direction == "out/in":
             term = torch.where(in_ok, sigma_out / torch.where(in_ok, sigma_in, 1.0), 0.0)
         else:
             term = torch.where(out_ok & in_ok, sigma_in / torch.where(out_ok, sigma_out, 1.0), 0.0)
@@ -99,7 +102,7 @@ class _ConvStatistics:
 def beta_rank_scores(
     model: nn.Module,
     inputs: Union[torch.Tensor, Iterable[torch.Tensor]],
-    ratio: str = "out/in",
+    ratio_direction: RatioDirection = "out/in",
     layers: Optional[Sequence[str]] = None,
     reduce_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     normalize: bool = True,
@@ -117,16 +120,16 @@ def beta_rank_scores(
     where :math:`p` runs over output positions, :math:`\sigma_{\text{out}}(k, p)` is the standard deviation
     of :math:`Y_{:, k, p}` over the samples, and :math:`\sigma_{\text{in}}(p)` the standard deviation over
     samples and all elements of the receptive-field patch of :math:`X` that feeds position :math:`p` (the
-    input channels of the filter's group for grouped/depthwise convs; zero padding excluded). ``ratio="in/out"``
-    uses :math:`\sigma_{\text{in}} / \sigma_{\text{out}}` instead, the paper's equation. Positions whose
-    denominator is zero (constant activations) are skipped. With ``normalize`` the scores are min-max scaled
-    within each layer, as in the official code.
+    input channels of the filter's group for grouped/depthwise convs; zero padding excluded).
+    ``ratio_direction="in/out"`` uses :math:`\sigma_{\text{in}} / \sigma_{\text{out}}` instead, the paper's
+    equation. Positions whose denominator is zero (constant activations) are skipped. With ``normalize`` the
+    scores are min-max scaled within each layer, as in the official code.
 
     Args:
         model: the network; run in eval mode under ``no_grad`` (its modes are restored).
         inputs: one batch or an iterable of batches (tensors the model is called with).
-        ratio: ``"out/in"`` (the official code, default) or ``"in/out"`` (the paper's equation).
-        layers: conv names to score (default: all ``nn.Conv2d``).
+        ratio_direction: ``"out/in"`` (the official code, default) or ``"in/out"`` (the paper's equation).
+        layers: conv names or globs to score (default: all ``nn.Conv2d``).
         reduce_fn: sums a float64 tensor across processes (e.g. ``lambda t: strategy.reduce(t, reduce_op="sum")``)
             so every rank gets statistics over the global calibration batch.
         normalize: min-max scale within each layer.
@@ -145,8 +148,7 @@ def beta_rank_scores(
         >>> float(scores["2"].min()), float(scores["2"].max())  # min-max normalised per layer
         (0.0, 1.0)
     """
-    if ratio not in RATIO_DIRECTIONS:
-        raise ValueError(f"`ratio` must be one of {RATIO_DIRECTIONS}, got {ratio!r}.")
+    check_choice("ratio_direction", ratio_direction, RATIO_DIRECTIONS)
     names = resolve_layer_names(model, layers, "layers") if layers is not None else [
         n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)
     ]
@@ -179,7 +181,7 @@ def beta_rank_scores(
             offset += size
     scores = {}
     for n in names:
-        r = stats[n].scores(ratio, eps).cpu()
+        r = stats[n].scores(ratio_direction, eps).cpu()
         if normalize:
             span = r.max() - r.min()
             r = (r - r.min()) / span if span > 0 else torch.zeros_like(r)
@@ -218,15 +220,15 @@ class BetaRankPruning(FilterPruning):
         ratio_direction: ``"out/in"`` (code) or ``"in/out"`` (paper equation).
         eps: relative tolerance under which a standard deviation counts as zero.
         **kwargs: the target and schedule, see :class:`~lightning_ext.compression.filter_pruning.FilterPruning`
-            (``ratio`` or ``target_macs_reduction``, ``start_epoch``, ``every_n_epochs``, ``num_steps``,
-            ``ignored_layers``, ``layer_ratios``, ``calibration_batches``, ...).
+            (``pruning_ratio`` or ``macs_reduction``, ``start_epoch``, ``every_n_epochs``, ``num_steps``,
+            ``ignored_layers``, ``layer_pruning_ratios``, ``calibration_batches``, ...).
 
     Example:
         >>> from lightning.pytorch import Trainer
         >>> from lightning_ext.datamodules import DigitsDataModule
         >>> from lightning_ext.modules import ImageClassifier
         >>> model = ImageClassifier("resnet10t", num_classes=10, image_size=8)
-        >>> pruner = BetaRankPruning(target_macs_reduction=0.5, ignored_layers=["net.fc"], latency_repeats=0)
+        >>> pruner = BetaRankPruning(macs_reduction=0.5, ignored_layers=["net.fc"], latency_repeats=0)
         >>> trainer = Trainer(max_epochs=1, callbacks=[pruner], logger=False, enable_checkpointing=False,
         ...                   enable_progress_bar=False, limit_train_batches=2, limit_val_batches=1)  # doctest: +SKIP
         >>> trainer.fit(model, datamodule=DigitsDataModule())  # doctest: +SKIP
@@ -236,27 +238,32 @@ class BetaRankPruning(FilterPruning):
 
     needs_calibration_data = True
 
-    def __init__(self, ratio_direction: str = "out/in", eps: float = 1e-6, **kwargs: Any) -> None:
+    def __init__(self, ratio_direction: RatioDirection = "out/in", eps: PositiveFloat = 1e-6, **kwargs: Any) -> None:
         if ratio_direction not in RATIO_DIRECTIONS:
             raise ValueError(
                 f"`ratio_direction` must be 'out/in' (the official code) or 'in/out' (the paper's equation), "
                 f"got {ratio_direction!r}."
             )
-        if not eps > 0:
-            raise ValueError(f"`eps` must be > 0, got {eps}.")
+        check_positive("eps", eps)
         super().__init__(**kwargs)
         self.ratio_direction = ratio_direction
         self.eps = eps
 
+    @override
     def filter_scores(
         self, pl_module: LightningModule, inputs: Optional[list[torch.Tensor]], trainer: Trainer
     ) -> Scores:
+        """Beta-Rank scores of every conv from the calibration inputs, statistics summed over the ranks."""
+
         def reduce_sum(t: torch.Tensor) -> torch.Tensor:
             return trainer.strategy.reduce(t, reduce_op="sum")
 
-        return beta_rank_scores(pl_module, inputs, ratio=self.ratio_direction, reduce_fn=reduce_sum, eps=self.eps)
+        return beta_rank_scores(pl_module, inputs, ratio_direction=self.ratio_direction, reduce_fn=reduce_sum,
+                                eps=self.eps)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
+        """The pruning history (see :class:`FilterPruning`) and the ratio direction."""
         state = super().state_dict()
         state["ratio_direction"] = self.ratio_direction
         return state

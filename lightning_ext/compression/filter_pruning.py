@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import copy
 import difflib
-import os
 import time
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
 
-from lightning_ext.core.optional import require
 from lightning_ext.compression.graph import (
     FilterGroup,
     PruningError,
@@ -42,17 +41,32 @@ from lightning_ext.compression.history import (
     _remove_replay_hook,
     load_pruned_checkpoint,
     pruning_steps_from_checkpoint,
+    record_step,
+    refuse_spawning_launcher,
     replay_pruning_steps,
 )
-from lightning_ext.core.measure import count_macs_params, measure_latency
 from lightning_ext.compression.plan import (
     PruningPlan,
     _apply_ops,
-    _mark_applied,
     applied_pruning_steps,
     apply_pruning_history,
+    check_pruning_target,
     plan_filter_pruning,
     prune_filters,
+)
+from lightning_ext.core.inputs import batch_inputs, example_inputs, first_train_loader
+from lightning_ext.core.measure import count_macs_params, measure_latency
+from lightning_ext.core.optional import require
+from lightning_ext.core.paths import output_path
+from lightning_ext.core.plotting import new_figure, save_figure
+from lightning_ext.core.strategy import refuse_sharded_strategy
+from lightning_ext.core.validation import (
+    NonNegativeInt,
+    OpenUnitInterval,
+    PositiveInt,
+    UnitIntervalRightOpen,
+    check_number,
+    check_positive_int,
 )
 
 __all__ = [
@@ -62,7 +76,8 @@ __all__ = [
     "rebuild_optimizers", "replay_pruning_steps", "resolve_layer_names",
 ]
 
-_SHARDING_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+#: Default ``plot_path``; ``{name}`` is replaced by the callback's class name.
+DEFAULT_PLOT_PATH = "{name}_accuracy_vs_macs.png"
 
 
 # -- optimizers and DDP ---------------------------------------------------------------------------------------
@@ -119,22 +134,6 @@ def _rewrap_ddp(trainer: Trainer) -> None:
 # -- the callback ---------------------------------------------------------------------------------------------
 
 
-def _batch_inputs(batch: Any) -> torch.Tensor:
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    if isinstance(batch, dict):
-        for key in ("x", "input", "inputs", "image", "images", "pixel_values"):
-            if isinstance(batch.get(key), torch.Tensor):
-                return batch[key]
-    raise PruningError(
-        f"Cannot find the model inputs in a training batch of type {type(batch).__name__}; batches must be a "
-        "tensor, a tuple/list whose first item is the input tensor, or a dict with key 'x'. Otherwise subclass "
-        "the callback and override `batch_inputs`."
-    )
-
-
 class FilterPruning(Callback):
     """Base callback: remove the least important conv filters physically, once or every N epochs, during fit.
 
@@ -144,7 +143,7 @@ class FilterPruning(Callback):
     parameters (the LR schedule continues) and, under DDP, re-wraps the model. The rest of ``fit`` fine-tunes.
 
     Schedule: steps at epochs ``start_epoch + i * every_n_epochs`` for ``i < num_steps``; after step ``i`` a
-    share ``(i + 1) / num_steps`` of the target is reached (channel ratio of the original channels, or MACs
+    share ``(i + 1) / num_steps`` of the target is reached (pruning ratio of the original channels, or MACs
     reduction of the dense model's MACs).
 
     Checkpoints: the history (which channels were removed, in order) is the callback state. When a checkpoint
@@ -153,23 +152,26 @@ class FilterPruning(Callback):
 
     Logged at each step: ``pruning/macs``, ``pruning/params``, ``pruning/macs_reduction`` and, when
     ``latency_repeats > 0``, ``pruning/latency_ms`` (batch ``latency_batch_size``) and ``pruning/speedup``
-    against the dense model. At the end of fit a plot of ``monitor`` against MACs is saved.
+    against the dense model. MACs follow :mod:`lightning_ext.core.measure`'s convention (one sample). At the end
+    of fit a plot of ``monitor`` against MACs is saved.
 
     Args:
-        ratio: share of each group's channels to remove in total, in (0, 1).
-        target_macs_reduction: share of the dense model's MACs to remove in total, in (0, 1).
+        pruning_ratio: share of each group's channels to remove in total, in (0, 1).
+        macs_reduction: share of the dense model's MACs to remove in total, in (0, 1).
         start_epoch: epoch of the first step (0 = before any training).
         every_n_epochs: epochs between steps.
         num_steps: number of steps (1 = one-shot).
-        ignored_layers: conv names (relative to the LightningModule, e.g. ``net.conv1``; shell patterns allowed)
+        ignored_layers: conv names or globs (relative to the LightningModule, e.g. ``net.conv1``, ``net.layer4.*``)
             whose filters are kept.
-        layer_ratios: per-conv channel ratios overriding ``ratio``.
+        layer_pruning_ratios: per-conv pruning ratios in [0, 1) overriding ``pruning_ratio``.
         calibration_batches: training batches the data-aware importances look at (per process).
         round_to: keep a multiple of this many channels in each group (e.g. 8 for faster CPU/GPU kernels).
         monitor: metric plotted against MACs (recorded after each validation).
+        input_shape: shape of one input without the batch dimension; default: the module's
+            ``example_input_array`` or ``input_shape``, else the first training batch.
         latency_batch_size: batch size of the latency measurement.
         latency_repeats: timed forward passes per measurement; 0 skips latency.
-        plot_path: where to save the plot (default ``<log_dir>/<ClassName>_accuracy_vs_macs.png``); ``""`` skips it.
+        plot_path: the plot's file, relative to ``trainer.log_dir`` (``{name}`` = the class name); ``None`` skips it.
         verbose: print a line per step.
     """
 
@@ -177,64 +179,49 @@ class FilterPruning(Callback):
 
     def __init__(
         self,
-        ratio: Optional[float] = None,
-        target_macs_reduction: Optional[float] = None,
-        start_epoch: int = 0,
-        every_n_epochs: int = 1,
-        num_steps: int = 1,
+        pruning_ratio: Optional[OpenUnitInterval] = None,
+        macs_reduction: Optional[OpenUnitInterval] = None,
+        start_epoch: NonNegativeInt = 0,
+        every_n_epochs: PositiveInt = 1,
+        num_steps: PositiveInt = 1,
         ignored_layers: Optional[list[str]] = None,
-        layer_ratios: Optional[dict[str, float]] = None,
-        calibration_batches: int = 1,
-        round_to: int = 1,
+        layer_pruning_ratios: Optional[dict[str, UnitIntervalRightOpen]] = None,
+        calibration_batches: PositiveInt = 1,
+        round_to: PositiveInt = 1,
         monitor: str = "val_acc",
-        latency_batch_size: int = 64,
-        latency_repeats: int = 10,
-        plot_path: Optional[str] = None,
+        input_shape: Optional[list[PositiveInt]] = None,
+        latency_batch_size: PositiveInt = 64,
+        latency_repeats: NonNegativeInt = 10,
+        plot_path: Optional[str] = DEFAULT_PLOT_PATH,
         verbose: bool = True,
     ) -> None:
         super().__init__()
-        if (ratio is None) == (target_macs_reduction is None):
-            raise ValueError(
-                f"{type(self).__name__}: give exactly one target: `ratio` (share of channels removed) or "
-                "`target_macs_reduction` (share of MACs removed)."
-            )
-        if ratio is not None and not 0 < ratio < 1:
-            raise ValueError(f"`ratio` must be in (0, 1) (the share of channels to remove), got {ratio}.")
-        if target_macs_reduction is not None and not 0 < target_macs_reduction < 1:
-            raise ValueError(f"`target_macs_reduction` must be in (0, 1), got {target_macs_reduction}.")
-        if layer_ratios and ratio is None:
-            raise ValueError("`layer_ratios` only applies together with `ratio`.")
-        for name, r in (layer_ratios or {}).items():
-            if not 0 <= r < 1:
-                raise ValueError(f"`layer_ratios[{name!r}]` must be in [0, 1), got {r}.")
-        if start_epoch < 0:
-            raise ValueError(f"`start_epoch` must be >= 0, got {start_epoch}.")
-        if every_n_epochs < 1:
-            raise ValueError(f"`every_n_epochs` must be >= 1, got {every_n_epochs}.")
-        if num_steps < 1:
-            raise ValueError(f"`num_steps` must be >= 1 (1 = one-shot), got {num_steps}.")
-        if calibration_batches < 1:
-            raise ValueError(f"`calibration_batches` must be >= 1, got {calibration_batches}.")
-        if round_to < 1:
-            raise ValueError(f"`round_to` must be >= 1 (1 = no rounding), got {round_to}.")
-        if latency_batch_size < 1:
-            raise ValueError(f"`latency_batch_size` must be >= 1, got {latency_batch_size}.")
-        if latency_repeats < 0:
-            raise ValueError(f"`latency_repeats` must be >= 0 (0 skips latency), got {latency_repeats}.")
-        if ignored_layers is not None and (
-            isinstance(ignored_layers, str) or not all(isinstance(n, str) for n in ignored_layers)
-        ):
-            raise ValueError(f"`ignored_layers` must be a list of module names, got {ignored_layers!r}.")
-        self.ratio = ratio
-        self.target_macs_reduction = target_macs_reduction
+        require("torch_pruning", type(self).__name__)
+        layer_pruning_ratios = check_pruning_target(pruning_ratio, macs_reduction, layer_pruning_ratios, round_to,
+                                                    error=ValueError)
+        check_number("start_epoch", start_epoch, low=0, integer=True)
+        for name, value in (("every_n_epochs", every_n_epochs), ("num_steps", num_steps),
+                            ("calibration_batches", calibration_batches), ("latency_batch_size", latency_batch_size)):
+            check_positive_int(name, value)
+        check_number("latency_repeats", latency_repeats, low=0, integer=True)
+        if ignored_layers is not None and (isinstance(ignored_layers, str) or not all(
+                isinstance(n, str) for n in ignored_layers)):
+            raise ValueError(f"`ignored_layers` must be a list of module names or globs, got {ignored_layers!r}.")
+        if input_shape is not None and (isinstance(input_shape, str) or not isinstance(input_shape, (list, tuple))):
+            raise ValueError(f"`input_shape` must be a list of positive integers (no batch), got {input_shape!r}.")
+        for i, size in enumerate(input_shape or []):
+            check_positive_int(f"input_shape[{i}]", size)
+        self.pruning_ratio = pruning_ratio
+        self.macs_reduction = macs_reduction
         self.start_epoch = start_epoch
         self.every_n_epochs = every_n_epochs
         self.num_steps = num_steps
         self.ignored_layers = list(ignored_layers or [])
-        self.layer_ratios = dict(layer_ratios or {})
+        self.layer_pruning_ratios = layer_pruning_ratios
         self.calibration_batches = calibration_batches
         self.round_to = round_to
         self.monitor = monitor
+        self.example_shape = None if input_shape is None else [1, *map(int, input_shape)]
         self.latency_batch_size = latency_batch_size
         self.latency_repeats = latency_repeats
         self.plot_path = plot_path
@@ -246,7 +233,6 @@ class FilterPruning(Callback):
         self.curve: list[dict] = []
         self.dense: dict = {}  # macs, params, latency_ms of the model before the first step
         self.reference_channels: dict[str, int] = {}
-        self.input_shape: Optional[list[int]] = None
         self.input_dtype = "float32"
 
     # -- schedule ---------------------------------------------------------------------------------------------
@@ -256,9 +242,11 @@ class FilterPruning(Callback):
         return [self.start_epoch + i * self.every_n_epochs for i in range(self.num_steps)]
 
     @property
+    @override
     def state_key(self) -> str:
+        """Identifies this callback's state in a checkpoint by its target and schedule."""
         return self._generate_state_key(
-            ratio=self.ratio, target_macs_reduction=self.target_macs_reduction, start_epoch=self.start_epoch,
+            pruning_ratio=self.pruning_ratio, macs_reduction=self.macs_reduction, start_epoch=self.start_epoch,
             every_n_epochs=self.every_n_epochs, num_steps=self.num_steps,
         )
 
@@ -275,32 +263,22 @@ class FilterPruning(Callback):
         raise NotImplementedError(f"{type(self).__name__} must implement `filter_scores`.")
 
     def batch_inputs(self, batch: Any) -> torch.Tensor:
-        """The model input of a training batch (the first item of a tuple, or the batch itself)."""
-        return _batch_inputs(batch)
+        """The model input of a training batch (:func:`lightning_ext.core.inputs.batch_inputs`)."""
+        return batch_inputs(batch, PruningError, "the callback")
 
     # -- Lightning hooks --------------------------------------------------------------------------------------
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        strategy = trainer.strategy
-        names = {c.__name__ for c in type(strategy).__mro__}
-        refused = names.intersection(_SHARDING_STRATEGIES)
-        if refused:
-            raise PruningError(
-                f"{type(self).__name__} removes channels physically, which needs every process to hold whole "
-                f"parameters; {type(strategy).__name__} shards them. Use a single device or strategy='ddp'."
-            )
-        launcher = getattr(strategy, "launcher", None)
-        if stage == "fit" and "_MultiProcessingLauncher" in {c.__name__ for c in type(launcher).__mro__}:
-            raise PruningError(
-                f"{type(self).__name__} cannot run under strategy='ddp_spawn'/'ddp_fork'/'ddp_notebook': at the end "
-                "of fit Lightning copies rank 0's weights back into the main process's model, which still has the "
-                "unpruned shapes there. Use strategy='ddp' (one script launched per process), or a single device."
-            )
+        """Refuse unsupported strategies, check layer names and install the history replay before weights load."""
+        refuse_sharded_strategy(trainer, type(self).__name__, "removes channels physically", error=PruningError)
+        if stage == "fit":
+            refuse_spawning_launcher(trainer, type(self).__name__)
         resolve_layer_names(pl_module, self.ignored_layers)  # early, clear errors for misspelt names
         convs = set(_conv_names(pl_module))
-        for name in self.layer_ratios:
+        for name in self.layer_pruning_ratios:
             if name not in convs:
                 close = difflib.get_close_matches(name, sorted(convs), n=4)
-                raise PruningError(f"`layer_ratios` names {name!r}, which is not a Conv2d of the model."
+                raise PruningError(f"`layer_pruning_ratios` names {name!r}, which is not a Conv2d of the model."
                                    + (f" Close names: {', '.join(close)}." if close else ""))
         max_epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
         if stage == "fit" and max_epochs >= 0 and self.prune_epochs[-1] >= max_epochs:
@@ -310,15 +288,21 @@ class FilterPruning(Callback):
             )
         _install_replay_hook(pl_module)
 
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Remove the history replay hook from the module."""
         _remove_replay_hook(pl_module)
 
+    @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Run the pruning steps scheduled up to this epoch."""
         epochs = self.prune_epochs
         while len(self.steps) < self.num_steps and epochs[len(self.steps)] <= trainer.current_epoch:
             self._prune_step(trainer, pl_module)
 
+    @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Record the monitored metric against the current MACs for the plot."""
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         value = trainer.callback_metrics.get(self.monitor)
@@ -328,59 +312,46 @@ class FilterPruning(Callback):
         self.curve.append({"epoch": int(trainer.current_epoch), "step": len(self.steps), "macs": int(macs),
                            self.monitor: float(value)})
 
+    @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.plot_path == "" or not self.curve:
+        """Save the plot of the monitored metric against MACs (rank 0)."""
+        if self.plot_path is None or not self.curve:
             return
-        root = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank calls it
-        if not trainer.is_global_zero:
-            return
-        path = self.plot_path or os.path.join(root, f"{type(self).__name__}_accuracy_vs_macs.png")
-        self.save_plot(path)
+        path = output_path(trainer, self.plot_path.format(name=type(self).__name__))  # log_dir: a collective
+        if trainer.is_global_zero:
+            self.save_plot(str(path))
 
+    @override
     def state_dict(self) -> dict[str, Any]:
+        """The pruning history (steps), the plot's curve and the dense model's cost."""
         return {
             _STATE_MARKER: HISTORY_VERSION, "steps": copy.deepcopy(self.steps), "curve": copy.deepcopy(self.curve),
             "dense": dict(self.dense), "reference_channels": dict(self.reference_channels),
-            "input_shape": self.input_shape, "input_dtype": self.input_dtype,
+            "input_shape": self.example_shape, "input_dtype": self.input_dtype,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the state saved by :meth:`state_dict` (the model's shapes are replayed separately)."""
         self.steps = list(state_dict.get("steps", []))
         self.curve = list(state_dict.get("curve", []))
         self.dense = dict(state_dict.get("dense", {}))
         self.reference_channels = dict(state_dict.get("reference_channels", {}))
-        self.input_shape = state_dict.get("input_shape")
+        self.example_shape = state_dict.get("input_shape") or self.example_shape
         self.input_dtype = state_dict.get("input_dtype", "float32")
 
     # -- the step ---------------------------------------------------------------------------------------------
     def _example_inputs(self, trainer: Trainer, pl_module: LightningModule) -> torch.Tensor:
-        if self.input_shape is None:
-            example = getattr(pl_module, "example_input_array", None)
-            if isinstance(example, torch.Tensor):
-                x = example[:1]
-            elif getattr(pl_module, "input_shape", None) is not None:
-                x = torch.zeros(1, *pl_module.input_shape)
-            else:
-                x = self.batch_inputs(next(iter(self._train_loader(trainer))))[:1]
-            self.input_shape = [1, *x.shape[1:]]
+        if self.example_shape is None:
+            x = example_inputs(pl_module, None, trainer, error=PruningError)
+            self.example_shape = [1, *x.shape[1:]]
             self.input_dtype = str(x.dtype).replace("torch.", "")
-        return torch.zeros(self.input_shape, dtype=getattr(torch, self.input_dtype), device=pl_module.device)
-
-    @staticmethod
-    def _train_loader(trainer: Trainer) -> Iterable:
-        loader = trainer.train_dataloader
-        while isinstance(loader, (list, tuple)) and loader:
-            loader = loader[0]
-        if isinstance(loader, dict) and loader:
-            loader = next(iter(loader.values()))
-        if loader is None:
-            raise PruningError("No training dataloader is available for calibration batches.")
-        return loader
+        return torch.zeros(self.example_shape, dtype=getattr(torch, self.input_dtype), device=pl_module.device)
 
     def _calibration_inputs(self, trainer: Trainer, pl_module: LightningModule) -> list[torch.Tensor]:
         inputs = []
         with torch.random.fork_rng(devices=[]):  # iterating a loader must not shift the training RNG stream
-            for batch in self._train_loader(trainer):
+            for batch in first_train_loader(trainer, PruningError):
                 inputs.append(self.batch_inputs(batch).to(pl_module.device))
                 if len(inputs) >= self.calibration_batches:
                     break
@@ -422,12 +393,10 @@ class FilterPruning(Callback):
                     self.reference_channels = {g.root: g.channels for g in groups}
                 plan = plan_filter_pruning(
                     pl_module, example, scores,
-                    ratio=None if self.ratio is None else self.ratio * fraction,
-                    target_macs_reduction=(
-                        None if self.target_macs_reduction is None else self.target_macs_reduction * fraction
-                    ),
+                    pruning_ratio=None if self.pruning_ratio is None else self.pruning_ratio * fraction,
+                    macs_reduction=None if self.macs_reduction is None else self.macs_reduction * fraction,
                     ignored_layers=self.ignored_layers,
-                    layer_ratios={k: v * fraction for k, v in self.layer_ratios.items()},
+                    layer_pruning_ratios={k: v * fraction for k, v in self.layer_pruning_ratios.items()},
                     reference_macs=dense["macs"], reference_channels=self.reference_channels,
                     round_to=self.round_to,
                 )
@@ -440,15 +409,14 @@ class FilterPruning(Callback):
             raise PruningError(payload["error"])
         self.reference_channels = payload["reference_channels"]
         _apply_ops(pl_module, payload["ops"], example)
-        order = len(applied_pruning_steps(pl_module))
-        _mark_applied(pl_module, payload["ops"])
+        record = record_step(pl_module, payload["ops"], example)
         rebuild_optimizers(trainer)
         _rewrap_ddp(trainer)
         latency = self._latency_ms(trainer, pl_module)
         step = {
-            "order": order, "epoch": int(trainer.current_epoch), "global_step": int(trainer.global_step),
+            "order": record["order"], "epoch": int(trainer.current_epoch), "global_step": int(trainer.global_step),
             "ops": payload["ops"], "macs": int(payload["macs"]), "params": int(payload["params"]),
-            "latency_ms": latency, "input_shape": list(self.input_shape), "input_dtype": self.input_dtype,
+            "latency_ms": latency, "input_shape": record["input_shape"], "input_dtype": record["input_dtype"],
         }
         self.steps.append(step)
         metrics = {
@@ -475,14 +443,7 @@ class FilterPruning(Callback):
     # -- results ----------------------------------------------------------------------------------------------
     def save_plot(self, path: str) -> str:
         """Plot the recorded ``monitor`` values against MACs (one point per validation) and save a PNG."""
-        require("matplotlib", "the pruning plot")
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fig, ax = plt.subplots(figsize=(5, 3.5))
+        fig, ax = new_figure(figsize=(5, 3.5))
         macs = [p["macs"] / 1e6 for p in self.curve]
         vals = [p[self.monitor] for p in self.curve]
         ax.plot(macs, vals, "-o", color="tab:blue")
@@ -494,7 +455,4 @@ class FilterPruning(Callback):
         ax.set_xlabel("MACs per sample (M)")
         ax.set_ylabel(self.monitor)
         ax.set_title(f"{type(self).__name__}: {self.monitor} vs MACs", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        return str(save_figure(fig, path, dpi=120))

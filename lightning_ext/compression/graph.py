@@ -6,8 +6,6 @@ layers' input channels, every conv that writes into the same residual sum, depth
 
 from __future__ import annotations
 
-import difflib
-import fnmatch
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence
@@ -15,8 +13,9 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from lightning_ext.core.optional import require
+from lightning_ext.core.layers import resolve_layer_names as _resolve_layer_names
 from lightning_ext.core.measure import call_model, eval_mode
+from lightning_ext.core.optional import require
 
 Scores = dict[str, torch.Tensor]
 Op = list  # [layer_name: str, is_out_channel_pruning: bool, indices: list[int]] (Torch-Pruning's history format)
@@ -76,26 +75,14 @@ def _conv_names(model: nn.Module) -> list[str]:
 
 
 def resolve_layer_names(model: nn.Module, patterns: Optional[Sequence[str]], what: str = "ignored_layers") -> list[str]:
-    """Module names of ``model`` matched by ``patterns`` (exact names or shell patterns such as ``net.layer4.*``).
+    """Module names of ``model`` matched by ``patterns`` (exact names or shell patterns such as ``net.layer4.*``):
+    :func:`lightning_ext.core.layers.resolve_layer_names`, raising :class:`PruningError`.
 
-    Raises:
-        PruningError: a pattern that matches no module, with the closest names.
+    Example:
+        >>> resolve_layer_names(nn.Sequential(nn.Conv2d(1, 2, 1), nn.ReLU()), ["0"])
+        ['0']
     """
-    names = [n for n, _ in model.named_modules() if n]
-    out: list[str] = []
-    for pattern in patterns or []:
-        if not isinstance(pattern, str):
-            raise PruningError(f"`{what}` takes module names (strings), got {pattern!r}.")
-        hits = [n for n in names if n == pattern or fnmatch.fnmatchcase(n, pattern)]
-        if not hits:
-            close = difflib.get_close_matches(pattern, names, n=4)
-            raise PruningError(
-                f"`{what}` names {pattern!r}, but {type(model).__name__} has no such module."
-                + (f" Close names: {', '.join(close)}." if close else "")
-                + " Names are relative to the module being pruned (for a LightningModule, e.g. 'net.fc')."
-            )
-        out += [h for h in hits if h not in out]
-    return out
+    return _resolve_layer_names(model, patterns, what, error=PruningError)
 
 
 # -- dependency groups ----------------------------------------------------------------------------------------

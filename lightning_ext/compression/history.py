@@ -1,19 +1,49 @@
-"""The pruning history in checkpoints: replay it before weights load, or load a pruned checkpoint for inference."""
+"""The pruning history in checkpoints: replay it before weights load, or load a pruned checkpoint for inference.
+
+Every pruning-like callback (the filter pruners, :class:`~lightning_ext.compression.DataFreeCompression`) keeps
+its history as a list of *steps* in its checkpoint state, marked with :data:`_STATE_MARKER`; a step is
+``{"order", "ops", "input_shape", "input_dtype", ...}`` with ``ops`` in Torch-Pruning's history format
+(:mod:`~lightning_ext.compression.plan`). One replay path serves all of them: :func:`replay_pruning_steps`
+(before Lightning loads the weights, through :func:`_install_replay_hook`) and :func:`load_pruned_checkpoint`.
+"""
 
 from __future__ import annotations
 
 import os
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 import torch
 from lightning.pytorch import LightningModule
 from torch import nn
 
-from lightning_ext.compression.graph import PruningError
+from lightning_ext.compression.graph import Op, PruningError
 from lightning_ext.compression.plan import _mark_applied, applied_pruning_steps, apply_pruning_history
+from lightning_ext.core.checkpoints import WRAPPER_PREFIXES, load_checkpoint, match_prefixes
 
 HISTORY_VERSION = 1
 _STATE_MARKER = "filter_pruning_version"  # marks a callback state in a checkpoint as a pruning history
+
+
+def record_step(model: nn.Module, ops: Sequence[Op], example_inputs: torch.Tensor, **extra: Any) -> dict:
+    """Mark ``ops`` (already applied to ``model``) as one pruning step and return its history record."""
+    order = len(applied_pruning_steps(model))
+    _mark_applied(model, ops)
+    return {"order": order, "ops": [[str(n), bool(o), [int(i) for i in idx]] for n, o, idx in ops],
+            "input_shape": [1, *example_inputs.shape[1:]],
+            "input_dtype": str(example_inputs.dtype).replace("torch.", ""),
+            **extra}
+
+
+def refuse_spawning_launcher(trainer: Any, component: str, error: type[Exception] = PruningError) -> None:
+    """Refuse ``ddp_spawn``/``ddp_fork``/``ddp_notebook`` fits: Lightning copies rank 0's weights back into the main
+    process's model at the end of fit, and that model still has the unpruned shapes."""
+    launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
+    if "_MultiProcessingLauncher" in {c.__name__ for c in type(launcher).__mro__}:
+        raise error(
+            f"{component} cannot run under strategy='ddp_spawn'/'ddp_fork'/'ddp_notebook': at the end of fit "
+            "Lightning copies rank 0's weights back into the main process's model, which still has the unpruned "
+            "shapes there. Use strategy='ddp' (one script launched per process), or a single device."
+        )
 
 
 def pruning_steps_from_checkpoint(checkpoint: dict) -> list[dict]:
@@ -39,8 +69,10 @@ def _model_device(model: nn.Module) -> torch.device:
 def replay_pruning_steps(model: nn.Module, steps: Sequence[dict]) -> int:
     """Bring ``model`` to the shape after ``steps`` (from :func:`pruning_steps_from_checkpoint`).
 
-    Steps the model already went through (:func:`applied_pruning_steps`) are skipped. Returns how many steps
-    were applied now.
+    Steps the model already went through (:func:`applied_pruning_steps`) are skipped. A step counts as done
+    when it removed as many channels from the same layers: replay only rebuilds shapes for the weights that are
+    loaded next, so which indices went does not matter (a compression that ran in ``setup()`` on a fresh model
+    matches the checkpoint's step). Returns how many steps were applied now.
 
     Raises:
         PruningError: when the model has been pruned further than, or differently from, ``steps``
@@ -48,8 +80,13 @@ def replay_pruning_steps(model: nn.Module, steps: Sequence[dict]) -> int:
     """
     wanted = [[[str(n), bool(o), [int(i) for i in idx]] for n, o, idx in s["ops"]] for s in steps]
     done = applied_pruning_steps(model)
-    if wanted[: len(done)] != done:
-        if done[: len(wanted)] == wanted:
+
+    def shape(step_ops: list) -> list:
+        return [(n, o, len(idx)) for n, o, idx in step_ops]
+
+    want_shapes, done_shapes = [shape(w) for w in wanted], [shape(d) for d in done]
+    if want_shapes[: len(done)] != done_shapes:
+        if done_shapes[: len(wanted)] == want_shapes:
             raise PruningError(
                 f"The checkpoint was saved after {len(wanted)} pruning step(s), but this model has already been "
                 f"pruned {len(done)} step(s); removed channels cannot be restored. Load the checkpoint into a "
@@ -66,54 +103,54 @@ def replay_pruning_steps(model: nn.Module, steps: Sequence[dict]) -> int:
     return len(wanted) - len(done)
 
 
-def _strip_prefix_for(model: nn.Module, names: Sequence[str]) -> str:
-    """The prefix (e.g. ``'net.'``) to strip from checkpoint names so that they name modules of ``model``."""
-    if not names:
-        return ""
-    own = {n for n, _ in model.named_modules()}
-    candidates = [""] + sorted({n.split(".")[0] + "." for n in names if "." in n})
-    for prefix in candidates:
-        if all(n.startswith(prefix) and n[len(prefix):] in own for n in names):
-            return prefix
-    missing = [n for n in names if n not in own][:3]
-    raise PruningError(
-        f"The checkpoint prunes layers {missing} that {type(model).__name__} does not have (also without a "
-        "leading 'net.'-style prefix); build the same architecture the checkpoint was trained with."
-    )
+def _rename_for(model: nn.Module, state: dict) -> tuple[str, str]:
+    """``(strip, add)``: the wrapper prefix to strip from, or add to, checkpoint names so that they name parts of
+    ``model`` (:func:`lightning_ext.core.checkpoints.match_prefixes`)."""
+    matched = match_prefixes(state, model.state_dict().keys())
+    if matched is state or not matched:
+        return "", ""
+    key = next(iter(matched))
+    for prefix in WRAPPER_PREFIXES:
+        if prefix + key in state:
+            return prefix, ""
+        if key.startswith(prefix) and key[len(prefix):] in state:
+            return "", prefix
+    return "", ""
 
 
-def load_pruned_checkpoint(
-    model: nn.Module, path: Union[str, os.PathLike], strict: bool = True, map_location: Union[str, torch.device] = "cpu"
-) -> nn.Module:
+def load_pruned_checkpoint(model: nn.Module, path: Union[str, os.PathLike], strict: bool = True) -> nn.Module:
     """Load a Lightning checkpoint of a pruned run into a freshly built (dense) ``model`` for inference.
 
-    The checkpoint is read with ``torch.load(weights_only=True)``; the pruning steps saved by the
-    :class:`FilterPruning` callbacks are replayed on ``model`` (removing the same channels), then the weights
-    are loaded. ``model`` may be the LightningModule that was trained or the bare network it wraps (the
-    ``net.`` prefix is detected and stripped).
+    The checkpoint is read with ``torch.load(weights_only=True)`` on the CPU
+    (:func:`lightning_ext.core.checkpoints.load_checkpoint`); the pruning steps saved by the pruning callbacks
+    (``FilterPruning`` and its subclasses, ``DataFreeCompression``) are replayed on ``model`` (removing as many
+    channels from the same layers), then the weights are loaded into the model's own devices. ``model`` may be
+    the LightningModule that was trained or the bare network it wraps (a wrapper
+    prefix such as ``net.`` is detected and stripped, :func:`lightning_ext.core.checkpoints.match_prefixes`).
 
     Example:
         >>> from lightning_ext.modules import ImageClassifier  # doctest: +SKIP
         >>> model = load_pruned_checkpoint(ImageClassifier("resnet10t", image_size=28), "last.ckpt")  # doctest: +SKIP
     """
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+    checkpoint = load_checkpoint(path, "Pruned checkpoint")
+    if "state_dict" not in checkpoint:
         raise PruningError(f"{path} is not a Lightning checkpoint (no 'state_dict'); save it with a Trainer.")
     steps = pruning_steps_from_checkpoint(checkpoint)
-    names = [op[0] for s in steps for op in s["ops"]]
-    prefix = _strip_prefix_for(model, names)
-    if prefix:
-        steps = [dict(s, ops=[[op[0][len(prefix):], op[1], op[2]] for op in s["ops"]]) for s in steps]
+    strip, add = _rename_for(model, checkpoint["state_dict"])
+    own = {n for n, _ in model.named_modules()}
+
+    def rename(name: str) -> str:
+        return add + (name[len(strip):] if strip and name.startswith(strip) else name)
+
+    steps = [dict(s, ops=[[rename(op[0]), op[1], op[2]] for op in s["ops"]]) for s in steps]
+    missing = [op[0] for s in steps for op in s["ops"] if op[0] not in own][:3]
+    if missing:
+        raise PruningError(
+            f"The checkpoint prunes layers {missing} that {type(model).__name__} does not have (also without a "
+            "leading 'net.'-style prefix); build the same architecture the checkpoint was trained with."
+        )
     replay_pruning_steps(model, steps)
-    state = checkpoint["state_dict"]
-    if prefix:
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    elif not steps and not any(k in model.state_dict() for k in state):  # dense checkpoint, bare network
-        own = model.state_dict()
-        for p in sorted({k.split(".")[0] + "." for k in state if "." in k}):
-            if any(k[len(p):] in own for k in state if k.startswith(p)):
-                state = {k[len(p):]: v for k, v in state.items() if k.startswith(p)}
-                break
+    state = match_prefixes(checkpoint["state_dict"], model.state_dict().keys())
     model.load_state_dict(state, strict=strict)
     return model
 

@@ -7,6 +7,7 @@ from typing import Any, Optional, Sequence
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
+from typing_extensions import override
 
 from lightning_ext.compression.filter_pruning import FilterPruning, Scores, resolve_layer_names
 
@@ -16,7 +17,7 @@ def l1_filter_scores(model: nn.Module, layers: Optional[Sequence[str]] = None) -
 
     Args:
         model: the network.
-        layers: conv names to score (default: all ``nn.Conv2d``).
+        layers: conv names or globs to score (default: all ``nn.Conv2d``).
 
     Returns:
         ``conv name -> float64 tensor with one score per filter``.
@@ -57,12 +58,14 @@ class L1FilterPruning(FilterPruning):
         **kwargs: the target and schedule, see :class:`~lightning_ext.compression.filter_pruning.FilterPruning`.
 
     Example:
-        >>> pruner = L1FilterPruning(ratio=0.5, ignored_layers=["net.fc"])
+        >>> pruner = L1FilterPruning(pruning_ratio=0.5, ignored_layers=["net.fc"])
         >>> pruner.prune_epochs
         [0]
-        >>> L1FilterPruning(target_macs_reduction=0.6, start_epoch=1, every_n_epochs=2, num_steps=3).prune_epochs
+        >>> L1FilterPruning(macs_reduction=0.6, start_epoch=1, every_n_epochs=2, num_steps=3).prune_epochs
         [1, 3, 5]
     """
 
+    @override
     def filter_scores(self, pl_module: LightningModule, inputs: Any, trainer: Trainer) -> Scores:
+        """L1 norms of every conv's filters."""
         return l1_filter_scores(pl_module)

@@ -1,13 +1,16 @@
-"""Pruning plans: which channels each filter group loses for a channel ratio or a MACs target, and applying them.
+"""Pruning plans: which channels each filter group loses for a pruning ratio or a MACs target, and applying them.
 
 The plan format is Torch-Pruning's pruning history, ``[layer_name, is_out_channel_pruning, indices]`` per
-entry, so a plan is also what a checkpoint stores and what :func:`apply_pruning_history` replays.
+entry, so a plan is also what a checkpoint stores and what :func:`apply_pruning_history` replays. It is the one
+history format of every pruning-like component (the filter pruners and UDFC); applying it also records which
+weight slices each layer lost (:func:`recorded_channel_changes`).
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -30,8 +33,11 @@ from lightning_ext.compression.graph import (
     resolve_layer_names,
 )
 from lightning_ext.core.measure import call_model, count_macs_params, eval_mode
+from lightning_ext.core.validation import check_number, check_positive_int
 
 _APPLIED_ATTR = "_lightning_ext_pruning_applied"  # list of the op lists already applied to a model, in order
+_CHANGES_ATTR = "_lightning_ext_channel_changes"  # per applied op: which weight slices each layer lost
+_SEQUENCE = itertools.count()  # orders the change records of several (sub)modules
 
 
 # -- plans ------------------------------------------------------------------------------------------------------
@@ -68,24 +74,24 @@ def _round_keep(keep: int, channels: int, round_to: int) -> int:
 
 
 def _counts_for_ratio(
-    groups: list[FilterGroup], ratio: float, layer_ratios: dict[str, float], reference_channels: dict[str, int],
-    round_to: int = 1,
+    groups: list[FilterGroup], pruning_ratio: float, layer_pruning_ratios: dict[str, float],
+    reference_channels: dict[str, int], round_to: int = 1,
 ) -> dict[str, int]:
-    """Channels each group loses now so that ``ratio`` of its reference channels are gone in total."""
+    """Channels each group loses now so that ``pruning_ratio`` of its reference channels are gone in total."""
     counts = {}
     for g in groups:
-        r = ratio
+        r = pruning_ratio
         for name in [g.root, *g.member_names()]:
-            if name in layer_ratios:
-                r = layer_ratios[name]
+            if name in layer_pruning_ratios:
+                r = layer_pruning_ratios[name]
                 break
         reference = reference_channels.get(g.root, g.channels)
         keep = reference - int(math.floor(r * reference + 0.5))
         if keep < 1:
             raise PruningError(
                 f"Pruning ratio {r} would leave the filter group rooted at {g.root!r} ({reference} channels) with "
-                f"zero channels. Lower the ratio, give this layer its own in `layer_ratios`, or add {g.root!r} to "
-                "`ignored_layers`."
+                f"zero channels. Lower the ratio, give this layer its own in `layer_pruning_ratios`, or add "
+                f"{g.root!r} to `ignored_layers`."
             )
         counts[g.root] = max(0, g.channels - _round_keep(keep, g.channels, round_to))
     return counts
@@ -114,31 +120,90 @@ def _ops_from_counts(groups: list[FilterGroup], counts: dict[str, int], scores: 
     return ops
 
 
-def _apply_ops(model: nn.Module, ops: Sequence[Op], example_inputs: Any) -> None:
-    """Remove channels by replaying ``ops`` (Torch-Pruning history entries) on ``model`` in place."""
+def _weight_dim(module: nn.Module, out: bool) -> Optional[int]:
+    """The dimension of ``module.weight`` that an output (``out``) or input channel removal slices, if known."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return None
+    if weight.dim() == 1:
+        return 0
+    if isinstance(module, nn.modules.conv._ConvNd):
+        if module.groups > 1 and module.groups == module.in_channels:  # depthwise: in and out channels are one
+            return 0
+        if module.groups > 1 and not out:
+            return None  # an input channel of a grouped conv is not one slice of its weight
+        return (1 if out else 0) if module.transposed else (0 if out else 1)
+    if isinstance(module, nn.Linear):
+        return 0 if out else 1
+    return None
+
+
+def _apply_op(model: nn.Module, dg: Any, op: Op, names: dict) -> None:
+    """Remove the channels of one history entry through Torch-Pruning's graph ``dg``; record what each layer lost."""
+    name, is_out, idxs = op
+    try:
+        module = model.get_submodule(name)
+    except AttributeError as err:
+        raise PruningError(
+            f"The pruning history names layer {name!r}, which {type(model).__name__} does not have; was the "
+            "history recorded on another architecture?"
+        ) from err
+    pruner = dg.get_pruner_of_module(module)
+    if pruner is None or module not in dg.module2node:
+        raise PruningError(f"Layer {name!r} is not part of the traced dependency graph and cannot be pruned.")
+    fn = pruner.prune_out_channels if is_out else pruner.prune_in_channels
+    size = pruner.get_out_channels(module) if is_out else pruner.get_in_channels(module)
+    idxs = [int(i) for i in idxs]
+    if size is not None and (min(idxs) < 0 or max(idxs) >= size):
+        raise PruningError(f"Channel indices {min(idxs)}..{max(idxs)} are out of range for {name!r} ({size}).")
+    group = dg.get_pruning_group(module, fn, idxs)
+    if not dg.check_pruning_group(group):
+        raise PruningError(f"Removing {len(idxs)} channels of {name!r} would leave a layer with zero channels.")
+    lost: dict[str, dict[int, set]] = {}
+    for item in group.items:
+        target = item.dep.target.module
+        dim = _weight_dim(target, dg.is_out_channel_pruning_fn(item.dep.handler)) if target in names else None
+        if dim is not None:
+            lost.setdefault(names[target], {}).setdefault(dim, set()).update(int(i) for i in item.idxs)
+    group.prune(record_history=False)
+    record = {layer: {d: sorted(v) for d, v in dims.items()} for layer, dims in lost.items()}
+    changes = model.__dict__.setdefault(_CHANGES_ATTR, [])
+    changes.append((next(_SEQUENCE), record))
+
+
+def _apply_ops(model: nn.Module, ops: Sequence[Op], example_inputs: Any, dg: Any = None) -> None:
+    """Remove channels by replaying ``ops`` (Torch-Pruning history entries) on ``model`` in place.
+
+    ``dg`` is a dependency graph of ``model`` built by the caller (built here when ``None``)."""
     if not ops:
         return
-    dg = build_dependency_graph(model, example_inputs)
-    for name, is_out, idxs in ops:
-        try:
-            module = model.get_submodule(name)
-        except AttributeError as err:
-            raise PruningError(
-                f"The pruning history names layer {name!r}, which {type(model).__name__} does not have; was the "
-                "history recorded on another architecture?"
-            ) from err
-        pruner = dg.get_pruner_of_module(module)
-        if pruner is None or module not in dg.module2node:
-            raise PruningError(f"Layer {name!r} is not part of the traced dependency graph and cannot be pruned.")
-        fn = pruner.prune_out_channels if is_out else pruner.prune_in_channels
-        size = pruner.get_out_channels(module) if is_out else pruner.get_in_channels(module)
-        idxs = [int(i) for i in idxs]
-        if size is not None and (min(idxs) < 0 or max(idxs) >= size):
-            raise PruningError(f"Channel indices {min(idxs)}..{max(idxs)} are out of range for {name!r} ({size}).")
-        group = dg.get_pruning_group(module, fn, idxs)
-        if not dg.check_pruning_group(group):
-            raise PruningError(f"Removing {len(idxs)} channels of {name!r} would leave a layer with zero channels.")
-        group.prune(record_history=False)
+    dg = dg if dg is not None else build_dependency_graph(model, example_inputs)
+    names = {m: n for n, m in model.named_modules()}
+    for op in ops:
+        _apply_op(model, dg, op, names)
+
+
+def recorded_channel_changes(model: nn.Module) -> list[dict[str, dict[int, list[int]]]]:
+    """What every channel removal applied to ``model`` (or to one of its submodules) by this library took away.
+
+    One entry per history entry applied (by a pruning callback, :func:`apply_pruning_history`, a checkpoint
+    replay or UDFC), in the order applied: ``layer name -> {weight dimension -> removed indices}`` (indices in
+    the numbering before that entry; names relative to ``model``). Derived from the pruning history when it is
+    applied, so it is what a component reads to find which slices of a layer survived (e.g.
+    :class:`~lightning_ext.compression.ActivatingWhilePruning` after a layer shrank).
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3))
+        >>> _ = apply_pruning_history(net, [["0", True, [1, 2]]], torch.zeros(1, 1, 8, 8))
+        >>> recorded_channel_changes(net)
+        [{'0': {0: [1, 2]}, '2': {1: [1, 2]}}]
+    """
+    records = []
+    for prefix, sub in model.named_modules():
+        for seq, record in sub.__dict__.get(_CHANGES_ATTR, []):
+            pre = prefix + "." if prefix else ""
+            records.append((seq, {pre + name: dims for name, dims in record.items()}))
+    return [record for _, record in sorted(records, key=lambda r: r[0])]
 
 
 def _check_forward(model: nn.Module, example_inputs: Any, expected: Any) -> Optional[tuple[str, BaseException]]:
@@ -202,6 +267,33 @@ def apply_pruning_history(model: nn.Module, history: Sequence[Op], example_input
     return model
 
 
+def check_pruning_target(pruning_ratio: Optional[float], macs_reduction: Optional[float],
+                         layer_pruning_ratios: Optional[dict[str, float]] = None, round_to: int = 1,
+                         error: type[Exception] = PruningError) -> dict[str, float]:
+    """Check a pruning target (exactly one of ``pruning_ratio`` and ``macs_reduction``, finite, in (0, 1)) and
+    return ``layer_pruning_ratios`` as a dict.
+
+    Example:
+        >>> check_pruning_target(float("nan"), None)
+        Traceback (most recent call last):
+        ...
+        lightning_ext.compression.graph.PruningError: pruning_ratio must be a finite number > 0 and < 1, got nan.
+    """
+    if (pruning_ratio is None) == (macs_reduction is None):
+        raise error("Give exactly one target: `pruning_ratio` (share of channels removed) or `macs_reduction` "
+                    "(share of MACs removed).")
+    for name, value in (("pruning_ratio", pruning_ratio), ("macs_reduction", macs_reduction)):
+        if value is not None:
+            check_number(name, value, low=0, high=1, low_open=True, high_open=True, error=error)
+    layer_pruning_ratios = dict(layer_pruning_ratios or {})
+    if layer_pruning_ratios and pruning_ratio is None:
+        raise error("`layer_pruning_ratios` only applies with `pruning_ratio`, not with `macs_reduction`.")
+    for name, r in layer_pruning_ratios.items():
+        check_number(f"layer_pruning_ratios[{name!r}]", r, low=0, high=1, high_open=True, error=error)
+    check_positive_int("round_to", round_to, error=error)
+    return layer_pruning_ratios
+
+
 def _macs_after(model: nn.Module, example_inputs: Any, ops: Sequence[Op]) -> int:
     trial = copy.deepcopy(model)
     _apply_ops(trial, ops, example_inputs)
@@ -212,10 +304,10 @@ def plan_filter_pruning(
     model: nn.Module,
     example_inputs: Any,
     scores: Scores,
-    ratio: Optional[float] = None,
-    target_macs_reduction: Optional[float] = None,
+    pruning_ratio: Optional[float] = None,
+    macs_reduction: Optional[float] = None,
     ignored_layers: Optional[Sequence[str]] = None,
-    layer_ratios: Optional[dict[str, float]] = None,
+    layer_pruning_ratios: Optional[dict[str, float]] = None,
     reference_macs: Optional[int] = None,
     reference_channels: Optional[dict[str, int]] = None,
     round_to: int = 1,
@@ -225,20 +317,21 @@ def plan_filter_pruning(
 
     Give exactly one target:
 
-    - ``ratio``: remove this share of each group's channels (``layer_ratios`` overrides it per conv name).
+    - ``pruning_ratio``: remove this share of each group's channels (``layer_pruning_ratios`` overrides it per
+      conv name).
       With ``reference_channels`` (``root -> channels``, e.g. those before the first of several steps) the
       share is of the reference count, so iterative steps can reach a cumulative ratio.
-    - ``target_macs_reduction``: remove the same share of channels from every group, the share found by
+    - ``macs_reduction``: remove the same share of channels from every group, the share found by
       bisection so that MACs fall by this fraction of ``reference_macs`` (default: the current MACs).
 
     Args:
         model: the model (not changed).
         example_inputs: inputs for tracing and counting MACs (a batch of one is enough).
         scores: ``conv name -> one score per filter`` (higher = more important).
-        ratio: channel ratio in (0, 1).
-        target_macs_reduction: MACs reduction in (0, 1).
+        pruning_ratio: share of channels removed, in (0, 1).
+        macs_reduction: share of the MACs removed, in (0, 1) (:mod:`lightning_ext.core.measure`'s convention).
         ignored_layers: conv names (or shell patterns) whose filters are never removed.
-        layer_ratios: per-conv channel ratios in (0, 1) that override ``ratio``.
+        layer_pruning_ratios: per-conv pruning ratios in [0, 1) that override ``pruning_ratio``.
         reference_macs: MACs the reduction is measured against.
         reference_channels: channel counts the ratio is measured against.
         round_to: keep a multiple of this many channels per group (8 or 16 suit vectorised CPU/GPU kernels).
@@ -248,27 +341,15 @@ def plan_filter_pruning(
     Returns:
         The :class:`PruningPlan` (nothing is removed yet; see :func:`apply_pruning_history`).
     """
-    if (ratio is None) == (target_macs_reduction is None):
-        raise PruningError("Give exactly one of `ratio` (channel ratio) and `target_macs_reduction`.")
-    if ratio is not None and not 0 < ratio < 1:
-        raise PruningError(f"`ratio` must be in (0, 1), got {ratio}.")
-    if target_macs_reduction is not None and not 0 < target_macs_reduction < 1:
-        raise PruningError(f"`target_macs_reduction` must be in (0, 1), got {target_macs_reduction}.")
-    layer_ratios = dict(layer_ratios or {})
-    if layer_ratios and ratio is None:
-        raise PruningError("`layer_ratios` only applies with `ratio`, not with `target_macs_reduction`.")
-    if round_to < 1:
-        raise PruningError(f"`round_to` must be >= 1, got {round_to}.")
+    layer_pruning_ratios = check_pruning_target(pruning_ratio, macs_reduction, layer_pruning_ratios, round_to)
     convs = set(_conv_names(model))
-    for name, r in layer_ratios.items():
+    for name in layer_pruning_ratios:
         if name not in convs:
             close = difflib.get_close_matches(name, sorted(convs), n=4)
             raise PruningError(
-                f"`layer_ratios` names {name!r}, which is not a Conv2d of {type(model).__name__}."
+                f"`layer_pruning_ratios` names {name!r}, which is not a Conv2d of {type(model).__name__}."
                 + (f" Close names: {', '.join(close)}." if close else "")
             )
-        if not 0 <= r < 1:
-            raise PruningError(f"`layer_ratios[{name!r}]` must be in [0, 1), got {r}.")
     ignored = resolve_layer_names(model, ignored_layers)
     dg = build_dependency_graph(model, example_inputs)
     groups = _groups_from_graph(model, dg, ignored, example_inputs)
@@ -282,11 +363,12 @@ def plan_filter_pruning(
     with eval_mode(model), torch.no_grad():
         expected = _output_shapes(call_model(model, example_inputs))
 
-    if ratio is not None:
-        counts = _counts_for_ratio(groups, ratio, layer_ratios, dict(reference_channels or {}), round_to)
+    if pruning_ratio is not None:
+        counts = _counts_for_ratio(groups, pruning_ratio, layer_pruning_ratios, dict(reference_channels or {}),
+                                   round_to)
     else:
         reference = reference_macs or macs_before
-        goal = (1.0 - target_macs_reduction) * reference
+        goal = (1.0 - macs_reduction) * reference
         if macs_before <= goal:
             counts = {}
         else:
@@ -294,7 +376,7 @@ def plan_filter_pruning(
             floor_macs = _macs_after(model, example_inputs, _ops_from_counts(groups, keep_one, None))
             if floor_macs > goal:
                 raise PruningError(
-                    f"`target_macs_reduction={target_macs_reduction}` cannot be reached: keeping a single channel "
+                    f"`macs_reduction={macs_reduction}` cannot be reached: keeping a single channel "
                     f"in every prunable layer still leaves {floor_macs / reference:.1%} of the MACs (ignored layers "
                     "and layers outside the dependency groups keep theirs), so some layer would need zero "
                     "channels. Lower the target or shorten `ignored_layers`."
@@ -353,10 +435,10 @@ def prune_filters(
     model: nn.Module,
     example_inputs: Any,
     scores: Scores,
-    ratio: Optional[float] = None,
-    target_macs_reduction: Optional[float] = None,
+    pruning_ratio: Optional[float] = None,
+    macs_reduction: Optional[float] = None,
     ignored_layers: Optional[Sequence[str]] = None,
-    layer_ratios: Optional[dict[str, float]] = None,
+    layer_pruning_ratios: Optional[dict[str, float]] = None,
     round_to: int = 1,
 ) -> PruningPlan:
     """Remove the lowest-scoring filters of ``model`` in place and return the plan that was applied.
@@ -369,13 +451,13 @@ def prune_filters(
         <torch._C.Generator object at ...>
         >>> net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
         >>> scores = {"0": torch.arange(8.0), "3": torch.arange(4.0)}
-        >>> plan = prune_filters(net, torch.zeros(1, 1, 8, 8), scores, ratio=0.5, ignored_layers=["3"])
+        >>> plan = prune_filters(net, torch.zeros(1, 1, 8, 8), scores, pruning_ratio=0.5, ignored_layers=["3"])
         >>> plan.ops, net[0].out_channels, net[1].num_features, net[3].in_channels
         ([['0', True, [0, 1, 2, 3]]], 4, 4, 4)
     """
     plan = plan_filter_pruning(
-        model, example_inputs, scores, ratio=ratio, target_macs_reduction=target_macs_reduction,
-        ignored_layers=ignored_layers, layer_ratios=layer_ratios, round_to=round_to,
+        model, example_inputs, scores, pruning_ratio=pruning_ratio, macs_reduction=macs_reduction,
+        ignored_layers=ignored_layers, layer_pruning_ratios=layer_pruning_ratios, round_to=round_to,
     )
     _apply_ops(model, plan.ops, example_inputs)
     _mark_applied(model, plan.ops)

@@ -7,8 +7,10 @@ from typing import Any, Optional, Sequence
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
+from typing_extensions import override
 
 from lightning_ext.compression.filter_pruning import FilterPruning, Scores, resolve_layer_names
+from lightning_ext.core.validation import check_number
 
 
 def random_filter_scores(model: nn.Module, seed: int = 0, layers: Optional[Sequence[str]] = None) -> Scores:
@@ -50,13 +52,16 @@ class RandomFilterPruning(FilterPruning):
         **kwargs: the target and schedule, see :class:`~lightning_ext.compression.filter_pruning.FilterPruning`.
 
     Example:
-        >>> RandomFilterPruning(ratio=0.3, seed=1).seed
+        >>> RandomFilterPruning(pruning_ratio=0.3, seed=1).seed
         1
     """
 
     def __init__(self, seed: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        check_number("seed", seed, integer=True)
         self.seed = int(seed)
 
+    @override
     def filter_scores(self, pl_module: LightningModule, inputs: Any, trainer: Trainer) -> Scores:
+        """Random scores drawn from ``seed`` and the step number."""
         return random_filter_scores(pl_module, seed=self.seed * 1000 + len(self.steps))

@@ -1,17 +1,20 @@
 """What a model costs: parameters, multiply-accumulates (MACs) and measured forward latency.
 
-Shared by every pruning and compression component (:class:`~lightning_ext.callbacks.FilterPruning` and its
-subclasses, :class:`~lightning_ext.callbacks.ActivatingWhilePruning`,
-:class:`~lightning_ext.callbacks.DataFreeCompression`) and by their benchmarks, so that all of them count and
-time the same way.
+One MACs convention for the whole library: **MACs are the multiply-accumulates of ONE sample's forward pass, as
+Torch-Pruning's counter** (``torch_pruning.utils.count_ops_and_params``) **counts them**: convolutions and linear
+layers (bias additions included), BatchNorm/LayerNorm, activations, pooling, upsampling and attention, run in eval
+mode on the first sample of the example inputs. :func:`count_macs_params` gives the total, :func:`layer_macs` the
+same count per leaf layer (what a per-layer weighting such as "MACs of the non-zero weights" builds on). Every
+pruning and compression component (``FilterPruning`` and its subclasses, ``ActivatingWhilePruning``,
+``DataFreeCompression``), their benchmarks and any other family that reports a cost use these two functions,
+and log the result under ``macs`` (``pruning/macs``, ``ap/macs``, ``data_free_compression/macs_before``).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -47,20 +50,52 @@ def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_macs_params(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
-    """Multiply-accumulates of one forward pass on ``example_inputs`` and the number of parameters.
+def _one_sample(inputs: Any) -> Any:
+    """The first sample of every batched tensor in ``inputs`` (a tensor, a tuple/list or a dict)."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[:1] if inputs.dim() > 0 else inputs
+    if isinstance(inputs, dict):
+        return {k: _one_sample(v) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_one_sample(v) for v in inputs)
+    return inputs
 
-    Uses ``torch_pruning.utils.count_ops_and_params`` in eval mode (every layer type Torch-Pruning knows;
-    the MACs are for the whole batch given). The model's training flags are restored.
 
-    Example:
-        >>> count_macs_params(nn.Conv2d(1, 4, 3, bias=False), torch.zeros(1, 1, 5, 5))  # 4 filters x 9 x 3x3
-        (324, 36)
-    """
+def _count(model: nn.Module, example_inputs: Any, layer_wise: bool):
     tp = require("torch_pruning", "counting MACs")
     with eval_mode(model), torch.no_grad():
-        macs, params = tp.utils.count_ops_and_params(model, example_inputs)
+        return tp.utils.count_ops_and_params(model, _one_sample(example_inputs), layer_wise=layer_wise)
+
+
+def count_macs_params(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
+    """MACs of one sample's forward pass (the library's one convention, see the module docstring) and the number
+    of parameters.
+
+    Only the first sample of ``example_inputs`` is run, so the batch size does not matter. The model's training
+    flags are restored.
+
+    Example:
+        >>> count_macs_params(nn.Conv2d(1, 4, 3, bias=False), torch.zeros(8, 1, 5, 5))  # 4 filters x 9 x 3x3
+        (324, 36)
+    """
+    macs, params = _count(model, example_inputs, layer_wise=False)
     return int(macs), int(params)
+
+
+def layer_macs(model: nn.Module, example_inputs: Any) -> dict[str, int]:
+    """MACs of one sample's forward pass per leaf layer that Torch-Pruning's counter counts (module names relative
+    to ``model``); the values sum to :func:`count_macs_params`'s total.
+
+    Example:
+        >>> layer_macs(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), torch.zeros(8, 4))
+        {'0': 15, '1': 3, '2': 8}
+    """
+    _, _, per_module, _ = _count(model, example_inputs, layer_wise=True)
+    out = {}
+    for name, module in model.named_modules():
+        if next(module.children(), None) is None and per_module.get(module):
+            out[name] = int(per_module[module])
+    return out
 
 
 def _first_tensor(inputs: Any) -> Optional[torch.Tensor]:
@@ -68,49 +103,6 @@ def _first_tensor(inputs: Any) -> Optional[torch.Tensor]:
         return inputs
     values = inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (tuple, list)) else []
     return next((v for v in values if isinstance(v, torch.Tensor)), None)
-
-
-def layer_macs(
-    model: nn.Module, inputs: Any, weight_share: Optional[Callable[[nn.Module], float]] = None
-) -> Union[int, float]:
-    """MACs of the convolution and linear layers for ONE sample of ``inputs`` (the batch size is divided out).
-
-    A conv costs ``in_channels / groups x kernel`` MACs per output element (a transposed conv
-    ``out_channels / groups x kernel`` per input element), a linear layer ``in_features`` per output element.
-    Other layers (BatchNorm, activations, pooling) are not counted.
-
-    Args:
-        model: the model (run once in eval mode under ``no_grad``; its flags are restored).
-        inputs: what the model is called with; the batch size is read from the first tensor.
-        weight_share: optional ``module -> factor`` multiplying each layer's MACs, e.g. the share of its
-            non-zero weights (what a sparse kernel could skip); the result is then a float.
-
-    Example:
-        >>> layer_macs(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), torch.zeros(8, 4))
-        18
-    """
-    first = _first_tensor(inputs)
-    batch = int(first.shape[0]) if first is not None and first.dim() > 0 else 1
-    total: list[float] = [0]
-
-    def hook(module, args, output):
-        if isinstance(module, nn.Linear):
-            macs = output.numel() * module.in_features
-        elif module.transposed:
-            macs = args[0].numel() * (module.out_channels // module.groups) * math.prod(module.kernel_size)
-        else:
-            macs = output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
-        total[0] += macs / batch * (weight_share(module) if weight_share is not None else 1)
-
-    kinds = (nn.Linear, nn.modules.conv._ConvNd)
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
-    try:
-        with eval_mode(model), torch.no_grad():
-            call_model(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return int(round(total[0])) if weight_share is None else float(total[0])
 
 
 def measure_latency(
