@@ -319,3 +319,16 @@ def test_datamodule_hooks_are_marked_override_with_a_docstring():
             if callable(fn) and not name.startswith("_") and hasattr(LightningDataModule, name):
                 assert getattr(fn, "__override__", False), f"{cls.__name__}.{name} lacks @override"
                 assert fn.__doc__ and fn.__doc__.strip(), f"{cls.__name__}.{name} lacks a docstring"
+
+
+def test_gcn_hooks_are_marked_override_with_a_docstring():
+    from lightning.pytorch import LightningModule
+
+    from lightning_ext.graph.gcn_node_classifier import GCNNodeClassifier
+
+    hooks = [n for n, fn in vars(GCNNodeClassifier).items() if callable(fn) and hasattr(LightningModule, n)
+             and not n.startswith("_")]
+    assert {"setup", "training_step", "configure_optimizers"} <= set(hooks)
+    for name in hooks:
+        fn = vars(GCNNodeClassifier)[name]
+        assert getattr(fn, "__override__", False) and fn.__doc__, name

@@ -486,3 +486,15 @@ def test_ssl_hooks_are_marked_override_with_a_docstring():
             assert fn.__doc__ and fn.__doc__.strip(), f"{cls.__name__}.{name} lacks a docstring"
         if cls in (SelfSupervisedModule, KNNEvaluation):
             assert len(hooks) >= 5, hooks
+
+
+@pytest.mark.parametrize("bad", ["--model.nonfinite_loss=skipp", "--model.num_views=1", "--model.off_diagonal_weight=-1",
+                                 "--model.stem_downsample=3", "--model.num_classes=1", "--model.lr=0"])
+def test_bad_yaml_values_are_refused_by_the_cli_with_their_key(bad):
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(BarlowTwins, "model")
+    assert parser.parse_args(["--model.num_views=4"]).model.num_views == 4
+    with pytest.raises(Exception, match=bad.split("=")[0].lstrip("-").replace(".", r"\.")):
+        parser.parse_args([bad])
