@@ -7,7 +7,13 @@ from typing import Union
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_ext.core.validation import NonNegativeFloat, PositiveFloat, PositiveInt, check_non_negative, check_positive
+from lightning_ext.core.validation import (
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    check_non_negative,
+    check_positive,
+)
 from lightning_ext.ssl.losses.barlow_twins import barlow_twins_loss
 from lightning_ext.ssl.self_supervised import SelfSupervisedModule
 

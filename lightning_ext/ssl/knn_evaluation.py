@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from typing_extensions import override
 
-from lightning_ext.core.validation import PositiveFloat, PositiveInt, check_positive, check_positive_int
+from lightning_ext.core.validation import PositiveFloat, PositiveInt, check_number, check_positive, check_positive_int
 
 __all__ = ["KNNEvaluation", "knn_predict"]
 
@@ -88,16 +88,15 @@ class KNNEvaluation(Callback):
         >>> trainer = Trainer(callbacks=[KNNEvaluation(k=20)])  # doctest: +SKIP
     """
 
-    def __init__(self, k: PositiveInt = 20, temperature: PositiveFloat = 0.07, max_bank_size: Optional[PositiveInt] = None,
-                 batch_size: PositiveInt = 512, every_n_epochs: PositiveInt = 1, feature_method: Optional[str] = None,
-                 seed: int = 0) -> None:
+    def __init__(self, k: PositiveInt = 20, temperature: PositiveFloat = 0.07,
+                 max_bank_size: Optional[PositiveInt] = None, batch_size: PositiveInt = 512,
+                 every_n_epochs: PositiveInt = 1, feature_method: Optional[str] = None, seed: int = 0) -> None:
         for name, value in (("k", k), ("batch_size", batch_size), ("every_n_epochs", every_n_epochs)):
             check_positive_int(name, value)
         check_positive("temperature", temperature)
         if max_bank_size is not None:
             check_positive_int("max_bank_size (or None for the whole training split)", max_bank_size)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}.")
+        check_number("seed", seed, integer=True)
         self.k, self.temperature, self.max_bank_size = k, temperature, max_bank_size
         self.batch_size, self.every_n_epochs = batch_size, every_n_epochs
         self.feature_method, self.seed = feature_method, seed

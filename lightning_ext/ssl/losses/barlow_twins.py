@@ -21,7 +21,8 @@ def _standardise(z: Tensor, eps: float) -> Tensor:
 
 
 def barlow_twins_loss(
-    views: Views, off_diagonal_weight: float = 5.1e-3, scale: float = 1.0, eps: float = 1e-5, gather_distributed: bool = False
+    views: Views, off_diagonal_weight: float = 5.1e-3, scale: float = 1.0, eps: float = 1e-5,
+    gather_distributed: bool = False,
 ) -> Tensor:
     r"""Barlow Twins loss of two views (paper eq. 1-2):
 
