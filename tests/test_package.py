@@ -54,5 +54,27 @@ def test_missing_optional_dependency_error_says_what_to_install(monkeypatch):
     from lightning_ext.core.optional import require
 
     monkeypatch.setitem(sys.modules, "torch_geometric", None)  # simulates "not installed"
-    with pytest.raises(ModuleNotFoundError, match=r"needed for PlanetoidDataModule.*pip install torch-geometric"):
+    with pytest.raises(ModuleNotFoundError) as info:
         require("torch_geometric", "PlanetoidDataModule")
+    assert str(info.value) == (
+        "`torch_geometric` is needed for PlanetoidDataModule but is not installed. "
+        'Install it with `pip install "lightning-ext[graph]"`.'
+    )
+
+
+def test_missing_module_outside_any_extra_names_its_pip_package(monkeypatch):
+    from lightning_ext.core.optional import require
+
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    with pytest.raises(ModuleNotFoundError, match=r"needed for TabularDataModule.*`pip install scikit-learn`\.$"):
+        require("sklearn", "TabularDataModule")
+
+
+def test_missing_import_inside_an_installed_module_reraises_the_real_error(tmp_path, monkeypatch):
+    from lightning_ext.core.optional import require
+
+    (tmp_path / "fake_optional_pkg.py").write_text("import no_such_module_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModuleNotFoundError) as info:
+        require("fake_optional_pkg", "something")
+    assert info.value.name == "no_such_module_xyz" and "pip install" not in str(info.value)
