@@ -18,12 +18,35 @@ from jsonargparse.typing import (  # noqa: F401 - re-exported for constructor an
     OpenUnitInterval,
     PositiveFloat,
     PositiveInt,
+    registered_types,
     restricted_number_type,
 )
 
+
+def number_type(name: str, base: type, restrictions: list[tuple[str, Any]], docstring: str) -> type:
+    """The jsonargparse type for ``restrictions`` (joined by "and"): the registered one if it exists, else new.
+
+    jsonargparse registers one type per restriction and refuses the same restriction under a second name, so
+    every family takes its constrained types from here (or creates them through this function).
+
+    Example:
+        >>> number_type("MyPositive", int, [(">", 0)], "an int > 0").__name__  # already registered
+        'PositiveInt'
+    """
+    existing = registered_types.get((tuple(sorted(restrictions)), base, "and"))
+    if existing is not None:
+        return existing
+    return restricted_number_type(name, base, restrictions, join="and", docstring=docstring)
+
+
 #: A finite float in [0, 1) (a share removed: ``pruning_ratio``).
-UnitIntervalRightOpen = restricted_number_type("UnitIntervalRightOpen", float, [(">=", 0), ("<", 1)],
-                                               join="and", docstring="a float in [0, 1)")
+UnitIntervalRightOpen = number_type("UnitIntervalRightOpen", float, [(">=", 0), ("<", 1)], "a float in [0, 1)")
+#: A finite float in (0, 1] (a kept share: ``keep`` as a fraction, ``train_fraction``, TIES' density).
+UnitIntervalLeftOpen = number_type("UnitIntervalLeftOpen", float, [(">", 0.0), ("<=", 1.0)], "a float in (0, 1]")
+#: An integer >= 2 (a class count, views per image).
+AtLeastTwoInt = number_type("AtLeastTwoInt", int, [(">=", 2)], "an integer >= 2")
+#: A finite float >= 1 (an imbalance ratio).
+NotBelowOneFloat = number_type("NotBelowOneFloat", float, [(">=", 1)], "a float >= 1")
 
 
 def check_number(name: str, value: Any, *, low: Optional[float] = None, high: Optional[float] = None,

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from typing_extensions import override
 
-from lightning_ext.core.fractions import UnitIntervalLeftOpen
+from lightning_ext.core.validation import UnitIntervalLeftOpen
 from lightning_ext.core.io import atomic_path, atomic_write_json
 from lightning_ext.core.paths import cache_root, output_path
 from lightning_ext.core.sampling import EpochSampler

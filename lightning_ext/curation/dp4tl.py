@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lightning_ext.core.checkpoints import read_state_dict
-from lightning_ext.core.fractions import UnitIntervalLeftOpen
+from lightning_ext.core.validation import UnitIntervalLeftOpen
 from lightning_ext.core.validation import NonNegativeInt, PositiveFloat, PositiveInt, check_fraction, check_number
 from lightning_ext.curation.base import Scorer, Scores, ScoringData, as_dataset, check_seed, dataset_inputs
 from lightning_ext.curation.clustering import spherical_kmeans

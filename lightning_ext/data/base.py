@@ -14,12 +14,13 @@ from typing_extensions import override
 from lightning_ext.core.sampling import EpochSampler
 from lightning_ext.core.validation import (
     NonNegativeInt,
+    NotBelowOneFloat,
     PositiveInt,
+    UnitIntervalLeftOpen,
     UnitIntervalRightOpen,
     check_number,
     check_positive_int,
 )
-from lightning_ext.core.number_types import NotBelowOneFloat
 
 
 @dataclass
@@ -96,7 +97,7 @@ class InMemoryDataModule(LightningDataModule):
         split_seed: int = 0,
         shuffle: bool = True,
         shuffle_seed: int = 0,
-        train_fraction: float = 1.0,  # (0, 1]: checked below (merging's `Density` holds that type)
+        train_fraction: UnitIntervalLeftOpen = 1.0,
         train_subset_seed: int = 0,
         pin_memory: bool = False,
         drop_last: bool = False,

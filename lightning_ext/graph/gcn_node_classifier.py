@@ -19,9 +19,9 @@ from lightning_ext.core.validation import (
     check_positive,
     check_positive_int,
 )
-from lightning_ext.core.number_types import AtLeastTwoInt
+from lightning_ext.core.validation import AtLeastTwoInt
 
-#: A class count: an integer >= 2 (shared from core.number_types).
+#: A class count: an integer >= 2 (shared from core.validation).
 NumClasses = AtLeastTwoInt
 
 

@@ -23,10 +23,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Literal, Optional, get_args
 
 import torch
-from jsonargparse.typing import registered_types, restricted_number_type
 from torch import Tensor
 
-from lightning_ext.core.validation import check_choice, check_number
+from lightning_ext.core.validation import UnitIntervalLeftOpen, check_choice, check_number
 from lightning_ext.merging.task_vectors import (
     DEFAULT_MAX_TASK_VECTOR_RATIO,
     OnForeignBase,
@@ -40,11 +39,8 @@ from lightning_ext.merging.task_vectors import (
 __all__ = ["Density", "MergeMode", "check_density", "disjoint_merge", "elect_sign", "ties_merging_merge",
            "ties_selected_task_vectors", "trim_top_k"]
 
-#: A share kept by TIES' trim step, in (0, 1] (``density``, the paper's :math:`k`). jsonargparse refuses a second
-#: name for a restriction another module registered first, so the registered (0, 1] type is reused if there is one.
-_DENSITY = [(">", 0.0), ("<=", 1.0)]
-Density = registered_types.get((tuple(sorted(_DENSITY)), float, "and")) or restricted_number_type(
-    "Density", float, _DENSITY, join="and", docstring="a float in (0, 1]: the share of each task vector kept")
+#: A share kept by TIES' trim step, in (0, 1] (``density``, the paper's :math:`k`).
+Density = UnitIntervalLeftOpen
 
 #: How TIES combines the agreeing entries: their mean (the paper) or their sum.
 MergeMode = Literal["mean", "sum"]

@@ -35,7 +35,7 @@ from lightning_ext.core.validation import (
     check_positive,
     check_positive_int,
 )
-from lightning_ext.core.number_types import AtLeastTwoInt
+from lightning_ext.core.validation import AtLeastTwoInt
 from lightning_ext.ssl.multi_view_augmentation import MultiViewAugmentation
 from lightning_ext.ssl.online_linear_probe import OnlineLinearProbe
 from lightning_ext.vision.backbones import StemDownsample, build_backbone, image_pair, probe_backbone

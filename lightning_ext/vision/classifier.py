@@ -12,7 +12,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from typing_extensions import override
 
-from lightning_ext.core.number_types import AtLeastTwoInt
+from lightning_ext.core.validation import AtLeastTwoInt
 from lightning_ext.core.optimization import configure_optimization
 from lightning_ext.core.validation import (
     NonNegativeFloat,
