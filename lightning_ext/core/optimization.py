@@ -4,6 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning_ext.core.validation import AtLeastTwoInt, check_non_negative, check_number, check_positive
+
+#: A class count: an integer >= 2.
+NumClasses = AtLeastTwoInt
+
+
+def check_num_classes(value: Any, name: str = "num_classes") -> int:
+    """``value`` if it is an integer >= 2, else one line naming ``name``."""
+    return int(check_number(name, value, low=2, integer=True))
+
+
+def check_optimization(lr: Any, weight_decay: Any) -> None:
+    """Refuse a non-finite or non-positive ``lr`` and a non-finite or negative ``weight_decay``."""
+    check_positive("lr", lr)
+    check_non_negative("weight_decay", weight_decay)
+
 
 def configure_optimization(module: Any, params: Any) -> Any:
     """What ``configure_optimizers`` returns for a module with LightningCLI-style injection: its

@@ -39,7 +39,7 @@ from lightning_ext.core.validation import AtLeastTwoInt
 from lightning_ext.ssl.multi_view_augmentation import MultiViewAugmentation
 from lightning_ext.ssl.online_linear_probe import OnlineLinearProbe
 from lightning_ext.vision.backbones import StemDownsample, build_backbone, image_pair, probe_backbone
-from lightning_ext.vision.classifier import NumClasses, check_num_classes, check_optimization
+from lightning_ext.core.optimization import NumClasses, check_num_classes, check_optimization
 
 __all__ = ["SelfSupervisedModule", "ConvEncoder", "WarmupCosineLR", "build_projector", "effective_rank"]
 

@@ -12,33 +12,15 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from typing_extensions import override
 
-from lightning_ext.core.validation import AtLeastTwoInt
-from lightning_ext.core.optimization import configure_optimization
-from lightning_ext.core.validation import (
-    NonNegativeFloat,
-    PositiveFloat,
-    check_choice,
-    check_non_negative,
-    check_number,
-    check_positive,
-    check_positive_int,
+from lightning_ext.core.optimization import (  # noqa: F401 - re-exported: other modules import them from here
+    NumClasses,
+    check_num_classes,
+    check_optimization,
+    configure_optimization,
 )
+from lightning_ext.core.validation import NonNegativeFloat, PositiveFloat, check_choice, check_positive_int
 
 __all__ = ["Classifier", "NumClasses", "check_optimization", "configure_optimization"]
-
-#: A class count: an integer >= 2.
-NumClasses = AtLeastTwoInt
-
-
-def check_num_classes(value: Any, name: str = "num_classes") -> int:
-    """``value`` if it is an integer >= 2, else one line naming ``name``."""
-    return int(check_number(name, value, low=2, integer=True))
-
-
-def check_optimization(lr: Any, weight_decay: Any) -> None:
-    """Refuse a non-finite or non-positive ``lr`` and a non-finite or negative ``weight_decay``."""
-    check_positive("lr", lr)
-    check_non_negative("weight_decay", weight_decay)
 
 
 class Classifier(LightningModule):
