@@ -96,3 +96,41 @@ def test_every_config_names_catalogue_components_by_short_name():
     for cfg in sorted((repo / "configs").glob("*.yaml")):
         walk(yaml.safe_load(cfg.read_text()), cfg.name)
     assert not problems, "\n".join(problems)
+
+
+def _lightning_classes():
+    import inspect
+    import importlib
+    import pkgutil
+
+    from lightning.pytorch import Callback, LightningDataModule, LightningModule
+
+    bases = (Callback, LightningModule, LightningDataModule)
+    seen = {}
+    for info in pkgutil.walk_packages([str(ROOT)], prefix="lightning_ext."):
+        if info.name.split(".")[1] in FACADES or info.name.endswith("__main__"):
+            continue
+        try:
+            module = importlib.import_module(info.name)
+        except ModuleNotFoundError:  # an optional extra that is not installed
+            continue
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if cls.__module__ == info.name and issubclass(cls, bases):
+                seen[f"{cls.__module__}.{cls.__qualname__}"] = cls
+    return bases, seen
+
+
+def test_every_lightning_hook_is_marked_override_with_a_docstring():
+    bases, classes = _lightning_classes()
+    assert len(classes) >= 30, sorted(classes)
+    problems = []
+    for path, cls in sorted(classes.items()):
+        base = next(b for b in bases if issubclass(cls, b))
+        hooks = {n for n in dir(base) if not n.startswith("_") and callable(getattr(base, n, None))}
+        for name, fn in vars(cls).items():
+            if name in hooks and callable(fn):
+                if not getattr(fn, "__override__", False):
+                    problems.append(f"{path}.{name}: mark it @override (typing_extensions)")
+                if not (fn.__doc__ or "").strip():
+                    problems.append(f"{path}.{name}: give the hook a one-line docstring")
+    assert not problems, "\n".join(problems)
