@@ -19,6 +19,7 @@ from torch import Tensor
 from lightning_ext.core.checkpoints import load_checkpoint
 from lightning_ext.core.io import atomic_torch_save
 from lightning_ext.core.plotting import new_figure, save_figure
+from lightning_ext.merging.task_vectors import load_error_summary
 
 __all__ = ["AdaMergingHistory", "check_output_paths", "diagnose_collapse", "load_coefficients", "plot_coefficients",
            "save_coefficients"]
@@ -116,7 +117,13 @@ def save_coefficients(path: Union[str, Path], coefficients: Tensor, layer_names:
 def load_coefficients(path: Union[str, Path]) -> dict[str, Any]:
     """Read a file written by :func:`save_coefficients` (``weights_only=True``, through
     :func:`lightning_ext.core.checkpoints.load_checkpoint`); non-finite coefficients are refused."""
-    data = load_checkpoint(path, "Coefficients file", "coefficients")
+    try:
+        data = load_checkpoint(path, "Coefficients file", "coefficients")
+    except ValueError as err:
+        if err.__cause__ is None:
+            raise
+        raise ValueError(f"Coefficients file {path} cannot be read with torch.load(weights_only=True): "
+                         f"{load_error_summary(err.__cause__)}; save the coefficients again.") from err.__cause__
     if not {"coefficients", "layer_names", "task_names", "granularity"} <= data.keys():
         raise ValueError(f"{path} is not a coefficients file (expected coefficients, layer_names, task_names, granularity).")
     if not isinstance(data["coefficients"], Tensor) or not bool(torch.isfinite(data["coefficients"]).all()):

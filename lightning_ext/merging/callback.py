@@ -102,7 +102,11 @@ class ModelMerging(Callback):
     writes the merged state dict. Output paths are relative to this run's ``trainer.log_dir``, ``None`` disables
     them, and files are written atomically. ``ModelCheckpoint`` files keep the fine-tuned (unmerged) weights. In ``validate``/``test``/``predict`` runs (no ``fit``), the merge
     happens when the loop starts (on the weights restored from ``ckpt_path``, if any), and needs
-    ``base_checkpoint``. A module that already holds this callback's merged weights is not merged twice.
+    ``base_checkpoint``. A module that already holds this callback's merged weights is not merged twice; after
+    ``fit`` with ``ada_merging``, a later ``test(ckpt_path="best")`` (which restores unmerged weights) merges them
+    with the coefficients learned at the end of ``fit`` instead of learning them again. ``setup`` reads every
+    named checkpoint (and the coefficients file) once, so a truncated, non-finite or other-architecture file fails
+    before training starts, in one line naming it.
 
     Methods (``method``): ``"average"`` (uniform weight average), ``"task_arithmetic"``
     (:math:`\theta_0 + \lambda\sum_k\tau_k`, ``scaling`` default 0.3), ``"ties"`` (TIES-Merging, keep the top
@@ -237,6 +241,7 @@ class ModelMerging(Callback):
         self.merged = False
         self.num_models = 0
         self.learned_coefficients: Optional[Tensor] = None
+        self._layer_names: Optional[list[str]] = None  # the rows of learned_coefficients (ada_merging)
         self.history: Optional[AdaMergingHistory] = None
         self._base: Optional[dict[str, Tensor]] = None
         self._base_fingerprint: Optional[list[float]] = None
@@ -265,7 +270,7 @@ class ModelMerging(Callback):
         # on every rank: trainer.log_dir is a collective under DDP, and rank 0 alone writes the files
         self._files = {name: output_path(trainer, getattr(self, name))
                        for name in ("finetuned_path", "merged_path", "plot_path")}
-        self._expand_checkpoints(trainer)  # fail early on a missing file
+        self._check_inputs(trainer, pl_module, own)  # fail in seconds on a bad file, not after training
         if self.base_checkpoint:
             self._base = self._read_base(pl_module)
         elif stage == "fit":
@@ -275,6 +280,18 @@ class ModelMerging(Callback):
             self._base_fingerprint = _fingerprint(self._base, self._float_keys(self._base))
             if self._saved_base_fingerprint is not None:
                 self._check_saved_base()
+
+    def _check_inputs(self, trainer: Trainer, pl_module: LightningModule, own: dict[str, Tensor]) -> None:
+        """Read every named checkpoint once, one at a time: it exists, loads with ``weights_only=True``, holds no
+        NaN/inf and has the module's architecture outside the heads; the coefficients file loads too."""
+        for path in self._expand_checkpoints(trainer):
+            name = f"ModelMerging: checkpoint {path}"
+            state = read_state_dict(path, reference_keys=own.keys(), name=name)
+            check_same_architecture(own, state, self.ignored_layers, reference_name=type(pl_module).__name__,
+                                    other_name=f"checkpoint {path}")
+            del state
+        if self.coefficients_file:
+            load_coefficients(self.coefficients_file)
 
     def _read_base(self, pl_module: LightningModule) -> dict[str, Tensor]:
         own = pl_module.state_dict()
@@ -353,7 +370,9 @@ class ModelMerging(Callback):
             )
         merged: Optional[dict[str, Tensor]] = None
         if trainer.is_global_zero:
-            merged = self._compute(trainer, pl_module)
+            # outside fit the hooks run in Lightning's inference mode; learning coefficients needs autograd
+            with torch.inference_mode(False), torch.enable_grad():
+                merged = self._compute(trainer, pl_module)
         if trainer.world_size > 1:
             merged = trainer.strategy.broadcast(merged, src=0)
             self.num_models = trainer.strategy.broadcast(self.num_models, src=0)
@@ -408,6 +427,12 @@ class ModelMerging(Callback):
                 )
             self.learned_coefficients = data["coefficients"]
             return apply_coefficients(base, sources, data["coefficients"], data["layer_names"], **common)
+        lam, layer_names = self.learned_coefficients, self._layer_names
+        if (trainer.state.fn != TrainerFn.FITTING and lam is not None and layer_names is not None
+                and lam.shape[1] == len(sources)):
+            # e.g. test after fit on the best checkpoint: re-apply what fit learned, do not learn again
+            rank_zero_info("ModelMerging: re-applying the coefficients learned at the end of fit.")
+            return apply_coefficients(base, sources, lam, layer_names, **common)
         return self._ada_merge(trainer, pl_module, base, sources, names, current)
 
     def _ada_merge(self, trainer: Trainer, pl_module: LightningModule, base: dict[str, Tensor], sources: list,
@@ -450,7 +475,7 @@ class ModelMerging(Callback):
                 p.requires_grad_(flag)
             for m, mode in modes:
                 m.training = mode
-        self.learned_coefficients = lam
+        self.learned_coefficients, self._layer_names = lam, layer_names
         for message in diagnose_collapse(self.history):
             rank_zero_warn(f"ModelMerging (ada_merging): possible collapse: {message}")
         plot_file = self._files.get("plot_path")
@@ -472,6 +497,7 @@ class ModelMerging(Callback):
             "merged": self.merged,
             "num_models": self.num_models,
             "learned_coefficients": self.learned_coefficients,
+            "layer_names": self._layer_names,
             "history": self.history.to_dict() if self.history is not None else None,
         }
 
@@ -488,6 +514,7 @@ class ModelMerging(Callback):
         self.merged = bool(state_dict.get("merged", False))
         self.num_models = int(state_dict.get("num_models", 0))
         self.learned_coefficients = state_dict.get("learned_coefficients")
+        self._layer_names = state_dict.get("layer_names")
         history = state_dict.get("history")
         self.history = AdaMergingHistory.from_dict(history) if history is not None else None
         if self._base_fingerprint is not None and self._saved_base_fingerprint is not None and not self.base_checkpoint:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
+import re
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -96,9 +97,33 @@ def read_state_dict(source: Source, reference_keys: Optional[Iterable[str]] = No
         ...
         ValueError: task 0: tensor 'w' holds 1 non-finite value(s) (NaN or inf); check the file or the run that wrote it.
     """
-    state = checkpoints.read_state_dict(source, reference_keys, name)
     where = name or (str(source) if isinstance(source, (str, os.PathLike)) else "The state dict")
+    try:
+        state = checkpoints.read_state_dict(source, reference_keys, name)
+    except ValueError as err:
+        if err.__cause__ is None or not isinstance(source, (str, os.PathLike)):
+            raise
+        raise ValueError(
+            f"{where} cannot be read with torch.load(weights_only=True): {load_error_summary(err.__cause__)}. A "
+            "truncated file (a run killed while saving) or another format? Save it again with "
+            "torch.save(model.state_dict(), path) or use a Lightning checkpoint."
+        ) from err.__cause__
     return check_finite_tensors(state, where)
+
+
+def load_error_summary(err: BaseException) -> str:
+    """The one line that matters of a ``torch.load`` error (torch's own messages span several paragraphs).
+
+    Example:
+        >>> load_error_summary(RuntimeError("PytorchStreamReader failed reading zip archive: failed finding "
+        ...                                 "central directory. This is an internal miniz error."))
+        'PytorchStreamReader failed reading zip archive: failed finding central directory'
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\s+was not an allowed global|\.?\s+Please use|\n\n|$)", text, re.S)
+    line = found.group(1) if found else text.strip().split("\n")[0]
+    line = " ".join(line.split()).split(". ")[0].rstrip(".")
+    return line or type(err).__name__
 
 
 # -- keys and architecture ----------------------------------------------------------------------------------------
