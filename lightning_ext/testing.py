@@ -3,8 +3,9 @@
 - :func:`block_network`: refuse every connection that leaves the machine (loopback stays open for gloo).
 - :func:`fit_ddp_vs_single`: fit the same model in one process and in two CPU processes (gloo,
   ``ddp_spawn``) with the same global batch, and return both runs' loss curves, metrics and weights.
-- :func:`crash_and_resume`: fit uninterrupted; fit again with a crash at an epoch boundary, resume from the
-  last checkpoint; return both final models so their parameters can be compared.
+- :func:`crash_and_resume`: fit uninterrupted; fit again with a crash at an epoch boundary or mid-epoch (at a
+  global step), resume from the last checkpoint (optionally with ``weights_only=True``); return both final
+  models so their parameters can be compared.
 
 The factories passed to the fit helpers must build *fresh* objects on every call; seed inside them when the
 initial weights must match between runs.
@@ -17,7 +18,7 @@ import ipaddress
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 if TYPE_CHECKING:  # torch is imported lazily: sitecustomize runs block_network() in every test process
     import torch
@@ -166,15 +167,19 @@ class SimulatedCrash(RuntimeError):
     """Raised by the crash callback of :func:`crash_and_resume` to interrupt a fit."""
 
 
-def _crash_callback(epoch: int):
+def _crash_callback(epoch: Optional[int], step: Optional[int]):
     from lightning.pytorch import Callback
 
-    class CrashAtEpoch(Callback):
+    class CrashAt(Callback):
         def on_train_epoch_start(self, trainer, pl_module) -> None:
-            if trainer.current_epoch == epoch:
+            if epoch is not None and trainer.current_epoch == epoch:
                 raise SimulatedCrash(f"simulated crash at the start of epoch {epoch}")
 
-    return CrashAtEpoch()
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if step is not None and trainer.global_step == step:
+                raise SimulatedCrash(f"simulated crash before global step {step} (batch {batch_idx} of its epoch)")
+
+    return CrashAt()
 
 
 def crash_and_resume(
@@ -182,25 +187,46 @@ def crash_and_resume(
     make_datamodule: Callable[[], Any],
     make_callbacks: Callable[[], list],
     max_epochs: int,
-    crash_epoch: int,
-    tmp_path: Path,
+    crash_epoch: Optional[int] = None,
+    tmp_path: Optional[Path] = None,
+    *,
+    crash_step: Optional[int] = None,
+    checkpoint_every_n_steps: int = 1,
+    weights_only: bool = False,
     **trainer_kwargs: Any,
 ) -> tuple[Any, Any, dict]:
-    """Fit ``max_epochs`` uninterrupted, then fit again crashing at the start of ``crash_epoch`` and resume.
+    """Fit ``max_epochs`` uninterrupted, then fit again with a simulated crash and resume from ``last.ckpt``.
 
-    The interrupted run checkpoints every epoch (``last.ckpt``); the resumed run builds fresh model,
-    datamodule and callbacks from the factories and calls ``fit(ckpt_path=last.ckpt)``, so a callback's
-    ``setup``/``load_state_dict`` must restore whatever it changed.
+    Give exactly one of:
+
+    - ``crash_epoch``: crash at the start of that epoch; the interrupted run checkpoints every epoch.
+    - ``crash_step``: crash mid-epoch, just before the optimiser step that would make ``global_step`` exceed
+      ``crash_step``; the interrupted run checkpoints every ``checkpoint_every_n_steps`` training steps (like
+      ``ModelCheckpoint(every_n_train_steps=...)``), so it resumes from the last step checkpoint at or before
+      ``crash_step`` and must replay the rest of that epoch exactly (the train loader's ``state_dict``).
+
+    The resumed run builds fresh model, datamodule and callbacks from the factories and calls
+    ``fit(ckpt_path=last.ckpt, weights_only=weights_only)``, so a callback's ``setup``/``load_state_dict`` must
+    restore whatever it changed, and with ``weights_only=True`` the checkpoint must hold only tensors and
+    plain Python values.
 
     Returns:
         ``(uninterrupted_model, resumed_model, info)`` where ``info`` has both trainers, the callbacks
-        of each run and the checkpoint path.
+        of each run, the checkpoint path and the global step it was saved at (``resumed_from_step``).
     """
     from lightning.pytorch import Trainer
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    if not 0 < crash_epoch < max_epochs:
+    if (crash_epoch is None) == (crash_step is None):
+        raise ValueError("Give exactly one of `crash_epoch` (epoch boundary) or `crash_step` (mid-epoch).")
+    if crash_epoch is not None and not 0 < crash_epoch < max_epochs:
         raise ValueError(f"`crash_epoch` must be in (0, {max_epochs}), got {crash_epoch}.")
+    if crash_step is not None and crash_step < 1:
+        raise ValueError(f"`crash_step` must be a global step >= 1, got {crash_step}.")
+    if checkpoint_every_n_steps < 1:
+        raise ValueError(f"`checkpoint_every_n_steps` must be >= 1, got {checkpoint_every_n_steps}.")
+    if tmp_path is None:
+        raise ValueError("`tmp_path` is required: the checkpoints of the interrupted run are written there.")
     tmp_path = Path(tmp_path)
     base = dict(accelerator="cpu", devices=1, max_epochs=max_epochs, logger=False, enable_progress_bar=False,
                 enable_model_summary=False, deterministic=True)
@@ -211,24 +237,33 @@ def crash_and_resume(
     full.fit(full_model, datamodule=make_datamodule())
 
     ckpt_dir = tmp_path / "ckpt"
+
+    def checkpoint():
+        if crash_step is None:
+            return ModelCheckpoint(dirpath=ckpt_dir, save_last=True)
+        return ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
+                               every_n_train_steps=checkpoint_every_n_steps)
+
     crashed_cbs = make_callbacks()
-    crashed = Trainer(
-        callbacks=[*crashed_cbs, _crash_callback(crash_epoch), ModelCheckpoint(dirpath=ckpt_dir, save_last=True)],
-        default_root_dir=str(tmp_path), **base,
-    )
+    crashed = Trainer(callbacks=[*crashed_cbs, _crash_callback(crash_epoch, crash_step), checkpoint()],
+                      default_root_dir=str(tmp_path), **base)
     try:
         crashed.fit(make_model(), datamodule=make_datamodule())
     except SimulatedCrash:
         pass
-    else:  # pragma: no cover - the crash callback always fires for 0 < crash_epoch < max_epochs
-        raise AssertionError("the simulated crash did not happen")
+    else:
+        raise AssertionError("the simulated crash did not happen (is `crash_step` beyond the end of training?)")
     last = ckpt_dir / "last.ckpt"
+    if not last.is_file():
+        raise AssertionError(f"no checkpoint was saved before the crash ({last} is missing)")
+    import torch
+
+    step = torch.load(last, map_location="cpu", weights_only=True).get("global_step")
     resumed_model, resumed_cbs = make_model(), make_callbacks()
-    resumed = Trainer(callbacks=[*resumed_cbs, ModelCheckpoint(dirpath=ckpt_dir, save_last=True)],
-                      default_root_dir=str(tmp_path), **base)
-    resumed.fit(resumed_model, datamodule=make_datamodule(), ckpt_path=str(last), weights_only=False)
+    resumed = Trainer(callbacks=[*resumed_cbs, checkpoint()], default_root_dir=str(tmp_path), **base)
+    resumed.fit(resumed_model, datamodule=make_datamodule(), ckpt_path=str(last), weights_only=weights_only)
     info = {"full_trainer": full, "resumed_trainer": resumed, "full_callbacks": full_cbs,
-            "resumed_callbacks": resumed_cbs, "checkpoint": last}
+            "resumed_callbacks": resumed_cbs, "checkpoint": last, "resumed_from_step": step}
     return full_model, resumed_model, info
 
 

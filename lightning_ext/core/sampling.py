@@ -6,15 +6,20 @@ wrapping) and is itself a ``DistributedSampler``, so Lightning neither wraps nor
 ``set_epoch``. Its ``state_dict`` records how many indices were consumed, so a run resumed mid-epoch continues
 with exactly the indices the interrupted run had not yet seen. Two ranks with batch ``B/2`` see exactly the
 batches one process sees with batch ``B``.
+
+:class:`ResumableDataLoader` is the DataLoader to put it in: Lightning saves a train loader's state only when the
+*loader* has ``state_dict``/``load_state_dict``, and a loader reads ahead of the loop (worker prefetching), so
+the sampler's own count runs ahead of the batches trained on. The loader counts the batches it has handed to
+the loop and, on resume, makes the sampler skip exactly those.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
-from torch.utils.data import DistributedSampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 
 class EpochSampler(DistributedSampler):
@@ -87,3 +92,65 @@ class EpochSampler(DistributedSampler):
         """Resume: the next iteration of ``state['epoch']`` skips the ``consumed`` indices."""
         self.epoch = int(state["epoch"])
         self._resume_from = int(state.get("consumed", 0))
+
+
+class ResumableDataLoader(DataLoader):
+    """A :class:`~torch.utils.data.DataLoader` whose ``state_dict`` is the epoch and the batches yielded in it.
+
+    Lightning (2.6) saves ``state_dict()`` of a stateful train loader in every checkpoint and, when it resumes
+    a fit mid-epoch, calls ``load_state_dict`` before creating the epoch's iterator. Batches are counted as
+    they leave the loader's iterator (Lightning's fetcher does not read ahead of a loader that has a length),
+    so batches a worker prefetched but the loop never received are not counted. On resume, an
+    :class:`EpochSampler` inside a plain batch sampler skips ``batches * batch_size`` indices without
+    loading them; any other sampler is replayed and the first ``batches`` batches are dropped.
+
+    Example:
+        >>> dl = ResumableDataLoader(list(range(10)), batch_size=2, sampler=EpochSampler(10, seed=0))
+        >>> it = iter(dl); first = [next(it), next(it)]; state = dl.state_dict()
+        >>> state["batches"], [b.tolist() for b in first] == [b.tolist() for b in list(dl)[:2]]
+        (2, True)
+        >>> fresh = ResumableDataLoader(list(range(10)), batch_size=2, sampler=EpochSampler(10, seed=0))
+        >>> fresh.load_state_dict(state)
+        >>> [b.tolist() for b in fresh] == [b.tolist() for b in list(dl)[2:]]
+        True
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: D107 - DataLoader's arguments
+        super().__init__(*args, **kwargs)
+        self._epoch_yielded = 0
+        self._skip: Optional[tuple[int, int]] = None  # (epoch, batches) to skip on the next iteration
+
+    def _sampler_epoch(self) -> int:
+        return int(getattr(self.sampler, "epoch", 0))
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch, skip = self._sampler_epoch(), 0
+        if self._skip is not None and self._skip[0] == epoch:
+            skip = self._skip[1]
+        self._skip = None
+        replay = 0
+        if skip:
+            if isinstance(self.sampler, EpochSampler) and type(self.batch_sampler) is BatchSampler:
+                self.sampler.load_state_dict({"epoch": epoch, "consumed": skip * self.batch_sampler.batch_size})
+            else:
+                replay = skip
+        return self._counted(super().__iter__(), skip, replay)
+
+    def _counted(self, iterator: Iterator[Any], start: int, replay: int) -> Iterator[Any]:
+        self._epoch_yielded = start
+        for i, batch in enumerate(iterator):
+            if i < replay:
+                continue
+            self._epoch_yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sampler's epoch and the batches of it already handed to the training loop."""
+        return {"epoch": self._sampler_epoch(), "batches": self._epoch_yielded}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume: the next iteration of ``state['epoch']`` starts after its first ``state['batches']`` batches."""
+        epoch, batches = int(state["epoch"]), int(state["batches"])
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+        self._skip = (epoch, batches)

@@ -15,7 +15,7 @@ from typing_extensions import override
 from lightning_ext.core.validation import UnitIntervalLeftOpen
 from lightning_ext.core.io import atomic_path, atomic_write_json
 from lightning_ext.core.paths import cache_root, output_path
-from lightning_ext.core.sampling import EpochSampler
+from lightning_ext.core.sampling import EpochSampler, ResumableDataLoader
 from lightning_ext.core.validation import NonNegativeInt, PositiveInt, check_number
 from lightning_ext.curation.base import Scorer, Scores, ScoringData, check_seed, count_to_keep, fingerprint
 
@@ -277,9 +277,9 @@ class FilteredDataModule(LightningDataModule):
         trainer = getattr(self, "trainer", None)
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = EpochSampler(len(self._filtered), seed=self.shuffle_seed, rank=rank, world_size=world)
-        return DataLoader(self._filtered, batch_size=original.batch_size, sampler=sampler,
-                          num_workers=original.num_workers, collate_fn=original.collate_fn,
-                          pin_memory=original.pin_memory, drop_last=original.drop_last)
+        return ResumableDataLoader(self._filtered, batch_size=original.batch_size, sampler=sampler,
+                                   num_workers=original.num_workers, collate_fn=original.collate_fn,
+                                   pin_memory=original.pin_memory, drop_last=original.drop_last)
 
     @override
     def val_dataloader(self) -> Any:

@@ -11,7 +11,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
-from lightning_ext.core.sampling import EpochSampler
+from lightning_ext.core.sampling import EpochSampler, ResumableDataLoader
 from lightning_ext.core.validation import (
     NonNegativeInt,
     NotBelowOneFloat,
@@ -63,7 +63,9 @@ class InMemoryDataModule(LightningDataModule):
     Training batches are shuffled by a :class:`~lightning_ext.core.sampling.EpochSampler` seeded with
     ``(shuffle_seed, epoch)``: with one process it is an ordinary seeded shuffle, and under DDP each rank gets
     its shard of the same permutation, so a two-process run with half the batch size sees exactly the global
-    batches of a one-process run. The order depends only on the epoch, so a resumed run sees the same order.
+    batches of a one-process run. The order depends only on the epoch, and the training loader is a
+    :class:`~lightning_ext.core.sampling.ResumableDataLoader`, so a run resumed from a step checkpoint
+    (mid-epoch) continues with exactly the batches the interrupted run had not trained on.
 
     Args:
         batch_size: samples per batch (per process under DDP).
@@ -218,7 +220,8 @@ class InMemoryDataModule(LightningDataModule):
                 world, rank = trainer.world_size, trainer.global_rank
             sampler = EpochSampler(len(dataset), shuffle=self.shuffle, seed=self.shuffle_seed, rank=rank,
                                    world_size=world)
-        return DataLoader(
+        loader = ResumableDataLoader if train else DataLoader  # a stateful train loader resumes mid-epoch
+        return loader(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
