@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from lightning_ext.core.guards import NonFiniteLoss, check_loss, check_nonfinite_policy, refuse_skip_under_ddp
 from lightning_ext.core.optional import require
 from lightning_ext.core.validation import (
     NonNegativeFloat,
@@ -41,6 +44,8 @@ class GCNNodeClassifier(LightningModule):
         dropout: dropout on the input and hidden layer.
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
+        nonfinite_loss: on a non-finite training loss (NaN node features, divergence), ``"error"`` (one line
+            naming the step, epoch and likely cause), ``"skip"`` the step (refused under DDP) or ``"warn"``.
 
     Example:
         >>> model = GCNNodeClassifier(num_features=1433, num_classes=7)
@@ -56,6 +61,7 @@ class GCNNodeClassifier(LightningModule):
         dropout: UnitIntervalRightOpen = 0.5,
         lr: PositiveFloat = 0.01,
         weight_decay: NonNegativeFloat = 5e-4,
+        nonfinite_loss: NonFiniteLoss = "error",
     ) -> None:
         super().__init__()
         require("torch_geometric", "GCNNodeClassifier")
@@ -65,19 +71,22 @@ class GCNNodeClassifier(LightningModule):
         check_number("dropout", dropout, low=0, high=1, high_open=True)
         check_positive("lr", lr)
         check_non_negative("weight_decay", weight_decay)
+        check_nonfinite_policy(nonfinite_loss)
         from torch_geometric.nn import GCNConv
 
         self.save_hyperparameters()
         self.conv1 = GCNConv(num_features, hidden, cached=False)
         self.conv2 = GCNConv(hidden, num_classes, cached=False)
         self.num_classes = num_classes
+        self.skipped_steps = 0
         self.accuracy = torch.nn.ModuleDict(
             {f"{s}_acc": MulticlassAccuracy(num_classes, average="micro") for s in ("train", "val", "test")}
         )
 
     @override
     def setup(self, stage: str) -> None:
-        """Check the datamodule's ``num_features`` and ``num_classes`` against the model."""
+        """Refuse ``nonfinite_loss='skip'`` under DDP; check the data's ``num_features`` and ``num_classes``."""
+        refuse_skip_under_ddp(self, self.hparams.nonfinite_loss)
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         for attr in ("num_features", "num_classes"):
             have, want = getattr(dm, attr, None), self.hparams[attr]
@@ -92,10 +101,12 @@ class GCNNodeClassifier(LightningModule):
         x = F.dropout(x, self.hparams.dropout, self.training)
         return self.conv2(x, edge_index)
 
-    def _step(self, graph, stage: str) -> torch.Tensor:
+    def _step(self, graph, stage: str) -> Optional[torch.Tensor]:
         mask = graph[f"{stage}_mask"]
         logits = self(graph.x, graph.edge_index)[mask]
         loss = F.cross_entropy(logits, graph.y[mask])
+        if stage == "train" and not check_loss(self, loss, self.hparams.nonfinite_loss, graph):
+            return None
         acc = self.accuracy[f"{stage}_acc"]
         acc(logits, graph.y[mask])
         self.log(f"{stage}_loss", loss, batch_size=int(mask.sum()), prog_bar=stage == "train")
@@ -103,8 +114,8 @@ class GCNNodeClassifier(LightningModule):
         return loss
 
     @override
-    def training_step(self, graph, batch_idx: int) -> torch.Tensor:
-        """Cross-entropy on the training nodes."""
+    def training_step(self, graph, batch_idx: int) -> Optional[torch.Tensor]:
+        """Cross-entropy on the training nodes (``None`` skips a non-finite step)."""
         return self._step(graph, "train")
 
     @override

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
+from lightning_ext.core.guards import NonFiniteLoss
 from lightning_ext.core.validation import (
     NonNegativeFloat, PositiveFloat, PositiveInt, check_non_negative, check_positive, check_positive_int,
 )
@@ -59,7 +60,7 @@ class DCCF(Recommender):
         emb_weight: weight of the layer-0 embedding norm (code ``emb_reg``).
         cen_weight: weight of the prototype norm (code ``cen_reg``).
         adaptive_augmentation: use H^β and H^γ.
-        num_users, num_items, embedding_dim, lr, init, init_std, eval_ks, optimizer: see
+        num_users, num_items, embedding_dim, lr, init, init_std, eval_ks, optimizer, nonfinite_loss: see
             :class:`~lightning_ext.recsys.recommender.Recommender`.
 
     Example:
@@ -76,7 +77,8 @@ class DCCF(Recommender):
                  num_users: Optional[PositiveInt] = None, num_items: Optional[PositiveInt] = None,
                  embedding_dim: PositiveInt = 32, lr: PositiveFloat = 1e-3, init: Init = "xavier_normal",
                  init_std: PositiveFloat = 0.1, eval_ks: Sequence[PositiveInt] = (10, 20, 40),
-                 optimizer: Optional[OptimizerCallable] = None) -> None:
+                 optimizer: Optional[OptimizerCallable] = None,
+                 nonfinite_loss: NonFiniteLoss = "error") -> None:
         check_positive_int("num_layers", num_layers)
         check_positive_int("num_intents", num_intents)
         check_positive("temperature", temperature)
@@ -85,7 +87,8 @@ class DCCF(Recommender):
         self.num_layers, self.num_intents, self.temperature = num_layers, num_intents, temperature
         self.cl_weight, self.emb_weight, self.cen_weight = cl_weight, emb_weight, cen_weight
         self.adaptive_augmentation = adaptive_augmentation
-        super().__init__(num_users, num_items, embedding_dim, lr, init, init_std, eval_ks, optimizer)
+        super().__init__(num_users, num_items, embedding_dim, lr, init, init_std, eval_ks, optimizer,
+                         nonfinite_loss)
 
     def build_extra(self) -> None:
         self.user_intent = nn.Parameter(nn.init.xavier_normal_(torch.empty(self.embedding_dim, self.num_intents)))

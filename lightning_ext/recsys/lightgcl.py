@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
+from lightning_ext.core.guards import NonFiniteLoss
 from lightning_ext.core.validation import (
     NonNegativeFloat, PositiveFloat, PositiveInt, check_non_negative, check_positive, check_positive_int,
 )
@@ -50,7 +51,7 @@ class LightGCL(Recommender):
         temperature: τ.
         cl_weight: λ1 (0 turns LightGCL into a sum-readout LightGCN: the ablation of the contrastive term).
         l2_weight: λ2.
-        num_users, num_items, embedding_dim, lr, init, init_std, eval_ks, optimizer: see
+        num_users, num_items, embedding_dim, lr, init, init_std, eval_ks, optimizer, nonfinite_loss: see
             :class:`~lightning_ext.recsys.recommender.Recommender`.
 
     Example:
@@ -66,7 +67,8 @@ class LightGCL(Recommender):
                  num_users: Optional[PositiveInt] = None, num_items: Optional[PositiveInt] = None,
                  embedding_dim: PositiveInt = 64, lr: PositiveFloat = 1e-3, init: Init = "xavier_uniform",
                  init_std: PositiveFloat = 0.1, eval_ks: Sequence[PositiveInt] = (10, 20, 40),
-                 optimizer: Optional[OptimizerCallable] = None) -> None:
+                 optimizer: Optional[OptimizerCallable] = None,
+                 nonfinite_loss: NonFiniteLoss = "error") -> None:
         check_positive_int("num_layers", num_layers)
         check_positive_int("rank", rank)
         check_positive("temperature", temperature)
@@ -74,7 +76,8 @@ class LightGCL(Recommender):
         check_non_negative("l2_weight", l2_weight)
         self.num_layers, self.rank, self.temperature = num_layers, rank, temperature
         self.cl_weight, self.l2_weight = cl_weight, l2_weight
-        super().__init__(num_users, num_items, embedding_dim, lr, init, init_std, eval_ks, optimizer)
+        super().__init__(num_users, num_items, embedding_dim, lr, init, init_std, eval_ks, optimizer,
+                         nonfinite_loss)
 
     def prepare(self, data) -> None:
         values = self.build_graph(data)

@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
+from lightning_ext.core.guards import NonFiniteLoss
 from lightning_ext.core.validation import (
     NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, check_non_negative, check_number,
 )
@@ -40,7 +41,7 @@ class LightGCN(Recommender):
     Args:
         num_layers: propagation layers K (0 is MF-BPR, see :class:`~lightning_ext.recsys.mf_bpr.MFBPR`).
         reg_weight: L2 weight on the batch's layer-0 embeddings (LightGCN's ``decay``).
-        num_users, num_items, embedding_dim, lr, init, init_std, eval_ks, optimizer: see
+        num_users, num_items, embedding_dim, lr, init, init_std, eval_ks, optimizer, nonfinite_loss: see
             :class:`~lightning_ext.recsys.recommender.Recommender`.
 
     Example:
@@ -57,10 +58,12 @@ class LightGCN(Recommender):
                  num_users: Optional[PositiveInt] = None, num_items: Optional[PositiveInt] = None,
                  embedding_dim: PositiveInt = 64, lr: PositiveFloat = 1e-3, init: Init = "normal",
                  init_std: PositiveFloat = 0.1, eval_ks: Sequence[PositiveInt] = (10, 20, 40),
-                 optimizer: Optional[OptimizerCallable] = None) -> None:
+                 optimizer: Optional[OptimizerCallable] = None,
+                 nonfinite_loss: NonFiniteLoss = "error") -> None:
         self.num_layers = check_number("num_layers", num_layers, low=0, integer=True)
         self.reg_weight = check_non_negative("reg_weight", reg_weight)
-        super().__init__(num_users, num_items, embedding_dim, lr, init, init_std, eval_ks, optimizer)
+        super().__init__(num_users, num_items, embedding_dim, lr, init, init_std, eval_ks, optimizer,
+                         nonfinite_loss)
 
     def prepare(self, data) -> None:
         if self.num_layers:

@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 
 from lightning.pytorch.cli import OptimizerCallable
 
+from lightning_ext.core.guards import NonFiniteLoss
 from lightning_ext.core.validation import NonNegativeFloat, PositiveFloat, PositiveInt
 from lightning_ext.recsys.lightgcn import LightGCN
 from lightning_ext.recsys.recommender import Init
@@ -20,7 +21,7 @@ class MFBPR(LightGCN):
 
     Args:
         reg_weight: L2 weight ``reg_weight · ½ Σ||e||² / B`` on the batch's embeddings.
-        num_users, num_items, embedding_dim, lr, init, init_std, eval_ks, optimizer: see
+        num_users, num_items, embedding_dim, lr, init, init_std, eval_ks, optimizer, nonfinite_loss: see
             :class:`~lightning_ext.recsys.recommender.Recommender`.
 
     Example:
@@ -31,6 +32,7 @@ class MFBPR(LightGCN):
     def __init__(self, reg_weight: NonNegativeFloat = 1e-4, num_users: Optional[PositiveInt] = None,
                  num_items: Optional[PositiveInt] = None, embedding_dim: PositiveInt = 64, lr: PositiveFloat = 1e-3,
                  init: Init = "normal", init_std: PositiveFloat = 0.1, eval_ks: Sequence[PositiveInt] = (10, 20, 40),
-                 optimizer: Optional[OptimizerCallable] = None) -> None:
-        super().__init__(0, reg_weight, num_users, num_items, embedding_dim, lr, init, init_std, eval_ks, optimizer)
+                 optimizer: Optional[OptimizerCallable] = None, nonfinite_loss: NonFiniteLoss = "error") -> None:
+        super().__init__(0, reg_weight, num_users, num_items, embedding_dim, lr, init, init_std, eval_ks, optimizer,
+                         nonfinite_loss)
         self.hparams.pop("num_layers", None)

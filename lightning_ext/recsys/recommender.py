@@ -11,6 +11,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 from typing_extensions import override
 
+from lightning_ext.core.guards import NonFiniteLoss, check_loss, check_nonfinite_policy, refuse_skip_under_ddp
 from lightning_ext.core.validation import PositiveFloat, PositiveInt, check_choice, check_positive, check_positive_int
 from lightning_ext.recsys.graph import symmetric_norm_values
 from lightning_ext.recsys.metrics import RankingMetrics
@@ -47,14 +48,18 @@ class Recommender(LightningModule):
         init_std: std of the normal initialisation.
         eval_ks: ranking cut-offs logged in validation and test.
         optimizer: optimiser factory ``params -> Optimizer``; overrides ``lr``.
+        nonfinite_loss: on a non-finite training loss, ``"error"`` (one line naming the step, epoch and likely
+            cause), ``"skip"`` the optimizer step (counted in ``skipped_steps``; refused under DDP) or ``"warn"``
+            (see :mod:`lightning_ext.core.guards`).
     """
 
     def __init__(self, num_users: Optional[PositiveInt] = None, num_items: Optional[PositiveInt] = None,
                  embedding_dim: PositiveInt = 64, lr: PositiveFloat = 1e-3, init: Init = "normal",
                  init_std: PositiveFloat = 0.1, eval_ks: Sequence[PositiveInt] = (10, 20, 40),
-                 optimizer: Optional[OptimizerCallable] = None) -> None:
+                 optimizer: Optional[OptimizerCallable] = None, nonfinite_loss: NonFiniteLoss = "error") -> None:
         super().__init__()
         check_positive_int("embedding_dim", embedding_dim)
+        check_nonfinite_policy(nonfinite_loss)
         check_positive("lr", lr)
         check_choice("init", init, get_args(Init))
         check_positive("init_std", init_std)
@@ -71,6 +76,7 @@ class Recommender(LightningModule):
         self.save_hyperparameters(ignore=["optimizer"])
         self.embedding_dim, self.lr, self.init, self.init_std = embedding_dim, lr, init, init_std
         self.optimizer_factory = optimizer
+        self.nonfinite_loss, self.skipped_steps = nonfinite_loss, 0
         self.num_users, self.num_items = num_users, num_items
         self.user_embedding: Optional[nn.Embedding] = None
         self.item_embedding: Optional[nn.Embedding] = None
@@ -131,7 +137,8 @@ class Recommender(LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
-        """Take the sizes and the graph from the DataModule's interactions (unless :meth:`bind` ran already)."""
+        """Refuse ``nonfinite_loss='skip'`` under DDP; take sizes and graph from the DataModule (unless bound)."""
+        refuse_skip_under_ddp(self, self.nonfinite_loss)
         if self.bound:
             return
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -160,11 +167,13 @@ class Recommender(LightningModule):
 
     # -- steps -----------------------------------------------------------------------------------------------
     @override
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        """The loss of a ``(B, 3)`` batch of BPR triples; logs ``train_loss`` and the loss's parts."""
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> Optional[torch.Tensor]:
+        """The loss of a ``(B, 3)`` batch of BPR triples; logs ``train_loss`` and its parts (``None``: skipped)."""
         if batch.dim() != 2 or batch.shape[1] != 3:
             raise ValueError(f"training batches must be (B, 3) (user, positive, negative) triples, got {tuple(batch.shape)}.")
         parts = self.training_loss(batch[:, 0], batch[:, 1], batch[:, 2])
+        if not check_loss(self, parts["loss"], self.nonfinite_loss):
+            return None
         self.log("train_loss", parts["loss"], prog_bar=True, batch_size=len(batch))
         for name, value in parts.items():
             if name != "loss":
@@ -236,6 +245,16 @@ class Recommender(LightningModule):
     def on_train_epoch_start(self) -> None:
         """Drop the cached embeddings: training changes them."""
         self._eval_embeddings = None
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Save the count of skipped steps."""
+        checkpoint["skipped_steps"] = self.skipped_steps
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Restore the count of skipped steps."""
+        self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
 
     @override
     def configure_optimizers(self) -> Any:

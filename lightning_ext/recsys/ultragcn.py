@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 
+from lightning_ext.core.guards import NonFiniteLoss
 from lightning_ext.core.validation import (
     NonNegativeFloat, PositiveFloat, PositiveInt, check_non_negative, check_positive_int,
 )
@@ -91,7 +92,7 @@ class UltraGCN(Recommender):
         item_item_weight: weight of L_I (code ``lambda``, paper γ).
         num_neighbors: K of the item-item top-K (code ``ii_neighbor_num``).
         zero_diagonal: drop G_ii before the top-K (code ``ii_diagonal_zero``, default off).
-        num_users, num_items, embedding_dim, lr, init, init_std, eval_ks, optimizer: see
+        num_users, num_items, embedding_dim, lr, init, init_std, eval_ks, optimizer, nonfinite_loss: see
             :class:`~lightning_ext.recsys.recommender.Recommender`.
 
     Example:
@@ -108,7 +109,8 @@ class UltraGCN(Recommender):
                  num_neighbors: PositiveInt = 10, zero_diagonal: bool = False, num_users: Optional[PositiveInt] = None,
                  num_items: Optional[PositiveInt] = None, embedding_dim: PositiveInt = 64, lr: PositiveFloat = 1e-3,
                  init: Init = "normal", init_std: PositiveFloat = 1e-4, eval_ks: Sequence[PositiveInt] = (10, 20, 40),
-                 optimizer: Optional[OptimizerCallable] = None) -> None:
+                 optimizer: Optional[OptimizerCallable] = None,
+                 nonfinite_loss: NonFiniteLoss = "error") -> None:
         check_positive_int("negative_num", negative_num)
         check_positive_int("num_neighbors", num_neighbors)
         for name, v in (("w1", w1), ("w2", w2), ("w3", w3), ("w4", w4), ("negative_weight", negative_weight),
@@ -118,7 +120,8 @@ class UltraGCN(Recommender):
         self.negative_num, self.negative_weight = negative_num, negative_weight
         self.l2_weight, self.item_item_weight = l2_weight, item_item_weight
         self.num_neighbors, self.zero_diagonal = num_neighbors, zero_diagonal
-        super().__init__(num_users, num_items, embedding_dim, lr, init, init_std, eval_ks, optimizer)
+        super().__init__(num_users, num_items, embedding_dim, lr, init, init_std, eval_ks, optimizer,
+                         nonfinite_loss)
 
     def prepare(self, data) -> None:
         beta_u, beta_i = ultragcn_betas(data.train, data.num_users, data.num_items)

@@ -17,11 +17,18 @@ from typing import Any, Literal, Optional, Sequence, Union
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from lightning_ext.core.guards import (
+    NonFiniteLoss,
+    buffer_snapshot,
+    check_loss,
+    check_nonfinite_policy,
+    refuse_skip_under_ddp,
+    restore_buffers,
+)
 from lightning_ext.core.optimization import configure_optimization
 from lightning_ext.core.validation import (
     ClosedUnitInterval,
@@ -43,7 +50,8 @@ from lightning_ext.core.optimization import NumClasses, check_num_classes, check
 
 __all__ = ["SelfSupervisedModule", "ConvEncoder", "WarmupCosineLR", "build_projector", "effective_rank"]
 
-NONFINITE_MODES = ("raise", "skip")
+_SSL_DIVERGENCE = ("a learning rate that is too high or collapsed embeddings (all projector outputs zero): lower "
+                   "`lr` or add gradient clipping (`trainer.gradient_clip_val`)")
 ImageSize = Union[PositiveInt, tuple[PositiveInt, PositiveInt]]
 #: Views per image: an integer >= 2.
 NumViews = AtLeastTwoInt
@@ -191,10 +199,11 @@ class SelfSupervisedModule(LightningModule):
     gather with exact gradients, so two processes train like one process with the same global batch (up to
     per-rank BatchNorm statistics; use ``SyncBatchNorm`` for those). ``False`` computes it per rank.
 
-    **Non-finite loss.** ``nonfinite_loss="raise"`` (default) stops with a ``FloatingPointError`` naming the
-    usual causes (all ranks stop together under DDP); ``"skip"`` skips that optimizer step and warns,
-    counting the skips in ``skipped_steps`` (saved in checkpoints); BatchNorm running statistics fed by the
-    bad batch are restored. Lightning cannot skip steps under DDP, so ``"skip"`` is refused there in ``setup``.
+    **Non-finite loss.** ``nonfinite_loss="error"`` (default) stops with a one-line ``FloatingPointError`` naming
+    the step, the epoch and the likely cause (all ranks stop together under DDP); ``"skip"`` skips that optimizer
+    step and warns, counting the skips in ``skipped_steps`` (saved in checkpoints); BatchNorm running statistics
+    fed by the bad batch are restored. Lightning cannot skip steps under DDP, so ``"skip"`` is refused there in
+    ``setup``. ``"warn"`` only warns. The mechanism is shared by every module: :mod:`lightning_ext.core.guards`.
 
     **Reproducible views.** Views come from an RNG seeded by ``seed`` and the batch's position
     (:meth:`make_views`): a resumed run matches an uninterrupted one, and two methods trained with the same
@@ -223,7 +232,7 @@ class SelfSupervisedModule(LightningModule):
         scheduler: LR-scheduler factory (``LRSchedulerCallable``), e.g. :class:`WarmupCosineLR`.
         scheduler_interval: step the scheduler every ``"epoch"`` or every ``"step"``.
         gather_distributed: compute the loss on the global batch under DDP.
-        nonfinite_loss: ``"raise"`` or ``"skip"``.
+        nonfinite_loss: ``"error"``, ``"skip"`` or ``"warn"``.
         log_effective_rank: log the effective ranks (an SVD of an ``N x F`` and an ``N x D`` matrix per step).
         validate_ssl_loss: compute the self-supervised loss on augmented validation views (``val_loss``).
         seed: seed of the views (see :meth:`make_views`); ``None`` draws one from the global RNG (which
@@ -255,7 +264,7 @@ class SelfSupervisedModule(LightningModule):
         scheduler: Optional[LRSchedulerCallable] = None,
         scheduler_interval: Literal["epoch", "step"] = "epoch",
         gather_distributed: bool = True,
-        nonfinite_loss: Literal["raise", "skip"] = "raise",
+        nonfinite_loss: NonFiniteLoss = "error",
         log_effective_rank: bool = True,
         validate_ssl_loss: bool = True,
         seed: Optional[int] = None,
@@ -271,7 +280,7 @@ class SelfSupervisedModule(LightningModule):
         if probe_lr is not None:
             check_positive("probe_lr", probe_lr)
         check_choice("scheduler_interval", scheduler_interval, ("epoch", "step"))
-        check_choice("nonfinite_loss", nonfinite_loss, NONFINITE_MODES)
+        check_nonfinite_policy(nonfinite_loss)
         if num_classes is not None:
             check_num_classes(num_classes, "num_classes (or None to disable the probe)")
         if seed is not None:
@@ -383,28 +392,6 @@ class SelfSupervisedModule(LightningModule):
         z = torch.stack([self.projector(f) for f in feats])
         return torch.stack(feats), z
 
-    def _buffer_snapshot(self) -> dict[str, Tensor]:
-        return {name: b.detach().clone() for name, b in self.named_buffers()}
-
-    def _guard(self, loss: Tensor) -> bool:
-        """True when the step may proceed; raises or returns False (skip) for a non-finite loss on any rank."""
-        finite = bool(torch.isfinite(loss).all())
-        if self._trainer is not None:
-            finite = bool(self.trainer.strategy.reduce_boolean_decision(finite, all=True))
-        if finite:
-            return True
-        if self.nonfinite_loss == "raise":
-            raise FloatingPointError(
-                f"{type(self).__name__}: the {self.method_name} loss is not finite ({float(loss)}) at step "
-                f"{self.global_step}. Usual causes: a learning rate that is too high, collapsed embeddings (all "
-                "projector outputs zero), or non-finite inputs. Lower `lr`, add gradient clipping "
-                "(`trainer.gradient_clip_val`), or set `nonfinite_loss: skip` to skip such steps."
-            )
-        self.skipped_steps += 1
-        rank_zero_warn(f"{type(self).__name__}: non-finite loss at step {self.global_step}; optimizer step skipped "
-                       f"({self.skipped_steps} so far).")
-        return False
-
     # -- steps -------------------------------------------------------------------------------------------------
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Optional[Tensor]:
@@ -417,14 +404,12 @@ class SelfSupervisedModule(LightningModule):
                 f"take statistics over the batch), got {views[0].shape[0]}. Raise the batch size or drop the last "
                 "incomplete batch (`drop_last: true` on our DataModules)."
             )
-        buffers = self._buffer_snapshot() if self.nonfinite_loss == "skip" else None
+        buffers = buffer_snapshot(self) if self.nonfinite_loss == "skip" else None
         feats, z = self._embed(views)
         loss, terms = self.ssl_loss(z)
-        if not self._guard(loss):
-            if buffers is not None:  # the bad forward also fed BatchNorm's running statistics: undo it
-                for name, buffer in self.named_buffers():
-                    if name in buffers:
-                        buffer.copy_(buffers[name])
+        if not check_loss(self, loss, self.nonfinite_loss, batch, what=f"{self.method_name} loss",
+                          otherwise=_SSL_DIVERGENCE):
+            restore_buffers(self, buffers)  # the bad forward also fed BatchNorm's running statistics: undo it
             return None
         self.log("train_loss", loss, prog_bar=True)
         self.log("train_loss_epoch", loss, on_step=False, on_epoch=True, sync_dist=True)
@@ -476,12 +461,7 @@ class SelfSupervisedModule(LightningModule):
     @override
     def setup(self, stage: str) -> None:
         """Refuse ``nonfinite_loss='skip'`` under DDP; check the data's classes and image shape."""
-        if self._trainer is not None and self.nonfinite_loss == "skip" and self.trainer.world_size > 1:
-            raise RuntimeError(
-                f"{type(self).__name__}(nonfinite_loss='skip') cannot skip steps in distributed training "
-                "(Lightning does not support a training_step that returns None there). Use "
-                "`nonfinite_loss: raise` with gradient clipping (`trainer.gradient_clip_val`) under DDP."
-            )
+        refuse_skip_under_ddp(self, self.nonfinite_loss)
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is None:
             return

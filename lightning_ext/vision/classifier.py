@@ -12,6 +12,14 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from typing_extensions import override
 
+from lightning_ext.core.guards import (
+    NonFiniteLoss,
+    buffer_snapshot,
+    check_loss,
+    check_nonfinite_policy,
+    refuse_skip_under_ddp,
+    restore_buffers,
+)
 from lightning_ext.core.optimization import (  # noqa: F401 - re-exported: other modules import them from here
     NumClasses,
     check_num_classes,
@@ -31,6 +39,11 @@ class Classifier(LightningModule):
     without one, AdamW with ``lr`` and ``weight_decay`` is used. In ``setup`` the data's ``num_classes`` and
     ``input_shape`` (when the datamodule has them) are checked against the model.
 
+    A non-finite training loss (NaN inputs, divergence) stops the fit with one line naming the step, the epoch
+    and the likely cause (``nonfinite_loss="error"``), or skips that optimizer step with a warning, counting it
+    in ``skipped_steps`` and restoring BatchNorm statistics (``"skip"``; refused under DDP), or only warns
+    (``"warn"``); see :mod:`lightning_ext.core.guards`.
+
     Args:
         net: maps a batch of inputs to ``num_classes`` logits.
         num_classes: number of classes.
@@ -40,6 +53,7 @@ class Classifier(LightningModule):
         optimizer: optimiser factory ``params -> Optimizer``; overrides ``lr``/``weight_decay``.
         scheduler: LR-scheduler factory ``optimizer -> LRScheduler``.
         scheduler_interval: step the scheduler every ``"epoch"`` or every ``"step"``.
+        nonfinite_loss: ``"error"``, ``"skip"`` or ``"warn"`` on a non-finite training loss.
 
     Example:
         >>> from torch import nn
@@ -58,9 +72,11 @@ class Classifier(LightningModule):
         optimizer: Optional[OptimizerCallable] = None,
         scheduler: Optional[LRSchedulerCallable] = None,
         scheduler_interval: Literal["epoch", "step"] = "epoch",
+        nonfinite_loss: NonFiniteLoss = "error",
     ) -> None:
         super().__init__()
         check_num_classes(num_classes)
+        check_nonfinite_policy(nonfinite_loss)
         check_optimization(lr, weight_decay)
         check_choice("scheduler_interval", scheduler_interval, ("epoch", "step"))
         if input_shape is not None:
@@ -72,6 +88,7 @@ class Classifier(LightningModule):
         self.lr, self.weight_decay = lr, weight_decay
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.scheduler_interval = scheduler_interval
+        self.nonfinite_loss, self.skipped_steps = nonfinite_loss, 0
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -86,7 +103,8 @@ class Classifier(LightningModule):
     # -- checks against the data ---------------------------------------------------------------------------
     @override
     def setup(self, stage: str) -> None:
-        """Check the datamodule's ``num_classes`` and ``input_shape`` against the model."""
+        """Refuse ``nonfinite_loss='skip'`` under DDP; check the datamodule's ``num_classes`` and ``input_shape``."""
+        refuse_skip_under_ddp(self, self.nonfinite_loss)
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is None:
             return
@@ -107,10 +125,14 @@ class Classifier(LightningModule):
         return f"Build the model for input shape {data_shape}."
 
     # -- steps ---------------------------------------------------------------------------------------------
-    def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
+    def _shared_step(self, batch: Any, stage: str) -> Optional[torch.Tensor]:
         x, y = batch
+        buffers = buffer_snapshot(self) if stage == "train" and self.nonfinite_loss == "skip" else None
         logits = self(x)
         loss = F.cross_entropy(logits, y)
+        if stage == "train" and not check_loss(self, loss, self.nonfinite_loss, batch):
+            restore_buffers(self, buffers)  # the bad forward also fed BatchNorm's running statistics
+            return None
         acc = getattr(self, f"{stage}_acc")
         acc(logits, y)
         if stage == "train":
@@ -127,8 +149,8 @@ class Classifier(LightningModule):
         return loss
 
     @override
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        """Cross-entropy of one training batch; logs loss and accuracy."""
+    def training_step(self, batch: Any, batch_idx: int) -> Optional[torch.Tensor]:
+        """Cross-entropy of one training batch; logs loss and accuracy (``None`` skips a non-finite step)."""
         return self._shared_step(batch, "train")
 
     @override
@@ -146,6 +168,16 @@ class Classifier(LightningModule):
         """Predicted class of each input."""
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x).argmax(dim=-1)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Save the count of skipped steps."""
+        checkpoint["skipped_steps"] = self.skipped_steps
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Restore the count of skipped steps."""
+        self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
 
     @override
     def configure_optimizers(self):
