@@ -342,18 +342,30 @@ class InteractionDataModule(LightningDataModule):
 
 
 def read_user_items_file(path: str | Path) -> np.ndarray:
-    """Read the NGCF/LightGCN ``user item item ...`` format (whitespace-separated, 0-indexed) into pairs."""
-    pairs = []
+    """Read the NGCF/LightGCN ``user item item ...`` format (whitespace-separated, 0-indexed) into pairs.
+
+    A missing file, a non-integer or negative id, or a file with no line at all is refused with one line naming
+    the file (and the line).
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} does not exist; pass the path of a `user item item ...` file.")
+    pairs, lines = [], 0
     with open(path) as handle:
         for line_no, line in enumerate(handle, 1):
             parts = line.split()
             if not parts:
                 continue
+            lines += 1
             try:
                 ids = [int(p) for p in parts]
             except ValueError as err:
-                raise ValueError(f"{path}:{line_no}: expected integers `user item item ...`, got {line.strip()!r}") from err
+                raise ValueError(f"{path}:{line_no}: expected integers `user item item ...`, got {line.strip()!r} "
+                                 "(a truncated or foreign file?)") from err
+            if min(ids) < 0:
+                raise ValueError(f"{path}:{line_no}: ids must be >= 0 (0-indexed), got {min(ids)}.")
             pairs.extend((ids[0], item) for item in ids[1:])
+    if not lines:
+        raise ValueError(f"{path}: no `user item item ...` lines (an empty or truncated file).")
     return np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
 
 

@@ -12,9 +12,15 @@ from lightning_ext.recsys.interactions import InteractionDataModule
 
 
 def _read_tsv_pairs(path: Path) -> np.ndarray:
-    rows = np.loadtxt(path, dtype=np.float64, ndmin=2)  # `user item weight`; some weights are written 3.2e+05
-    if rows.shape[1] < 2:
-        raise ValueError(f"{path}: expected tab-separated `user item weight` rows.")
+    try:  # `user item weight`; some weights are written 3.2e+05
+        rows = np.loadtxt(path, dtype=np.float64, ndmin=2)
+    except ValueError as err:
+        raise ValueError(f"{path}: expected tab-separated `user item weight` rows of numbers; the file is truncated "
+                         f"or foreign ({err}).") from None
+    if rows.size == 0 or rows.shape[1] < 2:
+        raise ValueError(f"{path}: expected tab-separated `user item weight` rows (an empty or truncated file?).")
+    if not np.isfinite(rows[:, :2]).all() or (rows[:, :2] < 1).any():
+        raise ValueError(f"{path}: user and item ids must be finite and >= 1 (the files are 1-indexed).")
     return rows[:, :2].astype(np.int64) - 1  # the files are 1-indexed
 
 

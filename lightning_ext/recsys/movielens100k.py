@@ -61,11 +61,13 @@ class MovieLens100KDataModule(InteractionDataModule):
         check_choice("split", split, get_args(Split))
         self.min_rating, self.test_fraction, self.split = min_rating, test_fraction, split
         self.path = Path(path) if path else find_ml100k_inter()
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path} does not exist; pass the path of recbole's `ml-100k.inter` file.")
         self.protocol = (f"ml-100k (implicit: rating >= {min_rating}; per-user {split} "
                          f"{1 - test_fraction:.0%}/{test_fraction:.0%} train/test, split_seed={self.split_seed})")
 
     def load_splits(self):
-        raw = np.loadtxt(self.path, skiprows=1, ndmin=2)  # user_id, item_id, rating, timestamp
+        raw = read_inter_file(self.path, self.NUM_USERS, self.NUM_ITEMS)  # user_id, item_id, rating, timestamp
         raw = raw[raw[:, 2] >= self.min_rating]
         pairs = raw[:, :2].astype(np.int64) - 1
         if self.split == "random":
@@ -73,6 +75,45 @@ class MovieLens100KDataModule(InteractionDataModule):
         else:
             train, test = _temporal_split(pairs, raw[:, 3], self.test_fraction)
         return train, test, self.NUM_USERS, self.NUM_ITEMS
+
+
+def read_inter_file(path: Path, num_users: int, num_items: int) -> np.ndarray:
+    """The ``(N, 4)`` rows ``user_id, item_id, rating, timestamp`` of a recbole ``.inter`` file (1-indexed ids).
+
+    A truncated or foreign file is refused with one line naming the file and what is wrong.
+    """
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # numpy warns on an empty file; refused below with the file's name
+            raw = np.loadtxt(path, skiprows=1, ndmin=2, delimiter="\t")
+    except ValueError:
+        row = _bad_row(path)
+        where = f", row {row} (counting the header)" if row else ""
+        raise ValueError(f"{path}{where}: expected 4 columns (tab-separated) `user_id item_id rating timestamp` of "
+                         "numbers; the file is truncated or not a recbole .inter file.") from None
+    if raw.size == 0:
+        raise ValueError(f"{path}: no ratings after the header (an empty or truncated file).")
+    if raw.shape[1] != 4:
+        raise ValueError(f"{path}: expected 4 columns `user_id item_id rating timestamp`, got {raw.shape[1]}.")
+    if not np.isfinite(raw).all():
+        raise ValueError(f"{path}: holds NaN or infinite values.")
+    ids = raw[:, :2]
+    if (ids < 1).any() or (ids != np.round(ids)).any():
+        raise ValueError(f"{path}: user and item ids must be >= 1 integers (the file is 1-indexed).")
+    if ids[:, 0].max() > num_users or ids[:, 1].max() > num_items:
+        raise ValueError(f"{path}: ids must be at most {num_users} users and {num_items} items (MovieLens-100K), "
+                         f"got up to {int(ids[:, 0].max())} and {int(ids[:, 1].max())}.")
+    return raw
+
+
+def _bad_row(path: Path) -> int:
+    with open(path) as handle:
+        for row, line in enumerate(handle, 1):
+            if row > 1 and line.strip() and len(line.split("\t")) != 4:
+                return row
+    return 0
 
 
 def _temporal_split(pairs: np.ndarray, time: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:

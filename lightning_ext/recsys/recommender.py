@@ -63,6 +63,8 @@ class Recommender(LightningModule):
         check_positive("lr", lr)
         check_choice("init", init, get_args(Init))
         check_positive("init_std", init_std)
+        if isinstance(eval_ks, (str, bytes)) or not isinstance(eval_ks, Sequence):
+            raise ValueError(f"eval_ks must be a list of ranking cut-offs, e.g. [10, 20], got {eval_ks!r}.")
         if not len(eval_ks):
             raise ValueError("eval_ks must list at least one ranking cut-off, e.g. [10, 20].")
         for k in eval_ks:

@@ -33,9 +33,14 @@ def image_pair(size: Union[int, tuple[int, int], list[int]], name: str = "image_
         >>> image_pair(28), image_pair([8, 12])
         ((28, 28), (8, 12))
     """
-    pair = (size, size) if isinstance(size, int) and not isinstance(size, bool) else tuple(size)
+    if isinstance(size, int) and not isinstance(size, bool):
+        pair = (size, size)
+    elif isinstance(size, (tuple, list)):
+        pair = tuple(size)
+    else:
+        pair = ()
     if len(pair) != 2:
-        raise ValueError(f"`{name}` must be an int or (height, width), got {size}.")
+        raise ValueError(f"`{name}` must be an int or (height, width), got {size!r}.")
     for value in pair:
         check_positive_int(name, value)
     return int(pair[0]), int(pair[1])
