@@ -159,6 +159,15 @@ class InMemoryDataModule(LightningDataModule):
         train, val = pool[train_rel], pool[val_rel]
         if self.train_fraction < 1:
             keep_rel, _ = stratified_split(y[train], 1 - self.train_fraction, self.train_subset_seed)
+            present = np.unique(y[train])
+            emptied = sorted(set(present.tolist()) - set(np.unique(y[train[keep_rel]]).tolist()))
+            if emptied:
+                shown = ", ".join(str(c) for c in emptied[:10]) + (", ..." if len(emptied) > 10 else "")
+                raise ValueError(
+                    f"train_fraction={self.train_fraction} keeps {len(keep_rel)} of {len(train)} training samples "
+                    f"and leaves {len(emptied)} class(es) empty ({shown}); raise train_fraction to at least "
+                    f"{min(1.0, 2 * len(present) / len(train)):.3g}."
+                )
             train = train[keep_rel]
         if self.long_tail_ratio > 1:
             train = self._long_tail(train, y)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from pathlib import Path
 from typing import Optional
 
@@ -26,49 +27,90 @@ CLASS_NAMES = (
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX file (optionally gzipped) into a numpy array of its declared shape."""
+    """Read an IDX file (optionally gzipped) into a numpy array of its declared shape.
+
+    A damaged file raises a one-line ``ValueError`` naming the file and what is wrong (bad magic number, a
+    header or data shorter than declared, a cut gzip stream).
+    """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        raise ValueError(f"{path} is truncated or not a valid gzip file ({err}); download it again.") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise ValueError(f"{path} is not an unsigned-byte IDX file (bad magic number).")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise ValueError(f"{path} is truncated: its header declares {ndim} dimensions but holds "
+                         f"{(len(data) - 4) // 4}.")
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if arr.size != int(np.prod(shape)):
-        raise ValueError(f"{path} is truncated: expected {int(np.prod(shape))} values, found {arr.size}.")
+    expected = int(np.prod(shape))
+    if arr.size < expected:
+        raise ValueError(f"{path} is truncated: its header declares shape {shape} ({expected} values), "
+                         f"found {arr.size}.")
+    if arr.size > expected:
+        raise ValueError(f"{path} is corrupt: its header declares shape {shape} ({expected} values), "
+                         f"found {arr.size}.")
     return arr.reshape(shape)
 
 
 def _candidate_dirs(data_dir: Optional[str]) -> list[Path]:
-    roots = [Path(data_dir).expanduser()] if data_dir else []
-    roots += [Path(p) for p in os.environ.get("FASHION_MNIST_DIR", "").split(os.pathsep) if p]
-    roots += [Path(p) for p in DEFAULT_SEARCH_PATHS]
+    if data_dir:  # an explicit folder is the only place looked at: never silently another copy
+        roots = [Path(data_dir).expanduser()]
+    else:
+        roots = [Path(p) for p in os.environ.get("FASHION_MNIST_DIR", "").split(os.pathsep) if p]
+        roots += [Path(p) for p in DEFAULT_SEARCH_PATHS]
     dirs = []
     for root in roots:
         dirs += [root, root / "FashionMNIST" / "raw"]
     return dirs
 
 
+def _files_in(folder: Path) -> dict[str, Path]:
+    found = {}
+    for key, stem in _FILES.items():
+        for name in (stem, stem + ".gz"):
+            if (folder / name).is_file():
+                found[key] = folder / name
+                break
+    return found
+
+
+_HOW_TO_GET = ("Get them with one of: `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu, installs to "
+               "/usr/share/datasets/fashion-mnist); `FashionMNISTDataModule(download=True)` where a network exists; "
+               "or copy the files into `data_dir` (or `data_dir/FashionMNIST/raw`).")
+
+
 def find_fashion_mnist(data_dir: Optional[str] = None) -> dict[str, Path]:
-    """Locate the four IDX files (plain or ``.gz``); raise a FileNotFoundError that says how to get them."""
+    """Locate the four IDX files (plain or ``.gz``); raise a FileNotFoundError that says how to get them.
+
+    With ``data_dir`` given, only ``data_dir`` and ``data_dir/FashionMNIST/raw`` are looked at (a missing or
+    incomplete folder is an error naming it, never a reason to use another copy); without it,
+    ``$FASHION_MNIST_DIR`` and :data:`DEFAULT_SEARCH_PATHS`.
+    """
     searched = _candidate_dirs(data_dir)
+    best: dict[str, Path] = {}
     for d in searched:
-        found = {}
-        for key, stem in _FILES.items():
-            for name in (stem, stem + ".gz"):
-                if (d / name).is_file():
-                    found[key] = d / name
-                    break
+        found = _files_in(d)
         if len(found) == len(_FILES):
             return found
+        best = found if len(found) > len(best) else best
+    if data_dir:
+        root = Path(data_dir).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"Fashion-MNIST data_dir {str(root)!r} does not exist; fix the path, or set "
+                                    "data_dir to null to search the default places. " + _HOW_TO_GET)
+        missing = [_FILES[k] for k in _FILES if k not in best]
+        raise FileNotFoundError(
+            f"Fashion-MNIST data_dir {str(root)!r} (and its FashionMNIST/raw) lacks "
+            + ", ".join(f"{m}[.gz]" for m in missing) + "; only this folder is used when data_dir is given. "
+            + _HOW_TO_GET)
     raise FileNotFoundError(
         "Fashion-MNIST IDX files (train-images-idx3-ubyte[.gz] and the three others) were not found in: "
-        + ", ".join(str(d) for d in searched)
-        + ". Get them with one of: `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu, installs to "
-        "/usr/share/datasets/fashion-mnist); `FashionMNISTDataModule(download=True)` where a network exists; "
-        "or copy the files into `data_dir` (or `data_dir/FashionMNIST/raw`)."
+        + ", ".join(str(d) for d in searched) + ". " + _HOW_TO_GET
     )
 
 
@@ -80,7 +122,8 @@ class FashionMNISTDataModule(InMemoryDataModule):
     split. Pixels are scaled to [0, 1] and standardised with the training split's mean and std. Batches are
     ``(x, y)`` with ``x`` of shape ``(B, 1, 28, 28)``.
 
-    Files are looked up in ``data_dir``, ``data_dir/FashionMNIST/raw`` (torchvision's layout), the
+    Files are looked up in ``data_dir`` and ``data_dir/FashionMNIST/raw`` (torchvision's layout) only, when
+    ``data_dir`` is given (a missing or incomplete folder is an error naming it); otherwise in the
     directories in ``$FASHION_MNIST_DIR`` and ``/usr/share/datasets/fashion-mnist`` (Debian package
     ``dataset-fashion-mnist``). With ``download=True`` and no local copy, torchvision downloads them into
     ``data_dir``.
@@ -134,9 +177,15 @@ class FashionMNISTDataModule(InMemoryDataModule):
     def load_arrays(self) -> Arrays:
         """The official training and test splits, scaled to [0, 1]."""
         files = find_fashion_mnist(self.data_dir)
+        arrays = {key: read_idx(path) for key, path in files.items()}
+        for split in ("train", "test"):
+            n_x, n_y = len(arrays[f"{split}_x"]), len(arrays[f"{split}_y"])
+            if n_x != n_y:
+                raise ValueError(f"Fashion-MNIST {split} files disagree: {files[f'{split}_x']} holds {n_x} images, "
+                                 f"{files[f'{split}_y']} {n_y} labels; replace the damaged file.")
         return Arrays(
-            x=read_idx(files["train_x"]) / 255.0,
-            y=read_idx(files["train_y"]).astype(np.int64),
-            x_test=read_idx(files["test_x"]) / 255.0,
-            y_test=read_idx(files["test_y"]).astype(np.int64),
+            x=arrays["train_x"] / 255.0,
+            y=arrays["train_y"].astype(np.int64),
+            x_test=arrays["test_x"] / 255.0,
+            y_test=arrays["test_y"].astype(np.int64),
         )

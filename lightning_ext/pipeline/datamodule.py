@@ -69,7 +69,9 @@ class StagedPipelineDataModule(LightningDataModule):
         cache_dir: where the PNG files / text rows are cached (default: ``core.paths.cache_root("pipeline")``, i.e.
             ``$LIGHTNING_EXT_CACHE/pipeline`` or ``~/.cache/lightning_ext/pipeline``); a cached folder is reused only
             when it is complete.
-        data_dir: where the Fashion-MNIST IDX files are (default: the usual search paths).
+        data_dir: where the Fashion-MNIST IDX files are (default: the usual search paths); when given, only this
+            folder is used (a missing or incomplete one is refused, naming it) and cached PNG files written from
+            another copy are rewritten.
         pin_memory: add a PinMemory node (CUDA only).
         multiprocessing_context: start method of process stages (``None``: the OS default).
 
@@ -116,6 +118,10 @@ class StagedPipelineDataModule(LightningDataModule):
             check_number(f"workers[{stage!r}]", n, low=0, integer=True)
         if multiprocessing_context is not None:
             check_choice("multiprocessing_context", multiprocessing_context, get_args(MPContext))
+        if workload == "fashion_mnist_png" and data_dir:
+            from lightning_ext.data.fashion_mnist import find_fashion_mnist
+
+            find_fashion_mnist(data_dir)  # an explicit folder is used or refused now, naming it
         if cache_dir is not None and Path(cache_dir).expanduser().is_file():
             raise ValueError(f"cache_dir must be a folder, got the file {cache_dir!r}; pass a folder or None.")
         self.workload, self.batch_size, self.workers, self.prefetch = workload, batch_size, dict(workers or {}), prefetch

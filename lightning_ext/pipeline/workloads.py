@@ -82,24 +82,34 @@ def write_fashion_mnist_pngs(root: str | os.PathLike, split: str = "train", limi
                              data_dir: Optional[str] = None) -> Path:
     """Write the first ``limit`` images of a Fashion-MNIST split as ``<root>/<split>_<n>/<i>.png`` (once).
 
-    Returns the folder, which also holds ``labels.npy``.
+    Returns the folder, which also holds ``labels.npy`` and ``source.txt`` (the IDX files it was written from,
+    with size and modification time): a cached folder is reused only when it came from the same files, so an
+    explicit ``data_dir`` never gets images of another copy.
     """
     from PIL import Image
 
     from lightning_ext.data.fashion_mnist import find_fashion_mnist, read_idx
 
+    import shutil
+
     files = find_fashion_mnist(data_dir)
     prefix = "train" if split == "train" else "test"
-    x, y = read_idx(files[f"{prefix}_x"]), read_idx(files[f"{prefix}_y"])
+    sources = [files[f"{prefix}_x"], files[f"{prefix}_y"]]
+    # the IDX files a cached folder was written from: a folder written from another copy is rewritten
+    source = "".join(f"{f.resolve()} {f.stat().st_size} {f.stat().st_mtime_ns}\n" for f in sources)
+    x, y = read_idx(sources[0]), read_idx(sources[1])
     n = len(x) if limit is None else min(limit, len(x))
     out = Path(root) / f"fashion_mnist_png_{prefix}_{n}"
-    needed = ("labels.npy", f"{n - 1}.png")
-    if _is_complete(out, *needed):
+    needed = ("labels.npy", f"{n - 1}.png", "source.txt")
+    if _is_complete(out, *needed) and (out / "source.txt").read_text() == source:
         return out
+    if out.exists():  # written from other IDX files (or incomplete): never reused
+        shutil.rmtree(out, ignore_errors=True)
     tmp = _staging(out)
     for i in range(n):
         Image.fromarray(x[i]).save(tmp / f"{i}.png")
     np.save(tmp / "labels.npy", y[:n].astype(np.int64))
+    (tmp / "source.txt").write_text(source)
     return _publish(tmp, out, *needed)
 
 
