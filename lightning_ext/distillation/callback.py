@@ -33,6 +33,26 @@ from lightning_ext.distillation.teacher import build_teacher
 
 __all__ = ["KnowledgeDistillation"]
 
+#: Per-param-group lists that PyTorch's schedulers keep (``LambdaLR``/``MultiplicativeLR``: ``lr_lambdas``;
+#: ``ReduceLROnPlateau``: ``min_lrs``; ``CyclicLR``: ``max_lrs``; every ``LRScheduler``: ``base_lrs``, ``_last_lr``).
+_PER_GROUP_LISTS = ("base_lrs", "_last_lr", "lr_lambdas", "min_lrs", "max_lrs")
+
+
+def _extend_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:
+    """After a param group copying group 0 joined ``optimizer``: give ``scheduler`` (and the schedulers a
+    ``SequentialLR``/``ChainedScheduler`` holds) group 0's entry in each per-group list, so it schedules the new
+    group like group 0 and its ``zip(param_groups, ...)`` loops stay aligned."""
+    for inner in getattr(scheduler, "_schedulers", None) or []:
+        _extend_scheduler(inner, optimizer)
+    if getattr(scheduler, "optimizer", None) is not optimizer:
+        return
+    groups = len(optimizer.param_groups)
+    for name in _PER_GROUP_LISTS:
+        values = getattr(scheduler, name, None)
+        if isinstance(values, list) and values and len(values) == groups - 1:
+            values.append(values[0])
+
+
 class KnowledgeDistillation(Callback):
     r"""Knowledge distillation from a frozen teacher into any LightningModule, without changing its code.
 
@@ -56,8 +76,9 @@ class KnowledgeDistillation(Callback):
     callback installs an instance attribute ``pl_module.training_step`` that calls the original method and
     returns ``loss + distillation`` (the class and its code are untouched; ``teardown`` removes it). The
     student's logits are read by a forward hook on ``student_module`` (default: the LightningModule itself,
-    i.e. ``self(x)``) while that original ``training_step`` runs; the teacher gets ``batch[input_key]`` (or,
-    with ``input_key: null``, the tensor the hooked student module received). Because the sum is returned by
+    i.e. ``self(x)``) while that original ``training_step`` runs; by default the teacher gets the tensor that
+    hooked student module received, i.e. what the student saw after any augmentation inside ``training_step``
+    (``input_key`` picks ``batch[input_key]`` instead). Because the sum is returned by
     ``training_step`` itself, Lightning treats it as the module's loss: gradient accumulation divides it like
     any loss, DDP all-reduces the student's gradients, autocast covers the teacher's forward (the KD terms are
     computed in float32), and the student's gradients equal those of the explicitly combined loss (tested).
@@ -74,8 +95,9 @@ class KnowledgeDistillation(Callback):
     **Projectors.** Feature pairs whose widths differ get a 1x1-conv/linear projector (built in ``setup``
     with ``projector_seed``). They belong to the callback, not to the module: in ``on_fit_start`` (after
     ``configure_optimizers``, before Lightning restores optimizer states on resume) they join optimizer
-    ``optimizer_index`` as a new param group copying group 0's hyperparameters (LR schedulers that keep
-    ``base_lrs`` are extended, so they schedule it too); their weights are in this callback's
+    ``optimizer_index`` as a new param group copying group 0's hyperparameters (the optimizer's LR schedulers
+    get group 0's entry in their per-group lists: ``base_lrs``, ``lr_lambdas`` of ``LambdaLR`` and
+    ``MultiplicativeLR``, ``min_lrs``, ``max_lrs``, inside ``SequentialLR`` too, so they schedule it like group 0); their weights are in this callback's
     ``state_dict``; under DDP their gradients are averaged across ranks before each optimizer step.
 
     Supported: single device, DDP/ddp_spawn, mixed and true precision, gradient accumulation, resume. Refused
@@ -98,8 +120,8 @@ class KnowledgeDistillation(Callback):
         feature_weight: weight :math:`\beta` of the feature terms (number or schedule).
         student_module: the module (relative to the LightningModule) whose output are the student's logits;
             ``""`` is the LightningModule's own forward.
-        input_key: where the teacher's input is in the batch (int for tuples, str for dicts); ``null`` uses
-            the input of ``student_module``.
+        input_key: ``null`` (default): the teacher gets the input of ``student_module``, what the student saw;
+            an int (tuple batches) or a str (dict batches) gives it ``batch[input_key]`` instead.
         input_shape: shape of one input (no batch dim) for the pre-training probe, if it cannot be inferred.
         optimizer_index: which of the module's optimizers trains the projectors.
         projector_seed: seed of the projectors' initial weights.
@@ -122,7 +144,7 @@ class KnowledgeDistillation(Callback):
 
     def __init__(
         self,
-        teacher: Union[nn.Module, str],
+        teacher: Union[str, nn.Module],  # str first: the parser keeps a class path as a string (build_teacher reads it)
         teacher_checkpoint: Optional[str] = None,
         teacher_kwargs: Optional[dict] = None,
         weight: Union[float, WeightSchedule] = 0.9,
@@ -131,7 +153,7 @@ class KnowledgeDistillation(Callback):
         feature_pairs: Optional[dict[str, str]] = None,
         feature_weight: Union[float, WeightSchedule] = 1.0,
         student_module: str = "",
-        input_key: InputKey = 0,
+        input_key: InputKey = None,
         input_shape: Optional[list[PositiveInt]] = None,
         optimizer_index: NonNegativeInt = 0,
         projector_seed: int = 0,
@@ -243,10 +265,11 @@ class KnowledgeDistillation(Callback):
         shape = getattr(dm, "input_shape", None)
         if shape is not None and (self.input_key is None or self.input_key == 0):
             return example_inputs(pl_module, shape, batch_size=2).to(device)
-        if dm is not None and self.input_key is not None:
+        if dm is not None:
             try:
                 batch = next(iter(dm.train_dataloader()))
-                x = select_input(batch, self.input_key)
+                # the probe is what the module's forward receives; with input_key null, guess batch[0]
+                x = select_input(batch, self.input_key if self.input_key is not None else 0)
                 return x[:2].to(device) if isinstance(x, Tensor) else None
             except Exception:  # noqa: BLE001 - no probe; checked on the first batch instead
                 return None
@@ -356,13 +379,7 @@ class KnowledgeDistillation(Callback):
         group["params"] = params
         optimizer.add_param_group(group)
         for config in trainer.lr_scheduler_configs:
-            scheduler = config.scheduler
-            if getattr(scheduler, "optimizer", None) is optimizer and hasattr(scheduler, "base_lrs"):
-                if len(scheduler.base_lrs) < len(optimizer.param_groups):
-                    scheduler.base_lrs.append(group.get("initial_lr", group["lr"]))
-                last = getattr(scheduler, "_last_lr", None)
-                if isinstance(last, list) and len(last) < len(optimizer.param_groups):
-                    last.append(group["lr"])
+            _extend_scheduler(config.scheduler, optimizer)
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:

@@ -76,7 +76,7 @@ class DistillationModule(Classifier):
     def __init__(
         self,
         student: nn.Module,
-        teacher: Union[nn.Module, str],
+        teacher: Union[str, nn.Module],  # str first: the parser keeps a class path as a string (build_teacher reads it)
         num_classes: int,
         teacher_checkpoint: Optional[str] = None,
         teacher_kwargs: Optional[dict] = None,
