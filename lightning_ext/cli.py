@@ -52,6 +52,16 @@ class UsageError(ValueError):
     """A malformed ``list``/``search`` command line."""
 
 
+class ConfigError(UsageError):
+    """A user error in a config file or a ``fit``/``validate``/``test``/``predict`` command line (a YAML syntax
+    error, an unknown key, a wrong type or value, a constructor refusing a value, a missing file): its message is
+    one line naming the key or file and what to change. ``main`` prints it and exits with status 2."""
+
+
+#: Exit status after SIGTERM stopped a run (128 + 15, as a shell reports a process killed by SIGTERM).
+EXIT_SIGTERM = 143
+
+
 def _list_command(argv: list[str]) -> None:
     kind = family = None
     it = iter(argv)
@@ -104,13 +114,25 @@ def run_cli(args: Optional[list[str]] = None) -> Optional[LightningExtCLI]:
         sys.argv = saved
 
 
-def main() -> None:
-    """Entry point of ``lightning-ext`` and ``python -m lightning_ext``: errors in names exit with status 2."""
+def main(args: Optional[list[str]] = None) -> None:
+    """Entry point of ``lightning-ext`` and ``python -m lightning_ext``.
+
+    A user error (unknown class, bad config or value, missing file) prints one ``error:`` line and exits with
+    status 2, without a traceback (set ``LIGHTNING_EXT_DEBUG=1`` for one). A run stopped by SIGTERM exits with
+    :data:`EXIT_SIGTERM` (143), so a scheduler does not see success; errors raised while training keep their
+    traceback."""
     try:
-        run_cli()
+        cli = run_cli(args)
     except (UnknownClassError, UsageError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}",
+              file=sys.stderr)
         raise SystemExit(2) from None
+    trainer = getattr(cli, "trainer", None)
+    if trainer is not None and trainer.interrupted:
+        how = "SIGTERM" if trainer.received_sigterm else "an interruption"
+        print(f"error: the run was stopped by {how} at epoch {trainer.current_epoch}, step {trainer.global_step}; "
+              "resume it with --ckpt_path=last (or the path of its last checkpoint)", file=sys.stderr)
+        raise SystemExit(EXIT_SIGTERM if trainer.received_sigterm else 1)
 
 
 def __getattr__(name: str) -> Any:  # LightningExtCLI and the name checks live with Lightning's imports

@@ -1,8 +1,11 @@
 """The `lightning-ext` command: list, print_config, short names, subclass mode, errors with suggestions."""
 
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -147,3 +150,68 @@ def test_a_config_imports_only_the_components_it_names():
     loaded = set(eval(families[len("FAMILIES"):]))  # noqa: S307 - our own printed list
     assert loaded <= {"vision", "data", "core"}, loaded
     assert {"vision", "data"} <= loaded
+
+
+def _lightning_ext_cmd():
+    exe = Path(sys.executable).parent / "lightning-ext"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "lightning_ext"]
+
+
+def test_sigterm_mid_training_exits_non_zero(tmp_path):
+    """A scheduler's SIGTERM must not look like success: exit 143 with one line saying where it stopped."""
+    cmd = [*_lightning_ext_cmd(), "fit", "--config", str(REPO / "configs" / "tabular_wine.yaml"),
+           "--trainer.max_epochs=100000", "--test_after_fit=false", "--trainer.enable_progress_bar=false",
+           "--trainer.enable_checkpointing=false", f"--trainer.default_root_dir={tmp_path}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    out, deadline = [], time.monotonic() + 120
+    try:
+        for line in proc.stdout:  # the model summary is printed when fit starts
+            out.append(line)
+            if "params" in line.lower() or time.monotonic() > deadline:
+                break
+        time.sleep(3)  # some training steps
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = "".join(out) + rest
+    assert proc.returncode == 143, f"exit {proc.returncode}\n{text[-2000:]}"
+    assert "stopped by SIGTERM" in text and "Traceback" not in text, text[-2000:]
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--model.init_args.lr=abc"], ["model", "lr"]),
+    (["--model.init_args.lr=inf"], ["MLPClassifier", "lr"]),
+    (["--trainer.max_epocs=3"], ["max_epocs"]),
+])
+def test_user_errors_from_the_console_script_are_one_line(flags, words, tmp_path):
+    res = _run("fit", "--config", str(REPO / "configs" / "tabular_wine.yaml"), *flags,
+               f"--trainer.default_root_dir={tmp_path}", "--trainer.fast_dev_run=1")
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "usage:" not in res.stderr, res.stderr[-2000:]
+    assert len(errors) == 1 and all(w in errors[0] for w in words), res.stderr[-2000:]
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("model:\n  class_path: MLPClassifier\n  init_args: {num_features: 13\n")
+    res = _run("fit", "--config", str(path))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert re.search(r"error: .*broken\.yaml:\d+:\d+: YAML syntax error", res.stderr), res.stderr[-2000:]
+
+
+def test_full_class_path_of_a_scorer_passes_the_name_check(tmp_path):
+    """Names the short-name check cannot follow fall through to jsonargparse; valid paths are never refused."""
+    from lightning_ext.lightning_cli import check_class_names
+
+    cfg = {"data": {"class_path": "FilteredDataModule", "init_args": {
+        "datamodule": {"class_path": "DigitsDataModule"},
+        "scorer": {"class_path": "lightning_ext.curation.random_selection.RandomScorer"}}}}
+    path = tmp_path / "scorer.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    check_class_names(["fit", "--config", str(path)])  # no error
+    check_class_names(["fit", "--data.init_args.scorer.class_path=lightning_ext.curation.RandomScorer"])
+    with pytest.raises(UnknownClassError, match="no module 'no_such_pkg'"):
+        check_class_names(["fit", "--model.class_path=no_such_pkg.Model"])
