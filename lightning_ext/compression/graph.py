@@ -98,11 +98,17 @@ class FilterGroup:
         members: ``(conv_name, local_indices, root_indices)`` for every conv whose *filters* (output channels)
             belong to the group: residual partners, depthwise convs; ``local_indices[i]`` of that conv is
             channel ``root_indices[i]`` of the group.
+        tied: when the group's channels are input or output channels of a grouped, non-depthwise conv
+            (``1 < groups``), the sets of group channels that must go together (the same local channel of every
+            conv group); ``None`` when each channel can go alone.
+        refusal: why no channel of the group can be removed (a grouped conv sees only part of it), or ``None``.
     """
 
     root: str
     channels: int
     members: list[tuple[str, list[int], list[int]]] = field(default_factory=list)
+    tied: Optional[list[list[int]]] = None
+    refusal: Optional[str] = None
 
     def member_names(self) -> list[str]:
         return [m[0] for m in self.members]
@@ -150,6 +156,54 @@ def _output_modules(model: nn.Module, example_inputs: Any) -> set:
     return {produced[id(t)] for t in flat if id(t) in produced}
 
 
+def is_grouped_conv(module: nn.Module) -> bool:
+    """A grouped conv that is not depthwise (``1 < groups`` and not ``groups == in == out``): its channels can only
+    be removed as the same local channel of every conv group."""
+    return (isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1
+            and not module.groups == module.in_channels == module.out_channels)
+
+
+def _tie_grouped_channels(group: FilterGroup, items: list, names: dict, is_out) -> None:
+    """Fill ``group.tied``/``group.refusal`` from the grouped convs among the dependency ``items``."""
+    parent = list(range(group.channels))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    grouped = False
+    for item in items:
+        module = item.dep.target.module
+        if module not in names or not is_grouped_conv(module):
+            continue
+        grouped = True
+        out = is_out(item.dep.handler)
+        size = module.out_channels if out else module.in_channels
+        block = size // module.groups
+        idxs, root = [int(i) for i in item.idxs], [int(i) for i in item.root_idxs]
+        if len(set(idxs)) != size:
+            group.refusal = (
+                f"The filter group rooted at {group.root!r} holds only {len(set(idxs))} of the {size} "
+                f"{'output' if out else 'input'} channels of grouped conv {names[module]!r} (groups={module.groups}), "
+                f"so removing any would split its groups unevenly; add {group.root!r} to `ignored_layers`."
+            )
+            continue
+        first: dict[int, int] = {}
+        for i, r in zip(idxs, root):
+            j = i % block
+            if j in first:
+                parent[find(r)] = find(first[j])
+            else:
+                first[j] = r
+    if grouped:
+        components: dict[int, list[int]] = {}
+        for i in range(group.channels):
+            components.setdefault(find(i), []).append(i)
+        group.tied = sorted(components.values())
+
+
 def _groups_from_graph(model: nn.Module, dg, ignored: Sequence[str], example_inputs: Any) -> list[FilterGroup]:
     tp = _tp()
     names = {m: n for n, m in model.named_modules()}
@@ -168,7 +222,9 @@ def _groups_from_graph(model: nn.Module, dg, ignored: Sequence[str], example_inp
             module = dep.target.module
             if isinstance(module, nn.Conv2d) and dg.is_out_channel_pruning_fn(dep.handler):
                 members.append((names[module], [int(i) for i in idxs], [int(i) for i in item.root_idxs]))
-        groups.append(FilterGroup(names[root_module], len(group[0].idxs), members))
+        filter_group = FilterGroup(names[root_module], len(group[0].idxs), members)
+        _tie_grouped_channels(filter_group, list(group), names, dg.is_out_channel_pruning_fn)
+        groups.append(filter_group)
     position = {n: i for i, (n, _) in enumerate(model.named_modules())}
     return sorted(groups, key=lambda g: position[g.root])  # definition order: readable plans and logs
 
@@ -221,3 +277,90 @@ def group_scores(group: FilterGroup, scores: Scores) -> torch.Tensor:
     return total / count.clamp(min=1)
 
 
+# -- checks of one removal (used by the plan on trial copies) ---------------------------------------------------
+
+
+def _check_grouped_alignment(group: Any, names: dict, is_out: Any, name: str) -> None:
+    """Refuse a removal that would split a grouped (non-depthwise) conv's groups unevenly."""
+    for item in group.items:
+        module = item.dep.target.module
+        if module not in names or not is_grouped_conv(module):
+            continue
+        out = is_out(item.dep.handler)
+        size = module.out_channels if out else module.in_channels
+        block = size // module.groups
+        idxs = {int(i) for i in item.idxs}
+        if idxs != {g * block + j for g in range(module.groups) for j in {i % block for i in idxs}}:
+            raise PruningError(
+                f"Removing channels {sorted(idxs)[:8]}{'...' if len(idxs) > 8 else ''} of {name!r} would split the "
+                f"{module.groups} groups of grouped conv {names[module]!r} unevenly ({'output' if out else 'input'} "
+                f"channels); remove the same local channels in every conv group, or add {name!r} to `ignored_layers`."
+            )
+
+
+def _flat_outputs(model: nn.Module, example_inputs: Any) -> list[torch.Tensor]:
+    with eval_mode(model), torch.no_grad():
+        stack, flat = [call_model(model, example_inputs)], []
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            flat.append(item.detach().float())
+        elif isinstance(item, (tuple, list)):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+    return flat
+
+
+def _max_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> Optional[float]:
+    """Largest difference relative to the outputs' scale (``None`` when the shapes differ)."""
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+        return None
+    scale = max([1.0] + [float(y.abs().max()) for y in b if y.numel()])
+    return max([0.0] + [float((x - y).abs().max()) for x, y in zip(a, b) if x.numel()]) / scale
+
+
+def _consumer_masks(group: Any, names: dict, is_out: Any) -> Optional[list[tuple[torch.Tensor, Any]]]:
+    """``(weight, index)`` slices that zero the removed channels where they are consumed (``None``: a consumer
+    this check cannot mask, or a norm that mixes channels)."""
+    masks = []
+    for item in group.items:
+        module, idxs = item.dep.target.module, [int(i) for i in item.idxs]
+        if module not in names:
+            continue
+        if isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
+            return None
+        if is_out(item.dep.handler) or isinstance(module, (nn.modules.batchnorm._NormBase, nn.PReLU)):
+            continue
+        if isinstance(module, nn.Linear):
+            masks.append((module.weight, (slice(None), idxs)))
+        elif isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1:
+            masks.append((module.weight, (idxs,) if module.transposed else (slice(None), idxs)))
+        elif isinstance(module, nn.modules.conv._ConvNd) and not module.transposed and not is_grouped_conv(module):
+            masks.append((module.weight, (idxs,)))  # depthwise
+        elif isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+            block_in, block_out = module.in_channels // module.groups, module.out_channels // module.groups
+            for i in idxs:
+                g = i // block_in
+                masks.append((module.weight, (slice(g * block_out, (g + 1) * block_out), i % block_in)))
+        else:
+            return None
+    return masks
+
+
+def _removed_filters_are_zero(group: Any, names: dict, is_out: Any) -> bool:
+    """Whether every conv/linear whose filters (output channels) the removal takes has zero weights there."""
+    found = False
+    for item in group.items:
+        module = item.dep.target.module
+        if module not in names or not is_out(item.dep.handler):
+            continue
+        if isinstance(module, nn.modules.conv._ConvNd) and module.transposed and module.groups > 1:
+            return False
+        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+            dim = 1 if getattr(module, "transposed", False) else 0
+            idxs = torch.tensor([int(i) for i in item.idxs], device=module.weight.device)
+            if bool(module.weight.detach().index_select(dim, idxs).any()):
+                return False
+            found = True
+    return found

@@ -29,7 +29,13 @@ from lightning_ext.compression.graph import (
     _output_shapes,
     _track_modules,
     build_dependency_graph,
+    _check_grouped_alignment,
+    _consumer_masks,
+    _removed_filters_are_zero,
+    _flat_outputs,
+    _max_difference,
     group_scores,
+    is_grouped_conv,
     resolve_layer_names,
 )
 from lightning_ext.core.measure import call_model, count_macs_params, eval_mode
@@ -105,13 +111,39 @@ def _counts_for_fraction(groups: list[FilterGroup], fraction: float, round_to: i
     return counts
 
 
+def _tied_choice(g: FilterGroup, n: int, scores: Optional[Scores]) -> list[int]:
+    """``n`` channels (as near as whole tied sets allow, never all) of a group tied by a grouped conv: the tied sets
+    (same local channel of every conv group) with the lowest mean score, or the last ones without scores."""
+    comps = g.tied or []
+    if scores is None:
+        keys = [-float(max(c)) for c in comps]
+    else:
+        s = group_scores(g, scores)
+        keys = [float(s[torch.tensor(c)].mean()) for c in comps]
+    chosen: list[int] = []
+    for k in sorted(range(len(comps)), key=lambda k: (keys[k], k)):
+        size = len(comps[k])
+        if len(chosen) + size >= g.channels or len(chosen) >= n:
+            break
+        if len(chosen) + size > n and len(chosen) + size - n >= n - len(chosen):
+            break
+        chosen += comps[k]
+    return sorted(chosen)
+
+
 def _ops_from_counts(groups: list[FilterGroup], counts: dict[str, int], scores: Optional[Scores]) -> list[Op]:
     ops = []
     for g in groups:
         n = counts.get(g.root, 0)
         if n <= 0:
             continue
-        if scores is None:  # only the number of channels matters (MACs search)
+        if g.refusal:
+            raise PruningError(g.refusal)
+        if g.tied is not None:  # a grouped conv: the same local channels of every conv group
+            idxs = _tied_choice(g, n, scores)
+            if not idxs:
+                continue
+        elif scores is None:  # only the number of channels matters (MACs search)
             idxs = list(range(g.channels - n, g.channels))
         else:
             order = torch.argsort(group_scores(g, scores), stable=True)  # lowest importance first
@@ -138,8 +170,12 @@ def _weight_dim(module: nn.Module, out: bool) -> Optional[int]:
     return None
 
 
-def _apply_op(model: nn.Module, dg: Any, op: Op, names: dict) -> None:
-    """Remove the channels of one history entry through Torch-Pruning's graph ``dg``; record what each layer lost."""
+def _apply_op(model: nn.Module, dg: Any, op: Op, names: dict, example_inputs: Any = None,
+              verify: bool = False) -> None:
+    """Remove the channels of one history entry through Torch-Pruning's graph ``dg``; record what each layer lost.
+
+    With ``verify`` (trial copies), when the removed filters are dead (zero weights) the outputs after the removal
+    are compared with the model whose removed channels are zeroed where they are consumed: they must match."""
     name, is_out, idxs = op
     try:
         module = model.get_submodule(name)
@@ -159,28 +195,62 @@ def _apply_op(model: nn.Module, dg: Any, op: Op, names: dict) -> None:
     group = dg.get_pruning_group(module, fn, idxs)
     if not dg.check_pruning_group(group):
         raise PruningError(f"Removing {len(idxs)} channels of {name!r} would leave a layer with zero channels.")
+    out_fn = dg.is_out_channel_pruning_fn
+    _check_grouped_alignment(group, names, out_fn, name)
+    coupled = sorted({names[i.dep.target.module] for i in group.items if i.dep.target.module in names})
     lost: dict[str, dict[int, set]] = {}
     for item in group.items:
         target = item.dep.target.module
-        dim = _weight_dim(target, dg.is_out_channel_pruning_fn(item.dep.handler)) if target in names else None
+        dim = _weight_dim(target, out_fn(item.dep.handler)) if target in names else None
         if dim is not None:
             lost.setdefault(names[target], {}).setdefault(dim, set()).update(int(i) for i in item.idxs)
-    group.prune(record_history=False)
+    dead = verify and _removed_filters_are_zero(group, names, out_fn)
+    masks = _consumer_masks(group, names, out_fn) if dead else None
+    if masks is not None:  # dead filters: the pruned model must compute what the masked one does
+        saved = [(w, w.detach().clone()) for w in {id(w): w for w, _ in masks}.values()]
+        with torch.no_grad():
+            for w, index in masks:
+                w[index] = 0
+        masked = _flat_outputs(model, example_inputs)
+        with torch.no_grad():
+            for w, copy_ in saved:
+                w.copy_(copy_)
+    try:
+        group.prune(record_history=False)
+    except Exception as err:  # noqa: BLE001 - Torch-Pruning's own errors, re-raised with the layer
+        detail = " ".join(str(err).split())
+        raise PruningError(
+            f"Torch-Pruning failed to remove {len(idxs)} channels of {name!r} (coupled layers {coupled[:6]}): "
+            f"{type(err).__name__}: {detail}. Add {name!r} to `ignored_layers`."
+        ) from err
+    if masks is not None:
+        try:
+            diff = _max_difference(_flat_outputs(model, example_inputs), masked)
+        except Exception:  # noqa: BLE001 - a failing forward is reported with its layer by the caller's check
+            diff = None
+        if diff is not None and diff > 1e-5:
+            raise PruningError(
+                f"After removing channels of {name!r}, the model's output differs by {diff:.3g} (relative) from the "
+                f"model with those channels zeroed{' (they were dead)' if dead else ''}: Torch-Pruning did not "
+                f"follow every consumer among {coupled[:6]}. Add {name!r} to `ignored_layers`."
+            )
     record = {layer: {d: sorted(v) for d, v in dims.items()} for layer, dims in lost.items()}
     changes = model.__dict__.setdefault(_CHANGES_ATTR, [])
     changes.append((next(_SEQUENCE), record))
 
 
-def _apply_ops(model: nn.Module, ops: Sequence[Op], example_inputs: Any, dg: Any = None) -> None:
+def _apply_ops(model: nn.Module, ops: Sequence[Op], example_inputs: Any, dg: Any = None,
+               verify: bool = False) -> None:
     """Remove channels by replaying ``ops`` (Torch-Pruning history entries) on ``model`` in place.
 
-    ``dg`` is a dependency graph of ``model`` built by the caller (built here when ``None``)."""
+    ``dg`` is a dependency graph of ``model`` built by the caller (built here when ``None``); ``verify`` compares
+    outputs after each entry (see :func:`_apply_op`; for trial copies)."""
     if not ops:
         return
     dg = dg if dg is not None else build_dependency_graph(model, example_inputs)
     names = {m: n for n, m in model.named_modules()}
     for op in ops:
-        _apply_op(model, dg, op, names)
+        _apply_op(model, dg, op, names, example_inputs, verify)
 
 
 def recorded_channel_changes(model: nn.Module) -> list[dict[str, dict[int, list[int]]]]:
@@ -259,7 +329,7 @@ def apply_pruning_history(model: nn.Module, history: Sequence[Op], example_input
     with eval_mode(model), torch.no_grad():
         expected = _output_shapes(call_model(model, example_inputs))
     trial = copy.deepcopy(model)
-    _apply_ops(trial, ops, example_inputs)
+    _apply_ops(trial, ops, example_inputs, verify=True)
     error = _check_forward(trial, example_inputs, expected)
     if error is not None:
         raise _diagnose(model, ops, example_inputs, expected, error)
@@ -413,15 +483,16 @@ def plan_filter_pruning(
             counts = _counts_for_fraction(groups, best[1], round_to)
 
     ops = _ops_from_counts(groups, counts, scores)
+    removed = {op[0]: len(op[2]) for op in ops}
     plan = PruningPlan(
         ops=ops,
-        channels={g.root: (g.channels, g.channels - counts.get(g.root, 0)) for g in groups},
+        channels={g.root: (g.channels, g.channels - removed.get(g.root, 0)) for g in groups},
         macs_before=macs_before,
         params_before=params_before,
     )
     if check and ops:
         trial = copy.deepcopy(model)
-        _apply_ops(trial, ops, example_inputs)
+        _apply_ops(trial, ops, example_inputs, verify=True)
         error = _check_forward(trial, example_inputs, expected)
         if error is not None:
             raise _diagnose(model, ops, example_inputs, expected, error)

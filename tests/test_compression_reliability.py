@@ -1,0 +1,124 @@
+"""Issue 15, compression family: grouped convs, dead-neuron coverage, EMA/WeightAveraging, checkpoints that
+predate a pruning step, DataFreeCompression's quantize-only fallback. Each test failed before its fix."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_ext.compression import plan as plan_module
+from lightning_ext.compression.filter_pruning import PruningError, apply_pruning_history, prune_filters
+from lightning_ext.compression.l1_filter_pruning import l1_filter_scores
+
+# -- 1. grouped, non-depthwise convs ------------------------------------------------------------------------------
+
+DEAD = [0, 1, 4, 8, 12, 13, 14, 15]  # conv "0"'s dead filters: 2/1/1/4 across the 4 groups of conv "2"
+
+
+def grouped_toy(dead=DEAD) -> nn.Sequential:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.ReLU(),
+        nn.Conv2d(16, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
+    ).eval()
+    with torch.no_grad():
+        net[0].weight[dead] = 0
+        net[0].bias[dead] = 0
+    return net
+
+
+def masked_reference(net: nn.Sequential, removed_in: list[int], removed_grouped_out: list[int]) -> nn.Sequential:
+    """The dense toy with the removed channels zeroed where they are consumed (what pruning must compute)."""
+    import copy
+
+    ref = copy.deepcopy(net)
+    with torch.no_grad():
+        for i in removed_in:  # input channel i of the grouped conv: group i // 4, local weight column i % 4
+            ref[2].weight[(i // 4) * 4:(i // 4 + 1) * 4, i % 4] = 0
+        ref[4].weight[:, removed_grouped_out] = 0
+    return ref
+
+
+def _grouped_ok(net: nn.Sequential) -> None:
+    conv = net[2]
+    assert conv.groups == 4 and conv.in_channels % 4 == 0 and conv.out_channels % 4 == 0
+    assert conv.weight.shape[1] == conv.in_channels // 4
+
+
+def test_grouped_conv_prunes_the_same_local_channels_in_every_group_and_computes_the_masked_model():
+    net, x = grouped_toy(), torch.randn(2, 3, 8, 8)
+    dense = net
+    import copy
+
+    net = copy.deepcopy(dense)
+    plan = prune_filters(net, x[:1], l1_filter_scores(net), pruning_ratio=0.5, ignored_layers=["4"])
+    _grouped_ok(net)
+    ops = {op[0]: op[2] for op in plan.ops}
+    for name, idxs in ops.items():  # whole local positions: the same local channels in every conv group
+        locals_ = {i % 4 for i in idxs}
+        assert sorted(idxs) == sorted(g * 4 + j for g in range(4) for j in locals_), (name, idxs)
+    ref = masked_reference(dense, ops.get("0", []), ops.get("2", []))
+    with torch.no_grad():
+        assert torch.allclose(net(x), ref(x), atol=1e-5)
+
+
+def test_dead_channels_2_1_1_4_across_groups_are_pruned_exactly_with_outputs_unchanged_or_refused():
+    net, x = grouped_toy(), torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = net(x)
+    try:
+        plan = prune_filters(net, x[:1], l1_filter_scores(net), layer_pruning_ratios={"0": 0.25, "2": 0.0},
+                             pruning_ratio=0.01, ignored_layers=["4"])
+    except PruningError as err:
+        assert "'2'" in str(err)
+        return
+    _grouped_ok(net)
+    removed = [op[2] for op in plan.ops if op[0] == "0"][0]
+    assert set(removed) <= set(DEAD) and len(removed) == 4  # local channel 0 is dead in every group
+    with torch.no_grad():
+        assert torch.allclose(net(x), before, atol=1e-5)
+
+
+def test_a_history_that_splits_conv_groups_unevenly_is_refused_naming_the_grouped_conv():
+    net, x = grouped_toy(), torch.randn(1, 3, 8, 8)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(PruningError, match=r"split the 4 groups of grouped conv '2'") as info:
+        apply_pruning_history(net, [["0", True, DEAD]], x)
+    assert "\n" not in str(info.value)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in state.items())  # unchanged
+
+
+def test_the_trial_prune_compares_outputs_when_the_removed_channels_were_dead(monkeypatch):
+    """With the grouped-conv rule switched off, the output check alone still refuses the wrong result."""
+    monkeypatch.setattr(plan_module, "_check_grouped_alignment", lambda *a, **k: None)
+    net, x = grouped_toy(), torch.randn(1, 3, 8, 8)
+    with pytest.raises(PruningError, match=r"output"):
+        apply_pruning_history(net, [["0", True, DEAD]], x)
+
+
+def test_any_exception_of_the_trial_prune_becomes_a_pruning_error_naming_the_layer(monkeypatch):
+    monkeypatch.setattr(plan_module, "_check_grouped_alignment", lambda *a, **k: None)
+    net, x = grouped_toy(dead=[]), torch.randn(1, 3, 8, 8)
+    with pytest.raises(PruningError, match=r"Torch-Pruning failed to remove 4 channels of '0'.*'2'.*RuntimeError"):
+        apply_pruning_history(net, [["0", True, [0, 1, 2, 3]]], x)  # its index_select runs out of bounds
+
+
+@pytest.mark.parametrize("name", ["regnetx_002"])  # resnext26ts passes too (about as slow)
+def test_timm_grouped_conv_models_prune_at_small_inputs_with_valid_groups(name):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    net = timm.create_model(name, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    start = time.perf_counter()
+    prune_filters(net, x[:1], l1_filter_scores(net), pruning_ratio=0.25)
+    for mod_name, m in net.named_modules():
+        if isinstance(m, nn.Conv2d) and m.groups > 1:
+            assert m.in_channels % m.groups == 0 and m.out_channels % m.groups == 0, mod_name
+            assert m.weight.shape[1] == m.in_channels // m.groups, mod_name
+    with torch.no_grad():
+        assert net(x).shape == (2, 10)
+    assert time.perf_counter() - start < 60
