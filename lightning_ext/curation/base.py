@@ -255,20 +255,53 @@ def top_k(scores: np.ndarray, n_keep: Optional[int], labels: Optional[np.ndarray
     return np.sort(np.concatenate(kept))
 
 
-def fingerprint(data: ScoringData, scorer_config: dict, extra: Optional[dict] = None) -> str:
-    """A hash of the pool (labels, and every input tensor of a TensorDataset or 64 evenly spaced items of any
-    other dataset) and of the scorer's configuration: the key of the score cache."""
-    h = hashlib.sha256()
-    h.update(np.ascontiguousarray(data.labels).tobytes())
-    if isinstance(data.dataset, TensorDataset):
-        for t in data.dataset.tensors:
-            h.update(str(tuple(t.shape)).encode())
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+def _hash_item(h: "hashlib._Hash", item: Any) -> None:
+    """Feed one sample (tensors, arrays, numbers, strings, nested in tuples/lists/dicts) into ``h``."""
+    if isinstance(item, torch.Tensor):
+        t = item.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(item, np.ndarray):
+        a = np.ascontiguousarray(item)
+        h.update(f"A{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    elif isinstance(item, (tuple, list)):
+        h.update(f"L{len(item)}".encode())
+        for part in item:
+            _hash_item(h, part)
+    elif isinstance(item, dict):
+        h.update(f"D{len(item)}".encode())
+        for key in sorted(item, key=str):
+            h.update(str(key).encode())
+            _hash_item(h, item[key])
+    elif hasattr(item, "tobytes"):  # PIL images, numpy scalars
+        h.update(type(item).__name__.encode())
+        h.update(item.tobytes())
     else:
-        n = len(data.dataset)
-        for i in np.unique(np.linspace(0, n - 1, num=min(n, 64)).astype(int)):
-            x = data.dataset[int(i)][0]
-            h.update(np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x).tobytes())
+        h.update(repr(item).encode())
+
+
+def fingerprint(data: ScoringData, scorer_config: dict, extra: Optional[dict] = None,
+                data_version: Optional[str] = None) -> str:
+    """The key of the score cache: a hash of the pool and of the scorer's configuration.
+
+    The pool's labels and size are always hashed. Its content is hashed in full: every tensor of a
+    TensorDataset, and for any other dataset every item (streamed, item by item: tensors, arrays, numbers,
+    strings, nested), so changing any sample changes the key. A user ``data_version`` string replaces the
+    content hash (for pools too large to read twice, or with random transforms in ``__getitem__``): the user
+    then vouches that the same version means the same samples.
+    """
+    h = hashlib.sha256()
+    h.update(f"n={len(data)}".encode())
+    h.update(np.ascontiguousarray(data.labels).tobytes())
+    if data_version is not None:
+        h.update(f"version={data_version}".encode())
+    elif isinstance(data.dataset, TensorDataset):
+        for t in data.dataset.tensors:
+            _hash_item(h, t)
+    else:
+        for i in range(len(data.dataset)):
+            _hash_item(h, data.dataset[i])
     h.update(json.dumps(scorer_config, sort_keys=True, default=str).encode())
     if extra:
         h.update(json.dumps(extra, sort_keys=True, default=str).encode())

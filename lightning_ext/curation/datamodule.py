@@ -43,8 +43,9 @@ class FilteredDataModule(LightningDataModule):
     DP4TL, rule filters, compute-aware selection) and ``keep`` samples survive. Then:
 
     - **Cache.** Scores are saved to ``cache_dir/<scorer>-<fingerprint>.npz`` (written atomically), keyed by
-      a hash of the data and the scorer's configuration (including model weights), so a rerun or a different
-      ``keep`` does not rescore; changing the data or any scorer argument does. The cache outlives runs, so
+      a hash of the data (every sample, or the user's ``data_version``) and the scorer's configuration
+      (including model weights), so a rerun or a different ``keep`` does not rescore; changing any sample or
+      any scorer argument does. The cache outlives runs, so
       it does not live in the run's directory: a relative ``cache_dir`` lies under
       ``core.paths.cache_root("curation")`` (``$LIGHTNING_EXT_CACHE/curation``, default
       ``~/.cache/lightning_ext/curation``), an absolute one is used as given, ``None`` disables the cache.
@@ -80,6 +81,9 @@ class FilteredDataModule(LightningDataModule):
         export_path: JSON file for the kept indices, relative to ``trainer.log_dir`` (the working directory
             without a trainer), or absolute; ``None`` skips the export.
         shuffle_seed: seed of the training shuffle when this module builds the loader itself.
+        data_version: a string that replaces the content hash in the cache key (``None``: every sample is
+            hashed, which reads the whole pool once more; pass a version for pools too large for that or with
+            random transforms in ``__getitem__``, and change it whenever the data changes).
 
     Example:
         >>> from lightning_ext.datamodules import DigitsDataModule
@@ -100,6 +104,7 @@ class FilteredDataModule(LightningDataModule):
         cache_dir: Optional[str] = "scores",
         export_path: Optional[str] = None,
         shuffle_seed: NonNegativeInt = 0,
+        data_version: Optional[str] = None,
     ) -> None:
         super().__init__()
         if not isinstance(datamodule, LightningDataModule):
@@ -113,6 +118,10 @@ class FilteredDataModule(LightningDataModule):
                              "clusters or keeps whole classes); set class_balanced=False.")
         check_number("min_per_class", min_per_class, low=0, integer=True)
         check_seed(shuffle_seed, "shuffle_seed")
+        if data_version is not None and (not isinstance(data_version, str) or not data_version.strip()):
+            raise ValueError(f"`data_version` must be a non-empty string naming the data's version (or None to hash "
+                             f"every sample), got {data_version!r}.")
+        self.data_version = data_version
         self.datamodule, self.scorer, self.keep = datamodule, scorer, keep
         self.class_balanced, self.min_per_class = class_balanced, min_per_class
         self.cache_dir, self.export_path, self.shuffle_seed = cache_dir, export_path, shuffle_seed
@@ -166,7 +175,15 @@ class FilteredDataModule(LightningDataModule):
         return scores
 
     def _score(self, data: ScoringData) -> Scores:
-        self.fingerprint = fingerprint(data, self.scorer.config(), {"datamodule": type(self.datamodule).__qualname__})
+        if self.data_version is None and not isinstance(data.dataset, TensorDataset) and self.cache_dir is not None:
+            a = fingerprint(ScoringData(Subset(data.dataset, [0]), labels=data.labels[:1]), {})
+            b = fingerprint(ScoringData(Subset(data.dataset, [0]), labels=data.labels[:1]), {})
+            if a != b:
+                rank_zero_warn("FilteredDataModule: the training dataset returns a different sample 0 on each read "
+                               "(random transforms?), so its scores can never be reused from the cache; pass "
+                               "`data_version` to key the cache on a version instead.")
+        self.fingerprint = fingerprint(data, self.scorer.config(), {"datamodule": type(self.datamodule).__qualname__},
+                                       data_version=self.data_version)
         path = self.cache_path()
         if path is not None and path.is_file():
             cached = self._read_cache(path, len(data))
