@@ -89,6 +89,16 @@ class Recommender(LightningModule):
         self.bound = False
         if num_users is not None and num_items is not None:
             self._build(num_users, num_items)
+        # a lazily sized model (sizes from the data in setup) receiving weights, e.g. the parent process of a
+        # ddp_spawn fit: build the tables from the state's shapes first, or they would be silently dropped
+        self._register_load_state_dict_pre_hook(self._build_for_state)
+
+    def _build_for_state(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        key = prefix + "user_embedding.weight"
+        if self.user_embedding is None and key in state_dict and prefix + "item_embedding.weight" in state_dict:
+            device = next((t.device for t in self.buffers()), torch.device("cpu"))
+            self._build(int(state_dict[key].shape[0]), int(state_dict[prefix + "item_embedding.weight"].shape[0]))
+            self.to(device)
 
     # -- building --------------------------------------------------------------------------------------------
     def _build(self, num_users: int, num_items: int) -> None:
