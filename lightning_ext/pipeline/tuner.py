@@ -30,6 +30,9 @@ from lightning_ext.pipeline.staged import Allocation, Stage, StagedPipeline
 AgentName = Literal["rl", "hill_climb"]
 Mode = Literal["pipeline", "dataloader"]
 AGENTS: tuple[str, ...] = get_args(AgentName)
+#: default RL exploration: decisions are windows of batches in pipeline mode, whole epochs in dataloader mode
+PIPELINE_EXPLORE_DECISIONS = 100
+DATALOADER_EXPLORE_DECISIONS = 6
 MODES: tuple[str, ...] = get_args(Mode)
 
 
@@ -98,6 +101,11 @@ class PipelineTuner(Callback):
     ``mode="dataloader"`` (a plain ``torch.utils.data.DataLoader``): ``num_workers`` and ``prefetch_factor``
     are tuned once per epoch, at the epoch boundary, the only point where they take effect (persistent
     workers are shut down so the change applies; ``prefetch_factor`` is set together with ``num_workers``).
+    Each decision in this mode therefore costs a whole epoch (spent on a possibly slower setting), so the
+    RL agent's default exploration is :data:`DATALOADER_EXPLORE_DECISIONS` decisions (epochs), not the
+    pipeline mode's 100 windows. When fit ends (or stops on an error) the DataLoader is set to the best
+    allocation the agent measured (:attr:`final_allocation`), or back to the user's own settings when it
+    has none yet, never left on the last exploratory one.
 
     Agents: ``"rl"`` is a DQN (2x64 MLP, epsilon-greedy over ``explore_decisions`` decisions, then it settles
     on the best allocation it measured and watches for drift); ``"hill_climb"`` is tf.data AUTOTUNE's
@@ -119,7 +127,8 @@ class PipelineTuner(Callback):
         min_window_s: a window also lasts at least this many seconds (short windows are noisy).
         warmup_batches: batches skipped after a change before measuring (the pipeline refills).
         max_prefetch: highest prefetch depth (``prefetch_factor`` in dataloader mode).
-        explore_decisions: decisions the RL agent explores before settling.
+        explore_decisions: decisions the RL agent explores before settling (``None``: 100 windows in
+            pipeline mode, :data:`DATALOADER_EXPLORE_DECISIONS` in dataloader mode, where each one is an epoch).
         min_gain: relative gain the hill climber needs to keep an increment.
         seed: seed of the RL agent.
         plot_path: save a throughput/allocation plot here at the end of fit, relative to ``trainer.log_dir``
@@ -142,7 +151,7 @@ class PipelineTuner(Callback):
         min_window_s: NonNegativeFloat = 0.5,
         warmup_batches: NonNegativeInt = 2,
         max_prefetch: PositiveInt = 8,
-        explore_decisions: PositiveInt = 100,
+        explore_decisions: Optional[PositiveInt] = None,
         min_gain: NonNegativeFloat = 0.05,
         seed: int = 0,
         plot_path: Optional[str] = None,
@@ -155,9 +164,12 @@ class PipelineTuner(Callback):
             check_positive_int("cpu_budget (workers in total, or None)", cpu_budget)
         if memory_budget_mb is not None:
             check_positive("memory_budget_mb (or None)", memory_budget_mb)
-        for name, value in (("decide_every_n_batches", decide_every_n_batches), ("max_prefetch", max_prefetch),
-                            ("explore_decisions", explore_decisions)):
+        for name, value in (("decide_every_n_batches", decide_every_n_batches), ("max_prefetch", max_prefetch)):
             check_positive_int(name, value)
+        if explore_decisions is not None:
+            check_positive_int("explore_decisions (or None for the mode's default)", explore_decisions)
+        else:
+            explore_decisions = DATALOADER_EXPLORE_DECISIONS if mode == "dataloader" else PIPELINE_EXPLORE_DECISIONS
         check_non_negative("min_window_s", min_window_s)
         check_number("warmup_batches (below decide_every_n_batches)", warmup_batches, low=0,
                      high=decide_every_n_batches, high_open=True, integer=True)
@@ -172,6 +184,8 @@ class PipelineTuner(Callback):
         self.space: Optional[SearchSpace] = None
         self.history: list[dict] = []
         self.settled_at_s: Optional[float] = None
+        self.final_allocation: Optional[Allocation] = None  # what the DataLoader was left with (dataloader mode)
+        self._original: Optional[tuple[int, Optional[int]]] = None  # the user's (num_workers, prefetch_factor)
         self._time_offset = 0.0  # tuning seconds before a resume
         self._pending_state: Optional[dict] = None
         self._reset_window()
@@ -251,6 +265,10 @@ class PipelineTuner(Callback):
             stages = [Stage("workers", None, "process", min_workers=0)]
         self.space = SearchSpace.for_stages(stages, cpus, (1, self.max_prefetch), memory)
         self.agent = self._make_agent(self.space)
+        self.final_allocation = None
+        if self.mode == "dataloader":
+            dl = self._dataloader(trainer)
+            self._original = (dl.num_workers, dl.prefetch_factor)
         self._fit_start = time.perf_counter()
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
@@ -361,9 +379,51 @@ class PipelineTuner(Callback):
             metrics[f"pipeline/workers_{name}"] = float(w)
         trainer.logger.log_metrics(metrics, step=trainer.global_step)
 
+    def _best_found(self) -> Optional[Allocation]:
+        """The agent's best measured allocation (a hill climber's kept one while it still climbs), if any."""
+        if self.agent is None:
+            return None
+        if self.agent.best is not None:
+            return self.agent.best
+        current = getattr(self.agent, "current", None)
+        if current is not None and getattr(self.agent, "current_tput", 0.0) > 0:
+            return current
+        return None
+
+    def _restore_dataloader(self, trainer: Trainer) -> None:
+        if self.mode != "dataloader" or self.agent is None or self.final_allocation is not None:
+            return
+        best = self._best_found()
+        if best is not None:
+            self.final_allocation = self.space.clip(best)
+            workers = self.final_allocation.workers[0]
+            setting = (workers, self.final_allocation.prefetch if workers else None)
+        elif self._original is not None:
+            setting = self._original
+            self.final_allocation = Allocation((setting[0],), setting[1] or 2)
+        else:
+            return
+        dl = self._dataloader(trainer)
+        if (dl.num_workers, dl.prefetch_factor) == setting:
+            return
+        iterator = getattr(dl, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+            dl._iterator = None
+        dl.num_workers, dl.prefetch_factor = setting
+        w = setting[0]
+        rank_zero_info(f"PipelineTuner: the training DataLoader is left with num_workers={w}, "
+                       f"prefetch_factor={dl.prefetch_factor} ({'best measured' if best is not None else 'your own'}).")
+
+    @override
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """Dataloader mode: a fit stopped by an error still leaves the DataLoader on a measured or the user's setting."""
+        self._restore_dataloader(trainer)
+
     @override
     def on_fit_end(self, trainer, pl_module) -> None:
-        """Save the tuning plot (rank 0) when ``plot_path`` is set."""
+        """Dataloader mode: leave the best allocation (or the user's own) on the DataLoader; save the plot."""
+        self._restore_dataloader(trainer)
         path = output_path(trainer, self.plot_path)
         if path is not None and self.history and trainer.is_global_zero and self.space is not None:
             plot_tuning(self.history, list(self.space.stage_names), path,
