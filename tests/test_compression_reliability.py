@@ -122,3 +122,115 @@ def test_timm_grouped_conv_models_prune_at_small_inputs_with_valid_groups(name):
     with torch.no_grad():
         assert net(x).shape == (2, 10)
     assert time.perf_counter() - start < 60
+
+
+# -- 2. ActivatingWhilePruning measures F.relu -------------------------------------------------------------------
+
+
+class FunctionalResNet(nn.Module):
+    """A residual CNN whose blocks apply F.relu (as most user code does); only the stem has an nn.ReLU module
+    unless ``modules=True``, in which case every ReLU is a module (the same computation)."""
+
+    def __init__(self, modules: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.conv1, self.bn1 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 10)
+        self.relus = nn.ModuleList([nn.ReLU(), nn.ReLU()]) if modules else None
+        with torch.no_grad():
+            self.conv1.bias.fill_(-0.5)  # a different dead rate in the blocks than in the stem
+
+    def relu(self, x, i):
+        return self.relus[i](x) if self.relus is not None else torch.nn.functional.relu(x)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.relu(self.bn1(self.conv1(x)), 0)
+        x = self.relu(x + self.bn2(self.conv2(y)), 1)
+        return self.head(x.mean((2, 3)))
+
+
+def test_dead_neuron_rate_covers_functional_relus_like_relu_modules():
+    from lightning_ext.compression.ap import dead_neuron_rate
+
+    x = torch.randn(4, 1, 8, 8)
+    net = FunctionalResNet(modules=True)
+    with_modules = dead_neuron_rate(net, x)
+    stem_only = dead_neuron_rate(net, x, modules=[net.stem[2]])
+    functional = dead_neuron_rate(FunctionalResNet(), x)
+    assert with_modules != pytest.approx(stem_only)  # the test can tell the stem alone from the whole net
+    assert functional == pytest.approx(with_modules)
+    per_layer = dead_neuron_rate(FunctionalResNet(), x, per_layer=True)
+    assert len(per_layer) == 3 and "stem.2" in per_layer
+
+
+def test_activating_while_pruning_warns_when_activations_it_cannot_measure_exist():
+    from lightning_ext.compression.ap import activation_coverage
+
+    net = FunctionalResNet()
+    coverage = activation_coverage(net, torch.randn(2, 1, 8, 8))
+    assert coverage["relu"] == 3 and coverage["other"] == {} and coverage["prunable"] == 4
+
+    class Mixed(FunctionalResNet):
+        def forward(self, x):
+            return super().forward(torch.nn.functional.silu(x))
+
+    coverage = activation_coverage(Mixed(), torch.randn(2, 1, 8, 8))
+    assert coverage["other"] == {"silu": 1}
+
+
+def test_the_callback_logs_the_rate_over_functional_relus_and_warns_on_partial_coverage(tmp_path):
+    from lightning.pytorch import LightningModule, Trainer
+
+    from lightning_ext.compression.activating_while_pruning import ActivatingWhilePruning
+
+    class Module(LightningModule):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return nn.functional.cross_entropy(self(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    class Mixed(FunctionalResNet):
+        def forward(self, x):
+            return super().forward(torch.nn.functional.gelu(x))
+
+    data = torch.utils.data.TensorDataset(torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,)))
+    for net, partial in ((FunctionalResNet(), False), (Mixed(), True)):
+        ap = ActivatingWhilePruning(pruning_ratio=0.02, probe_size=16, latency_repeats=0, verbose=False)
+        trainer = Trainer(max_epochs=1, callbacks=[ap], logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+        with pytest.warns(UserWarning) if partial else _no_warning_about("dead-neuron") as record:
+            trainer.fit(Module(net), torch.utils.data.DataLoader(data, batch_size=16))
+        if partial:
+            assert any("1 gelu" in str(w.message) and "3 ReLU" in str(w.message) and "4 prunable" in str(w.message)
+                       for w in record)
+        expected = __import__("lightning_ext.compression.ap", fromlist=["x"]).dead_neuron_rate(net, ap._probe)
+        assert float(trainer.callback_metrics["ap/dnr"]) == pytest.approx(expected)
+
+
+class _no_warning_about:
+    def __init__(self, text):
+        self.text = text
+
+    def __enter__(self):
+        import warnings
+
+        self._ctx = warnings.catch_warnings(record=True)
+        self.record = self._ctx.__enter__()
+        warnings.simplefilter("always")
+        return self.record
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+        assert not [w for w in self.record if self.text in str(w.message)], [str(w.message) for w in self.record]

@@ -18,10 +18,10 @@ from typing_extensions import override
 
 from lightning_ext.compression.ap import (
     PRUNABLE_TYPES,
-    RELU_TYPES,
     _effective_weight,
     _is_reparametrized,
     _take,
+    activation_coverage,
     ap_prune_step,
     dead_neuron_rate,
     kept_slices,
@@ -91,7 +91,8 @@ class ActivatingWhilePruning(Callback):
 
     Use ``ignored_layers`` to spare layers (e.g. the output layer). Logged: ``<prefix>dnr`` after every training
     epoch on a fixed probe batch (the first ``probe_size`` training samples, ``eval`` mode, so BatchNorm uses
-    running statistics and nothing is updated), and at each
+    running statistics and nothing is updated; every ReLU counts, ``nn.ReLU`` modules and ``F.relu`` calls alike, and
+    a warning names the other activations, e.g. SiLU, that it cannot measure), and at each
     pruning event ``<prefix>{cycle, base_fraction, ap_pruned, sparsity, params, params_nonzero, macs,
     macs_nonzero, latency_ms, dnr}`` (also kept in :attr:`history`). Decisions are taken on rank 0 and
     broadcast under DDP; FSDP and DeepSpeed are refused (their parameters are sharded). The callback state
@@ -172,6 +173,7 @@ class ActivatingWhilePruning(Callback):
         self._names: list[str] = []
         self._probe: Optional[Tensor] = None
         self._probe_ready = False
+        self._coverage_checked = False
         self._check_pending = True
 
     @property
@@ -199,15 +201,11 @@ class ActivatingWhilePruning(Callback):
                 "ActivatingWhilePruning has no layer to prune: the model has no Linear/Conv module outside "
                 "`ignored_layers`. Check `layers`/`ignored_layers`."
             )
-        if stage == "fit" and not any(isinstance(m, RELU_TYPES) for m in pl_module.modules()):
-            rank_zero_warn(
-                "ActivatingWhilePruning: the model has no nn.ReLU module, so the dead-neuron rate cannot be "
-                "measured (F.relu calls cannot be hooked); AP still prunes."
-            )
         if stage == "fit":  # a new fit starts a new history; a resumed fit loads its state after setup()
             self.history, self._warned_cycle = [], False
             self._alive_ref = self._theta_start = self._theta_end = None
         self._probe, self._probe_ready = None, False
+        self._coverage_checked = False
         self._check_pending = True
 
     # -- helpers --------------------------------------------------------------------------------------------
@@ -221,7 +219,7 @@ class ActivatingWhilePruning(Callback):
         if self._probe_ready:
             return self._probe
         self._probe_ready = True
-        if self.probe_size == 0 or not any(isinstance(m, RELU_TYPES) for m in pl_module.modules()):
+        if self.probe_size == 0:
             return None
         dataset = getattr(first_train_loader(trainer), "dataset", None)
         try:
@@ -249,6 +247,8 @@ class ActivatingWhilePruning(Callback):
         if probe is None:
             return None
         try:
+            if not self._coverage_checked and not self._check_coverage(pl_module, probe):
+                return None
             return float(dead_neuron_rate(pl_module, probe))
         except Exception as err:  # noqa: BLE001 - a logging aid must not stop training
             rank_zero_warn(
@@ -258,6 +258,26 @@ class ActivatingWhilePruning(Callback):
             )
             self._probe = None
             return None
+
+    def _check_coverage(self, pl_module: LightningModule, probe: Tensor) -> bool:
+        """Warn once when the rate cannot cover every activation; ``False`` when the model applies no ReLU."""
+        self._coverage_checked = True
+        coverage = activation_coverage(pl_module, probe)
+        if coverage["relu"] == 0:
+            rank_zero_warn(
+                "ActivatingWhilePruning: the model applies no ReLU (no nn.ReLU module, no F.relu/torch.relu call), so "
+                "the dead-neuron rate is not logged; AP still prunes."
+            )
+            self._probe = None
+            return False
+        if coverage["other"]:
+            others = ", ".join(f"{n} {kind}" for kind, n in sorted(coverage["other"].items()))
+            rank_zero_warn(
+                f"ActivatingWhilePruning: the dead-neuron rate covers {coverage['relu']} ReLU applications, but the "
+                f"model (with {coverage['prunable']} prunable Linear/Conv layers) also applies {others} "
+                "activations, which it cannot measure; the logged rate is over the ReLUs only."
+            )
+        return True
 
     def _log_events(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         row = {self.log_prefix + k: float(v) for k, v in metrics.items()}

@@ -29,15 +29,89 @@ import warnings
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from lightning_ext.core.measure import count_macs_params, layer_macs, measure_latency
 from lightning_ext.core.validation import check_number
 
-__all__ = ["ap_prune_step", "dead_neuron_rate", "kept_slices", "model_cost"]
+__all__ = ["activation_coverage", "ap_prune_step", "dead_neuron_rate", "kept_slices", "model_cost"]
 
 RELU_TYPES = (nn.ReLU, nn.ReLU6)
 PRUNABLE_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+_RELU_FUNCS = (F.relu, F.relu_, F.relu6, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_)
+_OTHER_ACTIVATIONS = {
+    F.gelu: "gelu", F.silu: "silu", F.hardswish: "hardswish", F.mish: "mish", F.elu: "elu", F.selu: "selu",
+    F.celu: "celu", F.leaky_relu: "leaky_relu", F.softplus: "softplus", F.prelu: "prelu",
+}
+
+
+class _ActivationCounter(TorchFunctionMode):
+    """Counts ReLU outputs (``nn.ReLU``/``nn.ReLU6`` modules, ``F.relu``, ``torch.relu``, ``Tensor.relu``, ``F.relu6``,
+    ``F.hardtanh(min_val=0)``) and other activation calls, named by the module whose forward made the call."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.names = {m: n for n, m in model.named_modules()}
+        self.stack: list[list] = []  # [module name, relu calls so far]
+        self.counts: dict[str, list[int]] = {}
+        self.other: dict[str, int] = {}
+
+    def pre(self, module, args) -> None:
+        self.stack.append([self.names.get(module, ""), 0, module])
+
+    def post(self, module, args, output) -> None:
+        if self.stack:
+            self.stack.pop()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        relu = func in _RELU_FUNCS or (func is F.hardtanh and float(
+            kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)) == 0.0)
+        if relu and isinstance(out, Tensor):
+            frame = self.stack[-1] if self.stack else ["", 0, None]
+            name = frame[0] if isinstance(frame[2], RELU_TYPES) else f"{frame[0] or '<model>'}:relu{frame[1]}"
+            frame[1] += 1
+            count = self.counts.setdefault(name, [0, 0])
+            count[0] += int((out <= 0).sum())
+            count[1] += out.numel()
+        elif func in _OTHER_ACTIVATIONS:
+            self.other[_OTHER_ACTIVATIONS[func]] = self.other.get(_OTHER_ACTIVATIONS[func], 0) + 1
+        return out
+
+
+def _count_activations(model: nn.Module, inputs: Tensor) -> _ActivationCounter:
+    counter = _ActivationCounter(model)
+    handles = [m.register_forward_pre_hook(counter.pre) for m in model.modules()]
+    handles += [m.register_forward_hook(counter.post) for m in model.modules()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), counter:
+            model(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return counter
+
+
+def activation_coverage(model: nn.Module, inputs: Tensor) -> dict:
+    """What :func:`dead_neuron_rate` measures on ``model``: ``relu`` (ReLU applications measured, modules and
+    functional calls), ``other`` (``{kind: calls}`` of other activations it cannot measure, e.g. ``silu``) and
+    ``prunable`` (the model's Linear/Conv layers).
+
+    Example:
+        >>> activation_coverage(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1)), torch.zeros(1, 2))
+        {'relu': 1, 'other': {}, 'prunable': 2}
+    """
+    counter = _count_activations(model, inputs)
+    prunable = sum(isinstance(m, PRUNABLE_TYPES) for m in model.modules())
+    return {"relu": len(counter.counts), "other": dict(counter.other), "prunable": prunable}
 
 
 def dead_neuron_rate(
@@ -53,19 +127,21 @@ def dead_neuron_rate(
 
     where ``U_l`` counts every output element of ReLU ``l`` for one sample (channel x position for conv
     features). The paper (Liu et al., arXiv 2212.06145) calls the rate *dynamic* because it depends on the
-    input and changes during optimisation; it is measured here on the given batch with forward hooks on
-    every ``nn.ReLU``/``nn.ReLU6`` module (a module called twice counts twice). The model runs once in
-    ``eval`` mode under ``torch.no_grad()`` (BatchNorm uses running statistics, nothing is updated) and its
-    training mode is restored. ``F.relu`` calls cannot be hooked: use ``nn.ReLU`` modules.
+    input and changes during optimisation. It is measured here on the given batch at every ReLU the forward
+    pass applies: ``nn.ReLU``/``nn.ReLU6`` modules and functional calls (``F.relu``, ``torch.relu``,
+    ``x.relu()``, ``F.relu6``), seen through a ``TorchFunctionMode`` (a ReLU applied twice counts twice; per layer,
+    a functional call is named ``<calling module>:relu<k>``). Other activations (SiLU, GELU, ...) are not
+    measured; :func:`activation_coverage` counts them. The model runs once in ``eval`` mode under
+    ``torch.no_grad()`` (BatchNorm uses running statistics, nothing is updated) and its training mode is restored.
 
     Args:
         model: the network; called as ``model(inputs)``.
         inputs: one batch of inputs.
-        modules: the ReLU modules to hook (a ``{name: module}`` dict or a list); all ReLUs by default.
-        per_layer: return ``{name: rate}`` per hooked module instead of the overall rate.
+        modules: only these ReLU modules (a ``{name: module}`` dict or a list, hooked); every ReLU by default.
+        per_layer: return ``{name: rate}`` per ReLU instead of the overall rate.
 
     Returns:
-        The overall rate in ``[0, 1]``, or the per-module rates.
+        The overall rate in ``[0, 1]``, or the per-ReLU rates.
 
     Example:
         >>> from torch import nn
@@ -76,16 +152,16 @@ def dead_neuron_rate(
         0.75
     """
     if modules is None:
-        named = {name: m for name, m in model.named_modules() if isinstance(m, RELU_TYPES)}
-    elif isinstance(modules, dict):
-        named = dict(modules)
-    else:
-        named = {f"relu{i}": m for i, m in enumerate(modules)}
+        counts = _count_activations(model, inputs).counts
+        if not counts:
+            raise ValueError(
+                "dead_neuron_rate found no ReLU in the forward pass (no nn.ReLU/nn.ReLU6 module ran and no "
+                "F.relu/torch.relu call was made); the rate is defined for ReLU networks."
+            )
+        return _rates(counts, per_layer)
+    named = dict(modules) if isinstance(modules, dict) else {f"relu{i}": m for i, m in enumerate(modules)}
     if not named:
-        raise ValueError(
-            "dead_neuron_rate found no nn.ReLU/nn.ReLU6 module to hook in the model; ReLUs applied with "
-            "`F.relu` cannot be hooked. Use nn.ReLU modules or pass `modules=`."
-        )
+        raise ValueError("dead_neuron_rate got an empty `modules`; leave it as None to measure every ReLU.")
     counts: dict[str, list[int]] = {name: [0, 0] for name in named}
 
     def make_hook(name: str):
@@ -108,9 +184,13 @@ def dead_neuron_rate(
     ran = {name: c for name, c in counts.items() if c[1] > 0}
     if not ran:
         raise RuntimeError("None of the hooked ReLU modules ran in the forward pass; pass the ones the model uses.")
+    return _rates(ran, per_layer)
+
+
+def _rates(counts: dict[str, list[int]], per_layer: bool) -> Union[float, dict[str, float]]:
     if per_layer:
-        return {name: dead / total for name, (dead, total) in ran.items()}
-    return sum(c[0] for c in ran.values()) / sum(c[1] for c in ran.values())
+        return {name: dead / total for name, (dead, total) in counts.items()}
+    return sum(c[0] for c in counts.values()) / sum(c[1] for c in counts.values())
 
 
 def ap_prune_step(
