@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from functools import partial
 from types import SimpleNamespace
 
 import numpy as np
@@ -186,3 +187,42 @@ def test_lazily_sized_recommender_gets_its_trained_weights_back_from_ddp_spawn(t
     assert sorted(ddp.state_dict) == sorted(single.state_dict) == ["item_embedding.weight", "user_embedding.weight"]
     for run in (single, ddp):
         assert run.test_metrics["test_recall@10"] > 10 / 30 * 1.1, run.test_metrics  # trained, not a fresh init
+
+
+# -- self-supervised modules and the kNN evaluation --------------------------------------------------------------
+
+SSL = {"SimCLR": SimCLR, "VICReg": VICReg, "BarlowTwins": BarlowTwins}
+
+
+def _ssl(name):
+    def make():
+        torch.manual_seed(0)
+        backbone = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU())  # no BatchNorm: exact comparison
+        return SSL[name](backbone, image_size=8, proj_hidden_dim=32, proj_output_dim=16, proj_batch_norm=False,
+                         augmentation=nn.Identity(), log_effective_rank=False, validate_ssl_loss=False, seed=0,
+                         optimizer=partial(torch.optim.SGD, lr=0.05))
+
+    return make
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("name", sorted(SSL))
+def test_ssl_module_and_knn_evaluation_in_two_processes_match_one(name, tmp_path):
+    """Gathered loss on the global batch: parameters after 8 steps match one process (1e-4), and
+    KNNEvaluation's val_knn_acc from two ranks equals the one-process value.
+
+    SGD, not the default AdamW: Barlow Twins and VICReg are invariant to the last projector bias, whose gradient
+    is 0 in exact arithmetic; AdamW divides that rounding noise by its own size and turns it into lr-sized steps
+    of random sign, which differ between any two runs that sum in a different order (DDP or not).
+    """
+    single, ddp = fit_ddp_vs_single(
+        _ssl(name), lambda b: DigitsDataModule(batch_size=b, drop_last=True), 64, tmp_path, test=False,
+        max_epochs=2, limit_train_batches=4, limit_val_batches=2, num_sanity_val_steps=0,
+        callbacks=[KNNEvaluation(k=5, max_bank_size=400)])
+    torch.testing.assert_close(torch.tensor(ddp.curve("train_loss_epoch")),
+                               torch.tensor(single.curve("train_loss_epoch")), atol=1e-4, rtol=0)
+    for key, value in single.state_dict.items():
+        torch.testing.assert_close(ddp.state_dict[key], value, atol=1e-4, rtol=1e-4, msg=key)
+    knn_single, knn_ddp = single.curve("val_knn_acc"), ddp.curve("val_knn_acc")
+    assert len(knn_single) == len(knn_ddp) == 2 and knn_single[-1] > 0.5
+    assert knn_ddp == pytest.approx(knn_single, abs=1e-6)
