@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from typing_extensions import override
 
+from lightning_ext.core.guards import check_loss
 from lightning_ext.core.validation import PositiveFloat, PositiveInt, check_choice, check_number, check_positive
 from lightning_ext.distillation.distiller import Distiller
 from lightning_ext.distillation.losses import COMBINE_MODES, CombineMode, WeightSchedule, as_schedule, combine_losses
@@ -169,10 +170,12 @@ class DistillationModule(Classifier):
         return out
 
     @override
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> Optional[torch.Tensor]:
         """Task loss plus the distillation terms on an ``(x, y)`` batch; logs every term."""
         x, y = batch
         out = self.distillation_loss(x, y)
+        if not check_loss(self, out["loss"], self.nonfinite_loss, batch):
+            return None
         self.train_acc(out["logits"], y)
         self.log("train_loss", out["loss"], prog_bar=True)
         self.log("train_loss_epoch", out["loss"], on_step=False, on_epoch=True, sync_dist=True)
