@@ -215,3 +215,13 @@ def test_full_class_path_of_a_scorer_passes_the_name_check(tmp_path):
     check_class_names(["fit", "--data.init_args.scorer.class_path=lightning_ext.curation.RandomScorer"])
     with pytest.raises(UnknownClassError, match="no module 'no_such_pkg'"):
         check_class_names(["fit", "--model.class_path=no_such_pkg.Model"])
+
+
+def test_help_still_exits_0_and_run_cli_raises_config_error(tmp_path):
+    res = _run("fit", "--help")
+    assert res.returncode == 0 and "--model" in res.stdout, res.stderr[-2000:]
+    from lightning_ext.cli import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^model\.init_args\.lr: .*PositiveFloat"):
+        run_cli(["fit", "--config", str(REPO / "configs" / "tabular_wine.yaml"), "--model.init_args.lr=-1",
+                 f"--trainer.default_root_dir={tmp_path}"])
