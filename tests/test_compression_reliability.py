@@ -11,7 +11,7 @@ from torch import nn
 
 from lightning_ext.compression import plan as plan_module
 from lightning_ext.compression.filter_pruning import PruningError, apply_pruning_history, prune_filters
-from lightning_ext.compression.l1_filter_pruning import l1_filter_scores
+from lightning_ext.compression.l1_filter_pruning import L1FilterPruning, l1_filter_scores
 
 # -- 1. grouped, non-depthwise convs ------------------------------------------------------------------------------
 
@@ -234,3 +234,99 @@ class _no_warning_about:
     def __exit__(self, *exc):
         self._ctx.__exit__(*exc)
         assert not [w for w in self.record if self.text in str(w.message)], [str(w.message) for w in self.record]
+
+
+# -- 3. WeightAveraging/EMA and checkpoints that predate a pruning step -------------------------------------------
+
+
+def _pruning_model():
+    from lightning_ext.modules import ImageClassifier
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    return ImageClassifier(net, num_classes=10, image_size=8, lr=0.05)
+
+
+def _pruning_trainer(tmp_path, callbacks, max_epochs=2, **kwargs):
+    from lightning.pytorch import Trainer
+
+    return Trainer(accelerator="cpu", max_epochs=max_epochs, callbacks=callbacks, default_root_dir=tmp_path,
+                   logger=False, enable_progress_bar=False, enable_model_summary=False, limit_train_batches=3,
+                   limit_val_batches=2, limit_test_batches=2, **kwargs)
+
+
+def test_weight_averaging_next_to_a_pruner_is_refused_in_setup_with_one_line(tmp_path):
+    from lightning.pytorch.callbacks import WeightAveraging
+
+    from lightning_ext.datamodules import DigitsDataModule
+
+    pruner = L1FilterPruning(pruning_ratio=0.5, latency_repeats=0, plot_path=None, verbose=False)
+    trainer = _pruning_trainer(tmp_path, [pruner, WeightAveraging()], enable_checkpointing=False)
+    with pytest.raises(PruningError, match="WeightAveraging") as info:
+        trainer.fit(_pruning_model(), datamodule=DigitsDataModule(batch_size=32, train_fraction=0.3))
+    assert "\n" not in str(info.value)
+
+
+def test_testing_a_checkpoint_saved_before_the_last_pruning_step_rebuilds_its_shapes(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_ext.compression.filter_pruning import load_pruned_checkpoint
+    from lightning_ext.datamodules import DigitsDataModule
+
+    dm = DigitsDataModule(batch_size=32, train_fraction=0.3)
+    pruner = L1FilterPruning(pruning_ratio=0.5, num_steps=2, latency_repeats=0, plot_path=None, verbose=False)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}")
+    trainer = _pruning_trainer(tmp_path, [pruner, checkpoints])
+    model = _pruning_model()
+    trainer.fit(model, datamodule=dm)
+    assert model.net[0].out_channels == 4  # pruned twice: 8 -> 6 -> 4
+    first = str(tmp_path / "ckpt" / "epoch=0.ckpt")  # saved after the first step only
+    result = trainer.test(model, datamodule=dm, ckpt_path=first, verbose=False)[0]
+    assert model.net[0].out_channels == 6
+    fresh = load_pruned_checkpoint(_pruning_model(), first)
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a.cpu(), b), name
+    assert result["test_acc"] == pytest.approx(trainer.test(fresh, datamodule=dm, verbose=False)[0]["test_acc"])
+
+
+# -- 4. DataFreeCompression on a model where no layer chain qualifies ----------------------------------------------
+
+
+class ResidualDepthwise(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.dw = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8))
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.nn.functional.relu(self.stem(x))
+        x = torch.nn.functional.relu(x + self.dw(x))  # residual around a depthwise conv
+        return self.head(x.mean((2, 3)))
+
+
+def test_data_free_compression_with_defaults_falls_back_to_quantize_only_naming_the_layers():
+    from lightning_ext.compression.udfc import data_free_compress
+
+    net = ResidualDepthwise().eval()
+    with pytest.warns(UserWarning, match=r"stem\.0.*only quantized to 6 bits"):
+        report = data_free_compress(net, torch.zeros(2, 1, 8, 8), pruning_ratio=0.3, weight_bits=6)
+    assert report.history == [] and {row["action"] for row in report.layers} == {"quantized"}
+    assert report.compensated == 0 and report.metrics()["compensated_layers"] == 0.0
+    assert "0 of 3 layers compensated" in report.summary()
+
+
+def test_the_report_says_how_many_layers_were_compensated():
+    from lightning_ext.compression.udfc import data_free_compress
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+    report = data_free_compress(net, torch.zeros(2, 1, 8, 8), pruning_ratio=0.25, weight_bits=4)
+    compensated = [row["name"] for row in report.layers if "compensated" in row["action"]]
+    assert report.compensated == len(compensated) >= 1
+    assert f"{len(compensated)} of {len(report.layers)} layers compensated" in report.summary()

@@ -308,8 +308,10 @@ def test_a_ratio_that_empties_a_layer_is_refused_and_changes_nothing():
 
 def test_a_model_without_batchnorm_cannot_be_pruned_but_can_be_quantized():
     net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
-    with pytest.raises(CompressionError, match="BatchNorm"):
-        data_free_compress(net, torch.zeros(2, 1, 8, 8), pruning_ratio=0.3, **FAST)
+    with pytest.raises(CompressionError, match="BatchNorm"):  # pruning only: nothing left to do
+        data_free_compress(net, torch.zeros(2, 1, 8, 8), pruning_ratio=0.3, **dict(FAST, weight_bits=None))
+    with pytest.warns(UserWarning, match="BatchNorm.*only quantized"):  # issue 15: quantize-only fallback
+        data_free_compress(copy.deepcopy(net), torch.zeros(2, 1, 8, 8), pruning_ratio=0.3, **FAST)
     report = data_free_compress(net, torch.zeros(2, 1, 8, 8), pruning_ratio=None, weight_bits=4, **FAST)
     assert [r["action"] for r in report.layers] == ["quantized", "quantized"]
     assert net[1].weight.detach()[0].unique().numel() <= 16

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import importlib
 import time
 from typing import Any, Optional
 
@@ -271,6 +272,12 @@ class FilterPruning(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Refuse unsupported strategies, check layer names and install the history replay before weights load."""
         refuse_sharded_strategy(trainer, type(self).__name__, "removes channels physically", error=PruningError)
+        averaging = getattr(importlib.import_module("lightning.pytorch.callbacks"), "WeightAveraging", ())
+        if stage == "fit" and any(isinstance(cb, averaging) for cb in trainer.callbacks):
+            raise PruningError(
+                f"{type(self).__name__} cannot run next to a WeightAveraging/EMA callback: its averaged copy keeps the "
+                "unpruned shapes. Remove that callback, or average the weights after pruning in a separate fit."
+            )
         if stage == "fit":
             refuse_spawning_launcher(trainer, type(self).__name__)
         resolve_layer_names(pl_module, self.ignored_layers)  # early, clear errors for misspelt names

@@ -17,7 +17,7 @@ from lightning.pytorch import LightningModule
 from torch import nn
 
 from lightning_ext.compression.graph import Op, PruningError
-from lightning_ext.compression.plan import _mark_applied, applied_pruning_steps, apply_pruning_history
+from lightning_ext.compression.plan import _APPLIED_ATTR, _mark_applied, applied_pruning_steps, apply_pruning_history
 from lightning_ext.core.checkpoints import WRAPPER_PREFIXES, load_checkpoint, match_prefixes
 
 HISTORY_VERSION = 1
@@ -165,8 +165,64 @@ class _ReplayBeforeWeightsLoad:
         self.original = type(module).on_load_checkpoint.__get__(module)
 
     def __call__(self, checkpoint: dict) -> None:
-        replay_pruning_steps(self.module, pruning_steps_from_checkpoint(checkpoint))
+        steps = pruning_steps_from_checkpoint(checkpoint)
+        try:
+            replay_pruning_steps(self.module, steps)
+        except PruningError:
+            trainer = getattr(self.module, "_trainer", None)
+            fitting = trainer is not None and str(getattr(trainer.state, "fn", "")).endswith("fit")
+            if fitting or not _is_earlier_history(self.module, steps):
+                raise
+            _resize_to_state(self.module, checkpoint.get("state_dict", {}))  # validate/test/predict on it
+            object.__setattr__(self.module, _APPLIED_ATTR, [[list(op) for op in s["ops"]] for s in steps])
         self.original(checkpoint)
+
+
+def _is_earlier_history(model: nn.Module, steps: Sequence[dict]) -> bool:
+    """Whether ``steps`` are a prefix (by shapes) of the steps already applied to ``model``."""
+    def shape(ops: list) -> list:
+        return [(str(n), bool(o), len(idx)) for n, o, idx in ops]
+
+    done = [shape(d) for d in applied_pruning_steps(model)]
+    return len(steps) < len(done) and done[: len(steps)] == [shape(s["ops"]) for s in steps]
+
+
+def _resize_to_state(model: nn.Module, state: dict) -> None:
+    """Give the convs, norms and linears of ``model`` the shapes of ``state`` (an earlier, less pruned checkpoint of
+    the same run; its weights are loaded next). Raises :class:`PruningError` for any other layer whose shape differs."""
+    for name, module in model.named_modules():
+        prefix = name + "." if name else ""
+        own = {k: v for k, v in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+               if v is not None}
+        changed = {k: state[prefix + k] for k, v in own.items()
+                   if prefix + k in state and tuple(state[prefix + k].shape) != tuple(v.shape)}
+        if not changed:
+            continue
+        if isinstance(module, nn.modules.conv._ConvNd):
+            w = state[prefix + "weight"]
+            if module.groups == module.in_channels == module.out_channels:  # depthwise stays depthwise
+                module.groups = int(w.shape[0])
+            if module.transposed:
+                module.in_channels, module.out_channels = int(w.shape[0]), int(w.shape[1]) * module.groups
+            else:
+                module.out_channels, module.in_channels = int(w.shape[0]), int(w.shape[1]) * module.groups
+        elif isinstance(module, nn.modules.batchnorm._NormBase):
+            module.num_features = int(next(iter(changed.values())).shape[0])
+        elif isinstance(module, nn.Linear):
+            module.out_features, module.in_features = (int(d) for d in state[prefix + "weight"].shape)
+        else:
+            raise PruningError(
+                f"The checkpoint was saved before the last pruning step, and layer {name!r} "
+                f"({type(module).__name__}) cannot be given its earlier shape; load the checkpoint into a fresh model "
+                "with `load_pruned_checkpoint`."
+            )
+        for key, value in changed.items():
+            old = own[key]
+            new = torch.empty(value.shape, dtype=old.dtype, device=old.device)
+            if isinstance(old, nn.Parameter):
+                setattr(module, key, nn.Parameter(new, requires_grad=old.requires_grad))
+            else:
+                module.register_buffer(key, new)
 
 
 def _install_replay_hook(pl_module: LightningModule) -> None:

@@ -17,6 +17,7 @@ the same replay as a filter-pruned one (:func:`~lightning_ext.compression.apply_
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Optional, Sequence, Union, get_args
 
@@ -250,11 +251,12 @@ class CompressionReport:
     history: list = field(default_factory=list)
     skipped: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    compensated: int = 0  # layers whose consumer received the closed-form compensation
 
     def metrics(self) -> dict[str, float]:
         """Flat numbers for a logger."""
         out = {"params_before": self.params_before, "params_after": self.params_after,
-               "macs_before": self.macs_before, "macs_after": self.macs_after}
+               "macs_before": self.macs_before, "macs_after": self.macs_after, "compensated_layers": self.compensated}
         if self.latency_ms_before is not None and self.latency_ms_after is not None:
             out.update(latency_ms_before=self.latency_ms_before, latency_ms_after=self.latency_ms_after)
         return {k: float(v) for k, v in out.items()}
@@ -271,6 +273,7 @@ class CompressionReport:
             f"{self.macs_after:,} ({self.macs_after / max(1, self.macs_before):.1%})"
             + (f", latency {self.latency_ms_before:.2f} -> {self.latency_ms_after:.2f} ms"
                if self.latency_ms_before is not None and self.latency_ms_after is not None else "")
+            + f"; {self.compensated} of {len(self.layers)} layers compensated"
         ]
         for row in self.layers:
             lines.append(
@@ -374,6 +377,12 @@ def _compress(model, example_inputs, pruning_ratio, weight_bits, compensate, bia
                                f"layers are: {', '.join(order)}.")
     # plan the pruning before touching anything, so a bad ratio changes nothing
     plan: dict[str, int] = {}
+    if pruning_ratio is not None and not chains and weight_bits is not None:
+        warnings.warn(
+            "DataFreeCompression: no layer can be pruned with UDFC's reconstruction (" + "; ".join(
+                f"{k}: {v}" for k, v in skipped.items()) + f"), so the layers {list(targets)} are only quantized "
+            f"to {weight_bits} bits, without compensation.", UserWarning, stacklevel=3)
+        pruning_ratio = None
     if pruning_ratio is not None:
         if not chains:
             raise CompressionError(
@@ -451,7 +460,8 @@ def _compress(model, example_inputs, pruning_ratio, weight_bits, compensate, bia
                   bias_correction=bias_correction, importance=importance, ridge=ridge, num_samples=num_samples,
                   seed=seed, layers=list(layers) if layers is not None else None, min_channels=min_channels,
                   input_model=input_model, activation_aware=activation_aware)
+    compensated = sum("error_after" in row for row in rows)
     return CompressionReport(params_before, num_params(model), macs_before, count_macs_params(model, example_inputs)[0],
-                             latency_before, latency_after, rows, history, skipped, config)
+                             latency_before, latency_after, rows, history, skipped, config, compensated)
 
 
