@@ -99,3 +99,16 @@ def test_epoch_sampler_two_ranks_interleave_to_one_process_and_resume_mid_epoch(
     resumed = sampling.EpochSampler(10, seed=3)
     resumed.load_state_dict(state)
     assert head + list(resumed) == full
+
+
+def test_macs_count_a_module_holding_attributes_that_refuse_deepcopy():
+    from lightning_ext.core.measure import count_macs_params, layer_macs
+
+    def gen():
+        yield 1
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    net.scheduler_factory = gen()  # e.g. what LightningCLI or a live data-loader iterator leaves on a module
+    assert count_macs_params(net, torch.zeros(2, 4))[0] == 26
+    assert layer_macs(net, torch.zeros(2, 4)) == {"0": 15, "1": 3, "2": 8}
+    assert next(net.scheduler_factory) == 1  # the user's attribute is untouched

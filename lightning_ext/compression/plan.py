@@ -8,7 +8,6 @@ weight slices each layer lost (:func:`recorded_channel_changes`).
 
 from __future__ import annotations
 
-import copy
 import difflib
 import itertools
 import math
@@ -38,7 +37,7 @@ from lightning_ext.compression.graph import (
     is_grouped_conv,
     resolve_layer_names,
 )
-from lightning_ext.core.measure import call_model, count_macs_params, eval_mode
+from lightning_ext.core.measure import call_model, count_macs_params, eval_mode, trial_copy
 from lightning_ext.core.validation import check_number, check_positive_int
 
 _APPLIED_ATTR = "_lightning_ext_pruning_applied"  # list of the op lists already applied to a model, in order
@@ -292,7 +291,7 @@ def _diagnose(model: nn.Module, ops: Sequence[Op], example_inputs: Any, expected
     """Find which groups break the forward pass when pruned alone, for an error that names them."""
     culprits = []
     for op in ops:
-        trial = copy.deepcopy(model)
+        trial = trial_copy(model)
         try:
             _apply_ops(trial, [op], example_inputs)
         except PruningError:
@@ -328,7 +327,7 @@ def apply_pruning_history(model: nn.Module, history: Sequence[Op], example_input
         return model
     with eval_mode(model), torch.no_grad():
         expected = _output_shapes(call_model(model, example_inputs))
-    trial = copy.deepcopy(model)
+    trial = trial_copy(model)
     _apply_ops(trial, ops, example_inputs, verify=True)
     error = _check_forward(trial, example_inputs, expected)
     if error is not None:
@@ -365,7 +364,7 @@ def check_pruning_target(pruning_ratio: Optional[float], macs_reduction: Optiona
 
 
 def _macs_after(model: nn.Module, example_inputs: Any, ops: Sequence[Op]) -> int:
-    trial = copy.deepcopy(model)
+    trial = trial_copy(model)
     _apply_ops(trial, ops, example_inputs)
     return count_macs_params(trial, example_inputs)[0]
 
@@ -491,7 +490,7 @@ def plan_filter_pruning(
         params_before=params_before,
     )
     if check and ops:
-        trial = copy.deepcopy(model)
+        trial = trial_copy(model)
         _apply_ops(trial, ops, example_inputs, verify=True)
         error = _check_forward(trial, example_inputs, expected)
         if error is not None:

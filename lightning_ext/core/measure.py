@@ -61,10 +61,32 @@ def _one_sample(inputs: Any) -> Any:
     return inputs
 
 
+def trial_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` for counting or trial edits, with attributes that cannot be copied set to ``None``.
+
+    Torch-Pruning's counter deep-copies the model; a LightningModule built by LightningCLI can hold attributes that
+    refuse ``deepcopy`` (a scheduler factory, hooks holding a live data-loader iterator). They play no part in the
+    forward pass, so the copy gets ``None`` in their place and the user's model is untouched.
+    """
+    import copy
+
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for key, value in vars(module).items():
+            if key in ("_parameters", "_buffers", "_modules") or isinstance(value, (torch.Tensor, nn.Module)):
+                continue
+            try:
+                copy.deepcopy(value, {})
+            except Exception:  # noqa: BLE001 - anything that refuses a copy is left out of the copy
+                memo[id(value)] = None
+    return copy.deepcopy(model, memo)
+
+
 def _count(model: nn.Module, example_inputs: Any, layer_wise: bool):
     tp = require("torch_pruning", "counting MACs")
-    with eval_mode(model), torch.no_grad():
-        return tp.utils.count_ops_and_params(model, _one_sample(example_inputs), layer_wise=layer_wise)
+    copy_ = trial_copy(model)
+    with eval_mode(copy_), torch.no_grad():
+        return copy_, tp.utils.count_ops_and_params(copy_, _one_sample(example_inputs), layer_wise=layer_wise)
 
 
 def count_macs_params(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
@@ -78,7 +100,7 @@ def count_macs_params(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
         >>> count_macs_params(nn.Conv2d(1, 4, 3, bias=False), torch.zeros(8, 1, 5, 5))  # 4 filters x 9 x 3x3
         (324, 36)
     """
-    macs, params = _count(model, example_inputs, layer_wise=False)
+    _, (macs, params) = _count(model, example_inputs, layer_wise=False)
     return int(macs), int(params)
 
 
@@ -90,9 +112,9 @@ def layer_macs(model: nn.Module, example_inputs: Any) -> dict[str, int]:
         >>> layer_macs(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), torch.zeros(8, 4))
         {'0': 15, '1': 3, '2': 8}
     """
-    _, _, per_module, _ = _count(model, example_inputs, layer_wise=True)
+    counted, (_, _, per_module, _) = _count(model, example_inputs, layer_wise=True)
     out = {}
-    for name, module in model.named_modules():
+    for name, module in counted.named_modules():
         if next(module.children(), None) is None and per_module.get(module):
             out[name] = int(per_module[module])
     return out
