@@ -85,7 +85,7 @@ def read_config(path: Path) -> Any:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
         problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
-        raise ConfigError(f"{where}: YAML syntax error: {problem} (line {mark.line + 1 if mark else '?'}); "
+        raise ConfigError(f"{where}: YAML syntax error: {problem}; "
                           "indent with spaces and close every bracket and quote") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: cannot read the config file: {err}") from None
@@ -187,7 +187,7 @@ def summarize_parser_error(message: str) -> str:
     stack: list[tuple[int, str]] = []  # (indent, "key" or "<class path>")
     subtypes: dict[int, str] = {}
     given: dict[int, str] = {}
-    best: Optional[tuple[int, list[str], str, int]] = None
+    best: Optional[tuple[int, list[str], str]] = None  # (depth, keys, reason) of the deepest reason
     for raw in lines:
         indent, text = len(raw) - len(raw.lstrip()), raw.strip()
         if text.startswith("- "):
@@ -212,21 +212,23 @@ def summarize_parser_error(message: str) -> str:
             continue
         if any(text.startswith(n) for n in _NOISE):
             continue
-        depth = len(stack)
-        if best is None or depth > best[0]:
-            best = (depth, [k for _, k in stack], text, depth)
+        if best is None or len(stack) > best[0]:
+            best = (len(stack), [k for _, k in stack], text)
     if best is None:
         return _tidy(lines[0])
-    depth, keys, text, level = best
-    if text.startswith("Expected a ") and level in subtypes:
-        text = f"expected one of {subtypes[level]}, got {given.get(level, '?')!r}"
-    path, owner = [], None
+    depth, keys, text = best
+    if text.startswith("Expected a ") and depth in subtypes:  # a Union/Literal: say what it accepts
+        text = f"expected one of {subtypes[depth]}, got {given.get(depth, '?')!r}"
+    path: list[str] = []
+    owner = None
     for key in keys:
         if key.startswith("<"):
             owner = key[1:-1]
             path.append("init_args")
         else:
-            path.extend(k for k in key.split(".") if not path or k != path[-1])
+            for part in key.split("."):
+                if not path or part != path[-1]:
+                    path.append(part)
     where = ".".join(path) or "command line"
     if where.endswith(".init_args"):
         where = where[: -len(".init_args")]

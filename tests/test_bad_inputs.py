@@ -77,10 +77,10 @@ def _filtered(scorer: dict, **kwargs: Any) -> Callable[[dict], None]:
 CLI_CASES: list[CLICase] = [
     # the config file itself
     CLICase("yaml_syntax_error", raw_yaml="model:\n  class_path: MLPClassifier\n  init_args: {num_features: 13\n",
-            expect=("bad.yaml", "line")),
+            expect=("bad.yaml:", "YAML syntax error")),
     CLICase("yaml_bad_indentation", raw_yaml="model:\n  class_path: MLPClassifier\n init_args:\n    x: 1\n",
-            expect=("bad.yaml", "line")),
-    CLICase("yaml_tab_character", raw_yaml="trainer:\n\tmax_epochs: 1\n", expect=("bad.yaml", "line")),
+            expect=("bad.yaml:", "YAML syntax error")),
+    CLICase("yaml_tab_character", raw_yaml="trainer:\n\tmax_epochs: 1\n", expect=("bad.yaml:", "YAML syntax error")),
     CLICase("missing_config_file", config=None, flags=["--config", "no_such_config.yaml"],
             expect=("no_such_config.yaml",)),
     CLICase("config_is_a_directory", config=None, flags=["--config", "configs"], expect=("configs",)),
