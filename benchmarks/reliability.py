@@ -166,20 +166,27 @@ def write_page(data: dict, before: dict | None) -> None:
     (RESULTS / "reliability.md").write_text("\n".join(lines))
 
 
-def plot(data: dict) -> None:
+def plot(data: dict, before: dict | None) -> None:
     from lightning_ext.core.plotting import new_figure, save_figure
 
-    fig, axes = new_figure(1, 2, figsize=(10, 3.5))
+    fig, axes = new_figure(1, 2, figsize=(10, 3.8))
     for ax, (title, key, keys) in zip(axes, [
             ("Python constructors", "python", ["clear", "unclear", "silent", "crash"]),
             ("CLI", "cli", ["clear", "unclear", "accepted", "traceback"])]):
-        counts = data[key]["counts"]
-        values = [counts.get(k, 0) + (counts.get("crash inside torch/numpy", 0) if k == "crash" else 0)
-                  for k in keys]
-        bars = ax.bar(keys, values, color=["tab:green", "tab:orange", "tab:red", "tab:purple"])
-        ax.bar_label(bars)
+        series = [("now", data[key]["counts"], "tab:green")]
+        if before:
+            series.insert(0, (f"before ({before['commit']})", before[key]["counts"], "tab:gray"))
+        width = 0.8 / len(series)
+        for i, (label, counts, color) in enumerate(series):
+            values = [counts.get(k, 0) + (counts.get("crash inside torch/numpy", 0) if k == "crash" else 0)
+                      for k in keys]
+            xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(keys))]
+            ax.bar_label(ax.bar(xs, values, width, label=label, color=color), fontsize=8)
+        ax.set_xticks(range(len(keys)), keys)
         ax.set_yscale("symlog")
+        ax.set_ylim(0, 10 * max(1, *data[key]["counts"].values()))
         ax.set_title(f"{title}: {len(data[key]['cases'])} bad inputs")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, RESULTS / "reliability.png")
 
@@ -210,7 +217,7 @@ def main() -> None:
     before = json.loads(before_path.read_text()) if before_path.exists() else None
     (RESULTS / "reliability.json").write_text(json.dumps(data, indent=1))
     write_page(data, before)
-    plot(data)
+    plot(data, before)
     print(f"wrote {RESULTS / 'reliability.md'}")
 
 
