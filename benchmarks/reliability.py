@@ -152,6 +152,10 @@ def write_page(data: dict, before: dict | None) -> None:
                   "`tests/test_bad_inputs.py`, which flips when the component checks it):", "",
                   "| case | outcome | detail |", "|---|---|---|"]
         lines += [f"| `{o['id']}` | {o['verdict']} | {o['detail'][:140].replace('|', '/')} |" for o in gaps]
+        if any(o["id"].endswith("=empty path") and o["verdict"] == "silent" for o in gaps):
+            lines += ["", "An empty output path accepted by a constructor is refused only when the file is about to be "
+                      "written (`core.paths.output_path`, at setup or at the end of fit), with a message that does "
+                      "not name the argument; an empty input `data_dir`/`cache_dir` falls back to the default."]
     cli_gaps = [o for o in cli["cases"] if o["verdict"] != "clear"]
     if cli_gaps:
         lines += ["", "CLI inputs not yet refused clearly:", "", "| case | outcome | exit | line |", "|---|---|---|---|"]

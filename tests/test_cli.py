@@ -5,6 +5,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -164,19 +165,27 @@ def test_sigterm_mid_training_exits_non_zero(tmp_path):
            "--trainer.enable_checkpointing=false", f"--trainer.default_root_dir={tmp_path}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    out, deadline = [], time.monotonic() + 120
-    try:
-        for line in proc.stdout:  # the model summary is printed when fit starts
+    out: list[str] = []
+
+    def read() -> None:  # in a thread, so a silent child never blocks the test
+        for line in proc.stdout:
             out.append(line)
-            if "params" in line.lower() or time.monotonic() > deadline:
-                break
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not any("params" in line.lower() for line in list(out)) and time.monotonic() < deadline:
+            assert proc.poll() is None, "".join(out)[-2000:]
+            time.sleep(0.2)  # the model summary is printed when fit starts
         time.sleep(3)  # some training steps
         proc.send_signal(signal.SIGTERM)
-        rest, _ = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    text = "".join(out) + rest
+    reader.join(timeout=10)
+    text = "".join(out)
     assert proc.returncode == 143, f"exit {proc.returncode}\n{text[-2000:]}"
     assert "stopped by SIGTERM" in text and "Traceback" not in text, text[-2000:]
 
