@@ -234,3 +234,18 @@ def test_help_still_exits_0_and_run_cli_raises_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"^model\.init_args\.lr: .*PositiveFloat"):
         run_cli(["fit", "--config", str(REPO / "configs" / "tabular_wine.yaml"), "--model.init_args.lr=-1",
                  f"--trainer.default_root_dir={tmp_path}"])
+
+
+class FailsInTraining(UserModel):
+    """Raises inside training: a bug, not a user error, so the CLI must keep its traceback."""
+
+    def training_step(self, batch, batch_idx):
+        raise ValueError("boom inside training_step")
+
+
+def test_errors_raised_inside_training_keep_their_traceback(tmp_path):
+    from lightning_ext.cli import main
+
+    with pytest.raises(ValueError, match="boom inside training_step"):
+        main(["fit", "--model=test_cli.FailsInTraining", "--data=DigitsDataModule",
+              f"--trainer.default_root_dir={tmp_path}", *FAST])
