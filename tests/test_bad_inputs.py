@@ -435,25 +435,6 @@ def run_python_case(case: PyCase, tmp: Path) -> tuple[str, str]:
 
 #: Python cases a component still gets wrong today: id -> reason (xfail, strict: the test flips when fixed).
 KNOWN_PY: dict[str, str] = {
-    'BetaRankPruning.plot_path=empty path': 'silent accept: BetaRankPruning.plot_path (empty path)',
-    'FashionMNISTDataModule.data_dir=empty path': 'silent accept: FashionMNISTDataModule.data_dir (empty path)',
-    'FilteredDataModule.cache_dir=empty path': 'silent accept: FilteredDataModule.cache_dir (empty path)',
-    'FilteredDataModule.export_path=empty path': 'silent accept: FilteredDataModule.export_path (empty path)',
-    'FilteredDataModule.keep=string': 'unclear error: FilteredDataModule.keep',
-    'InteractionFileDataModule.num_items=smaller than the file': 'unclear error: InteractionFileDataModule.num_items',
-    'InteractionFileDataModule.test_path=empty path': 'unclear error: InteractionFileDataModule.test_path',
-    'InteractionFileDataModule.train_path=empty path': 'unclear error: InteractionFileDataModule.train_path',
-    'L1FilterPruning.plot_path=empty path': 'silent accept: L1FilterPruning.plot_path (empty path)',
-    'PipelineTuner.plot_path=empty path': 'silent accept: PipelineTuner.plot_path (empty path)',
-    'PlanetoidDataModule.cache_dir=empty path': 'silent accept: PlanetoidDataModule.cache_dir (empty path)',
-    'RandomFilterPruning.plot_path=empty path': 'silent accept: RandomFilterPruning.plot_path (empty path)',
-    'StagedPipelineDataModule.cache_dir=empty path': 'silent accept: StagedPipelineDataModule.cache_dir (empty path)',
-    'StagedPipelineDataModule.data_dir=empty path': 'silent accept: StagedPipelineDataModule.data_dir (empty path)',
-    'StagedPipelineDataModule.seed=NaN': 'silent accept: StagedPipelineDataModule.seed (NaN)',
-    'StagedPipelineDataModule.seed=fraction': 'silent accept: StagedPipelineDataModule.seed (fraction)',
-    'StagedPipelineDataModule.seed=inf': 'silent accept: StagedPipelineDataModule.seed (inf)',
-    'StagedPipelineDataModule.seed=string': 'silent accept: StagedPipelineDataModule.seed (string)',
-    'TabularDataModule.name=unknown choice': 'unclear error: TabularDataModule.name',
 }
 
 

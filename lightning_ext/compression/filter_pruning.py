@@ -58,7 +58,7 @@ from lightning_ext.compression.plan import (
 from lightning_ext.core.inputs import batch_inputs, example_inputs, first_train_loader
 from lightning_ext.core.measure import count_macs_params, measure_latency
 from lightning_ext.core.optional import require
-from lightning_ext.core.paths import output_path
+from lightning_ext.core.paths import check_path_argument, output_path
 from lightning_ext.core.plotting import new_figure, save_figure
 from lightning_ext.core.strategy import refuse_sharded_strategy
 from lightning_ext.core.validation import (
@@ -226,6 +226,7 @@ class FilterPruning(Callback):
         self.latency_batch_size = latency_batch_size
         self.latency_repeats = latency_repeats
         self.plot_path = plot_path
+        check_path_argument("plot_path", plot_path)
         self.verbose = verbose
         self._reset_state()
 

@@ -43,3 +43,20 @@ def cache_root(component: str = "") -> Path:
     """The documented cache root (``$LIGHTNING_EXT_CACHE`` or ``~/.cache/lightning_ext``), plus ``component``."""
     root = Path(os.environ.get("LIGHTNING_EXT_CACHE", "~/.cache/lightning_ext")).expanduser()
     return root / component if component else root
+
+
+def check_path_argument(name: str, value: Optional[PathLike], error: type[Exception] = ValueError) -> None:
+    """Refuse a path argument that is not ``None``, a non-empty string or an ``os.PathLike`` (one line naming it).
+
+    Example:
+        >>> check_path_argument("plot_path", "")
+        Traceback (most recent call last):
+        ...
+        ValueError: plot_path must name a file or folder, got ''; use None (null in YAML) to disable it.
+    """
+    if value is None:
+        return
+    if not isinstance(value, (str, os.PathLike)):
+        raise error(f"{name} must be a path (a string), got {type(value).__name__} {value!r}.")
+    if not str(value).strip():
+        raise error(f"{name} must name a file or folder, got {str(value)!r}; use None (null in YAML) to disable it.")

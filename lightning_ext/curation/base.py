@@ -212,7 +212,7 @@ def count_to_keep(keep: Union[float, int, None], n: int) -> Optional[int]:
     """
     if keep is None:
         return None
-    if isinstance(keep, bool):
+    if isinstance(keep, bool) or not isinstance(keep, (int, float, np.integer, np.floating)):
         raise ValueError(f"`keep` must be a fraction in (0, 1], a count >= 1 or None, got {keep!r}.")
     if isinstance(keep, float):
         if not 0 < keep <= 1:

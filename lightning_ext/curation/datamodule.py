@@ -18,6 +18,7 @@ from lightning_ext.core.paths import cache_root, output_path
 from lightning_ext.core.sampling import EpochSampler, ResumableDataLoader
 from lightning_ext.core.validation import NonNegativeInt, PositiveInt, check_number
 from lightning_ext.curation.base import Scorer, Scores, ScoringData, check_seed, count_to_keep, fingerprint
+from lightning_ext.core.paths import check_path_argument
 
 #: attributes under which datamodules commonly hold their training dataset (replaced by the filtered one)
 TRAIN_ATTRIBUTES = ("train_set", "train_dataset", "dataset_train", "data_train")
@@ -125,6 +126,8 @@ class FilteredDataModule(LightningDataModule):
         self.datamodule, self.scorer, self.keep = datamodule, scorer, keep
         self.class_balanced, self.min_per_class = class_balanced, min_per_class
         self.cache_dir, self.export_path, self.shuffle_seed = cache_dir, export_path, shuffle_seed
+        check_path_argument("cache_dir", cache_dir)
+        check_path_argument("export_path", export_path)
         self.kept_indices: Optional[np.ndarray] = None
         self.survivors: dict[int, tuple[int, int]] = {}
         self.scores: Optional[Scores] = None

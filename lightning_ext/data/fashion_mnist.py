@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from lightning_ext.core.validation import PositiveInt, UnitIntervalRightOpen
 from lightning_ext.data.base import Arrays, InMemoryDataModule
+from lightning_ext.core.paths import check_path_argument
 
 DEFAULT_SEARCH_PATHS = ("/usr/share/datasets/fashion-mnist",)
 _FILES = {
@@ -152,6 +153,7 @@ class FashionMNISTDataModule(InMemoryDataModule):
         val_fraction: UnitIntervalRightOpen = 5000 / 60000,
         **kwargs,
     ) -> None:
+        check_path_argument("data_dir", data_dir)
         super().__init__(batch_size=batch_size, val_fraction=val_fraction, **kwargs)
         self.data_dir = data_dir
         self.download = download

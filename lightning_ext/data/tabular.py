@@ -41,7 +41,7 @@ class TabularDataModule(InMemoryDataModule):
         if name not in TABULAR_DATASETS:
             close = difflib.get_close_matches(str(name), TABULAR_DATASETS, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"Unknown tabular dataset {name!r}; choose one of {sorted(TABULAR_DATASETS)}.{hint}")
+            raise ValueError(f"name must be one of {sorted(TABULAR_DATASETS)}, got {name!r}.{hint}")
         super().__init__(batch_size=batch_size, **kwargs)
         self.name = name
         _, self.num_features, self.num_classes = TABULAR_DATASETS[name]

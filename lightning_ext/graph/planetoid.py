@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_ext.core.optional import require
-from lightning_ext.core.paths import cache_root
 from lightning_ext.core.validation import check_choice, check_number
+from lightning_ext.core.paths import cache_root, check_path_argument
 
 # name -> (file prefix, number of node features, number of classes)
 PLANETOID = {"Cora": ("cora", 1433, 7), "CiteSeer": ("citeseer", 3703, 6), "PubMed": ("pubmed", 500, 3)}
@@ -68,6 +68,8 @@ class PlanetoidDataModule(LightningDataModule):
         check_choice("name", name, sorted(PLANETOID))
         check_choice("split", split, ("public", "full", "random"))
         check_number("split_seed", split_seed, integer=True)
+        check_path_argument("root", root)
+        check_path_argument("cache_dir", cache_dir)
         self.root = root or os.environ.get("PLANETOID_ROOT")
         self.name = name
         self.split = split

@@ -19,6 +19,7 @@ from lightning_ext.pipeline.workloads import (
     WORKLOADS, Workload, default_cache_dir, fashion_mnist_png_stages, movielens_rows_stages, synthetic_stages,
     write_fashion_mnist_pngs, write_movielens_rows,
 )
+from lightning_ext.core.paths import check_path_argument
 
 
 class _IndexMap:
@@ -95,7 +96,7 @@ class StagedPipelineDataModule(LightningDataModule):
         read_latency_ms: NonNegativeFloat = 0.0,
         hash_buckets: PositiveInt = 64,
         synthetic_cpu_ms: NonNegativeFloat = 0.0,
-        seed: int = 0,
+        seed: NonNegativeInt = 0,
         shuffle: bool = True,
         drop_last: bool = False,
         cache_dir: Optional[str] = None,
@@ -116,6 +117,9 @@ class StagedPipelineDataModule(LightningDataModule):
         check_non_negative("synthetic_cpu_ms", synthetic_cpu_ms)
         for stage, n in (workers or {}).items():
             check_number(f"workers[{stage!r}]", n, low=0, integer=True)
+        check_number("seed", seed, low=0, integer=True)
+        check_path_argument("cache_dir", cache_dir)
+        check_path_argument("data_dir", data_dir)
         if multiprocessing_context is not None:
             check_choice("multiprocessing_context", multiprocessing_context, get_args(MPContext))
         if workload == "fashion_mnist_png" and data_dir:

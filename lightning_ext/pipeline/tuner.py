@@ -26,6 +26,7 @@ from lightning_ext.core.validation import (
 )
 from lightning_ext.pipeline.agents import Agent, DQNAgent, HillClimber, Observation, SearchSpace
 from lightning_ext.pipeline.staged import Allocation, Stage, StagedPipeline
+from lightning_ext.core.paths import check_path_argument
 
 AgentName = Literal["rl", "hill_climb"]
 Mode = Literal["pipeline", "dataloader"]
@@ -180,6 +181,7 @@ class PipelineTuner(Callback):
         self.warmup_batches, self.max_prefetch, self.min_window_s = warmup_batches, max_prefetch, min_window_s
         self.explore_decisions, self.min_gain, self.seed = explore_decisions, min_gain, seed
         self.plot_path, self.verbose = plot_path, verbose
+        check_path_argument("plot_path", plot_path)
         self.agent: Optional[Agent] = None
         self.space: Optional[SearchSpace] = None
         self.history: list[dict] = []

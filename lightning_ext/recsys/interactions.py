@@ -288,7 +288,8 @@ class InteractionDataModule(LightningDataModule):
         train, test = dedupe_pairs(train), dedupe_pairs(test)
         for split, pairs in (("train", train), ("test", test)):
             if len(pairs) and (pairs.min() < 0 or pairs[:, 0].max() >= num_users or pairs[:, 1].max() >= num_items):
-                raise ValueError(f"{type(self).__name__}: {split} ids fall outside {num_users} users x {num_items} items.")
+                raise ValueError(f"{type(self).__name__}: {split} ids fall outside {num_users} users x {num_items} items; "
+                                 "raise num_users/num_items (or leave them None to read them from the files).")
         if len(train) == 0:
             raise ValueError(f"{type(self).__name__}: no training interactions were loaded.")
         if len(test) and len(np.intersect1d(_pair_keys(train, num_items).numpy(), _pair_keys(test, num_items).numpy())):
@@ -400,9 +401,9 @@ class InteractionFileDataModule(InteractionDataModule):
         for name, n in (("num_users", num_users), ("num_items", num_items)):
             if n is not None:
                 check_positive_int(f"{name} (or None: 1 + the largest id in the files)", n)
-        for p in (train_path, test_path):
-            if p is not None and not Path(p).is_file():
-                raise FileNotFoundError(f"{p} does not exist; pass the path of a `user item item ...` file.")
+        for arg, p in (("train_path", train_path), ("test_path", test_path)):
+            if p is not None and (not str(p).strip() or not Path(p).is_file()):
+                raise FileNotFoundError(f"{arg} {str(p)!r} does not exist; pass the path of a `user item item ...` file.")
         self.train_path, self.test_path = train_path, test_path
         self.num_users, self.num_items = num_users, num_items
         self.protocol = f"{split_name or Path(train_path).parent.name}: files {Path(train_path).name}" + (
