@@ -107,8 +107,13 @@ def _names_from_args(args: list[str]) -> list[str]:
             path = Path(value)
             if path.is_file():
                 names += list(_class_names_in(read_config(path)))
-        elif key in ("--model", "--data", "--trainer.callbacks", "--trainer.callbacks+") and value and not value.startswith("{"):
-            if not Path(value).is_file():
+        elif key in ("--model", "--data", "--trainer.callbacks", "--trainer.callbacks+") and value:
+            if value.lstrip().startswith(("{", "[")):  # an inline JSON/YAML value: read the class names inside it
+                try:
+                    names += list(_class_names_in(yaml.safe_load(value), key.lstrip("-").split(".")[-1].rstrip("+")))
+                except yaml.YAMLError:
+                    pass  # jsonargparse reports the malformed value with its key
+            elif not Path(value).is_file():
                 names.append(value)
         elif key.endswith(".class_path") and value:
             names.append(value)

@@ -249,3 +249,11 @@ def test_errors_raised_inside_training_keep_their_traceback(tmp_path):
     with pytest.raises(ValueError, match="boom inside training_step"):
         main(["fit", "--model=test_cli.FailsInTraining", "--data=DigitsDataModule",
               f"--trainer.default_root_dir={tmp_path}", *FAST])
+
+
+def test_inline_json_callbacks_on_the_command_line_are_parsed_not_taken_as_a_class_name(tmp_path):
+    cli = run_cli(["fit", "--config", QUICKSTART, *FAST, f"--trainer.default_root_dir={tmp_path}",
+                   '--trainer.callbacks=[{"class_path": "LearningRateMonitor"}]', "--test_after_fit=false"])
+    assert any(type(c).__name__ == "LearningRateMonitor" for c in cli.trainer.callbacks)
+    with pytest.raises(UnknownClassError, match="LearningRateMonitr"):
+        run_cli(["fit", "--config", QUICKSTART, *FAST, '--trainer.callbacks=[{"class_path": "LearningRateMonitr"}]'])
