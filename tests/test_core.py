@@ -112,3 +112,20 @@ def test_macs_count_a_module_holding_attributes_that_refuse_deepcopy():
     assert count_macs_params(net, torch.zeros(2, 4))[0] == 26
     assert layer_macs(net, torch.zeros(2, 4)) == {"0": 15, "1": 3, "2": 8}
     assert next(net.scheduler_factory) == 1  # the user's attribute is untouched
+
+
+def test_skipped_steps_travel_in_checkpoints_of_every_guarded_module():
+    from lightning_ext.recsys.lightgcn import LightGCN
+    from lightning_ext.ssl.self_supervised import ConvEncoder
+    from lightning_ext.ssl.simclr import SimCLR
+    from lightning_ext.vision.mlp_classifier import MLPClassifier
+
+    for module in (MLPClassifier(num_features=4, num_classes=3), LightGCN(num_users=3, num_items=4),
+                   SimCLR(ConvEncoder(1, (8, 16)), image_size=28, proj_hidden_dim=32, proj_output_dim=16)):
+        module.skipped_steps = 3
+        checkpoint = {}
+        module.on_save_checkpoint(checkpoint)
+        assert checkpoint["skipped_steps"] == 3
+        module.skipped_steps = 0
+        module.on_load_checkpoint(checkpoint)
+        assert module.skipped_steps == 3

@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_ext.core.validation import check_choice
 
@@ -151,3 +152,25 @@ def restore_buffers(module: nn.Module, snapshot: dict[str, Tensor]) -> None:
         for name, buffer in module.named_buffers():
             if name in snapshot:
                 buffer.copy_(snapshot[name])
+
+
+class SkippedStepsCheckpoint:
+    """Mixin for a LightningModule that uses :func:`check_loss`: keeps ``skipped_steps`` in its checkpoints.
+
+    Put it before ``LightningModule`` in the bases (``class M(SkippedStepsCheckpoint, LightningModule)``); a
+    subclass that overrides the hooks calls ``super()``.
+    """
+
+    skipped_steps: int = 0
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Save the count of skipped steps."""
+        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+        checkpoint["skipped_steps"] = self.skipped_steps
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Restore the count of skipped steps."""
+        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+        self.skipped_steps = int(checkpoint.get("skipped_steps", 0))

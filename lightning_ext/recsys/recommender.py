@@ -11,7 +11,13 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 from typing_extensions import override
 
-from lightning_ext.core.guards import NonFiniteLoss, check_loss, check_nonfinite_policy, refuse_skip_under_ddp
+from lightning_ext.core.guards import (
+    NonFiniteLoss,
+    SkippedStepsCheckpoint,
+    check_loss,
+    check_nonfinite_policy,
+    refuse_skip_under_ddp,
+)
 from lightning_ext.core.validation import PositiveFloat, PositiveInt, check_choice, check_positive, check_positive_int
 from lightning_ext.recsys.graph import symmetric_norm_values
 from lightning_ext.recsys.metrics import RankingMetrics
@@ -25,7 +31,7 @@ def bpr_loss(user: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.
     return F.softplus((user * neg).sum(-1) - (user * pos).sum(-1)).mean()
 
 
-class Recommender(LightningModule):
+class Recommender(SkippedStepsCheckpoint, LightningModule):
     """Base class: user/item embeddings trained on BPR triples, evaluated by full ranking with known items masked.
 
     Subclasses implement :meth:`propagate` (the final user and item embeddings), :meth:`training_loss` and,
@@ -257,16 +263,6 @@ class Recommender(LightningModule):
     def on_train_epoch_start(self) -> None:
         """Drop the cached embeddings: training changes them."""
         self._eval_embeddings = None
-
-    @override
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Save the count of skipped steps."""
-        checkpoint["skipped_steps"] = self.skipped_steps
-
-    @override
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Restore the count of skipped steps."""
-        self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
 
     @override
     def configure_optimizers(self) -> Any:

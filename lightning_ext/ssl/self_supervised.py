@@ -28,6 +28,7 @@ from lightning_ext.core.guards import (
     check_nonfinite_policy,
     refuse_skip_under_ddp,
     restore_buffers,
+    SkippedStepsCheckpoint,
 )
 from lightning_ext.core.optimization import configure_optimization
 from lightning_ext.core.validation import (
@@ -181,7 +182,7 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
 # -- the shared LightningModule -------------------------------------------------------------------------------
 
 
-class SelfSupervisedModule(LightningModule):
+class SelfSupervisedModule(SkippedStepsCheckpoint, LightningModule):
     """Base class: self-supervised pretraining of a backbone + projector on views of each batch.
 
     **Batches.** ``(x, y)`` or ``x`` image batches (any of our image DataModules): ``num_views`` views are
@@ -493,12 +494,3 @@ class SelfSupervisedModule(LightningModule):
             groups.append(probe_group)
         return configure_optimization(self, groups)
 
-    @override
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Save the count of skipped steps."""
-        checkpoint["skipped_steps"] = self.skipped_steps
-
-    @override
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Restore the count of skipped steps."""
-        self.skipped_steps = int(checkpoint.get("skipped_steps", 0))

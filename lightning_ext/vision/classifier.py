@@ -19,6 +19,7 @@ from lightning_ext.core.guards import (
     check_nonfinite_policy,
     refuse_skip_under_ddp,
     restore_buffers,
+    SkippedStepsCheckpoint,
 )
 from lightning_ext.core.optimization import (  # noqa: F401 - re-exported: other modules import them from here
     NumClasses,
@@ -31,7 +32,7 @@ from lightning_ext.core.validation import NonNegativeFloat, PositiveFloat, check
 __all__ = ["Classifier", "NumClasses", "check_optimization", "configure_optimization"]
 
 
-class Classifier(LightningModule):
+class Classifier(SkippedStepsCheckpoint, LightningModule):
     """Cross-entropy classification of ``(x, y)`` batches with accuracy and macro-F1 from torchmetrics.
 
     Logs ``{train,val,test}_loss`` (plus ``train_loss_epoch``, the epoch mean over all ranks), ``{train,val,test}_acc`` and ``{val,test}_f1``. The optimiser and LR
@@ -168,16 +169,6 @@ class Classifier(LightningModule):
         """Predicted class of each input."""
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x).argmax(dim=-1)
-
-    @override
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Save the count of skipped steps."""
-        checkpoint["skipped_steps"] = self.skipped_steps
-
-    @override
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Restore the count of skipped steps."""
-        self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
 
     @override
     def configure_optimizers(self):
