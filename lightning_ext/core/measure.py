@@ -64,15 +64,20 @@ def _one_sample(inputs: Any) -> Any:
 def trial_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` for counting or trial edits, with attributes that cannot be copied set to ``None``.
 
-    Torch-Pruning's counter deep-copies the model; a LightningModule built by LightningCLI can hold attributes that
-    refuse ``deepcopy`` (a scheduler factory, hooks holding a live data-loader iterator). They play no part in the
-    forward pass, so the copy gets ``None`` in their place and the user's model is untouched.
+    A LightningModule built by LightningCLI can hold attributes that refuse ``deepcopy`` (a scheduler factory,
+    hooks holding a live data-loader iterator). They play no part in the forward pass, so when a plain deep copy
+    fails the copy gets ``None`` in their place; the user's model is untouched. The common case costs one copy.
     """
     import copy
 
+    try:
+        return copy.deepcopy(model)
+    except Exception:  # noqa: BLE001 - some attribute refuses a copy: find which, below
+        pass
     memo: dict[int, Any] = {}
     for module in model.modules():
-        for key, value in vars(module).items():
+        # __getstate__ is what deepcopy copies (a LightningModule's drops its trainer)
+        for key, value in module.__getstate__().items():
             if key in ("_parameters", "_buffers", "_modules") or isinstance(value, (torch.Tensor, nn.Module)):
                 continue
             try:
@@ -84,9 +89,16 @@ def trial_copy(model: nn.Module) -> nn.Module:
 
 def _count(model: nn.Module, example_inputs: Any, layer_wise: bool):
     tp = require("torch_pruning", "counting MACs")
-    copy_ = trial_copy(model)
-    with eval_mode(copy_), torch.no_grad():
-        return copy_, tp.utils.count_ops_and_params(copy_, _one_sample(example_inputs), layer_wise=layer_wise)
+    inputs = _one_sample(example_inputs)
+    try:  # Torch-Pruning's counter deep-copies the model itself
+        with eval_mode(model), torch.no_grad():
+            return model, tp.utils.count_ops_and_params(model, inputs, layer_wise=layer_wise)
+    except TypeError as err:
+        if "pickle" not in str(err) and "deepcopy" not in str(err):
+            raise
+    counted = trial_copy(model)  # an attribute refused the copy: count a copy without it
+    with eval_mode(counted), torch.no_grad():
+        return counted, tp.utils.count_ops_and_params(counted, inputs, layer_wise=layer_wise)
 
 
 def count_macs_params(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
