@@ -8,6 +8,7 @@ way and give the same advice when a file cannot be read.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Optional, Union
@@ -20,7 +21,23 @@ Source = Union[str, os.PathLike, Mapping[str, Tensor]]
 #: Prefixes that wrappers add to parameter names (``ImageClassifier.net``, DDP's ``module``, ``torch.compile``).
 WRAPPER_PREFIXES = ("net.", "model.", "module.", "backbone.", "student.", "teacher.", "_orig_mod.")
 
-__all__ = ["WRAPPER_PREFIXES", "load_checkpoint", "match_prefixes", "read_state_dict", "state_dict_from"]
+__all__ = ["WRAPPER_PREFIXES", "load_checkpoint", "load_error_summary", "match_prefixes", "read_state_dict",
+           "state_dict_from"]
+
+
+def load_error_summary(err: BaseException) -> str:
+    """The one line that matters of a ``torch.load`` error (torch's own messages span several paragraphs).
+
+    Example:
+        >>> load_error_summary(RuntimeError("PytorchStreamReader failed reading zip archive: failed finding "
+        ...                                 "central directory. This is an internal miniz error."))
+        'PytorchStreamReader failed reading zip archive: failed finding central directory'
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\s+was not an allowed global|\.?\s+Please use|\n\n|$)", text, re.S)
+    line = found.group(1) if found else text.strip().split("\n")[0]
+    line = " ".join(line.split()).split(". ")[0].rstrip(".")
+    return line or type(err).__name__
 
 
 def load_checkpoint(path: Union[str, os.PathLike], what: str = "Checkpoint", argument: str = "") -> dict:
@@ -42,7 +59,8 @@ def load_checkpoint(path: Union[str, os.PathLike], what: str = "Checkpoint", arg
         obj = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - re-raised with advice
         raise ValueError(
-            f"Could not read {what.lower()} {file} with torch.load(weights_only=True): {err}. Save weights as a "
+            f"Could not read {what.lower()} {file} with torch.load(weights_only=True): {load_error_summary(err)}. "
+            "Save weights as a "
             "state dict (torch.save(model.state_dict(), path)) or as a Lightning checkpoint of plain types."
         ) from err
     if not isinstance(obj, Mapping):

@@ -19,7 +19,7 @@ from torch import Tensor
 from lightning_ext.core.checkpoints import load_checkpoint
 from lightning_ext.core.io import atomic_torch_save
 from lightning_ext.core.plotting import new_figure, save_figure
-from lightning_ext.merging.task_vectors import load_error_summary
+from lightning_ext.core.checkpoints import load_error_summary
 
 __all__ = ["AdaMergingHistory", "check_output_paths", "diagnose_collapse", "load_coefficients", "plot_coefficients",
            "save_coefficients"]

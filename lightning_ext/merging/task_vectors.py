@@ -32,7 +32,6 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
-import re
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,9 +41,9 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ext.core import checkpoints
-from lightning_ext.core.checkpoints import Source
+from lightning_ext.core.checkpoints import Source, load_error_summary
 from lightning_ext.core.layers import match_names
-from lightning_ext.core.validation import check_choice, check_finite_tensors, check_positive
+from lightning_ext.core.validation import check_choice, check_positive
 
 StateDict = Mapping[str, Tensor]
 
@@ -108,22 +107,7 @@ def read_state_dict(source: Source, reference_keys: Optional[Iterable[str]] = No
             "truncated file (a run killed while saving) or another format? Save it again with "
             "torch.save(model.state_dict(), path) or use a Lightning checkpoint."
         ) from err.__cause__
-    return check_finite_tensors(state, where)
-
-
-def load_error_summary(err: BaseException) -> str:
-    """The one line that matters of a ``torch.load`` error (torch's own messages span several paragraphs).
-
-    Example:
-        >>> load_error_summary(RuntimeError("PytorchStreamReader failed reading zip archive: failed finding "
-        ...                                 "central directory. This is an internal miniz error."))
-        'PytorchStreamReader failed reading zip archive: failed finding central directory'
-    """
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
-    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\s+was not an allowed global|\.?\s+Please use|\n\n|$)", text, re.S)
-    line = found.group(1) if found else text.strip().split("\n")[0]
-    line = " ".join(line.split()).split(". ")[0].rstrip(".")
-    return line or type(err).__name__
+    return state  # core.checkpoints.read_state_dict refused non-finite tensors, naming `where`
 
 
 # -- keys and architecture ----------------------------------------------------------------------------------------
