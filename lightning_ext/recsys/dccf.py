@@ -50,7 +50,11 @@ class DCCF(Recommender):
     early stopping) on HKUDS splits.
 
     Ablations: ``num_intents=1`` (one intent) and ``adaptive_augmentation=False`` (H^β = H^γ = 0, and their
-    InfoNCE terms dropped).
+    InfoNCE terms dropped). With one intent, softmax over one column is 1, so every row of R is the same
+    prototype c: each InfoNCE(Z, R) has equal logits in every row and equals log N exactly (N = unique ids),
+    with zero total gradient; H^γ's edge weights become 1/deg (a fixed, not learned, graph). The one-intent
+    ablation therefore removes 2 of the 6 contrastive terms per layer (users and items of InfoNCE(Z, R)) and
+    the adaptivity of H^γ, not only the intents.
 
     Args:
         num_layers: layers.

@@ -39,8 +39,10 @@ class LightGCL(Recommender):
     nonlinearity), E^l = Z^l; the SVD view G_u^l = U_q S_q V_qᵀ E_i^{l−1} and G_i^l = V_q S_q U_qᵀ E_u^{l−1}
     reads the **main view's** previous layer; readouts are **sums** over l = 0..L (G⁰ = E⁰). The contrastive
     loss (:func:`info_nce_unnormalized`) has **no** L2 normalisation (the paper writes cosine), clamps the
-    positive logit to [−5, 5] and takes negatives over **all** users / items, for the batch's unique users and
-    unique (positive and negative) items. Total: BPR + λ1·L_s + λ2·Σ||θ||².
+    positive logit to [−5, 5] and takes negatives over **all** users / items. Its anchors are the batch's users
+    and the concatenation of its positive and negative items **with duplicates** (the code's ``uids`` and
+    ``iids = cat(pos, neg)``), so a user or item drawn twice counts twice in the mean. Total:
+    BPR + λ1·L_s + λ2·Σ||θ||².
 
     Defaults from ``parser.py``: d 64, L 2, q 5, τ 0.2, λ1 0.2, λ2 1e-7, lr 1e-3, xavier-uniform init, edge
     dropout 0 (not implemented). LightGCL's published numbers use HKUDS splits, not LightGCN's.
@@ -115,7 +117,7 @@ class LightGCL(Recommender):
         loss = bpr
         parts = {"bpr": bpr}
         if self.cl_weight > 0:
-            uids, iids = torch.unique(users), torch.unique(torch.cat([pos, neg]))
+            uids, iids = users, torch.cat([pos, neg])  # with duplicates, as the official code averages
             cl = (info_nce_unnormalized(g_u[uids], e_u[uids], e_u, self.temperature)
                   + info_nce_unnormalized(g_i[iids], e_i[iids], e_i, self.temperature))
             loss = loss + self.cl_weight * cl
