@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Optional, get_args
 
@@ -14,7 +15,7 @@ from lightning_ext.core.validation import (
     NonNegativeFloat, NonNegativeInt, PositiveInt, UnitIntervalRightOpen, check_choice, check_fraction,
     check_non_negative, check_number, check_positive_int,
 )
-from lightning_ext.pipeline.staged import Allocation, MPContext, Stage, StagedPipeline
+from lightning_ext.pipeline.staged import Allocation, MPContext, ReconfigureMode, Stage, StagedPipeline
 from lightning_ext.pipeline.workloads import (
     WORKLOADS, Workload, default_cache_dir, fashion_mnist_png_stages, movielens_rows_stages, synthetic_stages,
     write_fashion_mnist_pngs, write_movielens_rows,
@@ -75,6 +76,8 @@ class StagedPipelineDataModule(LightningDataModule):
             another copy are rewritten.
         pin_memory: add a PinMemory node (CUDA only).
         multiprocessing_context: start method of process stages (``None``: the OS default).
+        reconfigure_mode: how the training pipeline applies a new allocation: ``"drain"`` (the old graph
+            delivers its work in flight while the new one starts) or ``"restart"`` (the work in flight is lost).
 
     Example:
         >>> dm = StagedPipelineDataModule("movielens_rows", batch_size=32, train_samples=256)  # doctest: +SKIP
@@ -103,6 +106,7 @@ class StagedPipelineDataModule(LightningDataModule):
         data_dir: Optional[str] = None,
         pin_memory: bool = False,
         multiprocessing_context: Optional[MPContext] = None,
+        reconfigure_mode: ReconfigureMode = "drain",
     ) -> None:
         super().__init__()
         require("torchdata", "StagedPipelineDataModule")
@@ -122,6 +126,8 @@ class StagedPipelineDataModule(LightningDataModule):
         check_path_argument("data_dir", data_dir)
         if multiprocessing_context is not None:
             check_choice("multiprocessing_context", multiprocessing_context, get_args(MPContext))
+        check_choice("reconfigure_mode", reconfigure_mode, get_args(ReconfigureMode))
+        self.reconfigure_mode = reconfigure_mode
         if workload == "fashion_mnist_png" and data_dir:
             from lightning_ext.data.fashion_mnist import find_fashion_mnist
 
@@ -218,8 +224,7 @@ class StagedPipelineDataModule(LightningDataModule):
         if len(indices) == 0:
             raise RuntimeError(f"{type(self).__name__}: the {split} split is empty; raise its size.")
         stages = self.build_stages(split)
-        stages[0] = Stage(stages[0].name, _IndexMap(indices, stages[0].fn), stages[0].method, stages[0].min_workers,
-                          stages[0].max_workers)
+        stages[0] = dataclasses.replace(stages[0], fn=_IndexMap(indices, stages[0].fn))
         train = split == "train"
         rank, world = 0, 1
         trainer = getattr(self, "trainer", None)
@@ -229,6 +234,7 @@ class StagedPipelineDataModule(LightningDataModule):
             len(indices), stages, self.batch_size, allocation=self.initial_allocation(stages),
             shuffle=self.shuffle and train, seed=self.seed, drop_last=self.drop_last and train, rank=rank,
             world_size=world, pin_memory=self.pin_memory, multiprocessing_context=self.multiprocessing_context,
+            reconfigure_mode=self.reconfigure_mode,
         )
 
     @override

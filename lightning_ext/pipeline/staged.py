@@ -9,25 +9,26 @@ Graph, rebuilt whenever the allocation changes::
 One task is one batch (the per-sample functions run over the batch inside the worker), because per-sample
 tasks cost more in queueing than small stage functions do (spec §1, measured). Every mapper runs
 ``in_order=True``, so the delivered stream is a function of ``(seed, epoch, rank)`` only, whatever the
-allocation: a change of allocation shuts the old graph down and starts a new one at the first batch not yet
-handed out, and the work in flight is discarded. That is what makes delivery exactly-once by construction;
-:meth:`StagedPipeline.__next__` also checks the batch index of every batch it hands out.
+allocation. torchdata cannot resize a ``ParallelMapper``'s pool in place, so a change of allocation builds a
+new graph. With ``reconfigure_mode="drain"`` (the default) the old graph's source is closed at the first batch
+it has not pulled yet: the old graph keeps running and delivers the batches already in flight, while the new
+graph starts at that batch and fills up in parallel, so no work is lost. With ``"restart"`` the old graph is
+shut down at once and the new one starts at the first batch not yet handed out, discarding the work in flight
+(counted in :attr:`PipelineStats.dropped_batches`; a dead worker always restarts). Either way delivery is
+exactly-once by construction; :meth:`StagedPipeline.__next__` also checks the batch index of every batch.
 """
 
 from __future__ import annotations
 
-import atexit
 import math
-import signal
-import threading
 import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional, Sequence, get_args
 
 import numpy as np
 
 from lightning_ext.core.optional import require
+from lightning_ext.pipeline._graph import _Collate, _Graph, _nbytes, _reset_with_default_sigterm, _Source, _StageCall
 from lightning_ext.core.sampling import EpochSampler
 from lightning_ext.core.validation import (
     NonNegativeFloat, NonNegativeInt, PositiveInt, check_choice, check_non_negative, check_number,
@@ -35,6 +36,8 @@ from lightning_ext.core.validation import (
 )
 
 _METHODS = ("thread", "process")
+_BUDGETS = ("cpu", "io")
+ReconfigureMode = Literal["drain", "restart"]
 #: start methods of process stages (``None``: the OS default)
 MPContext = Literal["fork", "spawn", "forkserver"]
 
@@ -49,7 +52,10 @@ class Stage:
             be picklable when the multiprocessing context is not ``fork`` (use a module-level class).
         method: ``"thread"`` (I/O-bound work) or ``"process"`` (CPU-bound Python work, no GIL contention).
         min_workers: lowest worker count a tuner may set (0 runs the stage inline in the upstream thread).
-        max_workers: highest worker count a tuner may set (``None``: the CPU budget).
+        max_workers: highest worker count a tuner may set (``None``: its budget).
+        budget: which budget the stage's workers count against: ``"cpu"`` (workers that compute) or ``"io"``
+            (threads that mostly wait, e.g. on remote reads; counted against a tuner's separate ``io_budget``).
+            ``None``: ``"io"`` for thread stages, ``"cpu"`` for process stages.
     """
 
     name: str
@@ -57,9 +63,13 @@ class Stage:
     method: Literal["thread", "process"] = "process"
     min_workers: int = 1
     max_workers: Optional[int] = None
+    budget: Optional[Literal["cpu", "io"]] = None
 
     def __post_init__(self) -> None:
         check_choice(f"Stage {self.name!r}: method", self.method, _METHODS)
+        if self.budget is None:
+            self.budget = "io" if self.method == "thread" else "cpu"
+        check_choice(f"Stage {self.name!r}: budget", self.budget, _BUDGETS)
         check_number(f"Stage {self.name!r}: min_workers", self.min_workers, low=0, integer=True)
         if self.max_workers is not None:
             check_number(f"Stage {self.name!r}: max_workers", self.max_workers, low=max(1, self.min_workers),
@@ -106,183 +116,13 @@ class PipelineStats:
     rebuild_s: float = 0.0
     failures: int = 0
     batch_nbytes: int = 0
+    dropped_batches: int = 0
+    drained_batches: int = 0
 
     def copy(self) -> "PipelineStats":
         return PipelineStats(self.batches, self.samples, self.wait_s, list(self.stage_busy_s), self.rebuilds,
-                             self.rebuild_s, self.failures, self.batch_nbytes)
-
-
-class _StageCall:
-    """Runs a per-sample function over one batch payload and times it (the time travels with the batch)."""
-
-    def __init__(self, fn: Callable) -> None:
-        self.fn = fn
-
-    def __call__(self, payload):
-        batch_idx, ids, items, times = payload
-        t0 = time.perf_counter()
-        out = [self.fn(x) for x in items]
-        return batch_idx, ids, out, times + (time.perf_counter() - t0,)
-
-
-class _Collate:
-    def __init__(self, collate: Callable) -> None:
-        self.collate = collate
-
-    def __call__(self, payload):
-        batch_idx, ids, items, times = payload
-        return batch_idx, ids, self.collate(items), times
-
-
-def _nbytes(obj) -> int:
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        return obj.element_size() * obj.nelement()
-    if isinstance(obj, np.ndarray):
-        return obj.nbytes
-    if isinstance(obj, (list, tuple)):
-        return sum(_nbytes(o) for o in obj)
-    if isinstance(obj, dict):
-        return sum(_nbytes(o) for o in obj.values())
-    return 0
-
-
-def _mapper_iter(node):
-    """The running ``_ParallelMapperIter`` inside a ``ParallelMapper`` (``None`` when inline or not started)."""
-    impl = getattr(node, "_it", None)
-    it = getattr(impl, "_it", None)
-    return it if it is not None and hasattr(it, "_workers") else None
-
-
-_LIVE_GRAPHS: "weakref.WeakSet[_Graph]" = weakref.WeakSet()
-
-
-_REAPING: set = set()  # worker processes of stopped graphs not yet joined
-
-
-@atexit.register
-def _shutdown_all() -> None:  # an exception that ends the program must not leave worker processes behind
-    for graph in list(_LIVE_GRAPHS):
-        graph.shutdown()
-    _reap([], list(_REAPING))
-
-
-def _reset_with_default_sigterm(node) -> None:
-    """``node.reset()`` forks the worker processes; fork them with the default SIGTERM action.
-
-    Trainers install SIGTERM handlers that only record the signal; inherited by a worker, such a handler
-    makes the worker ignore ``terminate()``.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        node.reset()
-        return
-    old = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    try:
-        node.reset()
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
-class _Graph:
-    """One built node graph plus the watchdog that notices dead worker processes."""
-
-    def __init__(self, root, mappers: list, tail_nodes: list, watchdog_interval: float) -> None:
-        self.root, self.mappers, self.tail_nodes = root, mappers, tail_nodes
-        _LIVE_GRAPHS.add(self)
-        self.dead_worker: Optional[str] = None
-        self._stop = threading.Event()
-        self._watchdog = None
-        if watchdog_interval > 0 and any(m.method == "process" and m.num_workers > 0 for m in mappers):
-            self._watchdog = threading.Thread(target=self._watch, args=(watchdog_interval,), daemon=True)
-            self._watchdog.start()
-
-    def processes(self) -> list:
-        out = []
-        for m in self.mappers:
-            it = _mapper_iter(m)
-            if it is not None and it.method == "process":
-                out += list(it._workers)
-        return out
-
-    def _watch(self, interval: float) -> None:
-        while not self._stop.wait(interval):
-            for p in self.processes():
-                if not p.is_alive():
-                    self.dead_worker = f"worker process {p.pid} exited with code {p.exitcode}"
-                    self._halt()
-                    return
-
-    def _halt(self) -> None:
-        """Make every blocked ``next`` return StopIteration (the pipeline then rebuilds)."""
-        for m in self.mappers:
-            it = _mapper_iter(m)
-            if it is not None:
-                it._stop.set()
-                it._mp_stop.set()
-        for node in self.tail_nodes:
-            it = getattr(node, "_it", None)
-            if it is not None and hasattr(it, "_stop_event"):
-                it._stop_event.set()
-
-    def shutdown(self, wait: bool = True) -> None:
-        """Stop the graph; with ``wait=False`` the threads and processes are reaped in the background."""
-        self._stop.set()
-        self._halt()
-        threads, procs = [], []
-        for node in self.tail_nodes:
-            it = getattr(node, "_it", None)
-            thread = getattr(it, "_thread", None)
-            if thread is not None:
-                threads.append(thread)
-                it._shutdown = _noop  # reaped here; torchdata's __del__ could run in one of these threads
-        for m in self.mappers:
-            it = _mapper_iter(m)
-            if it is None:
-                continue
-            for q in (it._in_q, it._intermed_q):  # drop queued work so workers exit promptly
-                try:
-                    while True:
-                        q.get_nowait()
-                except Exception:
-                    pass
-                if hasattr(q, "cancel_join_thread"):
-                    q.cancel_join_thread()
-            threads += [it._read_thread, it._sort_thread]
-            it._shutdown = _noop
-            if it.method == "process":
-                procs += it._workers
-                # torchdata's __del__ would test these processes from forked children of later graphs
-                it._workers = []
-            else:
-                threads += it._workers
-        _LIVE_GRAPHS.discard(self)
-        _REAPING.update(procs)
-        if wait:
-            _reap(threads, procs)
-        else:
-            threading.Thread(target=_reap, args=(threads, procs), daemon=True).start()
-
-
-def _noop() -> None:
-    pass
-
-
-def _reap(threads: list, procs: list) -> None:
-    deadline = time.monotonic() + 1.0
-    for t in threads:
-        if t.is_alive() and t is not threading.current_thread():
-            t.join(timeout=max(0.0, deadline - time.monotonic()))
-    for p in procs:
-        p.join(timeout=max(0.0, deadline - time.monotonic()))
-        if p.is_alive():
-            p.terminate()
-            p.join(timeout=0.5)
-        if p.is_alive():
-            p.kill()
-            p.join(timeout=0.5)
-        _REAPING.discard(p)
+                             self.rebuild_s, self.failures, self.batch_nbytes, self.dropped_batches,
+                             self.drained_batches)
 
 
 class StagedPipeline:
@@ -309,6 +149,9 @@ class StagedPipeline:
             makes the pipeline rebuild at the current position with :attr:`fallback_allocation` (set by a
             tuner to its last good allocation) and count a failure in :attr:`stats`.
         max_restarts: consecutive failed rebuilds tolerated before raising.
+        reconfigure_mode: ``"drain"``: a new allocation starts a new graph while the old one delivers the
+            batches it already has in flight (no work lost; both pools run for a moment); ``"restart"``: the
+            old graph is shut down at once and its work in flight is discarded.
 
     Example:
         >>> p = StagedPipeline(10, [Stage("square", lambda i: i * i, method="thread")], batch_size=4, shuffle=False)
@@ -334,6 +177,7 @@ class StagedPipeline:
         multiprocessing_context: Optional[MPContext] = None,
         watchdog_interval: NonNegativeFloat = 0.5,
         max_restarts: NonNegativeInt = 3,
+        reconfigure_mode: ReconfigureMode = "drain",
     ) -> None:
         require("torchdata", "StagedPipeline")
         if not stages:
@@ -345,6 +189,8 @@ class StagedPipeline:
         check_number("rank", rank, low=0, integer=True)
         check_non_negative("watchdog_interval", watchdog_interval)
         check_number("max_restarts", max_restarts, low=0, integer=True)
+        check_choice("reconfigure_mode", reconfigure_mode, get_args(ReconfigureMode))
+        self.reconfigure_mode = reconfigure_mode
         if multiprocessing_context is not None:
             check_choice("multiprocessing_context", multiprocessing_context, get_args(MPContext))
         self.stages = list(stages)
@@ -361,7 +207,7 @@ class StagedPipeline:
         self.fallback_allocation: Optional[Allocation] = None
         self.stats = PipelineStats(stage_busy_s=[0.0] * len(self.stages))
         self.failure_log: list[str] = []
-        self._graph: Optional[_Graph] = None
+        self._graphs: list[_Graph] = []  # [0] delivers now; later ones start where the one before stops
         self._batches: list[np.ndarray] = []
         self._position = 0  # next batch index to hand out in the current epoch
         self._consumed = 0  # batches the trainer used, counted when a datamodule calls mark_consumed()
@@ -399,8 +245,20 @@ class StagedPipeline:
             return False
         self.allocation = allocation
         if self._epoch_active and self._position < len(self._batches):
-            self._rebuild()
+            if self.reconfigure_mode == "drain" and self._graphs and self._graphs[-1].source is not None:
+                self._switch()
+            else:
+                self._rebuild()
         return True
+
+    def _switch(self) -> None:
+        """Close the newest graph's source where it stands and start a new graph there; old graphs drain."""
+        t0 = time.perf_counter()
+        start = max(self._position, self._graphs[-1].source.close())
+        if start < len(self._batches):
+            self._graphs.append(self._build(start))
+        self.stats.rebuilds += 1
+        self.stats.rebuild_s += time.perf_counter() - t0
 
     # -- iteration -----------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -440,13 +298,19 @@ class StagedPipeline:
             if self._position >= len(self._batches):
                 self._finish_epoch()
                 raise StopIteration
+            graph = self._graphs[0]
             t0 = time.perf_counter()
             try:
-                batch_idx, ids, batch, times = self._graph.root.next()
+                batch_idx, ids, batch, times = graph.root.next()
             except StopIteration:
-                self._on_failure(self._graph.dead_worker or "the pipeline stopped before the end of the epoch")
+                if graph.dead_worker is None and len(self._graphs) > 1 and self._position == graph.source.limit:
+                    self._graphs.pop(0).shutdown(wait=False)  # drained: the next graph takes over
+                    continue
+                self._on_failure(graph.dead_worker or "the pipeline stopped before the end of the epoch")
                 continue
             wait = time.perf_counter() - t0
+            if len(self._graphs) > 1:
+                self.stats.drained_batches += 1
             if batch_idx != self._position:  # cannot happen with in_order mappers; guard the invariant anyway
                 raise RuntimeError(f"StagedPipeline delivered batch {batch_idx} where {self._position} was due.")
             self._position += 1
@@ -465,12 +329,11 @@ class StagedPipeline:
         self._shutdown()
         self._epoch_active = False
 
-    def _build(self):
+    def _build(self, start: int) -> _Graph:
         from torchdata.nodes import IterableWrapper, Mapper, ParallelMapper, PinMemory, Prefetcher
 
-        start = self._position
-        payloads = [(start + k, b, b.tolist(), ()) for k, b in enumerate(self._batches[start:])]
-        node = IterableWrapper(payloads)
+        source = _Source(self._batches, start)
+        node = IterableWrapper(source)
         mappers = []
         for stage, w in zip(self.stages, self.allocation.workers):
             node = ParallelMapper(node, _StageCall(stage.fn), num_workers=w, in_order=True, method=stage.method,
@@ -485,12 +348,15 @@ class StagedPipeline:
             node = PinMemory(node)
             tail.append(node)
         _reset_with_default_sigterm(node)
-        return _Graph(node, mappers, tail, self.watchdog_interval)
+        return _Graph(node, mappers, tail, self.watchdog_interval, source)
 
     def _rebuild(self) -> None:
+        """Shut every graph down (their work in flight is lost) and start one at the next batch to hand out."""
         t0 = time.perf_counter()
+        if self._graphs and self._graphs[-1].source is not None:
+            self.stats.dropped_batches += max(0, self._graphs[-1].source.next_idx - self._position)
         self._shutdown(wait=False)
-        self._graph = self._build()
+        self._graphs = [self._build(self._position)]
         self.stats.rebuilds += 1
         self.stats.rebuild_s += time.perf_counter() - t0
 
@@ -507,9 +373,9 @@ class StagedPipeline:
         self._rebuild()
 
     def _shutdown(self, wait: bool = True) -> None:
-        if self._graph is not None:
-            self._graph.shutdown(wait)
-            self._graph = None
+        graphs, self._graphs = self._graphs, []
+        for graph in graphs:
+            graph.shutdown(wait)
 
     def close(self) -> None:
         """Stop every worker (also called at the end of each epoch)."""
@@ -533,7 +399,7 @@ class StagedPipeline:
 
     def worker_processes(self) -> list:
         """The live process objects of the current graph (for tests and monitoring)."""
-        return self._graph.processes() if self._graph is not None else []
+        return [p for graph in self._graphs for p in graph.processes()]
 
     # -- checkpointing -----------------------------------------------------------------------------------
     def mark_consumed(self) -> None:

@@ -24,11 +24,11 @@ from lightning_ext.core.validation import (
     NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, check_choice, check_non_negative, check_number,
     check_positive, check_positive_int,
 )
-from lightning_ext.pipeline.agents import Agent, DQNAgent, HillClimber, Observation, SearchSpace
+from lightning_ext.pipeline.agents import Agent, BusyTimeAllocator, DQNAgent, HillClimber, Observation, SearchSpace
 from lightning_ext.pipeline.staged import Allocation, Stage, StagedPipeline
 from lightning_ext.core.paths import check_path_argument
 
-AgentName = Literal["rl", "hill_climb"]
+AgentName = Literal["rl", "hill_climb", "busy_time"]
 Mode = Literal["pipeline", "dataloader"]
 AGENTS: tuple[str, ...] = get_args(AgentName)
 #: default RL exploration: decisions are windows of batches in pipeline mode, whole epochs in dataloader mode
@@ -108,9 +108,12 @@ class PipelineTuner(Callback):
     allocation the agent measured (:attr:`final_allocation`), or back to the user's own settings when it
     has none yet, never left on the last exploratory one.
 
-    Agents: ``"rl"`` is a DQN (2x64 MLP, epsilon-greedy over ``explore_decisions`` decisions, then it settles
-    on the best allocation it measured and watches for drift); ``"hill_climb"`` is tf.data AUTOTUNE's
-    HILL_CLIMB on measured throughput. The agent, its best allocation and the tuning history are saved in
+    Agents: ``"rl"`` is a DQN (2x64 MLP, learning from its 9th decision, epsilon-greedy for
+    ``explore_decisions`` decisions, then it settles on the best allocation it measured and watches for
+    drift); ``"hill_climb"`` is tf.data AUTOTUNE's HILL_CLIMB on measured throughput; ``"busy_time"`` splits
+    each budget in proportion to the stages' measured busy time per sample (a cost model, as AUTOTUNE and
+    Plumber use; pipeline mode only). Workers of I/O stages (thread stages, unless a :class:`Stage` says
+    otherwise) count against ``io_budget``, not ``cpu_budget``: threads that wait on reads cost little CPU. The agent, its best allocation and the tuning history are saved in
     checkpoints, so a resumed run continues where it left off. Under DDP rank 0 decides on measurements
     averaged over ranks and broadcasts the allocation; each rank runs it on its own pipeline with
     ``cpu_budget`` (default: this machine's CPUs divided by the processes per machine).
@@ -122,11 +125,13 @@ class PipelineTuner(Callback):
     Args:
         agent: ``"rl"`` or ``"hill_climb"``.
         mode: ``"pipeline"`` or ``"dataloader"``.
-        cpu_budget: most workers in total per process (``None``: CPUs per process on this machine).
+        cpu_budget: most workers of CPU stages in total per process (``None``: CPUs per process on this machine).
+        io_budget: most threads of I/O stages in total per process (``None``: 4x the CPU budget).
         memory_budget_mb: most estimated in-flight batch memory (``None``: half the available RAM).
         decide_every_n_batches: batches per measurement window (``mode="pipeline"``).
         min_window_s: a window also lasts at least this many seconds (short windows are noisy).
         warmup_batches: batches skipped after a change before measuring (the pipeline refills).
+        min_prefetch: lowest prefetch depth (``min_prefetch == max_prefetch``: prefetch is not tuned).
         max_prefetch: highest prefetch depth (``prefetch_factor`` in dataloader mode).
         explore_decisions: decisions the RL agent explores before settling (``None``: 100 windows in
             pipeline mode, :data:`DATALOADER_EXPLORE_DECISIONS` in dataloader mode, where each one is an epoch).
@@ -147,10 +152,12 @@ class PipelineTuner(Callback):
         agent: AgentName = "rl",
         mode: Mode = "pipeline",
         cpu_budget: Optional[PositiveInt] = None,
+        io_budget: Optional[PositiveInt] = None,
         memory_budget_mb: Optional[PositiveFloat] = None,
         decide_every_n_batches: PositiveInt = 20,
         min_window_s: NonNegativeFloat = 0.5,
         warmup_batches: NonNegativeInt = 2,
+        min_prefetch: PositiveInt = 1,
         max_prefetch: PositiveInt = 8,
         explore_decisions: Optional[PositiveInt] = None,
         min_gain: NonNegativeFloat = 0.05,
@@ -163,14 +170,24 @@ class PipelineTuner(Callback):
         check_choice("mode", mode, MODES)
         if cpu_budget is not None:
             check_positive_int("cpu_budget (workers in total, or None)", cpu_budget)
+        if io_budget is not None:
+            check_positive_int("io_budget (I/O threads in total, or None)", io_budget)
+        check_positive_int("min_prefetch", min_prefetch)
+        if agent == "busy_time" and mode != "pipeline":
+            raise ValueError("agent='busy_time' needs per-stage busy times: use it with mode='pipeline'.")
         if memory_budget_mb is not None:
             check_positive("memory_budget_mb (or None)", memory_budget_mb)
         for name, value in (("decide_every_n_batches", decide_every_n_batches), ("max_prefetch", max_prefetch)):
             check_positive_int(name, value)
+        if min_prefetch > max_prefetch:
+            raise ValueError(f"min_prefetch={min_prefetch} is above max_prefetch={max_prefetch}; lower it.")
         if explore_decisions is not None:
             check_positive_int("explore_decisions (or None for the mode's default)", explore_decisions)
         else:
             explore_decisions = DATALOADER_EXPLORE_DECISIONS if mode == "dataloader" else PIPELINE_EXPLORE_DECISIONS
+        if agent == "rl" and explore_decisions < 2:
+            raise ValueError(f"explore_decisions={explore_decisions} leaves the RL agent no decision to learn in; "
+                             f"use at least 2.")
         check_non_negative("min_window_s", min_window_s)
         check_number("warmup_batches (below decide_every_n_batches)", warmup_batches, low=0,
                      high=decide_every_n_batches, high_open=True, integer=True)
@@ -179,6 +196,7 @@ class PipelineTuner(Callback):
         self.agent_name, self.mode, self.cpu_budget = agent, mode, cpu_budget
         self.memory_budget_mb, self.decide_every_n_batches = memory_budget_mb, decide_every_n_batches
         self.warmup_batches, self.max_prefetch, self.min_window_s = warmup_batches, max_prefetch, min_window_s
+        self.min_prefetch, self.io_budget = min_prefetch, io_budget
         self.explore_decisions, self.min_gain, self.seed = explore_decisions, min_gain, seed
         self.plot_path, self.verbose = plot_path, verbose
         check_path_argument("plot_path", plot_path)
@@ -202,11 +220,11 @@ class PipelineTuner(Callback):
         self._batch_end_t: Optional[float] = None
 
     # -- setup ---------------------------------------------------------------------------------------------
-    def _budgets(self, trainer: Trainer) -> tuple[int, Optional[float]]:
+    def _budgets(self, trainer: Trainer) -> tuple[int, int, Optional[float]]:
         per_machine = max(1, trainer.world_size // max(1, getattr(trainer, "num_nodes", 1)))
         cpus = self.cpu_budget or max(1, available_cpus() // per_machine)
         memory = self.memory_budget_mb * 2**20 if self.memory_budget_mb else default_memory_budget()
-        return cpus, memory
+        return cpus, self.io_budget or 4 * cpus, memory
 
     def _pipeline(self, trainer: Trainer) -> StagedPipeline:
         loader = trainer.train_dataloader
@@ -229,7 +247,11 @@ class PipelineTuner(Callback):
 
     def _make_agent(self, space: SearchSpace) -> Agent:
         if self.agent_name == "rl":
-            return DQNAgent(space, explore_decisions=self.explore_decisions, seed=self.seed)
+            # learning starts within exploration even when it is a handful of epochs (dataloader mode)
+            learn_start = max(1, min(8, self.explore_decisions - 1))
+            return DQNAgent(space, explore_decisions=self.explore_decisions, learn_start=learn_start, seed=self.seed)
+        if self.agent_name == "busy_time":
+            return BusyTimeAllocator(space)
         return HillClimber(space, min_gain=self.min_gain)
 
     def _current(self, trainer: Trainer) -> Allocation:
@@ -259,13 +281,13 @@ class PipelineTuner(Callback):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Build the search space and the agent (restored from a checkpoint if one was loaded); apply the start allocation."""
-        cpus, memory = self._budgets(trainer)
+        cpus, io, memory = self._budgets(trainer)
         if self.mode == "pipeline":
             stages = self._pipeline(trainer).stages
         else:
             self._dataloader(trainer)
             stages = [Stage("workers", None, "process", min_workers=0)]
-        self.space = SearchSpace.for_stages(stages, cpus, (1, self.max_prefetch), memory)
+        self.space = SearchSpace.for_stages(stages, cpus, (self.min_prefetch, self.max_prefetch), memory, io)
         self.agent = self._make_agent(self.space)
         self.final_allocation = None
         if self.mode == "dataloader":
