@@ -26,14 +26,17 @@ from lightning_ext.merging import (
     apply_coefficients,
     base_distance,
     check_same_architecture,
+    diagnose_agreement,
     diagnose_collapse,
     disjoint_merge,
     elect_sign,
     entropy_loss,
+    finetuned_agreement,
     fit_ada_merging,
     load_coefficients,
     measure_peak_memory,
     plot_coefficients,
+    prediction_agreement,
     read_state_dict,
     save_coefficients,
     simple_average,
@@ -569,6 +572,7 @@ def test_callback_learns_ada_merging_coefficients(zoo, tmp_path):
     trainer = Trainer(max_steps=2, default_root_dir=tmp_path, callbacks=[merging], **QUIET)
     trainer.fit(module, datamodule=DigitsDataModule())
     assert merging.learned_coefficients.shape == (4, 2) and len(merging.history.steps) == 4
+    assert set(merging.agreement) == {"digits", "inverted"} and all(0 <= a <= 1 for a in merging.agreement.values())
     assert (tmp_path / "ada.png").is_file()
     assert all(p.requires_grad for p in module.parameters()), "the module's flags are restored"
 
@@ -894,3 +898,101 @@ def test_hooks_are_marked_override_with_a_docstring():
         for hook in names:
             fn = vars(cls)[hook]
             assert getattr(fn, "__override__", False) and fn.__doc__, f"{cls.__name__}.{hook}"
+
+
+# -- one-batch equivalence with independent implementations (the papers' equations, the official codes' conventions) ---
+
+
+def _independent_entropy(logits: torch.Tensor) -> torch.Tensor:
+    # AdaMerging's softmax_entropy: -(softmax(x) * log_softmax(x)).sum(1), averaged over the batch; written with exp/log
+    z = logits.double() - logits.double().max(dim=1, keepdim=True).values
+    p = z.exp() / z.exp().sum(dim=1, keepdim=True)
+    return -(p * p.log()).sum(dim=1).mean()
+
+
+def test_layer_wise_ada_merging_loss_and_gradient_match_an_independent_implementation():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    base = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    shared = ["0.weight", "0.bias"]
+    taus = [{k: 0.5 * torch.randn_like(base[k]) for k in shared} for _ in range(2)]
+    heads = [{"2.weight": torch.randn(3, 6), "2.bias": torch.randn(3)} for _ in range(2)]
+    model = AdaMergingModel(net, taus, heads, granularity="layer")
+    raw = torch.tensor([[0.2, 1.4], [0.7, -0.3]])  # rows: 0.weight, 0.bias; two entries outside the clamp range
+    with torch.no_grad():
+        model.raw_coefficients.copy_(raw)
+    xs = [torch.randn(7, 5), torch.randn(7, 5)]
+    loss = sum(entropy_loss(model(x, k)) for k, x in enumerate(xs))
+    loss.backward()
+    # independent: theta^l = theta0^l + sum_k clamp(lambda_k^l, 0, 1) tau_k^l, forward written by hand, own head per task
+    lam = raw.clone().double().requires_grad_(True)
+    used = lam.clamp(0, 1)
+    w = base["0.weight"].double() + used[0, 0] * taus[0]["0.weight"].double() + used[0, 1] * taus[1]["0.weight"].double()
+    b = base["0.bias"].double() + used[1, 0] * taus[0]["0.bias"].double() + used[1, 1] * taus[1]["0.bias"].double()
+    ref = 0
+    for k, x in enumerate(xs):
+        hidden = torch.tanh(x.double() @ w.T + b)
+        ref = ref + _independent_entropy(hidden @ heads[k]["2.weight"].double().T + heads[k]["2.bias"].double())
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.raw_coefficients.grad.double(), lam.grad, atol=1e-5, rtol=1e-4)
+    assert float(lam.grad[0, 1]) == 0.0 and float(lam.grad[1, 1]) == 0.0  # clamped: no gradient
+
+
+def _official_ties(task_vectors: torch.Tensor, density: float) -> torch.Tensor:
+    # TIES-Merging's reference code (prateeksr/ties-merging, topk_values_mask/resolve_sign/disjoint_merge): rows are
+    # flattened task vectors. One deliberate difference: the reference takes kthvalue(d - int(d * K)), which keeps
+    # int(d * K) + 1 entries and fails at K = 1; we keep the paper's top int(d * K) ("top-k %"), hence the + 1.
+    n, d = task_vectors.shape
+    k = d - int(d * density) + 1
+    kth = task_vectors.abs().kthvalue(k, dim=1, keepdim=True).values
+    trimmed = task_vectors * (task_vectors.abs() >= kth)
+    sign = torch.sign(trimmed.sum(dim=0))
+    sign[sign == 0] = torch.sign(sign.sum())
+    keep = torch.where(sign.unsqueeze(0) > 0, trimmed > 0, trimmed < 0)
+    selected = trimmed * keep
+    return selected.sum(dim=0) / (selected != 0).sum(dim=0).float().clamp(min=1)
+
+
+@pytest.mark.parametrize("density", [0.2, 0.5, 1.0])
+def test_ties_merge_matches_the_official_trim_elect_merge(density):
+    torch.manual_seed(1)
+    base = {"a": torch.randn(4, 5), "b": torch.randn(7), "head": torch.zeros(2)}
+    fts = [{"a": base["a"] + torch.randn(4, 5), "b": base["b"] + torch.randn(7), "head": torch.ones(2)} for _ in range(3)]
+    flat = torch.stack([torch.cat([(ft[k] - base[k]).flatten() for k in ("a", "b")]) for ft in fts])
+    expected = _official_ties(flat, density) * 0.7
+    merged = ties_merging_merge(base, fts, density=density, scaling=0.7, ignored_layers=["head"], on_foreign_base="ignore")
+    got = torch.cat([(merged[k] - base[k]).flatten() for k in ("a", "b")])
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+# -- label-free agreement ----------------------------------------------------------------------------------------
+
+
+def test_agreement_flags_a_confident_but_wrong_merge_that_the_collapse_diagnosis_misses():
+    torch.manual_seed(0)
+    own = torch.randn(200, 10)  # the task's fine-tuned model
+    wrong = 30.0 * F.one_hot((own.argmax(1) + 3) % 10, 10).float()  # sure of a shifted class: spread, not one class
+    right = own + 0.01 * torch.randn(200, 10)
+    assert prediction_agreement(right, own) > 0.95 and prediction_agreement(wrong, own) == 0.0
+    h = AdaMergingHistory(["a", "b"])
+    for step in range(10):  # entropy falls on both tasks, no dominant class, coefficients inside the bounds
+        share = float(torch.bincount(wrong.argmax(1), minlength=10).max()) / 200
+        h.record(step, [1.0 - 0.1 * step, 1.0 - 0.1 * step], [share, 0.2], torch.full((1, 2), 0.4), (0.0, 1.0), True)
+    assert diagnose_collapse(h) == []
+    entropy = {"a": float(entropy_loss(wrong)), "b": float(entropy_loss(right))}
+    messages = diagnose_agreement({"a": prediction_agreement(wrong, own), "b": prediction_agreement(right, own)}, entropy)
+    assert len(messages) == 1 and messages[0].startswith("a:") and "confident-but-wrong" in messages[0]
+    with pytest.raises(ValueError, match="one shape"):
+        prediction_agreement(own, own[:, :5])
+
+
+def test_finetuned_agreement_is_one_where_the_merge_is_that_task_model(zoo):
+    model = _ada(zoo, "task")
+    loaders = [[torch.randn(16, 1, 8, 8)] for _ in range(2)]
+    with torch.no_grad():
+        model.raw_coefficients.copy_(torch.tensor([[1.0, 0.0]]))  # the merge is task 0's fine-tuned model
+    agreement, entropy = finetuned_agreement(model, loaders)
+    assert agreement[0] == 1.0 and len(entropy) == 2
+    with pytest.raises(ValueError, match="2 tasks"):
+        finetuned_agreement(model, loaders[:1])

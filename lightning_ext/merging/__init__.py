@@ -12,7 +12,9 @@
   only trainable parameters, merged weights through ``torch.func.functional_call``), :func:`entropy_loss`,
   :func:`fit_ada_merging`, :func:`apply_coefficients` (Yang et al., ICLR 2024);
 - :mod:`~lightning_ext.merging.ada_diagnostics`: :class:`AdaMergingHistory`, :func:`diagnose_collapse`,
-  :func:`save_coefficients`/:func:`load_coefficients`, :func:`plot_coefficients`;
+  :func:`save_coefficients`/:func:`load_coefficients`, :func:`plot_coefficients`, and the label-free check
+  :func:`prediction_agreement`/:func:`diagnose_agreement` (merged vs each task's own fine-tuned model on the same
+  unlabelled inputs; :func:`finetuned_agreement` computes it for an :class:`AdaMergingModel`);
 - :mod:`~lightning_ext.merging.memory`: :func:`measure_peak_memory`.
 
 Average, task arithmetic and TIES stream: they hold the base, an accumulator and one fine-tuned model at a
@@ -37,12 +39,20 @@ Example:
 
 from lightning_ext.merging.ada_diagnostics import (
     AdaMergingHistory,
+    diagnose_agreement,
     diagnose_collapse,
     load_coefficients,
     plot_coefficients,
     save_coefficients,
 )
-from lightning_ext.merging.ada_merging import AdaMergingModel, apply_coefficients, entropy_loss, fit_ada_merging
+from lightning_ext.merging.ada_diagnostics import prediction_agreement
+from lightning_ext.merging.ada_merging import (
+    AdaMergingModel,
+    apply_coefficients,
+    entropy_loss,
+    finetuned_agreement,
+    fit_ada_merging,
+)
 from lightning_ext.merging.memory import PeakMemory, measure_peak_memory
 from lightning_ext.merging.task_arithmetic import task_arithmetic_merge
 from lightning_ext.merging.task_vectors import (
@@ -72,15 +82,18 @@ __all__ = [
     "check_base_distance",
     "check_same_architecture",
     "default_ignored_layers",
+    "diagnose_agreement",
     "diagnose_collapse",
     "disjoint_merge",
     "elect_sign",
     "entropy_loss",
+    "finetuned_agreement",
     "fit_ada_merging",
     "is_head_key",
     "load_coefficients",
     "measure_peak_memory",
     "plot_coefficients",
+    "prediction_agreement",
     "read_state_dict",
     "resolve_ignored_layers",
     "save_coefficients",

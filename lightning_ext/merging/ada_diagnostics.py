@@ -21,8 +21,8 @@ from lightning_ext.core.io import atomic_torch_save
 from lightning_ext.core.plotting import new_figure, save_figure
 from lightning_ext.core.checkpoints import load_error_summary
 
-__all__ = ["AdaMergingHistory", "check_output_paths", "diagnose_collapse", "load_coefficients", "plot_coefficients",
-           "save_coefficients"]
+__all__ = ["AdaMergingHistory", "check_output_paths", "diagnose_agreement", "diagnose_collapse", "load_coefficients",
+           "plot_coefficients", "prediction_agreement", "save_coefficients"]
 
 
 @dataclass
@@ -104,6 +104,53 @@ def diagnose_collapse(history: AdaMergingHistory, share_threshold: float = 0.9, 
         )
     return messages
 
+
+
+def prediction_agreement(merged_logits: Tensor, reference_logits: Tensor) -> float:
+    """Share of inputs on which the merged model predicts the same class as a reference (the task's own fine-tuned
+    model), from the two models' logits on the same unlabelled inputs. Needs no label, so it is available at merge
+    time; unlike the entropy it sees a merged model that is confident but wrong.
+
+    Example:
+        >>> prediction_agreement(torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+        0.5
+    """
+    if merged_logits.dim() != 2 or merged_logits.shape != reference_logits.shape:
+        raise ValueError(f"Agreement needs two (batch, classes) logit tensors of one shape, got "
+                         f"{tuple(merged_logits.shape)} and {tuple(reference_logits.shape)}.")
+    if merged_logits.shape[0] == 0:
+        raise ValueError("Agreement needs at least one input; the logits are empty.")
+    return float((merged_logits.argmax(dim=1) == reference_logits.argmax(dim=1)).float().mean())
+
+
+def diagnose_agreement(agreement: Mapping[str, float], entropy: Optional[Mapping[str, float]] = None,
+                       threshold: float = 0.7, low_entropy: float = 0.3) -> list[str]:
+    """Messages about tasks whose merged model disagrees with the task's own fine-tuned model (empty when none).
+
+    ``agreement[task]`` is :func:`prediction_agreement` on that task's unlabelled inputs; a task below ``threshold``
+    is flagged. With ``entropy[task]`` (the merged model's mean prediction entropy on the same inputs, in nats) a
+    flagged task below ``low_entropy`` is called a *confident-but-wrong* collapse: entropy minimisation has made
+    the merged model sure of answers its fine-tuned model does not give, which :func:`diagnose_collapse` (entropy,
+    dominant class, bounds) cannot see.
+
+    Example:
+        >>> diagnose_agreement({"a": 0.95, "b": 0.4}, {"a": 0.2, "b": 0.01})  # doctest: +ELLIPSIS
+        ['b: the merged model agrees with its fine-tuned model on 40% of the inputs (< 70%) at entropy 0.010: ...']
+    """
+    if not 0.0 < float(threshold) <= 1.0:
+        raise ValueError(f"`threshold` must be in (0, 1], got {threshold}.")
+    messages = []
+    for name, share in agreement.items():
+        if share >= threshold:
+            continue
+        h = None if entropy is None else entropy.get(name)
+        if h is not None and h < low_entropy:
+            messages.append(f"{name}: the merged model agrees with its fine-tuned model on {share:.0%} of the inputs "
+                            f"(< {threshold:.0%}) at entropy {h:.3f}: a confident-but-wrong collapse.")
+        else:
+            messages.append(f"{name}: the merged model agrees with its fine-tuned model on {share:.0%} of the inputs "
+                            f"(< {threshold:.0%}).")
+    return messages
 
 
 def save_coefficients(path: Union[str, Path], coefficients: Tensor, layer_names: Sequence[str],

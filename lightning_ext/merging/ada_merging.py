@@ -67,6 +67,7 @@ __all__ = [
     "ada_merging_loss",
     "apply_coefficients",
     "entropy_loss",
+    "finetuned_agreement",
     "fit_ada_merging",
     "layer_rows",
     "load_shared_weights",
@@ -325,6 +326,15 @@ class AdaMergingModel(nn.Module):
             self.network.eval()
         return functional_call(self.network, tensors, (x,), strict=False)
 
+    def finetuned_forward(self, x: Any, task: int) -> Tensor:
+        """Logits of task ``task``'s own model, :math:`\\theta_0 + \\tau_k` with its head (the fine-tuned model itself;
+        its TIES-selected part under AdaMerging++), for the label-free agreement check."""
+        task = int(task)
+        self.head(task)  # range check
+        base = self.network.state_dict()
+        tensors = {**{k: base[k] + self._stacks[k][task].to(base[k].dtype) for k in self.keys}, **self.head(task)}
+        return functional_call(self.network, tensors, (x,), strict=False)
+
     @torch.no_grad()
     def merged_state_dict(self, task: Optional[int] = None) -> dict[str, Tensor]:
         """The merged network's state dict (detached), with the head of ``task`` when given."""
@@ -435,6 +445,36 @@ def fit_ada_merging(
         if on_step is not None:
             on_step(step, model, history)
     return history
+
+
+@torch.no_grad()
+def finetuned_agreement(model: AdaMergingModel, loaders: Sequence[Iterable], max_batches: int = 4) -> tuple[list[float], list[float]]:
+    """Label-free check at merge time: per task, the share of up to ``max_batches`` unlabelled batches on which the
+    merged model predicts what the task's own fine-tuned model predicts
+    (:func:`~lightning_ext.merging.ada_diagnostics.prediction_agreement`), and the merged model's mean entropy
+    there. Returns ``(agreements, entropies)`` in task order; feed them to
+    :func:`~lightning_ext.merging.ada_diagnostics.diagnose_agreement`."""
+    from lightning_ext.merging.ada_diagnostics import prediction_agreement
+
+    if len(loaders) != model.num_tasks:
+        raise ValueError(f"Got {len(loaders)} loaders for {model.num_tasks} tasks; give one per task, in task order.")
+    check_positive_int("max_batches", max_batches)
+    device = model.raw_coefficients.device
+    agreements, entropies = [], []
+    for k, loader in enumerate(loaders):
+        merged, own = [], []
+        for i, batch in enumerate(loader):
+            if i >= max_batches:
+                break
+            x = batch_inputs(batch).to(device)
+            merged.append(model(x, k).float())
+            own.append(model.finetuned_forward(x, k).float())
+        if not merged:
+            raise ValueError(f"The unlabelled loader of task {k} yielded no batch.")
+        logits = torch.cat(merged)
+        agreements.append(prediction_agreement(logits, torch.cat(own)))
+        entropies.append(float(entropy_loss(logits)))
+    return agreements, entropies
 
 
 # -- merging with given coefficients ----------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from lightning_ext.core.validation import (
 from lightning_ext.merging.ada_diagnostics import (
     AdaMergingHistory,
     check_output_paths,
+    diagnose_agreement,
     diagnose_collapse,
     load_coefficients,
     plot_coefficients,
@@ -44,6 +45,7 @@ from lightning_ext.merging.ada_merging import (
     AdaMergingModel,
     Granularity,
     apply_coefficients,
+    finetuned_agreement,
     fit_ada_merging,
 )
 from lightning_ext.merging.task_arithmetic import task_arithmetic_merge
@@ -243,6 +245,7 @@ class ModelMerging(Callback):
         self.learned_coefficients: Optional[Tensor] = None
         self._layer_names: Optional[list[str]] = None  # the rows of learned_coefficients (ada_merging)
         self.history: Optional[AdaMergingHistory] = None
+        self.agreement: Optional[dict[str, float]] = None
         self._base: Optional[dict[str, Tensor]] = None
         self._base_fingerprint: Optional[list[float]] = None
         self._saved_base_fingerprint: Optional[list[float]] = None
@@ -461,6 +464,7 @@ class ModelMerging(Callback):
                 on_foreign_base=self.on_foreign_base,
             )
             self.history = fit_ada_merging(merger, loaders, self.ada_steps, self.ada_lr, progress=self.progress)
+            agreement, entropy = finetuned_agreement(merger, [data.unlabelled_dataloader(k) for k in range(len(sources))])
             lam = merger.coefficients().detach().cpu()
             merged = {k: v.cpu() for k, v in merger.merged_state_dict().items() if not is_head_key(k, self.ignored_layers)}
             layer_names = list(merger.layer_names)
@@ -478,6 +482,9 @@ class ModelMerging(Callback):
         self.learned_coefficients, self._layer_names = lam, layer_names
         for message in diagnose_collapse(self.history):
             rank_zero_warn(f"ModelMerging (ada_merging): possible collapse: {message}")
+        self.agreement = dict(zip(task_names, agreement))  # label-free: merged vs each task's own fine-tuned model
+        for message in diagnose_agreement(self.agreement, dict(zip(task_names, entropy))):
+            rank_zero_warn(f"ModelMerging (ada_merging): {message}")
         plot_file = self._files.get("plot_path")
         if plot_file is not None:
             plot_coefficients(plot_file, lam, layer_names, task_names, self.history,
