@@ -462,3 +462,171 @@ def test_ddp_ranks_get_rank_zeros_compressed_model_and_match_one_process(tmp_pat
     ddp = run(devices=2, strategy="ddp_spawn")
     assert ddp["val_acc"] == pytest.approx(single["val_acc"], abs=1e-6)
     assert ddp["val_loss"] == pytest.approx(single["val_loss"], abs=1e-5)
+
+
+# -- max-pool between the BN and the next layer ----------------------------------------------------------------
+
+
+def _pool_net(seed=0):
+    """1x1 conv -> BN -> ReLU -> max-pool 2x2 -> 1x1 conv (bias): on white noise the pooled positions are
+    independent, the setting in which ``max_pool="independent"`` is the exact model."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, 6, 1, bias=False), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(6, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    _set_bn_statistics(net, torch.randn(256, 3, 8, 8))
+    return net
+
+
+def _expected_max_of_relu(beta: float, gamma: float, m: int) -> float:
+    """E[max of m iid relu(N(beta, gamma^2))] = int_0^inf 1 - F(x)^m dx, by the trapezoid rule (independent of
+    the Monte Carlo in the code)."""
+    x = torch.linspace(0, abs(beta) + 12 * abs(gamma), 20001, dtype=torch.float64)
+    cdf = 0.5 * (1 + torch.erf((x - beta) / (abs(gamma) * 2 ** 0.5)))
+    return float(torch.trapezoid(1 - cdf ** m, x))
+
+
+def test_bias_correction_is_taken_after_the_max_pool_not_before():
+    net = _pool_net()
+    bn, consumer = net[1], net[4]
+    chains, _ = find_compensable_chains(net, torch.zeros(2, 3, 8, 8))
+    assert chains["0"].activations == [("relu",), ("max_pool", 4)]
+    shifts = {}
+    for model in ("independent", "identity"):
+        m = copy.deepcopy(net)
+        report = data_free_compress(m, torch.zeros(2, 3, 8, 8), pruning_ratio=1 / 6, weight_bits=None, ridge=1e12,
+                                    max_pool=model, num_samples=16384, measure=False)
+        (c,) = report.layers[0]["pruned"]
+        shifts[model] = (m[4].bias - consumer.bias).detach().double()
+    gamma, beta = bn.weight[c].item(), bn.bias[c].item()
+    v = consumer.weight[:, c, 0, 0].detach().double()
+    pooled = _expected_max_of_relu(beta, gamma, 4)
+    unpooled = _expected_max_of_relu(beta, gamma, 1)
+    torch.testing.assert_close(shifts["independent"], v * pooled, rtol=0.03, atol=1e-3)
+    torch.testing.assert_close(shifts["identity"], v * unpooled, rtol=0.03, atol=1e-3)
+    assert pooled > 1.3 * unpooled
+
+
+def test_pooled_compensation_beats_ignoring_the_pool_on_data_and_stop_does_not_compensate():
+    net = _pool_net(1)
+    x = torch.randn(128, 3, 8, 8)
+    with torch.no_grad():
+        expected = net(x)
+    errors = {}
+    for model in ("independent", "identity", "stop"):
+        m = copy.deepcopy(net)
+        report = data_free_compress(m, torch.zeros(2, 3, 8, 8), pruning_ratio=2 / 6, weight_bits=4, max_pool=model,
+                                    num_samples=8192, measure=False)
+        with torch.no_grad():
+            errors[model] = float(((m(x) - expected) ** 2).mean())
+        assert ("bias_correction" in report.layers[0]) == (model != "stop")
+        assert report.config["max_pool"] == model
+    assert errors["independent"] < errors["identity"] and errors["independent"] < errors["stop"]
+
+
+def test_an_adaptive_max_pool_stops_the_chain_and_a_bad_max_pool_model_is_refused():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveMaxPool2d(2),
+                        nn.Conv2d(4, 2, 1))
+    chains, skipped = find_compensable_chains(net.eval(), torch.zeros(2, 1, 8, 8))
+    assert not chains and "AdaptiveMaxPool" in skipped["0"]
+    with pytest.raises(ValueError, match="max_pool"):
+        data_free_compress(_cnn(), torch.zeros(2, 1, 8, 8), max_pool="gaussian", measure=False)
+
+
+# -- Neuron Merging (the data-free baseline UDFC builds on) --------------------------------------------------------
+
+
+def _official_scaling_matrix(weight, ind, threshold, bn_weight, bn_bias, bn_mean, bn_var, lam):
+    """Independent re-implementation of the reference code's ``create_scaling_mat_conv_thres_bn``
+    (friendshipkim/neuron-merging, decompose.py, model_type="merge") from its conventions, in numpy: cosine
+    distance of raw filters, s = |current| / |chosen|, the scale s (gamma_chosen / gamma_cur) (var_cur /
+    var_chosen) with running variances, the bias term divided by the scale, min-max normalised, score =
+    lam * cos + (1 - lam) * bias, a merge kept when its cosine similarity reaches the threshold."""
+    import numpy as np
+
+    weight = weight.reshape(weight.shape[0], -1)
+    normed = weight / np.linalg.norm(weight, axis=1, keepdims=True)
+    cos_dist = 1 - normed @ normed.T
+    out = np.zeros((weight.shape[0], len(ind)))
+    for i in range(weight.shape[0]):
+        if i in ind:
+            out[i, list(ind).index(i)] = 1
+            continue
+        cos, scales, biases = [], [], []
+        for ch in ind:
+            s = np.linalg.norm(weight[i]) / np.linalg.norm(weight[ch])
+            scale = s * (bn_weight[ch] / bn_weight[i]) * (bn_var[i] / bn_var[ch])
+            b = abs((bn_weight[ch] / bn_var[ch]) * (s * (-(bn_var[i] * bn_bias[i] / bn_weight[i]) + bn_mean[i])
+                                                   - bn_mean[ch]) + bn_bias[ch]) / scale
+            cos.append(cos_dist[i, ch])
+            scales.append(scale)
+            biases.append(b)
+        biases = (np.array(biases) - min(biases)) / (max(biases) - min(biases))
+        j = int(np.argmin(lam * np.array(cos) + (1 - lam) * biases))
+        if threshold and 1 - cos[j] < threshold:
+            continue
+        out[i, j] = scales[j]
+    return out
+
+
+@pytest.mark.parametrize("threshold, lamda", [(0.1, 0.85), (0.45, 0.8), (0.0, 1.0)])
+def test_neuron_merging_matrix_matches_the_official_code_on_one_layer(threshold, lamda):
+    from lightning_ext.compression.neuron_merging import merge_matrix
+
+    torch.manual_seed(3)
+    w = torch.randn(12, 4, 3, 3, dtype=torch.float64)
+    w[7] = 0.4 * w[2] + 0.05 * torch.randn(4, 3, 3, dtype=torch.float64)  # a near-copy, surely merged
+    gamma = torch.rand(12, dtype=torch.float64) + 0.5
+    beta, mean = torch.randn(12, dtype=torch.float64), torch.randn(12, dtype=torch.float64)
+    var = torch.rand(12, dtype=torch.float64) + 0.5
+    kept = [0, 1, 2, 3, 5, 8, 9, 11]
+    ours = merge_matrix(w, kept, gamma, beta, mean, var, threshold=threshold, lamda=lamda, convention="official",
+                        positive_only=False)
+    official = _official_scaling_matrix(w.numpy(), kept, threshold, gamma.numpy(), beta.numpy(), mean.numpy(),
+                                        var.numpy(), lamda)
+    torch.testing.assert_close(ours["S"], torch.from_numpy(official))
+    assert ours["partner"][7] == 2
+
+
+def test_neuron_merging_exact_convention_is_exact_through_relu_and_max_pool_and_skips_negative_scales():
+    """Filter 3 = 0.3 x filter 0 with BN parameters that make c = 0: merging it into channel 0 reproduces the
+    network exactly through the ReLU and the max-pool with convention="exact"; the official convention's
+    inverted BN factor does not; with a negative BN scale the merge is skipped (it would not commute with ReLU)."""
+    from lightning_ext.compression.neuron_merging import merge_matrix, neuron_merging_compress
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(6, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with torch.no_grad():
+        net[0].weight[3] = 0.3 * net[0].weight[0]
+    x = torch.randn(64, 3, 8, 8)
+    _set_bn_statistics(net, torch.randn(512, 3, 8, 8))
+    bn = net[1]
+    with torch.no_grad():
+        bn.weight[3] = 0.6  # the smallest BN-folded L1 norm: channel 3 is the one pruned
+        sigma = torch.sqrt(bn.running_var + bn.eps)
+        s = net[0].weight[3].norm() / net[0].weight[0].norm()
+        scale = s * (bn.weight[3] / sigma[3]) / (bn.weight[0] / sigma[0])
+        bn.bias[3] = scale * bn.bias[0] - bn.weight[3] / sigma[3] * (s * bn.running_mean[0] - bn.running_mean[3])
+        expected = net(x)
+    errors = {}
+    for convention in ("exact", "official"):
+        m = copy.deepcopy(net)
+        report = neuron_merging_compress(m, x[:2], pruning_ratio=1 / 6, convention=convention, measure=False)
+        assert report.layers[0]["pruned"] == [3] and report.layers[0]["merged"] == 1
+        with torch.no_grad():
+            errors[convention] = float((m(x) - expected).abs().max())
+    assert errors["exact"] < 1e-4 < errors["official"]
+    with torch.no_grad():
+        bn.weight[3] = -0.6
+    out = merge_matrix(net[0].weight, [0, 1, 2, 4, 5], bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    assert out["merged"] == 0 and out["skipped_sign"] == 1 and out["S"][3].abs().sum() == 0
+
+
+def test_neuron_merging_refuses_bad_arguments_with_one_line():
+    from lightning_ext.compression.neuron_merging import neuron_merging_compress
+
+    for kwargs, name in ((dict(threshold=1.5), "threshold"), (dict(lamda=float("nan")), "lamda"),
+                         (dict(convention="paper"), "convention"), (dict(pruning_ratio=None), "pruning_ratio")):
+        with pytest.raises(ValueError, match=name) as info:
+            neuron_merging_compress(_cnn(), torch.zeros(2, 1, 8, 8), measure=False, **kwargs)
+        assert "\n" not in str(info.value)

@@ -25,6 +25,7 @@ from lightning_ext.compression.udfc import (
     CompressionReport,
     Importance,
     InputModel,
+    MaxPoolModel,
     check_arguments,
     data_free_compress,
     find_compensable_chains,
@@ -141,6 +142,9 @@ class DataFreeCompression(Callback):
         input_model: Gaussian model of the channels from BN statistics: ``"per_channel"`` (BN's exact
             marginals, white-input correlations), ``"fitted"`` or ``"shared"``; see
             :func:`reconstruction_from_bn_statistics`.
+        max_pool: at a max-pool between the BN and the next layer: ``"independent"`` (moments of the pooled
+            activations, the window's positions independent), ``"identity"`` (the pool ignored) or ``"stop"``
+            (no compensation across it); see :func:`data_free_compress`.
         input_shape: one input's shape without batch; default: the module's ``example_input_array``
             or ``input_shape``. Only shapes are used, never data.
         latency_batch_size: batch size of the latency measurement.
@@ -176,6 +180,7 @@ class DataFreeCompression(Callback):
         layers: Optional[list[str]] = None,
         min_channels: PositiveInt = 1,
         input_model: InputModel = "per_channel",
+        max_pool: MaxPoolModel = "independent",
         input_shape: Optional[list[PositiveInt]] = None,
         latency_batch_size: PositiveInt = 32,
         latency_repeats: NonNegativeInt = 20,
@@ -184,7 +189,8 @@ class DataFreeCompression(Callback):
     ) -> None:
         super().__init__()
         require("torch_pruning", "DataFreeCompression")
-        check_arguments(pruning_ratio, weight_bits, importance, ridge, num_samples, min_channels, input_model)
+        check_arguments(pruning_ratio, weight_bits, importance, ridge, num_samples, min_channels, input_model,
+                        max_pool)
         check_choice("apply_at", apply_at, get_args(ApplyAt))
         check_number("seed", seed, integer=True)
         if input_shape is not None and (isinstance(input_shape, str) or not input_shape or not all(
@@ -199,7 +205,7 @@ class DataFreeCompression(Callback):
         self.compensate, self.bias_correction = compensate, bias_correction
         self.apply_at, self.importance, self.ridge = apply_at, importance, ridge
         self.num_samples, self.seed, self.layers, self.min_channels = num_samples, seed, layers, min_channels
-        self.input_model = input_model
+        self.input_model, self.max_pool = input_model, max_pool
         self.input_shape = list(input_shape) if input_shape is not None else None
         self.latency_batch_size, self.latency_repeats = latency_batch_size, latency_repeats
         self.save_path, self.name = save_path, name
@@ -232,7 +238,7 @@ class DataFreeCompression(Callback):
         report = data_free_compress(
             module, example, self.pruning_ratio, self.weight_bits, self.compensate, self.bias_correction,
             self.importance, self.ridge, self.num_samples, self.seed, self.layers, self.min_channels,
-            self.input_model, measure=measure, latency_repeats=self.latency_repeats,
+            self.input_model, measure=measure, latency_repeats=self.latency_repeats, max_pool=self.max_pool,
         )
         self._record(module, report.history, example, report)
         return report

@@ -48,10 +48,12 @@ __all__ = [
 
 Importance = Literal["l1_folded", "l1"]
 _IMPORTANCE = get_args(Importance)
+MaxPoolModel = Literal["independent", "identity", "stop"]
+_MAX_POOL = get_args(MaxPoolModel)
 
 
 def check_arguments(pruning_ratio, weight_bits, importance, ridge, num_samples, min_channels,
-                    input_model="per_channel") -> None:
+                    input_model="per_channel", max_pool="independent") -> None:
     """Check UDFC's arguments; one ValueError line naming the argument (NaN and infinity are refused)."""
     if pruning_ratio is None and weight_bits is None:
         raise ValueError("Nothing to do: set `pruning_ratio` (e.g. 0.3), `weight_bits` (e.g. 6), or both.")
@@ -64,6 +66,7 @@ def check_arguments(pruning_ratio, weight_bits, importance, ridge, num_samples, 
     check_number("num_samples", num_samples, low=256, integer=True)
     check_number("min_channels", min_channels, low=1, integer=True)
     check_choice("input_model", input_model, _INPUT_MODELS)
+    check_choice("max_pool", max_pool, _MAX_POOL)
 
 
 # -- the model's structure ----------------------------------------------------------------------------------
@@ -307,6 +310,7 @@ def data_free_compress(
     activation_aware: bool = True,
     measure: bool = True,
     latency_repeats: int = 20,
+    max_pool: MaxPoolModel = "independent",
 ) -> CompressionReport:
     """Prune and quantize ``model`` in place without data (UDFC), compensating in the next layer's weights.
 
@@ -337,6 +341,11 @@ def data_free_compress(
             computing the moments; ``False`` treats the chain as linear (an ablation).
         measure: measure parameters, MACs and latency before and after (MACs/params per layer always).
         latency_repeats: timed forward passes per latency measurement.
+        max_pool: what the compensation does at a max-pool between the BN and the next layer (max is not
+            linear): ``"independent"`` fits the regression on max-pooled activations, the window's positions
+            drawn independently; ``"identity"`` ignores the pool (the moments and the bias correction are those
+            before the pool, exact only for perfectly correlated positions); ``"stop"`` does not compensate a
+            chain with a max-pool (its channels are pruned and quantized naively).
 
     Returns:
         A :class:`CompressionReport`.
@@ -352,7 +361,7 @@ def data_free_compress(
         >>> net(torch.zeros(1, 1, 8, 8)).shape
         torch.Size([1, 10])
     """
-    check_arguments(pruning_ratio, weight_bits, importance, ridge, num_samples, min_channels, input_model)
+    check_arguments(pruning_ratio, weight_bits, importance, ridge, num_samples, min_channels, input_model, max_pool)
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}.")
     was_training = model.training
@@ -360,14 +369,22 @@ def data_free_compress(
     try:
         return _compress(model, example_inputs, pruning_ratio, weight_bits, compensate, bias_correction, importance,
                          ridge, num_samples, seed, layers, min_channels, input_model, activation_aware, measure,
-                         latency_repeats)
+                         latency_repeats, max_pool)
     finally:
         model.train(was_training)
 
 
+def _udfc_reconstruction(module, bn, chain, pruned, q, *, activations, input_model, ridge, num_samples, seed):
+    return reconstruction_from_bn_statistics(module.weight, bn.running_var, bn.weight, bn.bias, pruned, q, activations,
+                                             input_model=input_model, ridge=ridge, num_samples=num_samples, seed=seed,
+                                             eps=bn.eps)
+
+
 def _compress(model, example_inputs, pruning_ratio, weight_bits, compensate, bias_correction, importance, ridge,
               num_samples, seed, layers, min_channels, input_model, activation_aware, measure,
-              latency_repeats) -> CompressionReport:
+              latency_repeats, max_pool="independent", reconstruct=_udfc_reconstruction) -> CompressionReport:
+    """The work of :func:`data_free_compress`; ``reconstruct(module, bn, chain, pruned, q, **options)`` returns
+    ``{"kept", "R", "delta", ...}`` (another compensation, e.g. Neuron Merging, plugs in here)."""
     graph = build_dependency_graph(model, example_inputs)
     order = _execution_order(model, example_inputs)
     targets = match_names(order, layers, "layers", strict=False) if layers is not None else list(order)
@@ -423,14 +440,15 @@ def _compress(model, example_inputs, pruning_ratio, weight_bits, compensate, bia
             q = quantize_per_channel(module.weight, weight_bits) if weight_bits is not None else None
             if chain.consumer in quantized:
                 raise CompressionError(f"internal order error: {chain.consumer} was quantized before {name}")
-            if compensate:
-                rec = reconstruction_from_bn_statistics(
-                    module.weight, bn.running_var, bn.weight, bn.bias, pruned, q,
-                    chain.activations if activation_aware else [], input_model=input_model, ridge=ridge,
-                    num_samples=num_samples, seed=seed, eps=bn.eps,
-                )
+            pooled = any(spec[0] == "max_pool" for spec in chain.activations)
+            acts = [a for a in chain.activations if not (max_pool == "identity" and a[0] == "max_pool")]
+            if compensate and not (pooled and max_pool == "stop"):
+                rec = reconstruct(module, bn, chain, pruned, q, activations=acts if activation_aware else [],
+                                  input_model=input_model, ridge=ridge, num_samples=num_samples, seed=seed)
                 row["bias_correction"] = _compensate_consumer(model, chain, rec, bias_correction)
-                row["error_before"], row["error_after"] = float(rec["error_before"]), float(rec["error_after"])
+                if "error_after" in rec:
+                    row["error_before"], row["error_after"] = float(rec["error_before"]), float(rec["error_after"])
+                row.update({k: v for k, v in rec.items() if k.startswith("merge")})
             if q is not None:
                 with torch.no_grad():
                     module.weight.copy_(q)
@@ -441,7 +459,7 @@ def _compress(model, example_inputs, pruning_ratio, weight_bits, compensate, bia
                 history.append(op)
             row.update(action=("pruned" if pruned else "")
                        + ("+" if pruned and q is not None else "") + ("quantized" if q is not None else "")
-                       + (" (compensated)" if compensate else ""),
+                       + (" (compensated)" if "bias_correction" in row else ""),
                        consumer=chain.consumer, pruned=pruned)
         elif weight_bits is not None:
             with torch.no_grad():
@@ -459,8 +477,8 @@ def _compress(model, example_inputs, pruning_ratio, weight_bits, compensate, bia
     config = dict(pruning_ratio=pruning_ratio, weight_bits=weight_bits, compensate=compensate,
                   bias_correction=bias_correction, importance=importance, ridge=ridge, num_samples=num_samples,
                   seed=seed, layers=list(layers) if layers is not None else None, min_channels=min_channels,
-                  input_model=input_model, activation_aware=activation_aware)
-    compensated = sum("error_after" in row for row in rows)
+                  input_model=input_model, activation_aware=activation_aware, max_pool=max_pool)
+    compensated = sum("bias_correction" in row for row in rows)
     return CompressionReport(params_before, num_params(model), macs_before, count_macs_params(model, example_inputs)[0],
                              latency_before, latency_after, rows, history, skipped, config, compensated)
 

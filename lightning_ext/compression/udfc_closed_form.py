@@ -59,15 +59,22 @@ def quantize_per_channel(weight: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 _CHANNELWISE_PREFIXES = (
-    "AvgPool", "AdaptiveAvgPool", "MaxPool", "AdaptiveMaxPool", "Mean", "Clone", "View", "Reshape", "UnsafeView",
+    "AvgPool", "AdaptiveAvgPool", "Mean", "Clone", "View", "Reshape", "UnsafeView",
     "Squeeze", "Unsqueeze", "Flatten", "Alias",
 )
 
 
 def _activation_spec(grad_fn) -> Optional[tuple]:
     """The activation an elementwise autograd node applies, as a picklable spec; ``("skip",)`` for channel-wise
-    linear ops (pooling, views); ``None`` when unsupported."""
+    linear ops (average pooling, views); ``("max_pool", window)`` for a max-pool with a fixed window (not linear:
+    the moments are taken through the max, see :func:`reconstruction_from_bn_statistics`); ``None`` when
+    unsupported (e.g. an adaptive max-pool, whose window depends on the input size)."""
     name = type(grad_fn).__name__
+    if name.startswith("MaxPool"):
+        window = 1
+        for k in grad_fn._saved_kernel_size:
+            window *= int(k)
+        return ("max_pool", window)
     if name.startswith("ReluBackward"):
         return ("relu",)
     if name.startswith("HardtanhBackward"):
@@ -89,6 +96,8 @@ def _activation_spec(grad_fn) -> Optional[tuple]:
 
 def _apply_activation(spec: tuple, x: torch.Tensor) -> torch.Tensor:
     kind = spec[0]
+    if kind == "max_pool":  # rows are independent draws of the window's positions, grouped by `window`
+        return x.reshape(-1, spec[1], x.shape[-1]).amax(dim=1)
     if kind == "relu":
         return torch.relu(x)
     if kind == "hardtanh":
@@ -180,6 +189,12 @@ def reconstruction_from_bn_statistics(
     activation) and a pruned filter in the span of the kept ones, ``R`` and ``delta`` are exact with
     ``"fitted"`` and ``"shared"`` (with ``"per_channel"`` only when the real input is white).
 
+    A max-pool between the BN and the next layer (spec ``("max_pool", m)``) is not linear, so the regression is
+    fitted on the POOLED activations: each sample draws the ``m`` positions of a pooling window independently
+    (our assumption: no spatial correlation is known without data) and the damage, the regressors and the bias
+    correction are all taken after the max. Treating the pool as the identity (what this function did before)
+    assumes perfectly correlated positions instead.
+
     Args:
         weight: ``(C, F)`` weights of the layer (one row per output channel).
         running_var: ``(C,)`` BN running variance of the layer's output.
@@ -187,7 +202,8 @@ def reconstruction_from_bn_statistics(
         bn_bias: ``(C,)`` BN shift ``beta`` (the mean of the BN output).
         pruned: indices of the pruned output channels.
         quantized_weight: ``(C, F)`` quantized weights; ``None`` when not quantizing.
-        activations: activation specs between BN and the next layer (``[]`` for none).
+        activations: activation specs between BN and the next layer, in order (``[]`` for none;
+            ``("max_pool", m)`` for a max-pool over ``m`` positions).
         input_model: ``"per_channel"``, ``"fitted"`` or ``"shared"`` (see above).
         ridge: relative ridge ``lambda``.
         num_samples: Gaussian draws for the moments.
@@ -233,10 +249,14 @@ def reconstruction_from_bn_statistics(
     sum_dd = torch.zeros(channels, dtype=torch.float64)
     sum_bb = torch.zeros(k, k, dtype=torch.float64)
     sum_bd = torch.zeros(k, channels, dtype=torch.float64)
+    window = 1
+    for spec in activations:
+        if spec[0] == "max_pool":
+            window *= int(spec[1])
     done = 0
     while done < num_samples:
         n = min(2048, num_samples - done)
-        z = torch.randn(n, factor.shape[1], generator=gen, dtype=torch.float64)
+        z = torch.randn(n * window, factor.shape[1], generator=gen, dtype=torch.float64)
         pre = z @ factor.T
         h = pre[:, :channels] + beta
         hq = (pre[:, channels:] if q is not None else pre[:, :channels]) + beta
