@@ -158,6 +158,108 @@ def test_agents_round_trip_their_state():
         assert a.state_dict()["decisions"] == b.state_dict()["decisions"] == 21
 
 
+# -- issue 16: learning within the budget, the busy-time baseline, action space = oracle grid, I/O budget,
+# -- the cost of an allocation change ----------------------------------------------------------------------------
+def test_the_q_network_learns_within_the_exploration_budget_and_the_ablations_do_not():
+    space = SearchSpace(("read", "decode", "augment"), (1, 1, 1), (8, 8, 8), 8, (2, 2))
+    agent = DQNAgent(space, explore_decisions=60, epsilon_decisions=60, seed=0)
+    _run(agent, space, 30, np.random.default_rng(0))
+    assert agent.first_update_decision == 9  # 8 transitions stored after the 9th decision
+    assert agent.updates == 4 * (30 - 8) and agent.parameter_change() > 0
+    restored = DQNAgent(space, explore_decisions=60, epsilon_decisions=60, seed=0)
+    restored.load_state_dict(agent.state_dict())
+    assert restored.updates == agent.updates and restored.first_update_decision == 9
+    for kw in (dict(updates_per_decision=0), dict(updates_per_decision=0, epsilon_start=1.0, epsilon_end=1.0)):
+        ablation = DQNAgent(space, explore_decisions=60, seed=0, **kw)
+        _run(ablation, space, 30, np.random.default_rng(0))
+        assert ablation.updates == 0 and ablation.parameter_change() == 0.0 and ablation.best is not None
+
+
+def test_the_exploration_schedule_does_not_depend_on_the_budget_so_budgets_are_prefixes():
+    space = SearchSpace(("read", "decode", "augment"), (1, 1, 1), (8, 8, 8), 8, (2, 2))
+    kw = dict(epsilon_decisions=10, learn_start=4, updates_per_decision=1, batch_size=8, seed=3)
+    short, long = DQNAgent(space, explore_decisions=30, **kw), DQNAgent(space, explore_decisions=240, **kw)
+    assert _run(short, space, 29, np.random.default_rng(5)) == _run(long, space, 29, np.random.default_rng(5))
+    assert short.updates == long.updates > 0
+    assert short.best_measured() == long.best_measured() and short.epsilon == long.epsilon
+
+
+def test_busy_time_baseline_allocates_in_proportion_to_measured_busy_time():
+    from lightning_ext.pipeline.agents import BusyTimeAllocator
+
+    space = SearchSpace(("read", "decode", "augment"), (1, 1, 1), (14, 14, 14), 14, (2, 2))
+    agent = BusyTimeAllocator(space)
+    # 1/1/1 delivers 250 samples/s; stages cost 2/4/1 ms per sample -> busy shares 0.5, 1.0, 0.25 per worker
+    nxt = agent.act(Observation(Allocation((1, 1, 1), 2), 250.0, 0.5, (0.5, 1.0, 0.25)))
+    assert nxt == Allocation((4, 8, 2), 2) and not agent.settled
+    # at 4/8/2 (2000 samples/s) every worker is busy all the time: the same costs, so it settles there
+    assert agent.act(Observation(nxt, 2000.0, 0.0, (1.0, 1.0, 1.0))) == nxt
+    assert agent.settled and agent.best == nxt and agent.decisions == 2
+    # I/O threads and CPU workers are split within their own budgets
+    io_space = SearchSpace(("read", "decode", "augment"), (1, 1, 1), (12, 4, 4), 4, (2, 2), None,
+                           (True, False, False), 12)
+    got = BusyTimeAllocator(io_space).act(Observation(Allocation((1, 1, 1), 2), 100.0, 0.9, (1.0, 0.3, 0.1)))
+    assert got == Allocation((12, 3, 1), 2)
+
+
+def _reachable(space):
+    start = space.minimum()
+    seen, todo = {start}, [start]
+    while todo:
+        a = todo.pop()
+        for act in space.actions():
+            b = space.apply(a, act)
+            if b is not None and b not in seen:
+                seen.add(b)
+                todo.append(b)
+    return seen
+
+
+@pytest.mark.parametrize("prefetch", [(2, 2), (1, 3)])
+def test_the_action_space_reaches_exactly_the_oracle_grid(prefetch):
+    for space in (SearchSpace(("a", "b", "c"), (1, 1, 1), (6, 6, 6), 6, prefetch),
+                  SearchSpace(("a", "b", "c"), (1, 1, 1), (5, 3, 3), 3, prefetch, None, (True, False, False), 5)):
+        grid = space.all_allocations()
+        assert len(grid) == len(set(grid)) and _reachable(space) == set(grid)
+        assert {a.prefetch for a in grid} == set(range(prefetch[0], prefetch[1] + 1))
+    assert not any(a[0] == "prefetch" for a in SearchSpace(("a",), (1,), (4,), 4, (2, 2)).actions())
+
+
+def test_io_threads_count_against_their_own_budget_not_the_cpu_budget():
+    stages = [Stage("read", abs, method="thread"), Stage("decode", abs), Stage("augment", abs)]
+    assert [s.budget for s in stages] == ["io", "cpu", "cpu"]
+    space = SearchSpace.for_stages(stages, cpu_budget=2, prefetch_range=(2, 2), io_budget=12)
+    assert space.max_workers == (12, 2, 2)
+    assert space.valid(Allocation((12, 1, 1), 2)) and space.cpu_workers(Allocation((12, 1, 1), 2)) == 2
+    assert not space.valid(Allocation((12, 2, 1), 2)) and not space.valid(Allocation((13, 1, 1), 2))
+    assert space.even_split(2) == Allocation((12, 1, 1), 2)
+    # a thread stage may declare itself CPU-bound; without an I/O budget everything shares the CPU budget
+    charged = SearchSpace.for_stages([Stage("read", abs, "thread", budget="cpu")] + stages[1:], 3, (2, 2), None, 12)
+    assert not charged.valid(Allocation((2, 1, 1), 2))
+    assert not SearchSpace.for_stages(stages, 3, (2, 2)).valid(Allocation((2, 1, 1), 2))
+
+
+@pytest.mark.parametrize("mode", ["restart", "drain"])
+def test_the_cost_of_an_allocation_change_is_measured_and_draining_drops_nothing(mode):
+    static = _ids_pipeline(n=400, sleep_s=0.001, seed=2)
+    reference = torch.cat(list(static)).tolist()
+    pipe = _ids_pipeline(n=400, sleep_s=0.001, seed=2, allocation=Allocation((1, 2), 4), reconfigure_mode=mode)
+    seen, changes = [], {3: Allocation((1, 1), 4), 9: Allocation((2, 3), 2), 10: Allocation((1, 2), 4),
+                         20: Allocation((0, 1), 1)}
+    for k, batch in enumerate(pipe):
+        seen += batch.tolist()
+        if k in changes:  # 10: a change while the previous graph still drains
+            assert pipe.reconfigure(changes[k])
+    assert seen == reference  # exactly once, in order, either way
+    st = pipe.stats
+    assert st.rebuilds == 5 and st.rebuild_s > 0  # the epoch's first build + 4 changes, each timed
+    if mode == "restart":
+        assert st.dropped_batches > 0 and st.drained_batches == 0  # work in flight was thrown away
+    else:
+        assert st.dropped_batches == 0 and st.drained_batches > 0  # the old graphs delivered theirs
+    assert pipe.worker_processes() == []
+
+
 # -- Lightning ----------------------------------------------------------------------------------------------------
 class RecordIds(Callback):
     """Records the sample ids (x[:, 0]) of every trained batch, per epoch; optionally writes them per rank."""
@@ -390,6 +492,12 @@ def test_pipeline_parts_refuse_bad_values_naming_the_argument():
         (lambda: DQNAgent(SearchSpace(("a",), (1,), (2,), 2), explore_decisions=0), "explore_decisions"),
         (lambda: DQNAgent(SearchSpace(("a",), (1,), (2,), 2), gamma=NAN), "gamma"),
         (lambda: DQNAgent(SearchSpace(("a",), (1,), (2,), 2), lr=0.0), "lr"),
+        (lambda: DQNAgent(SearchSpace(("a",), (1,), (2,), 2), explore_decisions=8, learn_start=8), "learn_start"),
+        (lambda: SearchSpace(("a", "b"), (1, 1), (2, 2), 2, io_stages=(True, False)), "io_budget"),
+        (lambda: Stage("x", abs, budget="gpu"), "budget"),
+        (lambda: StagedPipeline(10, [stage], 4, reconfigure_mode="later"), "reconfigure_mode"),
+        (lambda: PipelineTuner(min_prefetch=3, max_prefetch=2), "min_prefetch"),
+        (lambda: PipelineTuner(agent="busy_time", mode="dataloader"), "busy_time"),
     ]
     for make, name in table:
         with pytest.raises(ValueError, match=name):
