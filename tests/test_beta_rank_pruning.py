@@ -171,3 +171,57 @@ def test_the_yaml_config_prunes_through_the_cli_and_tests_the_pruned_checkpoint(
     # test_after_fit loaded the saved (pruned) checkpoint into the model: the history was replayed first
     assert cli.trainer.state.fn == "test" and "test_acc" in cli.trainer.callback_metrics
     assert list(tmp_path.rglob("BetaRankPruning_accuracy_vs_macs.png"))  # in the logger's log_dir
+
+
+def official_std_filters(inp: np.ndarray, out: np.ndarray, filters: np.ndarray) -> np.ndarray:
+    """The official ``std_filters`` (mohofar/Beta-Rank, ``rank_generation.py``) re-written from its conventions:
+    per output position, ``a`` = population std over the batch of the filter's output, ``b`` = population std of
+    ``inp[:, i*s:i*s+kh, j*s:j*s+kw, :]`` (axes 1 and 2 of the array it is given, all of axis 3; no padding;
+    ``s = inp.shape[3] // out.shape[3]``), NaN ``b`` skipped; rank = mean over the filter's elements of
+    ``sum_p |W_k * a / b|``; min-max normalised."""
+    kh, kw = filters.shape[2:]
+    s = int(inp.shape[3] / out.shape[3])
+    ranks = []
+    for k in range(out.shape[1]):
+        acc = np.zeros(filters.shape[1:])
+        for i in range(out.shape[2]):
+            for j in range(out.shape[3]):
+                a = np.std(out[:, k, i, j])
+                b = np.std(inp[:, i * s:i * s + kh, j * s:j * s + kw, :])
+                if not np.isnan(b):
+                    acc = acc + np.abs(filters[k] * a / b)
+        ranks.append(acc.mean())
+    ranks = np.array(ranks)
+    return (ranks - ranks.min()) / (ranks.max() - ranks.min())
+
+
+@pytest.mark.parametrize("size, kernel, stride", [(5, 2, 1), (7, 3, 2)])
+def test_scores_match_the_official_std_filters_on_one_batch(size, kernel, stride):
+    """The official code slices axes 1 and 2 of the NCHW input (channels and height); fed a channels-last input
+    those axes are height and width, the receptive field the paper means, so with no padding and
+    ``C_in = stride * W_out`` (its stride rule) it computes what ``beta_rank_scores`` computes."""
+    torch.manual_seed(0)
+    out_size = (size - kernel) // stride + 1
+    conv = nn.Conv2d(stride * out_size, 6, kernel, stride=stride)
+    x = torch.randn(16, conv.in_channels, size, size)
+    with torch.no_grad():
+        y = conv(x)
+    official = official_std_filters(x.permute(0, 2, 3, 1).double().numpy(), y.double().numpy(),
+                                    conv.weight.detach().double().numpy())
+    ours = beta_rank_scores(nn.Sequential(conv), x)["0"].numpy()
+    np.testing.assert_allclose(ours, official, rtol=1e-6, atol=1e-9)
+    assert list(np.argsort(ours)) == list(np.argsort(official))
+
+
+def test_l1_scores_rank_filters_as_the_official_l1_filters():
+    """The official ``l1_filters`` gives mean|W_k| times the number of output positions: a constant multiple of our
+    sum |W_k| within a layer, so the same ranking."""
+    from lightning_ext.compression.l1_filter_pruning import l1_filter_scores
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3)
+    w = conv.weight.detach().double().numpy()
+    official = np.array([np.abs(w[k]).mean() * 6 * 6 for k in range(8)])  # 8x8 input, 6x6 output positions
+    ours = l1_filter_scores(nn.Sequential(conv))["0"].numpy()
+    np.testing.assert_allclose(ours / official, np.full(8, ours[0] / official[0]), rtol=1e-10)
+    assert list(np.argsort(ours)) == list(np.argsort(official))
