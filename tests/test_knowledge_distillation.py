@@ -122,6 +122,41 @@ def test_hinton_loss_and_combine():
         combine_losses(torch.tensor(1.0), torch.tensor(3.0), 0.5, "mean")
 
 
+def _hinton_reference(s, t, y, alpha, temperature):
+    """Loss and its gradient in float64 numpy, from Hinton et al. (2015) and Ben-Baruch et al. (2024), eq. 1:
+    L = (1 - a) CE(y, softmax(s)) + a T^2 KL(softmax(t/T) || softmax(s/T)), rows averaged ("batchmean", as in
+    torchdistill's KDLoss, whose ``alpha`` weighs the HARD term: its alpha is our 1 - a)."""
+    import numpy as np
+
+    def softmax(z):
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    n = s.shape[0]
+    onehot = np.eye(s.shape[1])[y]
+    p, ps_t, pt_t = softmax(s), softmax(s / temperature), softmax(t / temperature)
+    ce = -np.log(p[np.arange(n), y]).mean()
+    kl = (pt_t * (np.log(pt_t) - np.log(ps_t))).sum(axis=1).mean()
+    loss = (1 - alpha) * ce + alpha * temperature**2 * kl
+    # d/ds: (1 - a)(p - onehot)/N + a T^2 (1/T)(softmax(s/T) - softmax(t/T))/N
+    grad = ((1 - alpha) * (p - onehot) + alpha * temperature * (ps_t - pt_t)) / n
+    return loss, grad
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_hinton_loss_matches_an_independent_implementation_of_the_paper_equation(alpha, temperature):
+    gen = torch.Generator().manual_seed(3)
+    s, t = 3 * torch.randn(8, 10, generator=gen), 3 * torch.randn(8, 10, generator=gen)
+    y = torch.randint(0, 10, (8,), generator=gen)
+    expected, expected_grad = _hinton_reference(s.double().numpy(), t.double().numpy(), y.numpy(), alpha, temperature)
+    s.requires_grad_(True)
+    loss = hinton_loss(s, t, y, alpha=alpha, temperature=temperature)
+    loss.backward()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(s.grad.double(), torch.from_numpy(expected_grad), rtol=1e-4, atol=1e-6)
+
+
 def test_projectors_and_feature_loss_align_shapes():
     proj = make_projector((8, 7, 7), (32, 4, 4))
     assert isinstance(proj, nn.Conv2d) and (proj.in_channels, proj.out_channels) == (8, 32)
