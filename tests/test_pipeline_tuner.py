@@ -248,15 +248,17 @@ def test_the_cost_of_an_allocation_change_is_measured_and_draining_drops_nothing
                          20: Allocation((0, 1), 1)}
     for k, batch in enumerate(pipe):
         seen += batch.tolist()
+        assert len(pipe._graphs) <= 2
         if k in changes:  # 10: a change while the previous graph still drains
             assert pipe.reconfigure(changes[k])
     assert seen == reference  # exactly once, in order, either way
     st = pipe.stats
     assert st.rebuilds == 5 and st.rebuild_s > 0  # the epoch's first build + 4 changes, each timed
+    assert st.dropped_batches > 0  # work in flight beyond what is handed out is thrown away
     if mode == "restart":
-        assert st.dropped_batches > 0 and st.drained_batches == 0  # work in flight was thrown away
-    else:
-        assert st.dropped_batches == 0 and st.drained_batches > 0  # the old graphs delivered theirs
+        assert st.drained_batches == 0
+    else:  # the old graph handed out its ready batches, at most its prefetch depth per change
+        assert 0 < st.drained_batches <= 4 + 4 + 2 + 4
     assert pipe.worker_processes() == []
 
 

@@ -119,6 +119,8 @@ class _Graph:
     def __init__(self, root, mappers: list, tail_nodes: list, watchdog_interval: float,
                  source: Optional[_Source] = None) -> None:
         self.root, self.mappers, self.tail_nodes, self.source = root, mappers, tail_nodes, source
+        self.prefetch = 1  # batches it may still hand out after a change of allocation (set by the pipeline)
+        self.stop_at: Optional[int] = None  # first batch it must not hand out (set when a change drains it)
         _LIVE_GRAPHS.add(self)
         self.dead_worker: Optional[str] = None
         self._stop = threading.Event()

@@ -10,12 +10,13 @@ One task is one batch (the per-sample functions run over the batch inside the wo
 tasks cost more in queueing than small stage functions do (spec §1, measured). Every mapper runs
 ``in_order=True``, so the delivered stream is a function of ``(seed, epoch, rank)`` only, whatever the
 allocation. torchdata cannot resize a ``ParallelMapper``'s pool in place, so a change of allocation builds a
-new graph. With ``reconfigure_mode="drain"`` (the default) the old graph's source is closed at the first batch
-it has not pulled yet: the old graph keeps running and delivers the batches already in flight, while the new
-graph starts at that batch and fills up in parallel, so no work is lost. With ``"restart"`` the old graph is
-shut down at once and the new one starts at the first batch not yet handed out, discarding the work in flight
-(counted in :attr:`PipelineStats.dropped_batches`; a dead worker always restarts). Either way delivery is
-exactly-once by construction; :meth:`StagedPipeline.__next__` also checks the batch index of every batch.
+new graph. With ``reconfigure_mode="drain"`` (the default) the old graph stops pulling and still hands out up to
+its prefetch depth of batches (ready ones), which hides the new graph's start-up; the new graph starts right after
+them, and the old graph's remaining work in flight is dropped (at most two graphs run at once). With
+``"restart"`` the old graph is shut down at once and the new one starts at the first batch not yet handed out,
+discarding all the work in flight. Both count the dropped batches in :attr:`PipelineStats.dropped_batches` (a
+dead worker always restarts). Either way delivery is exactly-once by construction;
+:meth:`StagedPipeline.__next__` also checks the batch index of every batch.
 """
 
 from __future__ import annotations
@@ -149,9 +150,9 @@ class StagedPipeline:
             makes the pipeline rebuild at the current position with :attr:`fallback_allocation` (set by a
             tuner to its last good allocation) and count a failure in :attr:`stats`.
         max_restarts: consecutive failed rebuilds tolerated before raising.
-        reconfigure_mode: ``"drain"``: a new allocation starts a new graph while the old one delivers the
-            batches it already has in flight (no work lost; both pools run for a moment); ``"restart"``: the
-            old graph is shut down at once and its work in flight is discarded.
+        reconfigure_mode: ``"drain"``: a new allocation starts a new graph while the old one delivers up to its
+            prefetch depth of batches more (ready ones, hiding the new graph's start-up; both pools run for a
+            moment); ``"restart"``: the old graph is shut down at once and all its work in flight is discarded.
 
     Example:
         >>> p = StagedPipeline(10, [Stage("square", lambda i: i * i, method="thread")], batch_size=4, shuffle=False)
@@ -252,11 +253,23 @@ class StagedPipeline:
         return True
 
     def _switch(self) -> None:
-        """Close the newest graph's source where it stands and start a new graph there; old graphs drain."""
+        """Let the delivering graph hand out at most its prefetch depth more batches; a new graph starts after them.
+
+        The delivering graph stops pulling; the batches it has in its prefetch buffer are ready, so they hide the
+        new graph's start-up; anything it pulled beyond them is dropped (bounded: at most two graphs run).
+        """
         t0 = time.perf_counter()
-        start = max(self._position, self._graphs[-1].source.close())
-        if start < len(self._batches):
-            self._graphs.append(self._build(start))
+        keep = self._graphs[0]
+        for graph in self._graphs[1:]:  # a newer graph that has not delivered yet: its work is dropped
+            self.stats.dropped_batches += graph.source.close() - graph.source.start
+            graph.shutdown(wait=False)
+        pulled = keep.source.close()
+        stop = min(pulled, self._position + keep.prefetch, keep.stop_at if keep.stop_at is not None else pulled)
+        self.stats.dropped_batches += max(0, pulled - stop)
+        keep.stop_at = stop
+        self._graphs = [keep]
+        if stop < len(self._batches):
+            self._graphs.append(self._build(stop))
         self.stats.rebuilds += 1
         self.stats.rebuild_s += time.perf_counter() - t0
 
@@ -299,13 +312,13 @@ class StagedPipeline:
                 self._finish_epoch()
                 raise StopIteration
             graph = self._graphs[0]
+            if len(self._graphs) > 1 and graph.stop_at is not None and self._position >= graph.stop_at:
+                self._graphs.pop(0).shutdown(wait=False)  # its share is delivered: the next graph takes over
+                continue
             t0 = time.perf_counter()
             try:
                 batch_idx, ids, batch, times = graph.root.next()
             except StopIteration:
-                if graph.dead_worker is None and len(self._graphs) > 1 and self._position == graph.source.limit:
-                    self._graphs.pop(0).shutdown(wait=False)  # drained: the next graph takes over
-                    continue
                 self._on_failure(graph.dead_worker or "the pipeline stopped before the end of the epoch")
                 continue
             wait = time.perf_counter() - t0
@@ -334,6 +347,7 @@ class StagedPipeline:
 
         source = _Source(self._batches, start)
         node = IterableWrapper(source)
+        prefetch = self.allocation.prefetch
         mappers = []
         for stage, w in zip(self.stages, self.allocation.workers):
             node = ParallelMapper(node, _StageCall(stage.fn), num_workers=w, in_order=True, method=stage.method,
@@ -348,7 +362,9 @@ class StagedPipeline:
             node = PinMemory(node)
             tail.append(node)
         _reset_with_default_sigterm(node)
-        return _Graph(node, mappers, tail, self.watchdog_interval, source)
+        graph = _Graph(node, mappers, tail, self.watchdog_interval, source)
+        graph.prefetch = prefetch
+        return graph
 
     def _rebuild(self) -> None:
         """Shut every graph down (their work in flight is lost) and start one at the next batch to hand out."""
