@@ -153,6 +153,47 @@ def test_ap_step_removes_exactly_q_of_the_survivors_among_negatives_with_the_sma
     assert sum(int(m.sum()) for m in masks.values()) == alive
 
 
+def _official_prune_by_percentile_ap(current: dict, prev: dict, num_ap: int) -> dict:
+    """Independent numpy re-implementation of the reference code's ``prune_by_percentile_ap``
+    (Martin1937/Activate-While-Pruning, resnet_20.py) on the tensors it receives: ``current`` = the weights after
+    the base pruner (zeros = pruned), ``prev`` = the weights at the start of the cycle. It gathers the non-zero
+    current weights and their start values over all tensors, takes the negative ones, sets the threshold to the
+    sorted movement at position ``num_ap`` and zeroes every negative weight whose movement is <= it."""
+    import numpy as np
+
+    cur = np.concatenate([current[n].numpy()[current[n].numpy() != 0] for n in current])
+    old = np.concatenate([prev[n].numpy()[current[n].numpy() != 0] for n in current])
+    neg = cur < 0
+    threshold = np.sort(np.abs(cur[neg] - old[neg]))[num_ap]
+    out = {}
+    for n in current:
+        c, p = current[n].numpy(), prev[n].numpy()
+        out[n] = torch.from_numpy(np.where((np.abs(c - p) <= threshold) & (c < 0), 0, c != 0).astype(bool))
+    return out
+
+
+def test_ap_step_matches_the_official_prune_by_percentile_ap_on_one_batch_of_weights():
+    """One pruning event on continuous weights (no ties): the reference code's threshold at sorted index num_ap
+    removes num_ap + 1 weights, so our exact top-k with k = num_ap + 1 must give the same masks. The reference
+    budget is num_ap = int(q * alive before the base pruner); the callback's k = round(q * alive) (documented)."""
+    g = torch.Generator().manual_seed(1)
+    start = {"fc1": torch.randn(30, 16, generator=g), "conv": torch.randn(6, 3, 3, 3, generator=g),
+             "fc2": torch.randn(10, 30, generator=g)}
+    trained = {n: w + 0.2 * torch.randn(w.shape, generator=g) for n, w in start.items()}
+    alive_before = sum(w.numel() for w in trained.values())
+    # the base pruner: global magnitude, p - q = 18% of the surviving weights
+    flat = torch.cat([w.abs().flatten() for w in trained.values()])
+    cut = torch.sort(flat).values[int(0.18 * flat.numel())]
+    current = {n: torch.where(w.abs() < cut, torch.zeros_like(w), w) for n, w in trained.items()}
+    num_ap = int(alive_before * 0.02)  # the reference code's budget
+    official = _official_prune_by_percentile_ap(current, start, num_ap)
+    ours = ap_prune_step(start, current, {n: w != 0 for n, w in current.items()}, num_ap + 1)
+    for n in current:
+        assert torch.equal(ours[n], official[n]), n
+    removed = sum(int(((current[n] != 0) & ~ours[n]).sum()) for n in current)
+    assert removed == num_ap + 1
+
+
 def test_ap_step_breaks_ties_deterministically_by_layer_then_index_never_by_threshold():
     # 6 negative weights with exactly zero movement (e.g. weights on constant-zero inputs): a `<=` threshold at the
     # k-th score would remove all 6; top-k removes exactly k, the first ones in (layer, flat index) order.

@@ -372,6 +372,12 @@ class ActivatingWhilePruning(Callback):
             return
         self._ap_event(trainer, pl_module, modules, current, reshaped, final, new_changes)
 
+    def select(self, weights_start: dict[str, Tensor], weights_end: dict[str, Tensor], masks: dict[str, Tensor],
+               k: int) -> dict[str, Tensor]:
+        """The weights this callback removes at a pruning event: :func:`ap_prune_step` (a subclass may choose
+        others with the same budget and timing, e.g. an equal-budget control in a benchmark)."""
+        return ap_prune_step(weights_start, weights_end, masks, k)
+
     def _ap_event(self, trainer, pl_module, modules, current, reshaped, final, changes) -> None:
         n_start = sum(int(m.sum()) for m in self._alive_ref.values())
         alive_now = {n: alive for n, (_, alive) in current.items()}
@@ -410,7 +416,7 @@ class ActivatingWhilePruning(Callback):
         if usable and k > 0:
             sub = None
             if trainer.is_global_zero:  # decided on rank 0, broadcast (on CPU) to every rank
-                sub = ap_prune_step(
+                sub = self.select(
                     {n: start[n] for n in usable}, {n: end[n] for n in usable}, {n: alive_now[n] for n in usable}, k
                 )
                 sub = {n: m.cpu() for n, m in sub.items()}
