@@ -88,6 +88,7 @@ PROTOCOL = {"seeds": 3, "ada_steps": 500, "ada_batch": 32, "tasks": 6}
 
 def run_seed(seed: int, tasks: list, args, log: Callable[[str], None]) -> dict:
     torch.manual_seed(seed)
+    cpu0 = time.process_time()
     tail0 = Tail(pretrained_mobilenet(), args.cut).eval()
     base_sd = body({k: v.clone() for k, v in tail0.state_dict().items()})
     work = copy.deepcopy(tail0)
@@ -193,6 +194,7 @@ def run_seed(seed: int, tasks: list, args, log: Callable[[str], None]) -> dict:
         }
         log(f"  seed {seed}: {method}: test {np.round(res['acc'][method], 3).tolist()}; mean coefficient per task "
             f"{np.round(lam.mean(0).tolist(), 3).tolist()} ({res['seconds'][method]:.0f} s)")
+    res["cpu_seconds"] = time.process_time() - cpu0
     return res
 
 
@@ -351,13 +353,16 @@ def render(data: dict, out: Path) -> None:
          f"- Fine-tuning per task: {args['finetune_steps']} AdamW steps of batch {args['finetune_batch']} ({n_ft:,} samples "
          f"seen), peak lr {args['finetune_lr']:g}, 10 % warm-up + cosine, grad-norm clip 1.",
          f"- Task Arithmetic: lambda on validation from {args['lambdas']} (includes 0 and the official 0.3). TIES-Merging: "
-         f"lambda from {args['ties_lambdas']} x density from {args['ties_densities']} on validation (includes 0 and the "
-         "official k = 0.2, lambda = 1). Simple average: no parameter.",
+         f"lambda from {args['ties_lambdas']} x density from {args['ties_densities']} on validation (includes 0, the 0.3 of "
+         "AdaMerging's code and the TIES paper's lambda = 1 with k = 0.2). Simple average: no parameter.",
          f"- AdaMerging (layer-wise{', and task-wise' if args['task_wise'] else ''}): prior {args['ada_prior']}, clamp "
          f"[0, 1], Adam lr {args['ada_lr']:g}, {args['ada_steps']} steps x {args['ada_batch']} unlabelled test inputs per "
          f"task ({n_ada:,} inputs seen); no validation tuning (the paper's settings).",
          f"- Compute: `nice -n 5`, `torch.set_num_threads({data['platform']['threads']})`, on a 2-core VM shared with "
-         f"other jobs; total wall time {data['total_seconds'] / 60:.1f} min.", ""]
+         f"other jobs (load average 20-250 during the run); wall time {data['total_seconds'] / 60:.1f} min (summed over "
+         "processes when seeds ran as separate processes); CPU time per seed: "
+         + ", ".join(f"seed {r['seed']} {r['cpu_seconds'] / 60:.1f} min" if "cpu_seconds" in r else f"seed {r['seed']} not recorded"
+                     for r in runs) + " (cached stem outputs excluded).", ""]
     L += ["## Premise gate", "",
           f"1. Validation accuracy rises steadily along theta0 + c tau_k, c in {args['path_grid']} (no step loses more "
           f"than {100 * args['gate_tolerance']:.1f} points, c = 1 above c = 0), every task and seed: "
@@ -366,6 +371,12 @@ def render(data: dict, out: Path) -> None:
           f"2. Task Arithmetic at its validated lambda beats the pretrained body (probe heads) on average test accuracy, "
           f"in the mean and every seed: **{'passes' if gate['ta_beats_pretrained'] else 'fails'}** (TA "
           f"{[round(100 * a, 1) for a in gate['ta_avg']]} vs pretrained {[round(100 * a, 1) for a in gate['pretrained_avg']]}).", "",
+          "Fine-tuning gain on test (Individual minus Pretrained, points, mean over seeds): "
+          + ", ".join(f"{n} {100 * (np.mean(summary['acc']['Individual'][k]) - np.mean(summary['acc']['Pretrained'][k])):+.1f}"
+                      for k, n in enumerate(names))
+          + f"; the largest gap between any two merges' average accuracy is "
+          f"{100 * (max(np.mean(summary['avg'][m]) for m in methods[2:]) - min(np.mean(summary['avg'][m]) for m in methods[2:])):.1f} points.", "",
+          "Validation accuracy (%) along theta0 + c tau_k, mean ± std over seeds:", "",
           "| task | " + " | ".join(f"c = {c:g}" for c in args["path_grid"]) + " |", "|---|" + "---|" * len(args["path_grid"])]
     for k, n in enumerate(names):
         L.append(f"| {n} | " + " | ".join(_ms([r["path"][k][i] for r in runs]) for i in range(len(args["path_grid"]))) + " |")
@@ -426,6 +437,9 @@ SHORTFALLS = [
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed + seeds - 1")
+    p.add_argument("--combine", type=Path, nargs="+", default=None,
+                   help="merge the runs of these ada_merging.json files (seeds run as separate processes) into <out>")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--image-size", type=int, default=64)
@@ -466,6 +480,18 @@ def main(argv: Optional[list[str]] = None) -> dict:
         data = json.loads((out / "ada_merging.json").read_text())
         render(data, out)
         return data
+    if args.combine:
+        parts = [json.loads(Path(p).read_text()) for p in args.combine]
+        data = parts[0]
+        data["runs"] = sorted((r for d in parts for r in d["runs"]), key=lambda r: r["seed"])
+        data["seeds_done"] = len(data["runs"])
+        data["total_seconds"] = sum(d["total_seconds"] for d in parts)
+        data["command"] = ("; ".join(d["command"] for d in parts) + f" (one process per seed, then --combine)")
+        data["summary"] = summarize(data["runs"], data["args"] | {"seeds": len(data["runs"])})
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(data, out / "ada_merging.json")
+        render(data, out)
+        return data
     torch.set_num_threads(args.threads)
     start = time.time()
 
@@ -479,7 +505,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     plain = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     tail_parameters = count_body_parameters(Tail(pretrained_mobilenet(), args.cut))
     out.mkdir(parents=True, exist_ok=True)
-    for seed in range(args.seeds):  # the page is written after every seed: a cut-short run still leaves its seeds
+    for seed in range(args.first_seed, args.first_seed + args.seeds):  # the page is written after every seed: a cut-short run still leaves its seeds
         runs.append(run_seed(seed, tasks, args, log))
         data = {
             "command": "nice -n 5 python benchmarks/ada_merging.py " + " ".join(argv if argv is not None else sys.argv[1:]),
