@@ -123,6 +123,108 @@ def test_simclr_loss_matches_textbook_nt_xent_for_two_views():
     torch.testing.assert_close(simclr_loss(z, temperature=0.5), F.cross_entropy(logits, labels))
 
 
+def _supcon_out_reference(views, temperature):
+    """Multi-view NT-Xent written from Khosla et al. (NeurIPS 2020) eq. 2 ("L_out"), one anchor at a time.
+
+    Anchor i, its positives P(i) (the other views of its image), the denominator over all VN keys but i:
+    l_i = -1/|P(i)| sum_p log(exp(s_ip / t) / sum_{k != i} exp(s_ik / t)); the loss is the mean over anchors.
+    """
+    v, n, _ = views.shape
+    flat = [F.normalize(views[a, i], dim=0) for a in range(v) for i in range(n)]
+    image = [i for a in range(v) for i in range(n)]
+    total = 0.0
+    for i, zi in enumerate(flat):
+        sims = {k: float(zi @ zk) / temperature for k, zk in enumerate(flat) if k != i}
+        log_denominator = torch.logsumexp(torch.tensor(list(sims.values()), dtype=torch.float64), 0)
+        positives = [k for k in sims if image[k] == image[i]]
+        total += -sum(sims[k] - float(log_denominator) for k in positives) / len(positives)
+    return total / len(flat)
+
+
+def test_simclr_loss_matches_the_multi_view_supcon_form_and_differs_from_solo_learn_beyond_two_views():
+    torch.manual_seed(0)
+    z = torch.randn(3, 6, 5, dtype=torch.float64)
+    assert float(simclr_loss(z, temperature=0.3)) == pytest.approx(_supcon_out_reference(z, 0.3), rel=1e-6)
+    # solo-learn's simclr_loss_func sums the positives inside the log ("L_in"): the same for two views, not for 3
+    zz = F.normalize(z.reshape(-1, 5), dim=1)
+    sim = torch.exp(zz @ zz.T / 0.3)
+    same = torch.arange(6).repeat(3)
+    pos_mask = (same[:, None] == same[None, :]).double().fill_diagonal_(0)
+    neg_mask = (same[:, None] != same[None, :]).double()
+    solo = -torch.log((sim * pos_mask).sum(1) / ((sim * pos_mask).sum(1) + (sim * neg_mask).sum(1))).mean()
+    assert abs(float(solo) - float(simclr_loss(z, temperature=0.3))) > 1e-3
+    two = z[:2]
+    zz, same = F.normalize(two.reshape(-1, 5), dim=1), torch.arange(6).repeat(2)
+    sim = torch.exp(zz @ zz.T / 0.3)
+    pos_mask = (same[:, None] == same[None, :]).double().fill_diagonal_(0)
+    neg_mask = (same[:, None] != same[None, :]).double()
+    solo = -torch.log((sim * pos_mask).sum(1) / ((sim * pos_mask).sum(1) + (sim * neg_mask).sum(1))).mean()
+    torch.testing.assert_close(simclr_loss(two, temperature=0.3).double(), solo, rtol=1e-5, atol=1e-6)
+
+
+def _benchmark_module(monkeypatch):
+    """benchmarks/self_supervised.py, loaded by path (its BLAS-thread settings undone after the test)."""
+    import importlib.util
+    import pathlib
+
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(var, os.environ.get(var, "1"))
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "self_supervised.py"
+    spec = importlib.util.spec_from_file_location("_frossl_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _benchmark_state(bench, early, test, floor=0.70, best_epoch=2, epochs=4):
+    """A synthetic benchmark JSON: per method, per seed, its early validation and test probe accuracy."""
+    runs = []
+    for m in bench.CONFIGS:
+        for seed in range(3):
+            curve = [{"epoch": e + 1, "val_linear": early[m][seed] if e == 0 else 0.5 + 0.01 * (e == best_epoch - 1),
+                      "val_knn": 0.5, "val_rank": 10.0} for e in range(epochs)]
+            runs.append({"method": m, "seed": seed, "epochs": curve, "selected_epoch": best_epoch,
+                         "test_linear": test[m][seed], "test_knn": 0.6, "steps": 40, "samples_seen": 2560,
+                         "views_seen": 5120, "median_step_s": 0.1, "fit_s": 1.0, "cpu_s": 1.0})
+    floors = {str(s): {"val_linear": floor, "test_linear": floor, "val_knn": 0.5, "test_knn": 0.5} for s in range(3)}
+    return {"settings": {"seeds": [0, 1, 2]}, "runs": runs, "floors": floors}
+
+
+def test_frossl_benchmark_verdict_rule(monkeypatch):
+    bench = _benchmark_module(monkeypatch)
+    assert bench.paired([0.8, 0.81, 0.82], [0.7, 0.7, 0.7])["outcome"] == "ahead"
+    assert bench.paired([0.7, 0.7, 0.7], [0.8, 0.81, 0.82])["outcome"] == "behind"
+    assert bench.paired([0.8, 0.6, 0.8], [0.7, 0.7, 0.7])["outcome"] == "tie"  # one seed disagrees
+    base = {m: [0.75, 0.76, 0.75] for m in bench.CONFIGS}
+    good = {m: [0.80, 0.81, 0.79] for m in bench.CONFIGS}
+    # FroSSL (V=4) clearly ahead early against every baseline and V=2, everyone above the floor: reproduced
+    early = dict(base, **{bench.FROSSL: [0.80, 0.81, 0.80]})
+    summary = bench.decide(_benchmark_state(bench, early, good))
+    assert summary["verdict"] == "reproduced" and summary["early_epochs"] == 1
+    assert all(c["final"] == "tie" for c in summary["comparisons"])
+    # ahead of one baseline only: partly reproduced
+    early = dict(base, **{bench.FROSSL: [0.78, 0.79, 0.78], "SimCLR": [0.80, 0.81, 0.80],
+                          "Barlow Twins": [0.80, 0.81, 0.80], "FroSSL (V=2)": [0.80, 0.81, 0.80]})
+    assert bench.decide(_benchmark_state(bench, early, good))["verdict"] == "partly reproduced"
+    # all within the seed spread: inconclusive; FroSSL behind everywhere: not reproduced
+    assert bench.decide(_benchmark_state(bench, base, good))["verdict"] == "inconclusive"
+    early = dict(good, **{bench.FROSSL: [0.70, 0.71, 0.70]})
+    assert bench.decide(_benchmark_state(bench, early, good))["verdict"] == "not reproduced"
+    # FroSSL's selected encoder not above the random-encoder floor: not testable here
+    test = dict(good, **{bench.FROSSL: [0.70, 0.71, 0.69]})
+    summary = bench.decide(_benchmark_state(bench, base, test))
+    assert summary["verdict"] == "not testable here"
+    assert not summary["methods"][bench.FROSSL]["premise_pass"]
+    # best validation epoch = last epoch: still improving, the final comparison is inconclusive
+    summary = bench.decide(_benchmark_state(bench, base, good, best_epoch=4))
+    assert all(c["final"].startswith("inconclusive") for c in summary["comparisons"])
+    # an unfinished seed is left out, not half-counted
+    state = _benchmark_state(bench, base, good)
+    state["runs"] = [r for r in state["runs"] if not (r["seed"] == 2 and r["method"] == "SimCLR")]
+    summary = bench.decide(state)
+    assert summary["seeds"] == [0, 1] and not summary["complete"] and summary["runs_left_out"] == 4
+
+
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_losses_refuse_one_view_and_a_batch_too_small(name):
     fn = LOSSES[name]

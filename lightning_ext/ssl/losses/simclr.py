@@ -2,7 +2,10 @@ r"""SimCLR's NT-Xent loss (normalised temperature-scaled cross-entropy), for two
 
 Paper: Chen, Kornblith, Norouzi and Hinton, "A Simple Framework for Contrastive Learning of Visual
 Representations", ICML 2020 (arXiv:2002.05709). Reference code: https://github.com/google-research/simclr
-(``objective.py``, ``add_contrastive_loss``); multi-view form as in solo-learn ``solo/losses/simclr.py``.
+(``objective.py``, ``add_contrastive_loss``). For more than two views: the multi-positive form of Khosla et al.,
+"Supervised Contrastive Learning" (NeurIPS 2020), eq. 2 (the mean of the log-probabilities of the positives);
+solo-learn's ``solo/losses/simclr.py`` puts the sum of the positives inside the log instead, which is the same
+loss for two views and a different one for three or more.
 """
 
 from __future__ import annotations
