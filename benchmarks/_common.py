@@ -65,3 +65,74 @@ def mean_std(values, digits: int = 2) -> str:
     values = list(values)
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
+
+
+class KeepBestWeights(Callback):
+    """Early stopping on a validation metric that also keeps the best epoch's weights (in memory) and restores them.
+
+    Stops after ``patience`` validations without improvement; records the per-epoch metric, the best epoch and
+    whether the run stopped because the metric stopped improving (``converged``) or because ``max_epochs`` ran out.
+    """
+
+    def __init__(self, monitor: str = "val_acc", patience: int = 2) -> None:
+        self.monitor, self.patience = monitor, patience
+        self.best, self.best_epoch, self.best_state, self.history = -float("inf"), -1, None, []
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        value = float(trainer.callback_metrics[self.monitor])
+        self.history.append(value)
+        if value > self.best:
+            self.best, self.best_epoch = value, trainer.current_epoch
+            self.best_state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        elif trainer.current_epoch - self.best_epoch >= self.patience:
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer, pl_module):  # before later callbacks' on_train_end (e.g. ModelPruning's)
+        if self.best_state is not None:
+            pl_module.load_state_dict(self.best_state)
+
+
+def fit_early_stopping(model, dm, max_epochs: int, callbacks: list, label: str, patience: int = 2,
+                       monitor: str = "val_acc") -> dict:
+    """Fit with a validation pass per epoch, stop after ``patience`` epochs without improvement of ``monitor`` and
+    restore the best epoch's weights. Returns the budget actually spent and the convergence record:
+    ``epochs`` run, ``best_epoch`` (0-based), ``converged`` (the best epoch is not the last one run),
+    ``steps``/``samples`` (optimizer steps and training samples seen), ``history`` (monitor per epoch),
+    ``wall_s`` and ``cpu_s`` (this process's CPU time)."""
+    keeper = KeepBestWeights(monitor, patience)
+    model.train()  # Lightning keeps the modules' modes: a model evaluated before (eval mode) must train in train mode
+    start, cpu = time.time(), time.process_time()
+    trainer = Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=0, callbacks=[keeper, *callbacks, EpochPrinter(label)])
+    trainer.fit(model, datamodule=dm)
+    epochs = len(keeper.history)
+    steps = int(trainer.global_step)
+    return {"epochs": epochs, "best_epoch": keeper.best_epoch, "converged": keeper.best_epoch < epochs - 1,
+            "best_val": keeper.best, "history": keeper.history, "steps": steps,
+            "samples": epochs * len(dm.train_set), "wall_s": time.time() - start,
+            "cpu_s": time.process_time() - cpu}
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model, batches) -> None:
+    """Re-estimate every BatchNorm's running mean and variance from ``batches`` (inputs only): statistics reset, a
+    cumulative average over the batches in train mode, no gradient and no weight change; the model's modes and
+    the BNs' momenta are restored."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in bns]
+    flags = [(m, m.training) for m in model.modules()]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative moving average: every batch weighs the same
+    model.train()
+    try:
+        for x in batches:
+            model(x)
+    finally:
+        for bn, momentum in zip(bns, momenta):
+            bn.momentum = momentum
+        for m, flag in flags:
+            m.training = flag
