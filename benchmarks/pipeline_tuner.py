@@ -231,6 +231,7 @@ def run_tuner(name: str, variant: str, decisions: int, seed: int, min_window: fl
     out = {"variant": variant, "decisions": tuner.agent.decisions, "seconds": time.time() - t0,
            "settled_decision": None, "rebuilds": stats.rebuilds, "rebuild_s": stats.rebuild_s,
            "dropped_batches": stats.dropped_batches, "drained_batches": stats.drained_batches,
+           "failures": stats.failures,
            "trace": [{"t": round(h["time_s"], 2), "tput": round(h["throughput"], 1), "w": h["workers"]}
                      for h in tuner.history]}
     if variant in DQN_VARIANTS:
@@ -399,8 +400,11 @@ def verdict(results: dict) -> dict:
     for name in REAL:
         rows = ratios(results, name).get(f"rl@{results['config']['real_budget']}", [])
         if rows:
-            real[name] = {**_goals(rows), "seeds": len(rows)}
-            real[name]["verdict"] = "inconclusive"  # rule 2: fewer than 5 seeds (reduced protocol)
+            st = [x["static"] for x in results["runs"] if x["pipeline"] == name]
+            ctrl = statistics.mean(x["oracle"]["samples_per_s"] / x["default"]["samples_per_s"] for x in st)
+            real[name] = {**_goals(rows), "seeds": len(rows), "oracle_over_default": ctrl}
+            # rule 1 (positive control) first, then rule 2 (fewer than 5 seeds: the reduced protocol)
+            real[name]["verdict"] = "not testable here" if ctrl < GOAL_DEFAULT else "inconclusive"
     if not (premise["positive_control"] and premise["agent_trained"] and premise["learning_starts_within_60"]):
         overall, why = "not testable here", "the premise check failed (see the table)"
     elif not premise["protocol_seeds_met"] or not per_budget:
@@ -501,8 +505,9 @@ def markdown(results: dict, out: str) -> str:
          "model and Plumber's LP do). Goals (issue 16), as ratios measured within one run: >= 0.95x the oracle, "
          ">= 1.5x the static default, ahead of the hill climber and of the busy-time baseline.", "",
          f"**Verdict: {v['overall']}** ({v['why']}; known-optimum pipeline, full protocol). Real pipelines: "
-         + ("; ".join(f"{n}: **{x['verdict']}** ({x['seeds']} seed, one budget; by rule 3 alone it would read "
-                      f"'{_goals_text(x)}')" for n, x in v.get("real", {}).items()) or "not run") + ".", ""]
+         + ("; ".join(f"{n}: **{x['verdict']}** (oracle / default {x['oracle_over_default']:.2f}; {x['seeds']} "
+                      f"seed, one budget; rule 3 alone would read '{_goals_text(x)}')"
+                      for n, x in v.get("real", {}).items()) or "not run") + ".", ""]
     L += ["## Verdict rule (computed by the script)", "",
           "1. Premise / positive control: the oracle must be >= 1.5x the default (allocation matters), the RL agent's "
           "Q-network must have taken gradient updates with a non-zero parameter change at every budget, and its first "
@@ -596,6 +601,26 @@ def markdown(results: dict, out: str) -> str:
               "resize its pool in place, so a change always builds a new graph.", ""]
     L += [f"![throughput / oracle per method (mean ± std over seeds)]({stem}.png)", "",
           f"![every window of every tuner, sleep pipeline, seed 0]({stem}_trace.png)", ""]
+    L += ["## Setup", "",
+          "- Known-optimum pipeline: stages *read* / *decode* / *augment* sleep 2 / 4 / 1 ms per sample (thread "
+          "stages declared CPU stages, so all 14 workers share one budget); batch 64; training step 5 ms. Action "
+          "space = oracle grid: worker counts >= 1 with sum <= 14, prefetch fixed at 2 (no prefetch actions).",
+          "- png_remote: Fashion-MNIST PNG files (60,000), *read* with 2 ms latency (threads, I/O budget 8), *decode* "
+          "and *augment* (processes, CPU budget 3); batch 64, step 5 ms. rows: MovieLens-100K rows, *read* (threads, "
+          "I/O budget 4), *parse* / *featurize* (processes, CPU budget 3); batch 128, step 4 ms. Each grid covers the "
+          "whole action space (prefetch fixed at 2).",
+          "- RL agent: DQN 2x64, Adam 1e-3, gamma 0.9, replay 5k, minibatch up to 32, 4 updates per decision from the "
+          "9th decision, target sync every 25, epsilon 1 -> 0.05 over 60 decisions, novelty bonus 0.1; selection = "
+          "best mean throughput among allocations measured at least twice. Ablations: the same agent with 0 updates "
+          "(*rl_untrained*), and epsilon 1 throughout with no bonus (*random_walk*). Hill climber: min gain 5%. "
+          "Busy-time: settles when its proportional allocation is the one that ran (at most 6 windows).", "",
+          "## Correctness evidence (tests, not this benchmark)", "",
+          "`tests/test_pipeline_tuner.py`: every sample once and in order while the allocation changes (both "
+          "`restart` and `drain`, including a change while an old graph still drains), after a killed worker, across "
+          "mid-epoch resume and under DDP; the Q-network's first update at decision 9 and a non-zero parameter change "
+          "(ablations: none); identical proposals for exploration budgets 30 and 240 up to decision 29; the busy-time "
+          "allocation 4/8/2 from a fake 1/1/1 measurement; the actions reach exactly the oracle grid; I/O threads "
+          "outside the CPU budget; the rebuild cost counted (dropped / drained batches, build seconds).", ""]
     L += ["## What falls short and why", "", *cfg.get("shortfalls", []), ""]
     return "\n".join(L)
 

@@ -140,7 +140,9 @@ class _Graph:
     def _watch(self, interval: float) -> None:
         while not self._stop.wait(interval):
             for p in self.processes():
-                if not p.is_alive():
+                # exit code 0: torchdata let the worker go (its source ended, e.g. a graph draining after a
+                # change of allocation); anything else (a signal, an error) is a dead worker
+                if not p.is_alive() and p.exitcode != 0:
                     self.dead_worker = f"worker process {p.pid} exited with code {p.exitcode}"
                     self._halt()
                     return
