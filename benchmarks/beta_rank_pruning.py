@@ -199,9 +199,15 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=str(cache_root("benchmarks/beta_rank_pruning")))
     parser.add_argument("--json", type=Path, default=JSON)
     parser.add_argument("--render-only", action="store_true", help="rewrite the page from the JSON")
+    parser.add_argument("--note", action="append", default=[],
+                        help="with --render-only: a fact about the run (e.g. a killed process) kept in the JSON")
     args = parser.parse_args()
     if args.render_only:
-        render(json.loads(args.json.read_text()), args.json)
+        result = json.loads(args.json.read_text())
+        if args.note:
+            result["notes"] = result.get("notes", []) + args.note
+            atomic_write_json(result, args.json, indent=1)
+        render(result, args.json)
         return
     torch.set_num_threads(1)
     config = {k: v for k, v in vars(args).items() if k not in ("json", "render_only", "cache_dir")}
@@ -388,9 +394,7 @@ def render(result: dict, json_path: Path) -> None:
         "no-fine-tuning regime; "
         + (f"the fine-tuning regime on seeds {ft_seeds}, target(s) {ft_targets}, criteria {ft_methods}, at most "
            f"{cfg['finetune_max_epochs']} epochs" if ft_runs else
-           f"the fine-tuning regime (planned: seeds {cfg['finetune_seeds']}, target {cfg['finetune_targets']}, "
-           f"criteria {cfg.get('finetune_methods')}, at most {cfg['finetune_max_epochs']} epochs) did not run before "
-           "the deadline")
+           "the fine-tuning regime did not run before the deadline")
         + ", to fit a 20 CPU-minute budget on a 2-core "
         f"machine shared by several jobs (1-min load average up to "
         f"{max([la[0] for la in result['load_average']] or [0]):.0f} when recorded; other jobs also exhausted its memory). Consequences: "
@@ -399,6 +403,7 @@ def render(result: dict, json_path: Path) -> None:
            "the paper's own protocol (pruned + fine-tuned) is untested here, so that regime is inconclusive; ")
         + "the dense models stop early at a constant lr, not after a decayed schedule.",
         "",
+        *([f"Notes on the run: {' '.join(result['notes'])}", ""] if result.get("notes") else []),
         "## Budgets and convergence",
         "",
         "| model | seeds | epochs run | best validation epoch | optimizer steps | training samples seen |",
