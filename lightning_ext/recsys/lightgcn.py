@@ -35,8 +35,10 @@ class LightGCN(Recommender):
     batch plus ``reg_weight · ½(||e_u⁰||² + ||e_i+⁰||² + ||e_i-⁰||²) / B`` on the batch's **layer-0**
     embeddings only (as in the PyTorch port). The propagation is a CSR sparse product whose backward reuses
     the precomputed transpose (:func:`lightning_ext.recsys.spmm`): the same code on CPU and CUDA. PyG's
-    ``LGConv`` computes the same layer; its ``torch.sparse`` backward is slower on CPU, so it is not used here
-    (``benchmarks/graph_recommenders.py`` times both).
+    ``EdgeIndex`` sparse matmul (cached CSR/CSC) computes the same layer at about the same CPU cost, and PyG's
+    ``examples/lightgcn.py`` loop (``LGConv`` re-normalising and scattering a raw ``edge_index`` every step)
+    is several times slower; our kernel is kept because it is on par there and faster where the edge values
+    need a gradient (DCCF). ``benchmarks/graph_propagation_speed.py`` measures all three.
 
     Args:
         num_layers: propagation layers K (0 is MF-BPR, see :class:`~lightning_ext.recsys.mf_bpr.MFBPR`).
