@@ -268,10 +268,20 @@ def diff_se(a: list[float], b: list[float]) -> float:
 def analyse(res: dict) -> dict:
     """Everything the page states, computed from the runs: premise, budget flags, selected alphas, claims."""
     cfg, runs = res["config"], res["runs"]
-    seeds_done = sorted({r["seed"] for r in runs if all(
-        any(q["seed"] == r["seed"] and q["selection"] == s and q["fraction"] == f and q["alpha"] == a for q in runs)
-        for s in cfg["selections"] for f in cfg["fractions"] for a in cfg["alphas"])})
-    runs = [r for r in runs if r["seed"] in seeds_done]
+    have = {(r["seed"], r["selection"], r["fraction"], r["alpha"]) for r in runs}
+
+    def complete(seed, f):
+        return all((seed, s, f, a) in have for s in cfg["selections"] for a in cfg["alphas"])
+
+    fractions = list(cfg["fractions"])
+    seeds_done = [s for s in cfg["seeds"] if all(complete(s, f) for f in fractions)]
+    if not seeds_done and any(complete(cfg["seeds"][0], f) for f in fractions):
+        # the run was cut short inside its first seed: report the fractions that seed completed
+        seeds_done = [cfg["seeds"][0]]
+        fractions = [f for f in fractions if complete(seeds_done[0], f)]
+    dropped = [f for f in cfg["fractions"] if f not in fractions]
+    cfg = {**cfg, "fractions": fractions}
+    runs = [r for r in runs if r["seed"] in seeds_done and r["fraction"] in fractions]
 
     def cell(sel, f, a, key="test"):
         return [100 * r[key] if key in ("test", "best_val") else r[key] for r in runs
@@ -282,7 +292,7 @@ def analyse(res: dict) -> dict:
         return sum(flags) * 2 > len(flags)
 
     teacher = 100 * res["teacher"]["test"]
-    out = {"seeds_done": seeds_done, "teacher_test": teacher}
+    out = {"seeds_done": seeds_done, "teacher_test": teacher, "fractions": fractions, "dropped_fractions": dropped}
     if not seeds_done:
         out["verdict"] = "inconclusive"
         out["why"] = "no seed completed the grid"
@@ -362,9 +372,11 @@ def analyse(res: dict) -> dict:
     summary = ", ".join(f"{name}: {c['result']}" for name, c in claims.items())
     if not out["premise"]["ok"]:
         out["verdict"], out["why"] = "not testable here", "the premise check failed (see above)"
-    elif len(seeds_done) < len(cfg["seeds"]):
+    elif len(seeds_done) < len(cfg["seeds"]) or dropped:
         out["verdict"] = "inconclusive"
-        out["why"] = f"only {len(seeds_done)} of {len(cfg['seeds'])} seeds completed the grid"
+        out["why"] = (f"the protocol was not met: {len(seeds_done)} of {len(cfg['seeds'])} seeds completed"
+                      + (f", kept fractions {', '.join(f'{100 * f:g}%' for f in dropped)} not reached" if dropped
+                         else "") + f"; claims on what ran: {summary}")
     elif all(r == "reproduced" for r in results):
         out["verdict"], out["why"] = "reproduced", f"every claim reproduced ({summary})"
     elif any(r in ("reproduced", "partly reproduced") for r in results):
@@ -390,7 +402,7 @@ def plot(res: dict, an: dict, path: Path) -> None:
     from lightning_ext.core.plotting import new_figure, save_figure
 
     cfg = res["config"]
-    fs = cfg["fractions"]
+    fs = an["fractions"]
     fig, (ax, ax2) = new_figure(1, 2, figsize=(10.0, 4.0))
     for sel, color in (("random", "tab:blue"), ("el2n", "tab:red")):
         if sel not in cfg["selections"]:
@@ -435,10 +447,11 @@ def render(res: dict, out: Path) -> str:
     budget_rows = []
     for f, s in zip(cfg["fractions"], cfg["steps"]):
         n = next((r["train_size"] for r in runs if r["fraction"] == f), round(f * res["sizes"]["train"]))
-        budget_rows.append(f"| {100 * f:g}% | {n:,} | {s} | {s * cfg['batch_size']:,} | {s * cfg['batch_size'] / n:.1f} |")
+        budget_rows.append(f"| {100 * f:g}% | {n:,} | {s} | {s * cfg['batch_size']:,} | {s * cfg['batch_size'] / n:.1f} |"
+                           + (" **not reached** |" if f in an["dropped_fractions"] else " ran |"))
     main_rows, grid_rows = [], []
     for sel in cfg["selections"]:
-        for f in cfg["fractions"]:
+        for f in an["fractions"]:
             a = an["alpha"][f"{sel}@{f}"]
             base, kd = an["table"][f"{sel}@{f}@0.0"], an["table"][f"{sel}@{f}@{a}"]
             g = an["claims"]["kd_helps"]["gains"][f"{sel}@{f}"]
@@ -471,7 +484,8 @@ def render(res: dict, out: Path) -> str:
     verdict_rule = f"""Verdict rule (in `analyse()`): the premise must hold, else **not testable here**; a claim resting on a
 cell (selection, fraction, α) whose best validation checkpoint is the last one in most seeds ("still
 improving", ↑ in the grid) is **inconclusive** (the claim, not the whole page, since the other claims'
-cells may have stopped improving); fewer completed seeds than planned makes the whole verdict **inconclusive**; otherwise
+cells may have stopped improving); fewer completed seeds or kept fractions than planned makes the whole verdict
+**inconclusive** (the claims are still evaluated on what ran and shown); otherwise
 **reproduced** if every claim is, **partly reproduced** if at least one claim is (partly) reproduced,
 **not reproduced** if none is. A difference "beyond noise" exceeds {NOISE_Z:g} standard errors of the
 difference of seed means."""
@@ -513,8 +527,8 @@ with other jobs, so times are inflated; page and plot re-rendered from the JSON 
   selection, fraction) train in lockstep on the same batches and crops and share that forward pass; each is
   exactly the run it would be alone.
 
-| kept | samples | optimizer steps | samples seen | epochs on the subset |
-|---|---|---|---|---|
+| kept | samples | optimizer steps | samples seen | epochs on the subset | status |
+|---|---|---|---|---|---|
 {chr(10).join(budget_rows)}
 
 - Subsets: random = seeded, class-stratified (seed = run seed); EL2N = the same count per class, highest
@@ -552,7 +566,7 @@ Every cell, validation / test %, mean ± std (↑: best validation checkpoint wa
    {c1['positive']} of {c1['cells']} cells, beyond noise in {c1['beyond_noise']}. Rule: reproduced if positive in
    all and beyond noise in at least half, partly if positive in most. {result(c1)}.
 2. *The best α grows as the kept fraction shrinks.* α selected on validation from
-   {100 * cfg['fractions'][0]:g}% to {100 * cfg['fractions'][-1]:g}%: {c2_lines}. Rule: reproduced if non-increasing with the
+   {100 * an['fractions'][0]:g}% to {100 * an['fractions'][-1]:g}%: {c2_lines}. Rule: reproduced if non-increasing with the
    smallest fraction's α above the largest's, for every selection (partly: for some); inconclusive if not and
    all α > 0 are within noise of each other on validation. {result(c2)}.
 """
@@ -574,17 +588,20 @@ Every cell, validation / test %, mean ± std (↑: best validation checkpoint wa
   number of epochs; {n_improving} of {len(an['table'])} (selection, fraction, α) cells were still improving at
   their last validation checkpoint ({n_improving_kd} of them with KD), so the claims resting on them are
   undecided; deciding them needs longer schedules per fraction, not more seeds.
-- **Seeds.** {len(an['seeds_done'])} of the planned {len(cfg['seeds'])} seeds completed the grid.
+- **Seeds and fractions.** {len(an['seeds_done'])} of the planned {len(cfg['seeds'])} seeds completed
+  {'the grid' if not an['dropped_fractions'] else 'the kept fractions ' + ', '.join(f'{100 * f:g}%' for f in an['fractions']) + ' (the run stopped before ' + ', '.join(f'{100 * f:g}%' for f in an['dropped_fractions']) + ': ' + res.get('stopped', 'cut short') + ')'}:
+  with one seed there is no spread, every standard error is 0 and "beyond noise" means nothing.
 - **Teacher.** {t['epochs']} epochs; its validation accuracy still rose {p['teacher_last_gain']:+.2f} points in the last
   epoch (the check allows < 0.5); it reaches {an['teacher_test']:.2f}% test. A longer-trained teacher would
   leave a larger gap to close.
 - **Scope.** Not tested: the paper's datasets (CIFAR, ImageNet) and architectures, its other pruning scores,
   the teacher-size claim. EL2N comes from one early snapshot, not the paper's average over several proxies.
 
-Whole run: {res.get('seconds', 0) / 60:.1f} min wall clock on a machine whose 2 cores were shared with many other
-jobs (load average up to ~270), so the wall clock says little about the cost. Estimated single-core cost of the
-training steps from the measured step times: teacher {t['last_step'] * res['cost']['student_step_s'] / 60:.1f} min, students
-{est_student_min:.1f} min (validation and test passes not included). Raw numbers: [`knowledge_distillation.json`](knowledge_distillation.json).
+Wall clock up to the last saved cell: {res.get('seconds', 0) / 60:.1f} min, on a machine whose 2 cores were shared with many other
+jobs (load average up to ~270), so the wall clock says little about the cost. Cost of the training steps
+estimated from the step times above (wall-clock medians taken on the same loaded machine, so an upper bound
+on one idle core): teacher {t['last_step'] * res['cost']['student_step_s'] / 60:.1f} min, students {est_student_min:.1f} min
+(validation and test passes not included). Raw numbers: [`knowledge_distillation.json`](knowledge_distillation.json).
 """
     atomic_write_text(page, out.with_suffix(".md"))
     return page
@@ -607,13 +624,19 @@ def main() -> None:
     parser.add_argument("--el2n-epoch", type=int, default=1)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="path stem of the .json/.md/.png")
     parser.add_argument("--render-only", action="store_true", help="re-render the page from the saved JSON")
+    parser.add_argument("--stopped", default=None,
+                        help="with --render-only: record in the JSON why the run stopped before the end")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
     args = parser.parse_args()
     out = args.out.with_suffix("")
     if args.render_only:
         import json
 
-        print(render(json.loads(out.with_suffix(".json").read_text()), out))
+        res = json.loads(out.with_suffix(".json").read_text())
+        if args.stopped:
+            res["stopped"] = args.stopped
+            atomic_write_json(res, out.with_suffix(".json"), indent=1)
+        print(render(res, out))
         return
     if args.quick:
         args.seeds, args.steps, args.teacher_epochs, args.evals = args.seeds[:2], [6] * len(args.fractions), 1, 2
