@@ -531,7 +531,14 @@ def markdown(results: dict, out: str) -> str:
         for b, pb in v["per_budget"].items():
             g = pb["goals"]
             L.append(f"| {b} | {g['oracle']} | {g['default']} | {g['hill_climb']} | {g['busy_time']} | {pb['verdict']} |")
-        L.append("")
+        r = ratios(results, "sleep")
+        margins = []
+        for b in v["per_budget"]:
+            x = [row["x_busy_time"] for row in r[f"rl@{b}"] if "x_busy_time" in row]
+            se = statistics.stdev(x) / math.sqrt(len(x)) if len(x) > 1 else float("nan")
+            margins.append(f"{b}: {statistics.mean(x):.3f} (standard error {se:.3f}, n = {len(x)})")
+        L += ["", "Margin behind 'vs busy-time' (mean per-seed paired ratio agent / busy-time): " + "; ".join(margins)
+              + ".", ""]
     L += ["## Commands", "", "CPU only, `nice -n 5`, torch threads 1; the machine had 2 cores shared with other "
           "engineers' jobs (1-minute load averages per run are in the tables).", "", "```bash", *cfg["commands"], "```",
           "", f"Exploration budgets {', '.join(map(str, BUDGETS))} decisions; windows of at least {cfg['min_window']} s "
