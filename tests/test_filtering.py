@@ -518,3 +518,100 @@ def test_export_path_is_relative_to_the_run_directory(tmp_path):
     exported = sorted(tmp_path.rglob("kept.json"))
     assert exported == [Path(trainer.log_dir) / "kept.json"]
     assert json.loads(exported[0].read_text())["kept_indices"] == dm.kept_indices.tolist()
+
+
+# -- one-batch equivalence of every scoring rule against the paper's equations ------------------------------
+
+
+def test_el2n_scores_match_the_papers_equation():
+    from lightning_ext.curation.el2n import el2n_scores
+
+    torch.manual_seed(0)
+    net = nn.Linear(6, 4)
+    x, y = torch.randn(9, 6), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0])
+    logits = (x.double() @ net.weight.double().T + net.bias.double()).detach().numpy()
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    onehot = np.eye(4)[y.numpy()]
+    expected = np.sqrt(((p - onehot) ** 2).sum(1))  # Paul et al. eq. 2: || p(x) - y ||_2
+    np.testing.assert_allclose(el2n_scores(net, x, y).numpy(), expected, atol=1e-6)
+
+
+def test_dp4tl_label_mapping_matches_the_official_rule_and_flags_unvoted_classes():
+    from lightning_ext.curation.dp4tl import label_mapping_votes, top_classes
+
+    torch.manual_seed(0)
+    surrogate = nn.Sequential(nn.Flatten(), nn.Linear(16, 6))
+    target = torch.randn(12, 1, 4, 4)
+    logits = surrogate(target).detach().double().numpy()
+    counts = np.zeros(6, dtype=int)
+    for pred in logits.argmax(1):  # lm_selection_for_imagenet.py: a histogram of argmax source classes
+        counts[pred] += 1
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs = (probs / probs.sum(1, keepdims=True)).sum(0)
+    got_counts, got_probs = label_mapping_votes(surrogate, target, 6)
+    np.testing.assert_array_equal(got_counts, counts)
+    np.testing.assert_allclose(got_probs, probs, atol=1e-6)
+    for frac in (1 / 6, 0.5, 5 / 6):
+        k = round(frac * 6)
+        order = sorted(range(6), key=lambda c: (-counts[c], -probs[c], c))  # votes, then summed probability
+        assert top_classes(counts, frac, tie_break=probs).tolist() == sorted(order[:k])
+    # the scorer with this (already trained) surrogate keeps the same classes and flags zero-vote ones
+    src = ScoringData.from_tensors(torch.randn(24, 1, 4, 4), torch.arange(24) % 6)
+    voted = int((counts > 0).sum())
+    frac = min(1.0, (voted + 1) / 6)
+    s = DP4TLLabelMapping(target=target, surrogate=surrogate, surrogate_epochs=0, class_fraction=frac, progress=False)
+    with pytest.warns(UserWarning, match="received a target vote"):
+        scores = s.score(src)
+    assert scores["kept_classes"].tolist() == top_classes(counts, frac, tie_break=probs).tolist()
+    assert int(scores["unvoted_kept"]) == round(frac * 6) - voted
+    with pytest.raises(ValueError, match="received a target vote"):
+        DP4TLLabelMapping(target=target, surrogate=surrogate, surrogate_epochs=0, class_fraction=frac,
+                          progress=False, on_unvoted="error").score(src)
+
+
+def test_dbp_complexity_and_shares_match_the_papers_equations():
+    from lightning_ext.curation.density_based_pruning import cluster_complexity
+
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((40, 5))
+    assign = np.arange(40) % 4
+    cent = np.stack([emb[assign == j].mean(0) for j in range(4)])
+    cent /= np.linalg.norm(cent, axis=1, keepdims=True)
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    d_intra = np.array([np.mean([1 - unit[i] @ cent[j] for i in np.flatnonzero(assign == j)]) for j in range(4)])
+    d_inter = np.array([np.mean(sorted(1 - cent[j] @ cent[m] for m in range(4) if m != j)[:2]) for j in range(4)])
+    c, di, de = cluster_complexity(emb, assign, cent, num_neighbors=2)
+    np.testing.assert_allclose(di, d_intra, atol=1e-6)
+    np.testing.assert_allclose(de, d_inter, atol=1e-6)
+    np.testing.assert_allclose(c, d_intra * d_inter, atol=1e-6)  # C_j = d_inter * d_intra (Abbas et al., eq. 1)
+    p = np.exp(c / 0.5) / np.exp(c / 0.5).sum()  # the shares, softmax(C / tau)
+    q = cluster_quotas(1000, p, np.zeros(4), np.full(4, 1000))  # no bound active: the rounded shares
+    assert q.sum() == 1000 and np.abs(q - 1000 * p).max() < 1
+
+
+def test_scaling_law_official_mixture_matches_the_reference_code_equations():
+    pools = [{"a": 1.0, "b": -0.5, "tau": 1.0}, {"a": 1.0, "b": -0.3, "tau": 3.0}]
+    size, unit = 100, 10.0
+
+    def reference(n, chosen, scale_tau):  # objective.py's effective utility aggregation, d added outside
+        spe = size * len(chosen)
+        epochs = np.arange(n // spe + 1)
+        b = np.mean([p["b"] * 0.5 ** (epochs / (p["tau"] * (len(chosen) if scale_tau else 1))) for p in chosen], 0)
+        samples = np.minimum(spe * (epochs + 1), n) / unit
+        before = spe * epochs / unit
+        loss = samples[0] ** b[0]
+        if len(samples) > 1:
+            loss *= np.prod((samples[1:] / before[1:]) ** b[1:])
+        return loss
+
+    official = FilteringScalingLaw(pools, bucket_size=size, d=0.0, unit=unit)
+    repetitions = FilteringScalingLaw(pools, bucket_size=size, d=0.0, unit=unit, mixture="repetitions")
+    assert official.mixture == "official"
+    for n in (50, 100, 250, 1000, 5000):
+        for m in (1, 2):
+            assert official.error(n, m) == pytest.approx(reference(n, pools[:m], True), rel=1e-9)
+            assert repetitions.error(n, m) == pytest.approx(reference(n, pools[:m], False), rel=1e-9)
+    assert official.error(5000, 2) != pytest.approx(repetitions.error(5000, 2))  # the two rules differ
+    with pytest.raises(ValueError, match="mixture"):
+        FilteringScalingLaw(pools, mixture="mean")

@@ -4,7 +4,8 @@ et al., NeurIPS 2023, arXiv 2310.08782): prune whole *source* classes for a give
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Optional, Union
+import warnings
+from typing import Any, Literal, Optional, Union
 
 import numpy as np
 import torch
@@ -12,14 +13,31 @@ from torch import nn
 
 from lightning_ext.core.checkpoints import read_state_dict
 from lightning_ext.core.validation import UnitIntervalLeftOpen
-from lightning_ext.core.validation import NonNegativeInt, PositiveFloat, PositiveInt, check_fraction, check_number
+from lightning_ext.core.validation import (
+    NonNegativeInt, PositiveFloat, PositiveInt, check_choice, check_fraction, check_number,
+)
 from lightning_ext.curation.base import Scorer, Scores, ScoringData, as_dataset, check_seed, dataset_inputs
 from lightning_ext.curation.clustering import spherical_kmeans
 from lightning_ext.curation.embeddings import Embedder
 from lightning_ext.curation.training import build_model, check_training_args, predict_logits, train_classifier
 
 __all__ = ["DP4TLFeatureMapping", "DP4TLLabelMapping", "feature_mapping_counts", "label_mapping_counts",
-           "top_classes"]
+           "label_mapping_votes", "top_classes"]
+
+
+def label_mapping_votes(surrogate: nn.Module, target_x: torch.Tensor,
+                        num_source_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """LM votes: per source class, how many target samples the surrogate assigns to it (argmax) and the sum of
+    its softmax probability over the target samples (the tie-break between classes with equal counts).
+
+    Example:
+        >>> counts, probs = label_mapping_votes(nn.Linear(2, 3), torch.zeros(4, 2), 3)
+        >>> int(counts.sum()), round(float(probs.sum()), 4)
+        (4, 4.0)
+    """
+    logits = predict_logits(surrogate, target_x)
+    counts = np.bincount(logits.argmax(1).numpy(), minlength=num_source_classes)
+    return counts, torch.softmax(logits.double(), dim=1).sum(0).numpy()
 
 
 def label_mapping_counts(surrogate: nn.Module, target_x: torch.Tensor, num_source_classes: int) -> np.ndarray:
@@ -27,8 +45,7 @@ def label_mapping_counts(surrogate: nn.Module, target_x: torch.Tensor, num_sourc
 
     Counts of argmax predictions, not summed probabilities, as in ``lm_selection_for_imagenet.py``.
     """
-    pred = predict_logits(surrogate, target_x).argmax(1).numpy()
-    return np.bincount(pred, minlength=num_source_classes)
+    return label_mapping_votes(surrogate, target_x, num_source_classes)[0]
 
 
 def feature_mapping_counts(source_feats: np.ndarray, source_ids: np.ndarray, target_feats: np.ndarray,
@@ -54,15 +71,33 @@ def feature_mapping_counts(source_feats: np.ndarray, source_ids: np.ndarray, tar
     return np.bincount(d.argmin(1), minlength=k)
 
 
-def top_classes(counts: np.ndarray, class_fraction: float) -> np.ndarray:
-    """The ``round(class_fraction * len(counts))`` most frequent classes (ties: lower class id), sorted.
+def top_classes(counts: np.ndarray, class_fraction: float, tie_break: Optional[np.ndarray] = None) -> np.ndarray:
+    """The ``round(class_fraction * len(counts))`` most frequent classes, sorted. Ties (classes with equal
+    counts, zero votes included) go to the larger ``tie_break`` (e.g. summed probabilities), then the lower id.
 
     Example:
         >>> top_classes(np.array([5, 0, 9, 1]), 0.5).tolist()
         [0, 2]
+        >>> top_classes(np.array([0, 3, 0, 0]), 0.5, tie_break=np.array([0.1, 2.0, 0.2, 0.7])).tolist()
+        [1, 3]
     """
     k = max(1, int(round(class_fraction * len(counts))))
-    return np.sort(np.argsort(-np.asarray(counts), kind="stable")[:k])
+    counts = np.asarray(counts, dtype=np.float64)
+    second = np.zeros_like(counts) if tie_break is None else np.asarray(tie_break, dtype=np.float64)
+    return np.sort(np.lexsort((np.arange(len(counts)), -second, -counts))[:k])
+
+
+def _flag_unvoted(counts: np.ndarray, kept: np.ndarray, on_unvoted: str, what: str) -> int:
+    """Number of kept classes that no target sample voted for; warns or raises per ``on_unvoted``."""
+    n = int((np.asarray(counts)[kept] == 0).sum())
+    if n and on_unvoted != "ignore":
+        msg = (f"DP4TL keeps {len(kept)} source classes but only {int((np.asarray(counts) > 0).sum())} received a "
+               f"target vote; {n} are filled by {what}. Lower `class_fraction` or use a surrogate that "
+               "recognises the target.")
+        if on_unvoted == "error":
+            raise ValueError(msg)
+        warnings.warn(msg, stacklevel=3)
+    return n
 
 
 def _class_scores(ids: np.ndarray, counts: np.ndarray, kept: np.ndarray) -> np.ndarray:
@@ -94,7 +129,10 @@ class DP4TLLabelMapping(_DP4TLBase):
 
     A cheap surrogate source classifier predicts a source class for every *target* training input; the
     source classes predicted most often are kept (``class_fraction`` of them) and every sample of the other
-    classes is dropped. The kept pool then pretrains the model that is fine-tuned on the target. The paper
+    classes is dropped. Classes with equal counts (in particular classes no target sample voted for, which fill
+    the set when ``class_fraction`` asks for more classes than received votes) are ordered by the surrogate's
+    summed softmax probability over the target; ``on_unvoted`` says what happens when that filling is needed
+    (the official script orders such ties arbitrarily). The kept pool then pretrains the model that is fine-tuned on the target. The paper
     prunes 40-80% of ImageNet's classes without losing downstream accuracy, a 2-5x pretraining speed-up.
 
     Use with ``FilteredDataModule(keep=None, min_per_class=0)``: whole classes are meant to disappear.
@@ -112,12 +150,14 @@ class DP4TLLabelMapping(_DP4TLBase):
         seed: surrogate seed (the caller's random state is untouched).
         progress: show progress bars.
         accelerator: where the surrogate trains (``"auto"``, ``"cpu"``, ``"gpu"``, ...).
+        on_unvoted: when more classes are kept than received a target vote: ``"warn"``, ``"error"`` or
+            ``"ignore"`` (the scores always report ``unvoted_kept``).
 
     Example:
         >>> import torch
         >>> src = ScoringData.from_tensors(torch.randn(40, 1, 8, 8), torch.arange(40) % 4)
         >>> s = DP4TLLabelMapping(target=torch.randn(10, 1, 8, 8), surrogate_epochs=1, class_fraction=0.5,
-        ...                       progress=False)
+        ...                       progress=False, on_unvoted="ignore")
         >>> len(s.score(src)["kept_classes"])
         2
     """
@@ -134,8 +174,10 @@ class DP4TLLabelMapping(_DP4TLBase):
         seed: NonNegativeInt = 0,
         progress: bool = True,
         accelerator: str = "auto",
+        on_unvoted: Literal["error", "warn", "ignore"] = "warn",
     ) -> None:
         self._check(class_fraction, seed)
+        check_choice("on_unvoted", on_unvoted, ("error", "warn", "ignore"))
         check_training_args(surrogate_epochs, lr, batch_size, seed, epochs_name="surrogate_epochs", min_epochs=0)
         if surrogate_epochs == 0 and surrogate_checkpoint is None and not isinstance(surrogate, nn.Module):
             raise ValueError("With `surrogate_epochs=0` the surrogate must already be trained: pass an "
@@ -143,7 +185,7 @@ class DP4TLLabelMapping(_DP4TLBase):
         self.target, self.surrogate, self.surrogate_checkpoint = target, surrogate, surrogate_checkpoint
         self.surrogate_epochs, self.class_fraction = surrogate_epochs, class_fraction
         self.lr, self.batch_size, self.seed, self.progress = lr, batch_size, seed, progress
-        self.accelerator = accelerator
+        self.accelerator, self.on_unvoted = accelerator, on_unvoted
         self.surrogate_: Optional[nn.Module] = None
 
     def config(self) -> dict:
@@ -171,9 +213,11 @@ class DP4TLLabelMapping(_DP4TLBase):
 
     def score(self, data: ScoringData) -> Scores:
         net = self.fit_surrogate(data)
-        counts = label_mapping_counts(net, dataset_inputs(as_dataset(self.target, "target")), data.num_classes)
-        kept = top_classes(counts, self.class_fraction)
-        return {"score": _class_scores(data.labels, counts, kept), "class_counts": counts, "kept_classes": kept}
+        counts, probs = label_mapping_votes(net, dataset_inputs(as_dataset(self.target, "target")), data.num_classes)
+        kept = top_classes(counts, self.class_fraction, tie_break=probs)
+        unvoted = _flag_unvoted(counts, kept, self.on_unvoted, "summed probability")
+        return {"score": _class_scores(data.labels, counts, kept), "class_counts": counts, "class_prob_sums": probs,
+                "kept_classes": kept, "unvoted_kept": np.array(unvoted)}
 
 
 class DP4TLFeatureMapping(_DP4TLBase):

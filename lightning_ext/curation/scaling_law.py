@@ -4,13 +4,14 @@ github.com/locuslab/scaling_laws_data_filtering), and compute-aware selection bu
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import numpy as np
 
-from lightning_ext.core.validation import PositiveFloat, PositiveInt, check_number, check_positive, check_positive_int
+from lightning_ext.core.validation import (
+    PositiveFloat, PositiveInt, check_choice, check_number, check_positive, check_positive_int,
+)
 from lightning_ext.curation.base import Scorer, Scores, ScoringData, top_k
 
 __all__ = ["ComputeAwareSelection", "FilteringScalingLaw", "PoolLaw"]
@@ -37,17 +38,28 @@ class FilteringScalingLaw:
     the data again decays the utility: in repetition ``k`` (0 = first pass) the exponent is
     ``b_k = b * 2^(-k / tau)``, so ``y(n) - d = a * n_0^b_0 * prod_{k>=1} (n_k / n_{k-1})^b_k`` with ``n_k`` the
     cumulative samples seen at the end of repetition k (in units of ``unit`` samples). A union of ``p``
-    equal buckets repeats once every ``p * size`` samples and its exponent in repetition k is the mean of its
-    buckets' ``b_i * 2^(-k / tau_i)``. (The paper's code counts epochs of one bucket's size, which is why it
-    writes the half-life of a mixture as ``tau * p``; counting repetitions of the union, as here, is the same
-    law.) ``d`` (irreducible error) is fixed, as in the paper's grid search; the code's variant that
-    multiplies ``d`` into the product is not used.
+    equal buckets repeats once every ``p * size`` samples (k counts passes over the union) and its exponent in
+    pass k is the mean of its buckets' decayed exponents, with one of two rules (``mixture``):
+
+    - ``"official"`` (default), as ``estimate_best_pool.py`` of the reference code: each bucket's half-life is
+      multiplied by the number of buckets in the union, ``b_k = mean_i b_i * 2^(-k / (tau_i * p))``;
+    - ``"repetitions"``: ``b_k = mean_i b_i * 2^(-k / tau_i)``, i.e. a bucket seen k times in a union decays
+      as when it is seen k times alone.
+
+    The two are **not** equivalent: in pass k over the union every bucket has been seen k times, so the
+    official rule makes a bucket decay p times more slowly inside a union of p buckets than alone, which
+    favours larger unions. ``d`` (irreducible error) is fixed, as in the paper's grid search; the code's
+    variant that multiplies ``d`` into the product is not used, and each bucket keeps its own ``a`` (the code
+    asserts one shared ``a`` and writes the law as ``(a n)^b``; a union here takes the geometric mean of its
+    buckets' ``a``).
 
     Args:
         pools: the buckets' laws, best first (dicts with ``a``, ``b``, ``tau`` or :class:`PoolLaw`).
         bucket_size: samples per bucket.
         d: irreducible error.
         unit: samples per unit of ``n`` (the paper normalises by 1e5).
+        mixture: how a union's buckets decay with repetition: ``"official"`` (half-lives scaled by the number of
+            buckets, the reference code) or ``"repetitions"`` (see above).
 
     Example:
         >>> law = FilteringScalingLaw([{"a": 1.0, "b": -0.5, "tau": 1.0}, {"a": 1.0, "b": -0.4, "tau": 4.0}],
@@ -57,16 +69,17 @@ class FilteringScalingLaw:
     """
 
     def __init__(self, pools: Sequence = (), bucket_size: PositiveInt = 1, d: float = 0.1,
-                 unit: PositiveFloat = 1.0) -> None:
+                 unit: PositiveFloat = 1.0, mixture: Literal["official", "repetitions"] = "official") -> None:
         check_positive_int("bucket_size", bucket_size)
+        check_choice("mixture", mixture, ("official", "repetitions"))
         check_number("d", d)
         check_positive("unit", unit)
         self.pools = [p if isinstance(p, PoolLaw) else PoolLaw(**p) for p in pools]
-        self.bucket_size, self.d, self.unit = bucket_size, d, unit
+        self.bucket_size, self.d, self.unit, self.mixture = bucket_size, d, unit, mixture
 
     def config(self) -> dict:
         return {"pools": [asdict(p) for p in self.pools], "bucket_size": self.bucket_size, "d": self.d,
-                "unit": self.unit}
+                "unit": self.unit, "mixture": self.mixture}
 
     @staticmethod
     def curve(a: float, b_per_repetition, samples_seen: float, pool_size: float, d: float, unit: float = 1.0) -> float:
@@ -91,9 +104,10 @@ class FilteringScalingLaw:
             buckets = range(num_buckets)
         chosen = [self.pools[i] for i in buckets]
         a = float(np.exp(np.mean([np.log(p.a) for p in chosen])))
+        scale = len(chosen) if self.mixture == "official" else 1
 
         def b_k(k: int) -> float:
-            return float(np.mean([p.b * 2.0 ** (-k / p.tau) for p in chosen]))
+            return float(np.mean([p.b * 2.0 ** (-k / (p.tau * scale)) for p in chosen]))
 
         return self.curve(a, b_k, samples_seen, len(chosen) * self.bucket_size, self.d, self.unit)
 
@@ -127,15 +141,18 @@ class FilteringScalingLaw:
         b_grid = np.linspace(-1.5, -0.005, 300) if b_grid is None else np.asarray(b_grid)
         tau_grid = np.concatenate([np.geomspace(0.25, 64, 40), [1e6]]) if tau_grid is None else np.asarray(tau_grid)
         best, best_loss = None, np.inf
-        for b, tau in itertools.product(b_grid, tau_grid):
-            g = np.array([FilteringScalingLaw.curve(1.0, lambda k: b * 2.0 ** (-k / tau), m, pool_size, 0.0, unit)
-                          for m in n])
-            a = float((g * y).sum() / (g * g).sum())
-            if a <= 0:
-                continue
-            loss = float(((np.log(a * g) - np.log(y)) ** 2).sum())
-            if loss < best_loss:
-                best, best_loss = PoolLaw(a=a, b=float(b), tau=float(tau)), loss
+        for tau in tau_grid:
+            # every exponent is b times a decay, so log g = b * s with s the law's log for b = 1
+            s = np.log([FilteringScalingLaw.curve(1.0, lambda k: 2.0 ** (-k / tau), m, pool_size, 0.0, unit)
+                        for m in n])
+            for b in b_grid:
+                g = np.exp(b * s)
+                a = float((g * y).sum() / (g * g).sum())
+                if a <= 0:
+                    continue
+                loss = float(((np.log(a * g) - np.log(y)) ** 2).sum())
+                if loss < best_loss:
+                    best, best_loss = PoolLaw(a=a, b=float(b), tau=float(tau)), loss
         return best
 
 
