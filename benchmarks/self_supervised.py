@@ -227,9 +227,11 @@ def paired(a: list[float], b: list[float]) -> dict:
     """
     diffs = [x - y for x, y in zip(a, b)]
     s = stats(diffs)
-    if len(diffs) > 1 and all(d > 0 for d in diffs) and s["mean"] > s["std"]:
+    if len(diffs) < 2:
+        outcome = "not judged (one seed)"
+    elif all(d > 0 for d in diffs) and s["mean"] > s["std"]:
         outcome = "ahead"
-    elif len(diffs) > 1 and all(d < 0 for d in diffs) and -s["mean"] > s["std"]:
+    elif all(d < 0 for d in diffs) and -s["mean"] > s["std"]:
         outcome = "behind"
     else:
         outcome = "tie"
@@ -254,6 +256,8 @@ def decide(state: dict) -> dict:
     3. Final accuracy (secondary): test probe accuracy at each run's selected (best validation) epoch, same
        pairing. If either side's selected epoch is the last one in any seed, the runs were still improving and
        that comparison is "inconclusive".
+    0. Fewer than two seeds finished by every method: "inconclusive" (the protocol was not met; without a
+       seed spread neither the premise nor any gap can be called clear).
     4. Overall: "not testable here" if FroSSL (V=4) or all baselines fail the premise; else over the testable
        claim comparisons (step 2): all "ahead" -> "reproduced" (downgraded to "partly reproduced" if a final
        comparison is "behind"); some "ahead" -> "partly reproduced"; none ahead but some "behind" -> "not
@@ -307,7 +311,7 @@ def decide(state: dict) -> dict:
         if a not in info or b not in info:
             continue
         row = {"a": a, "b": b}
-        if not (info[a]["premise_pass"] and info[b]["premise_pass"]):
+        if len(seeds) >= 2 and not (info[a]["premise_pass"] and info[b]["premise_pass"]):
             row.update(claim="not testable here", final="not testable here")
         else:
             row["early"] = paired(per_seed(a, early), per_seed(b, early))
@@ -318,7 +322,10 @@ def decide(state: dict) -> dict:
         out["comparisons"].append(row)
     testable = [c for c in out["comparisons"] if c["claim"] != "not testable here"]
     claims = [c["claim"] for c in testable]
-    if FROSSL not in info or not info[FROSSL]["premise_pass"] or not testable:
+    out["too_few_seeds"] = len(seeds) < 2
+    if out["too_few_seeds"]:  # no seed spread: neither the premise nor a gap can be judged "clear"
+        verdict = "inconclusive"
+    elif FROSSL not in info or not info[FROSSL]["premise_pass"] or not testable:
         verdict = "not testable here"
     elif all(c == "ahead" for c in claims):
         verdict = ("partly reproduced" if any(c["final"] == "behind" for c in testable) else "reproduced")
@@ -329,7 +336,8 @@ def decide(state: dict) -> dict:
     else:
         verdict = "inconclusive"
     out["verdict"] = verdict
-    out["complete"] = len(complete) == len(CONFIGS) and len(seeds) == len(state["settings"]["seeds"])
+    out["seeds_planned"] = len(state["settings"]["seeds"])
+    out["complete"] = len(complete) == len(CONFIGS) and len(seeds) == out["seeds_planned"]
     out["runs_used"], out["runs_left_out"] = len(runs), len(state["runs"]) - len(runs)
     return out
 
@@ -343,7 +351,9 @@ def pct(s: dict, digits: int = 1) -> str:
 
 
 def gap(p: dict) -> str:
-    """A paired gap in points with its seed spread."""
+    """A paired gap in points with its seed spread (none with one seed)."""
+    if len(p["per_seed"]) < 2:
+        return f"{100 * p['gap']:+.2f} (one seed: no spread)"
     return f"{100 * p['gap']:+.2f} ± {100 * p['spread']:.2f}"
 
 
@@ -399,6 +409,9 @@ def render(state: dict, summary: dict) -> str:
         f"per epoch and the test evaluation; data loading and the floors not included). The machine's 2 cores were shared with other jobs: 1-minute load average "
         f"{min(loads):.1f}-{max(loads):.1f} at the runs' starts and ends, so wall time was {wall / max(cpu, 1e-9):.1f}x "
         "the CPU time; read step times as relative (same contention within a run), not absolute.", "",
+        f"Seeds planned: {s['seeds_planned']}; finished by every method: seed(s) {seeds} ({s['runs_used']} runs used, "
+        f"{s['runs_left_out']} runs of unfinished seeds left out of every table).", "",
+        *[f"Note: {n}" for n in state.get("notes", [])], "",
         "## Set-up (fixed before the runs; the same for every method)", "",
         f"- **Data**: Fashion-MNIST. SSL training set: a fixed class-stratified {any_run_size(state, 'train_size')}"
         f"-image subset of the official training split. Validation: {any_run_size(state, 'val_size')} images held "
@@ -441,8 +454,8 @@ def render(state: dict, summary: dict) -> str:
         "|---|---|---|---|",
     ]
     for m, i in info.items():
-        lines.append(f"| {m} | {pct(i['test_linear'], 2)} | {gap(i['premise_margin'])} | "
-                     f"{'yes' if i['premise_pass'] else '**no**'} |")
+        passes = "not judged (one seed)" if s["too_few_seeds"] else "yes" if i["premise_pass"] else "**no**"
+        lines.append(f"| {m} | {pct(i['test_linear'], 2)} | {gap(i['premise_margin'])} | {passes} |")
     k = s["early_epochs"]
     lines += [
         "", "## Results (mean ± std over seeds)", "", "![validation curves](frossl.png)", "",
@@ -476,6 +489,8 @@ def render(state: dict, summary: dict) -> str:
         test = gap(c["test"]) if "test" in c else "-"
         lines.append(f"| {c['a']} vs {c['b']} | {early} | {c['claim']} | {test} | {c['final']} |")
     lines += ["", "## Verdict rule (applied by the script, `decide`)", "",
+              "0. **Protocol**: with fewer than two seeds finished by every method the verdict is *inconclusive* "
+              "(no seed spread, so neither the premise nor a gap can be called clear).",
               "1. **Premise**: a method passes if its test probe accuracy at its selected epoch beats the "
               "random-encoder test floor of the same seed in every seed, by more than the seed spread (std over "
               "seeds) of that margin. "
@@ -504,7 +519,7 @@ def render(state: dict, summary: dict) -> str:
               "projector 2048-2048-1024, batch 256 and colour views in the paper; here a 23k-parameter CNN on "
               f"{any_run_size(state, 'train_size')} grayscale Fashion-MNIST images, {s['num_epochs']} epochs "
               f"({any_run['steps']} steps), AdamW, projector 512-512-256 at batch {st['batch_size']} (the same "
-              "D/N = 4), 3 seeds. The compute budget of this page was about 25 CPU-minutes, which is why the "
+              f"D/N = 4), {len(s['seeds'])} of {s['seeds_planned']} planned seeds. The compute budget of this page was about 25 CPU-minutes, which is why the "
               "budget is this small; the 'still improving' column says where it was too small to judge final "
               "accuracy.", "",
               "## Implementation checks (`tests/test_self_supervised.py`)", "",
@@ -526,8 +541,12 @@ def any_run_size(state: dict, key: str) -> str:
 def verdict_reason(s: dict) -> str:
     """One paragraph naming what decided the verdict, from the summary."""
     parts = []
+    if s["too_few_seeds"]:
+        parts.append(f"Only {len(s['seeds'])} seed was finished by every method (the protocol asks for "
+                     f"{s.get('seeds_planned', 3)}), so no gap can be set against a seed spread: the verdict is "
+                     "inconclusive by rule 0, whatever the single-seed gaps below suggest.")
     failing = [m for m, i in s["methods"].items() if not i["premise_pass"]]
-    if failing:
+    if failing and not s["too_few_seeds"]:
         parts.append(f"Premise check failed for {', '.join(failing)} (not clearly above the random-encoder floor of "
                      f"{pct(s['floor']['test_linear'])}% test probe accuracy).")
     for c in s["comparisons"]:
@@ -571,6 +590,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--out", type=Path, default=OUT, help="the JSON (the page and plot are written beside it)")
     parser.add_argument("--render-only", action="store_true", help="re-render the page and plot from the JSON")
+    parser.add_argument("--note", default=None, help="with --merge/--render-only: a sentence to keep in the JSON "
+                        "and print on the page (e.g. why a seed is missing)")
     parser.add_argument("--quick", action="store_true", help="smoke test into /tmp/frossl/quick (numbers meaningless)")
     parser.add_argument("--merge", type=Path, nargs="+", default=None,
                         help="JSON files of runs with the same settings but other seeds (e.g. seeds run in parallel "
@@ -588,18 +609,26 @@ def main() -> None:
             mine = {k: v for k, v in state["settings"].items() if k != "seeds"}
             if {k: v for k, v in other["settings"].items() if k != "seeds"} != mine:
                 raise SystemExit(f"--merge: {path} has other settings {other['settings']} than {out}.")
-            state["floors"].update(other["floors"])
+            for seed, floor in other["floors"].items():  # a seed's floor is deterministic: equal in every file
+                if seed in state["floors"] and state["floors"][seed] != floor:
+                    raise SystemExit(f"--merge: {path} has another random-encoder floor for seed {seed}.")
+                state["floors"][seed] = floor
             have = {(r["method"], r["seed"]) for r in state["runs"]}
             state["runs"] += [r for r in other["runs"] if (r["method"], r["seed"]) not in have]
             state["settings"]["seeds"] = sorted(set(state["settings"]["seeds"]) | set(other["settings"]["seeds"]))
             state["commands"] = list(dict.fromkeys(_commands(state) + _commands(other)))
+        if args.note and args.note not in state.setdefault("notes", []):
+            state["notes"].append(args.note)
         summary = write_outputs(state, out)
         print(f"merged {len(args.merge)} file(s) into {out}: verdict {summary['verdict']}")
         return
     if args.render_only:
         if not out.exists():
             raise SystemExit(f"--render-only: {out} does not exist; run the benchmark first.")
-        summary = write_outputs(json.loads(out.read_text()), out)
+        state = json.loads(out.read_text())
+        if args.note and args.note not in state.setdefault("notes", []):
+            state["notes"].append(args.note)
+        summary = write_outputs(state, out)
         print(f"rendered {out.with_suffix('.md')}: verdict {summary['verdict']}")
         return
     state = json.loads(out.read_text()) if out.exists() else {}

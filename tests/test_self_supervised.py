@@ -223,6 +223,13 @@ def test_frossl_benchmark_verdict_rule(monkeypatch):
     state["runs"] = [r for r in state["runs"] if not (r["seed"] == 2 and r["method"] == "SimCLR")]
     summary = bench.decide(state)
     assert summary["seeds"] == [0, 1] and not summary["complete"] and summary["runs_left_out"] == 4
+    # one seed only: no spread, so the protocol is not met and the verdict is inconclusive whatever the gaps
+    early = dict(base, **{bench.FROSSL: [0.80, 0.81, 0.80]})
+    state = _benchmark_state(bench, early, good)
+    state["runs"] = [r for r in state["runs"] if r["seed"] == 0]
+    summary = bench.decide(state)
+    assert summary["verdict"] == "inconclusive" and summary["too_few_seeds"]
+    assert summary["comparisons"][0]["claim"] == "not judged (one seed)"
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
