@@ -179,7 +179,7 @@ def run_seed(args, seed: int, result: dict, regime: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4])
     parser.add_argument("--finetune-seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--finetune-methods", nargs="+", default=["beta-rank", "l1", "random"])
     parser.add_argument("--targets", type=float, nargs="+", default=[0.45, 0.58])
@@ -199,11 +199,28 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=str(cache_root("benchmarks/beta_rank_pruning")))
     parser.add_argument("--json", type=Path, default=JSON)
     parser.add_argument("--render-only", action="store_true", help="rewrite the page from the JSON")
+    parser.add_argument("--merge-from", type=Path, action="append", default=[],
+                        help="with --render-only: add the (seed, regime) runs of another JSON of the same recipe "
+                             "(a run made in parallel) that this JSON lacks")
     parser.add_argument("--note", action="append", default=[],
                         help="with --render-only: a fact about the run (e.g. a killed process) kept in the JSON")
     args = parser.parse_args()
     if args.render_only:
         result = json.loads(args.json.read_text())
+        for other_path in args.merge_from:
+            other = json.loads(other_path.read_text())
+            if other.get("recipe") != result.get("recipe"):
+                raise SystemExit(f"{other_path} was made with another recipe; not merged.")
+            have = {(r["seed"], r["regime"]) for r in result["runs"]}
+            result["runs"] += [r for r in other["runs"] if (r["seed"], r["regime"]) not in have]
+            seeds = {d["seed"] for d in result["dense"]}
+            result["dense"] += [d for d in other["dense"] if d["seed"] not in seeds]
+            result["cpu_s"].update({k: v for k, v in other["cpu_s"].items() if k not in result["cpu_s"]})
+            result["commands"] += [c for c in other.get("commands", []) if c not in result["commands"]]
+            result["load_average"] += other.get("load_average", [])
+            result["wall_s_before"] = result.get("wall_s_before", 0) + other.get("wall_s", 0)
+        if args.merge_from:
+            atomic_write_json(result, args.json, indent=1)
         if args.note:
             result["notes"] = result.get("notes", []) + args.note
             atomic_write_json(result, args.json, indent=1)
@@ -384,7 +401,8 @@ def render(result: dict, json_path: Path) -> None:
         "- Tuning: none for any criterion (the recipe above was fixed before running, the same for all four); "
         "the validation split only selects the epoch.",
         f"- Runtime: {cpu / 60:.1f} CPU-min of the benchmark process "
-        f"({(result.get('wall_s', 0) + result.get('wall_s_before', 0)) / 60:.1f} min wall clock on "
+        f"({(result.get('wall_s', 0) + result.get('wall_s_before', 0)) / 60:.1f} min wall clock summed over the "
+        "invocations, some of which ran side by side, on "
         f"a shared 2-core {result['machine']} machine; 1-min load averages after each seed: "
         f"{[round(la[0], 1) for la in result['load_average']]}). Started {result.get('started', '?')}.",
         "",
@@ -453,7 +471,9 @@ def render(result: dict, json_path: Path) -> None:
         for t, control, vs_l1, vs_rand in details:
             lines.append(f"  - {t:.0%} MACs: control L1 - random {mean_std(control)} "
                          f"({'beats' if beats(control) else 'does not beat'}); Beta-Rank - L1 {mean_std(vs_l1)}; "
-                         f"Beta-Rank - random {mean_std(vs_rand)} points over {len(control)} seeds.")
+                         f"Beta-Rank - random {mean_std(vs_rand)} points over {len(control)} seeds (Beta-Rank ahead of L1 in "
+                         f"{sum(d > 0 for d in vs_l1)} and of random in {sum(d > 0 for d in vs_rand)} of "
+                         f"{len(vs_l1)} seeds).")
         for t in sorted({r["target"] for r in runs if r["regime"] == regime}):
             d = paired(runs, regime, t, "beta-rank in/out (paper eq.)", "l1")
             if d:
