@@ -555,7 +555,14 @@ def verdict_reason(s: dict) -> str:
                          f"{gap(c['test'])} -> {c['final']}.")
         else:
             parts.append(f"{c['a']} vs {c['b']}: {c['claim']}.")
-    still = [m for m, i in s["methods"].items() if i["still_improving"]]
+    info = s["methods"]
+    if FROSSL in info and "FroSSL (V=2)" in info:
+        parts.append(f"The claim is per epoch: an epoch of {FROSSL} encodes twice the views and its median step "
+                     f"took {info[FROSSL]['median_step_ms'] / info['FroSSL (V=2)']['median_step_ms']:.1f}x that of "
+                     "FroSSL (V=2) here, so per unit of compute its early lead is not established by this page.")
+    if len(s["seeds"]) == 2:
+        parts.append("With two seeds the 'clear gap' test (positive in both seeds, mean above the spread) is weak.")
+    still = [m for m, i in info.items() if i["still_improving"]]
     if still:
         parts.append(f"Still improving at the last epoch in at least one seed: {', '.join(still)}.")
     if not s.get("complete", True):
