@@ -206,7 +206,8 @@ def run(args: argparse.Namespace, out: Path) -> dict:
     y_np = data["y"].numpy()
     n_train = len(y_np)
     steps_per_epoch = math.ceil(n_train / args.batch_size)
-    res = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "render_only"},
+    res = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                      if k not in ("render_only", "resume", "stopped")},
            "command": "python benchmarks/knowledge_distillation.py " + " ".join(sys.argv[1:]),
            "platform": f"{platform.machine()}, torch {torch.__version__}, {platform.python_version()}",
            "sizes": {"train": n_train, "val": len(data["yval"]), "test": len(data["ytest"])}, "runs": []}
@@ -217,6 +218,16 @@ def run(args: argparse.Namespace, out: Path) -> dict:
     t = train([teacher], [0.0], data["x"], data["y"], data, args.teacher_epochs * steps_per_epoch,
               args.teacher_epochs, seed=1000, lr=args.lr, batch_size=args.batch_size, cosine=True,
               snapshot_at=args.el2n_epoch * steps_per_epoch)[0]
+    if args.resume:  # continue a saved run: the teacher must come out identical (same seed, one thread)
+        import json
+
+        saved = json.loads(out.with_suffix(".json").read_text())
+        if saved["teacher"]["test"] != t["test"] or saved["teacher"]["val_curve"] != [list(v) for v in t["val_curve"]]:
+            raise ValueError("--resume: the retrained teacher differs from the saved one; rerun without --resume.")
+        res["runs"] = saved["runs"]
+        res["resumed"] = saved.get("resumed", 0) + 1
+        res["command"] = saved["command"] + "  # then continued with --resume"
+        start -= saved["seconds"]
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -229,7 +240,10 @@ def run(args: argparse.Namespace, out: Path) -> dict:
     atomic_write_json(res, out.with_suffix(".json"), indent=1)
 
     plan = [(seed, sel, f) for seed in args.seeds for f in args.fractions for sel in args.selections]
+    done = {(r["seed"], r["selection"], r["fraction"]) for r in res["runs"]}
     for i, (seed, sel, f) in enumerate(plan):
+        if (seed, sel, f) in done:
+            continue
         keep = random_keep(y_np, f, seed)
         if sel == "el2n":
             keep = el2n_keep(scores, y_np, {int(c): int((y_np[keep] == c).sum()) for c in np.unique(y_np)})
@@ -590,7 +604,8 @@ Every cell, validation / test %, mean ± std (↑: best validation checkpoint wa
   undecided; deciding them needs longer schedules per fraction, not more seeds.
 - **Seeds and fractions.** {len(an['seeds_done'])} of the planned {len(cfg['seeds'])} seeds completed
   {'the grid' if not an['dropped_fractions'] else 'the kept fractions ' + ', '.join(f'{100 * f:g}%' for f in an['fractions']) + ' (the run stopped before ' + ', '.join(f'{100 * f:g}%' for f in an['dropped_fractions']) + ': ' + res.get('stopped', 'cut short') + ')'}:
-  with one seed there is no spread, every standard error is 0 and "beyond noise" means nothing.
+  {'with one seed there is no spread, every standard error is 0 and "beyond noise" means nothing.' if len(an['seeds_done']) == 1 else 'no shortfall here.'}
+  {'The run was interrupted ' + str(res['resumed']) + ' time(s) (killed by the kernel' + "'" + 's out-of-memory killer, machine-wide, on the shared machine) and continued with `--resume`, which retrains the teacher, refuses to go on unless it matches the saved one exactly (test accuracy and validation curve; it did), and keeps the saved cells.' if res.get('resumed') else ''}
 - **Teacher.** {t['epochs']} epochs; its validation accuracy still rose {p['teacher_last_gain']:+.2f} points in the last
   epoch (the check allows < 0.5); it reaches {an['teacher_test']:.2f}% test. A longer-trained teacher would
   leave a larger gap to close.
@@ -627,6 +642,8 @@ def main() -> None:
     parser.add_argument("--stopped", default=None,
                         help="with --render-only: record in the JSON why the run stopped before the end")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the saved run: retrain the teacher, check it is identical, skip saved cells")
     args = parser.parse_args()
     out = args.out.with_suffix("")
     if args.render_only:
