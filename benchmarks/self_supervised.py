@@ -41,6 +41,7 @@ import argparse  # noqa: E402
 import copy
 import functools
 import json
+import shlex
 import platform
 import statistics
 import sys
@@ -582,7 +583,7 @@ def write_outputs(state: dict, out: Path) -> dict:
 
 def _commands(state: dict) -> list[str]:
     """The command lines that trained the runs of a JSON."""
-    return state.get("commands") or [" ".join(["python benchmarks/self_supervised.py", *state.get("argv", [])])]
+    return state.get("commands") or [shlex.join(["python", "benchmarks/self_supervised.py", *state.get("argv", [])])]
 
 
 def main() -> None:
