@@ -136,3 +136,16 @@ def reestimate_batchnorm(model, batches) -> None:
             bn.momentum = momentum
         for m, flag in flags:
             m.training = flag
+
+
+def combine_claims(claims) -> str:
+    """One verdict from per-claim results (True holds, False fails, None not testable or inconclusive): *not
+    testable here* when none was testable, *reproduced* when all were and all hold, *partly reproduced* when some
+    hold, else *not reproduced*."""
+    claims = list(claims)
+    testable = [c for c in claims if c is not None]
+    if not testable:
+        return "not testable here"
+    if len(testable) == len(claims) and all(testable):
+        return "reproduced"
+    return "partly reproduced" if any(testable) else "not reproduced"

@@ -47,6 +47,8 @@ from lightning_ext.core.plotting import new_figure, save_figure
 from lightning_ext.datamodules import DigitsDataModule
 from lightning_ext.modules import ImageClassifier
 
+from _common import combine_claims  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "docs" / "results"
 NAME = "activating_while_pruning"
@@ -422,14 +424,7 @@ def make_verdict(summaries: dict, filt: list[dict], part_a_source: str) -> str:
         claims += [dnr_ok, acc_ok]
         lines += more
     testable = [c for c in claims if c is not None]
-    if not testable:
-        word = "Not testable here"
-    elif len(testable) == len(claims) and all(testable):
-        word = "Reproduced"
-    elif any(testable):
-        word = "Partly reproduced"
-    else:
-        word = "Not reproduced"
+    word = combine_claims(claims).capitalize()
     return (f"**{word}** ({sum(bool(c) for c in testable)} of {len(testable)} testable claims hold; "
             f"{len(claims) - len(testable)} not testable or inconclusive).\n\n"
             "Rule (computed by the script): the claims are (A) under IMP with [0,1] inputs, AP lowers the DNR in "

@@ -51,6 +51,8 @@ from lightning_ext.core.plotting import new_figure, save_figure
 from lightning_ext.datamodules import DigitsDataModule, FashionMNISTDataModule
 from lightning_ext.modules import ImageClassifier
 
+from _common import combine_claims  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "docs" / "results"
 NAME = "data_free_compression"
@@ -277,15 +279,7 @@ def verdict(results: dict) -> tuple[str, list[str]]:
                          "(`tests/test_data_free_compression.py`: the bias correction equals the numerically "
                          "integrated E[max of 4 iid ReLU(N(beta, gamma^2))] and the pooled model has a lower output "
                          "error than ignoring the pool or stopping at it, on white-noise inputs).")
-    testable = [j for j in judged if j is not None]
-    if not testable:
-        word = "not testable here"
-    elif len(testable) == len(judged) and all(testable):
-        word = "reproduced"
-    elif any(testable):
-        word = "partly reproduced"
-    else:
-        word = "not reproduced"
+    word = combine_claims(judged)
     return word, lines
 
 

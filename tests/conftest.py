@@ -6,10 +6,21 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 PLANETOID_ROOT = SHARED / "data" / "planetoid"
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (tiny sparse steps: OpenMP threads only add synchronisation, 10x slower on a
+    busy 2-core machine); the previous count is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

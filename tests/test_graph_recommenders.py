@@ -33,13 +33,7 @@ LASTFM = SHARED / "data" / "lastfm"
 needs_lastfm = pytest.mark.skipif(not LASTFM.is_dir() and not os.environ.get("CI"), reason="../shared/data/lastfm missing")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny sparse steps: OpenMP threads only add synchronisation (10x slower on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def low_rank_pairs(num_users=120, num_items=150, per_user=12, seed=0) -> np.ndarray:
