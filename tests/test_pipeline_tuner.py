@@ -202,6 +202,20 @@ def test_busy_time_baseline_allocates_in_proportion_to_measured_busy_time():
     assert got == Allocation((12, 3, 1), 2)
 
 
+def test_busy_time_baseline_resumes_from_its_state_dict_with_the_same_decisions():
+    from lightning_ext.pipeline.agents import BusyTimeAllocator
+
+    space = SearchSpace(("read", "decode", "augment"), (1, 1, 1), (14, 14, 14), 14, (2, 2))
+    first = Observation(Allocation((1, 1, 1), 2), 250.0, 0.5, (0.5, 1.0, 0.25))
+    second = Observation(Allocation((4, 8, 2), 2), 1500.0, 0.0, (1.0, 0.5, 1.0))
+    whole = BusyTimeAllocator(space, max_rounds=3)
+    whole.act(first)
+    resumed = BusyTimeAllocator(space, max_rounds=3)
+    resumed.load_state_dict(whole.state_dict())
+    assert resumed.act(second) == whole.act(second)
+    assert (resumed.decisions, resumed.settled, resumed.measured) == (whole.decisions, whole.settled, whole.measured)
+
+
 def _reachable(space):
     start = space.minimum()
     seen, todo = {start}, [start]
