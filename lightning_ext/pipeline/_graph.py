@@ -147,8 +147,14 @@ class _Graph:
                     self._halt()
                     return
 
+    def resizable(self) -> list:
+        """The nodes of this graph that resize in place (``ResizableMapper``: thread stages, the prefetch buffer)."""
+        return [n for n in self.mappers + self.tail_nodes if hasattr(n, "resize")]
+
     def _halt(self) -> None:
         """Make every blocked ``next`` return StopIteration (the pipeline then rebuilds)."""
+        for node in self.resizable():
+            node._stop.set()
         for m in self.mappers:
             it = _mapper_iter(m)
             if it is not None:
@@ -164,6 +170,8 @@ class _Graph:
         self._stop.set()
         self._halt()
         threads, procs = [], []
+        for node in self.resizable():
+            threads += node.stop()
         for node in self.tail_nodes:
             it = getattr(node, "_it", None)
             thread = getattr(it, "_thread", None)

@@ -77,7 +77,9 @@ class StagedPipelineDataModule(LightningDataModule):
         pin_memory: add a PinMemory node (CUDA only).
         multiprocessing_context: start method of process stages (``None``: the OS default).
         reconfigure_mode: how the training pipeline applies a new allocation: ``"drain"`` (the old graph
-            delivers its work in flight while the new one starts) or ``"restart"`` (the work in flight is lost).
+            delivers its work in flight while the new one starts), ``"restart"`` (the work in flight is lost) or
+            ``"resize"`` (thread stages and the prefetch depth change in place, nothing dropped; a change of a
+            process stage falls back to ``"drain"``).
 
     Example:
         >>> dm = StagedPipelineDataModule("movielens_rows", batch_size=32, train_samples=256)  # doctest: +SKIP

@@ -10,7 +10,11 @@ One task is one batch (the per-sample functions run over the batch inside the wo
 tasks cost more in queueing than small stage functions do (spec §1, measured). Every mapper runs
 ``in_order=True``, so the delivered stream is a function of ``(seed, epoch, rank)`` only, whatever the
 allocation. torchdata cannot resize a ``ParallelMapper``'s pool in place, so a change of allocation builds a
-new graph. With ``reconfigure_mode="drain"`` (the default) the old graph stops pulling and still hands out up to
+new graph, except with ``reconfigure_mode="resize"``: there thread stages and the collate + prefetch buffer run on
+:class:`~lightning_ext.pipeline._resizable.ResizableMapper` (a hand-written node whose thread pool grows and shrinks
+in place, workers retiring after their current task), so a change that touches only thread stages and the prefetch
+depth resizes the running graph: no graph is built and no work in flight is dropped (counted in
+:attr:`PipelineStats.resizes`); a change of a process stage's worker count falls back to ``"drain"``. With ``reconfigure_mode="drain"`` (the default) the old graph stops pulling and still hands out up to
 its prefetch depth of batches (ready ones), which hides the new graph's start-up; the new graph starts right after
 them, and the old graph's remaining work in flight is dropped (at most two graphs run at once). With
 ``"restart"`` the old graph is shut down at once and the new one starts at the first batch not yet handed out,
@@ -38,7 +42,7 @@ from lightning_ext.core.validation import (
 
 _METHODS = ("thread", "process")
 _BUDGETS = ("cpu", "io")
-ReconfigureMode = Literal["drain", "restart"]
+ReconfigureMode = Literal["drain", "restart", "resize"]
 #: start methods of process stages (``None``: the OS default)
 MPContext = Literal["fork", "spawn", "forkserver"]
 
@@ -119,11 +123,13 @@ class PipelineStats:
     batch_nbytes: int = 0
     dropped_batches: int = 0
     drained_batches: int = 0
+    resizes: int = 0  # allocation changes applied in place (``reconfigure_mode="resize"``), no graph built
+    resize_s: float = 0.0
 
     def copy(self) -> "PipelineStats":
         return PipelineStats(self.batches, self.samples, self.wait_s, list(self.stage_busy_s), self.rebuilds,
                              self.rebuild_s, self.failures, self.batch_nbytes, self.dropped_batches,
-                             self.drained_batches)
+                             self.drained_batches, self.resizes, self.resize_s)
 
 
 class StagedPipeline:
@@ -152,7 +158,9 @@ class StagedPipeline:
         max_restarts: consecutive failed rebuilds tolerated before raising.
         reconfigure_mode: ``"drain"``: a new allocation starts a new graph while the old one delivers up to its
             prefetch depth of batches more (ready ones, hiding the new graph's start-up; both pools run for a
-            moment); ``"restart"``: the old graph is shut down at once and all its work in flight is discarded.
+            moment); ``"restart"``: the old graph is shut down at once and all its work in flight is discarded;
+            ``"resize"``: thread stages and the prefetch buffer are resized in place (nothing dropped, no graph built;
+            changes of process stages fall back to ``"drain"``).
 
     Example:
         >>> p = StagedPipeline(10, [Stage("square", lambda i: i * i, method="thread")], batch_size=4, shuffle=False)
@@ -246,10 +254,35 @@ class StagedPipeline:
             return False
         self.allocation = allocation
         if self._epoch_active and self._position < len(self._batches):
-            if self.reconfigure_mode == "drain" and self._graphs and self._graphs[-1].source is not None:
+            if self.reconfigure_mode == "resize" and self._resize_in_place(allocation):
+                return True
+            if self.reconfigure_mode in ("drain", "resize") and self._graphs and self._graphs[-1].source is not None:
                 self._switch()
             else:
                 self._rebuild()
+        return True
+
+    def _resize_in_place(self, allocation: Allocation) -> bool:
+        """Resize the running graph's pools and prefetch buffer; ``False`` if a changed stage cannot resize.
+
+        Only thread stages run on :class:`~lightning_ext.pipeline._resizable.ResizableMapper`; a change of a
+        process stage's worker count falls back to ``"drain"`` (a new graph).
+        """
+        graph = self._graphs[-1] if self._graphs else None
+        if graph is None or graph.prefetch_node is None:
+            return False
+        nodes = graph.stage_nodes
+        changed = [i for i, (old, new) in enumerate(zip(graph.allocation.workers, allocation.workers)) if old != new]
+        if any(not hasattr(nodes[i], "resize") for i in changed):
+            return False
+        t0 = time.perf_counter()
+        for i in changed:
+            nodes[i].resize(allocation.workers[i])
+        if allocation.prefetch != graph.allocation.prefetch:
+            graph.prefetch_node.resize(1, max_outstanding=allocation.prefetch)
+        graph.allocation, graph.prefetch = allocation, allocation.prefetch
+        self.stats.resizes += 1
+        self.stats.resize_s += time.perf_counter() - t0
         return True
 
     def _switch(self) -> None:
@@ -348,15 +381,27 @@ class StagedPipeline:
         source = _Source(self._batches, start)
         node = IterableWrapper(source)
         prefetch = self.allocation.prefetch
+        resize = self.reconfigure_mode == "resize"
+        if resize:
+            from lightning_ext.pipeline._resizable import ResizableMapper
         mappers = []
         for stage, w in zip(self.stages, self.allocation.workers):
-            node = ParallelMapper(node, _StageCall(stage.fn), num_workers=w, in_order=True, method=stage.method,
-                                  multiprocessing_context=self.multiprocessing_context if stage.method == "process" else None)
+            if resize and stage.method == "thread":
+                node = ResizableMapper(node, _StageCall(stage.fn), num_workers=w, name=stage.name)
+            else:
+                node = ParallelMapper(node, _StageCall(stage.fn), num_workers=w, in_order=True, method=stage.method,
+                                      multiprocessing_context=self.multiprocessing_context if stage.method == "process" else None)
             mappers.append(node)
         # collate in this process: process stages hand over numpy/Python objects (pickled), never tensors whose
         # shared-memory handles would die with a worker that is shut down mid-flight
-        node = Mapper(node, _Collate(self.collate_fn))
-        node = Prefetcher(node, prefetch_factor=self.allocation.prefetch)
+        if resize:  # collate + prefetch buffer in one thread, as Prefetcher(Mapper(collate)), but resizable
+            node = ResizableMapper(node, _Collate(self.collate_fn), num_workers=1, max_outstanding=prefetch,
+                                   name="prefetch")
+            prefetch_node = node
+        else:
+            node = Mapper(node, _Collate(self.collate_fn))
+            node = Prefetcher(node, prefetch_factor=self.allocation.prefetch)
+            prefetch_node = None
         tail = [node]
         if self.pin_memory:
             node = PinMemory(node)
@@ -364,6 +409,7 @@ class StagedPipeline:
         _reset_with_default_sigterm(node)
         graph = _Graph(node, mappers, tail, self.watchdog_interval, source)
         graph.prefetch = prefetch
+        graph.allocation, graph.stage_nodes, graph.prefetch_node = self.allocation, mappers, prefetch_node
         return graph
 
     def _rebuild(self) -> None:
@@ -412,6 +458,15 @@ class StagedPipeline:
         """
         a = allocation or self.allocation
         return self.stats.batch_nbytes * (sum(2 * max(1, w) for w in a.workers) + a.prefetch)
+
+    def live_workers(self) -> list[int]:
+        """Live worker threads per stage of the newest graph's resizable stages (``None`` for other stages).
+
+        Threads that retire after a shrink count until they have finished their current task.
+        """
+        if not self._graphs:
+            return [0] * len(self.stages)
+        return [n.live_workers() if hasattr(n, "resize") else None for n in self._graphs[-1].stage_nodes]
 
     def worker_processes(self) -> list:
         """The live process objects of the current graph (for tests and monitoring)."""
