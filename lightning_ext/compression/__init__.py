@@ -5,6 +5,9 @@
 - :mod:`~lightning_ext.compression.plan`: :func:`plan_filter_pruning` turns per-filter scores and a target (a
   ``pruning_ratio`` or a ``macs_reduction``) into a plan, :func:`apply_pruning_history` removes those channels,
   :func:`prune_filters` does both and :func:`recorded_channel_changes` tells which weight slices each layer lost;
+- :mod:`~lightning_ext.compression.latency_pruning`: :func:`build_latency_table` measures (and caches) each
+  filter group's latency at each width on the target device; :func:`plan_latency_pruning` meets a latency budget
+  or speedup with measured widths, checked by timing the pruned copy;
 - :mod:`~lightning_ext.compression.history`: the one history format and replay path of every pruning-like
   callback; :func:`load_pruned_checkpoint` loads a pruned (or UDFC-compressed) run's checkpoint into a fresh
   (dense) model by replaying the history saved in it;
@@ -35,6 +38,12 @@ Example:
 
 from lightning_ext.compression.graph import FilterGroup, PruningError, prunable_filter_groups, resolve_layer_names
 from lightning_ext.compression.history import load_pruned_checkpoint, pruning_steps_from_checkpoint, replay_pruning_steps
+from lightning_ext.compression.latency_pruning import (
+    LatencyPlan,
+    LatencyTable,
+    build_latency_table,
+    plan_latency_pruning,
+)
 from lightning_ext.compression.plan import (
     PruningPlan,
     applied_pruning_steps,
@@ -46,8 +55,9 @@ from lightning_ext.compression.plan import (
 from lightning_ext.core.measure import count_macs_params, layer_macs, measure_latency, num_params
 
 __all__ = [
-    "FilterGroup", "PruningError", "PruningPlan", "applied_pruning_steps", "apply_pruning_history",
-    "count_macs_params", "layer_macs", "load_pruned_checkpoint", "measure_latency", "num_params",
-    "plan_filter_pruning", "prunable_filter_groups", "prune_filters", "pruning_steps_from_checkpoint",
-    "recorded_channel_changes", "replay_pruning_steps", "resolve_layer_names",
+    "FilterGroup", "LatencyPlan", "LatencyTable", "PruningError", "PruningPlan", "applied_pruning_steps",
+    "apply_pruning_history", "build_latency_table", "count_macs_params", "layer_macs", "load_pruned_checkpoint",
+    "measure_latency", "num_params", "plan_filter_pruning", "plan_latency_pruning", "prunable_filter_groups",
+    "prune_filters", "pruning_steps_from_checkpoint", "recorded_channel_changes", "replay_pruning_steps",
+    "resolve_layer_names",
 ]
