@@ -25,10 +25,12 @@ Pipelines:
   (CPU-bound on a shared 2-core machine): one seed, budget 60 decisions, rl / hill_climb / busy_time.
 - ``rebuild``: cost of an allocation change on the sleep pipeline (alternating 4/8/2 and 5/7/2 every few
   batches) with the old behaviour (``restart``: the work in flight is dropped) against ``drain`` (the old
-  graph delivers its work in flight while the new one starts) and no change at all.
+  graph delivers its work in flight while the new one starts), ``resize`` (the thread pools resized in place,
+  no graph built) and no change at all (``none`` on the torchdata graph, ``none-resize`` on the resizable one).
 
 Each part writes a JSON under ``--parts``; ``--merge`` gathers them into ``<out>.json`` and renders the page
-``<out>.md`` and ``<out>.png`` from it; ``--render-only`` re-renders from ``<out>.json``. Commands on the page.
+``<out>.md`` and ``<out>.png`` from it; ``--render-only`` re-renders from ``<out>.json`` (with ``--replace-part
+rebuild``: after replacing only that part's results). Commands on the page.
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ REAL = {
                  io_budget=4, train_samples=None, stages=("read", "parse", "featurize")),
 }
 GOAL_ORACLE, GOAL_DEFAULT = 0.95, 1.5
+#: the rebuild part's modes, run in this order within each repetition
+REBUILD_MODES = ("none", "restart", "drain", "resize", "none-resize")
 
 
 # -- the known-optimum pipeline ----------------------------------------------------------------------------------
@@ -298,26 +302,34 @@ def part_grid(name: str, args) -> dict:
 def part_rebuild(args) -> dict:
     """Throughput of the sleep pipeline while the allocation flips every ``--flip-batches`` batches."""
     a, b = SLEEP_OPTIMUM, Allocation((5, 7, 2), 2)
-    out = {"flip_batches": args.flip_batches, "allocations": [str(a), str(b)], "runs": []}
+    out = {"flip_batches": args.flip_batches, "allocations": [str(a), str(b)], "runs": [],
+           "modes": list(REBUILD_MODES), "seconds": args.rebuild_seconds}
     for rep in range(args.rebuild_reps):
-        for mode in ("none", "restart", "drain"):
-            dm = _datamodule("sleep", a, rep, "restart" if mode == "none" else mode)
-            count = [0]
+        for mode in REBUILD_MODES:
+            pipeline_mode = {"none": "restart", "none-resize": "resize"}.get(mode, mode)
+            dm = _datamodule("sleep", a, rep, pipeline_mode)
+            count, spent = [0], []
 
             class Flip(Callback):
                 def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
                     count[0] += 1
-                    if mode != "none" and count[0] % args.flip_batches == 0:
+                    if not mode.startswith("none") and count[0] % args.flip_batches == 0:
                         pipe = trainer.datamodule.train_pipeline
+                        t0 = time.perf_counter()
                         pipe.reconfigure(b if pipe.allocation == a else a)
+                        spent.append(time.perf_counter() - t0)
 
+            load0 = os.getloadavg()
             meter = Meter(args.rebuild_seconds)
             _trainer([Flip(), meter]).fit(FixedStep(4, _step_ms("sleep")), datamodule=dm)
             st = dm.train_pipeline.stats
             dm.teardown()
-            run = {"mode": mode, "rep": rep, "samples_per_s": meter.rate(1.0), "changes": st.rebuilds - 1,
-                   "build_s_per_change": st.rebuild_s / max(1, st.rebuilds), "dropped_batches": st.dropped_batches,
-                   "drained_batches": st.drained_batches, "batches": st.batches}
+            run = {"mode": mode, "rep": rep, "samples_per_s": meter.rate(1.0),
+                   "changes": st.rebuilds - 1 + st.resizes, "rebuilds": st.rebuilds, "resizes": st.resizes,
+                   "build_s_per_change": st.rebuild_s / max(1, st.rebuilds),
+                   "reconfigure_s_per_change": statistics.mean(spent) if spent else None,
+                   "dropped_batches": st.dropped_batches, "drained_batches": st.drained_batches,
+                   "batches": st.batches, "loadavg": [load0, os.getloadavg()]}
             out["runs"].append(run)
             print(f"  rebuild {mode}: {run}", flush=True)
     return out
@@ -589,23 +601,7 @@ def markdown(results: dict, out: str) -> str:
                   f" of an action space of {grid['action_space_size']}, {cfg['grid_seconds']} s each): best {grid['best']}; "
                   "top 8: " + ", ".join(f"{k} {v_:.0f}" for k, v_ in top[:8]) + "; 4/8/2: "
                   + (f"{grid['grid'].get(str(SLEEP_OPTIMUM), float('nan')):.0f}" if name == "sleep" else "-") + ".", ""]
-    rb = results.get("rebuild")
-    if rb:
-        L += ["## Cost of an allocation change (sleep pipeline, 4/8/2 <-> 5/7/2 every "
-              f"{rb['flip_batches']} batches)", "",
-              "| mode | samples/s | x no change | changes | build s per change | batches dropped | batches drained |",
-              "|---|---|---|---|---|---|---|"]
-        base = [x["samples_per_s"] for x in rb["runs"] if x["mode"] == "none"]
-        for mode in ("none", "restart", "drain"):
-            xs = [x for x in rb["runs"] if x["mode"] == mode]
-            L.append(f"| {mode} | {_ms([x['samples_per_s'] for x in xs], 0)} | "
-                     f"{_ms([x['samples_per_s'] / b_ for x, b_ in zip(xs, base)])} | {_ms([x['changes'] for x in xs], 0)} | "
-                     f"{_ms([x['build_s_per_change'] for x in xs], 3)} | {_ms([x['dropped_batches'] for x in xs], 0)} | "
-                     f"{_ms([x['drained_batches'] for x in xs], 0)} |")
-        L += ["", "*restart* is the old behaviour (shut the graph down, rebuild at the next batch, work in flight "
-              "lost); *drain* (now the default) closes the old graph's source where it stands, starts the new graph "
-              "there and lets the old one deliver what it already pulled. torchdata 0.11's `ParallelMapper` cannot "
-              "resize its pool in place, so a change always builds a new graph.", ""]
+    L += rebuild_section(results.get("rebuild"))
     L += [f"![throughput / oracle per method (mean ± std over seeds)]({stem}.png)", "",
           f"![every window of every tuner, sleep pipeline, seed 0]({stem}_trace.png)", ""]
     L += ["## Setup", "",
@@ -624,12 +620,58 @@ def markdown(results: dict, out: str) -> str:
           "## Correctness evidence (tests, not this benchmark)", "",
           "`tests/test_pipeline_tuner.py`: every sample once and in order while the allocation changes (both "
           "`restart` and `drain`, including a change while an old graph still drains), after a killed worker, across "
-          "mid-epoch resume and under DDP; the Q-network's first update at decision 9 and a non-zero parameter change "
+          "mid-epoch resume and under DDP; `tests/test_pipeline_resize.py`: in `resize` mode every sample once and in "
+          "order under repeated changes (thread stages resized: no graph built, nothing dropped; process-stage "
+          "changes fall back to a drained rebuild), resume after a resize gives the same remaining stream, a shrink "
+          "really retires threads, the node keeps order while another thread resizes it; the Q-network's first update at decision 9 and a non-zero parameter change "
           "(ablations: none); identical proposals for exploration budgets 30 and 240 up to decision 29; the busy-time "
           "allocation 4/8/2 from a fake 1/1/1 measurement; the actions reach exactly the oracle grid; I/O threads "
           "outside the CPU budget; the rebuild cost counted (dropped / drained batches, build seconds).", ""]
     L += ["## What falls short and why", "", *cfg.get("shortfalls", []), ""]
     return "\n".join(L)
+
+
+def rebuild_section(rb: dict | None) -> list[str]:
+    """The "Cost of an allocation change" table: per mode, mean ± std over repetitions, ratios paired by repetition."""
+    if not rb:
+        return []
+    modes = rb.get("modes", ["none", "restart", "drain"])
+    by = {m: sorted((x for x in rb["runs"] if x["mode"] == m), key=lambda x: x["rep"]) for m in modes}
+
+    def paired(xs, base):
+        b = {x["rep"]: x["samples_per_s"] for x in by.get(base, [])}
+        return [x["samples_per_s"] / b[x["rep"]] for x in xs if b.get(x["rep"])]
+
+    reps = len(by[modes[0]])
+    L = ["## Cost of an allocation change (sleep pipeline, 4/8/2 <-> 5/7/2 every "
+         f"{rb['flip_batches']} batches)", "",
+         f"{reps} repetitions of {', '.join(modes)} (in this order within a repetition), each a Lightning run of "
+         f"the sleep pipeline for {rb.get('seconds', 10):g} s (first second skipped); mean ± std over repetitions; "
+         "ratios are paired by repetition.", "",
+         "| mode | samples/s | x none | x no change, same graph | changes | graph builds | s in `reconfigure` per "
+         "change | s per graph build | batches dropped | batches drained | load avg start-end |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for mode in modes:
+        xs = by[mode]
+        same = "none-resize" if mode in ("resize", "none-resize") and "none-resize" in by else "none"
+        load = ", ".join(f"{x['loadavg'][0][0]:.1f}-{x['loadavg'][1][0]:.1f}" for x in xs if "loadavg" in x) or "-"
+        L.append(f"| {mode} | {_ms([x['samples_per_s'] for x in xs], 0)} | {_ms(paired(xs, 'none'))} | "
+                 f"{_ms(paired(xs, same))} | {_ms([x['changes'] for x in xs], 0)} | "
+                 f"{_ms([x.get('rebuilds') for x in xs], 0)} | {_ms([x.get('reconfigure_s_per_change') for x in xs], 4)} | "
+                 f"{_ms([x['build_s_per_change'] for x in xs], 3)} | {_ms([x['dropped_batches'] for x in xs], 0)} | "
+                 f"{_ms([x['drained_batches'] for x in xs], 0)} | {load} |")
+    L += ["", "*none*: no change, torchdata graph (`ParallelMapper` + `Prefetcher`); *none-resize*: no change, the "
+          "resizable graph (`ResizableMapper`), to separate the node's own speed from the cost of a change. "
+          "*restart* is the old behaviour (shut the graph down, rebuild at the next batch, work in flight lost); "
+          "*drain* closes the old graph's source, starts a new graph there and lets the old one hand out up to its "
+          "prefetch depth; *resize* grows or shrinks the running graph's thread pools in place (workers retire "
+          "after their current task): no graph is built and no batch dropped. *x none*: ratio to the same "
+          "repetition's *none* run; *x no change, same graph*: to *none-resize* for the resizable modes. *s in "
+          "`reconfigure` per change*: time the trainer's thread spent in the call; *s per graph build*: time per "
+          "build including the epoch's first (so for *resize* it is the one build at the start). torchdata 0.11's "
+          "`ParallelMapper` cannot resize its pool, hence the hand-written `ResizableMapper` (thread stages only; a "
+          "change of a process stage still builds a graph, drained).", ""]
+    return L
 
 
 def _goals_text(x: dict) -> str:
@@ -651,6 +693,9 @@ def main() -> None:
     ap.add_argument("--parts", default="/tmp/pipe/parts", help="folder of the parts' JSON files")
     ap.add_argument("--merge", action="store_true", help="gather the parts into <out>.json and render the page")
     ap.add_argument("--render-only", action="store_true", help="re-render the page and plots from <out>.json")
+    ap.add_argument("--replace-part", choices=["rebuild"], default=None,
+                    help="with --render-only: replace this part's results in <out>.json by <parts>/<part>.json "
+                         "(everything else stays as it is); --commands-file / --shortfalls-file replace those lists")
     ap.add_argument("--out", default="docs/results/pipeline_tuner")
     ap.add_argument("--min-window", type=float, default=2.0)
     ap.add_argument("--eval-seconds", type=float, default=6.0)
@@ -668,7 +713,13 @@ def main() -> None:
         BUDGETS = tuple(int(x) for x in args.budgets.split(","))
         EPSILON_DECISIONS = BUDGETS[0]
     if args.render_only:
-        render(json.loads(Path(f"{args.out}.json").read_text()), args.out)
+        results = json.loads(Path(f"{args.out}.json").read_text())
+        if args.replace_part:
+            results[args.replace_part] = json.loads(Path(args.parts, f"{args.replace_part}.json").read_text())
+            for key, path in (("commands", args.commands_file), ("shortfalls", args.shortfalls_file)):
+                if path:
+                    results["config"][key] = Path(path).read_text().splitlines()
+        render(results, args.out)
         return
     if args.merge:
         results = merge(args)
