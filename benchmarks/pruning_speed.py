@@ -290,7 +290,7 @@ def main() -> None:
         result["latency"] = latency_part(args)
         result["latency_cpu_s"] = time.process_time() - cpu0
     else:
-        result.update({k: old[k] for k in ("latency", "latency_cpu_s") if k in old})
+        result.update({k: old[k] for k in ("latency", "latency_cpu_s", "notes") if k in old})
         result["commands_before"] = old.get("commands_before", []) + [old.get("command")]
     if "accuracy" not in args.parts:
         result["accuracy"] = old.get("accuracy", [])
@@ -371,7 +371,9 @@ def render(result: dict, json_path: Path) -> None:
         "",
         "## Setup",
         "",
-        "- Command: " + "; ".join(f"`{c.strip()}`" for c in [*result.get("commands_before", []), result["command"]])
+        "- Command" + ("s, in order (a run with `--parts accuracy` replaces the accuracy numbers and keeps the latency "
+                       "numbers of the runs before it)" if result.get("commands_before") else "") + ": "
+        + "; ".join(f"`{c.strip()}`" for c in [*result.get("commands_before", []), result["command"]])
         + "; `torch.set_num_threads(1)`, `nice -n 5`; `--render-only` "
         "rewrites this page from the JSON.",
         f"- Pruning, in both parts: ours = `prune_filters(model, x, l1_filter_scores(model), macs_reduction="
@@ -406,7 +408,9 @@ def render(result: dict, json_path: Path) -> None:
         f"{cfg['seeds']}.",
         f"- Machine: shared 2-core {result['machine']}, torch {result.get('torch')}; 1-min load averages at the "
         f"start and after each part/seed: {[round(la[0], 1) for la in result.get('load_average', [])]}. Runtime: "
-        f"latency part {result.get('latency_cpu_s', 0) / 60:.1f} CPU-min of this process, whole run "
+        f"latency part {result.get('latency_cpu_s', 0) / 60:.1f} CPU-min of this process"
+        + (" (in the earlier run that measured it)" if "latency" not in cfg.get("parts", ["latency"]) else "")
+        + (", the last run (accuracy part only) " if "latency" not in cfg.get("parts", ["latency"]) else ", whole run ")
         + (f"{result['cpu_s'] / 60:.1f} CPU-min ({result['wall_s'] / 60:.1f} min wall clock)" if "cpu_s" in result
            else "not finished (see the accuracy section)")
         + f"; started {result.get('started')}.",
