@@ -25,6 +25,9 @@ from lightning_ext.cli import ConfigError, UnknownClassError
 #: Exceptions a constructor raises for a value the user wrote: reported in one line naming the component.
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError, ImportError,
                MisconfigurationException)
+#: Arguments of :func:`lightning_ext.compress.compress` the CLI provides itself (model, data and trainer come from
+#: the config's ``model``/``data``/``trainer`` sections).
+_COMPRESS_SKIP = ("model", "datamodule", "trainer", "config_yaml")
 _CLASS_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
@@ -321,11 +324,67 @@ class LightningExtCLI(LightningCLI):
                 raise
             raise ConfigError(summarize_instantiation_error(err)) from err
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's subcommands plus ``compress`` (:func:`lightning_ext.compress.compress`)."""
+        return {**LightningCLI.subcommands(), "compress": set(_COMPRESS_SKIP)}
+
+    def _add_subcommands(self, parser, **kwargs: Any) -> None:
+        """Lightning's subcommand parsers (from the Trainer's methods), and ``compress`` from its function."""
+        from lightning.pytorch.cli import _get_short_description
+
+        from lightning_ext.compress import compress
+
+        self._subcommand_parsers = {}
+        subcommands = parser.add_subcommands()
+        for name in self.subcommands():
+            sub_kwargs = dict(kwargs.get(name, {}))
+            if name == "compress":
+                description = _get_short_description(compress)
+                sub_kwargs.setdefault("description", description)
+                sub = self.init_parser(**sub_kwargs)
+                self._add_arguments(sub)
+                self._subcommand_method_arguments[name] = sub.add_function_arguments(
+                    compress, skip=set(_COMPRESS_SKIP), as_group=True)
+            else:
+                description = _get_short_description(getattr(self.trainer_class, name))
+                sub_kwargs.setdefault("description", description)
+                sub = self._prepare_subcommand_parser(self.trainer_class, name, **sub_kwargs)
+            self._subcommand_parsers[name] = sub
+            subcommands.add_subcommand(name, sub, help=description)
+
+    def _run_compress(self) -> None:
+        from lightning_ext.compress import CompressError, compress
+        from lightning_ext.compression.graph import PruningError
+
+        args = {k: v for k, v in self.config_init["compress"].items() if k in self._subcommand_method_arguments["compress"]}
+        config_yaml = self._subcommand_parsers["compress"].dump(self.config["compress"])
+        try:
+            self.compress_result = compress(self.model, self.datamodule, trainer=self._compress_trainer,
+                                            config_yaml=config_yaml, **args)
+        except (CompressError, PruningError) as err:
+            if _debug():
+                raise
+            raise ConfigError(f"compress: {_one_line(err)}") from err
+        r = self.compress_result
+        print(f"compress: {r.dense_ms:.3g} ms -> {r.compressed_ms:.3g} ms ({r.speedup:.2f}x, budget {r.budget_ms:.3g} "
+              f"ms); {r.monitor} {r.dense_metric} -> {r.final_metric}; report {r.report_path}")
+
+    def _compress_trainer(self):
+        """The config's Trainer for the first fine-tuning step, a fresh one from the same config after that."""
+        if not getattr(self, "_compress_trainer_used", False):
+            self._compress_trainer_used = True
+            return self.trainer
+        return self.instantiate_trainer()
+
     def _run_subcommand(self, subcommand: str) -> None:
         """Run the subcommand. SIGTERM stops it with ``trainer.interrupted`` set (``main`` then exits 143); a file
         named in the config but missing, found before the first training step, is a one-line user error."""
         try:
-            super()._run_subcommand(subcommand)
+            if subcommand == "compress":
+                self._run_compress()
+            else:
+                super()._run_subcommand(subcommand)
         except SIGTERMException:
             return  # Lightning has set trainer.state.status = "interrupted" and torn down
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as err:
