@@ -1,5 +1,6 @@
-"""``reconfigure_mode="resize"``: allocation changes applied in place (ResizableMapper), no graph rebuilt, nothing
-dropped, exactly-once in-order delivery and mid-epoch resume kept; process stages fall back to a drained rebuild."""
+"""``reconfigure_mode="resize"``: allocation changes applied in place (ResizableMapper for thread stages,
+ResizableProcessMapper for process stages), no graph rebuilt, nothing dropped, exactly-once in-order delivery and
+mid-epoch resume kept, a dead worker process still rebuilds."""
 
 from __future__ import annotations
 
@@ -61,29 +62,52 @@ def test_thread_stages_resize_in_place_every_sample_once_in_order_nothing_droppe
     assert pipe._graphs == [] and pipe.live_workers() == [0, 0]  # the epoch end stopped every thread
 
 
-def test_process_stages_fall_back_to_a_drained_rebuild_and_stay_exactly_once():
+def test_process_stages_resize_in_place_too_every_sample_once_in_order():
     reference = _reference(_mixed_pipeline, seed=5)
     pipe = _mixed_pipeline(seed=5, reconfigure_mode="resize", allocation=Allocation((1, 2), 2))
     pipe.sampler.set_epoch(1)
-    changes = {2: Allocation((3, 2), 2), 5: Allocation((0, 2), 3), 8: Allocation((0, 1), 3),  # 8: a process change
-               9: Allocation((2, 1), 3), 12: Allocation((2, 2), 2), 13: Allocation((4, 2), 1)}
+    changes = {2: Allocation((3, 2), 2), 5: Allocation((0, 3), 3), 8: Allocation((0, 1), 3), 9: Allocation((2, 1), 3),
+               12: Allocation((2, 4), 2), 13: Allocation((4, 2), 1), 20: Allocation((1, 3), 2)}
     seen = []
     for k, batch in enumerate(pipe):
         seen += batch.tolist()
-        assert len(pipe._graphs) <= 2
         if k in changes:
             assert pipe.reconfigure(changes[k])
     assert seen == reference
     st = pipe.stats
-    assert st.resizes == 4 and st.rebuilds == 1 + 2  # first build + the two process-stage changes
+    assert st.resizes == len(changes) and st.rebuilds == 1 and st.dropped_batches == 0
     assert pipe.worker_processes() == []
 
 
-def test_resume_mid_epoch_after_a_resize_gives_the_same_remaining_stream():
-    full = _threads_pipeline(n=203, seed=1, world_size=2, rank=1)
+def test_a_process_stage_resized_to_zero_runs_inline_and_a_dead_worker_still_rebuilds():
+    stages = [Stage("read", Double(), method="thread"), Stage("work", Check(0.001), method="process", min_workers=0)]
+    reference = torch.cat(list(StagedPipeline(300, stages, 8, seed=2, reconfigure_mode="restart"))).tolist()
+    pipe = StagedPipeline(300, stages, 8, seed=2, reconfigure_mode="resize", allocation=Allocation((2, 3), 2),
+                          watchdog_interval=0.05)
+    pipe.fallback_allocation = Allocation((1, 1), 2)
+    seen = []
+    for k, batch in enumerate(pipe):
+        seen += batch.tolist()
+        if k == 3:
+            pipe.reconfigure(Allocation((2, 0), 2))  # every process retires after its tasks; inline from then on
+        if k == 8:
+            assert _wait_for(lambda: pipe.live_workers() == [2, 0]) and pipe.worker_processes() == []
+            pipe.reconfigure(Allocation((2, 2), 2))
+        if k == 12:
+            assert len(pipe.worker_processes()) == 2
+            import os
+            os.kill(pipe.worker_processes()[0].pid, 9)
+    assert seen == reference
+    assert pipe.stats.failures == 1 and pipe.allocation == Allocation((1, 1), 2)
+    assert pipe.stats.resizes == 2 and pipe.stats.rebuilds == 2  # the first build + the rebuild after the death
+
+
+@pytest.mark.parametrize("make", [_threads_pipeline, _mixed_pipeline], ids=["threads", "thread+process"])
+def test_resume_mid_epoch_after_a_resize_gives_the_same_remaining_stream(make):
+    full = make(n=203, seed=1, world_size=2, rank=1)
     full.sampler.set_epoch(4)
     expected = [b.tolist() for b in full]
-    pipe = _threads_pipeline(n=203, seed=1, world_size=2, rank=1, reconfigure_mode="resize")
+    pipe = make(n=203, seed=1, world_size=2, rank=1, reconfigure_mode="resize")
     pipe.sampler.set_epoch(4)
     it = iter(pipe)
     first = [next(it).tolist() for _ in range(3)]
@@ -93,7 +117,7 @@ def test_resume_mid_epoch_after_a_resize_gives_the_same_remaining_stream():
     assert state["position"] == 5 and state["allocation"] == {"workers": [3, 4], "prefetch": 3}
     assert pipe.stats.resizes == 1 and pipe.stats.rebuilds == 1
     pipe.close()
-    resumed = _threads_pipeline(n=203, seed=1, world_size=2, rank=1, reconfigure_mode="resize")
+    resumed = make(n=203, seed=1, world_size=2, rank=1, reconfigure_mode="resize")
     resumed.load_state_dict(state)
     assert resumed.allocation == Allocation((3, 4), 3)
     rest = [b.tolist() for b in resumed]
@@ -119,24 +143,34 @@ def test_shrinking_retires_workers_after_their_task_and_growing_starts_them():
     assert pipe.stats.resizes == 2 and pipe.stats.rebuilds == 1 and pipe.stats.dropped_batches == 0
 
 
-def test_the_resizable_mapper_keeps_order_while_another_thread_resizes_it_and_reports_errors_in_place():
+def _slow_square(i):
+    time.sleep(0.0002 * (i % 5))
+    return i * i
+
+
+def _fails_at_7(i):
+    if i == 7:
+        raise ValueError("bad sample 7")
+    return i
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_the_resizable_mappers_keep_order_while_another_thread_resizes_them_and_report_errors_in_place(kind):
     pytest.importorskip("torchdata")
     from torchdata.nodes import IterableWrapper
 
-    from lightning_ext.pipeline._resizable import ResizableMapper
+    from lightning_ext.pipeline._resizable import ResizableMapper, ResizableProcessMapper
 
-    def slow_square(i):
-        time.sleep(0.0002 * (i % 5))
-        return i * i
-
-    node = ResizableMapper(IterableWrapper(range(3000)), slow_square, num_workers=2)
+    cls = ResizableMapper if kind == "thread" else ResizableProcessMapper
+    n = 3000 if kind == "thread" else 600
+    node = cls(IterableWrapper(range(n)), _slow_square, num_workers=2)
     stop = threading.Event()
 
     def churn():
         rng = np.random.default_rng(1)
         while not stop.is_set():
             node.resize(int(rng.integers(0, 6)))
-            time.sleep(0.002)
+            time.sleep(0.002 if kind == "thread" else 0.02)
 
     t = threading.Thread(target=churn)
     t.start()
@@ -145,15 +179,12 @@ def test_the_resizable_mapper_keeps_order_while_another_thread_resizes_it_and_re
     finally:
         stop.set()
         t.join()
-    assert out == [i * i for i in range(3000)]
+    assert out == [i * i for i in range(n)]
     node.stop()
+    for p in node.processes():
+        p.join(2)
 
-    def fails_at_7(i):
-        if i == 7:
-            raise ValueError("bad sample 7")
-        return i
-
-    node = ResizableMapper(IterableWrapper(range(20)), fails_at_7, num_workers=3)
+    node = cls(IterableWrapper(range(20)), _fails_at_7, num_workers=3)
     got = [next(node) for _ in range(7)]
     with pytest.raises(ValueError, match="bad sample 7"):
         next(node)

@@ -125,12 +125,13 @@ class _Graph:
         self.dead_worker: Optional[str] = None
         self._stop = threading.Event()
         self._watchdog = None
-        if watchdog_interval > 0 and any(m.method == "process" and m.num_workers > 0 for m in mappers):
+        if watchdog_interval > 0 and any(m.method == "process" and (m.num_workers > 0 or hasattr(m, "resize"))
+                                         for m in mappers):
             self._watchdog = threading.Thread(target=self._watch, args=(watchdog_interval,), daemon=True)
             self._watchdog.start()
 
     def processes(self) -> list:
-        out = []
+        out = [p for node in self.resizable() for p in node.processes()]
         for m in self.mappers:
             it = _mapper_iter(m)
             if it is not None and it.method == "process":
@@ -171,6 +172,7 @@ class _Graph:
         self._halt()
         threads, procs = [], []
         for node in self.resizable():
+            procs += node.processes()
             threads += node.stop()
         for node in self.tail_nodes:
             it = getattr(node, "_it", None)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pickle
+import queue
+import signal
 import threading
+import traceback
 from typing import Any, Callable, Dict, Optional
 
 from torchdata.nodes import BaseNode
@@ -125,7 +129,15 @@ class ResizableMapper(BaseNode):
         with self._cond:
             self._reset_state()
             self._started = True
+            self._on_start()
             self._adjust()
+
+    def _on_start(self) -> None:  # under self._cond; the process variant starts its queues and threads here
+        pass
+
+    def processes(self) -> list:
+        """Worker processes (none: this node's workers are threads)."""
+        return []
 
     @override
     def next(self) -> Any:
@@ -222,3 +234,194 @@ class ResizableMapper(BaseNode):
             self._results.clear()
             self._cond.notify_all()
             return list(self._threads)
+
+
+def _start_with_default_sigterm(proc) -> None:
+    """Start ``proc`` with the default SIGTERM action (a trainer's recording handler would make it ignore
+    ``terminate()``); only the main thread may change signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        proc.start()
+        return
+    old = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        proc.start()
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+_RETIRE = None  # the last task a worker process gets: it exits with code 0
+
+
+def _process_worker(fn: Callable, wid: int, in_q, out_q, stop) -> None:
+    """Loop of worker process ``wid``: map its tasks ``(seq, item)`` in order until the retire message or stop."""
+    while not stop.is_set():
+        try:
+            task = in_q.get(timeout=_POLL_S)
+        except queue.Empty:
+            continue
+        if task is _RETIRE:
+            return
+        seq, item = task
+        try:
+            out = fn(item)
+        except Exception as e:  # sent as a picklable error carrying the worker's traceback
+            out = _Failed(_picklable(e))
+        out_q.put((seq, wid, out))
+
+
+def _picklable(e: BaseException) -> BaseException:
+    try:
+        pickle.dumps(e)
+        return e
+    except Exception:
+        return RuntimeError(f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+
+
+class _Proc:
+    """One worker process with its own task queue."""
+
+    __slots__ = ("proc", "in_q", "tasks", "retiring")
+
+    def __init__(self, proc, in_q) -> None:
+        self.proc, self.in_q, self.tasks, self.retiring = proc, in_q, 0, False
+
+
+class ResizableProcessMapper(ResizableMapper):
+    """:class:`ResizableMapper` whose workers are processes (CPU-bound Python stages), resized in place too.
+
+    A feeder thread reserves a slot, pulls the next item from ``source`` (numbering it) and sends it to the least
+    busy worker process that is not retiring, through that worker's own queue; a collector thread files the results
+    by number, and :meth:`next` hands them out in order. :meth:`resize` starts processes, or sends a retire message
+    to the least busy ones: it queues behind the tasks that worker already has, so the worker finishes them and exits
+    (code 0); no task is lost and none goes to a retiring worker. Any other exit is a dead worker, which the
+    pipeline's watchdog turns into a rebuild (the tasks it held are lost, so this node alone cannot go on). With 0
+    workers the consumer's thread maps the items itself, after the ones already sent are handed out.
+
+    Args:
+        multiprocessing_context: start method (``None``: the OS default); ``fn`` must be picklable unless it is
+            ``"fork"``.
+        others: as :class:`ResizableMapper`.
+    """
+
+    method = "process"
+
+    def __init__(self, source: BaseNode, fn: Callable[[Any], Any], num_workers: int = 1,
+                 max_outstanding: Optional[int] = None, name: str = "stage",
+                 multiprocessing_context: Optional[str] = None) -> None:
+        import multiprocessing as mp
+
+        super().__init__(source, fn, num_workers, max_outstanding, name)
+        self._ctx = mp.get_context(multiprocessing_context)
+        self._procs: dict[int, _Proc] = {}
+
+    @override
+    def _on_start(self) -> None:
+        self._out_q, self._mp_stop = self._ctx.Queue(), self._ctx.Event()
+        for target in (self._feed, self._collect):
+            t = threading.Thread(target=target, name=f"{self.name}-{target.__name__[1:]}", daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _prune(self) -> None:  # under self._cond: forget retired workers that have exited
+        for wid in [w for w, p in self._procs.items() if p.retiring and p.proc.exitcode == 0]:
+            p = self._procs.pop(wid)
+            p.proc.join(0)
+            p.in_q.cancel_join_thread()  # its queue is empty
+
+    @override
+    def _adjust(self) -> None:  # under self._cond
+        self._prune()
+        staying = sorted((p for p in self._procs.values() if not p.retiring), key=lambda p: p.tasks)
+        for p in staying[: max(0, len(staying) - self._target)]:
+            p.retiring = True
+            p.in_q.put(_RETIRE)
+        for _ in range(self._target - len(staying)):
+            self._spawned += 1
+            in_q = self._ctx.Queue()
+            proc = self._ctx.Process(target=_process_worker,
+                                     args=(self.fn, self._spawned, in_q, self._out_q, self._mp_stop),
+                                     name=f"{self.name}-{self._spawned}", daemon=True)
+            _start_with_default_sigterm(proc)
+            self._procs[self._spawned] = _Proc(proc, in_q)
+
+    @override
+    def live_workers(self) -> int:
+        with self._cond:
+            self._prune()
+            return sum(p.proc.is_alive() for p in self._procs.values())
+
+    @override
+    def processes(self) -> list:
+        """The worker processes, retiring ones included until they have exited."""
+        with self._cond:
+            self._prune()
+            return [p.proc for p in self._procs.values()]
+
+    def _feed(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if self._stop.is_set() or self._end is not None:
+                        return
+                    if self._target > 0 and self._reserved < self.max_outstanding:
+                        self._reserved += 1
+                        break
+                    self._cond.wait(_POLL_S)
+            failed = None
+            with self._pull_lock:
+                if self._stop.is_set() or self._end is not None:
+                    return
+                try:
+                    item = next(self.source)
+                except StopIteration:
+                    with self._cond:
+                        self._reserved -= 1
+                        if self._end is None:
+                            self._end = self._pulled
+                        self._cond.notify_all()
+                    return
+                except Exception as e:
+                    failed = _Failed(e)
+                seq = self._pulled
+                self._pulled += 1
+            if failed is None:
+                with self._cond:
+                    ready = [p for p in self._procs.values() if not p.retiring]
+                    if ready:
+                        worker = min(ready, key=lambda p: p.tasks)
+                        worker.tasks += 1
+                        worker.in_q.put((seq, item))
+                        continue
+                try:  # no worker left (resized to 0 while this item was pulled): map it here
+                    out = self.fn(item)
+                except Exception as e:
+                    out = _Failed(e)
+            else:
+                out = failed
+            with self._cond:
+                self._results[seq] = out
+                self._cond.notify_all()
+
+    def _collect(self) -> None:
+        while not self._stop.is_set():
+            try:
+                seq, wid, out = self._out_q.get(timeout=_POLL_S)
+            except (queue.Empty, EOFError, OSError):
+                continue
+            with self._cond:
+                if wid in self._procs:
+                    self._procs[wid].tasks -= 1
+                self._results[seq] = out
+                self._cond.notify_all()
+
+    @override
+    def stop(self) -> list:
+        threads = super().stop()
+        if self._started:
+            self._mp_stop.set()
+            with self._cond:
+                queues = [self._out_q] + [p.in_q for p in self._procs.values()]
+            for q in queues:
+                q.cancel_join_thread()
+        return threads

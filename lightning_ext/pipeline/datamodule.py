@@ -76,10 +76,10 @@ class StagedPipelineDataModule(LightningDataModule):
             another copy are rewritten.
         pin_memory: add a PinMemory node (CUDA only).
         multiprocessing_context: start method of process stages (``None``: the OS default).
-        reconfigure_mode: how the training pipeline applies a new allocation: ``"resize"`` (default: thread
-            stages and the prefetch depth change in place, nothing dropped; a change of a process stage falls back
-            to ``"drain"``), ``"drain"`` (a new graph starts while the old one hands out up to its prefetch depth)
-            or ``"restart"`` (the work in flight is lost).
+        reconfigure_mode: how the training pipeline applies a new allocation: ``"resize"`` (default: the
+            stages' thread / process pools and the prefetch depth change in place, nothing dropped), ``"drain"``
+            (a new graph starts while the old one hands out up to its prefetch depth) or ``"restart"`` (the work
+            in flight is lost).
 
     Example:
         >>> dm = StagedPipelineDataModule("movielens_rows", batch_size=32, train_samples=256)  # doctest: +SKIP

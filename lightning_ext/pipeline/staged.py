@@ -6,22 +6,23 @@ Graph (``reconfigure_mode="drain"`` / ``"restart"``: rebuilt whenever the alloca
       -> ParallelMapper(stage 1, n_1 workers) -> ... -> ParallelMapper(stage S, n_S workers)
       -> Mapper(collate) -> Prefetcher(prefetch) -> [PinMemory]
 
-With ``reconfigure_mode="resize"`` (the default) thread stages run on ``ResizableMapper`` and collate + prefetch
-on a one-thread ``ResizableMapper`` whose outstanding-item cap is the prefetch depth.
+With ``reconfigure_mode="resize"`` (the default) thread stages run on ``ResizableMapper``, process stages on
+``ResizableProcessMapper`` and collate + prefetch on a one-thread ``ResizableMapper`` whose outstanding-item cap is
+the prefetch depth.
 
 One task is one batch (the per-sample functions run over the batch inside the worker), because per-sample
 tasks cost more in queueing than small stage functions do (spec §1, measured). Every mapper runs
 ``in_order=True``, so the delivered stream is a function of ``(seed, epoch, rank)`` only, whatever the
 allocation. torchdata cannot resize a ``ParallelMapper``'s pool in place, so a change of allocation builds a
-new graph, except with ``reconfigure_mode="resize"`` (the default): there thread stages and the collate + prefetch buffer run on
-:class:`~lightning_ext.pipeline._resizable.ResizableMapper` (a hand-written node whose thread pool grows and shrinks
-in place, workers retiring after their current task), so a change that touches only thread stages and the prefetch
-depth resizes the running graph: no graph is built and no work in flight is dropped (counted in
-:attr:`PipelineStats.resizes`); a change of a process stage's worker count falls back to ``"drain"``. Measured on
-the sleep pipeline of ``docs/results/pipeline_tuner.md`` (thread stages, a change every 8 batches): resize 0.99x
-the no-change throughput with 0 batches dropped, against about 0.4x for drain and restart. With
-``reconfigure_mode="drain"`` the old graph stops pulling and still hands out up to its prefetch depth of batches (ready ones), which hides the new graph's start-up; the new graph starts right after
-them, and the old graph's remaining work in flight is dropped (at most two graphs run at once). With
+new graph, except with ``reconfigure_mode="resize"`` (the default): there every stage and the collate + prefetch
+buffer run on hand-written nodes (:mod:`lightning_ext.pipeline._resizable`) whose thread or process pools grow and
+shrink in place, workers retiring after the tasks they hold, so a change resizes the running graph: no graph is
+built and no work in flight is dropped (counted in :attr:`PipelineStats.resizes`). Measured on the sleep pipeline of
+``docs/results/pipeline_tuner.md`` (a change every 8 batches): resize 0.99x the no-change throughput with 0 batches
+dropped, against about 0.4x for drain and restart. With ``reconfigure_mode="drain"`` the old graph stops pulling
+and still hands out up to its prefetch depth of batches (ready ones), which hides the new graph's start-up; the new
+graph starts right after them, and the old graph's remaining work in flight is dropped (at most two graphs run at
+once). With
 ``"restart"`` the old graph is shut down at once and the new one starts at the first batch not yet handed out,
 discarding all the work in flight. Both count the dropped batches in :attr:`PipelineStats.dropped_batches` (a
 dead worker always restarts). Either way delivery is exactly-once by construction;
@@ -161,9 +162,9 @@ class StagedPipeline:
             makes the pipeline rebuild at the current position with :attr:`fallback_allocation` (set by a
             tuner to its last good allocation) and count a failure in :attr:`stats`.
         max_restarts: consecutive failed rebuilds tolerated before raising.
-        reconfigure_mode: ``"resize"`` (default): thread stages and the prefetch buffer are resized in place
-            (nothing dropped, no graph built; changes of process stages fall back to ``"drain"``); ``"drain"``: a
-            new allocation starts a new graph while the old one delivers up to its
+        reconfigure_mode: ``"resize"`` (default): the stages' thread / process pools and the prefetch buffer
+            are resized in place (nothing dropped, no graph built); ``"drain"``: a new allocation starts a new
+            graph while the old one delivers up to its
             prefetch depth of batches more (ready ones, hiding the new graph's start-up; both pools run for a
             moment); ``"restart"``: the old graph is shut down at once and all its work in flight is discarded.
 
@@ -270,8 +271,8 @@ class StagedPipeline:
     def _resize_in_place(self, allocation: Allocation) -> bool:
         """Resize the running graph's pools and prefetch buffer; ``False`` if a changed stage cannot resize.
 
-        Only thread stages run on :class:`~lightning_ext.pipeline._resizable.ResizableMapper`; a change of a
-        process stage's worker count falls back to ``"drain"`` (a new graph).
+        In ``"resize"`` mode every stage node resizes; a graph built otherwise (e.g. by a ``"drain"`` pipeline
+        whose mode was switched) falls back to ``"drain"`` (a new graph).
         """
         graph = self._graphs[-1] if self._graphs else None
         if graph is None or graph.prefetch_node is None:
@@ -388,11 +389,14 @@ class StagedPipeline:
         prefetch = self.allocation.prefetch
         resize = self.reconfigure_mode == "resize"
         if resize:
-            from lightning_ext.pipeline._resizable import ResizableMapper
+            from lightning_ext.pipeline._resizable import ResizableMapper, ResizableProcessMapper
         mappers = []
         for stage, w in zip(self.stages, self.allocation.workers):
             if resize and stage.method == "thread":
                 node = ResizableMapper(node, _StageCall(stage.fn), num_workers=w, name=stage.name)
+            elif resize:
+                node = ResizableProcessMapper(node, _StageCall(stage.fn), num_workers=w, name=stage.name,
+                                              multiprocessing_context=self.multiprocessing_context)
             else:
                 node = ParallelMapper(node, _StageCall(stage.fn), num_workers=w, in_order=True, method=stage.method,
                                       multiprocessing_context=self.multiprocessing_context if stage.method == "process" else None)

@@ -95,8 +95,8 @@ class PipelineTuner(Callback):
     batches the tuner measures the window (samples/s delivered to the trainer, the trainer's data-wait
     fraction, each stage's busy fraction, estimated buffer memory) and the agent moves CPU units between
     stages, adds or releases one, or changes the prefetch depth, within ``cpu_budget`` workers and
-    ``memory_budget_mb``. The pipeline resizes its thread pools in place (a change of a process stage
-    builds a new graph at the next unused batch), so no sample is lost or repeated.
+    ``memory_budget_mb``. The pipeline resizes its worker pools in place (``reconfigure_mode="resize"``;
+    the other modes build a new graph at the next unused batch), so no sample is lost or repeated.
     If a worker process dies, the pipeline rebuilds with the tuner's last good allocation and the agent is
     told (reward -1).
 
