@@ -147,7 +147,7 @@ def test_table_is_cached_keyed_by_device_and_shape_and_validated(tmp_path, monke
     net = _net()
     first = lp.build_latency_table(net, X, step=8, cache_dir=tmp_path, progress=False)
     n = count["n"]
-    assert n == 1 + 3 + 3 + 5 and len(list(tmp_path.glob("*.json"))) == 1
+    assert n == 1 + 3 + 3 + 5 + 1 and len(list(tmp_path.glob("*.json"))) == 1
     again = lp.build_latency_table(net, X, step=8, cache_dir=tmp_path, progress=False)
     assert count["n"] == n and again == first  # read, not measured
     assert "cpu:" in first.key["device"] and first.key["inputs"] == [[4, 3, 12, 12], "torch.float32"]

@@ -1,0 +1,297 @@
+"""Latency-aware pruning plans vs MACs-uniform plans, measured on this CPU (issue 18's evidence, part 1).
+
+Part ``plans`` (no training; a plan's latency depends on shapes only): for ResNet-18 and MobileNetV2 (timm, 28x28
+grayscale inputs, stem downsampling 2x) and a residual CNN of our own, batch 64, one thread, and target speedups
+1.5x / 2x / 3x over the dense network:
+
+- ``latency plan`` = :func:`~lightning_ext.compression.latency_pruning.plan_latency_pruning` (L1 scores, measured
+  per-group latency table, widths on the measured grid), what ``lightning-ext compress`` runs;
+- ``uniform @ same latency`` = the same share of channels removed from every group (Torch-Pruning's uniform
+  ``pruning_ratio`` plan, our engine: ``plan_filter_pruning(macs_reduction=r, round_to=8)``) with ``r`` bisected
+  until its measured latency matches the latency plan's: which plan keeps more MACs / parameters at equal latency;
+- ``uniform @ same MACs`` = the uniform plan with the latency plan's MACs: which plan is faster at equal MACs
+  (the issue's goal: the latency plan >= 1.15x the speedup of a MACs-uniform plan).
+
+Latency here is the median per-thread CPU time of a forward pass (``time.thread_time``, one thread), so the other
+jobs of a shared machine do not count; it is passed to the planner as ``latency_fn``. The final comparison times
+all plans in rotating rounds and reports paired ratios (median over rounds).
+
+Part ``accuracy`` (fine-tuning with and without distillation, 3 seeds) is not implemented yet; the page says so.
+
+    nice -n 5 .venv/bin/python benchmarks/compress.py --part plans        # ~15 CPU-min on one thread
+    .venv/bin/python benchmarks/compress.py --render-only                 # rewrite the page from the JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning_ext.compression import count_macs_params  # noqa: E402
+from lightning_ext.compression.l1_filter_pruning import l1_filter_scores  # noqa: E402
+from lightning_ext.compression.latency_pruning import build_latency_table, plan_latency_pruning  # noqa: E402
+from lightning_ext.compression.plan import apply_pruning_history, plan_filter_pruning  # noqa: E402
+from lightning_ext.core.io import atomic_write_json, atomic_write_text  # noqa: E402
+from lightning_ext.core.measure import trial_copy  # noqa: E402
+from lightning_ext.core.plotting import new_figure, save_figure  # noqa: E402
+from lightning_ext.modules import ImageClassifier  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+JSON = ROOT / "docs" / "results" / "compress.json"
+PAGE = JSON.with_suffix(".md")
+
+
+class ResidualCNN(nn.Module):
+    """A residual CNN of our own (3 stages of two basic blocks, widths 32/64/128), for 28x28 grayscale."""
+
+    def __init__(self, widths=(32, 64, 128), num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]),
+                                  nn.ReLU())
+        blocks, cin = [], widths[0]
+        for i, w in enumerate(widths):
+            for j in range(2):
+                blocks.append(_Block(cin, w, stride=2 if (i > 0 and j == 0) else 1))
+                cin = w
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+class _Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
+        self.skip = (nn.Identity() if stride == 1 and cin == cout else
+                     nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)))
+
+    def forward(self, x):
+        return torch.relu(self.b(self.a(x)) + self.skip(x))
+
+
+def make(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    if name == "rescnn":
+        return ResidualCNN().eval()
+    arch = {"resnet18": "resnet18", "mobilenetv2": "mobilenetv2_100"}[name]
+    return ImageClassifier(arch, num_classes=10, in_chans=1, image_size=28, stem_downsample=2).net.eval()
+
+
+def thread_latency(repeats: int):
+    """``latency_fn``: median per-thread CPU seconds of ``repeats`` forward passes after one warm-up."""
+
+    @torch.inference_mode()
+    def fn(model: nn.Module, x: torch.Tensor) -> float:
+        was = model.training
+        model.eval()
+        model(x)
+        times = []
+        for _ in range(repeats):
+            t0 = time.thread_time()
+            model(x)
+            times.append(time.thread_time() - t0)
+        model.train(was)
+        return statistics.median(times)
+
+    return fn
+
+
+def macs_params(model, x) -> tuple[int, int]:
+    return count_macs_params(model, x[:1])
+
+
+def uniform_plan(model, x, reduction: float):
+    plan = plan_filter_pruning(model, x[:1], l1_filter_scores(model), macs_reduction=reduction, round_to=8)
+    return apply_pruning_history(trial_copy(model), plan.ops, x[:1])
+
+
+def uniform_at_latency(model, x, latency: float, timer, dense_s: float, iters: int) -> tuple[nn.Module, float]:
+    """Bisect the uniform plan's MACs reduction until its measured latency matches ``latency``."""
+    lo, hi, best = 0.0, 0.9, None
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        pruned = uniform_plan(model, x, mid)
+        t = timer(pruned, x)
+        if best is None or abs(t - latency) < abs(best[2] - latency):
+            best = (mid, pruned, t)
+        if t > latency:
+            lo = mid
+        else:
+            hi = mid
+    return best[1], best[0]
+
+
+@torch.inference_mode()
+def paired_rounds(models: dict, x, rounds: int, repeats: int) -> dict:
+    timer = thread_latency(repeats)
+    names = list(models)
+    out = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            out[n].append(1e3 * timer(models[n], x))
+    return out
+
+
+def plans_part(args) -> dict:
+    torch.set_num_threads(1)
+    timer = thread_latency(args.repeats)
+    x = torch.randn(args.batch, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    rows = []
+    for name in args.models:
+        model = make(name)
+        start = time.process_time()
+        table = build_latency_table(model, x, step=8, max_widths=args.max_widths, cache_dir=None, progress=True,
+                                    latency_fn=timer)
+        table_cpu = time.process_time() - start
+        scores = l1_filter_scores(model)
+        macs0, params0 = macs_params(model, x)
+        for target in args.speedups:
+            t0 = time.process_time()
+            plan = plan_latency_pruning(model, x, scores, speedup=target, table=table, latency_fn=timer,
+                                        tolerance=0.03, rounds=6)
+            ours = apply_pruning_history(trial_copy(model), plan.ops, x[:1])
+            plan_cpu = time.process_time() - t0
+            same_lat, r_lat = uniform_at_latency(model, x, plan.measured_s, timer, table.dense_s, args.bisect)
+            r_macs = 1 - plan.macs_after / macs0
+            same_macs = uniform_plan(model, x, r_macs)
+            times = paired_rounds({"dense": model, "latency plan": ours, "uniform @ same latency": same_lat,
+                                   "uniform @ same MACs": same_macs}, x, args.rounds, args.repeats)
+            row = {"model": name, "target": target, "dense_macs": macs0, "dense_params": params0,
+                   "table_cpu_s": table_cpu, "plan_cpu_s": plan_cpu, "plan_rounds": plan.rounds,
+                   "predicted_ms": 1e3 * plan.predicted_s, "planned_ms": 1e3 * plan.measured_s,
+                   "uniform_same_latency_reduction": r_lat, "uniform_same_macs_reduction": r_macs,
+                   "times_ms": times, "models": {}}
+            for label, m in [("dense", model), ("latency plan", ours), ("uniform @ same latency", same_lat),
+                             ("uniform @ same MACs", same_macs)]:
+                macs, params = macs_params(m, x)
+                row["models"][label] = {"macs": macs, "params": params,
+                                        "channels": [c.out_channels for c in m.modules() if isinstance(c, nn.Conv2d)]}
+            rows.append(row)
+            print(f"{name} {target}x: " + ", ".join(f"{k} {statistics.median(v):.2f} ms" for k, v in times.items()),
+                  flush=True)
+    return {"rows": rows, "config": vars(args), "machine": {"python": platform.python_version(),
+            "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+            "load_average_end": list(os.getloadavg())}, "finished": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                                     time.gmtime())}
+
+
+# -- page ---------------------------------------------------------------------------------------------------------
+
+
+def paired(times: dict, a: str, b: str) -> float:
+    """Median over rounds of time(b) / time(a): > 1 means ``a`` is faster."""
+    return statistics.median(tb / ta for ta, tb in zip(times[a], times[b]))
+
+
+def verdict(rows: list[dict]) -> tuple[str, list[str]]:
+    """The latency half of the claim: at equal MACs the latency plan is >= 1.15x faster than the uniform plan on
+    every model at every target (reproduced), on some (partly), on none (not reproduced). Accuracy not run."""
+    hits = [paired(r["times_ms"], "latency plan", "uniform @ same MACs") >= 1.15 for r in rows]
+    met = [r["times_ms"]["latency plan"] and statistics.median(r["times_ms"]["dense"]) /
+           statistics.median(r["times_ms"]["latency plan"]) >= 0.97 * r["target"] for r in rows]
+    notes = [f"{sum(met)}/{len(met)} plans met their speedup target (within 3%) in the final paired timing"]
+    word = "reproduced" if all(hits) else "partly reproduced" if any(hits) else "not reproduced"
+    return word, notes
+
+
+def render(data: dict) -> None:
+    rows = data["rows"]
+    word, notes = verdict(rows)
+    cfg = data["config"]
+    L = ["# `lightning-ext compress`: latency-aware plans vs MACs-uniform plans", "",
+         f"Rendered by `benchmarks/compress.py` from `compress.json` ({data['finished']}; every number below is in "
+         "it). Issue 18's evidence has two parts; **only the first (plans, no training) has run**: the accuracy "
+         "comparison (compress vs Torch-Pruning's uniform L1 with the same fine-tuning, with and without "
+         "distillation, 3 seeds) is not implemented yet, so the issue's accuracy claim has **no verdict here**.", "",
+         f"**Latency claim (at equal MACs the latency plan is >= 1.15x as fast as the uniform plan): {word}** "
+         f"({'; '.join(notes)}).", "",
+         "## Command", "", "```bash",
+         f"nice -n 5 .venv/bin/python benchmarks/compress.py --part plans --models {' '.join(cfg['models'])} "
+         f"--speedups {' '.join(str(s) for s in cfg['speedups'])} --rounds {cfg['rounds']} --repeats "
+         f"{cfg['repeats']} --max-widths {cfg['max_widths']}",
+         "```", "",
+         f"Batch {cfg['batch']}, 28x28 grayscale, one thread (`torch.set_num_threads(1)`), per-thread CPU time "
+         f"(median of {cfg['repeats']} passes) as the planner's `latency_fn`; final timing: {cfg['rounds']} rotating "
+         f"rounds, paired ratios = median over rounds. Machine: {data['machine']}.", "",
+         "## Results", "",
+         "| model | target | dense ms | latency plan ms (speedup) | uniform @ same latency: ms, MACs kept vs plan | "
+         "uniform @ same MACs: ms | plan / uniform speed at same MACs | MACs kept (plan) | params kept (plan) | "
+         "plan rounds | table CPU s |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t, m = r["times_ms"], r["models"]
+        med = {k: statistics.median(v) for k, v in t.items()}
+        L.append(
+            f"| {r['model']} | {r['target']}x | {med['dense']:.2f} | {med['latency plan']:.2f} "
+            f"({paired(t, 'latency plan', 'dense'):.2f}x) | {med['uniform @ same latency']:.2f}, "
+            f"{m['uniform @ same latency']['macs'] / m['latency plan']['macs']:.2f}x | {med['uniform @ same MACs']:.2f} | "
+            f"{paired(t, 'latency plan', 'uniform @ same MACs'):.2f}x | "
+            f"{m['latency plan']['macs'] / r['dense_macs']:.1%} | {m['latency plan']['params'] / r['dense_params']:.1%} | "
+            f"{r['plan_rounds']} | {r['table_cpu_s']:.0f} |")
+    L += ["", "MACs kept vs plan > 1 means the uniform plan at the same measured latency keeps more MACs than the "
+          "latency plan (the latency plan spends its budget where it buys speed, not MACs); < 1 means the latency "
+          "plan keeps more capacity for the same time.", "", "![plans](compress.png)", "",
+          "## What this page does not show", "",
+          "- Accuracy: no fine-tuning was run. The issue asks for compress (latency plan + distillation) vs "
+          "Torch-Pruning's uniform L1 at the same measured latency with the same fine-tuning budget, with and "
+          "without distillation, ResNet-18 / MobileNetV2 (ImageNet weights) / a residual CNN on Fashion-MNIST, "
+          "3 seeds; that needs hours of CPU and was not run in this session.",
+          "- GPU latency: no GPU was lent to this session.", ""]
+    atomic_write_text("\n".join(L), PAGE)
+    plot(rows)
+
+
+def plot(rows: list[dict]) -> None:
+    fig, axes = new_figure(1, 2, figsize=(11, 4))
+    for name in sorted({r["model"] for r in rows}):
+        rs = [r for r in rows if r["model"] == name]
+        axes[0].plot([r["target"] for r in rs], [paired(r["times_ms"], "latency plan", "dense") for r in rs], "o-",
+                     label=f"{name}: latency plan")
+        axes[0].plot([r["target"] for r in rs], [paired(r["times_ms"], "uniform @ same MACs", "dense") for r in rs],
+                     "x--", label=f"{name}: uniform, same MACs")
+        axes[1].plot([r["target"] for r in rs], [r["models"]["uniform @ same latency"]["macs"] /
+                                                 r["models"]["latency plan"]["macs"] for r in rs], "o-", label=name)
+    axes[0].plot([1.5, 3], [1.5, 3], color="gray", lw=0.8)
+    axes[0].set_xlabel("target speedup")
+    axes[0].set_ylabel("measured speedup over dense (paired)")
+    axes[0].legend(fontsize=7)
+    axes[1].axhline(1, color="gray", lw=0.8)
+    axes[1].set_xlabel("target speedup")
+    axes[1].set_ylabel("MACs kept: uniform @ same latency / latency plan")
+    axes[1].legend(fontsize=7)
+    save_figure(fig, JSON.with_suffix(".png"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=["plans"], default="plans")
+    ap.add_argument("--models", nargs="+", default=["rescnn", "resnet18", "mobilenetv2"])
+    ap.add_argument("--speedups", type=float, nargs="+", default=[1.5, 2.0, 3.0])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--max-widths", type=int, default=12)
+    ap.add_argument("--bisect", type=int, default=7)
+    ap.add_argument("--render-only", action="store_true")
+    args = ap.parse_args()
+    if not args.render_only:
+        atomic_write_json(plans_part(args), JSON, indent=1)
+    render(json.loads(JSON.read_text()))
+
+
+if __name__ == "__main__":
+    main()
