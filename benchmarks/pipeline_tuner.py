@@ -26,7 +26,8 @@ Pipelines:
 - ``rebuild``: cost of an allocation change on the sleep pipeline (alternating 4/8/2 and 5/7/2 every few
   batches) with the old behaviour (``restart``: the work in flight is dropped) against ``drain`` (the old
   graph delivers its work in flight while the new one starts), ``resize`` (the thread pools resized in place,
-  no graph built) and no change at all (``none`` on the torchdata graph, ``none-resize`` on the resizable one).
+  no graph built) and no change at all (``none`` on the torchdata graph, ``none-resize`` on the resizable one);
+  ``--rebuild-method process`` runs the same with the stages as worker processes (``rebuild_process.json``).
 
 Each part writes a JSON under ``--parts``; ``--merge`` gathers them into ``<out>.json`` and renders the page
 ``<out>.md`` and ``<out>.png`` from it; ``--render-only`` re-renders from ``<out>.json`` (with ``--replace-part
@@ -93,14 +94,14 @@ class Sleep:
 class SleepDataModule(StagedPipelineDataModule):
     """The ``synthetic`` datamodule with three sleeping stages (2/4/1 ms per sample), all charged to the CPU budget."""
 
-    def __init__(self, **kw) -> None:
+    def __init__(self, method: str = "thread", **kw) -> None:
         super().__init__(workload="synthetic", **kw)
-        self.num_features = 4
+        self.num_features, self.method = 4, method
 
     def build_stages(self, split: str) -> list[Stage]:
-        return [Stage("read", Sleep(SLEEP_MS[0]), "thread", budget="cpu"),
-                Stage("decode", Sleep(SLEEP_MS[1]), "thread", budget="cpu"),
-                Stage("augment", Sleep(SLEEP_MS[2], last=True), "thread", budget="cpu")]
+        return [Stage("read", Sleep(SLEEP_MS[0]), self.method, budget="cpu"),
+                Stage("decode", Sleep(SLEEP_MS[1]), self.method, budget="cpu"),
+                Stage("augment", Sleep(SLEEP_MS[2], last=True), self.method, budget="cpu")]
 
 
 def sleep_model_throughput(a: Allocation) -> float:
@@ -180,12 +181,12 @@ def _trainer(callbacks) -> Trainer:
                    callbacks=callbacks)
 
 
-def _datamodule(name: str, allocation: Allocation | None, seed: int, mode: str = "drain"):
+def _datamodule(name: str, allocation: Allocation | None, seed: int, mode: str = "drain", method: str = "thread"):
     workers = None if allocation is None else dict(zip(_stages(name), allocation.workers))
     prefetch = 2 if allocation is None else allocation.prefetch
     if name == "sleep":
-        return SleepDataModule(batch_size=64, train_samples=2_000_000, val_fraction=0.0, seed=seed, workers=workers,
-                               prefetch=prefetch, reconfigure_mode=mode)
+        return SleepDataModule(method=method, batch_size=64, train_samples=2_000_000, val_fraction=0.0, seed=seed,
+                               workers=workers, prefetch=prefetch, reconfigure_mode=mode)
     c = REAL[name]
     return StagedPipelineDataModule(c["workload"], batch_size=c["batch_size"], train_samples=c["train_samples"],
                                     val_fraction=0.0, read_latency_ms=c["read_latency_ms"], seed=seed,
@@ -300,14 +301,17 @@ def part_grid(name: str, args) -> dict:
 
 
 def part_rebuild(args) -> dict:
-    """Throughput of the sleep pipeline while the allocation flips every ``--flip-batches`` batches."""
+    """Throughput of the sleep pipeline while the allocation flips every ``--flip-batches`` batches.
+
+    ``--rebuild-method process`` runs the three sleeping stages as worker processes instead of threads.
+    """
     a, b = SLEEP_OPTIMUM, Allocation((5, 7, 2), 2)
     out = {"flip_batches": args.flip_batches, "allocations": [str(a), str(b)], "runs": [],
-           "modes": list(REBUILD_MODES), "seconds": args.rebuild_seconds}
+           "modes": list(REBUILD_MODES), "seconds": args.rebuild_seconds, "method": args.rebuild_method}
     for rep in range(args.rebuild_reps):
         for mode in REBUILD_MODES:
             pipeline_mode = {"none": "restart", "none-resize": "resize"}.get(mode, mode)
-            dm = _datamodule("sleep", a, rep, pipeline_mode)
+            dm = _datamodule("sleep", a, rep, pipeline_mode, args.rebuild_method)
             count, spent = [0], []
 
             class Flip(Callback):
@@ -453,7 +457,7 @@ def merge(args) -> dict:
         if p.name.startswith("grid_"):
             results["grids"][d["pipeline"]] = d
         elif p.name.startswith("rebuild"):
-            results["rebuild"] = d
+            results[p.stem] = d  # rebuild (thread stages), rebuild_process
         else:
             results["runs"].append(d)
     results["config"]["cpu_s_total"] = sum(r.get("cpu_s", 0) for r in results["runs"])
@@ -601,7 +605,8 @@ def markdown(results: dict, out: str) -> str:
                   f" of an action space of {grid['action_space_size']}, {cfg['grid_seconds']} s each): best {grid['best']}; "
                   "top 8: " + ", ".join(f"{k} {v_:.0f}" for k, v_ in top[:8]) + "; 4/8/2: "
                   + (f"{grid['grid'].get(str(SLEEP_OPTIMUM), float('nan')):.0f}" if name == "sleep" else "-") + ".", ""]
-    L += rebuild_section(results.get("rebuild"))
+    L += rebuild_section(results.get("rebuild")) + rebuild_section(results.get("rebuild_process"),
+                                                                   explain=not results.get("rebuild"))
     L += [f"![throughput / oracle per method (mean ± std over seeds)]({stem}.png)", "",
           f"![every window of every tuner, sleep pipeline, seed 0]({stem}_trace.png)", ""]
     L += ["## Setup", "",
@@ -621,9 +626,10 @@ def markdown(results: dict, out: str) -> str:
           "`tests/test_pipeline_tuner.py`: every sample once and in order while the allocation changes (both "
           "`restart` and `drain`, including a change while an old graph still drains), after a killed worker, across "
           "mid-epoch resume and under DDP; `tests/test_pipeline_resize.py`: in `resize` mode every sample once and in "
-          "order under repeated changes (thread stages resized: no graph built, nothing dropped; process-stage "
-          "changes fall back to a drained rebuild), resume after a resize gives the same remaining stream, a shrink "
-          "really retires threads, the node keeps order while another thread resizes it; the Q-network's first update at decision 9 and a non-zero parameter change "
+          "order under repeated changes of thread and process stages (no graph built, nothing dropped), a process "
+          "stage resized to 0 runs inline, a killed worker process still rebuilds with the fallback allocation, "
+          "resume after a resize gives the same remaining stream, a shrink really retires threads and processes, "
+          "both nodes keep order while another thread resizes them; the Q-network's first update at decision 9 and a non-zero parameter change "
           "(ablations: none); identical proposals for exploration budgets 30 and 240 up to decision 29; the busy-time "
           "allocation 4/8/2 from a fake 1/1/1 measurement; the actions reach exactly the oracle grid; I/O threads "
           "outside the CPU budget; the rebuild cost counted (dropped / drained batches, build seconds).", ""]
@@ -631,7 +637,7 @@ def markdown(results: dict, out: str) -> str:
     return "\n".join(L)
 
 
-def rebuild_section(rb: dict | None) -> list[str]:
+def rebuild_section(rb: dict | None, explain: bool = True) -> list[str]:
     """The "Cost of an allocation change" table: per mode, mean ± std over repetitions, ratios paired by repetition."""
     if not rb:
         return []
@@ -643,7 +649,8 @@ def rebuild_section(rb: dict | None) -> list[str]:
         return [x["samples_per_s"] / b[x["rep"]] for x in xs if b.get(x["rep"])]
 
     reps = len(by[modes[0]])
-    L = ["## Cost of an allocation change (sleep pipeline, 4/8/2 <-> 5/7/2 every "
+    method = rb.get("method", "thread")
+    L = [f"## Cost of an allocation change (sleep pipeline, {method} stages, 4/8/2 <-> 5/7/2 every "
          f"{rb['flip_batches']} batches)", "",
          f"{reps} repetitions of {', '.join(modes)} (in this order within a repetition), each a Lightning run of "
          f"the sleep pipeline for {rb.get('seconds', 10):g} s (first second skipped); mean ± std over repetitions; "
@@ -660,8 +667,11 @@ def rebuild_section(rb: dict | None) -> list[str]:
                  f"{_ms([x.get('rebuilds') for x in xs], 0)} | {_ms([x.get('reconfigure_s_per_change') for x in xs], 4)} | "
                  f"{_ms([x['build_s_per_change'] for x in xs], 3)} | {_ms([x['dropped_batches'] for x in xs], 0)} | "
                  f"{_ms([x['drained_batches'] for x in xs], 0)} | {load} |")
+    if not explain:
+        return L + ["", "Modes and columns as above; the three sleeping stages run as worker processes (in *resize* "
+                    "mode on `ResizableProcessMapper`, a new process forked inside `reconfigure`).", ""]
     L += ["", "*none*: no change, torchdata graph (`ParallelMapper` + `Prefetcher`); *none-resize*: no change, the "
-          "resizable graph (`ResizableMapper`), to separate the node's own speed from the cost of a change. "
+          "resizable graph (`ResizableMapper` / `ResizableProcessMapper`), to separate the node's own speed from the cost of a change. "
           "*restart* is the old behaviour (shut the graph down, rebuild at the next batch, work in flight lost); "
           "*drain* closes the old graph's source, starts a new graph there and lets the old one hand out up to its "
           "prefetch depth; *resize* grows or shrinks the running graph's thread pools in place (workers retire "
@@ -669,8 +679,7 @@ def rebuild_section(rb: dict | None) -> list[str]:
           "repetition's *none* run; *x no change, same graph*: to *none-resize* for the resizable modes. *s in "
           "`reconfigure` per change*: time the trainer's thread spent in the call; *s per graph build*: time per "
           "build including the epoch's first (so for *resize* it is the one build at the start). torchdata 0.11's "
-          "`ParallelMapper` cannot resize its pool, hence the hand-written `ResizableMapper` (thread stages only; a "
-          "change of a process stage still builds a graph, drained).", ""]
+          "`ParallelMapper` cannot resize its pool, hence the hand-written resizable nodes.", ""]
     return L
 
 
@@ -693,9 +702,12 @@ def main() -> None:
     ap.add_argument("--parts", default="/tmp/pipe/parts", help="folder of the parts' JSON files")
     ap.add_argument("--merge", action="store_true", help="gather the parts into <out>.json and render the page")
     ap.add_argument("--render-only", action="store_true", help="re-render the page and plots from <out>.json")
-    ap.add_argument("--replace-part", choices=["rebuild"], default=None,
+    ap.add_argument("--replace-part", choices=["rebuild", "rebuild_process"], action="append", default=None,
                     help="with --render-only: replace this part's results in <out>.json by <parts>/<part>.json "
-                         "(everything else stays as it is); --commands-file / --shortfalls-file replace those lists")
+                         "(everything else stays as it is; repeatable); --commands-file / --shortfalls-file "
+                         "replace those lists")
+    ap.add_argument("--rebuild-method", choices=["thread", "process"], default="thread",
+                    help="stage kind of the rebuild part's sleep pipeline (process: writes rebuild_process.json)")
     ap.add_argument("--out", default="docs/results/pipeline_tuner")
     ap.add_argument("--min-window", type=float, default=2.0)
     ap.add_argument("--eval-seconds", type=float, default=6.0)
@@ -714,8 +726,11 @@ def main() -> None:
         EPSILON_DECISIONS = BUDGETS[0]
     if args.render_only:
         results = json.loads(Path(f"{args.out}.json").read_text())
+        for part in args.replace_part or ():
+            results[part] = json.loads(Path(args.parts, f"{part}.json").read_text())
+            if f"{part}.json" not in results["parts"]:
+                results["parts"] = sorted(results["parts"] + [f"{part}.json"])
         if args.replace_part:
-            results[args.replace_part] = json.loads(Path(args.parts, f"{args.replace_part}.json").read_text())
             for key, path in (("commands", args.commands_file), ("shortfalls", args.shortfalls_file)):
                 if path:
                     results["config"][key] = Path(path).read_text().splitlines()
@@ -739,7 +754,8 @@ def main() -> None:
     elif kind == "grid":
         res, fname = part_grid(rest[0], args), f"grid_{rest[0]}.json"
     elif kind == "rebuild":
-        res, fname = part_rebuild(args), "rebuild.json"
+        res = part_rebuild(args)
+        fname = "rebuild.json" if args.rebuild_method == "thread" else "rebuild_process.json"
     else:
         raise ValueError(f"--part must start with seed:, grid: or rebuild, got {args.part!r}.")
     atomic_write_json(res, Path(args.parts, fname), indent=1)

@@ -298,6 +298,10 @@ class ResizableProcessMapper(ResizableMapper):
     pipeline's watchdog turns into a rebuild (the tasks it held are lost, so this node alone cannot go on). With 0
     workers the consumer's thread maps the items itself, after the ones already sent are handed out.
 
+    Measured on the same benchmark as :class:`ResizableMapper` with the stages as processes (load average 4-7 on 2
+    cores): 0.99 ± 0.01x the no-change throughput, 0 batches dropped, 0.028 s per change (forking the added
+    process), against 0.35x for "drain" and 0.29x for "restart" (0.4-0.55 s per change, 250-270 batches dropped).
+
     Args:
         multiprocessing_context: start method (``None``: the OS default); ``fn`` must be picklable unless it is
             ``"fork"``.

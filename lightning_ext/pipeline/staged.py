@@ -19,7 +19,7 @@ buffer run on hand-written nodes (:mod:`lightning_ext.pipeline._resizable`) whos
 shrink in place, workers retiring after the tasks they hold, so a change resizes the running graph: no graph is
 built and no work in flight is dropped (counted in :attr:`PipelineStats.resizes`). Measured on the sleep pipeline of
 ``docs/results/pipeline_tuner.md`` (a change every 8 batches): resize 0.99x the no-change throughput with 0 batches
-dropped, against about 0.4x for drain and restart. With ``reconfigure_mode="drain"`` the old graph stops pulling
+dropped, with thread stages and with process stages alike, against 0.29-0.44x for drain and restart. With ``reconfigure_mode="drain"`` the old graph stops pulling
 and still hands out up to its prefetch depth of batches (ready ones), which hides the new graph's start-up; the new
 graph starts right after them, and the old graph's remaining work in flight is dropped (at most two graphs run at
 once). With
