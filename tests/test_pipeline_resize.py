@@ -80,7 +80,7 @@ def test_process_stages_resize_in_place_too_every_sample_once_in_order():
 
 
 def test_a_process_stage_resized_to_zero_runs_inline_and_a_dead_worker_still_rebuilds():
-    stages = [Stage("read", Double(), method="thread"), Stage("work", Check(0.001), method="process", min_workers=0)]
+    stages = [Stage("read", Double(), method="thread"), Stage("work", Check(0.002), method="process", min_workers=0)]
     reference = torch.cat(list(StagedPipeline(300, stages, 8, seed=2, reconfigure_mode="restart"))).tolist()
     pipe = StagedPipeline(300, stages, 8, seed=2, reconfigure_mode="resize", allocation=Allocation((2, 3), 2),
                           watchdog_interval=0.05)
@@ -129,11 +129,12 @@ def test_shrinking_retires_workers_after_their_task_and_growing_starts_them():
     it = iter(pipe)
     seen = sum((next(it).tolist() for _ in range(3)), [])
     assert pipe.live_workers() == [1, 6]
-    before = threading.active_count()
+    workers = list(pipe._graphs[-1].stage_nodes[1]._threads)  # the thread objects themselves
+    assert len(workers) == 6
     pipe.reconfigure(Allocation((1, 2), 2))
     seen += sum((next(it).tolist() for _ in range(3)), [])
     assert _wait_for(lambda: pipe.live_workers() == [1, 2]), pipe.live_workers()
-    assert threading.active_count() == before - 4
+    assert _wait_for(lambda: sum(t.is_alive() for t in workers) == 2)  # 4 threads really exited
     pipe.reconfigure(Allocation((0, 5), 2))  # the read stage goes inline: its thread retires
     seen += sum((next(it).tolist() for _ in range(3)), [])
     assert _wait_for(lambda: pipe.live_workers() == [0, 5]), pipe.live_workers()
