@@ -416,7 +416,7 @@ def render(result: dict, json_path: Path) -> None:
         + ", to fit a 20 CPU-minute budget on a 2-core "
         f"machine shared by several jobs (1-min load average up to "
         f"{max([la[0] for la in result['load_average']] or [0]):.0f} when recorded; other jobs also exhausted its memory). Consequences: "
-        "with fewer seeds the paired-difference test is weaker; "
+        + ("with fewer seeds the paired-difference test is weaker; " if min(len(seeds), len(ft_seeds) or 5) < 5 else "")
         + ("the fine-tuned comparison says nothing about the other target; " if ft_runs else
            "the paper's own protocol (pruned + fine-tuned) is untested here, so that regime is inconclusive; ")
         + "the dense models stop early at a constant lr, not after a decayed schedule.",
