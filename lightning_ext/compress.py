@@ -302,8 +302,8 @@ def compress(
                                         latency_budget_s=step_budget / 1e3, table=table,
                                         ignored_layers=ignored_layers, repeats=repeats, num_threads=num_threads,
                                         tolerance=tolerance)
-            plans += [{"step": k, "round": i + 1, "target_ms": 1e3 * t, "predicted_ms": 1e3 * p,
-                       "measured_ms": 1e3 * m} for i, (t, p, m) in enumerate(plan.history)]
+            plans += [{"step": k, "position": i, "path_length": plan.path_length, "predicted_ms": 1e3 * p,
+                       "measured_ms": 1e3 * m, "chosen": i == plan.position} for i, p, m in plan.history]
             apply_pruning_history(model, plan.ops, example)
             history.append(record_step(model, plan.ops, example[:1], criterion=criterion, budget_ms=step_budget))
             pruned = _cost(model, example, 3, repeats, num_threads)
@@ -435,10 +435,13 @@ def _write_report(rows: list[dict], plans: list[dict], result: CompressResult) -
     for r in rows:
         lines.append(f"| {r['stage']} | {r['ms']:.3f} | {result.dense_ms / r['ms']:.2f}x | {r['macs']:,} | "
                      f"{r['params']:,} | {metric(r['metric'])} |")
-    lines += ["", "## Plans tried", "", "| step | round | target (ms, table scale) | predicted (ms) | measured (ms) |",
+    lines += ["", "## Plans tried", "",
+              "Each step's greedy path runs from the current model (position 0) to the narrowest widths; plans along "
+              "it were pruned on a copy and timed, and the first one within the budget was kept.", "",
+              "| step | position on the path | predicted by the table (ms) | measured (ms) | kept |",
               "|---|---|---|---|---|"]
-    lines += [f"| {p['step']} | {p['round']} | {p['target_ms']:.3f} | {p['predicted_ms']:.3f} | "
-              f"{p['measured_ms']:.3f} |" for p in plans]
+    lines += [f"| {p['step']} | {p['position']} / {p['path_length'] - 1} | {p['predicted_ms']:.3f} | "
+              f"{p['measured_ms']:.3f} | {'yes' if p['chosen'] else ''} |" for p in plans]
     lines += ["", "![accuracy vs latency](pareto.png)", "",
               "Load it in a fresh process: build the dense model, then "
               "`lightning_ext.compression.load_pruned_checkpoint(model, 'compressed.ckpt')`. Reproduce: "

@@ -12,15 +12,16 @@ lookup table per layer and width on the target device), this module
    ``core.paths.cache_root("compression/latency")``, keyed by the architecture, input shape and dtype, device name,
    thread count and torch version; a cached table is validated (key, groups, finite positive times) before use.
 2. **plans** (:func:`plan_latency_pruning`): predicts a plan's latency as the dense latency plus the sum of each
-   group's measured change, and removes channels greedily, one measured width step at a time, from the group that
-   loses the least importance per second saved (importance = the criterion's scores, normalised by each group's
-   mean as Torch-Pruning's global ranking does). Widths are only ever the measured grid points that are not slower
-   than a wider measured width, so each layer is rounded to a width the device runs fast (measured, not assumed).
-   The plan is then applied to a copy and **timed**; while the measurement misses the budget, the predicted target
-   is tightened by the ratio and the greedy continues (``rounds``).
+   group's measured change, and builds a greedy path from the dense model to the narrowest widths, each move
+   removing one measured width step from the group that loses the least importance per second saved (importance =
+   the criterion's scores, normalised by each group's mean as Torch-Pruning's global ranking does). Widths are only
+   ever the measured grid points that are not slower than a wider measured width, so each layer is rounded to a
+   width the device runs fast (measured, not assumed). The stop on that path is then found by **timing** pruned
+   copies: a bisection, starting where the table predicts the budget is crossed, for the first plan measured within
+   the budget (so the additive prediction's error, in either direction, costs neither the budget nor capacity).
 
 This is not HALP's augmented knapsack (which also models the neighbouring layer's width); it is a greedy on the
-same kind of table, with the whole-model measurement correcting the additive model's error. Torch-Pruning plans by
+same kind of table, with whole-model measurements choosing where to stop. Torch-Pruning plans by
 MACs or parameters only, which is why it is written here.
 
 Example:
@@ -354,7 +355,8 @@ class LatencyPlan(PruningPlan):
         budget_s: the latency the plan had to meet.
         predicted_s: the table's prediction for the plan.
         measured_s: the plan's latency measured on a pruned copy.
-        rounds: greedy rounds run (each ends with a measurement).
+        rounds: plans measured.
+        history: ``(position on the greedy path, predicted s, measured s)`` per measured plan.
     """
 
     dense_s: float = 0.0
@@ -362,7 +364,9 @@ class LatencyPlan(PruningPlan):
     predicted_s: float = 0.0
     measured_s: float = 0.0
     rounds: int = 0
-    history: list = field(default_factory=list)  # (predicted target, predicted, measured) per round
+    history: list = field(default_factory=list)
+    position: int = 0  # the chosen plan's position on the greedy path (0 = dense)
+    path_length: int = 0
 
     @property
     def speedup(self) -> float:
@@ -382,7 +386,7 @@ def plan_latency_pruning(
     speedup: Optional[float] = None,
     table: Optional[LatencyTable] = None,
     ignored_layers: Optional[Sequence[str]] = None,
-    rounds: int = 4,
+    rounds: int = 12,
     tolerance: float = 0.02,
     warmup: int = 2,
     repeats: int = 7,
@@ -400,7 +404,8 @@ def plan_latency_pruning(
         speedup: or the speedup over the dense model (> 1).
         table: a table from :func:`build_latency_table` (built here with ``table_kwargs`` when ``None``).
         ignored_layers: convs whose groups keep their width.
-        rounds: at most this many plan-then-measure rounds.
+        rounds: at most this many plans measured while searching the greedy path (about log2 of its length is
+            needed).
         tolerance: a measurement within this fraction above the budget counts as meeting it (timing noise).
         warmup, repeats, num_threads: for the measurements of the plans.
         latency_fn: ``(model, inputs) -> seconds`` replacing the wall-clock measurement (see
@@ -441,62 +446,66 @@ def plan_latency_pruning(
         lower = [w for w in fast[root] if w < width[root]]
         return lower[-1] if lower else None
 
-    def greedy(target: float) -> float:
-        predicted = table.predict(width)
-        while predicted > target:
-            best = None
-            for root in width:
-                w = next_width(root)
-                if w is None:
-                    continue
-                saved = table.group_seconds(root, width[root]) - table.group_seconds(root, w)
-                gone = table.channels[root] - width[root]  # importance is ascending: the next (width - w) go
-                lost = float(importance[root][gone: gone + width[root] - w].sum())
-                ratio = lost / saved if saved > 0 else math.inf
-                if best is None or ratio < best[0]:
-                    best = (ratio, root, w)
-            if best is None:
-                break
-            width[best[1]] = best[2]
-            predicted = table.predict(width)
-        return predicted
+    # the greedy path from the dense model to the narrowest widths: each move removes one measured width step from
+    # the group that loses the least importance per second the table says it saves
+    path = [dict(width)]
+    while True:
+        best = None
+        for root in width:
+            w = next_width(root)
+            if w is None:
+                continue
+            saved = table.group_seconds(root, width[root]) - table.group_seconds(root, w)
+            gone = table.channels[root] - width[root]  # importance is ascending: the next (width - w) go
+            lost = float(importance[root][gone: gone + width[root] - w].sum())
+            ratio = lost / saved if saved > 0 else math.inf
+            if best is None or ratio < best[0]:
+                best = (ratio, root, w)
+        if best is None:
+            break
+        width[best[1]] = best[2]
+        path.append(dict(width))
+    predicted_path = [table.predict(state) for state in path]
+    measured: dict[int, float] = {}
+
+    def measure(i: int) -> float:
+        if i not in measured:
+            counts = {r: table.channels[r] - w for r, w in path[i].items()}
+            trial = trial_copy(model)
+            _apply_ops(trial, _ops_from_counts(groups, counts, scores), example_inputs)
+            measured[i] = timed(trial)
+            if i == len(path) - 1 and measured[i] > limit:
+                measured[i] = min(measured[i], timed(trial))  # before refusing, a second look (timing noise)
+            history.append((i, predicted_path[i], measured[i]))
+        return measured[i]
+
+    # walk the path by measurement: the first state measured within the budget, found by bisection that starts
+    # where the table predicts the budget is crossed (the measurement corrects the additive prediction)
+    limit, history = budget * (1 + tolerance), []
+    last = len(path) - 1
+    if measure(last) > limit:
+        raise PruningError(
+            f"The latency budget {budget * 1e3:.3g} ms cannot be reached: with every prunable group at its "
+            f"narrowest measured width the model takes {measured[last] * 1e3:.3g} ms (dense {dense_s * 1e3:.3g} "
+            f"ms). Raise the budget to at least {measured[last] * 1e3:.3g} ms, lower `step`, or prune layers now in "
+            "`ignored_layers`."
+        )
+    lo, hi = 0, last  # lo: not shown to meet the budget; hi: measured within it
+    guess = next((i for i, p in enumerate(predicted_path) if p <= budget), last)
+    while hi - lo > 1 and len(history) < rounds:
+        mid = guess if lo < guess < hi else (lo + hi) // 2
+        guess = -1
+        if measure(mid) <= limit:
+            hi = mid
+        else:
+            lo = mid
+    width = dict(path[hi])
 
     def ops_now():
         counts = {r: table.channels[r] - w for r, w in width.items()}
         return _ops_from_counts(groups, counts, scores)
 
-    history, target, measured, predicted = [], budget, table.dense_s, table.dense_s
-    for _ in range(rounds):
-        predicted = greedy(target)
-        trial = trial_copy(model)
-        _apply_ops(trial, ops_now(), example_inputs)
-        measured = timed(trial)
-        if measured > budget * (1 + tolerance) and all(next_width(r) is None for r in width):
-            measured = min(measured, timed(trial))  # before refusing, a second look (timing noise)
-            if measured > budget * (1 + tolerance):
-                raise PruningError(
-                    f"The latency budget {budget * 1e3:.3g} ms cannot be reached: with every prunable group at its "
-                    f"narrowest measured width the model takes {measured * 1e3:.3g} ms (dense "
-                    f"{table.dense_s * 1e3:.3g} ms). Raise the budget to at least {measured * 1e3:.3g} ms, lower "
-                    "`step`, or prune layers now in `ignored_layers`."
-                )
-        history.append((target, predicted, measured))
-        if measured <= budget * (1 + tolerance):
-            break
-        # the additive table was optimistic by (predicted saving / measured saving): ask it for that much more
-        saved_predicted, saved_measured = table.dense_s - predicted, table.dense_s - measured
-        if saved_measured > 0:
-            target = table.dense_s - (table.dense_s - budget) * saved_predicted / saved_measured
-        else:
-            target = -math.inf
-        target = min(target, predicted - 1e-12)  # every round prunes at least one more step
-    else:
-        if measured > budget * (1 + tolerance):
-            raise PruningError(
-                f"After {rounds} rounds the plan takes {measured * 1e3:.3g} ms, above the budget {budget * 1e3:.3g} "
-                f"ms (the table predicted {predicted * 1e3:.3g} ms). Raise `rounds` or the budget; the timing may "
-                "also be noisy (other jobs on this device)."
-            )
+    predicted, measured_s = predicted_path[hi], measured[hi]
     ops = ops_now()
     trial = trial_copy(model)
     _apply_ops(trial, ops, example_inputs)
@@ -504,4 +513,5 @@ def plan_latency_pruning(
     return LatencyPlan(ops=ops, channels={g.root: (g.channels, width[g.root]) for g in groups},
                        macs_before=macs_before, macs_after=macs_after, params_before=params_before,
                        params_after=params_after, dense_s=dense_s, budget_s=budget, predicted_s=predicted,
-                       measured_s=measured, rounds=len(history), history=history)
+                       measured_s=measured_s, rounds=len(history), history=history, position=hi,
+                       path_length=len(path))
