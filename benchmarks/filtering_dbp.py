@@ -113,7 +113,9 @@ def main() -> None:
                                                                       "epochs": previous["config"]["epochs"]}))
     tables = {}
     wanted = args.conditions.split(",")
+    command = "nice -n 5 .venv/bin/python benchmarks/filtering_dbp.py " + " ".join(sys.argv[1:])
     for cond, flip in [c for c, key in ((("clean labels", 0.0), "clean"), (("30% flipped", 0.3), "flipped")) if key in wanted]:
+        t_cond, cpu_cond, env_cond = time.time(), time.process_time(), environment()
         pool = planted_pool(n_pool=n_pool, flip=flip, corrupt=0.05, dup_sources=dup_sources, dup_copies=10, seed=0)
         print(f"== {cond}: duplicates {pool.duplicate.sum()}, corrupted {pool.corrupted.sum()}, flipped {pool.flipped.sum()}",
               flush=True)
@@ -143,8 +145,9 @@ def main() -> None:
                 "fit_seconds": [r.fit_seconds for r in rs]}
         report["conditions"][cond] = {"rows": rows, "epoch_seconds_full_pool": epoch_s,
                                       "dbp_check": complexity_vs_share(pool, k, keep),
-                                      "run": {"env": env, "total_seconds": time.time() - t0, "epochs": epochs,
-                                              "loadavg_end": os.getloadavg()}}
+                                      "run": {"env": env_cond, "total_seconds": time.time() - t_cond,
+                                              "cpu_seconds": time.process_time() - cpu_cond, "epochs": epochs,
+                                              "command": command, "loadavg_end": os.getloadavg()}}
         tables[cond] = results_table(results)
         print(tables[cond], flush=True)
         report["loadavg_end"], report["total_seconds"] = os.getloadavg(), time.time() - t0
@@ -157,6 +160,11 @@ def main() -> None:
                   f"corrupt {row['corrupted_share']:.3f} flipped {row['flipped_share']:.3f} cost {row['score_cost_epochs']:.2f} ep")
     write_report(report, Path(args.out), stem)
     print(f"done in {time.time() - t0:.0f} s")
+
+
+def _legacy_command(run: dict) -> str:
+    """The command line of a run that predates recording it (the form the page stated then)."""
+    return f"nice -n 5 .venv/bin/python benchmarks/filtering_dbp.py --epochs {run['epochs']} --conditions clean,flipped"
 
 
 def _ms(v) -> tuple[float, float]:
@@ -206,14 +214,18 @@ def write_report(report: dict, out: Path, name: str) -> None:
         "clusters a larger share of the budget and keep their hardest samples: the DBP subset trains better than "
         "other pruning of the same size (64.1 vs 63.0% ImageNet zero-shot with 27.7% of LAION).",
         "",
-        f"**Command:** `nice -n 5 .venv/bin/python benchmarks/filtering_dbp.py --epochs {cfg['epochs']} "
-        "--conditions clean,flipped` (`torch.set_num_threads(1)`; each condition can be run alone with "
+        "**Command:** " + "; ".join(
+            f"{c}: `{r['run'].get('command') or _legacy_command(r['run'])}`"
+            for c, r in report["conditions"].items() if r.get("run"))
+        + " (`torch.set_num_threads(1)`; each condition can be run alone with "
         "`--conditions clean` or `--conditions flipped`; a run keeps the other condition's results in the JSON). "
         f"Raw: [{name}.json]({name}.json); this page and the plot are rendered from it by the script "
         f"(`--render-only`). Plot: ![DBP]({name}.png)",
         "",
         "Runs: " + "; ".join(
-            f"{c}: {r['run']['epochs']} epochs, {r['run']['total_seconds']:.0f} s wall, started "
+            f"{c}: {r['run']['epochs']} epochs, {r['run']['total_seconds']:.0f} s wall"
+            + (f", {r['run']['cpu_seconds'] / 60:.1f} CPU-min of the benchmark process" if "cpu_seconds" in r["run"]
+               else "") + ", started "
             f"{(r['run'].get('env') or {}).get('started', '?')}, load average "
             f"{(r['run'].get('env') or {}).get('loadavg_start', [float('nan')])[0]:.1f} at the start"
             for c, r in report["conditions"].items() if r.get("run")) + " (2 cores shared with other runs).",
@@ -226,11 +238,12 @@ def write_report(report: dict, out: Path, name: str) -> None:
         "`SemDeDup(k=50)` (top 30% by 1 - max similarity); `DensityBasedPruning(k=50, dedup_eps=0.01, "
         "temperature=0.1|0.5)` (0.5 = the official default). Tuning: DBP's temperature and SSP's `which` are "
         "each chosen on the clean validation split (2,000 images), never on test; the training recipe is shared "
-        f"(`small_cnn` width 16, {cfg['epochs']} epochs, AdamW 2e-3, batch 128, seeds "
-        f"{', '.join(map(str, cfg['seeds']))}, `compare_curations`); test = the official 10,000. Budget: "
-        f"{cfg['epochs']} epochs of 3,000 samples = {cfg['epochs'] * 3000:,} samples seen, "
-        f"{cfg['epochs'] * -(-3000 // 128)} optimizer steps, for each pruner (all data: "
-        f"{cfg['epochs'] * cfg['n_pool']:,} samples).",
+        f"(`small_cnn` width 16, AdamW 2e-3, batch 128, seeds "
+        f"{', '.join(map(str, cfg['seeds']))}, `compare_curations`); test = the official 10,000. Budget, the same "
+        "for every pruner within a condition: " + "; ".join(
+            f"{c}: {e} epochs of 3,000 samples = {e * 3000:,} samples seen, {e * -(-3000 // 128)} optimizer steps "
+            f"(all data: {e * cfg['n_pool']:,} samples)"
+            for c, r in report["conditions"].items() for e in [r.get("run", {}).get("epochs", cfg["epochs"])]) + ".",
         "",
         "**Verdict rule (in `decide()`, per condition):** *not testable here* unless the positive control holds "
         "(SemDeDup inside DBP removes ≥ 50% of the planted duplicates, and random 30% is below all data by more "
@@ -273,8 +286,9 @@ def write_report(report: dict, out: Path, name: str) -> None:
                             "best validation epoch = the last in " + (", ".join(
                                 f"{k} {n}/{len(rows[k]['test_acc'])}" for k, n in d["at_last"].items() if n) or "no row"))
             + f" → {'adequate' if d['budget_ok'] else 'not shown adequate'}"
-            + ("" if d["budget_ok"] else "; to earn a verdict, rerun with a longer budget (e.g. `--epochs 15`, "
-               "about 3x the cost), which did not fit this session's compute") + ".",
+            + ("" if d["budget_ok"] else f"; to earn a verdict, rerun with a longer budget (e.g. `--epochs "
+               f"{3 * c.get('run', {}).get('epochs', cfg['epochs'])}`, about 3x the cost), which did not fit this "
+               "session's compute") + ".",
             f"- Chosen on validation: {d['dbp']}, {d['ssp']}. Claims (test accuracy, DBP minus the other, vs "
             "pooled std): " + ", ".join(
                 f"{k}: {ms[d['dbp']][0] - ms[o][0]:+.2f} vs {d['pooled'](d['dbp'], o):.2f} ({'holds' if v else 'fails'})"
