@@ -49,7 +49,7 @@ N_SOURCE_CLASSES = 20
 KS = (12, 10, 6)
 LRS = (1e-3, 3e-3)
 CS = (0.1, 1.0)
-EVAL_EPOCHS = (1, 2, 3, 4, 6, 8, 10, 13, 16, 20, 25, 30, 40)  # probe checkpoints (those <= --epochs)
+EVAL_EPOCHS = (1, 2, 3, 4, 6, 8, 10, 13, 16, 20, 25, 30, 40, 50, 60, 80)  # probe checkpoints (those <= --epochs)
 SURROGATE_EPOCHS = 5
 
 
@@ -158,7 +158,7 @@ def main() -> None:
     epochs = 2 if args.quick else args.epochs
     seeds = (0,) if args.quick else tuple(range(args.seeds))
     lrs = LRS[:1] if args.quick else LRS
-    env, t0 = environment(), time.time()
+    env, t0, cpu0 = environment(), time.time(), time.process_time()
     (sx, sy), target = build()
     data = ScoringData.from_tensors(sx, sy)
     lm = DP4TLLabelMapping(target=target["train"][0], surrogate_epochs=SURROGATE_EPOCHS, class_fraction=1.0,
@@ -200,6 +200,8 @@ def main() -> None:
             print(f"  {name} seed {seed}: test {r['test_acc']:.4f} (lr {r['lr']}, epoch {r['epoch']}, C {r['C']})",
                   flush=True)
     report = {"env": env, "loadavg_end": os.getloadavg(), "total_seconds": time.time() - t0,
+              "cpu_seconds": time.process_time() - cpu0,
+              "command": "nice -n 5 .venv/bin/python benchmarks/filtering_dp4tl.py " + " ".join(sys.argv[1:]),
               "config": {"epochs": epochs, "seeds": seeds, "lrs": lrs, "Cs": CS, "ks": KS, "batch": 64,
                          "surrogate_epochs": SURROGATE_EPOCHS, "labels_per_class": 5, "n_val": 200,
                          "n_source": int(len(sy)), "n_test": int(len(target["test"][1]))},
@@ -294,8 +296,11 @@ def write_report(report: dict, out: Path, name: str = "dp4tl") -> None:
         "without losing downstream accuracy, a 2-5x pretraining speed-up, and LM beats random class pruning "
         "(spec: LM-pruned ≥ full > random, distractor classes dropped).",
         "",
-        "**Command:** `nice -n 5 .venv/bin/python benchmarks/filtering_dp4tl.py` (default arguments; "
-        f"`torch.set_num_threads(1)`; {report['total_seconds']:.0f} s wall in total on 2 cores shared with other "
+        "**Command:** " + (f"`{report['command'].strip()}` (" if report.get("command") else
+                           "`nice -n 5 .venv/bin/python benchmarks/filtering_dp4tl.py` (default arguments; ")
+        + f"`torch.set_num_threads(1)`; {report['total_seconds']:.0f} s wall in total"
+        + (f", {report['cpu_seconds'] / 60:.1f} CPU-min of the benchmark process," if "cpu_seconds" in report else "")
+        + " on 2 cores shared with other "
         f"runs, load average {report['env']['loadavg_start'][0]:.1f} at the start, {report['loadavg_end'][0]:.1f} "
         f"at the end, so seconds are noisy). Raw numbers: [{name}.json]({name}.json); this page and the plot are "
         f"rendered from it by the script (`--render-only`). Plot: ![DP4TL]({name}.png)",
@@ -365,8 +370,7 @@ def write_report(report: dict, out: Path, name: str = "dp4tl") -> None:
             f"{k} {n}/{len(rows[k])}" for k, n in d["at_last"].items() if n) + (
             " (no row)" if not any(d["at_last"].values()) else "") + f" → budget {'adequate' if d['budget_ok'] else 'too short'}"
         + ("" if d["budget_ok"] else "; the claims below are shown for information only, and a rerun with a longer "
-           "budget (e.g. `--epochs 40`, about 2x the cost; it did not fit this session's compute) is needed to "
-           "earn a verdict") + ".",
+           f"budget (e.g. `--epochs {2 * cfg['epochs']}`, about 2x the cost) is needed to earn a verdict") + ".",
         "- (a) no loss vs full source: " + ", ".join(
             f"{k}/20 {ms[f'LM keep {k}/20'][0] - ms[full][0]:+.2f} points ({'holds' if d['keeps'][k] else 'fails'})"
             for k in ks) + f" (full-source std {ms[full][1]:.2f}).",
