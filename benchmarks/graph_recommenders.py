@@ -951,6 +951,15 @@ def render(data, out):
         p()
         _seed_table(p, parts["dccf"]["result"]["runs"])
         p()
+        dc = parts["dccf"]["result"]
+        p("Steps (batch 10,240): " + "; ".join(
+            f"{k} best at step {r['best']['step']}, "
+            + (f"stopped early at step {r['steps_run']}" if r["stopped_early"] else f"budget spent at step {r['steps_run']}")
+            for k, rs in dc["runs"].items() for r in rs)
+          + f" (early stop after {dc['protocol']['patience']} evaluations without a new best = "
+          f"{dc['protocol']['patience'] * dc['protocol']['eval_every'] * -(-LASTFM_TRAIN // dc['protocol']['batch_size'])} "
+          "steps; the validation curves are in the figure).")
+        p()
         p("With one intent, InfoNCE(Z, R) is exactly log N with zero gradient (unit test "
           "`test_dccf_one_intent_contrast_is_log_n_with_zero_gradient`), so that ablation removes 2 of the 6 "
           "contrastive terms per layer and makes H^γ a fixed 1/deg graph.")
@@ -1003,10 +1012,9 @@ def render(data, out):
     p("## What this page does not show")
     p()
     if any(part["meta"].get("partial") for part in data["parts"].values()):
-        p("- **The runs were cut by the deadline.** The shared 2-core machine was oversubscribed during the runs "
-          "(the load average at the end of each part is in the table above; each process got a few percent of a "
-          "core), so parts were collected from their finished runs; every claim whose runs did not finish is "
-          "*inconclusive* with that reason.")
+        cut = [n for n, part in data["parts"].items() if part["meta"].get("partial")]
+        p(f"- **Part(s) {', '.join(f'`{n}`' for n in cut)} were cut by the deadline** and collected from their finished "
+          "runs (the runs not finished are listed under the command table); a claim whose runs did not finish says so.")
     dseeds = parts.get("dccf", {}).get("result", {}).get("protocol", {}).get("seeds", [0])
     mlseeds = parts.get("lightgcl", {}).get("result", {}).get("protocol", {}).get("ML-100K", {}).get("seeds", [0])
     dsteps = [r["steps_run"] for rs in parts.get("dccf", {}).get("result", {}).get("runs", {}).values() for r in rs]
@@ -1018,7 +1026,8 @@ def render(data, out):
          "comparison with LightGCN favours the baseline)")
       + " and one τ; DCCF at "
       + ((f"{min(dsteps)}-{max(dsteps)}" if min(dsteps) < max(dsteps) else f"{dsteps[0]}") + " steps"
-         if dsteps else "far fewer steps") + " against the official 4,000-6,000.")
+         if dsteps else "far fewer steps") + " against the official 4,000-6,000, with one patience setting (a run "
+      "that stops on a flat stretch may have risen later; no longer patience was tried).")
     if "ultragcn" in parts:
         st1 = [r for r in parts["ultragcn"]["result"]["tuning"] if r["stage"] == 1]
         base = max(st1, key=lambda r: r["best"]["val_recall@20"])["config"] if st1 else None
