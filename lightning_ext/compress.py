@@ -171,10 +171,12 @@ def _make_trainer(trainer: TrainerSource, finetune_epochs: int, root: Path, acce
                    logger=False, enable_checkpointing=False, enable_model_summary=False)
 
 
-def _cost(model: nn.Module, example: torch.Tensor, warmup: int, repeats: int, threads: Optional[int]) -> dict:
+def _cost(model: nn.Module, example: torch.Tensor, warmup: int, repeats: int, threads: Optional[int],
+          latency_fn: Optional[Callable[[nn.Module, Any], float]] = None) -> dict:
     macs, params = count_macs_params(model, example)
-    return {"ms": 1e3 * measure_latency(model, example, warmup=warmup, repeats=repeats, num_threads=threads),
-            "macs": macs, "params": params}
+    seconds = (latency_fn(model, example) if latency_fn is not None else
+               measure_latency(model, example, warmup=warmup, repeats=repeats, num_threads=threads))
+    return {"ms": 1e3 * seconds, "macs": macs, "params": params}
 
 
 def compress(
@@ -204,6 +206,7 @@ def compress(
     trainer: TrainerSource = None,
     config_yaml: Optional[str] = None,
     progress: bool = True,
+    latency_fn: Optional[Callable[[nn.Module, Any], float]] = None,
 ) -> CompressResult:
     """Prune ``model`` in place to a latency budget, fine-tune it with distillation, and write the results.
 
@@ -235,6 +238,8 @@ def compress(
             ``steps > 1`` with your own Trainer settings); ``None`` builds one per step.
         config_yaml: the configuration text written to ``compress.yaml`` (the CLI passes its parsed config).
         progress: show a Rich progress bar of the stages.
+        latency_fn: ``(model, inputs) -> seconds`` replacing the median wall-clock measurement everywhere (e.g. a
+            deployed runtime's timer, or per-thread CPU time on a shared machine); Python only.
 
     Returns:
         A :class:`CompressResult`. Raises :class:`CompressError` (or
@@ -275,7 +280,7 @@ def compress(
     rows: list[dict] = []
     try:
         bar.stage("measuring the dense model")
-        dense = _cost(model, example, 3, repeats, num_threads)
+        dense = _cost(model, example, 3, repeats, num_threads, latency_fn)
         dense_metric = _validate(model, datamodule, monitor, accelerator)
         rows.append({"stage": "dense", **dense, "metric": dense_metric})
         bar.update(dense["ms"], dense_metric)
@@ -297,16 +302,16 @@ def compress(
             model.eval()
             table = build_latency_table(model, example, ignored_layers=ignored_layers, step=width_step,
                                         max_widths=max_widths, repeats=repeats, num_threads=num_threads,
-                                        progress=progress)
+                                        progress=progress, latency_fn=latency_fn)
             plan = plan_latency_pruning(model, example, _scores(model, criterion, example, seed, k),
                                         latency_budget_s=step_budget / 1e3, table=table,
                                         ignored_layers=ignored_layers, repeats=repeats, num_threads=num_threads,
-                                        tolerance=tolerance)
+                                        tolerance=tolerance, latency_fn=latency_fn)
             plans += [{"step": k, "position": i, "path_length": plan.path_length, "predicted_ms": 1e3 * p,
                        "measured_ms": 1e3 * m, "chosen": i == plan.position} for i, p, m in plan.history]
             apply_pruning_history(model, plan.ops, example)
             history.append(record_step(model, plan.ops, example[:1], criterion=criterion, budget_ms=step_budget))
-            pruned = _cost(model, example, 3, repeats, num_threads)
+            pruned = _cost(model, example, 3, repeats, num_threads, latency_fn)
             rows.append({"stage": f"step {k}: pruned", **pruned, "metric": _validate(model, datamodule, monitor,
                                                                                     accelerator)})
             bar.update(pruned["ms"], rows[-1]["metric"])
@@ -319,10 +324,10 @@ def compress(
                          "metric": _validate(model, datamodule, monitor, accelerator)})
             bar.update(pruned["ms"], rows[-1]["metric"])
         bar.stage("verifying the budget")
-        final = _cost(model, example, 3, repeats, num_threads)
+        final = _cost(model, example, 3, repeats, num_threads, latency_fn)
         rows[-1].update(final)
         if final["ms"] > budget_ms * (1 + tolerance):
-            final = _cost(model, example, 3, 2 * repeats, num_threads)  # a second look before failing
+            final = _cost(model, example, 3, 2 * repeats, num_threads, latency_fn)  # a second look before failing
             rows[-1].update(final)
     finally:
         bar.close()

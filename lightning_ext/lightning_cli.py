@@ -27,7 +27,7 @@ USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsA
                MisconfigurationException)
 #: Arguments of :func:`lightning_ext.compress.compress` the CLI provides itself (model, data and trainer come from
 #: the config's ``model``/``data``/``trainer`` sections).
-_COMPRESS_SKIP = ("model", "datamodule", "trainer", "config_yaml")
+_COMPRESS_SKIP = ("model", "datamodule", "trainer", "config_yaml", "latency_fn")
 _CLASS_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
