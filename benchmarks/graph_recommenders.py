@@ -65,7 +65,7 @@ LIGHTGCL = {  # LightGCL > LightGCN, and the gain needs the contrastive term (la
     "batch_size": 4096, "temperature": 0.2,
 }
 LIGHTGCL_ML100K_FIRST = {"seeds": [0], "max_epochs": 16, "eval_every": 2, "patience": 3}  # the first ML-100K part
-DCCF_P = {"seeds": [0], "max_epochs": 250, "eval_every": 5, "patience": 4, "lr": 1e-3, "batch_size": 10240,
+DCCF_P = {"seeds": [0, 1], "max_epochs": 250, "eval_every": 5, "patience": 4, "lr": 1e-3, "batch_size": 10240,
           "variants": {"DCCF (no adaptive aug.)": {"adaptive_augmentation": False}, "DCCF": {},
                        "DCCF (1 intent)": {"num_intents": 1}}}
 # UltraGCN >= tuned LightGCN (LastFM). The official ML-1M config (xue-pai/UltraGCN ml-1m_config.ini) is the
