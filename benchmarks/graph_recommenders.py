@@ -1024,7 +1024,9 @@ def render(data, out):
     mlseeds = parts.get("lightgcl", {}).get("result", {}).get("protocol", {}).get("ML-100K", {}).get("seeds", [0])
     dsteps = [r["steps_run"] for rs in parts.get("dccf", {}).get("result", {}).get("runs", {}).values() for r in rs]
     p("- Compute budget (a 2-core machine shared with other jobs) forced: LastFM only for the tuned MF/LightGCN/UltraGCN "
-      f"comparisons; 2 seeds ({len(dseeds)} for DCCF, {len(mlseeds)} for ML-100K); LightGCL "
+      "comparisons; 2 seeds"
+      + ("" if len(dseeds) == len(mlseeds) == 2 else f" ({len(dseeds)} for DCCF, {len(mlseeds)} for ML-100K)")
+      + " (1 for the anchor and the tuning grids); LightGCL "
       + ("with its lr chosen from {1e-2, 5e-3} on LastFM (not 1e-3, which LightGCN's grid had) and at lr 1e-2 only on "
          "ML-100K" if parts.get("lightgcl", {}).get("result", {}).get("LastFM", {}).get("lr_tuning") else
          "at one learning rate (1e-2, not tuned while LightGCN's lr was tuned over {1e-3, 5e-3, 1e-2}: its "
