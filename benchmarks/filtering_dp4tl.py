@@ -49,7 +49,7 @@ N_SOURCE_CLASSES = 20
 KS = (12, 10, 6)
 LRS = (1e-3, 3e-3)
 CS = (0.1, 1.0)
-EVAL_EPOCHS = (1, 2, 3, 4, 6, 8, 10, 13, 16, 20, 25, 30, 40, 50, 60, 80)  # probe checkpoints (those <= --epochs)
+EVAL_EPOCHS = (1, 2, 3, 4, 6, 8, 10, 13, 16, 20, 25, 30, 40, 50, 60, 80, 100, 120, 140, 160)  # probe checkpoints (those <= --epochs)
 SURROGATE_EPOCHS = 5
 
 
