@@ -37,4 +37,7 @@ def test_config_runs_through_the_cli(config, tmp_path, monkeypatch):
     if subcommand in ("fit", "compress"):
         assert cli.trainer.global_step > 0
     if subcommand == "compress":
-        assert (tmp_path / "compress" / "report.md").exists() and cli.compress_result.speedup > 1
+        # pruned and reported; whether it is faster is timing on a shared CI machine (tests/test_compress.py checks
+        # the budget logic with a deterministic clock)
+        result = cli.compress_result
+        assert (tmp_path / "compress" / "report.md").exists() and result.macs_after < result.macs_before
