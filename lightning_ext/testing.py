@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import ipaddress
 import socket
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
@@ -158,8 +159,19 @@ def fit_ddp_vs_single(
     tmp_path = Path(tmp_path)
     single = _fit(make_model, make_datamodule, global_batch_size, tmp_path / "single", test,
                   devices=1, **trainer_kwargs)
-    ddp = _fit(make_model, make_datamodule, global_batch_size // 2, tmp_path / "ddp", test,
-               devices=2, strategy="ddp_spawn", **trainer_kwargs)
+    try:
+        ddp = _fit(make_model, make_datamodule, global_batch_size // 2, tmp_path / "ddp", test,
+                   devices=2, strategy="ddp_spawn", **trainer_kwargs)
+    except Exception as err:  # noqa: BLE001 - only the teardown abort below is retried
+        # A spawned rank can abort at interpreter exit ("terminate called without an active exception", SIGABRT)
+        # when the machine is loaded: seen in 2 of 3 clean-clone CI runs on 2 cores (2026-12-06), never alone.
+        # One retry in a fresh folder; any other failure, or a second abort, is raised.
+        if type(err).__name__ != "ProcessExitedException" or "SIGABRT" not in str(err):
+            raise
+        warnings.warn(f"fit_ddp_vs_single: a spawned rank aborted at exit ({err}); retrying the two-process fit once.",
+                      stacklevel=2)
+        ddp = _fit(make_model, make_datamodule, global_batch_size // 2, tmp_path / "ddp_retry", test,
+                   devices=2, strategy="ddp_spawn", **trainer_kwargs)
     return single, ddp
 
 
