@@ -371,10 +371,8 @@ def _fine_tune(trainer: Trainer, model: LightningModule, data: LightningDataModu
 def _write_checkpoint(model: LightningModule, history: list[dict], result: CompressResult) -> None:
     import lightning
 
-    from lightning_ext.compression.history import _STATE_MARKER, HISTORY_VERSION
-
     checkpoint = {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                  "callbacks": {"CompressHistory": {_STATE_MARKER: HISTORY_VERSION, "steps": copy.deepcopy(history)}},
+                  "callbacks": {"CompressHistory": _CompressHistory(history).state_dict()},
                   "pytorch-lightning_version": lightning.__version__,
                   "compress": {k: v for k, v in asdict(result).items() if k != "steps"}}
     atomic_torch_save(checkpoint, result.checkpoint_path)

@@ -65,7 +65,7 @@ from lightning_ext.compression.graph import FilterGroup, PruningError, Scores, _
 from lightning_ext.compression.graph import build_dependency_graph, resolve_layer_names
 from lightning_ext.compression.plan import PruningPlan, _apply_ops, _ops_from_counts
 from lightning_ext.core.io import atomic_write_json
-from lightning_ext.core.measure import count_macs_params, measure_latency, trial_copy
+from lightning_ext.core.measure import _first_tensor, count_macs_params, measure_latency, trial_copy
 from lightning_ext.core.paths import cache_root
 from lightning_ext.core.validation import check_positive_int
 
@@ -81,13 +81,6 @@ def _timer(example_inputs: Any, warmup: int, repeats: int, num_threads: Optional
 
 
 # -- keys ---------------------------------------------------------------------------------------------------------
-
-
-def _first_tensor(inputs: Any) -> Optional[torch.Tensor]:
-    if isinstance(inputs, torch.Tensor):
-        return inputs
-    values = inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (tuple, list)) else []
-    return next((v for v in values if isinstance(v, torch.Tensor)), None)
 
 
 def device_name(example_inputs: Any, num_threads: Optional[int] = None) -> str:
