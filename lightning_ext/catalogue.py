@@ -22,7 +22,7 @@ KIND_TITLES = {
     "scorers": "Data scorers", "merges": "Merge algorithms", "losses": "Losses",
 }
 FAMILIES = ("vision", "data", "compression", "distillation", "merging", "ssl", "curation", "recsys", "graph",
-            "pipeline")
+            "pipeline", "tabular")
 
 
 @dataclass(frozen=True)
