@@ -72,6 +72,11 @@ ENTRIES: tuple[Entry, ...] = (
        "Data-free structured pruning plus low-bit weight quantization with a closed-form reconstruction (UDFC).",
        "Unified Data-Free Compression: Pruning and Quantization without Fine-Tuning", "2308.07209",
        ("UDFC", "quantization", "data-free"), "compression"),
+    _e("DSnoT", "callbacks", "compression", "dsnot",
+       "DSnoT (Zhang et al., ICLR 2024): training-free pruning of every Linear layer to a target sparsity with "
+       "Wanda's mask refined by reconstruction-error-driven grow-and-prune swaps, on calibration batches.",
+       "Dynamic Sparse No Training: Training-Free Fine-tuning for Sparse LLMs", "2310.08915",
+       ("Dynamic Sparse No Training", "Wanda", "unstructured pruning", "2:4", "N:M sparsity"), "compression"),
     _e("KNNEvaluation", "callbacks", "ssl", "knn_evaluation",
        "Weighted kNN accuracy of the model's features: `val_knn_acc` each validation, `test_knn_acc` on test.",
        "Unsupervised Feature Learning via Non-Parametric Instance Discrimination", "1805.01978",
