@@ -36,6 +36,7 @@ Example:
     True
 """
 
+from lightning_ext.compression.dsnot import DSnoTReport, dsnot_prune
 from lightning_ext.compression.graph import FilterGroup, PruningError, prunable_filter_groups, resolve_layer_names
 from lightning_ext.compression.history import load_pruned_checkpoint, pruning_steps_from_checkpoint, replay_pruning_steps
 from lightning_ext.compression.latency_pruning import (
@@ -55,6 +56,7 @@ from lightning_ext.compression.plan import (
 from lightning_ext.core.measure import count_macs_params, layer_macs, measure_latency, num_params
 
 __all__ = [
+    "DSnoTReport", "dsnot_prune",
     "FilterGroup", "LatencyPlan", "LatencyTable", "PruningError", "PruningPlan", "applied_pruning_steps",
     "apply_pruning_history", "build_latency_table", "count_macs_params", "layer_macs", "load_pruned_checkpoint",
     "measure_latency", "num_params", "plan_filter_pruning", "plan_latency_pruning", "prunable_filter_groups",
