@@ -159,6 +159,10 @@ ENTRIES: tuple[Entry, ...] = (
        "VICReg (Bardes, Ponce and LeCun, ICLR 2022): invariance MSE, variance hinge, covariance decorrelation.",
        "VICReg: Variance-Invariance-Covariance Regularization for Self-Supervised Learning", "2105.04906",
        ("SSL",)),
+    _e("PriorFittedNetwork", "modules", "tabular", "prior_fitted_network",
+       "PFN (Müller et al., ICLR 2022; TabPFN): a transformer trained on datasets drawn from a prior to predict "
+       "held-out points from a training set in one forward pass.",
+       "Transformers Can Do Bayesian Inference", "2112.10510", ("PFN", "TabPFN", "prior-data fitted network")),
     # ---------------------------------------------------------------- datamodules
     _e("DigitsDataModule", "datamodules", "data", "digits",
        "scikit-learn digits: 1,797 grayscale 8x8 images of the digits 0-9, bundled with scikit-learn."),
@@ -194,6 +198,17 @@ ENTRIES: tuple[Entry, ...] = (
     _e("TabularDataModule", "datamodules", "data", "tabular",
        "A scikit-learn tabular dataset by name: `iris` (150x4, 3 classes), `wine` (178x13, 3) or "
        "`breast_cancer` (569x30, 2)."),
+    _e("BNNPriorDataModule", "datamodules", "tabular", "priors",
+       "The PFN paper's BNN prior: regression datasets from a freshly sampled random MLP per dataset, plus noise.",
+       "Transformers Can Do Bayesian Inference", "2112.10510", ("PFN", "prior")),
+    _e("GPPriorDataModule", "datamodules", "tabular", "priors",
+       "The PFN paper's GP prior: datasets with `x ~ U[0, 1]^d` and `y` a draw of an RBF Gaussian process plus "
+       "noise.", "Transformers Can Do Bayesian Inference", "2112.10510", ("PFN", "Gaussian process", "prior")),
+    _e("SCMPriorDataModule", "datamodules", "tabular", "scm_prior",
+       "TabPFN-style SCM prior (simplified): classification tables read from random causal MLPs, with categorical "
+       "features and missing values.",
+       "TabPFN: A Transformer That Solves Small Tabular Classification Problems in a Second", "2207.01848",
+       ("TabPFN", "structural causal model", "prior")),
     # ---------------------------------------------------------------- scorers (FilteredDataModule's scorer:)
     _e("RandomScorer", "scorers", "curation", "random_selection",
        "Random data selection: the control every data scorer must beat.", None, None, ("random",)),
@@ -270,6 +285,10 @@ ENTRIES: tuple[Entry, ...] = (
     _e("bpr_loss", "losses", "recsys", "recommender",
        "Bayesian personalised ranking loss: -log σ(<u, i+> - <u, i->).",
        "BPR: Bayesian Personalized Ranking from Implicit Feedback", "1205.2618", ("BPR",)),
+    _e("bar_nll", "losses", "tabular", "pfn",
+       "PFN Riemann (bar) distribution loss: `-log(p_k / w_k)` for the bucket `k` holding `y`, half-normal "
+       "tails on the outer buckets.", "Transformers Can Do Bayesian Inference", "2112.10510",
+       ("PFN", "Riemann distribution", "bar distribution")),
 )
 
 _BY_NAME = {e.name: e for e in ENTRIES}
