@@ -1,0 +1,493 @@
+"""DSL (Dynamic Sparse Learning, Wang et al., WSDM 2024): sparse-from-scratch training with prune-and-grow.
+
+The pure core (:func:`update_ratio_schedule`, :func:`random_masks`, :func:`prune_and_grow`,
+:class:`DynamicSparsity`) works on any set of parameters and any optimizer without a Trainer; the Lightning
+callback :class:`DynamicSparseTraining` drives it from the training hooks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Literal, Optional, Sequence, get_args
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_ext.core.layers import match_names
+from lightning_ext.core.strategy import refuse_sharded_strategy
+from lightning_ext.core.validation import OpenUnitInterval, PositiveInt, UnitIntervalRightOpen, check_choice, check_number
+
+__all__ = ["DynamicSparseTraining", "DynamicSparsity", "prune_and_grow", "random_masks", "sparse_parameters",
+           "update_ratio_schedule"]
+
+#: which module types DSL makes sparse
+Targets = Literal["all", "embedding", "linear"]
+TARGET_TYPES = {"all": (nn.Embedding, nn.Linear), "embedding": (nn.Embedding,), "linear": (nn.Linear,)}
+
+
+# -- the pure core --------------------------------------------------------------------------------------------
+def update_ratio_schedule(step: int, total_steps: int, update_ratio: float = 0.5,
+                          min_update_ratio: float = 0.005) -> float:
+    r"""The cosine-annealed update ratio after ``step`` optimizer steps (DSL's eq. for :math:`p_t`):
+
+    .. math:: p_t = \eta_{min} + (p_0 - \eta_{min}) \, \tfrac{1}{2}\left(1 + \cos\tfrac{\pi t}{T}\right),
+
+    with :math:`p_0` = ``update_ratio``, :math:`\eta_{min}` = ``min_update_ratio`` and :math:`T` = ``total_steps``;
+    it stays at :math:`\eta_{min}` after :math:`T` (the official code steps a ``CosineAnnealingLR`` once per
+    optimizer step, which is this closed form up to rounding for :math:`t \le T`).
+
+    Example:
+        >>> update_ratio_schedule(0, 100), update_ratio_schedule(100, 100), round(update_ratio_schedule(50, 100), 4)
+        (0.5, 0.005, 0.2525)
+    """
+    t = min(max(int(step), 0), int(total_steps))
+    return min_update_ratio + (update_ratio - min_update_ratio) * 0.5 * (1.0 + math.cos(math.pi * t / total_steps))
+
+
+def random_masks(shapes: dict[str, Sequence[int]], density: float, seed: int = 0) -> dict[str, Tensor]:
+    """One random boolean mask per tensor with exactly ``max(1, round(density * numel))`` kept entries.
+
+    Drawn on the CPU from a generator seeded with ``seed`` (tensors in ``shapes`` order), so every process of a
+    distributed run draws the same masks. The official code draws each entry independently with probability
+    ``density``; an exact count keeps the parameter budget exact.
+
+    Example:
+        >>> m = random_masks({"w": (4, 5)}, 0.5)
+        >>> int(m["w"].sum()), m["w"].dtype
+        (10, torch.bool)
+    """
+    generator = torch.Generator().manual_seed(int(seed))
+    masks = {}
+    for name, shape in shapes.items():
+        numel = math.prod(shape)
+        keep = min(numel, max(1, round(density * numel)))
+        mask = torch.zeros(numel, dtype=torch.bool)
+        mask[torch.randperm(numel, generator=generator)[:keep]] = True
+        masks[name] = mask.view(*shape)
+    return masks
+
+
+def prune_and_grow(weight: Tensor, mask: Tensor, grad: Tensor, update_ratio: float) -> tuple[Tensor, int]:
+    r"""One DSL update of one tensor: drop ``n = ceil(update_ratio * nnz)`` active weights of smallest magnitude,
+    then activate the ``n`` inactive positions (the just-dropped included) with the largest gradient magnitude.
+
+    .. math:: \mathcal{D} = \operatorname{argtopk}^{\min}_{n} \{|w_i| : m_i = 1\}, \quad
+              \mathcal{G} = \operatorname{argtopk}^{\max}_{n} \{|g_i| : m_i = 1 \Rightarrow i \in \mathcal{D}\}
+
+    The number of active weights is unchanged. Ties go to the lower flat index (stable sorts); the official code
+    drops everything at or below the n-th magnitude instead, which drops more than ``n`` on ties. Grown weights
+    keep their current value: 0 for positions inactive before this update (weights are masked), the old value
+    for a weight dropped and regrown in the same update, as in the official code.
+
+    Args:
+        weight: the (masked) weights.
+        mask: boolean mask of the active entries, same shape.
+        grad: the dense gradient of the current batch (inactive entries included), same shape.
+        update_ratio: :math:`p_t`, the share of active weights replaced.
+
+    Returns:
+        ``(new_mask, n)``.
+
+    Example:
+        >>> w = torch.tensor([0.0, 0.5, -0.1, 0.0, 2.0])
+        >>> m = torch.tensor([False, True, True, False, True])
+        >>> g = torch.tensor([0.3, 0.0, 0.0, -0.9, 0.0])
+        >>> prune_and_grow(w, m, g, 0.3)  # drops index 2 (|w| 0.1), grows index 3 (|g| 0.9)
+        (tensor([False,  True, False,  True,  True]), 1)
+    """
+    flat_mask = mask.reshape(-1)
+    nnz = int(flat_mask.sum())
+    n = min(math.ceil(update_ratio * nnz), nnz)
+    if n == 0:
+        return mask.clone(), 0
+    active = flat_mask.nonzero().squeeze(1)
+    magnitude = weight.detach().reshape(-1)[active].abs()
+    drop = active[torch.sort(magnitude, stable=True).indices[:n]]
+    new_mask = flat_mask.clone()
+    new_mask[drop] = False
+    inactive = (~new_mask).nonzero().squeeze(1)
+    growth = grad.detach().reshape(-1)[inactive].abs()
+    grow = inactive[torch.sort(growth, descending=True, stable=True).indices[:n]]
+    new_mask[grow] = True
+    return new_mask.view_as(mask), n
+
+
+def sparse_parameters(model: nn.Module, targets: Targets = "all", layers: Optional[Sequence[str]] = None,
+                      ignored_layers: Optional[Sequence[str]] = None, include_bias: bool = True,
+                      owner: str = "DynamicSparseTraining") -> dict[str, nn.Parameter]:
+    """The parameters DSL makes sparse: ``weight`` (and ``bias``) of the ``nn.Embedding``/``nn.Linear`` modules
+    selected by ``targets``, ``layers`` and ``ignored_layers``, keyed by parameter name (``model.named_parameters``).
+
+    Raises ``ValueError`` naming the eligible modules when nothing matches.
+
+    Example:
+        >>> net = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2))
+        >>> list(sparse_parameters(net)), list(sparse_parameters(net, "embedding"))
+        (['0.weight', '1.weight', '1.bias'], ['0.weight'])
+    """
+    check_choice("targets", targets, get_args(Targets))
+    eligible = [n for n, m in model.named_modules() if n and isinstance(m, TARGET_TYPES[targets])]
+    kinds = " / ".join(f"nn.{t.__name__}" for t in TARGET_TYPES[targets])
+    listing = ", ".join(eligible[:20]) + (" ..." if len(eligible) > 20 else "")
+    what = f"the {kinds} modules of {type(model).__name__} ({listing or 'none'})"
+    names = match_names(eligible, layers, "layers", what) if layers is not None else eligible
+    ignored = set(match_names(eligible, ignored_layers, "ignored_layers", what))
+    names = [n for n in names if n not in ignored]
+    if not names:
+        every = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if n]
+        raise ValueError(
+            f"{owner} found no {kinds} layer to make sparse (targets={targets!r}, layers={layers!r}, "
+            f"ignored_layers={ignored_layers!r}); the model's modules are: {', '.join(every[:30]) or 'none'}"
+            + (" ..." if len(every) > 30 else "") + ". Change `targets`/`layers`/`ignored_layers`."
+        )
+    params: dict[str, nn.Parameter] = {}
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, nn.Embedding) and module.sparse:
+            raise ValueError(f"{owner}: `{name}` is an nn.Embedding with sparse=True; DSL grows weights by their "
+                             "dense gradients. Build it with sparse=False.")
+        for pname in ("weight", "bias") if include_bias else ("weight",):
+            p = getattr(module, pname, None)
+            if isinstance(p, nn.Parameter) and p.requires_grad:
+                params[f"{name}.{pname}"] = p
+    return params
+
+
+class DynamicSparsity:
+    """Masks over a set of parameters and the DSL updates, for a plain training loop (no Trainer needed).
+
+    Per optimizer step: :meth:`before_step` after ``backward`` (masks the gradients; on an update step it first
+    keeps the dense gradients for growth), then ``optimizer.step()``, then :meth:`after_step` (re-masks the
+    weights, counts the step and every ``delta_t`` steps runs :func:`prune_and_grow` on every tensor with the
+    ratio :func:`update_ratio_schedule` gives, then masks the weights and the optimizer state of the new
+    inactive entries).
+
+    Optimizer state: it is masked at every mask change (momentum, Adam's moments: every state tensor of the
+    parameter's shape). Between changes the masked gradients keep it zero for the inactive entries (SGD with
+    momentum or weight decay, Adam, AdamW, RMSprop, Adagrad), so the per-step cost is two elementwise products.
+
+    Example:
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> net = nn.Linear(8, 1)
+        >>> opt = torch.optim.Adam(net.parameters(), lr=0.1)
+        >>> dsl = DynamicSparsity({"weight": net.weight}, density=0.5, delta_t=2, total_steps=10)
+        >>> dsl.apply([opt])
+        >>> for _ in range(4):
+        ...     opt.zero_grad(); net(torch.randn(16, 8)).pow(2).mean().backward()
+        ...     grads = dsl.before_step(); opt.step(); _ = dsl.after_step([opt], grads)
+        >>> int((net.weight != 0).sum()), dsl.steps, len(dsl.history)
+        (4, 4, 2)
+    """
+
+    def __init__(self, params: dict[str, nn.Parameter], density: float = 0.5, delta_t: int = 100,
+                 total_steps: int = 1000, update_ratio: float = 0.5, min_update_ratio: float = 0.005, seed: int = 0,
+                 masks: Optional[dict[str, Tensor]] = None) -> None:
+        check_number("density", density, low=0, high=1, low_open=True, high_open=True)
+        check_number("delta_t", delta_t, low=1, integer=True)
+        check_number("total_steps", total_steps, low=1, integer=True)
+        check_number("update_ratio", update_ratio, low=0, high=1, low_open=True)
+        check_number("min_update_ratio", min_update_ratio, low=0, high=update_ratio)
+        if not params:
+            raise ValueError("DynamicSparsity needs at least one parameter to make sparse.")
+        self.params = dict(params)
+        self.density, self.delta_t, self.total_steps = float(density), int(delta_t), int(total_steps)
+        self.update_ratio, self.min_update_ratio, self.seed = float(update_ratio), float(min_update_ratio), int(seed)
+        self.steps = 0
+        self.history: list[dict[str, float]] = []
+        if masks is None:
+            masks = random_masks({n: tuple(p.shape) for n, p in self.params.items()}, density, seed)
+        self.set_masks(masks)
+
+    def set_masks(self, masks: dict[str, Tensor]) -> None:
+        """Install ``masks`` (boolean, one per parameter, same shapes) on the parameters' devices."""
+        if set(masks) != set(self.params):
+            raise ValueError(f"the masks are for {sorted(masks)} but the sparse parameters are {sorted(self.params)}.")
+        for n, p in self.params.items():
+            if tuple(masks[n].shape) != tuple(p.shape):
+                raise ValueError(f"the mask of {n} has shape {tuple(masks[n].shape)}, the parameter {tuple(p.shape)}.")
+        self.masks = {n: masks[n].to(device=p.device, dtype=torch.bool) for n, p in self.params.items()}
+        self._float = {n: m.to(self.params[n].dtype) for n, m in self.masks.items()}
+
+    def ratio(self) -> float:
+        """The update ratio :math:`p_t` at the current step."""
+        return update_ratio_schedule(self.steps, self.total_steps, self.update_ratio, self.min_update_ratio)
+
+    def update_due(self) -> bool:
+        """Whether the coming optimizer step is followed by a prune-and-grow update."""
+        return (self.steps + 1) % self.delta_t == 0
+
+    @torch.no_grad()
+    def apply(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
+        """Zero the inactive weights and their optimizer state."""
+        names = list(self.params)
+        torch._foreach_mul_([self.params[n].data for n in names], [self._float[n] for n in names])
+        for opt in optimizers:
+            for n in names:
+                for value in opt.state.get(self.params[n], {}).values():
+                    if isinstance(value, Tensor) and value.shape == self.params[n].shape:
+                        value.mul_(self._float[n].to(value.dtype))
+
+    @torch.no_grad()
+    def before_step(self) -> Optional[dict[str, Tensor]]:
+        """Mask the gradients; on an update step return copies of the dense gradients first (else ``None``)."""
+        grads = [(n, p.grad) for n, p in self.params.items() if p.grad is not None]
+        if any(g.is_sparse for _, g in grads):
+            raise RuntimeError("DynamicSparsity needs dense gradients; use nn.Embedding(sparse=False).")
+        dense = {n: g.clone() for n, g in grads} if self.update_due() else None
+        if grads:
+            torch._foreach_mul_([g for _, g in grads], [self._float[n] for n, _ in grads])
+        return dense
+
+    @torch.no_grad()
+    def after_step(self, optimizers: Iterable[torch.optim.Optimizer] = (),
+                   grads: Optional[dict[str, Tensor]] = None) -> Optional[dict[str, float]]:
+        """Re-mask the weights, count the step, and on an update step prune and grow (returns its record)."""
+        names = list(self.params)
+        torch._foreach_mul_([self.params[n].data for n in names], [self._float[n] for n in names])
+        self.steps += 1
+        if self.steps % self.delta_t:
+            return None
+        if grads is None:
+            raise RuntimeError("a prune-and-grow step needs the dense gradients that before_step() returned.")
+        return self.update(grads, optimizers)
+
+    @torch.no_grad()
+    def update(self, grads: dict[str, Tensor], optimizers: Iterable[torch.optim.Optimizer] = ()) -> dict[str, float]:
+        """Prune and grow every tensor now, at the ratio of the current step; masks weights and state."""
+        ratio = self.ratio()
+        changed = total = active = 0
+        new_masks = {}
+        for n, p in self.params.items():
+            g = grads.get(n)
+            if g is None:  # no gradient reached this tensor: nothing to grow by, keep its mask
+                new_masks[n] = self.masks[n]
+                continue
+            new_masks[n], _ = prune_and_grow(p, self.masks[n], g, ratio)
+            changed += int((new_masks[n] & ~self.masks[n]).sum())
+        for n, m in new_masks.items():
+            total += m.numel()
+            active += int(m.sum())
+        self.set_masks(new_masks)
+        self.apply(optimizers)
+        record = {"step": float(self.steps), "update_ratio": ratio, "grown": float(changed),
+                  "density": active / max(1, total)}
+        self.history.append(record)
+        return record
+
+    def state_dict(self) -> dict[str, Any]:
+        """Masks (boolean, CPU), step count, total steps and the update history."""
+        return {"masks": {n: m.detach().cpu().clone() for n, m in self.masks.items()}, "steps": self.steps,
+                "total_steps": self.total_steps, "history": [dict(h) for h in self.history]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.set_masks(state["masks"])
+        self.steps, self.total_steps = int(state["steps"]), int(state["total_steps"])
+        self.history = [dict(h) for h in state["history"]]
+
+
+# -- the Lightning callback -----------------------------------------------------------------------------------
+class DynamicSparseTraining(Callback):
+    r"""DSL (Wang et al., WSDM 2024): trains embeddings and linear layers sparse from scratch, pruning by magnitude and regrowing by gradient every ``delta_t`` steps.
+
+    Paper: Wang, Sui, Wu, Zheng, Xiong, *"Dynamic Sparse Learning: A Novel Paradigm for Efficient
+    Recommendation"*, WSDM 2024, arXiv 2402.02855. Reference code: https://github.com/shuyao-wang/DSL
+    (``LightGCN/utils/core.py::Masking``; read, not copied).
+
+    When training starts (``on_train_start``) every selected tensor gets a random mask keeping a share ``density`` of its entries (exact
+    count, per tensor: the official ``sparse_init='uniform'``) and the weights are multiplied by it. Before each
+    optimizer step the gradients are masked; after it the weights are re-masked. Every :math:`\Delta T` =
+    ``delta_t`` optimizer steps, in every tensor, :math:`n = \lceil p_t \cdot nnz \rceil` active weights of smallest
+    :math:`|w|` are dropped and the :math:`n` inactive positions with the largest :math:`|g|` of the current batch
+    are grown (value 0), with the cosine update ratio
+
+    .. math:: p_t = \eta_{min} + (p_0 - \eta_{min}) \, \tfrac{1}{2}\left(1 + \cos\tfrac{\pi t}{T}\right)
+
+    (:math:`p_0` = ``update_ratio``, :math:`\eta_{min}` = ``min_update_ratio``, :math:`T` = ``total_steps``,
+    default the Trainer's estimated optimizer steps). The optimizer state (momentum, Adam's moments) of the
+    inactive entries is zeroed at every mask change; the masked gradients keep it zero in between. Each tensor's
+    density stays fixed (the official ``redistribution='none'``); inside an embedding table the updates move
+    capacity between rows, so users and items end with different numbers of active dimensions.
+
+    Where this differs from the reference code: exact-count masks and stable top-k selections (the code draws
+    Bernoulli masks and drops everything at or below the n-th magnitude, which drops more on ties); the gradients
+    of inactive weights are masked before the step and Adam's moments are masked too (the code masks SGD
+    momentum only, so its Adam keeps moments for inactive entries).
+
+    Distributed: masks are drawn from a CPU generator seeded with ``seed`` (the same on every rank) and updated
+    from the all-reduced gradients of identical weights, so every rank computes the same masks; rank 0's masks are
+    also broadcast after the draw and after every update, so no rank can drift (e.g. by a tie broken differently
+    on another device). Strategies that shard parameters (FSDP, DeepSpeed) are refused in ``setup()``.
+    The state (masks, step count, total steps, history) is saved in checkpoints, loads with ``weights_only=True``,
+    and a resumed fit (also mid-epoch) continues exactly.
+
+    Logged at each update (and kept in :attr:`history`): ``<prefix>update_ratio``, ``<prefix>grown`` (entries
+    newly activated) and ``<prefix>density``.
+
+    Args:
+        density: share of each selected tensor kept active, in (0, 1) (official default 0.5).
+        delta_t: optimizer steps between prune-and-grow updates, :math:`\Delta T` (official: 100 for MultVAE, 2000
+            for NeuMF, 3000 for LightGCN).
+        update_ratio: :math:`p_0`, the share of active weights replaced at the first update (official 0.5).
+        min_update_ratio: :math:`\eta_{min}`, the ratio reached at ``total_steps`` (official 0.005).
+        targets: module types made sparse: ``"all"`` (``nn.Embedding`` and ``nn.Linear``), ``"embedding"`` or
+            ``"linear"``.
+        layers: names or globs of the modules to make sparse among ``targets`` (``None``: all of them).
+        ignored_layers: names or globs of modules to keep dense.
+        include_bias: mask the biases of ``nn.Linear`` modules too (the official code masks every parameter).
+        total_steps: :math:`T` (``None``: ``trainer.estimated_stepping_batches``).
+        seed: seed of the initial masks.
+        log_prefix: prefix of the logged metric names.
+        verbose: print one line per update (rank 0).
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_ext.datamodules import MovieLens100KDataModule
+        >>> from lightning_ext.modules import MFBPR
+        >>> dsl = DynamicSparseTraining(density=0.5, delta_t=100)
+        >>> Trainer(max_epochs=50, callbacks=[dsl]).fit(MFBPR(), datamodule=MovieLens100KDataModule())  # doctest: +SKIP
+        >>> dsl.history[-1]["density"]  # doctest: +SKIP
+        0.5
+    """
+
+    def __init__(
+        self,
+        density: OpenUnitInterval = 0.5,
+        delta_t: PositiveInt = 100,
+        update_ratio: OpenUnitInterval = 0.5,
+        min_update_ratio: UnitIntervalRightOpen = 0.005,
+        targets: Targets = "all",
+        layers: Optional[list[str]] = None,
+        ignored_layers: Optional[list[str]] = None,
+        include_bias: bool = True,
+        total_steps: Optional[PositiveInt] = None,
+        seed: int = 0,
+        log_prefix: str = "dsl/",
+        verbose: bool = False,
+    ) -> None:
+        super().__init__()
+        check_number("density", density, low=0, high=1, low_open=True, high_open=True)
+        check_number("delta_t (optimizer steps between updates)", delta_t, low=1, integer=True)
+        check_number("update_ratio", update_ratio, low=0, high=1, low_open=True, high_open=True)
+        check_number("min_update_ratio", min_update_ratio, low=0, high=update_ratio)
+        check_choice("targets", targets, get_args(Targets))
+        for arg, value in (("layers", layers), ("ignored_layers", ignored_layers)):
+            if value is not None and (isinstance(value, str) or not all(isinstance(v, str) for v in value)):
+                raise TypeError(f"`{arg}` must be a list of module names or globs, got {value!r}.")
+        if layers is not None and len(layers) == 0:
+            raise ValueError("`layers` is empty; leave it as None to make every targeted layer sparse.")
+        if total_steps is not None:
+            check_number("total_steps", total_steps, low=1, integer=True)
+        check_number("seed", seed, integer=True)
+        self.density, self.delta_t = float(density), int(delta_t)
+        self.update_ratio, self.min_update_ratio = float(update_ratio), float(min_update_ratio)
+        self.targets, self.include_bias = targets, bool(include_bias)
+        self.layers = list(layers) if layers is not None else None
+        self.ignored_layers = list(ignored_layers) if ignored_layers is not None else None
+        self.total_steps, self.seed, self.log_prefix, self.verbose = total_steps, int(seed), log_prefix, verbose
+        self.sparsity: Optional[DynamicSparsity] = None
+        self._loaded: Optional[dict[str, Any]] = None
+        self._grads: Optional[dict[str, Tensor]] = None
+        self._stepped = False
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        """One record per prune-and-grow update: step, update ratio, entries grown, density."""
+        return self.sparsity.history if self.sparsity is not None else []
+
+    @property
+    def masks(self) -> dict[str, Tensor]:
+        """The current boolean masks, by parameter name (empty before fit)."""
+        return self.sparsity.masks if self.sparsity is not None else {}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        """Identifies this callback's state in a checkpoint by its density, interval and layers."""
+        return self._generate_state_key(density=self.density, delta_t=self.delta_t, targets=self.targets,
+                                        layers=self.layers, ignored_layers=self.ignored_layers)
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Refuse strategies that shard parameters; a new fit starts from new masks (a resume loads them after)."""
+        refuse_sharded_strategy(trainer, "DynamicSparseTraining", "masks single weights of whole parameter tensors",
+                                error=ValueError)
+        if stage == "fit":
+            self.sparsity, self._loaded, self._grads, self._stepped = None, None, None, False
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Select the layers and build the masks (or install the checkpoint's); mask weights and optimizer state.
+
+        Done when training starts rather than in ``on_fit_start``: the train loader exists by then, so reading
+        ``estimated_stepping_batches`` cannot rebuild it (which would drop a mid-epoch resume's loader state)."""
+        params = sparse_parameters(pl_module, self.targets, self.layers, self.ignored_layers, self.include_bias)
+        total = self.total_steps
+        if total is None:
+            estimated = trainer.estimated_stepping_batches
+            if not math.isfinite(estimated):
+                raise ValueError("DynamicSparseTraining cannot size its cosine schedule: the Trainer has no step "
+                                 "limit (max_epochs=-1, max_steps=-1). Set `total_steps`.")
+            total = max(1, int(estimated))
+        loaded, self._loaded = self._loaded, None
+        masks = loaded["masks"] if loaded is not None else None
+        if masks is None and trainer.world_size > 1:
+            masks = random_masks({n: tuple(p.shape) for n, p in params.items()}, self.density, self.seed)
+            masks = trainer.strategy.broadcast(masks, src=0)
+        self.sparsity = DynamicSparsity(params, self.density, self.delta_t, total, self.update_ratio,
+                                        self.min_update_ratio, self.seed, masks=masks)
+        if loaded is not None:
+            self.sparsity.load_state_dict(loaded)
+        self.sparsity.apply(trainer.optimizers)
+        if self.verbose:
+            rank_zero_info(f"DynamicSparseTraining: {len(params)} tensors at density {self.density} "
+                           f"({sum(int(m.sum()) for m in self.sparsity.masks.values())} of "
+                           f"{sum(m.numel() for m in self.sparsity.masks.values())} entries active), "
+                           f"update every {self.delta_t} steps over T={self.sparsity.total_steps}.")
+
+    @override
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
+        """Mask the gradients (keeping dense copies before an update step)."""
+        if self.sparsity is None:
+            return
+        grads = self.sparsity.before_step()
+        if grads is not None:
+            self._grads = grads
+        self._stepped = True
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        """After an optimizer step: re-mask the weights; every ``delta_t`` steps prune and grow."""
+        if self.sparsity is None or not self._stepped:
+            return  # gradient accumulation or a skipped step: no optimizer step in this batch
+        self._stepped = False
+        record = self.sparsity.after_step(trainer.optimizers, self._grads)
+        self._grads = None
+        if record is None:
+            return
+        if trainer.world_size > 1:  # every rank computed the same masks; rank 0's are authoritative
+            masks = trainer.strategy.broadcast({n: m.cpu() for n, m in self.sparsity.masks.items()}, src=0)
+            self.sparsity.set_masks(masks)
+            self.sparsity.apply(trainer.optimizers)
+        row = {self.log_prefix + k: v for k, v in record.items() if k != "step"}
+        row["epoch"] = float(trainer.current_epoch)  # as Lightning's own logging adds it
+        for logger in trainer.loggers:
+            logger.log_metrics(row, step=trainer.global_step)
+        if self.verbose:
+            rank_zero_info(f"DynamicSparseTraining: step {int(record['step'])}: update ratio "
+                           f"{record['update_ratio']:.4f}, {int(record['grown'])} entries regrown.")
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """Masks, step count, total steps and history (tensors and plain values: loads with weights_only=True)."""
+        return self.sparsity.state_dict() if self.sparsity is not None else {}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the saved state; it is installed when training starts, once the layers are known."""
+        self._loaded = dict(state_dict) if state_dict else None
