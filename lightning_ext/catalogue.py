@@ -77,6 +77,11 @@ ENTRIES: tuple[Entry, ...] = (
        "Wanda's mask refined by reconstruction-error-driven grow-and-prune swaps, on calibration batches.",
        "Dynamic Sparse No Training: Training-Free Fine-tuning for Sparse LLMs", "2310.08915",
        ("Dynamic Sparse No Training", "Wanda", "unstructured pruning", "2:4", "N:M sparsity"), "compression"),
+    _e("DynamicSparseTraining", "callbacks", "compression", "dynamic_sparse_training",
+       "DSL (Wang et al., WSDM 2024): trains embeddings and linear layers sparse from scratch, pruning by magnitude "
+       "and regrowing by gradient every `delta_t` steps.",
+       "Dynamic Sparse Learning: A Novel Paradigm for Efficient Recommendation", "2402.02855",
+       ("DSL", "dynamic sparse training", "sparse embeddings", "RigL", "prune and grow")),
     _e("KNNEvaluation", "callbacks", "ssl", "knn_evaluation",
        "Weighted kNN accuracy of the model's features: `val_knn_acc` each validation, `test_knn_acc` on test.",
        "Unsupervised Feature Learning via Non-Parametric Instance Discrimination", "1805.01978",
