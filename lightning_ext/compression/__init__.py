@@ -37,6 +37,7 @@ Example:
 """
 
 from lightning_ext.compression.dsnot import DSnoTReport, dsnot_prune
+from lightning_ext.compression.dynamic_sparse_training import DynamicSparsity, prune_and_grow, update_ratio_schedule
 from lightning_ext.compression.graph import FilterGroup, PruningError, prunable_filter_groups, resolve_layer_names
 from lightning_ext.compression.history import load_pruned_checkpoint, pruning_steps_from_checkpoint, replay_pruning_steps
 from lightning_ext.compression.latency_pruning import (
@@ -57,6 +58,7 @@ from lightning_ext.core.measure import count_macs_params, layer_macs, measure_la
 
 __all__ = [
     "DSnoTReport", "dsnot_prune",
+    "DynamicSparsity", "prune_and_grow", "update_ratio_schedule",
     "FilterGroup", "LatencyPlan", "LatencyTable", "PruningError", "PruningPlan", "applied_pruning_steps",
     "apply_pruning_history", "build_latency_table", "count_macs_params", "layer_macs", "load_pruned_checkpoint",
     "measure_latency", "num_params", "plan_filter_pruning", "plan_latency_pruning", "prunable_filter_groups",
