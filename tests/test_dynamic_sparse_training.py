@@ -371,3 +371,18 @@ def test_two_gloo_processes_match_one_process(tmp_path, one_thread):
         assert abs((a != 0).float().mean().item() - 0.4) < 0.02
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert single.test_metrics["test_recall@10"] == pytest.approx(ddp.test_metrics["test_recall@10"], abs=1e-6)
+
+
+def test_the_config_trains_mf_bpr_with_half_of_each_table(tmp_path, monkeypatch, one_thread):
+    from pathlib import Path
+
+    from lightning_ext.cli import run_cli
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    cli = run_cli(["fit", "--config", "configs/dynamic_sparse_training.yaml", "--trainer.fast_dev_run=2",
+                   "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}"])
+    dsl = next(cb for cb in cli.trainer.callbacks if isinstance(cb, DynamicSparseTraining))
+    assert sorted(dsl.masks) == ["item_embedding.weight", "user_embedding.weight"]
+    for name, mask in dsl.masks.items():
+        weight = cli.model.get_parameter(name)
+        assert int(mask.sum()) == round(0.5 * mask.numel()) and (weight[~mask] == 0).all()
