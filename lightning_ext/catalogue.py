@@ -105,6 +105,11 @@ ENTRIES: tuple[Entry, ...] = (
     _e("RandomFilterPruning", "callbacks", "compression", "random_filter_pruning",
        "Random filter pruning: removes randomly chosen conv filters, the control that importance criteria must "
        "beat.", None, None, ("random pruning", "filter pruning"), "compression"),
+    _e("ScheduledDropPath", "callbacks", "vision", "scheduled_drop_path",
+       "ScheduledDropPath (Zoph et al., 2018): drop-path probabilities ramped linearly from 0 to their targets over "
+       "training, for any model with timm ``DropPath`` modules.",
+       "Learning Transferable Architectures for Scalable Image Recognition", "1707.07012",
+       ("NASNet", "drop path", "stochastic depth", "DropPath")),
     # ---------------------------------------------------------------- modules
     _e("AdaMerging", "modules", "merging", "module",
        "AdaMerging: learns task- or layer-wise merging coefficients by entropy minimisation on unlabelled "
