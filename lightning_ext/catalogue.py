@@ -107,7 +107,7 @@ ENTRIES: tuple[Entry, ...] = (
        "beat.", None, None, ("random pruning", "filter pruning"), "compression"),
     _e("ScheduledDropPath", "callbacks", "vision", "scheduled_drop_path",
        "ScheduledDropPath (Zoph et al., 2018): drop-path probabilities ramped linearly from 0 to their targets over "
-       "training, for any model with timm ``DropPath`` modules.",
+       "training, for any model with timm `DropPath` modules.",
        "Learning Transferable Architectures for Scalable Image Recognition", "1707.07012",
        ("NASNet", "drop path", "stochastic depth", "DropPath")),
     # ---------------------------------------------------------------- modules
