@@ -386,3 +386,13 @@ def test_the_config_trains_mf_bpr_with_half_of_each_table(tmp_path, monkeypatch,
     for name, mask in dsl.masks.items():
         weight = cli.model.get_parameter(name)
         assert int(mask.sum()) == round(0.5 * mask.numel()) and (weight[~mask] == 0).all()
+
+
+def test_linear_time_selection_equals_a_stable_sort_on_ties():
+    from lightning_ext.compression.dynamic_sparse_training import _smallest
+
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 7, 50, 99, 100):
+        values = torch.randint(0, 6, (100,), generator=gen).float()  # many ties
+        expected = torch.sort(values, stable=True).indices[:n]
+        assert sorted(_smallest(values, n).tolist()) == sorted(expected.tolist())

@@ -70,6 +70,17 @@ def random_masks(shapes: dict[str, Sequence[int]], density: float, seed: int = 0
     return masks
 
 
+def _smallest(values: Tensor, n: int) -> Tensor:
+    """Indices of the ``n`` smallest of a 1-D tensor, ties to the lower index: the first ``n`` of a stable sort,
+    found with one ``kthvalue`` (linear time; a full sort is about 6x slower on 50k entries)."""
+    if n >= values.numel():
+        return torch.arange(values.numel(), device=values.device)
+    threshold = torch.kthvalue(values, n).values
+    below = (values < threshold).nonzero().squeeze(1)
+    tied = (values == threshold).nonzero().squeeze(1)
+    return torch.cat([below, tied[: n - below.numel()]])
+
+
 def prune_and_grow(weight: Tensor, mask: Tensor, grad: Tensor, update_ratio: float) -> tuple[Tensor, int]:
     r"""One DSL update of one tensor: drop ``n = ceil(update_ratio * nnz)`` active weights of smallest magnitude,
     then activate the ``n`` inactive positions (the just-dropped included) with the largest gradient magnitude.
@@ -104,13 +115,11 @@ def prune_and_grow(weight: Tensor, mask: Tensor, grad: Tensor, update_ratio: flo
     if n == 0:
         return mask.clone(), 0
     active = flat_mask.nonzero().squeeze(1)
-    magnitude = weight.detach().reshape(-1)[active].abs()
-    drop = active[torch.sort(magnitude, stable=True).indices[:n]]
+    drop = active[_smallest(weight.detach().reshape(-1)[active].abs(), n)]
     new_mask = flat_mask.clone()
     new_mask[drop] = False
     inactive = (~new_mask).nonzero().squeeze(1)
-    growth = grad.detach().reshape(-1)[inactive].abs()
-    grow = inactive[torch.sort(growth, descending=True, stable=True).indices[:n]]
+    grow = inactive[_smallest(-grad.detach().reshape(-1)[inactive].abs(), n)]
     new_mask[grow] = True
     return new_mask.view_as(mask), n
 
