@@ -32,9 +32,9 @@ Init = Literal["wanda", "magnitude"]
 ApplyAt = Literal["fit_end", "test_start"]
 Split = Literal["train", "val"]
 
-#: The reference code's ``update_threshold = 0.1`` is in units of a per-sequence SUM over 2048 tokens; here the
-#: statistics are per-token means, so the same threshold is 0.1 / 2048.
-DEFAULT_UPDATE_THRESHOLD = 0.1 / 2048
+#: The reference code's ``update_threshold``, in its units: ``mu_j`` is the SUM of ``x_j`` over a sample's tokens,
+#: averaged over samples (a per-token threshold of 0.1/T for samples of T tokens: 0.1/2048 in the paper's setting).
+DEFAULT_UPDATE_THRESHOLD = 0.1
 _VAR_FLOOR = 1e-12
 _MARKER = "_lightning_ext_dsnot"  # on a pruned module: the state keys of the DSnoT callbacks that pruned it  # a feature that never varies over the calibration tokens is divided by this, not by zero
 
@@ -90,8 +90,9 @@ def dsnot_mask(weight: torch.Tensor, pruned: torch.Tensor, mean: torch.Tensor, v
                pow_of_var: float = 1.0, nm: Optional[tuple[int, int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """DSnoT's swaps on one layer: returns the new PRUNED mask and the number of swaps per row.
 
-    With ``v_ij = W_ij mu_j`` and ``e_i = sum_{j pruned} v_ij`` (the expected dense-minus-sparse output of row i), each
-    cycle, for every row with ``|e_i| > update_threshold`` (a row below it, or with a swap refused, stops for good):
+    With ``v_ij = W_ij mu_j`` (``mu = mean``, in ``update_threshold``'s units) and ``e_i = sum_{j pruned} v_ij``
+    (the expected dense-minus-sparse output of row i), each cycle, for every row with ``|e_i| > update_threshold``
+    (a row below it, or with a swap refused, stops for good):
 
     - grow ``j* = argmax_{j initially pruned, still pruned, sign(v_ij) = sign(e_i)} |v_ij| / var_j^pow_of_var``;
     - prune, unstructured: ``k* = argmin_{k initially kept, still kept, sign(v_ik) = -sign(e_i)} score_ik``;
@@ -160,20 +161,22 @@ def dsnot_mask(weight: torch.Tensor, pruned: torch.Tensor, mean: torch.Tensor, v
 
 
 class _InputStats:
-    """Running per-input-feature count, sum and sum of squares of a Linear layer's inputs (float64)."""
+    """Per-input-feature sums of a Linear layer's inputs and their squares (float64); tokens and samples seen."""
 
     def __init__(self, features: int, device: torch.device) -> None:
-        self.count = 0
+        self.count = self.samples = 0
         self.sum = torch.zeros(features, dtype=torch.float64, device=device)
         self.sumsq = torch.zeros_like(self.sum)
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, samples: int) -> None:
+        self.samples += samples
         x = x.reshape(-1, x.shape[-1]).double()
         self.count += x.shape[0]
         self.sum += x.sum(0)
         self.sumsq += (x * x).sum(0)
 
     mean = property(lambda self: self.sum / self.count)
+    sample_sum = property(lambda self: self.sum / self.samples)  # the reference's mu: token sum per sample
     var = property(lambda self: (self.sumsq / self.count - self.mean ** 2).clamp_min(0))  # population variance
 
 
@@ -199,19 +202,16 @@ class DSnoTReport:
 
     def summary(self) -> str:
         """One line per layer."""
-        lines = [f"DSnoT: {len(self.layers)} layers, sparsity {self.sparsity:.4f}, {self.seconds:.2f} s"]
-        for name, r in self.layers.items():
-            lines.append(f"  {name}: sparsity {r['sparsity']:.4f}, swaps {r['swaps']}"
-                         + ("" if r["dsnot"] else " (initial mask only)"))
-        return "\n".join(lines)
+        return "\n".join([f"DSnoT: {len(self.layers)} layers, sparsity {self.sparsity:.4f}, {self.seconds:.2f} s"] + [
+            f"  {n}: sparsity {r['sparsity']:.4f}, swaps {r['swaps']}" + ("" if r["dsnot"] else " (initial mask only)")
+            for n, r in self.layers.items()])
 
 
 def _check(pruning_ratio, init, nm_pattern, max_cycles, update_threshold, pow_of_var, semi_structured):
     nm = parse_nm_pattern(nm_pattern)
-    if nm is None:
+    if nm is None or pruning_ratio is not None:
         check_number("pruning_ratio", pruning_ratio, low=0, high=1, low_open=True, high_open=True)
-    elif pruning_ratio is not None:
-        check_number("pruning_ratio", pruning_ratio, low=0, high=1, low_open=True, high_open=True)
+    if nm is not None and pruning_ratio is not None:
         if abs(pruning_ratio - (1 - nm[0] / nm[1])) > 1e-9:
             raise ValueError(f"nm_pattern {nm_pattern!r} fixes the pruning ratio at {1 - nm[0] / nm[1]:g}; set "
                              f"pruning_ratio to null (or {1 - nm[0] / nm[1]:g}), got {pruning_ratio!r}.")
@@ -236,8 +236,7 @@ def _raise_stop(*_: Any) -> None:
 
 
 def _remove(handles: list) -> None:
-    for h in handles:
-        h.remove()
+    [h.remove() for h in handles]
     handles.clear()
 
 
@@ -283,8 +282,9 @@ def dsnot_prune(
         nm_pattern: ``"N:M"``: at most N non-zeros in every M consecutive inputs (``"2:4"``); each layer's input
             size must be a multiple of M.
         max_cycles: most swaps per row (the reference's ``max_cycle_time = 50``); 0 = the initial mask alone.
-        update_threshold: a row stops swapping once ``|e_i|`` is at most this, in units of the per-token MEAN
-            input (the reference's 0.1 is a per-2048-token-sequence sum: 0.1/2048 here by default).
+        update_threshold: a row stops swapping once ``|e_i|`` is at most this. Units as in the reference code:
+            ``mu_j`` is the sum of ``x_j`` over a sample's tokens averaged over samples (a sample: one item of the
+            batch dimension), so the reference's 0.1 is 0.1/T per token for T-token samples.
         pow_of_var: growth criterion ``|W_ij mu_j| / Var[x_j]^pow_of_var`` (reference: 1).
         skip: names/globs of layers that keep the initial mask, without swaps (the reference's ``--skip_layer mlp``
             skips LLaMA's MLP layers).
@@ -383,10 +383,11 @@ def dsnot_prune(
 
                 def collect(module, inputs, n):
                     x = inputs[0]
+                    samples = x.shape[0] if x.dim() > 1 else 1
                     mask = state["mask"]
                     if mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
                         x = x[mask.to(x.device).bool()]
-                    stats[n].add(x.detach())
+                    stats[n].add(x.detach(), samples)
 
                 for n in members:
                     handles.append(linear[n].register_forward_pre_hook(lambda m, i, n=n: collect(m, i, n)))
@@ -415,7 +416,7 @@ def _prune_layer(layer: nn.Linear, stats: _InputStats, pruning_ratio, init, nm, 
     swaps = torch.zeros(weight.shape[0], dtype=torch.long)
     if swap:
         wanda = wanda_scores(weight.double(), stats.sumsq)  # the prune side always ranks by Wanda's score
-        pruned, swaps = dsnot_mask(weight, pruned, stats.mean, stats.var, wanda if nm is None else score,
+        pruned, swaps = dsnot_mask(weight, pruned, stats.sample_sum, stats.var, wanda if nm is None else score,
                                    max_cycles, update_threshold, pow_of_var, nm)
     weight[pruned] = 0
     zeros = int((weight == 0).sum())
@@ -442,20 +443,18 @@ class DSnoT(Callback):
     Wanda's mask refined by reconstruction-error-driven grow-and-prune swaps, on calibration batches.
 
     Paper: "Dynamic Sparse No Training: Training-Free Fine-tuning for Sparse LLMs", ICLR 2024, arXiv:2310.08915.
-    Reference code: https://github.com/zyxxmu/DSnoT. The pure core is :func:`dsnot_prune` (see it for the
-    equations and every argument); this callback runs it once, with ``apply_at="fit_end"`` at the end of
-    ``fit`` or with ``"test_start"`` before testing, on up to ``num_batches`` batches of the datamodule's
-    ``calibration`` split (inputs found by :func:`~lightning_ext.core.inputs.batch_inputs`). No gradients; only
-    the mask changes (pruned weights are set to zero, shapes stay). The achieved sparsity per layer goes to
-    :attr:`report`, to the loggers (``pruning/sparsity``, ``pruning/dsnot_seconds``) and, with ``report_path``, to a
-    JSON file under ``trainer.log_dir``. Checkpoints saved DURING fit hold the dense model; the state records
-    whether the model was pruned. Sharded strategies are refused; under DDP every rank prunes its own replica
-    on the same calibration batches (ranks agree when they see the same batches: use an unsharded split).
+    Reference code: https://github.com/zyxxmu/DSnoT. Runs :func:`dsnot_prune` (equations, arguments) once: at the
+    end of ``fit`` (``apply_at="fit_end"``) or before testing (``"test_start"``), on up to ``num_batches`` batches
+    of the datamodule's ``calibration`` loader (inputs by :func:`~lightning_ext.core.inputs.batch_inputs`). Only
+    the mask changes (pruned weights set to zero, shapes kept). Achieved sparsity per layer: :attr:`report`, the
+    loggers (``pruning/sparsity``, ``pruning/dsnot_seconds``), ``report_path`` (JSON under ``trainer.log_dir``).
+    Checkpoints saved during fit hold the dense model. Sharded strategies are refused; under DDP rank 0 prunes on
+    its calibration batches and broadcasts the weights.
 
     Args:
         pruning_ratio, init, nm_pattern, max_cycles, update_threshold, pow_of_var, skip, layers, ignored_layers,
             blocks, semi_structured: as in :func:`dsnot_prune` (names relative to the LightningModule, e.g.
-            ``net.encoder.layer.*``; ``update_threshold`` in per-token-mean units, the reference's 0.1/2048).
+            ``net.encoder.layer.*``; ``update_threshold`` in the reference's units, per-sample token sums).
         apply_at: ``"fit_end"`` or ``"test_start"``.
         calibration: the datamodule's ``"train"`` or ``"val"`` loader.
         num_batches: calibration batches used (the first ones of that loader).
