@@ -164,11 +164,25 @@ def _validate(model: LightningModule, datamodule: LightningDataModule, monitor: 
 
 def _make_trainer(trainer: TrainerSource, finetune_epochs: int, root: Path, accelerator: str) -> Trainer:
     if isinstance(trainer, Trainer):
-        return trainer
+        return _single_device(trainer)
     if callable(trainer):
-        return trainer()
+        made = trainer()
+        if not isinstance(made, Trainer):
+            raise CompressError(f"`trainer` must be a Trainer or a callable returning one; it returned "
+                                f"{type(made).__name__}.")
+        return _single_device(made)
     return Trainer(max_epochs=finetune_epochs, default_root_dir=str(root), accelerator=accelerator, devices=1,
                    logger=False, enable_checkpointing=False, enable_model_summary=False)
+
+
+def _single_device(trainer: Trainer) -> Trainer:
+    """Refuse a multi-process Trainer: compress prunes the model in place in this process and times it on one
+    device, so its fine-tuning must run on that same device (a DDP/FSDP launch would fine-tune copies elsewhere)."""
+    if trainer.world_size > 1:
+        raise CompressError(f"compress fine-tunes on the one device it measures, but the Trainer runs "
+                            f"{trainer.world_size} processes ({type(trainer.strategy).__name__}); set `devices: 1` "
+                            "and `num_nodes: 1` (train the dense model distributed beforehand, then compress it).")
+    return trainer
 
 
 def _cost(model: nn.Module, example: torch.Tensor, warmup: int, repeats: int, threads: Optional[int],
@@ -207,6 +221,8 @@ def compress(
     config_yaml: Optional[str] = None,
     progress: bool = True,
     latency_fn: Optional[Callable[[nn.Module, Any], float]] = None,
+    resume: bool = False,
+    checkpoint_every_n_steps: Optional[PositiveInt] = None,
 ) -> CompressResult:
     """Prune ``model`` in place to a latency budget, fine-tune it with distillation, and write the results.
 
@@ -240,6 +256,12 @@ def compress(
         progress: show a Rich progress bar of the stages.
         latency_fn: ``(model, inputs) -> seconds`` replacing the median wall-clock measurement everywhere (e.g. a
             deployed runtime's timer, or per-thread CPU time on a shared machine); Python only.
+        resume: continue an interrupted run from ``output_dir``: the stages done (dense measurement, each
+            pruning step, each fine-tuning) are read from ``compress_state.pt`` there instead of being redone, and
+            an interrupted fine-tuning continues from its last checkpoint (mid-epoch too); the request must be the
+            one that wrote the state. Without a state there, it starts from the beginning.
+        checkpoint_every_n_steps: fine-tuning checkpoints (under ``output_dir/finetune/``, removed once a step
+            is done) every this many optimizer steps; ``None``: at each epoch's end.
 
     Returns:
         A :class:`CompressResult`. Raises :class:`CompressError` (or
@@ -275,54 +297,90 @@ def compress(
     dev = torch.device(device)
     model.to(dev)
     example = _example_batch(datamodule, batch_size, dev)
+    request = _request(latency_budget_ms=latency_budget_ms, speedup=speedup, batch_size=batch_size,
+                       criterion=criterion, steps=steps, distill_weight=distill_weight, temperature=temperature,
+                       keep=keep, ignored_layers=ignored_layers, width_step=width_step, max_widths=max_widths,
+                       seed=seed, device=device, checkpoint=checkpoint, model=_class_path(model))
+    saved = _read_state(out, request) if resume else None
+    # the teacher is the dense model as given (before a resumed run replays its pruning)
+    teacher = trial_copy(model).eval() if distill_weight > 0 else None
     bar = _Stages(progress, steps)
     history: list[dict] = []
     rows: list[dict] = []
+    plans: list[dict] = []
+    done = 0  # stages finished: 1 = dense measured, then 2k = step k pruned, 2k + 1 = step k fine-tuned
     try:
-        bar.stage("measuring the dense model")
-        dense = _cost(model, example, 3, repeats, num_threads, latency_fn)
-        dense_metric = _validate(model, datamodule, monitor, accelerator)
-        rows.append({"stage": "dense", **dense, "metric": dense_metric})
-        bar.update(dense["ms"], dense_metric)
-        budget_ms = latency_budget_ms if latency_budget_ms is not None else dense["ms"] / speedup
+        if saved is not None:
+            from lightning_ext.compression.history import replay_pruning_steps
+
+            history[:], rows[:], plans[:], done = saved["history"], saved["rows"], saved["plans"], saved["done"]
+            dense, dense_metric, budget_ms = saved["dense"], saved["dense_metric"], saved["budget_ms"]
+            replay_pruning_steps(model, history)
+            model.load_state_dict(saved["model"])
+            model.to(dev)
+            bar.stage(f"resumed after {done} stage(s)")
+        else:
+            bar.stage("measuring the dense model")
+            dense = _cost(model, example, 3, repeats, num_threads, latency_fn)
+            dense_metric = _validate(model, datamodule, monitor, accelerator)
+            rows.append({"stage": "dense", **dense, "metric": dense_metric})
+            bar.update(dense["ms"], dense_metric)
+            budget_ms = latency_budget_ms if latency_budget_ms is not None else dense["ms"] / speedup
+            if dense["ms"] <= budget_ms:
+                raise CompressError(f"The dense model already takes {dense['ms']:.3g} ms <= the budget "
+                                    f"{budget_ms:.3g} ms at this batch size; nothing to compress.")
+            done = 1
         total = dense["ms"] / budget_ms
-        if total <= 1:
-            raise CompressError(f"The dense model already takes {dense['ms']:.3g} ms <= the budget {budget_ms:.3g} "
-                                "ms at this batch size; nothing to compress.")
-        teacher = trial_copy(model).eval() if distill_weight > 0 else None
+
+        def save_state() -> None:
+            _write_state(out, request, model, dense=dense, dense_metric=dense_metric, budget_ms=budget_ms,
+                         rows=rows, plans=plans, history=history, done=done)
+
+        if saved is None:
+            save_state()
         train_data = datamodule
         if keep is not None:
             from lightning_ext.curation.datamodule import FilteredDataModule
 
             train_data = FilteredDataModule(datamodule, scorer, keep=keep)
-        plans = []
         for k in range(1, steps + 1):
-            step_budget = dense["ms"] / total ** (k / steps)
-            bar.stage(f"step {k}/{steps}: latency table and plan ({step_budget:.3g} ms)")
-            model.eval()
-            table = build_latency_table(model, example, ignored_layers=ignored_layers, step=width_step,
-                                        max_widths=max_widths, repeats=repeats, num_threads=num_threads,
-                                        progress=progress, latency_fn=latency_fn)
-            plan = plan_latency_pruning(model, example, _scores(model, criterion, example, seed, k),
-                                        latency_budget_s=step_budget / 1e3, table=table,
-                                        ignored_layers=ignored_layers, repeats=repeats, num_threads=num_threads,
-                                        tolerance=tolerance, latency_fn=latency_fn)
-            plans += [{"step": k, "position": i, "path_length": plan.path_length, "predicted_ms": 1e3 * p,
-                       "measured_ms": 1e3 * m, "chosen": i == plan.position} for i, p, m in plan.history]
-            apply_pruning_history(model, plan.ops, example)
-            history.append(record_step(model, plan.ops, example[:1], criterion=criterion, budget_ms=step_budget))
-            pruned = _cost(model, example, 3, repeats, num_threads, latency_fn)
-            rows.append({"stage": f"step {k}: pruned", **pruned, "metric": _validate(model, datamodule, monitor,
-                                                                                    accelerator)})
-            bar.update(pruned["ms"], rows[-1]["metric"])
-            bar.stage(f"step {k}/{steps}: fine-tuning" + (" with distillation" if teacher is not None else ""))
-            model.train()
-            ft = first_trainer if k == 1 else _make_trainer(trainer, finetune_epochs, Path(out), accelerator)
-            _fine_tune(ft, model, train_data, teacher, distill_weight, temperature, history)
-            model.to(dev)
-            rows.append({"stage": f"step {k}: fine-tuned", **pruned,
-                         "metric": _validate(model, datamodule, monitor, accelerator)})
-            bar.update(pruned["ms"], rows[-1]["metric"])
+            if done < 2 * k:
+                step_budget = dense["ms"] / total ** (k / steps)
+                bar.stage(f"step {k}/{steps}: latency table and plan ({step_budget:.3g} ms)")
+                model.eval()
+                table = build_latency_table(model, example, ignored_layers=ignored_layers, step=width_step,
+                                            max_widths=max_widths, repeats=repeats, num_threads=num_threads,
+                                            progress=progress, latency_fn=latency_fn)
+                plan = plan_latency_pruning(model, example, _scores(model, criterion, example, seed, k),
+                                            latency_budget_s=step_budget / 1e3, table=table,
+                                            ignored_layers=ignored_layers, repeats=repeats,
+                                            num_threads=num_threads, tolerance=tolerance, latency_fn=latency_fn)
+                plans += [{"step": k, "position": i, "path_length": plan.path_length, "predicted_ms": 1e3 * p,
+                           "measured_ms": 1e3 * m, "chosen": i == plan.position} for i, p, m in plan.history]
+                apply_pruning_history(model, plan.ops, example)
+                history.append(record_step(model, plan.ops, example[:1], criterion=criterion, budget_ms=step_budget))
+                pruned = _cost(model, example, 3, repeats, num_threads, latency_fn)
+                rows.append({"stage": f"step {k}: pruned", **pruned,
+                             "metric": _validate(model, datamodule, monitor, accelerator)})
+                bar.update(pruned["ms"], rows[-1]["metric"])
+                done = 2 * k
+                save_state()
+            if done < 2 * k + 1:
+                pruned = {key: rows[-1][key] for key in ("ms", "macs", "params")}
+                bar.stage(f"step {k}/{steps}: fine-tuning" + (" with distillation" if teacher is not None else ""))
+                model.train()
+                ft = first_trainer if k == 1 else _make_trainer(trainer, finetune_epochs, Path(out), accelerator)
+                ckpt_dir = out / "finetune" / f"step{k}"
+                last = ckpt_dir / "last.ckpt"
+                _fine_tune(ft, model, train_data, teacher, distill_weight, temperature, history, ckpt_dir,
+                           checkpoint_every_n_steps, str(last) if saved is not None and last.is_file() else None)
+                model.to(dev)
+                rows.append({"stage": f"step {k}: fine-tuned", **pruned,
+                             "metric": _validate(model, datamodule, monitor, accelerator)})
+                bar.update(pruned["ms"], rows[-1]["metric"])
+                done = 2 * k + 1
+                save_state()
+                _remove_tree(ckpt_dir)
         bar.stage("verifying the budget")
         final = _cost(model, example, 3, repeats, num_threads, latency_fn)
         rows[-1].update(final)
@@ -356,16 +414,73 @@ def compress(
 
 
 def _fine_tune(trainer: Trainer, model: LightningModule, data: LightningDataModule, teacher: Optional[nn.Module],
-               distill_weight: float, temperature: float, history: list[dict]) -> None:
-    callbacks = [_CompressHistory(history)]
+               distill_weight: float, temperature: float, history: list[dict], ckpt_dir: Path,
+               every_n_steps: Optional[int], ckpt_path: Optional[str]) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    callbacks: list[Callback] = [_CompressHistory(history)]
     if teacher is not None:
         from lightning_ext.distillation.callback import KnowledgeDistillation
 
         callbacks.append(KnowledgeDistillation(teacher, weight=distill_weight, temperature=temperature))
+    # compress's own resume point (besides any checkpointing the user's Trainer does)
+    callbacks.append(ModelCheckpoint(dirpath=str(ckpt_dir), filename="compress-last", save_last=True, save_top_k=0,
+                                     every_n_train_steps=every_n_steps, every_n_epochs=None if every_n_steps else 1))
     trainer.callbacks.extend(callbacks)
     if trainer.max_epochs == 0:
         return
-    trainer.fit(model, datamodule=data)
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+
+
+_STATE_FILE = "compress_state.pt"
+_STATE_VERSION = 1
+
+
+def _request(**kwargs: Any) -> dict:
+    """The arguments that decide what compress does, as plain values (a resumed run must have the same)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()
+            if v is None or isinstance(v, (bool, int, float, str, list, tuple))}
+
+
+def _write_state(out: Path, request: dict, model: nn.Module, **stages: Any) -> None:
+    state = {"version": _STATE_VERSION, "request": request, "model": {k: v.detach().cpu() for k, v in
+                                                                       model.state_dict().items()}, **stages}
+    atomic_torch_save(state, out / _STATE_FILE)
+
+
+def _read_state(out: Path, request: dict) -> Optional[dict]:
+    """The state an interrupted run left in ``out`` (``None`` when there is none), checked against ``request``."""
+    path = out / _STATE_FILE
+    if not path.is_file():
+        return None
+    from lightning_ext.core.checkpoints import load_checkpoint
+
+    try:
+        state = load_checkpoint(path, "compress state")
+    except ValueError as err:
+        raise CompressError(f"{err} Delete it (or choose another `output_dir`) to start over.") from None
+    if state.get("version") != _STATE_VERSION or not {"request", "model", "done", "history"} <= state.keys():
+        raise CompressError(f"{path} is not a compress state this version can resume; delete it (or choose another "
+                            "`output_dir`) to start over.")
+    changed = sorted(k for k in request.keys() | state["request"].keys()
+                     if request.get(k) != state["request"].get(k))
+    if changed:
+        was = ", ".join(f"{k}={state['request'].get(k)!r} (now {request.get(k)!r})" for k in changed[:3])
+        raise CompressError(f"{path} was written by a different request: {was}; resume with the same settings, or "
+                            "use another `output_dir` / `resume: false` to start over.")
+    from lightning_ext.core.validation import check_finite_tensors
+
+    check_finite_tensors(state["model"], str(path), CompressError)
+    return state
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+    parent = path.parent
+    if parent.is_dir() and not any(parent.iterdir()):
+        parent.rmdir()
 
 
 def _write_checkpoint(model: LightningModule, history: list[dict], result: CompressResult) -> None:

@@ -159,3 +159,71 @@ def test_cli_compress_runs_from_yaml_and_refuses_bad_requests_with_exit_2(fake_c
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "exactly one target" in err[0] and "Traceback" not in err[0]
+
+
+def test_an_interrupted_compress_resumes_mid_epoch_to_the_same_model(fake_clock, tmp_path):
+    """Crash during fine-tuning (mid-epoch), run again with `resume=True`: the stages done are not redone and the
+    final model equals an uninterrupted run's (plan, pruned weights and fine-tuning all the same)."""
+    from lightning.pytorch import Trainer
+
+    from lightning_ext.testing import SimulatedCrash, _crash_callback, assert_same_parameters
+
+    from lightning.pytorch import Callback
+
+    class CountBatches(Callback):
+        def __init__(self):
+            self.batches = 0
+
+        def on_train_batch_end(self, *args):
+            self.batches += 1
+
+    def factory(crash_step=None, counter=None):
+        def make():
+            return Trainer(max_epochs=2, default_root_dir=str(tmp_path), logger=False, enable_checkpointing=False,
+                           enable_progress_bar=False, enable_model_summary=False, deterministic=True,
+                           limit_train_batches=6, callbacks=([] if crash_step is None else
+                                                             [_crash_callback(None, crash_step)]) +
+                           ([] if counter is None else [counter]))
+        return make
+
+    common = dict(speedup=2.0, batch_size=8, progress=False, checkpoint_every_n_steps=2)
+    full = _model()
+    compress(full, DigitsDataModule(batch_size=32), trainer=factory(), output_dir=str(tmp_path / "full"), **common)
+    out = str(tmp_path / "crashed")
+    with pytest.raises(SimulatedCrash):
+        compress(_model(), DigitsDataModule(batch_size=32), trainer=factory(crash_step=9), output_dir=out, **common)
+    state = torch.load(tmp_path / "crashed" / "compress_state.pt", weights_only=True)
+    assert state["done"] == 2 and len(state["history"]) == 1  # pruned, not yet fine-tuned
+    assert (tmp_path / "crashed" / "finetune" / "step1" / "last.ckpt").is_file()
+    calls = []
+    original = latency_pruning.plan_latency_pruning
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(latency_pruning, "plan_latency_pruning", lambda *a, **k: calls.append(1) or original(*a, **k))
+    try:
+        resumed, counter = _model(), CountBatches()
+        result = compress(resumed, DigitsDataModule(batch_size=32), trainer=factory(counter=counter), output_dir=out,
+                          resume=True, **common)
+    finally:
+        monkey.undo()
+    assert calls == []  # the pruning step was read back, not planned again
+    assert counter.batches == 12 - 8  # fine-tuning went on from the step-8 checkpoint (epoch 2, batch 3 of 6)
+    assert [r["stage"] for r in result.steps] == ["dense", "step 1: pruned", "step 1: fine-tuned"]
+    assert_same_parameters(full, resumed)
+    assert not (tmp_path / "crashed" / "finetune").exists()  # the step's checkpoints are gone once it is done
+    assert load_pruned_checkpoint(_model(seed=2), result.checkpoint_path) is not None
+
+
+def test_resume_refuses_a_different_request_and_a_multi_device_trainer(fake_clock, tmp_path):
+    from lightning.pytorch import Trainer
+
+    dm = DigitsDataModule(batch_size=64)
+    compress(_model(), dm, speedup=1.5, batch_size=8, finetune_epochs=0, output_dir=str(tmp_path), progress=False)
+    with pytest.raises(CompressError, match=r"different request: speedup=1\.5 \(now 2\.0\)"):
+        compress(_model(), dm, speedup=2.0, batch_size=8, finetune_epochs=0, output_dir=str(tmp_path),
+                 progress=False, resume=True)
+    (tmp_path / "compress_state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CompressError, match="start over"):
+        compress(_model(), dm, speedup=1.5, batch_size=8, output_dir=str(tmp_path), progress=False, resume=True)
+    two = Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
+    with pytest.raises(CompressError, match="devices: 1"):
+        compress(_model(), dm, speedup=1.5, trainer=two, output_dir=str(tmp_path / "x"), progress=False)
