@@ -127,6 +127,22 @@ def test_unreachable_budget_names_the_lowest_reachable_latency():
         lp.plan_latency_pruning(net, X, l1_filter_scores(net), speedup=float("nan"), table=table)
 
 
+def test_widths_a_noisy_table_calls_slow_are_tried_before_refusing():
+    """A table measured under load can find a narrow width slower than the dense one (noise): it is then not a
+    "fast width", but when the fast widths cannot meet the budget the plan goes on through every measured width and
+    lets the measurement of the whole plan decide, instead of refusing a budget the model can reach."""
+    net = _net()
+    table = lp.build_latency_table(net, X, step=8, cache_dir=None, progress=False, latency_fn=macs_cost)
+    noisy = lp.LatencyTable.from_dict(table.to_dict())
+    for root in noisy.seconds:  # every narrower width of every group "measured" 10% slower than dense
+        noisy.seconds[root] = [noisy.dense_s * 1.1] * (len(noisy.seconds[root]) - 1) + [noisy.dense_s]
+    assert all(noisy.fast_widths(r) == [noisy.channels[r]] for r in noisy.channels)
+    plan = lp.plan_latency_pruning(net, X, l1_filter_scores(net), speedup=2.0, table=noisy, latency_fn=macs_cost)
+    assert plan.measured_s <= plan.budget_s * 1.02 and plan.macs_after < plan.macs_before
+    with pytest.raises(PruningError, match="cannot be reached"):  # still refused when truly out of reach
+        lp.plan_latency_pruning(net, X, l1_filter_scores(net), speedup=100.0, table=noisy, latency_fn=macs_cost)
+
+
 def test_residual_and_depthwise_groups_plan_and_replay():
     net = _Res()
     table = lp.build_latency_table(net, X, step=8, cache_dir=None, progress=False, latency_fn=macs_cost)
