@@ -396,3 +396,32 @@ def test_linear_time_selection_equals_a_stable_sort_on_ties():
         values = torch.randint(0, 6, (100,), generator=gen).float()  # many ties
         expected = torch.sort(values, stable=True).indices[:n]
         assert sorted(_smallest(values, n).tolist()) == sorted(expected.tolist())
+
+
+def test_official_order_without_gradient_masking_matches_the_reference_loop_too():
+    """mask_gradients=False is the official order itself: same final weights and masks as with masking (SGD
+    momentum), and with Adam the second moment keeps the inactive entries' history while the first is masked."""
+    def run(mask_gradients, make_opt):
+        torch.manual_seed(0)
+        model = _TinyRec()
+        params = sparse_parameters(model)
+        opt = make_opt(model.parameters())
+        dsl = DynamicSparsity(params, 0.5, 3, 12, seed=5, mask_gradients=mask_gradients)
+        dsl.apply([opt])
+        for batch in _batches(12):
+            opt.zero_grad()
+            model.loss(batch).backward()
+            grads = dsl.before_step()
+            opt.step()
+            dsl.after_step([opt], grads)
+        return model, dsl, opt
+
+    sgd = lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9)  # noqa: E731
+    (a, da, _), (b, db, _) = run(True, sgd), run(False, sgd)
+    assert_same_parameters(a, b, atol=1e-6)
+    assert all(torch.equal(da.masks[k], db.masks[k]) for k in da.masks)
+    model, dsl, opt = run(False, lambda p: torch.optim.Adam(p, lr=0.05))
+    w = model.get_parameter("item.weight")
+    off = ~dsl.masks["item.weight"]
+    assert (w[off] == 0).all() and (opt.state[w]["exp_avg"][off] == 0).all()
+    assert (opt.state[w]["exp_avg_sq"][off] > 0).any()

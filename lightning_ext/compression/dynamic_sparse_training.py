@@ -26,6 +26,8 @@ __all__ = ["DynamicSparseTraining", "DynamicSparsity", "prune_and_grow", "random
 #: which module types DSL makes sparse
 Targets = Literal["all", "embedding", "linear"]
 TARGET_TYPES = {"all": (nn.Embedding, nn.Linear), "embedding": (nn.Embedding,), "linear": (nn.Linear,)}
+#: optimizer state that follows the gradient's sign (masked every step when gradients are not masked)
+FIRST_MOMENTS = ("momentum_buffer", "exp_avg")
 
 
 # -- the pure core --------------------------------------------------------------------------------------------
@@ -178,6 +180,12 @@ class DynamicSparsity:
     parameter's shape). Between changes the masked gradients keep it zero for the inactive entries (SGD with
     momentum or weight decay, Adam, AdamW, RMSprop, Adagrad), so the per-step cost is two elementwise products.
 
+    ``mask_gradients=False`` is the official code's order instead: the step sees the dense gradients, then the
+    weights and the first moments (``momentum_buffer``, ``exp_avg``) are masked after every step; second moments
+    (``exp_avg_sq``) keep the inactive entries' gradient history, as in the official code. It is the faster choice
+    with Adam on CPU: a masked second moment is exactly zero on the inactive entries, and PyTorch's CPU ``sqrt`` is
+    several times slower on zeros (Adam's step took 1.7 instead of 1.2 ms on MF-BPR's ML-100K tables).
+
     Example:
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
         <torch._C.Generator object at ...>
@@ -194,7 +202,7 @@ class DynamicSparsity:
 
     def __init__(self, params: dict[str, nn.Parameter], density: float = 0.5, delta_t: int = 100,
                  total_steps: int = 1000, update_ratio: float = 0.5, min_update_ratio: float = 0.005, seed: int = 0,
-                 masks: Optional[dict[str, Tensor]] = None) -> None:
+                 masks: Optional[dict[str, Tensor]] = None, mask_gradients: bool = True) -> None:
         check_number("density", density, low=0, high=1, low_open=True, high_open=True)
         check_number("delta_t", delta_t, low=1, integer=True)
         check_number("total_steps", total_steps, low=1, integer=True)
@@ -205,6 +213,7 @@ class DynamicSparsity:
         self.params = dict(params)
         self.density, self.delta_t, self.total_steps = float(density), int(delta_t), int(total_steps)
         self.update_ratio, self.min_update_ratio, self.seed = float(update_ratio), float(min_update_ratio), int(seed)
+        self.mask_gradients = bool(mask_gradients)
         self.steps = 0
         self.history: list[dict[str, float]] = []
         if masks is None:
@@ -230,15 +239,22 @@ class DynamicSparsity:
         return (self.steps + 1) % self.delta_t == 0
 
     @torch.no_grad()
-    def apply(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
-        """Zero the inactive weights and their optimizer state."""
+    def apply(self, optimizers: Iterable[torch.optim.Optimizer] = (), first_moments_only: Optional[bool] = None) -> None:
+        """Zero the inactive weights and their optimizer state (only the first moments with ``mask_gradients=False``,
+        or when ``first_moments_only`` says so)."""
         names = list(self.params)
         torch._foreach_mul_([self.params[n].data for n in names], [self._float[n] for n in names])
+        first_only = (not self.mask_gradients) if first_moments_only is None else first_moments_only
+        states, masks = [], []
         for opt in optimizers:
             for n in names:
-                for value in opt.state.get(self.params[n], {}).values():
-                    if isinstance(value, Tensor) and value.shape == self.params[n].shape:
-                        value.mul_(self._float[n].to(value.dtype))
+                for key, value in opt.state.get(self.params[n], {}).items():
+                    if (isinstance(value, Tensor) and value.shape == self.params[n].shape
+                            and (not first_only or key in FIRST_MOMENTS)):
+                        states.append(value)
+                        masks.append(self._float[n].to(value.dtype))
+        if states:
+            torch._foreach_mul_(states, masks)
 
     @torch.no_grad()
     def before_step(self) -> Optional[dict[str, Tensor]]:
@@ -246,6 +262,8 @@ class DynamicSparsity:
         grads = [(n, p.grad) for n, p in self.params.items() if p.grad is not None]
         if any(g.is_sparse for _, g in grads):
             raise RuntimeError("DynamicSparsity needs dense gradients; use nn.Embedding(sparse=False).")
+        if not self.mask_gradients:
+            return {n: g for n, g in grads} if self.update_due() else None  # the step does not change them
         dense = {n: g.clone() for n, g in grads} if self.update_due() else None
         if grads:
             torch._foreach_mul_([g for _, g in grads], [self._float[n] for n, _ in grads])
@@ -254,9 +272,13 @@ class DynamicSparsity:
     @torch.no_grad()
     def after_step(self, optimizers: Iterable[torch.optim.Optimizer] = (),
                    grads: Optional[dict[str, Tensor]] = None) -> Optional[dict[str, float]]:
-        """Re-mask the weights, count the step, and on an update step prune and grow (returns its record)."""
-        names = list(self.params)
-        torch._foreach_mul_([self.params[n].data for n in names], [self._float[n] for n in names])
+        """Re-mask the weights (and, with ``mask_gradients=False``, the first moments), count the step, and on an
+        update step prune and grow (returns its record)."""
+        if self.mask_gradients:
+            names = list(self.params)
+            torch._foreach_mul_([self.params[n].data for n in names], [self._float[n] for n in names])
+        else:
+            self.apply(optimizers)
         self.steps += 1
         if self.steps % self.delta_t:
             return None
@@ -325,7 +347,8 @@ class DynamicSparseTraining(Callback):
     Where this differs from the reference code: exact-count masks and stable top-k selections (the code draws
     Bernoulli masks and drops everything at or below the n-th magnitude, which drops more on ties); the gradients
     of inactive weights are masked before the step and Adam's moments are masked too (the code masks SGD
-    momentum only, so its Adam keeps moments for inactive entries).
+    momentum only, so its Adam keeps moments for inactive entries); ``mask_gradients=False`` restores the code's
+    order (and masks Adam's first moment after each step).
 
     Distributed: masks are drawn from a CPU generator seeded with ``seed`` (the same on every rank) and updated
     from the all-reduced gradients of identical weights, so every rank computes the same masks; rank 0's masks are
@@ -348,6 +371,9 @@ class DynamicSparseTraining(Callback):
         layers: names or globs of the modules to make sparse among ``targets`` (``None``: all of them).
         ignored_layers: names or globs of modules to keep dense.
         include_bias: mask the biases of ``nn.Linear`` modules too (the official code masks every parameter).
+        mask_gradients: mask the gradients before each step (default). ``False``: the official order (dense
+            gradients into the step, then weights and first moments masked after it; second moments keep the
+            inactive entries' history), faster with Adam on CPU (see :class:`DynamicSparsity`).
         total_steps: :math:`T` (``None``: ``trainer.estimated_stepping_batches``).
         seed: seed of the initial masks.
         log_prefix: prefix of the logged metric names.
@@ -373,6 +399,7 @@ class DynamicSparseTraining(Callback):
         layers: Optional[list[str]] = None,
         ignored_layers: Optional[list[str]] = None,
         include_bias: bool = True,
+        mask_gradients: bool = True,
         total_steps: Optional[PositiveInt] = None,
         seed: int = 0,
         log_prefix: str = "dsl/",
@@ -394,7 +421,7 @@ class DynamicSparseTraining(Callback):
         check_number("seed", seed, integer=True)
         self.density, self.delta_t = float(density), int(delta_t)
         self.update_ratio, self.min_update_ratio = float(update_ratio), float(min_update_ratio)
-        self.targets, self.include_bias = targets, bool(include_bias)
+        self.targets, self.include_bias, self.mask_gradients = targets, bool(include_bias), bool(mask_gradients)
         self.layers = list(layers) if layers is not None else None
         self.ignored_layers = list(ignored_layers) if ignored_layers is not None else None
         self.total_steps, self.seed, self.log_prefix, self.verbose = total_steps, int(seed), log_prefix, verbose
@@ -448,7 +475,8 @@ class DynamicSparseTraining(Callback):
             masks = random_masks({n: tuple(p.shape) for n, p in params.items()}, self.density, self.seed)
             masks = trainer.strategy.broadcast(masks, src=0)
         self.sparsity = DynamicSparsity(params, self.density, self.delta_t, total, self.update_ratio,
-                                        self.min_update_ratio, self.seed, masks=masks)
+                                        self.min_update_ratio, self.seed, masks=masks,
+                                        mask_gradients=self.mask_gradients)
         if loaded is not None:
             self.sparsity.load_state_dict(loaded)
         self.sparsity.apply(trainer.optimizers)
