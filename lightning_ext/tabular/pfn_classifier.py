@@ -14,7 +14,9 @@ means are averaged.
 Input rules (one line each when broken): numeric columns only; ``inf`` refused; NaN allowed in ``X`` (the model
 reads a missing entry as the context's mean of that feature, see :func:`~lightning_ext.tabular.pfn.
 normalize_features`), refused in ``y``; at most the model's ``max_features`` features and, for classification,
-``max_classes`` classes, and at least two classes in the context.
+``max_classes`` classes, and at least two classes in the context. A context longer than the prior's datasets
+(``seq_len`` minus its ``min_test``) is accepted but lies outside what the model was trained on; subsample it
+(or average predictions over chunks) when accuracy drops.
 """
 
 from __future__ import annotations
