@@ -82,6 +82,13 @@ ENTRIES: tuple[Entry, ...] = (
        "and regrowing by gradient every `delta_t` steps.",
        "Dynamic Sparse Learning: A Novel Paradigm for Efficient Recommendation", "2402.02855",
        ("DSL", "dynamic sparse training", "sparse embeddings", "RigL", "prune and grow")),
+    _e("FilterDiagnostics", "callbacks", "vision", "filter_diagnostics",
+       "Filter diagnostics (Gavrikov & Keuper, 2022): every N epochs, per 3x3 conv layer, the CNN Filter DB's "
+       "sparsity, variance entropy and distribution shift of the filters, logged, plotted and checked for "
+       "degeneration.",
+       "CNN Filter DB: An Empirical Investigation of Trained Convolutional Filters", "2203.15331",
+       ("CNN Filter DB", "torchconvquality", "variance entropy", "filter degeneration", "On filter design in deep "
+        "convolutional neural network")),
     _e("KNNEvaluation", "callbacks", "ssl", "knn_evaluation",
        "Weighted kNN accuracy of the model's features: `val_knn_acc` each validation, `test_knn_acc` on test.",
        "Unsupervised Feature Learning via Non-Parametric Instance Discrimination", "1805.01978",
