@@ -100,6 +100,33 @@ def test_the_trial_prune_compares_outputs_when_the_removed_channels_were_dead(mo
         apply_pruning_history(net, [["0", True, DEAD]], x)
 
 
+class _ChannelShuffle(nn.Module):
+    """A conv, ShuffleNet's channel shuffle, a conv: Torch-Pruning's graph maps the second conv's input channels to
+    the first one's outputs one to one, which the shuffle breaks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        n, c, hh, ww = h.shape
+        return self.b(h.view(n, 4, c // 4, hh, ww).transpose(1, 2).reshape(n, c, hh, ww)).mean((2, 3))
+
+
+def test_live_channels_a_shuffle_reorders_are_refused_not_pruned_silently_wrong():
+    """The output check runs for live (non-zero) filters too: after a channel shuffle Torch-Pruning removes the
+    wrong input channels of the consumer, and the pruned model would silently compute something else."""
+    torch.manual_seed(0)
+    net, x = _ChannelShuffle(), torch.randn(2, 1, 8, 8)
+    with pytest.raises(PruningError, match=r"'a'.*differs.*ignored_layers"):
+        apply_pruning_history(net, [["a", True, [1, 6, 9, 14]]], x)
+    assert net.a.out_channels == 16  # refused before the model itself was touched
+    plain = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1))
+    apply_pruning_history(plain, [["0", True, [1, 6, 9, 14]]], x)  # live filters without a shuffle: fine
+    assert plain[0].out_channels == 12 and plain[2].in_channels == 12
+
+
 def test_any_exception_of_the_trial_prune_becomes_a_pruning_error_naming_the_layer(monkeypatch):
     monkeypatch.setattr(plan_module, "_check_grouped_alignment", lambda *a, **k: None)
     net, x = grouped_toy(dead=[]), torch.randn(1, 3, 8, 8)

@@ -173,8 +173,10 @@ def _apply_op(model: nn.Module, dg: Any, op: Op, names: dict, example_inputs: An
               verify: bool = False) -> None:
     """Remove the channels of one history entry through Torch-Pruning's graph ``dg``; record what each layer lost.
 
-    With ``verify`` (trial copies), when the removed filters are dead (zero weights) the outputs after the removal
-    are compared with the model whose removed channels are zeroed where they are consumed: they must match."""
+    With ``verify`` (trial copies), the outputs after the removal are compared with the model whose removed channels
+    are zeroed where they are consumed: they must match (so a model whose channels Torch-Pruning's graph maps
+    wrongly, such as a channel shuffle, is refused with the layer to ignore instead of being pruned silently
+    wrong)."""
     name, is_out, idxs = op
     try:
         module = model.get_submodule(name)
@@ -204,8 +206,11 @@ def _apply_op(model: nn.Module, dg: Any, op: Op, names: dict, example_inputs: An
         if dim is not None:
             lost.setdefault(names[target], {}).setdefault(dim, set()).update(int(i) for i in item.idxs)
     dead = verify and _removed_filters_are_zero(group, names, out_fn)
-    masks = _consumer_masks(group, names, out_fn) if dead else None
-    if masks is not None:  # dead filters: the pruned model must compute what the masked one does
+    # with verify, the pruned model must compute what the model with the removed channels masked at every consumer
+    # does (dead or not: a consumer that reads the channels elsewhere than Torch-Pruning thinks, e.g. after a
+    # channel shuffle, makes them differ)
+    masks = _consumer_masks(group, names, out_fn) if verify else None
+    if masks is not None:
         saved = [(w, w.detach().clone()) for w in {id(w): w for w, _ in masks}.values()]
         with torch.no_grad():
             for w, index in masks:
