@@ -288,7 +288,10 @@ def compress(
     if checkpoint is not None:
         from lightning_ext.core.checkpoints import read_state_dict
 
-        state = read_state_dict(checkpoint, reference_keys=model.state_dict().keys(), name="checkpoint")
+        try:
+            state = read_state_dict(checkpoint, reference_keys=model.state_dict().keys(), name="checkpoint")
+        except (ValueError, FileNotFoundError) as err:  # unreadable, missing or non-finite: the user's file
+            raise CompressError(f"`checkpoint`: {_one_line(err)}") from err
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise CompressError(f"`checkpoint` {checkpoint} does not fit {type(model).__name__}: missing "
@@ -491,6 +494,10 @@ def _write_checkpoint(model: LightningModule, history: list[dict], result: Compr
                   "pytorch-lightning_version": lightning.__version__,
                   "compress": {k: v for k, v in asdict(result).items() if k != "steps"}}
     atomic_torch_save(checkpoint, result.checkpoint_path)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
 
 
 def _class_path(obj: Any) -> str:

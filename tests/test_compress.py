@@ -159,6 +159,23 @@ def test_cli_compress_runs_from_yaml_and_refuses_bad_requests_with_exit_2(fake_c
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "exactly one target" in err[0] and "Traceback" not in err[0]
+    # a checkpoint written by `lightning-ext fit` (hyperparameters of jsonargparse's constrained types) is read back
+    # with weights_only=True (the held-out run found that it was not)
+    fit = yaml.safe_load(config.read_text())
+    fit["trainer"].update(enable_checkpointing=True, callbacks=[{
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"dirpath": str(tmp_path / "ck"), "filename": "trained"}}])
+    fit = {k: v for k, v in fit.items() if k in ("seed_everything", "trainer", "model", "data")}
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(fit))
+    run_cli(["fit", "--config", str(tmp_path / "fit.yaml")])
+    cli = run_cli(["compress", "--config", str(config), f"--checkpoint={tmp_path / 'ck' / 'trained.ckpt'}",
+                   f"--output_dir={tmp_path / 'from_fit'}"])
+    assert cli.compress_result.macs_after < cli.compress_result.macs_before
+    with pytest.raises(SystemExit) as exit_:
+        main(["compress", "--config", str(config), f"--checkpoint={tmp_path / 'missing.ckpt'}"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "`checkpoint`" in err[0] and "does not exist" in err[0]
 
 
 def test_an_interrupted_compress_resumes_mid_epoch_to_the_same_model(fake_clock, tmp_path):

@@ -129,3 +129,25 @@ def test_skipped_steps_travel_in_checkpoints_of_every_guarded_module():
         module.skipped_steps = 0
         module.on_load_checkpoint(checkpoint)
         assert module.skipped_steps == 3
+
+
+def test_checkpoints_with_the_clis_constrained_number_hparams_load_with_weights_only(tmp_path):
+    """A module annotated with jsonargparse's constrained numbers saves them in its hyperparameters; such a
+    checkpoint (what `lightning-ext fit` writes) must load with weights_only=True, while other globals stay refused."""
+    from jsonargparse.typing import PositiveFloat
+
+    from lightning_ext.core.checkpoints import load_checkpoint
+    from lightning_ext.core.validation import AtLeastTwoInt, UnitIntervalRightOpen
+
+    path = tmp_path / "fit.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "hyper_parameters": {
+        "lr": PositiveFloat(0.003), "ratio": UnitIntervalRightOpen(0.5), "views": AtLeastTwoInt(2)}}, path)
+    ckpt = load_checkpoint(path)
+    assert ckpt["hyper_parameters"] == {"lr": 0.003, "ratio": 0.5, "views": 2}
+    torch.save({"state_dict": {}, "hyper_parameters": {"bad": _NotAllowed()}}, path)
+    with pytest.raises(ValueError, match="weights_only"):
+        load_checkpoint(path)
+
+
+class _NotAllowed:
+    pass

@@ -25,6 +25,28 @@ __all__ = ["WRAPPER_PREFIXES", "load_checkpoint", "load_error_summary", "match_p
            "state_dict_from"]
 
 
+def _hparam_number_types() -> list[type]:
+    """The constrained number types of ``jsonargparse.typing`` (``PositiveFloat``, ``NonNegativeInt``, ...).
+
+    A LightningModule whose constructor is annotated with them (ours are, so the CLI checks values) saves its
+    hyperparameters as instances of those ``float``/``int`` subclasses, and ``torch.load(weights_only=True)``
+    refuses any global it does not know: without this allowlist a checkpoint written by ``lightning-ext fit`` could
+    not be read back by the library (found by the held-out ``lightning-ext compress`` run). They hold a number and
+    validate it when rebuilt; no code of the file runs."""
+    try:
+        import jsonargparse.typing as typing_module
+
+        import lightning_ext.core.validation  # noqa: F401 - registers the library's own constrained types there
+    except ImportError:  # pragma: no cover - jsonargparse ships with lightning[extra], which the CLI needs
+        return []
+    found = []
+    for value in vars(typing_module).values():
+        if (isinstance(value, type) and issubclass(value, (int, float)) and value not in (int, float, bool)
+                and value.__module__ == typing_module.__name__):
+            found.append(value)
+    return found
+
+
 def load_error_summary(err: BaseException) -> str:
     """The one line that matters of a ``torch.load`` error (torch's own messages span several paragraphs).
 
@@ -56,7 +78,8 @@ def load_checkpoint(path: Union[str, os.PathLike], what: str = "Checkpoint", arg
     if not file.is_file():
         raise FileNotFoundError(f"{what} {file} does not exist" + (f"; check `{argument}`." if argument else "."))
     try:
-        obj = torch.load(file, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_hparam_number_types()):
+            obj = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - re-raised with advice
         raise ValueError(
             f"Could not read {what.lower()} {file} with torch.load(weights_only=True): {load_error_summary(err)}. "
