@@ -437,6 +437,7 @@ def render(data: dict) -> None:
 
 
 OURS, UNI, UNI_KD = "compress (latency plan + KD)", "uniform L1, no KD", "uniform L1 + KD"
+COLLAPSED = 0.15  # best validation accuracy at or below this (chance is 0.10): the fine-tuning did not train
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -470,6 +471,8 @@ def accuracy_cells(rows: list[dict]) -> list[dict]:
                                    "ms": _mean_std([r["methods"][label]["ms"] for r in done]),
                                    "macs": statistics.mean(r["methods"][label]["macs"] for r in done),
                                    "still_improving": sum(r["methods"][label]["still_improving"] for r in done),
+                                   # chance level on 10 classes at every epoch: the run did not train
+                                   "collapsed": sum(r["methods"][label]["best_val"] <= COLLAPSED for r in done),
                                    "cpu_s": sum(r["methods"][label]["cpu_s"] for r in done)}
                 cell["speedup"] = _mean_std([r["dense_ms"] / r["methods"][OURS]["ms"] for r in done])
                 for base in (UNI, UNI_KD):
@@ -490,6 +493,8 @@ def accuracy_verdict(cells: list[dict]) -> tuple[str, list[str]]:
     notes = []
 
     def wins(c, base):
+        if c[base]["collapsed"] or c[OURS]["collapsed"]:
+            return None  # a run that did not train: no comparison
         d = c[f"diff {base}"]
         if len(d) < 2:
             return None
@@ -498,6 +503,14 @@ def accuracy_verdict(cells: list[dict]) -> tuple[str, list[str]]:
 
     w = [wins(c, UNI) for c in done]
     wk = [wins(c, UNI_KD) for c in done]
+    dead = [c for c in done if any(c[label]["collapsed"] for label in (OURS, UNI, UNI_KD))]
+    if dead:
+        def which(c):
+            return ", ".join(f"{label} did not train in {c[label]['collapsed']} seed(s)"
+                             for label in (OURS, UNI, UNI_KD) if c[label]["collapsed"])
+
+        notes.append("not testable in " + "; ".join(f"{c['model']} {c['target']}x ({which(c)})" for c in dead)
+                     + " at the shared, untuned fine-tuning lr")
     notes.append(f"compress beats uniform L1 without KD in {sum(bool(x) for x in w)}/{len(done)} model x target cells "
                  f"(mean paired difference > 2 SE), uniform L1 with the same KD in {sum(bool(x) for x in wk)}/"
                  f"{len(done)} (the plan's own contribution)")
@@ -507,9 +520,12 @@ def accuracy_verdict(cells: list[dict]) -> tuple[str, list[str]]:
     runs = sum(3 * len(c["seeds"]) for c in done)
     improving = sum(c[label]["still_improving"] for c in done for label in (OURS, UNI, UNI_KD))
     notes.append(f"{improving}/{runs} fine-tuning runs had their best validation epoch last")
+    testable = [x for x in w if x is not None]
+    if not testable:
+        return "not testable here", notes
     if improving > runs / 2 or len(short) == len(done):
         return "inconclusive", notes
-    word = ("reproduced" if all(w) else "partly reproduced" if any(w) else "not reproduced")
+    word = ("reproduced" if all(testable) else "partly reproduced" if any(testable) else "not reproduced")
     return word, notes
 
 
@@ -550,6 +566,9 @@ def render_accuracy(L: list[str]) -> None:
     def pm(v, f="{:.4f}"):
         return f"{f.format(v[0])} ± {f.format(v[1])}"
 
+    def arm(a):
+        return pm(a["acc"]) + (f" (did not train in {a['collapsed']})" if a["collapsed"] else "")
+
     for c in cells:
         dense = pm(c["dense_acc"]) if c["dense_acc"] else "n/a"
         if not c.get("seeds"):
@@ -558,8 +577,8 @@ def render_accuracy(L: list[str]) -> None:
                      f"{why.split(': with')[-1].split('. Raise')[0]} | | | | | 0 |")
             continue
         o, u, k = c[OURS], c[UNI], c[UNI_KD]
-        L.append(f"| {c['model']} | {c['target']}x | {dense} | {pm(o['acc'])} ({o['ms'][0]:.1f} ms, "
-                 f"{c['speedup'][0]:.2f}x) | {pm(u['acc'])} ({u['ms'][0]:.1f}) | {pm(k['acc'])} ({k['ms'][0]:.1f}) | "
+        L.append(f"| {c['model']} | {c['target']}x | {dense} | {arm(o)} ({o['ms'][0]:.1f} ms, "
+                 f"{c['speedup'][0]:.2f}x) | {arm(u)} ({u['ms'][0]:.1f}) | {arm(k)} ({k['ms'][0]:.1f}) | "
                  f"{', '.join(f'{d:+.4f}' for d in c[f'diff {UNI}'])} | "
                  f"{', '.join(f'{d:+.4f}' for d in c[f'diff {UNI_KD}'])} | {len(c['seeds'])} |")
     cpu = sum(r["methods"][m]["cpu_s"] for r in rows for m in r.get("methods", {}))

@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--workdir", default="runs/compress_heldout")
+    ap.add_argument("--reuse-fit", action="store_true", help="keep the last run's dense checkpoint (same fit.yaml)")
     args = ap.parse_args()
     work = ROOT / args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -103,11 +104,16 @@ def main() -> None:
     dense_ckpt = work / "dense" / "best.ckpt"
     record: dict = {"config": vars(args), "model": MODEL, "data": DATA, "started": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                                                    time.gmtime())}
-    if dense_ckpt.exists():
-        dense_ckpt.unlink()
-    rc, wall, tail = cli(["fit", "--config", str(work / "fit.yaml")], work / "fit.log")
-    record["fit"] = {"command": f"lightning-ext fit --config {args.workdir}/fit.yaml", "exit": rc, "wall_s": wall,
-                     "tail": tail}
+    previous = json.loads(OUT_JSON.read_text()) if OUT_JSON.exists() else {}
+    if args.reuse_fit and dense_ckpt.exists() and previous.get("fit", {}).get("exit") == 0:
+        record["fit"] = {**previous["fit"], "reused": True}  # the same fit.yaml's checkpoint, from the last run
+        rc, tail = 0, previous["fit"]["tail"]
+    else:
+        if dense_ckpt.exists():
+            dense_ckpt.unlink()
+        rc, wall, tail = cli(["fit", "--config", str(work / "fit.yaml")], work / "fit.log")
+        record["fit"] = {"command": f"lightning-ext fit --config {args.workdir}/fit.yaml", "exit": rc,
+                         "wall_s": wall, "tail": tail}
     if rc != 0 or not dense_ckpt.exists():
         atomic_write_json(record, OUT_JSON, indent=1)
         raise SystemExit(f"fit failed (exit {rc}): {tail}")
