@@ -20,6 +20,7 @@ from lightning_ext.core.strategy import refuse_sharded_strategy
 from lightning_ext.core.validation import (
     ClosedUnitInterval,
     OpenUnitInterval,
+    PositiveFloat,
     PositiveInt,
     check_number,
     check_positive_int,
@@ -240,9 +241,9 @@ class FilterDiagnostics(Callback):
     ``/variance_entropy_norm``, ``/drift_from_init`` (D now vs at fit start), ``/drift_prev`` (vs the previous
     call), ``/drift_reference`` (vs the same-named layer of ``reference``); model-level ``filters/frac_degenerate``
     (share of layers with sparsity > ``degenerate_sparsity`` or normalised entropy < ``degenerate_entropy``),
-    ``filters/frac_near_random`` (layers whose drift from init is at most ``near_random_ratio`` times the largest
-    layer's: they stay at their random initialisation; both judged among layers with at least ``min_filters``
-    filters) and ``filters/depth_drift`` (D between the pooled filters
+    ``filters/frac_near_random`` (layers whose ``drift_from_init`` is below ``near_random_ratio`` times their noise
+    floor: their filter distribution cannot be told from the random initialisation's; both judged among layers
+    with at least ``min_filters`` filters) and ``filters/depth_drift`` (D between the pooled filters
     of the first and last quarter of the layers). Degenerate and near-random layers are named in a warning.
     A PNG (``plot_path``) shows drift from init per layer over epochs, the latest per-layer entropy and sparsity
     and the layer-by-layer D matrix; ``table_path`` writes one CSV row per (epoch, layer). Both are written
@@ -259,8 +260,12 @@ class FilterDiagnostics(Callback):
             ``trainer.default_root_dir``) whose same-named layers give ``drift_reference``.
         degenerate_sparsity: sparsity above which a layer counts as degenerate.
         degenerate_entropy: normalised variance entropy below which a layer counts as degenerate.
-        near_random_ratio: a layer whose drift from init is at most this share of the largest layer's drift counts
-            as near-random.
+        near_random_ratio: a layer whose drift from init is below this multiple of its noise floor counts as
+            near-random. The floor (logged as ``<layer>/drift_floor``) is D between the two halves (even/odd rows)
+            of the layer's initial filters, halved: the D that sampling alone gives for that many random filters.
+            It falls with the filter count, so raw D is smaller in wide layers whether they learned or not (on
+            ResNet-18 the last stage's floor is ~70x below the first stage's); compare layers through
+            ``drift_from_init / drift_floor``, not through D.
         min_filters: layers with fewer filters are measured but not judged (degenerate / near-random; unless
             every layer is that small): with few filters the 70-bin histograms are mostly empty bins, so a tiny
             move gives a large D (a stem conv with one input channel has only ``c_out`` filters).
@@ -292,7 +297,7 @@ class FilterDiagnostics(Callback):
         reference: Optional[str] = None,
         degenerate_sparsity: ClosedUnitInterval = 0.1,
         degenerate_entropy: ClosedUnitInterval = 0.5,
-        near_random_ratio: ClosedUnitInterval = 0.1,
+        near_random_ratio: PositiveFloat = 2.0,
         min_filters: PositiveInt = 512,
         log_per_layer: bool = True,
         plot_path: Optional[str] = "filter_diagnostics.png",
@@ -302,9 +307,9 @@ class FilterDiagnostics(Callback):
         check_number("sparsity_eps", sparsity_eps, low=0, high=1, low_open=True, high_open=True)
         check_positive_int("bins", bins)
         check_positive_int("min_filters", min_filters)
-        for name, value in (("degenerate_sparsity", degenerate_sparsity), ("degenerate_entropy", degenerate_entropy),
-                            ("near_random_ratio", near_random_ratio)):
+        for name, value in (("degenerate_sparsity", degenerate_sparsity), ("degenerate_entropy", degenerate_entropy)):
             check_number(name, value, low=0, high=1)
+        check_number("near_random_ratio", near_random_ratio, low=0, low_open=True)
         for name, value in (("reference", reference), ("plot_path", plot_path), ("table_path", table_path)):
             check_path_argument(name, value)
         if layers is not None and (isinstance(layers, str) or not all(isinstance(x, str) for x in layers)):
@@ -323,6 +328,7 @@ class FilterDiagnostics(Callback):
         self.history: list[dict[str, Any]] = []
         self.summaries: list[dict[str, Any]] = []
         self.layer_shift: Optional[Tensor] = None
+        self.floor: Optional[Tensor] = None
         self._loaded: Optional[dict] = None
 
     # -- state --------------------------------------------------------------------------------------------------
@@ -334,6 +340,7 @@ class FilterDiagnostics(Callback):
             return {}
         return {"names": list(self.names), "pca": self.pca.state_dict(), "init_hist": self.init_hist,
                 "prev_hist": self.prev_hist, "ref_hist": dict(self.ref_hist), "history": list(self.history),
+                "floor": self.floor,
                 "summaries": list(self.summaries)}
 
     @override
@@ -358,6 +365,7 @@ class FilterDiagnostics(Callback):
             row = {"epoch": epoch, "layer": n, **filter_statistics(filters[n], self.sparsity_eps, peaks[n])}
             row["drift_from_init"] = distribution_shift(hists[i], self.init_hist[i], w)
             row["drift_prev"] = distribution_shift(hists[i], self.prev_hist[i], w)
+            row["drift_floor"] = float(self.floor[i])
             if n in self.ref_hist:
                 row["drift_reference"] = distribution_shift(hists[i], self.ref_hist[n], w)
             rows.append(row)
@@ -371,11 +379,10 @@ class FilterDiagnostics(Callback):
             return p / p.sum(dim=1, keepdim=True)
 
         judged = [r for r in rows if r["n"] >= self.min_filters] or rows
-        top = max(r["drift_from_init"] for r in judged)
         degenerate = [r["layer"] for r in judged if r["sparsity"] > self.degenerate_sparsity
                       or r["variance_entropy_norm"] < self.degenerate_entropy]
         near_random = [] if epoch < 0 else [r["layer"] for r in judged
-                                            if r["drift_from_init"] <= self.near_random_ratio * top]
+                                            if r["drift_from_init"] < self.near_random_ratio * r["drift_floor"]]
         summary = {"epoch": epoch, "frac_degenerate": len(degenerate) / len(judged),
                    "frac_near_random": len(near_random) / len(judged),
                    "depth_drift": distribution_shift(pooled(first, counts[:quarter]), pooled(last, counts[-quarter:]), w),
@@ -409,11 +416,15 @@ class FilterDiagnostics(Callback):
             self.pca = FilterPCA.from_state_dict(state["pca"])
             self.init_hist, self.prev_hist = state["init_hist"], state["prev_hist"]
             self.ref_hist, self.history = dict(state["ref_hist"]), list(state["history"])
-            self.summaries = list(state["summaries"])
+            self.summaries, self.floor = list(state["summaries"]), state["floor"]
             return
         filters = self._filters(pl_module)
         self.pca = FilterPCA.fit(list(filters.values()), self.bins)
         self.init_hist = torch.stack([self.pca.histograms(filters[n]) for n in self.names])
+        w = self.pca.explained_variance_ratio
+        self.floor = torch.tensor([distribution_shift(self.pca.histograms(filters[n][0::2]),
+                                                      self.pca.histograms(filters[n][1::2]), w) / 2
+                                   for n in self.names], dtype=torch.float64)
         self.prev_hist, self.history, self.summaries = self.init_hist, [], []
         self.ref_hist = self._reference_histograms(trainer, pl_module)
         if trainer.is_global_zero:
@@ -448,7 +459,7 @@ class FilterDiagnostics(Callback):
         if self.log_per_layer:
             for r in rows:
                 for k in ("sparsity", "variance_entropy", "variance_entropy_norm", "drift_from_init", "drift_prev",
-                          "drift_reference"):
+                          "drift_floor", "drift_reference"):
                     if k in r:
                         metrics[f"filters/{r['layer']}/{k}"] = float(r[k])
         pl_module.log_dict(metrics, on_step=False, on_epoch=True, rank_zero_only=True)
@@ -458,15 +469,15 @@ class FilterDiagnostics(Callback):
                            f"in {', '.join(summary['degenerate'])}.")
         if summary["near_random"]:
             rank_zero_warn(f"FilterDiagnostics (epoch {trainer.current_epoch}): {', '.join(summary['near_random'])} "
-                           f"barely left their random initialisation (drift from init <= {self.near_random_ratio} x "
-                           "the largest layer's).")
+                           f"cannot be told from their random initialisation (drift from init < {self.near_random_ratio}"
+                           " x the layer's noise floor).")
         self._write(trainer)
 
     def _write(self, trainer: Trainer) -> None:
         table = output_path(trainer, self.table_path)
         if table is not None:
             keys = ["epoch", "layer", "n", "sparsity", "variance_entropy", "variance_entropy_norm",
-                    "variance_entropy_clean", "drift_from_init", "drift_prev", "drift_reference"]
+                    "variance_entropy_clean", "drift_from_init", "drift_prev", "drift_floor", "drift_reference"]
             lines = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in self.history]
             atomic_write_text("\n".join(lines) + "\n", table)
         plot = output_path(trainer, self.plot_path)
