@@ -201,9 +201,9 @@ def render(data: dict) -> None:
     cells = len(DATASETS) * len(N_TRAIN)
     if not premise:
         verdict = "not testable here"
-    elif within_best >= 6:
+    elif within_best >= 6 and vs_lr_knn:
         verdict = "reproduced"
-    elif vs_lr_knn:
+    elif within_best >= 6 or vs_lr_knn:
         verdict = "partly reproduced"
     else:
         verdict = "not reproduced"
@@ -218,6 +218,7 @@ def render(data: dict) -> None:
         ax.set_xscale("log")
         ax.set_xticks(N_TRAIN)
         ax.set_xticklabels([str(n) for n in N_TRAIN])
+        ax.minorticks_off()
         ax.set_xlabel("training rows")
         ax.set_ylabel("test accuracy")
         ax.set_title(name)
@@ -243,10 +244,22 @@ def render(data: dict) -> None:
         "not, but it is >= logistic regression - 0.02 and > kNN at 20 and 50 rows on every dataset (the spec's "
         "CPU-scale criterion); otherwise **not reproduced**.",
         "",
+        "Amended after the runs, before this verdict was written (stated, not hidden): as first written, the rule "
+        "gave \"reproduced\" on the 6-of-9 count alone even when the weaker CPU-scale criterion failed, which is "
+        "incoherent (a reproduction must also pass the weaker test). Now **reproduced** needs both conditions, "
+        "**partly reproduced** either one. Under the first wording this page would read \"reproduced\".",
+        "",
         f"## Verdict: **{verdict}**",
         "",
         f"The PFN is within 0.02 of the best tuned baseline in {within_best} of {cells} cells; >= LogReg - 0.02 and "
-        f"> kNN at 20-50 rows everywhere: {vs_lr_knn}; premise met: {premise}.",
+        f"> kNN at 20-50 rows everywhere: {vs_lr_knn}; premise met: {premise}. "
+        f"The PFN beats the best tuned baseline in {sum(p > b for _, _, p, b in table)} of {cells} cells; its "
+        "shortfalls in the cells within 0.02 are "
+        + ", ".join(f"{b - p:.3f} ({nm}, {n})" for nm, n, p, b in table if b - 0.02 <= p < b)
+        + "; on iris it trails by "
+        + ", ".join(f"{b - p:.3f}" for nm, n, p, b in table if nm == "iris")
+        + f" (20/50/100 rows), where it also loses to kNN. {len(seeds)} of 3 planned seeds finished (below), so "
+        f"the within-0.02 count rests on {len(seeds)} seed(s).",
         "",
         "## Command and runtime",
         "",
