@@ -444,7 +444,7 @@ class DSnoT(Callback):
 
     Paper: "Dynamic Sparse No Training: Training-Free Fine-tuning for Sparse LLMs", ICLR 2024, arXiv:2310.08915.
     Reference code: https://github.com/zyxxmu/DSnoT. Runs :func:`dsnot_prune` (equations, arguments) once: at the
-    end of ``fit`` (``apply_at="fit_end"``) or before testing (``"test_start"``), on up to ``num_batches`` batches
+    end of ``fit`` (``apply_at="fit_end"``: in ``on_train_end``, before the strategy's teardown) or before testing (``"test_start"``), on up to ``num_batches`` batches
     of the datamodule's ``calibration`` loader (inputs by :func:`~lightning_ext.core.inputs.batch_inputs`). Only
     the mask changes (pruned weights set to zero, shapes kept). Achieved sparsity per layer: :attr:`report`, the
     loggers (``pruning/sparsity``, ``pruning/dsnot_seconds``), ``report_path`` (JSON under ``trainer.log_dir``).
@@ -576,8 +576,8 @@ class DSnoT(Callback):
         self.applied = self.state_key in getattr(pl_module, _MARKER, set())  # this model pruned by this callback
 
     @override
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """With ``apply_at="fit_end"``, prune the trained model."""
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """With ``apply_at="fit_end"``, prune the trained model (the last hook of fit where DDP can still talk)."""
         if self.apply_at == "fit_end":
             self._run(trainer, pl_module)
 
