@@ -15,11 +15,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-KINDS = ("callbacks", "modules", "datamodules", "scorers", "merges", "losses")
+KINDS = ("callbacks", "modules", "datamodules", "scorers", "merges", "losses", "layers")
 LIGHTNING_KINDS = ("callbacks", "modules", "datamodules")
 KIND_TITLES = {
     "callbacks": "Callbacks", "modules": "LightningModules", "datamodules": "LightningDataModules",
     "scorers": "Data scorers", "merges": "Merge algorithms", "losses": "Losses",
+    "layers": "Model parts (plain PyTorch)",
 }
 FAMILIES = ("vision", "data", "compression", "distillation", "merging", "ssl", "curation", "recsys", "graph",
             "pipeline", "tabular")
@@ -306,6 +307,16 @@ ENTRIES: tuple[Entry, ...] = (
        "PFN Riemann (bar) distribution loss: `-log(p_k / w_k)` for the bucket `k` holding `y`, half-normal "
        "tails on the outer buckets.", "Transformers Can Do Bayesian Inference", "2112.10510",
        ("PFN", "Riemann distribution", "bar distribution")),
+    # ---------------------------------------------------------------- layers (plain PyTorch parts of your model)
+    _e("NTKActivation", "layers", "vision", "ntk_activation",
+       "An activation with a known normalised dual, so that an infinitely wide and deep network classifies "
+       "consistently.",
+       "Wide and Deep Neural Networks Achieve Optimality for Classification", "2204.14126",
+       ("NTK", "NNGP", "dual activation", "Hermite", "infinitely wide")),
+    _e("DeepKernelClassifier", "layers", "vision", "ntk_activation",
+       "Kernel classifier with the closed-form NNGP/NTK of an infinitely wide network of a given depth.",
+       "Wide and Deep Neural Networks Achieve Optimality for Classification", "2204.14126",
+       ("NTK", "NNGP", "neural tangent kernel", "kernel classifier", "infinitely deep")),
 )
 
 _BY_NAME = {e.name: e for e in ENTRIES}
