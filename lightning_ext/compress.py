@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,10 +38,10 @@ from lightning.pytorch import Callback, LightningDataModule, LightningModule, Tr
 from torch import nn
 from typing_extensions import override
 
+from lightning_ext.compression.compress_report import Stages, write_plot, write_report
 from lightning_ext.core.io import atomic_torch_save, atomic_write_text
 from lightning_ext.core.inputs import batch_inputs
 from lightning_ext.core.measure import count_macs_params, measure_latency, trial_copy
-from lightning_ext.core.plotting import new_figure, save_figure
 from lightning_ext.core.validation import NonNegativeInt, PositiveFloat, PositiveInt, check_positive_int
 
 Criterion = Literal["l1", "beta-rank", "random"]
@@ -307,7 +306,7 @@ def compress(
     saved = _read_state(out, request) if resume else None
     # the teacher is the dense model as given (before a resumed run replays its pruning)
     teacher = trial_copy(model).eval() if distill_weight > 0 else None
-    bar = _Stages(progress, steps)
+    bar = Stages(progress, steps)
     history: list[dict] = []
     rows: list[dict] = []
     plans: list[dict] = []
@@ -400,14 +399,14 @@ def compress(
         params_before=dense["params"], params_after=final["params"], monitor=monitor, dense_metric=dense_metric,
         final_metric=rows[-1]["metric"], tolerance=tolerance, steps=rows)
     _write_checkpoint(model, history, result)
-    _write_plot(rows, plans, result)
+    write_plot(rows, plans, result)
     _write_config(model, datamodule, config_yaml, result, dict(
         checkpoint=checkpoint, latency_budget_ms=latency_budget_ms, speedup=speedup, batch_size=batch_size, criterion=criterion,
         steps=steps, finetune_epochs=finetune_epochs, distill_weight=distill_weight, temperature=temperature,
         keep=keep, ignored_layers=ignored_layers, width_step=width_step, max_widths=max_widths,
         num_threads=num_threads, repeats=repeats, tolerance=tolerance, monitor=monitor, output_dir=output_dir,
         device=device, seed=seed))
-    _write_report(rows, plans, result)
+    write_report(rows, plans, result)
     if not result.budget_met:
         warnings.warn(f"The compressed model takes {final['ms']:.3g} ms, above the budget {budget_ms:.3g} ms "
                       f"(+{tolerance:.0%}) when verified after fine-tuning (timing noise, or another job on this "
@@ -518,85 +517,3 @@ def _write_config(model: Any, datamodule: Any, config_yaml: Optional[str], resul
         except yaml.YAMLError:
             config_yaml = yaml.safe_dump({k: v for k, v in config.items() if k not in ("model", "data")})
     atomic_write_text("# lightning-ext compress --config compress.yaml\n" + config_yaml, result.config_path)
-
-
-def _write_plot(rows: list[dict], plans: list[dict], result: CompressResult) -> None:
-    fig, (ax, bx) = new_figure(1, 2, figsize=(10, 4))
-    points = [r for r in rows if r["metric"] is not None]
-    ax.plot([r["ms"] for r in points], [r["metric"] for r in points], "o-", color="tab:blue")
-    for r in points:
-        ax.annotate(r["stage"], (r["ms"], r["metric"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.axvline(result.budget_ms, color="tab:red", ls="--", label=f"budget {result.budget_ms:.3g} ms")
-    ax.set_xlabel(f"latency, ms (batch {result.batch_size}, {result.device})")
-    ax.set_ylabel(result.monitor)
-    ax.set_title("accuracy vs measured latency")
-    ax.legend(fontsize=8)
-    bx.plot([p["predicted_ms"] for p in plans], [p["measured_ms"] for p in plans], "s", color="tab:green")
-    if plans:
-        lo = min(min(p["predicted_ms"], p["measured_ms"]) for p in plans)
-        hi = max(max(p["predicted_ms"], p["measured_ms"]) for p in plans)
-        bx.plot([lo, hi], [lo, hi], color="gray", lw=0.8)
-    bx.set_xlabel("predicted by the latency table, ms")
-    bx.set_ylabel("measured, ms")
-    bx.set_title("plans tried")
-    save_figure(fig, result.plot_path)
-
-
-def _write_report(rows: list[dict], plans: list[dict], result: CompressResult) -> None:
-    def metric(v: Optional[float]) -> str:
-        return "n/a" if v is None else f"{v:.4f}"
-
-    met = "met" if result.compressed_ms <= result.budget_ms else (
-        f"met within the {result.tolerance:.0%} timing tolerance" if result.budget_met else "MISSED")
-    lines = [f"# Compression report ({time.strftime('%Y-%m-%d %H:%M:%S')})", "",
-             f"- Device: {result.device}; batch {result.batch_size}; latency = median wall time of a forward pass.",
-             f"- Budget: {result.budget_ms:.3f} ms; dense {result.dense_ms:.3f} ms; compressed "
-             f"{result.compressed_ms:.3f} ms ({result.speedup:.2f}x faster); budget {met}.",
-             f"- MACs {result.macs_before:,} -> {result.macs_after:,}; parameters {result.params_before:,} -> "
-             f"{result.params_after:,}.",
-             f"- {result.monitor}: dense {metric(result.dense_metric)} -> compressed {metric(result.final_metric)}.",
-             "", "| stage | latency (ms) | speedup | MACs | params | " + result.monitor + " |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['stage']} | {r['ms']:.3f} | {result.dense_ms / r['ms']:.2f}x | {r['macs']:,} | "
-                     f"{r['params']:,} | {metric(r['metric'])} |")
-    lines += ["", "## Plans tried", "",
-              "Each step's greedy path runs from the current model (position 0) to the narrowest widths; plans along "
-              "it were pruned on a copy and timed, and the first one within the budget was kept.", "",
-              "| step | position on the path | predicted by the table (ms) | measured (ms) | kept |",
-              "|---|---|---|---|---|"]
-    lines += [f"| {p['step']} | {p['position']} / {p['path_length'] - 1} | {p['predicted_ms']:.3f} | "
-              f"{p['measured_ms']:.3f} | {'yes' if p['chosen'] else ''} |" for p in plans]
-    lines += ["", "![accuracy vs latency](pareto.png)", "",
-              "Load it in a fresh process: build the dense model, then "
-              "`lightning_ext.compression.load_pruned_checkpoint(model, 'compressed.ckpt')`. Reproduce: "
-              "`lightning-ext compress --config compress.yaml`.", ""]
-    atomic_write_text("\n".join(lines), result.report_path)
-
-
-class _Stages:
-    """A Rich progress bar over the stages, with the current latency and metric."""
-
-    def __init__(self, enabled: bool, steps: int) -> None:
-        self.progress = None
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.progress = Progress(TextColumn("compress"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[stage]} | {task.fields[now]}"), TimeElapsedColumn())
-            self.progress.start()
-            self.task = self.progress.add_task("compress", total=2 + 2 * steps, stage="", now="")
-
-    def stage(self, text: str) -> None:
-        if self.progress is not None:
-            started = self.progress.tasks[0].fields["stage"] != ""
-            self.progress.update(self.task, advance=1 if started else 0, stage=text)
-
-    def update(self, ms: float, metric: Optional[float]) -> None:
-        if self.progress is not None:
-            self.progress.update(self.task, now=f"{ms:.3g} ms, metric {'n/a' if metric is None else f'{metric:.4f}'}")
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.update(self.task, advance=1)
-            self.progress.stop()

@@ -137,27 +137,10 @@ def _fit(make_model, make_datamodule, batch_size, log_dir: Path, test: bool, **t
     return result
 
 
-from lightning.pytorch.strategies import DDPStrategy as _DDPStrategy  # noqa: E402 - module level: spawn pickles it
+def _orderly_ddp_spawn():
+    from lightning_ext.core.ddp_spawn import OrderlyDDPSpawn  # imports Lightning: only when a test needs it
 
-
-class OrderlyDDPSpawn(_DDPStrategy):
-    """``ddp_spawn`` whose ranks destroy their gloo process group in ``teardown``.
-
-    Lightning destroys the process group at exit only for NCCL; a gloo group is left to the interpreter's exit,
-    where its C++ worker threads can be destroyed while still joinable (``std::terminate``: "terminate called without
-    an active exception", SIGABRT), which a spawned rank of the VICReg test hit in 2 of 4 loaded CI runs. Destroying
-    the group in teardown joins those threads while the interpreter is still whole. No barrier first: a rank that
-    failed must not leave the other waiting."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(start_method="spawn", **kwargs)
-
-    def teardown(self) -> None:
-        import torch.distributed as dist
-
-        super().teardown()
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    return OrderlyDDPSpawn()
 
 
 def fit_ddp_vs_single(
@@ -184,7 +167,7 @@ def fit_ddp_vs_single(
                   devices=1, **trainer_kwargs)
     try:
         ddp = _fit(make_model, make_datamodule, global_batch_size // 2, tmp_path / "ddp", test,
-                   devices=2, strategy=OrderlyDDPSpawn(), **trainer_kwargs)
+                   devices=2, strategy=_orderly_ddp_spawn(), **trainer_kwargs)
     except Exception as err:  # noqa: BLE001 - only the teardown abort below is retried
         # A spawned rank can abort at interpreter exit ("terminate called without an active exception", SIGABRT)
         # when the machine is loaded: seen in 2 of 3 clean-clone CI runs on 2 cores (2026-12-06), never alone.
@@ -194,7 +177,7 @@ def fit_ddp_vs_single(
         warnings.warn(f"fit_ddp_vs_single: a spawned rank aborted at exit ({err}); retrying the two-process fit once.",
                       stacklevel=2)
         ddp = _fit(make_model, make_datamodule, global_batch_size // 2, tmp_path / "ddp_retry", test,
-                   devices=2, strategy=OrderlyDDPSpawn(), **trainer_kwargs)
+                   devices=2, strategy=_orderly_ddp_spawn(), **trainer_kwargs)
     return single, ddp
 
 
