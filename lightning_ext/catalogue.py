@@ -77,7 +77,7 @@ ENTRIES: tuple[Entry, ...] = (
        "DSnoT (Zhang et al., ICLR 2024): training-free pruning of every Linear layer to a target sparsity with "
        "Wanda's mask refined by reconstruction-error-driven grow-and-prune swaps, on calibration batches.",
        "Dynamic Sparse No Training: Training-Free Fine-tuning for Sparse LLMs", "2310.08915",
-       ("Dynamic Sparse No Training", "Wanda", "unstructured pruning", "2:4", "N:M sparsity"), "compression"),
+       ("Dynamic Sparse No Training", "Wanda", "unstructured pruning", "2:4", "N:M sparsity")),  # plain torch: no extra
     _e("DynamicSparseTraining", "callbacks", "compression", "dynamic_sparse_training",
        "DSL (Wang et al., WSDM 2024): trains embeddings and linear layers sparse from scratch, pruning by magnitude "
        "and regrowing by gradient every `delta_t` steps.",

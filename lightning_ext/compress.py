@@ -38,7 +38,6 @@ from lightning.pytorch import Callback, LightningDataModule, LightningModule, Tr
 from torch import nn
 from typing_extensions import override
 
-from lightning_ext.compression.compress_report import Stages, write_plot, write_report
 from lightning_ext.core.io import atomic_torch_save, atomic_write_text
 from lightning_ext.core.inputs import batch_inputs
 from lightning_ext.core.measure import count_macs_params, measure_latency, trial_copy
@@ -266,6 +265,7 @@ def compress(
         A :class:`CompressResult`. Raises :class:`CompressError` (or
         :class:`~lightning_ext.compression.PruningError`) with what to change for a request it cannot carry out.
     """
+    from lightning_ext.compression.compress_report import Stages, write_plot, write_report
     from lightning_ext.compression.history import record_step
     from lightning_ext.compression.latency_pruning import build_latency_table, device_name, plan_latency_pruning
     from lightning_ext.compression.plan import apply_pruning_history
