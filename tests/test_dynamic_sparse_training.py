@@ -24,7 +24,6 @@ from lightning_ext.compression.dynamic_sparse_training import (
 )
 from lightning_ext.datamodules import DigitsDataModule
 from lightning_ext.modules import MLPClassifier
-from lightning_ext.recsys.interactions import InteractionDataModule, per_user_split
 from lightning_ext.recsys.mf_bpr import MFBPR
 from lightning_ext.testing import assert_same_parameters, crash_and_resume, fit_ddp_vs_single
 
@@ -257,19 +256,7 @@ def test_sharded_strategy_is_refused_in_setup():
 
 
 # -- the callback on MF-BPR --------------------------------------------------------------------------------------
-class TinyInteractions(InteractionDataModule):
-    """40 users x 30 items, 8 noisy rank-2 positives each; per-user 75/25 train/test, 10% validation (200 train
-    pairs: a global batch of 40 divides them)."""
-
-    protocol = "tiny synthetic rank-2"
-
-    def load_splits(self):
-        rng = np.random.default_rng(0)
-        p, q = rng.normal(size=(40, 2)), rng.normal(size=(30, 2))
-        items = np.argsort(-(p @ q.T + rng.gumbel(size=(40, 30)) * 0.5), axis=1)[:, :8]
-        pairs = np.stack([np.repeat(np.arange(40), 8), items.ravel()], 1)
-        train, test = per_user_split(pairs, 0.25, seed=3)
-        return train, test, 40, 30
+from tests.test_ddp_modules import TinyInteractions  # noqa: E402 - the same tiny synthetic interactions
 
 
 def _dm(batch_size: int = 40) -> TinyInteractions:
