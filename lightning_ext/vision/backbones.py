@@ -49,6 +49,7 @@ def image_pair(size: Union[int, tuple[int, int], list[int]], name: str = "image_
 def create_timm_backbone(name: str, num_classes: int, in_chans: int, **kwargs) -> nn.Module:
     """``timm.create_model`` without downloading; unknown names get close suggestions."""
     timm = require("timm", "a backbone given by name")
+    import lightning_ext.vision.ffnet  # noqa: F401 - registers the library's own timm models (ffnet_*)
     if name not in timm.list_models():
         close = difflib.get_close_matches(name, timm.list_models(), n=5)
         raise ValueError(
