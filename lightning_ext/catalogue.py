@@ -317,6 +317,11 @@ ENTRIES: tuple[Entry, ...] = (
        "Kernel classifier with the closed-form NNGP/NTK of an infinitely wide network of a given depth.",
        "Wide and Deep Neural Networks Achieve Optimality for Classification", "2204.14126",
        ("NTK", "NNGP", "neural tangent kernel", "kernel classifier", "infinitely deep")),
+    _e("FFNet", "layers", "vision", "ffnet",
+       "FFNet (MetaMixer, Yun et al., 2024): an FFN-only convolutional network whose token mixer is FFNified "
+       "attention (1x1 query projection, large-kernel depthwise key and value convolutions, GELU); a timm model.",
+       "MetaMixer Is All You Need", "2406.02021",
+       ("MetaMixer", "FFNified attention", "ffnet_1", "ffnet_nano", "large-kernel depthwise", "timm model")),
 )
 
 _BY_NAME = {e.name: e for e in ENTRIES}
