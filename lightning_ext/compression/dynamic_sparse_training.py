@@ -185,6 +185,8 @@ class DynamicSparsity:
     (``exp_avg_sq``) keep the inactive entries' gradient history, as in the official code. It is the faster choice
     with Adam on CPU: a masked second moment is exactly zero on the inactive entries, and PyTorch's CPU ``sqrt`` is
     several times slower on zeros (Adam's step took 1.7 instead of 1.2 ms on MF-BPR's ML-100K tables).
+    ``torch.optim.Adam(..., fused=True)`` has no such slow path on CPU (0.77 ms on those tables with half the
+    gradients masked, as without masking), so with it the default order costs about as little.
 
     Example:
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
