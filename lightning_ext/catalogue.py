@@ -227,6 +227,10 @@ ENTRIES: tuple[Entry, ...] = (
        "features and missing values.",
        "TabPFN: A Transformer That Solves Small Tabular Classification Problems in a Second", "2207.01848",
        ("TabPFN", "structural causal model", "prior")),
+    _e("EngineeringDesignDataModule", "datamodules", "tabular", "engineering_design",
+       "Engineering design classification (feasible / infeasible) for the learning-curve protocol of Picard & Ahmed.",
+       "Fast and Accurate Zero-Training Classification for Tabular Engineering Data", "2401.06948",
+       ("welded beam", "four islands", "solar heat exchanger", "TabPFN")),
     # ---------------------------------------------------------------- scorers (FilteredDataModule's scorer:)
     _e("RandomScorer", "scorers", "curation", "random_selection",
        "Random data selection: the control every data scorer must beat.", None, None, ("random",)),
