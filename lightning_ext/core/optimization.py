@@ -43,3 +43,44 @@ def configure_optimization(module: Any, params: Any) -> Any:
         return optimizer
     scheduler = module.scheduler_factory(optimizer)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": module.scheduler_interval}}
+
+
+#: Per-param-group lists that PyTorch's schedulers keep (``LambdaLR``/``MultiplicativeLR``: ``lr_lambdas``;
+#: ``ReduceLROnPlateau``: ``min_lrs``; ``CyclicLR``: ``max_lrs``; every ``LRScheduler``: ``base_lrs``, ``_last_lr``).
+SCHEDULER_PER_GROUP_LISTS = ("base_lrs", "_last_lr", "lr_lambdas", "min_lrs", "max_lrs")
+
+
+def extend_scheduler(scheduler: Any, optimizer: Any) -> None:
+    """After a param group joined ``optimizer``: give ``scheduler`` (and the schedulers a ``SequentialLR`` or
+    ``ChainedScheduler`` holds) group 0's entry in each per-group list, so its ``zip(param_groups, ...)`` loops stay
+    aligned and it schedules the new group like group 0."""
+    for inner in getattr(scheduler, "_schedulers", None) or []:
+        extend_scheduler(inner, optimizer)
+    if getattr(scheduler, "optimizer", None) is not optimizer:
+        return
+    groups = len(optimizer.param_groups)
+    for name in SCHEDULER_PER_GROUP_LISTS:
+        values = getattr(scheduler, name, None)
+        if isinstance(values, list) and values and len(values) == groups - 1:
+            values.append(values[0])
+
+
+def add_param_group(optimizer: Any, params: list, schedulers: Any = (), **overrides: Any) -> dict:
+    """Add ``params`` to ``optimizer`` as a new param group with group 0's hyperparameters (``overrides``, e.g.
+    ``lr=0.1, weight_decay=0.0``, replace some) and extend ``schedulers`` with :func:`extend_scheduler`.
+
+    Example:
+        >>> import torch
+        >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.01, momentum=0.9)
+        >>> sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+        >>> group = add_param_group(opt, [torch.zeros(2, requires_grad=True)], [sched], lr=0.1)
+        >>> group["lr"], group["momentum"], len(sched.min_lrs)
+        (0.1, 0.9, 2)
+    """
+    group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+    group.update(overrides)
+    group["params"] = list(params)
+    optimizer.add_param_group(group)
+    for scheduler in schedulers:
+        extend_scheduler(scheduler, optimizer)
+    return optimizer.param_groups[-1]
