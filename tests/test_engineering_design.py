@@ -154,7 +154,7 @@ def test_bad_inputs_say_what_to_change():
         EngineeringDesignDataModule("welded_beam", n_train=0)
     with pytest.raises(ValueError, match="sampler must be one of"):
         EngineeringDesignDataModule("welded_beam", sampler="sobol")
-    with pytest.raises(ValueError, match="remove `test_fraction`"):
+    with pytest.raises(TypeError, match="test_fraction"):  # the split is set by n_train/n_val/n_test
         EngineeringDesignDataModule("welded_beam", test_fraction=0.3)
     with pytest.raises(ValueError, match=r"shape \(n, 4\)"):
         feasible("welded_beam", np.zeros((3, 2)))

@@ -285,8 +285,8 @@ class EngineeringDesignDataModule(InMemoryDataModule):
         on_missing: a real table's rows with missing values are dropped or refused.
         split_seed: seed of the generated samples (or of the real table's split).
         batch_size: samples per batch.
-        **kwargs: ``num_workers``, ``shuffle``, ``shuffle_seed``, ``pin_memory``, ``drop_last`` of
-            :class:`~lightning_ext.data.base.InMemoryDataModule`.
+        num_workers, shuffle, shuffle_seed, pin_memory, drop_last: as in
+            :class:`~lightning_ext.data.base.InMemoryDataModule` (the split fractions there do not apply here).
 
     Example:
         >>> dm = EngineeringDesignDataModule("welded_beam", n_train=100, n_val=20, n_test=50, balance=0.5)
@@ -311,14 +311,15 @@ class EngineeringDesignDataModule(InMemoryDataModule):
         on_missing: Literal["drop", "error"] = "drop",
         split_seed: int = 0,
         batch_size: PositiveInt = 64,
-        **kwargs,
+        num_workers: NonNegativeInt = 0,
+        shuffle: bool = True,
+        shuffle_seed: int = 0,
+        pin_memory: bool = False,
+        drop_last: bool = False,
     ) -> None:
         _check_problem(problem)
-        for key in ("val_fraction", "test_fraction", "train_fraction", "train_subset_seed", "long_tail_ratio"):
-            if key in kwargs:
-                raise ValueError(f"EngineeringDesignDataModule sets its split by n_train/n_val/n_test/train_rows; "
-                                 f"remove `{key}`.")
-        super().__init__(batch_size=batch_size, split_seed=split_seed, **kwargs)
+        super().__init__(batch_size=batch_size, split_seed=split_seed, num_workers=num_workers, shuffle=shuffle,
+                         shuffle_seed=shuffle_seed, pin_memory=pin_memory, drop_last=drop_last)
         check_positive_int("n_train", n_train)
         check_number("n_val", n_val, low=0, integer=True)
         check_positive_int("n_test", n_test)
