@@ -90,6 +90,11 @@ ENTRIES: tuple[Entry, ...] = (
        "CNN Filter DB: An Empirical Investigation of Trained Convolutional Filters", "2203.15331",
        ("CNN Filter DB", "torchconvquality", "variance entropy", "filter degeneration", "On filter design in deep "
         "convolutional neural network")),
+    _e("FireTogetherWireTogether", "callbacks", "compression", "fire_together_wire_together",
+       "FTWT (Elkerdawy et al., CVPR 2022): per-input channel gating of every conv+BN by mask predictors trained "
+       "self-supervised on the heat-map mass target, decoupled from the task loss; logs dynamic MACs.",
+       "Fire Together Wire Together: A Dynamic Pruning Approach with Self-Supervised Mask Prediction",
+       "2110.08232", ("FTWT", "dynamic pruning", "channel gating", "mask predictor")),  # plain torch: no extra
     _e("KNNEvaluation", "callbacks", "ssl", "knn_evaluation",
        "Weighted kNN accuracy of the model's features: `val_knn_acc` each validation, `test_knn_acc` on test.",
        "Unsupervised Feature Learning via Non-Parametric Instance Discrimination", "1805.01978",
