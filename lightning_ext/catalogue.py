@@ -23,7 +23,7 @@ KIND_TITLES = {
     "layers": "Model parts (plain PyTorch)",
 }
 FAMILIES = ("vision", "data", "compression", "distillation", "merging", "ssl", "curation", "recsys", "graph",
-            "pipeline", "tabular")
+            "pipeline", "tabular", "mil")
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,11 @@ ENTRIES: tuple[Entry, ...] = (
        "training, for any model with timm `DropPath` modules.",
        "Learning Transferable Architectures for Scalable Image Recognition", "1707.07012",
        ("NASNet", "drop path", "stochastic depth", "DropPath")),
+    _e("TransformableArchitectureSearch", "callbacks", "compression", "transformable_architecture_search",
+       "TAS (Dong & Yang, NeurIPS 2019): searches each conv's width with learnable distributions under a MACs "
+       "target, then removes the unused filters physically.",
+       "Network Pruning via Transformable Architecture Search", "1905.09717",
+       ("TAS", "width search", "channel search", "network pruning"), "compression"),
     # ---------------------------------------------------------------- modules
     _e("AdaMerging", "modules", "merging", "module",
        "AdaMerging: learns task- or layer-wise merging coefficients by entropy minimisation on unlabelled "
@@ -342,6 +347,29 @@ ENTRIES: tuple[Entry, ...] = (
        "attention (1x1 query projection, large-kernel depthwise key and value convolutions, GELU); a timm model.",
        "MetaMixer Is All You Need", "2406.02021",
        ("MetaMixer", "FFNified attention", "ffnet_1", "ffnet_nano", "large-kernel depthwise", "timm model")),
+    # ---------------------------------------------------------------- multiple-instance learning (mil/)
+    _e("MILClassifier", "modules", "mil", "module",
+       "Multiple-instance classification of bags: TransMIL, ABMIL, or mean/max pooling, trained by cross-entropy.",
+       "TransMIL: Transformer based Correlated Multiple Instance Learning for Whole Slide Image Classification",
+       "2106.00908", ("TransMIL", "ABMIL", "MIL", "multiple instance learning", "whole slide image", "WSI")),
+    _e("BagDataModule", "datamodules", "mil", "bag_datamodule",
+       "Binary multiple-instance bags built from a real image dataset, split at the instance level.",
+       None, None, ("MIL", "bags", "MNIST-bags", "digit bags")),
+    _e("TransMIL", "layers", "mil", "transmil",
+       "TransMIL's TPT aggregator: bag of instance features in, bag logits out (Shao et al., NeurIPS 2021).",
+       "TransMIL: Transformer based Correlated Multiple Instance Learning for Whole Slide Image Classification",
+       "2106.00908", ("TPT", "PPEG", "MIL")),
+    _e("ABMIL", "layers", "mil", "abmil",
+       "Attention-based deep MIL with the gated attention mechanism: bag of instance features in, logits out.",
+       "Attention-based Deep Multiple Instance Learning", "1802.04712", ("gated attention", "MIL")),
+    _e("PoolingMIL", "layers", "mil", "pooling",
+       "Embedding-level MIL with a fixed pooling: $z = \\mathrm{pool}_k\\, \\mathrm{ReLU}(W x_k + b)$, logits $= W_c z$, the "
+       "mean- and max-pooling baselines of ABMIL's and TransMIL's tables.",
+       "Attention-based Deep Multiple Instance Learning", "1802.04712", ("mean pooling", "max pooling", "MIL")),
+    _e("NystromAttention", "layers", "mil", "nystrom",
+       "Multi-head self-attention approximated with Nyström landmarks (Xiong et al., AAAI 2021).",
+       "Nyströmformer: A Nyström-Based Algorithm for Approximating Self-Attention", "2102.03902",
+       ("Nystromformer", "landmark attention")),
 )
 
 _BY_NAME = {e.name: e for e in ENTRIES}
