@@ -203,7 +203,8 @@ class FFNet(nn.Module):
         stem_dim: width of the stem's first conv.
         stem_stride: total stem stride, 4 (ImageNet, official), 2 or 1 (small images).
         token_mixer: ``"ffnified"`` (the method), ``"linear"`` (GELU removed), ``"none"`` (channel mixers only).
-        key_kernels / value_kernels: the token mixer's depthwise kernels per stage (official ``[3, 3, 7, 7]``).
+        key_kernels / value_kernels: the token mixer's depthwise kernels per stage; ``None`` = the official
+            ``[3, 3, 7, 7]`` (3 in the first half of the stages, 7 after).
         channel_kernel: the channel mixer's depthwise kernel (3 in FFNet-1, 7 otherwise).
         expansion: the channel FFN's hidden ratio (3), one value or one per stage.
         layer_scale: initial per-channel layer scale, ``None`` for none (FFNet-3/4 use 1e-6).
@@ -221,8 +222,8 @@ class FFNet(nn.Module):
 
     def __init__(self, depths: Sequence[int] = (2, 2, 8, 2), dims: Sequence[int] = (80, 160, 320, 640),
                  in_chans: int = 3, num_classes: int = 1000, stem_dim: int = 64, stem_stride: Literal[1, 2, 4] = 4,
-                 token_mixer: TokenMixerKind = "ffnified", key_kernels: Sequence[int] = (3, 3, 7, 7),
-                 value_kernels: Sequence[int] = (3, 3, 7, 7), channel_kernel: int = 3,
+                 token_mixer: TokenMixerKind = "ffnified", key_kernels: Optional[Sequence[int]] = None,
+                 value_kernels: Optional[Sequence[int]] = None, channel_kernel: int = 3,
                  expansion: Union[float, Sequence[float]] = 3.0, layer_scale: Optional[float] = None,
                  use_se: bool = False, drop_path_rate: float = 0.0, drop_rate: float = 0.0,
                  global_pool: str = "avg", norm_last: Literal["batch", "layer"] = "batch") -> None:
@@ -243,6 +244,9 @@ class FFNet(nn.Module):
         check_fraction("drop_path_rate", drop_path_rate, allow_one=False)
         check_fraction("drop_rate", drop_rate, allow_one=False)
         stages = len(dims)
+        official = [3 if i < stages // 2 else 7 for i in range(stages)]  # [3, 3, 7, 7] for four stages
+        key_kernels = official if key_kernels is None else key_kernels
+        value_kernels = official if value_kernels is None else value_kernels
         keys, values = _per_stage("key_kernels", key_kernels, stages), _per_stage("value_kernels", value_kernels,
                                                                                    stages)
         ratios = _per_stage("expansion", expansion, stages)
