@@ -11,7 +11,7 @@ from lightning_ext import catalogue
 ROOT = Path(lightning_ext.__file__).parent
 FACADES = {"callbacks", "modules", "datamodules"}
 FAMILIES = {"compression", "distillation", "merging", "ssl", "curation", "recsys", "graph", "pipeline", "vision",
-            "data"}
+            "data", "tabular", "mil"}
 #: Lightning wrappers: modules that define a Callback, LightningModule or LightningDataModule for users.
 WRAPPERS = {e.module for e in catalogue.ENTRIES if e.kind in catalogue.LIGHTNING_KINDS}
 #: Reasoned exceptions (importer, imported wrapper module): why each may import a wrapper module.
@@ -20,6 +20,10 @@ ALLOWED = {
     ("lightning_ext.distillation.module", "lightning_ext.vision.classifier"),
     # the SELECT-style harness trains with FilteredDataModule: it is itself a Lightning-level tool, not a core
     ("lightning_ext.curation.select", "lightning_ext.curation.datamodule"),
+    # MILClassifier *is* a Classifier over bags (subclass): the same loss, metrics, guards and optimiser injection
+    ("lightning_ext.mil.module", "lightning_ext.vision.classifier"),
+    # the scikit-learn estimators load a checkpoint the PriorFittedNetwork module trained: they are user-facing tools
+    ("lightning_ext.tabular.pfn_classifier", "lightning_ext.tabular.prior_fitted_network"),
 }
 SOURCES = sorted(p for p in ROOT.rglob("*.py") if "__pycache__" not in p.parts)
 

@@ -147,7 +147,11 @@ class Classifier(SkippedStepsCheckpoint, LightningModule):
             f1 = getattr(self, f"{stage}_f1")
             f1(logits, y)
             self.log(f"{stage}_f1", f1)
+            self._log_extra_metrics(stage, logits, y)
         return loss
+
+    def _log_extra_metrics(self, stage: str, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """Subclasses add validation/test metrics here (called with each batch's logits and labels)."""
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Optional[torch.Tensor]:

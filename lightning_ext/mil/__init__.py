@@ -1,0 +1,1 @@
+"""Multiple-instance learning: TransMIL, ABMIL and pooling aggregators, MILClassifier, BagDataModule."""
