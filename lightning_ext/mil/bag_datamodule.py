@@ -248,6 +248,11 @@ class BagDataModule(LightningDataModule):
             self.datasets[split] = _BagDataset(table, index, lengths, torch.as_tensor(labels))
             self._instance_classes[split] = inst
 
+    @property
+    def train_set(self) -> _BagDataset:
+        """The training bags (after ``setup``)."""
+        return self.datasets["train"]
+
     def instance_labels(self, split: Literal["train", "val", "test"] = "test") -> np.ndarray:
         """Each bag's instance classes ``(bags, max_instances)``, ``-1`` for padding (after ``setup``)."""
         return self._instance_classes[split]
