@@ -23,7 +23,7 @@ KIND_TITLES = {
     "layers": "Model parts (plain PyTorch)",
 }
 FAMILIES = ("vision", "data", "compression", "distillation", "merging", "ssl", "curation", "recsys", "graph",
-            "pipeline", "tabular", "mil")
+            "pipeline", "tabular", "mil", "metric_learning")
 
 
 @dataclass(frozen=True)
@@ -370,6 +370,21 @@ ENTRIES: tuple[Entry, ...] = (
        "Multi-head self-attention approximated with Nyström landmarks (Xiong et al., AAAI 2021).",
        "Nyströmformer: A Nyström-Based Algorithm for Approximating Self-Attention", "2102.03902",
        ("Nystromformer", "landmark attention")),
+    # ---------------------------------------------------------------- deep metric learning (metric_learning/)
+    _e("ABEModule", "modules", "metric_learning", "module",
+       "Deep metric learning with an Attention-based Ensemble: ``M`` attention-masked learners over one network.",
+       "Attention-based Ensemble for Deep Metric Learning", "1804.00382",
+       ("ABE", "metric learning", "divergence loss", "ensemble", "retrieval", "Recall@K")),
+    _e("UnseenClassesDataModule", "datamodules", "metric_learning", "unseen_classes",
+       "A class-disjoint split for deep metric learning: every image of ``train_classes`` trains; the images of the "
+       "other classes are split (class-stratified, ``split_seed``) into validation and test retrieval sets.",
+       None, None, ("zero-shot retrieval", "unseen classes", "metric learning")),
+    _e("contrastive_loss", "losses", "metric_learning", "losses",
+       "Contrastive loss (Hadsell, Chopra and LeCun, CVPR 2006) over every pair of a batch, ABE's metric loss.",
+       "Dimensionality Reduction by Learning an Invariant Mapping", None, ("contrastive", "pair loss")),
+    _e("divergence_loss", "losses", "metric_learning", "abe",
+       "ABE's divergence loss: learners' embeddings *of the same input* kept at least ``margin`` apart.",
+       "Attention-based Ensemble for Deep Metric Learning", "1804.00382", ("ABE", "diversity")),
 )
 
 _BY_NAME = {e.name: e for e in ENTRIES}
