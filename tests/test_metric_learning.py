@@ -88,8 +88,15 @@ def test_unseen_classes_split_holds_classes_out():
     assert abs(float(xs.mean())) < 1e-4  # standardised with the training images' statistics
 
 
+def test_a_per_class_cap_subsamples_every_class():
+    dm = UnseenClassesDataModule(max_images_per_class=40)
+    dm.setup()
+    assert dm.split_sizes == {"train": 200, "val": 100, "test": 100}
+    assert np.bincount(dm.train_set.tensors[1].numpy()).tolist() == [40] * 5
+
+
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(train_classes=[0]), "2 to 8"), (dict(train_classes=[0, 0, 1]), "distinct"),
+    (dict(train_classes=[0]), "2 to 8"), (dict(max_images_per_class=0), "max_images_per_class"), (dict(train_classes=[0, 0, 1]), "distinct"),
     (dict(train_classes=[0, 11]), r"\[11\] are not classes"), (dict(val_share=1.0), "val_share"),
 ])
 def test_bad_class_splits_get_one_line(kwargs, match):

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 import numpy as np
 from typing_extensions import override
 
-from lightning_ext.core.validation import OpenUnitInterval, PositiveInt, check_choice, check_fraction
+from lightning_ext.core.validation import (
+    OpenUnitInterval,
+    PositiveInt,
+    check_choice,
+    check_fraction,
+    check_positive_int,
+)
 from lightning_ext.data.base import Arrays, InMemoryDataModule, stratified_split
 
 __all__ = ["UnseenClassesDataModule"]
@@ -41,6 +47,7 @@ class UnseenClassesDataModule(InMemoryDataModule):
         source: the image dataset.
         train_classes: class ids trained on; the rest are unseen.
         val_share: share of the unseen-class images in the validation set (the rest is the test set).
+        max_images_per_class: keep at most this many images of each class (a seeded random subset; ``None``: all).
         batch_size: training batch size (metric losses need several examples per class in a batch).
         **kwargs: see :class:`~lightning_ext.data.base.InMemoryDataModule` (``split_seed``, ``shuffle_seed``, ...;
             ``val_fraction``/``test_fraction``/``train_fraction``/``long_tail_ratio`` are not used).
@@ -54,7 +61,8 @@ class UnseenClassesDataModule(InMemoryDataModule):
 
     def __init__(self, source: Literal["digits", "mnist5k", "fashion_mnist"] = "digits",
                  train_classes: list[int] = [0, 1, 2, 3, 4],  # noqa: B006 - read only, a YAML-visible default
-                 val_share: OpenUnitInterval = 0.5, batch_size: PositiveInt = 128, **kwargs) -> None:
+                 val_share: OpenUnitInterval = 0.5, max_images_per_class: Optional[PositiveInt] = None,
+                 batch_size: PositiveInt = 128, **kwargs) -> None:
         check_choice("source", source, ("digits", "mnist5k", "fashion_mnist"))
         check_fraction("val_share", val_share, allow_zero=False, allow_one=False)
         super().__init__(batch_size=batch_size, **kwargs)
@@ -69,7 +77,10 @@ class UnseenClassesDataModule(InMemoryDataModule):
         if len(classes) < 2 or len(classes) > self.num_classes - 2:
             raise ValueError(f"Train on 2 to {self.num_classes - 2} of {source}'s {self.num_classes} classes (metric "
                              f"losses need 2 classes; retrieval needs 2 unseen ones); got {len(classes)}.")
+        if max_images_per_class is not None:
+            check_positive_int("max_images_per_class", max_images_per_class)
         self.source, self.train_classes, self.val_share = source, classes, val_share
+        self.max_images_per_class = max_images_per_class
 
     @override
     def load_arrays(self) -> Arrays:
@@ -82,7 +93,13 @@ class UnseenClassesDataModule(InMemoryDataModule):
     @override
     def split_indices(self, arrays: Arrays) -> dict[str, np.ndarray]:
         """Seen-class images train; unseen-class images split into validation and test."""
-        seen = np.isin(arrays.y, self.train_classes)
-        unseen = np.flatnonzero(~seen)
+        keep = np.arange(len(arrays.y))
+        if self.max_images_per_class is not None:  # a seeded random subset of each class
+            rng = np.random.default_rng(self.split_seed)
+            keep = np.sort(np.concatenate([
+                rng.permutation(np.flatnonzero(arrays.y == c))[:self.max_images_per_class]
+                for c in np.unique(arrays.y)]))
+        seen = keep[np.isin(arrays.y[keep], self.train_classes)]
+        unseen = keep[~np.isin(arrays.y[keep], self.train_classes)]
         test_rel, val_rel = stratified_split(arrays.y[unseen], self.val_share, self.split_seed)
-        return {"train": np.flatnonzero(seen), "val": unseen[val_rel], "test": unseen[test_rel]}
+        return {"train": seen, "val": unseen[val_rel], "test": unseen[test_rel]}
