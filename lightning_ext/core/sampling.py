@@ -154,3 +154,22 @@ class ResumableDataLoader(DataLoader):
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
         self._skip = (epoch, batches)
+
+
+def epoch_loader(dataset: Any, batch_size: int, *, train: bool, trainer: Any = None, shuffle: bool = True,
+                 seed: int = 0, num_workers: int = 0, pin_memory: bool = False, drop_last: bool = False) -> DataLoader:
+    """The library's loader for an in-memory dataset: for training a :class:`ResumableDataLoader` over an
+    :class:`EpochSampler` (seeded per-epoch order, sharded over ``trainer``'s ranks, resumable mid-epoch), for
+    evaluation a plain in-order :class:`~torch.utils.data.DataLoader`.
+
+    Example:
+        >>> [b.tolist() for b in epoch_loader(list(range(4)), 2, train=False)]
+        [[0, 1], [2, 3]]
+    """
+    if not train:
+        return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
+                          persistent_workers=num_workers > 0)
+    world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+    sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world)
+    return ResumableDataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                               pin_memory=pin_memory, persistent_workers=num_workers > 0, drop_last=drop_last)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from lightning_ext.core.sampling import EpochSampler, ResumableDataLoader
+from lightning_ext.core.sampling import epoch_loader
 from lightning_ext.core.validation import (
     NonNegativeInt,
     OpenUnitInterval,
@@ -261,14 +261,9 @@ class BagDataModule(LightningDataModule):
     def _loader(self, split: str) -> DataLoader:
         if split not in self.datasets:
             raise RuntimeError("BagDataModule: call setup() before asking for a dataloader.")
-        data, train = self.datasets[split], split == "train"
-        if not train:
-            return DataLoader(data, batch_size=self.batch_size, num_workers=self.num_workers)
-        trainer: Any = getattr(self, "trainer", None)
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = EpochSampler(len(data), shuffle=self.shuffle, seed=self.shuffle_seed, rank=rank, world_size=world)
-        return ResumableDataLoader(data, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                                   persistent_workers=self.num_workers > 0)
+        return epoch_loader(self.datasets[split], self.batch_size, train=split == "train",
+                            trainer=getattr(self, "trainer", None), shuffle=self.shuffle, seed=self.shuffle_seed,
+                            num_workers=self.num_workers)
 
     @override
     def train_dataloader(self) -> DataLoader:
