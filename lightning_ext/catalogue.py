@@ -83,6 +83,11 @@ ENTRIES: tuple[Entry, ...] = (
        "and regrowing by gradient every `delta_t` steps.",
        "Dynamic Sparse Learning: A Novel Paradigm for Efficient Recommendation", "2402.02855",
        ("DSL", "dynamic sparse training", "sparse embeddings", "RigL", "prune and grow")),
+    _e("TransferAttackEvaluation", "callbacks", "vision", "transfer_attack_evaluation",
+       "Attack transfer between a dynamic network and its static twin (Haque and Yang, 2023), measured after "
+       "testing.",
+       "Dynamic Neural Network is All You Need: Understanding the Robustness of Dynamic Mechanisms in Neural "
+       "Networks", "2308.08709", ("adversarial", "PGD", "FGSM", "transferability", "early exit", "DyNN")),
     _e("FilterDiagnostics", "callbacks", "vision", "filter_diagnostics",
        "Filter diagnostics (Gavrikov & Keuper, 2022): every N epochs, per 3x3 conv layer, the CNN Filter DB's "
        "sparsity, variance entropy and distribution shift of the filters, logged, plotted and checked for "
@@ -143,6 +148,11 @@ ENTRIES: tuple[Entry, ...] = (
        "DCCF (Ren et al., SIGIR 2023): per layer E^{l+1} = Z + R + H^β + H^γ + E^l, BPR plus InfoNCE between "
        "the views; E = Σ_l E^l.",
        "Disentangled Contrastive Collaborative Filtering", "2305.02759", ("recommender", "intents")),
+    _e("EarlyExitClassifier", "modules", "vision", "early_exit_classifier",
+       "An early-exit classifier: internal classifiers on a backbone's stages, trained jointly, leaving at the "
+       "first confident exit.",
+       "Shallow-Deep Networks: Understanding and Mitigating Network Overthinking", "1810.07052",
+       ("early exit", "multi-exit", "dynamic network", "DyNN", "SDN", "adaptive inference")),
     _e("DistillationModule", "modules", "distillation", "module",
        "A student classifier trained with a frozen teacher's soft targets (and features): explicit KD.",
        "Distilling the Knowledge in a Neural Network", "1503.02531", ("KD", "teacher", "student")),
