@@ -23,7 +23,7 @@ KIND_TITLES = {
     "layers": "Model parts (plain PyTorch)",
 }
 FAMILIES = ("vision", "data", "compression", "distillation", "merging", "ssl", "curation", "recsys", "graph",
-            "pipeline", "tabular", "mil", "metric_learning")
+            "pipeline", "tabular", "mil", "metric_learning", "segmentation")
 
 
 @dataclass(frozen=True)
@@ -395,6 +395,25 @@ ENTRIES: tuple[Entry, ...] = (
     _e("divergence_loss", "losses", "metric_learning", "abe",
        "ABE's divergence loss: learners' embeddings *of the same input* kept at least ``margin`` apart.",
        "Attention-based Ensemble for Deep Metric Learning", "1804.00382", ("ABE", "diversity")),
+    # ---------------------------------------------------------------- segmentation (segmentation/)
+    _e("SegmentationModule", "modules", "segmentation", "module",
+       "2D segmentation of ``(image, mask)`` batches with R2U-Net or U-Net, trained by cross-entropy plus Dice.",
+       "Recurrent Residual Convolutional Neural Network based on U-Net (R2U-Net) for Medical Image Segmentation",
+       "1802.06955", ("R2U-Net", "U-Net", "ResU-Net", "segmentation", "Dice")),
+    _e("DigitMasksDataModule", "datamodules", "segmentation", "digit_masks",
+       "A small offline segmentation task built from real data: scikit-learn's 1,797 handwritten 8x8 digits.",
+       None, None, ("segmentation", "masks", "digits")),
+    _e("R2UNet", "layers", "segmentation", "r2unet",
+       "R2U-Net: a U-Net whose stages are recurrent residual units (:class:`RRCU`), Alom et al. 2018.",
+       "Recurrent Residual Convolutional Neural Network based on U-Net (R2U-Net) for Medical Image Segmentation",
+       "1802.06955", ("RRCU", "recurrent residual", "ResU-Net")),
+    _e("UNet", "layers", "segmentation", "r2unet",
+       "The plain U-Net (Ronneberger et al., MICCAI 2015, arXiv 1505.04597) with the same topology as "
+       ":class:`R2UNet`: two Conv3x3-BN-ReLU per stage instead of a recurrent residual unit.",
+       "U-Net: Convolutional Networks for Biomedical Image Segmentation", "1505.04597", ("U-Net",)),
+    _e("soft_dice_loss", "losses", "segmentation", "module",
+       "Soft Dice loss averaged over the batch (and over classes for multi-class logits).",
+       None, None, ("Dice", "segmentation loss")),
 )
 
 _BY_NAME = {e.name: e for e in ENTRIES}
