@@ -72,11 +72,13 @@ class FireTogetherWireTogether(Callback):
     ``<prefix>mask_loss``, ``<prefix>mask_acc``. The gates only save work with a gather-conv kernel; here the
     computation stays dense.
 
-    The hooks are put on the module in ``setup`` and stay after a successful fit (the backbone was trained to run
-    gated): ``callback.gating.detach()`` restores the dense model. Supported: single device and DDP (predictor
-    gradients averaged across processes before each step, the MACs counts summed), gradient accumulation, resume
-    (the predictors are in this callback's state; also mid-epoch). Refused in ``setup``: sharded strategies and
-    manual optimization.
+    The gates are on the module from ``setup`` to ``teardown`` of every stage, so ``trainer.validate/test`` with
+    this callback run gated; outside Lightning, ``callback.gating.attach()`` gates the module again and
+    ``detach()`` removes the hooks (a module is never left hooked, so it still pickles and copies).
+
+    Supported: single device and DDP (predictor gradients averaged across processes before each step, the MACs
+    counts summed), gradient accumulation, resume (the predictors are in this callback's state; also mid-epoch).
+    Refused in ``setup``: sharded strategies and manual optimization.
 
     Args:
         mass_ratio: :math:`r`, the heat-map mass kept per sample, in (0, 1] (official default 1.0: only channels
@@ -167,6 +169,16 @@ class FireTogetherWireTogether(Callback):
         self._pending: Optional[dict[str, Any]] = None
         self._module: Optional[LightningModule] = None
         self._learning = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (e.g. by ``ddp_spawn``) without the gating and the logging functions Lightning bound to the last
+        fit's module: that module holds the gating hooks, and a fit on another module builds fresh predictors anyway
+        (a checkpoint's state is what carries them over)."""
+        state = self.__dict__.copy()
+        state["gating"], state["_module"] = None, None
+        for name in ("log", "log_dict"):  # Lightning binds these to the last fit's module, which holds the hooks
+            state.pop(name, None)
+        return state
 
     @property
     @override
@@ -364,11 +376,11 @@ class FireTogetherWireTogether(Callback):
     # -- teardown and state -----------------------------------------------------------------------------------
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Remove the ``training_step`` wrapper; the gates stay on the module."""
+        """Remove the ``training_step`` wrapper and the gates' hooks (the predictors are kept)."""
         self._unwrap()
         if self.gating is not None:
             self.gating.recording = False
-            self.gating.clear()
+            self.gating.detach()
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
