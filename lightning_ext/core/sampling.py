@@ -173,3 +173,35 @@ def epoch_loader(dataset: Any, batch_size: int, *, train: bool, trainer: Any = N
     sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world)
     return ResumableDataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                                pin_memory=pin_memory, persistent_workers=num_workers > 0, drop_last=drop_last)
+
+
+class SplitLoaders:
+    """Mixin for a LightningDataModule holding its splits in memory: ``train/val/test_dataloader`` from
+    :meth:`split_dataset` through :func:`epoch_loader`, with the module's ``batch_size``, ``shuffle``,
+    ``shuffle_seed`` and ``num_workers`` (put it before ``LightningDataModule`` in the bases)."""
+
+    batch_size: int
+    shuffle: bool
+    shuffle_seed: int
+    num_workers: int
+
+    def split_dataset(self, split: str) -> Any:
+        """The dataset of ``split`` (``"train"``, ``"val"`` or ``"test"``); raise when ``setup`` has not run."""
+        raise NotImplementedError
+
+    def _split_loader(self, split: str) -> DataLoader:
+        return epoch_loader(self.split_dataset(split), self.batch_size, train=split == "train",
+                            trainer=getattr(self, "trainer", None), shuffle=self.shuffle, seed=self.shuffle_seed,
+                            num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        """Seeded, sharded, resumable training batches."""
+        return self._split_loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches in order."""
+        return self._split_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        """Test batches in order."""
+        return self._split_loader("test")

@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from typing_extensions import override
 
-from lightning_ext.core.sampling import epoch_loader
+from lightning_ext.core.sampling import SplitLoaders
 from lightning_ext.core.validation import (
     NonNegativeInt,
     OpenUnitInterval,
@@ -55,7 +55,7 @@ class _BagDataset(Dataset):
         return Bags(features, self.lengths[i]), self.labels[i]
 
 
-class BagDataModule(LightningDataModule):
+class BagDataModule(SplitLoaders, LightningDataModule):
     r"""Binary multiple-instance bags built from a real image dataset, split at the instance level.
 
     Instances come from the train / validation / test split of ``source`` (``"digits"``: scikit-learn's 8x8
@@ -258,24 +258,8 @@ class BagDataModule(LightningDataModule):
         return self._instance_classes[split]
 
     # -- loaders ---------------------------------------------------------------------------------------------
-    def _loader(self, split: str) -> DataLoader:
+    def split_dataset(self, split: str) -> Dataset:
+        """The bags of ``split`` (after ``setup``)."""
         if split not in self.datasets:
             raise RuntimeError("BagDataModule: call setup() before asking for a dataloader.")
-        return epoch_loader(self.datasets[split], self.batch_size, train=split == "train",
-                            trainer=getattr(self, "trainer", None), shuffle=self.shuffle, seed=self.shuffle_seed,
-                            num_workers=self.num_workers)
-
-    @override
-    def train_dataloader(self) -> DataLoader:
-        """Seeded, sharded, resumable training bags."""
-        return self._loader("train")
-
-    @override
-    def val_dataloader(self) -> DataLoader:
-        """Validation bags in order."""
-        return self._loader("val")
-
-    @override
-    def test_dataloader(self) -> DataLoader:
-        """Test bags in order."""
-        return self._loader("test")
+        return self.datasets[split]

@@ -8,10 +8,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 from typing_extensions import override
 
-from lightning_ext.core.sampling import epoch_loader
+from lightning_ext.core.sampling import SplitLoaders
 from lightning_ext.core.validation import (
     NonNegativeFloat,
     NonNegativeInt,
@@ -27,7 +27,7 @@ from lightning_ext.data.base import stratified_split
 __all__ = ["DigitMasksDataModule"]
 
 
-class DigitMasksDataModule(LightningDataModule):
+class DigitMasksDataModule(SplitLoaders, LightningDataModule):
     r"""A small offline segmentation task built from real data: scikit-learn's 1,797 handwritten 8x8 digits.
 
     Each digit is upsampled (bilinear) to ``size x size``; the **mask** is the clean upsampled digit above
@@ -130,24 +130,8 @@ class DigitMasksDataModule(LightningDataModule):
         """The training pairs (after ``setup``)."""
         return self.sets["train"]
 
-    def _loader(self, split: str) -> DataLoader:
+    def split_dataset(self, split: str) -> Dataset:
+        """The (image, mask) pairs of ``split`` (after ``setup``)."""
         if split not in self.sets:
             raise RuntimeError("DigitMasksDataModule: call setup() before asking for a dataloader.")
-        return epoch_loader(self.sets[split], self.batch_size, train=split == "train",
-                            trainer=getattr(self, "trainer", None), shuffle=self.shuffle, seed=self.shuffle_seed,
-                            num_workers=self.num_workers)
-
-    @override
-    def train_dataloader(self) -> DataLoader:
-        """Seeded, sharded, resumable training batches."""
-        return self._loader("train")
-
-    @override
-    def val_dataloader(self) -> DataLoader:
-        """Validation batches in order."""
-        return self._loader("val")
-
-    @override
-    def test_dataloader(self) -> DataLoader:
-        """Test batches in order."""
-        return self._loader("test")
+        return self.sets[split]
