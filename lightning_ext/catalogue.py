@@ -382,12 +382,12 @@ ENTRIES: tuple[Entry, ...] = (
        ("Nystromformer", "landmark attention")),
     # ---------------------------------------------------------------- deep metric learning (metric_learning/)
     _e("ABEModule", "modules", "metric_learning", "module",
-       "Deep metric learning with an Attention-based Ensemble: ``M`` attention-masked learners over one network.",
+       "Deep metric learning with an Attention-based Ensemble: `M` attention-masked learners over one network.",
        "Attention-based Ensemble for Deep Metric Learning", "1804.00382",
        ("ABE", "metric learning", "divergence loss", "ensemble", "retrieval", "Recall@K")),
     _e("UnseenClassesDataModule", "datamodules", "metric_learning", "unseen_classes",
-       "A class-disjoint split for deep metric learning: every image of ``train_classes`` trains; the images of the "
-       "other classes are split (class-stratified, ``split_seed``) into validation and test retrieval sets.",
+       "A class-disjoint split for deep metric learning: every image of `train_classes` trains; the images of the "
+       "other classes are split (class-stratified, `split_seed`) into validation and test retrieval sets.",
        None, None, ("zero-shot retrieval", "unseen classes", "metric learning")),
     _e("contrastive_loss", "losses", "metric_learning", "losses",
        "Contrastive loss (Hadsell, Chopra and LeCun, CVPR 2006) over every pair of a batch, ABE's metric loss.",
@@ -397,19 +397,19 @@ ENTRIES: tuple[Entry, ...] = (
        "Attention-based Ensemble for Deep Metric Learning", "1804.00382", ("ABE", "diversity")),
     # ---------------------------------------------------------------- segmentation (segmentation/)
     _e("SegmentationModule", "modules", "segmentation", "module",
-       "2D segmentation of ``(image, mask)`` batches with R2U-Net or U-Net, trained by cross-entropy plus Dice.",
+       "2D segmentation of `(image, mask)` batches with R2U-Net or U-Net, trained by cross-entropy plus Dice.",
        "Recurrent Residual Convolutional Neural Network based on U-Net (R2U-Net) for Medical Image Segmentation",
        "1802.06955", ("R2U-Net", "U-Net", "ResU-Net", "segmentation", "Dice")),
     _e("DigitMasksDataModule", "datamodules", "segmentation", "digit_masks",
        "A small offline segmentation task built from real data: scikit-learn's 1,797 handwritten 8x8 digits.",
        None, None, ("segmentation", "masks", "digits")),
     _e("R2UNet", "layers", "segmentation", "r2unet",
-       "R2U-Net: a U-Net whose stages are recurrent residual units (:class:`RRCU`), Alom et al. 2018.",
+       "R2U-Net: a U-Net whose stages are recurrent residual units (`RRCU`), Alom et al. 2018.",
        "Recurrent Residual Convolutional Neural Network based on U-Net (R2U-Net) for Medical Image Segmentation",
        "1802.06955", ("RRCU", "recurrent residual", "ResU-Net")),
     _e("UNet", "layers", "segmentation", "r2unet",
        "The plain U-Net (Ronneberger et al., MICCAI 2015, arXiv 1505.04597) with the same topology as "
-       ":class:`R2UNet`: two Conv3x3-BN-ReLU per stage instead of a recurrent residual unit.",
+       "`R2UNet`: two Conv3x3-BN-ReLU per stage instead of a recurrent residual unit.",
        "U-Net: Convolutional Networks for Biomedical Image Segmentation", "1505.04597", ("U-Net",)),
     _e("soft_dice_loss", "losses", "segmentation", "module",
        "Soft Dice loss averaged over the batch (and over classes for multi-class logits).",
