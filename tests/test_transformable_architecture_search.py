@@ -272,3 +272,17 @@ def test_crash_after_pruning_and_resume_replays_the_widths(tmp_path):
                                            limit_val_batches=1, weights_only=True)
     assert full.net[0].out_channels < 8 or full.net[3].out_channels < 16
     assert_same_parameters(full, resumed)
+
+
+def test_the_kept_widths_are_the_best_validated_ones_within_the_band():
+    tas = TransformableArchitectureSearch(macs_reduction=0.5, search_epochs=2, arch_lr=0.05, verbose=False)
+    model, _ = fit([tas], max_epochs=3)
+    assert [c["epoch"] for c in tas.candidates] == [0, 1]  # one record per search validation, none after pruning
+    tas.candidates = [
+        {"epoch": 0, "widths": {"a": 4}, "value": 0.9, "macs_share": 0.6},   # best, but outside the band
+        {"epoch": 1, "widths": {"a": 6}, "value": 0.7, "macs_share": 0.47},
+        {"epoch": 2, "widths": {"a": 5}, "value": 0.8, "macs_share": 0.52},
+    ]
+    assert tas.chosen_widths() == {"a": 5}
+    kept = tas.steps[0]["widths"]
+    assert model.net[0].out_channels == kept["net.0"] and model.net[3].out_channels == kept["net.3"]

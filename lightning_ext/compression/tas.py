@@ -300,6 +300,15 @@ class WidthSearch(nn.Module):
         """The most likely width of every searched conv."""
         return {root: w[int(torch.argmax(a.detach()))] for (root, w), a in zip(self.choices.items(), self.logits)}
 
+    def set_widths(self, widths: dict[str, int]) -> None:
+        """Make ``widths`` (one of each conv's candidates) the most likely ones (logits +1 there, -1 elsewhere)."""
+        with torch.no_grad():
+            for (root, choices), a in zip(self.choices.items(), self.logits):
+                if widths[root] not in choices:
+                    raise ValueError(f"width {widths[root]} of {root!r} is not one of its candidates {choices}.")
+                a.fill_(-1.0)
+                a[choices.index(widths[root])] = 1.0
+
     def macs_of(self, widths: dict[str, int]) -> float:
         """The cost model's MACs of one sample for the given widths (absent layers: full width)."""
         ref = self.logits[0].detach()

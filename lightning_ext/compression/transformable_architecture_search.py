@@ -8,7 +8,7 @@ schedule, the architecture optimiser, the checkpoint state and the pruning step.
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -63,10 +63,13 @@ class TransformableArchitectureSearch(Callback):
     module's own ``training_step`` trains the weights; after each batch the callback takes one architecture step on
     the same batch (cross-entropy of ``pl_module(x)`` against ``y`` plus ``flops_weight`` x the cost loss, Adam with
     betas (0.5, 0.999) on the logits only). Gumbel :math:`\tau` falls from ``tau_max`` to ``tau_min`` on a cosine
-    over the search epochs. Validation during the search runs the most likely widths (logged
-    ``tas/macs_share``, the cost model's share of the dense MACs).
+    over the search epochs. Validation during the search runs the most likely widths; each validation records
+    those widths, their cost and ``monitor``.
 
-    **Pruning** (start of epoch ``search_epochs``): the filters beyond each layer's most likely width are removed by
+    **Pruning** (start of epoch ``search_epochs``): with ``select="best_in_band"`` (the reference script's choice) the
+    widths kept are those of the validation, among the search's, whose widths cost within ``flops_tolerance`` of the
+    target and scored the best ``monitor``; without such a validation (or with ``select="last"``) the most likely
+    widths at the end of the search. The filters beyond each layer's kept width are removed by
     the library's pruning engine (:func:`~lightning_ext.compression.plan.apply_pruning_history`), the optimisers
     are rebuilt on the new parameters (LR schedule carried over) and the rest of ``fit`` retrains the thinner
     network. Add :class:`~lightning_ext.distillation.KnowledgeDistillation` with the dense model as teacher (the
@@ -92,7 +95,9 @@ class TransformableArchitectureSearch(Callback):
         arch_weight_decay: their weight decay.
         flops_weight: :math:`\lambda_{cost}` (the reference scripts' ``FLOP_weight`` 2).
         flops_tolerance: no cost loss while the most likely widths cost between ``target - tolerance`` and
-            ``target`` (share of the dense MACs; ``FLOP_tolerant`` 0.05).
+            ``target`` (share of the dense MACs; ``FLOP_tolerant`` 0.05); also the band of ``select``.
+        select: which widths to keep: ``"best_in_band"`` or ``"last"`` (see above).
+        monitor: the validation metric ``select="best_in_band"`` maximises.
         ignored_layers: conv names or globs (relative to the LightningModule) whose width is kept.
         input_shape: shape of one input without the batch dimension (default: from the module or the data).
         seed: seed of the logits and the Gumbel draws.
@@ -115,6 +120,8 @@ class TransformableArchitectureSearch(Callback):
         arch_weight_decay: NonNegativeFloat = 1e-3,
         flops_weight: NonNegativeFloat = 2.0,
         flops_tolerance: NonNegativeFloat = 0.05,
+        select: Literal["best_in_band", "last"] = "best_in_band",
+        monitor: str = "val_acc",
         ignored_layers: Optional[list[str]] = None,
         input_shape: Optional[list[PositiveInt]] = None,
         seed: int = 0,
@@ -135,6 +142,8 @@ class TransformableArchitectureSearch(Callback):
         for name, value in (("arch_weight_decay", arch_weight_decay), ("flops_weight", flops_weight)):
             check_number(name, value, low=0)
         check_number("flops_tolerance", flops_tolerance, low=0, high=1, high_open=True)
+        if select not in ("best_in_band", "last"):
+            raise ValueError(f"`select` must be 'best_in_band' or 'last', got {select!r}.")
         if ignored_layers is not None and (isinstance(ignored_layers, str) or not all(
                 isinstance(n, str) for n in ignored_layers)):
             raise ValueError(f"`ignored_layers` must be a list of module names or globs, got {ignored_layers!r}.")
@@ -150,6 +159,8 @@ class TransformableArchitectureSearch(Callback):
         self.tau_max, self.tau_min = float(tau_max), float(tau_min)
         self.arch_lr, self.arch_weight_decay = float(arch_lr), float(arch_weight_decay)
         self.flops_weight, self.flops_tolerance = float(flops_weight), float(flops_tolerance)
+        self.select, self.monitor = select, monitor
+        self.candidates: list[dict] = []  # per search validation: widths, their MACs share, the monitored value
         self.ignored_layers = list(ignored_layers or [])
         self.input_shape = None if input_shape is None else [int(s) for s in input_shape]
         self.seed = seed
@@ -252,9 +263,25 @@ class TransformableArchitectureSearch(Callback):
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Back to Gumbel mixing for training."""
-        if self.search is not None:
-            self.search.mode = "sample"
+        """Record the validated widths with their cost and ``monitor``; back to Gumbel mixing for training."""
+        if self.search is None:
+            return
+        self.search.mode = "sample"
+        value = trainer.callback_metrics.get(self.monitor)
+        if trainer.sanity_checking or value is None:
+            return
+        widths = self.search.widths()
+        self.candidates.append({"epoch": int(trainer.current_epoch), "widths": widths, "value": float(value),
+                                "macs_share": self.search.macs_of(widths) / self.search.dense_macs})
+
+    def chosen_widths(self) -> dict[str, int]:
+        """The widths the pruning step keeps (see ``select``)."""
+        if self.select == "best_in_band":
+            band = [c for c in self.candidates
+                    if abs(c["macs_share"] - (1 - self.macs_reduction)) <= self.flops_tolerance + 1e-12]
+            if band:
+                return dict(max(band, key=lambda c: c["value"])["widths"])
+        return self.search.widths()
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -267,7 +294,8 @@ class TransformableArchitectureSearch(Callback):
     def state_dict(self) -> dict[str, Any]:
         """The search (logits, Gumbel generator, temperature, Adam state) and the pruning history."""
         state: dict[str, Any] = {_STATE_MARKER: HISTORY_VERSION, "steps": copy.deepcopy(self.steps),
-                                 "dense": dict(self.dense), "input_shape": self.input_shape}
+                                 "dense": dict(self.dense), "input_shape": self.input_shape,
+                                 "candidates": copy.deepcopy(self.candidates)}
         if self.search is not None:
             state["search"] = {"logits": {k: v.detach().cpu().clone() for k, v in self.search.state_dict().items()},
                                "extra": self.search.extra_state(),
@@ -282,6 +310,7 @@ class TransformableArchitectureSearch(Callback):
         self.steps = list(state_dict.get("steps", []))
         self.dense = dict(state_dict.get("dense", {}))
         self.input_shape = state_dict.get("input_shape") or self.input_shape
+        self.candidates = list(state_dict.get("candidates", []))
         self._pending = state_dict.get("search")
 
     # -- internals --------------------------------------------------------------------------------------------
@@ -294,7 +323,8 @@ class TransformableArchitectureSearch(Callback):
         search = self.search
         search.detach()
         x = self._example(trainer, pl_module)
-        widths = search.widths()
+        widths = self.chosen_widths()
+        search.set_widths(widths)
         ops = search.prune(pl_module, x)
         record = record_step(pl_module, ops, x)
         rebuild_optimizers(trainer)
