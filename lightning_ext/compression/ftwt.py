@@ -213,8 +213,8 @@ class MaskPredictor(nn.Module):
         return self.linear(pooled)
 
 
-#: a gate override for controls: ``(predictor key, logits (B, C)) -> gate (B, C) of 0/1``
-GateOverride = Callable[[str, Tensor], Tensor]
+#: a gate override for controls: ``(predictor key, logits (B, C), layer output (B, C, H, W)) -> gate (B, C) of 0/1``
+GateOverride = Callable[[str, Tensor, Tensor], Tensor]
 
 
 class FTWTGating:
@@ -348,7 +348,8 @@ class FTWTGating:
                 logits = self.predictors[key](x)
             gate = (logits.detach() > 0).to(output.dtype)
             if self.override is not None:
-                gate = self.override(key, logits.detach()).to(device=output.device, dtype=output.dtype)
+                act = F.relu(output) if self.activation == "relu" else output
+                gate = self.override(key, logits.detach(), act.detach()).to(device=output.device, dtype=output.dtype)
             if record:
                 with torch.no_grad():
                     act = F.relu(output) if self.activation == "relu" else output
