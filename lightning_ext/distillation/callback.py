@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_ext.core.inputs import example_inputs
+from lightning_ext.core.optimization import add_param_group
 from lightning_ext.core.strategy import refuse_sharded_strategy
 from lightning_ext.core.validation import (
     NonNegativeInt,
@@ -32,26 +33,6 @@ from lightning_ext.distillation.losses import COMBINE_MODES, CombineMode, Weight
 from lightning_ext.distillation.teacher import build_teacher
 
 __all__ = ["KnowledgeDistillation"]
-
-#: Per-param-group lists that PyTorch's schedulers keep (``LambdaLR``/``MultiplicativeLR``: ``lr_lambdas``;
-#: ``ReduceLROnPlateau``: ``min_lrs``; ``CyclicLR``: ``max_lrs``; every ``LRScheduler``: ``base_lrs``, ``_last_lr``).
-_PER_GROUP_LISTS = ("base_lrs", "_last_lr", "lr_lambdas", "min_lrs", "max_lrs")
-
-
-def _extend_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:
-    """After a param group copying group 0 joined ``optimizer``: give ``scheduler`` (and the schedulers a
-    ``SequentialLR``/``ChainedScheduler`` holds) group 0's entry in each per-group list, so it schedules the new
-    group like group 0 and its ``zip(param_groups, ...)`` loops stay aligned."""
-    for inner in getattr(scheduler, "_schedulers", None) or []:
-        _extend_scheduler(inner, optimizer)
-    if getattr(scheduler, "optimizer", None) is not optimizer:
-        return
-    groups = len(optimizer.param_groups)
-    for name in _PER_GROUP_LISTS:
-        values = getattr(scheduler, name, None)
-        if isinstance(values, list) and values and len(values) == groups - 1:
-            values.append(values[0])
-
 
 class KnowledgeDistillation(Callback):
     r"""Knowledge distillation from a frozen teacher into any LightningModule, without changing its code.
@@ -375,11 +356,7 @@ class KnowledgeDistillation(Callback):
         present = {id(p) for group in optimizer.param_groups for p in group["params"]}
         if all(id(p) in present for p in params):
             return
-        group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
-        group["params"] = params
-        optimizer.add_param_group(group)
-        for config in trainer.lr_scheduler_configs:
-            _extend_scheduler(config.scheduler, optimizer)
+        add_param_group(optimizer, params, [config.scheduler for config in trainer.lr_scheduler_configs])
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
