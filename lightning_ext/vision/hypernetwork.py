@@ -257,9 +257,9 @@ class TargetHyperNetwork(nn.Module):
         super().__init__()
         check_positive_int("num_tasks", num_tasks)
         check_positive_int("emb_dim", emb_dim)
+        check_positive_int("chunk_emb_dim", chunk_emb_dim)  # checked even when unused: a bad YAML value is an error
         if chunk_size is not None:
             check_positive_int("chunk_size", chunk_size)
-            check_positive_int("chunk_emb_dim", chunk_emb_dim)
         _check_common(emb_dim, list(hidden), init, gain, 1.0)
         named = [(n, p) for n, p in target.named_parameters()]
         if not named:

@@ -37,7 +37,8 @@ class TaskConditionedHyperNet(Classifier):
         num_classes: logits the target returns.
         num_tasks: number of task embeddings.
         target: the network whose weights are generated (its own parameters are frozen and unused).
-        mlp_sizes: instead of ``target``: ``[in_features, hidden..., num_classes]`` of a flattening ReLU MLP.
+        mlp_sizes: instead of ``target``: ``[in_features, hidden..., num_classes]`` of a flattening ReLU MLP
+            (neither given: ``[64, 32, num_classes]``, for 8x8 digits).
         task_id: the task of ``(x, y)`` batches and of the output penalty.
         emb_dim: task-embedding size.
         hidden: the generator's hidden widths.
@@ -56,8 +57,8 @@ class TaskConditionedHyperNet(Classifier):
 
     def __init__(
         self,
-        num_classes: NumClasses,
-        num_tasks: PositiveInt,
+        num_classes: NumClasses = 10,
+        num_tasks: PositiveInt = 1,
         target: Optional[nn.Module] = None,
         mlp_sizes: Optional[list[PositiveInt]] = None,
         task_id: NonNegativeInt = 0,
@@ -73,9 +74,11 @@ class TaskConditionedHyperNet(Classifier):
         check_num_classes(num_classes)
         check_positive_int("num_tasks", num_tasks)
         check_number("output_penalty", output_penalty, low=0)
-        if (target is None) == (mlp_sizes is None):
-            raise ValueError("TaskConditionedHyperNet needs exactly one of `target` (a module) or `mlp_sizes` "
-                             "([in_features, hidden..., num_classes])")
+        if target is not None and mlp_sizes is not None:
+            raise ValueError("TaskConditionedHyperNet takes one of `target` (a module) or `mlp_sizes` "
+                             "([in_features, hidden..., num_classes]), not both")
+        if target is None and mlp_sizes is None:
+            mlp_sizes = [64, 32, num_classes]  # digits-sized default (8x8 inputs), like the library's other defaults
         if mlp_sizes is not None:
             if len(mlp_sizes) < 2:
                 raise ValueError(f"`mlp_sizes` needs at least [in_features, num_classes]; got {mlp_sizes}")
