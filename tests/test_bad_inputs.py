@@ -269,6 +269,7 @@ def _minimal(tmp: Path) -> dict[str, Callable[[], dict]]:
         "BarlowTwins": lambda: {"backbone": "resnet10t"}, "FroSSL": lambda: {"backbone": "resnet10t"},
         "SimCLR": lambda: {"backbone": "resnet10t"}, "VICReg": lambda: {"backbone": "resnet10t"},
         "MLPClassifier": lambda: {"num_features": 4, "num_classes": 3},
+        "MILClassifier": lambda: {"in_features": 8, "dim": 8, "heads": 2},
         "FilteredDataModule": lambda: {"datamodule": digits(), "scorer": random_scorer(), "cache_dir": None},
         "InteractionFileDataModule": lambda: {"train_path": str(interactions)},
         "MultiTaskDataModule": lambda: {"tasks": [digits(), digits()]},

@@ -35,6 +35,7 @@ from lightning_ext.compression.tas import (
 )
 from lightning_ext.core.inputs import batch_inputs, example_inputs
 from lightning_ext.core.measure import count_macs_params
+from lightning_ext.core.optional import require
 from lightning_ext.core.strategy import refuse_sharded_strategy
 from lightning_ext.core.validation import (
     NonNegativeFloat,
@@ -127,6 +128,7 @@ class TransformableArchitectureSearch(Callback):
         seed: int = 0,
         verbose: bool = True,
     ) -> None:
+        require("torch_pruning", "TransformableArchitectureSearch")  # the pruning engine removes the filters
         super().__init__()
         check_number("macs_reduction", macs_reduction, low=0, high=1, low_open=True, high_open=True)
         check_positive_int("search_epochs", search_epochs)

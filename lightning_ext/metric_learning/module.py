@@ -13,7 +13,13 @@ from typing_extensions import override
 from lightning_ext.core.distributed import gather_with_grad, world_size
 from lightning_ext.core.guards import NonFiniteLoss, check_loss, check_nonfinite_policy, refuse_skip_under_ddp
 from lightning_ext.core.optimization import check_optimization, configure_optimization
-from lightning_ext.core.validation import NonNegativeFloat, PositiveFloat, PositiveInt, check_non_negative
+from lightning_ext.core.validation import (
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    check_choice,
+    check_non_negative,
+)
 from lightning_ext.metric_learning.abe import ABE, divergence_loss, learner_spread, tiny_abe
 from lightning_ext.metric_learning.losses import contrastive_loss
 from lightning_ext.metric_learning.retrieval import recall_at_k
@@ -91,6 +97,7 @@ class ABEModule(LightningModule):
             check_non_negative(name, value)
         check_optimization(lr, weight_decay)
         check_nonfinite_policy(nonfinite_loss)
+        check_choice("scheduler_interval", scheduler_interval, ("epoch", "step"))
         if net is not None and not isinstance(net, ABE):
             raise TypeError(f"net must be an ABE (lightning_ext.metric_learning.abe.ABE); got {type(net).__name__}.")
         self.net = net if net is not None else tiny_abe(in_chans, width, num_learners, embedding_dim)

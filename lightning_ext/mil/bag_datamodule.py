@@ -133,6 +133,8 @@ class BagDataModule(SplitLoaders, LightningDataModule):
                             ("batch_size", batch_size)):
             check_positive_int(name, value)
         check_number("num_workers", num_workers, low=0, integer=True)
+        for name, seed in (("bag_seed", bag_seed), ("split_seed", split_seed), ("shuffle_seed", shuffle_seed)):
+            check_number(name, seed, integer=True)
         check_fraction("positive_fraction", positive_fraction, allow_zero=False, allow_one=False)
         if min_instances > max_instances:
             raise ValueError(f"min_instances ({min_instances}) exceeds max_instances ({max_instances}); swap them.")

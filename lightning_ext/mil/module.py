@@ -17,6 +17,7 @@ from lightning_ext.core.validation import (
     PositiveFloat,
     PositiveInt,
     check_choice,
+    check_positive_int,
 )
 from lightning_ext.mil.abmil import ABMIL
 from lightning_ext.mil.pooling import PoolingMIL
@@ -101,6 +102,7 @@ class MILClassifier(Classifier):
         scheduler_interval: Literal["epoch", "step"] = "epoch",
         nonfinite_loss: NonFiniteLoss = "error",
     ) -> None:
+        check_positive_int("attention_dim", attention_dim)
         net = build_aggregator(aggregator, in_features, num_classes, dim=dim, heads=heads,
                                num_landmarks=num_landmarks, attention=attention, ppeg=ppeg, dropout=dropout,
                                attention_dim=attention_dim)

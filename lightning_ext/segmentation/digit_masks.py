@@ -20,6 +20,7 @@ from lightning_ext.core.validation import (
     UnitIntervalRightOpen,
     check_fraction,
     check_non_negative,
+    check_number,
     check_positive_int,
 )
 from lightning_ext.data.base import stratified_split
@@ -80,6 +81,9 @@ class DigitMasksDataModule(SplitLoaders, LightningDataModule):
         check_fraction("val_fraction", val_fraction, allow_one=False)
         check_fraction("test_fraction", test_fraction, allow_one=False)
         check_positive_int("batch_size", batch_size)
+        check_number("num_workers", num_workers, low=0, integer=True)
+        for name, seed in (("split_seed", split_seed), ("noise_seed", noise_seed), ("shuffle_seed", shuffle_seed)):
+            check_number(name, seed, integer=True)
         self.size, self.threshold, self.blur_sigma, self.noise = size, threshold, blur_sigma, noise
         self.illumination, self.val_fraction, self.test_fraction = illumination, val_fraction, test_fraction
         self.split_seed, self.noise_seed, self.batch_size = split_seed, noise_seed, batch_size

@@ -13,8 +13,17 @@ from typing_extensions import override
 
 from lightning_ext.core.guards import NonFiniteLoss, check_loss, check_nonfinite_policy, refuse_skip_under_ddp
 from lightning_ext.core.optimization import check_optimization, configure_optimization
-from lightning_ext.core.paths import output_path
-from lightning_ext.core.validation import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, check_choice
+from lightning_ext.core.paths import check_path_argument, output_path
+from lightning_ext.core.validation import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    check_choice,
+    check_non_negative,
+    check_number,
+    check_positive_int,
+)
 from lightning_ext.segmentation.r2unet import R2UNet, UNet
 
 __all__ = ["SegmentationModule", "soft_dice_loss"]
@@ -99,6 +108,11 @@ class SegmentationModule(LightningModule):
         check_choice("architecture", architecture, ("r2unet", "unet"))
         check_optimization(lr, weight_decay)
         check_nonfinite_policy(nonfinite_loss)
+        check_choice("scheduler_interval", scheduler_interval, ("epoch", "step"))
+        check_non_negative("dice_weight", dice_weight)
+        check_number("sample_images_every_n_epochs", sample_images_every_n_epochs, low=0, integer=True)
+        check_path_argument("sample_images_dir", sample_images_dir)
+        check_positive_int("num_sample_images", num_sample_images)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.net = (R2UNet(in_chans, num_classes, widths, t, shared_recurrent_weights) if architecture == "r2unet"
                     else UNet(in_chans, num_classes, widths))
