@@ -143,3 +143,25 @@ def test_bad_masks_and_sizes_get_one_line():
         SegmentationModule("deeplab")
     with pytest.raises(ValueError, match="at least 8"):
         DigitMasksDataModule(size=4)
+
+
+def test_binned_pixel_auroc_is_the_auroc_of_the_binned_scores_and_needs_no_large_memory():
+    from sklearn.metrics import roc_auc_score
+
+    from lightning_ext.segmentation.module import BinnedPixelAUROC
+
+    torch.manual_seed(4)
+    y = (torch.rand(3, 1, 16, 16) > 0.6).long()
+    p = torch.sigmoid(torch.randn(3, 1, 16, 16) + 1.5 * y)
+    metric = BinnedPixelAUROC(bins=50)
+    metric.update(p[:2], y[:2])
+    metric.update(p[2:], y[2:])
+    binned = (p.flatten().double() * 49).round()
+    assert float(metric.compute()) == pytest.approx(roc_auc_score(y.flatten().numpy(), binned.numpy()), abs=1e-6)
+    torch.use_deterministic_algorithms(True)  # torchmetrics' binned AUROC then needed ~40 GB for 32 images
+    try:
+        big = BinnedPixelAUROC()
+        big.update(torch.rand(32, 1, 32, 32), (torch.rand(32, 1, 32, 32) > 0.5).long())
+        assert 0.4 < float(big.compute()) < 0.6
+    finally:
+        torch.use_deterministic_algorithms(False)

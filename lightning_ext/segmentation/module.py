@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torchmetrics.classification import BinaryAUROC, BinaryF1Score, MulticlassF1Score
+from torchmetrics import Metric
+from torchmetrics.classification import BinaryF1Score, MulticlassF1Score
 from typing_extensions import override
 
 from lightning_ext.core.guards import NonFiniteLoss, check_loss, check_nonfinite_policy, refuse_skip_under_ddp
@@ -26,7 +27,7 @@ from lightning_ext.core.validation import (
 )
 from lightning_ext.segmentation.r2unet import R2UNet, UNet
 
-__all__ = ["SegmentationModule", "soft_dice_loss"]
+__all__ = ["BinnedPixelAUROC", "SegmentationModule", "soft_dice_loss"]
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
@@ -50,6 +51,41 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0)
     return 1 - dice.mean()
 
 
+class BinnedPixelAUROC(Metric):
+    r"""Pixel AUROC from per-class histograms of the predicted probability (``bins`` equal-width bins in [0, 1]).
+
+    The Mann-Whitney statistic of the binned scores, :math:`\frac{1}{PN}\sum_b n_b (p_{>b} + \tfrac12 p_b)`
+    (:math:`n_b`, :math:`p_b` negatives and positives in bin :math:`b`, :math:`p_{>b}` positives above it): memory
+    ``2 x bins`` whatever the image sizes, summed across ranks. torchmetrics' binned ``BinaryAUROC`` needs
+    ``pixels x bins x 4 bins`` of memory when deterministic algorithms are on (its ``_bincount`` fallback), 40 GB
+    for one batch of 32 images of 32x32.
+    """
+
+    full_state_update = False
+
+    def __init__(self, bins: int = 1000) -> None:
+        super().__init__()
+        self.bins = bins
+        self.add_state("hist", default=torch.zeros(2, bins, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
+        """Add a batch of probabilities and 0/1 targets (any shapes, flattened)."""
+        idx = (probs.detach().flatten().double().clamp(0, 1) * (self.bins - 1)).round().long()
+        flat = target.flatten().long() * self.bins + idx
+        counts = torch.zeros(2 * self.bins, dtype=torch.float64, device=flat.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
+        self.hist += counts.view(2, self.bins)
+
+    def compute(self) -> torch.Tensor:
+        """The AUROC (0.5 when one class is absent)."""
+        neg, pos = self.hist[0], self.hist[1]
+        n_pos, n_neg = pos.sum(), neg.sum()
+        if n_pos == 0 or n_neg == 0:
+            return torch.tensor(0.5)
+        above = pos.flip(0).cumsum(0).flip(0) - pos  # positives in strictly higher bins
+        return ((neg * (above + 0.5 * pos)).sum() / (n_pos * n_neg)).float()
+
+
 class SegmentationModule(LightningModule):
     r"""2D segmentation of ``(image, mask)`` batches with R2U-Net or U-Net, trained by cross-entropy plus Dice.
 
@@ -60,7 +96,8 @@ class SegmentationModule(LightningModule):
     Loss: :math:`L = L_{CE} + \lambda_{Dice} L_{Dice}` (binary: BCE on one logit channel, ``num_classes=1``, masks
     of 0/1; multi-class: CE on ``num_classes`` channels, masks of class ids), :func:`soft_dice_loss`. Logs
     ``{train,val,test}_loss``, ``{val,test}_dice`` (pixel F1 over the split: Dice; macro over classes when
-    multi-class) and, binary, ``{val,test}_auroc`` (pixel AUROC, 200 thresholds). Every
+    multi-class) and, binary, ``{val,test}_auroc`` (pixel AUROC over 1,000 probability bins,
+    :class:`BinnedPixelAUROC`). Every
     ``sample_images_every_n_epochs`` validation epochs a PNG grid of input / target / prediction of the first
     validation images is written to ``sample_images_dir`` (under ``trainer.log_dir``) and, with a TensorBoard
     logger, logged as an image, so a user can look at the predictions.
@@ -125,7 +162,7 @@ class SegmentationModule(LightningModule):
         for stage in ("val", "test"):
             setattr(self, f"{stage}_dice", BinaryF1Score() if binary else MulticlassF1Score(num_classes, average="macro"))
             if binary:
-                setattr(self, f"{stage}_auroc", BinaryAUROC(thresholds=200))
+                setattr(self, f"{stage}_auroc", BinnedPixelAUROC())
         self._sample: Optional[tuple[torch.Tensor, ...]] = None
 
     @override
