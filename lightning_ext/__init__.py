@@ -7,7 +7,10 @@ the component on first use. ``lightning-ext list`` prints every component with a
 
 from __future__ import annotations
 
+from lightning_ext import timm_hook
 from lightning_ext.core.lazy import lazy_exports
+
+timm_hook.install()  # the first `import timm` also registers ffnet_* (no torch/timm import here)
 
 __version__ = "0.1.0"
 

@@ -181,3 +181,14 @@ def test_direct_construction_and_small_image_through_image_classifier_error():
     assert FFNet(depths=(1,), dims=(8,), num_classes=2, stem_stride=1)(torch.zeros(1, 3, 5, 5)).shape == (1, 2)
     with pytest.raises(ValueError, match="Unknown timm backbone 'ffnet_9'.*ffnet_"):
         ImageClassifier("ffnet_9", num_classes=10, in_chans=1, image_size=28)
+
+
+def test_import_lightning_ext_then_timm_registers_ffnet_without_importing_torch_first():
+    import subprocess
+    import sys
+
+    code = ("import sys, lightning_ext; assert 'torch' not in sys.modules and 'timm' not in sys.modules; "
+            "import timm; m = timm.create_model('ffnet_nano', num_classes=3); print(type(m).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "FFNet"

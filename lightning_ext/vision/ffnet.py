@@ -25,10 +25,9 @@ residual gets a ``timm.layers.DropPath`` (the first block's at rate 0), so a lat
 two depthwise convs collapse to one linear filter) and ``"none"`` (no token mixer); ``features_only`` works through
 timm's feature extraction. No pretrained weights exist offline: ``pretrained=True`` is refused.
 
-How to get ``timm.create_model("ffnet_1")``: the names are registered when this module is imported. ``import
-lightning_ext`` stays light (it imports neither torch nor timm), so run ``import lightning_ext.vision.ffnet`` (or
-anything that builds a timm backbone through the library, e.g. ``ImageClassifier(backbone="ffnet_1")`` or a YAML
-``backbone: ffnet_nano``, which import it for you) before calling ``timm.create_model``.
+How to get ``timm.create_model("ffnet_1")``: after ``import lightning_ext``, the first ``import timm`` registers the
+names (a one-shot import hook, :mod:`lightning_ext.timm_hook`; ``import lightning_ext`` itself stays light and
+imports neither torch nor timm). Importing this module registers them too.
 
 Example:
     >>> import timm, torch
