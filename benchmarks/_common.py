@@ -26,8 +26,9 @@ class EpochPrinter(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         loss = trainer.callback_metrics.get("train_loss_epoch")
+        shown = f"loss {float(loss):.3f} " if loss is not None else ""
         print(f"  [{self.label}] epoch {trainer.current_epoch + 1}/{trainer.max_epochs} "
-              f"loss {float(loss):.3f} ({time.time() - self.start:.0f} s)", flush=True)
+              f"{shown}({time.time() - self.start:.0f} s)", flush=True)
 
 
 def resnet10t_fmnist(stem_downsample: int, lr: float, epochs: int) -> ImageClassifier:
@@ -114,6 +115,13 @@ def fit_early_stopping(model, dm, max_epochs: int, callbacks: list, label: str, 
             "best_val": keeper.best, "history": keeper.history, "steps": steps,
             "samples": epochs * len(dm.train_set), "wall_s": time.time() - start,
             "cpu_s": time.process_time() - cpu}
+
+
+def test_metrics(model, dm) -> dict:
+    """The test split's logged metrics of ``model`` (one process, no logger), e.g. after :func:`fit_early_stopping`."""
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False)
+    return trainer.test(model, datamodule=dm, verbose=False)[0]
 
 
 @torch.no_grad()

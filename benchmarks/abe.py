@@ -31,15 +31,14 @@ import json
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import KeepBestWeights, combine_claims  # noqa: E402
+from _common import combine_claims, fit_early_stopping, test_metrics  # noqa: E402
 
-from lightning.pytorch import Trainer, seed_everything  # noqa: E402
+from lightning.pytorch import seed_everything  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results"
@@ -73,25 +72,19 @@ def model(arm, lr, div):
 
 def untrained(dataset):
     seed_everything(0, verbose=False)
-    trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
-    return trainer.test(model("single learner (32-d)", 1e-3, 0.0), datamodule=make_dm(dataset, 0), verbose=False)[0]
+    return test_metrics(model("single learner (32-d)", 1e-3, 0.0), make_dm(dataset, 0))
 
 
 def run(dataset, arm, lr, div, seed):
     seed_everything(seed, verbose=False)
     dm, net = make_dm(dataset, seed), model(arm, lr, div)
-    keeper = KeepBestWeights("val_recall@1", P["patience"])
-    start, cpu = time.time(), time.process_time()
-    trainer = Trainer(max_epochs=P["max_epochs"], accelerator="cpu", devices=1, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      num_sanity_val_steps=0, callbacks=[keeper])
-    trainer.fit(net, datamodule=dm)
-    test = trainer.test(net, datamodule=dm, verbose=False)[0]
-    epochs = len(keeper.history)
+    fit = fit_early_stopping(net, dm, P["max_epochs"], [], f"{dataset} {arm} lr {lr:g} div {div:g} seed {seed}", patience=P["patience"],
+                             monitor="val_recall@1")
+    test = test_metrics(net, dm)
     return {"dataset": dataset, "arm": arm, "lr": lr, "div": div, "seed": seed,
-            **{k: v for k, v in test.items()}, "best_val_r1": keeper.best, "best_epoch": keeper.best_epoch,
-            "epochs": epochs, "still_improving": keeper.best_epoch == epochs - 1, "steps": int(trainer.global_step),
-            "samples": epochs * len(dm.train_set), "wall_s": time.time() - start, "cpu_s": time.process_time() - cpu}
+            **{k: v for k, v in test.items()}, "best_val_r1": fit["best_val"], "best_epoch": fit["best_epoch"],
+            "epochs": fit["epochs"], "still_improving": not fit["converged"], "steps": fit["steps"],
+            "samples": fit["samples"], "wall_s": fit["wall_s"], "cpu_s": fit["cpu_s"]}
 
 
 def main_runs(data, datasets):

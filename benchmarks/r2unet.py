@@ -28,16 +28,15 @@ import json
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import KeepBestWeights, combine_claims  # noqa: E402
+from _common import combine_claims, fit_early_stopping, test_metrics  # noqa: E402
 
-from lightning.pytorch import Trainer, seed_everything  # noqa: E402
+from lightning.pytorch import seed_everything  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results"
@@ -83,18 +82,13 @@ def run(arm, lr, seed):
     dm = make_dm()
     dm.shuffle_seed = seed
     model = SegmentationModule(lr=lr, sample_images_every_n_epochs=0, **arms()[arm])
-    keeper = KeepBestWeights("val_dice", P["patience"])
-    start, cpu = time.time(), time.process_time()
-    trainer = Trainer(max_epochs=P["max_epochs"], accelerator="cpu", devices=1, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      num_sanity_val_steps=0, callbacks=[keeper])
-    trainer.fit(model, datamodule=dm)
-    test = trainer.test(model, datamodule=dm, verbose=False)[0]
-    epochs = len(keeper.history)
+    fit = fit_early_stopping(model, dm, P["max_epochs"], [], f"{arm} lr {lr:g} seed {seed}", patience=P["patience"],
+                             monitor="val_dice")
+    test = test_metrics(model, dm)
     out = {"arm": arm, "lr": lr, "seed": seed, "test_dice": test["test_dice"], "test_auroc": test["test_auroc"],
-           "best_val_dice": keeper.best, "best_epoch": keeper.best_epoch, "epochs": epochs,
-           "still_improving": keeper.best_epoch == epochs - 1, "steps": int(trainer.global_step),
-           "samples": epochs * len(dm.train_set), "wall_s": time.time() - start, "cpu_s": time.process_time() - cpu,
+           "best_val_dice": fit["best_val"], "best_epoch": fit["best_epoch"], "epochs": fit["epochs"],
+           "still_improving": not fit["converged"], "steps": fit["steps"], "samples": fit["samples"],
+           "wall_s": fit["wall_s"], "cpu_s": fit["cpu_s"],
            "params": sum(p.numel() for p in model.parameters())}
     if seed == 0:  # sample predictions for the page
         x, y = dm.sets["test"].tensors

@@ -32,16 +32,15 @@ import json
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import KeepBestWeights, combine_claims  # noqa: E402
+from _common import combine_claims, fit_early_stopping, test_metrics  # noqa: E402
 
-from lightning.pytorch import Trainer, seed_everything  # noqa: E402
+from lightning.pytorch import seed_everything  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results"
@@ -89,19 +88,13 @@ def run(task, arm, lr, seed):
     dm = make_dm(task, seed)
     model = MILClassifier(in_features=64, dim=P["dim"], heads=P["heads"], attention=P["attention"],
                           dropout=P["dropout"], lr=lr, **ARMS[arm])
-    keeper = KeepBestWeights("val_auroc", P["patience"])
-    start, cpu = time.time(), time.process_time()
-    trainer = Trainer(max_epochs=P["max_epochs"], accelerator="cpu", devices=1, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      num_sanity_val_steps=0, callbacks=[keeper])
-    trainer.fit(model, datamodule=dm)
-    test = trainer.test(model, datamodule=dm, verbose=False)[0]
-    epochs = len(keeper.history)
+    fit = fit_early_stopping(model, dm, P["max_epochs"], [], f"{task} {arm} lr {lr:g} seed {seed}", patience=P["patience"],
+                             monitor="val_auroc")
+    test = test_metrics(model, dm)
     return {"task": task, "arm": arm, "lr": lr, "seed": seed, "test_auroc": test["test_auroc"],
-            "test_acc": test["test_acc"], "best_val_auroc": keeper.best, "best_epoch": keeper.best_epoch,
-            "epochs": epochs, "still_improving": keeper.best_epoch == epochs - 1, "steps": int(trainer.global_step),
-            "samples": epochs * P["train_bags"], "wall_s": time.time() - start, "cpu_s": time.process_time() - cpu,
-            "history": keeper.history}
+            "test_acc": test["test_acc"], "best_val_auroc": fit["best_val"], "best_epoch": fit["best_epoch"],
+            "epochs": fit["epochs"], "still_improving": not fit["converged"], "steps": fit["steps"],
+            "samples": fit["samples"], "wall_s": fit["wall_s"], "cpu_s": fit["cpu_s"], "history": fit["history"]}
 
 
 def main_runs(data, tasks):
