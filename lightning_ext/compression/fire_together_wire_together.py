@@ -3,8 +3,6 @@ r"""``FireTogetherWireTogether``: FTWT dynamic channel gating as a Lightning cal
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Mapping
 from typing import Any, Optional
 
 import torch
@@ -17,6 +15,7 @@ from lightning_ext.compression.ftwt import Activation, FTWTGating, Target
 from lightning_ext.core.inputs import example_inputs
 from lightning_ext.core.optimization import add_param_group
 from lightning_ext.core.strategy import refuse_sharded_strategy
+from lightning_ext.core.step_wrapper import loss_of, unwrap_training_step, with_loss, wrap_training_step
 from lightning_ext.core.validation import (
     ClosedUnitInterval,
     NonNegativeInt,
@@ -221,49 +220,29 @@ class FireTogetherWireTogether(Callback):
 
     def _wrap(self, pl_module: LightningModule) -> None:
         self._unwrap()
-        original = pl_module.training_step
-        previous = pl_module.__dict__.get("training_step")
-        callback = self
-
-        @functools.wraps(original)
-        def training_step(*args: Any, **kwargs: Any) -> Any:
-            return callback._add_mask_loss(pl_module, original(*args, **kwargs))
-
-        training_step._lightning_ext_ftwt = self  # type: ignore[attr-defined]
-        training_step._lightning_ext_previous = previous  # type: ignore[attr-defined]
-        pl_module.training_step = training_step  # type: ignore[method-assign]
+        wrap_training_step(pl_module, self, lambda step, args, kwargs: self._add_mask_loss(
+            pl_module, step(*args, **kwargs)))
         self._module = pl_module
 
     def _unwrap(self) -> None:
         module, self._module = self._module, None
-        if module is None:
-            return
-        current = module.__dict__.get("training_step")
-        if getattr(current, "_lightning_ext_ftwt", None) is self:
-            previous = current._lightning_ext_previous
-            if previous is None:
-                del module.__dict__["training_step"]
-            else:
-                module.__dict__["training_step"] = previous
+        if module is not None:
+            unwrap_training_step(module, self)
 
     def _add_mask_loss(self, pl_module: LightningModule, output: Any) -> Any:
         gating = self.gating
         if output is None or not self._learning or not gating.has_records():
             gating.clear()
             return output
-        if isinstance(output, Tensor):
-            task_loss = output
-        elif isinstance(output, Mapping) and isinstance(output.get("loss"), Tensor):
-            task_loss = output["loss"]
-        else:
+        try:
+            task_loss = loss_of(output, pl_module, "FireTogetherWireTogether")
+        except TypeError:
             gating.clear()
-            raise TypeError(f"{type(pl_module).__name__}.training_step returned {type(output).__name__}; "
-                            "FireTogetherWireTogether needs the loss tensor or a dict with a 'loss' tensor.")
+            raise
         loss_mask = gating.loss()
         pl_module.log(f"{self.log_prefix}mask_loss", loss_mask.detach(), on_step=True, on_epoch=False)
         pl_module.log(f"{self.log_prefix}mask_acc", gating.last_accuracy, on_step=True, on_epoch=False)
-        loss = task_loss + loss_mask.to(task_loss.dtype)
-        return loss if isinstance(output, Tensor) else {**output, "loss": loss}
+        return with_loss(output, task_loss + loss_mask.to(task_loss.dtype))
 
     # -- training ---------------------------------------------------------------------------------------------
     def _cooldown_reached(self, trainer: Trainer) -> bool:

@@ -7,7 +7,6 @@ and the loss terms) and :func:`~lightning_ext.distillation.teacher.build_teacher
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from typing import Any, Optional, Union
 
@@ -20,6 +19,7 @@ from typing_extensions import override
 from lightning_ext.core.inputs import example_inputs
 from lightning_ext.core.optimization import add_param_group
 from lightning_ext.core.strategy import refuse_sharded_strategy
+from lightning_ext.core.step_wrapper import loss_of, unwrap_training_step, with_loss, wrap_training_step
 from lightning_ext.core.validation import (
     NonNegativeInt,
     PositiveFloat,
@@ -258,55 +258,27 @@ class KnowledgeDistillation(Callback):
 
     def _wrap(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._unwrap()
-        # a wrapper left by a KnowledgeDistillation that is not in this trainer (its fit crashed) is dropped
-        current = pl_module.__dict__.get("training_step")
-        while getattr(current, "_lightning_ext_kd", None) is not None and current._lightning_ext_kd not in trainer.callbacks:
-            previous = current._lightning_ext_previous
-            if previous is None:
-                del pl_module.__dict__["training_step"]
-            else:
-                pl_module.__dict__["training_step"] = previous
-            current = previous
-        original = pl_module.training_step
-        previous = pl_module.__dict__.get("training_step")
-        callback = self
 
-        @functools.wraps(original)
-        def training_step(*args: Any, **kwargs: Any) -> Any:
+        def around(step: Any, args: tuple, kwargs: dict) -> Any:
             batch = args[0] if args else kwargs.get("batch")
-            with callback._distiller.capturing():
-                output = original(*args, **kwargs)
-            return callback._add_distillation(trainer, pl_module, batch, output)
+            with self._distiller.capturing():
+                output = step(*args, **kwargs)
+            return self._add_distillation(trainer, pl_module, batch, output)
 
-        training_step._lightning_ext_kd = self  # type: ignore[attr-defined]
-        training_step._lightning_ext_previous = previous  # type: ignore[attr-defined]
-        pl_module.training_step = training_step  # type: ignore[method-assign]
+        # a wrapper left by a KnowledgeDistillation that is not in this trainer (its fit crashed) is dropped
+        wrap_training_step(pl_module, self, around, drop_stale=lambda owner: isinstance(
+            owner, KnowledgeDistillation) and owner not in trainer.callbacks)
         self._module = pl_module
 
     def _unwrap(self) -> None:
         module, self._module = self._module, None
-        if module is None:
-            return
-        current = module.__dict__.get("training_step")
-        if getattr(current, "_lightning_ext_kd", None) is self:
-            previous = current._lightning_ext_previous
-            if previous is None:
-                del module.__dict__["training_step"]
-            else:
-                module.__dict__["training_step"] = previous
+        if module is not None:
+            unwrap_training_step(module, self)
 
     def _add_distillation(self, trainer: Trainer, pl_module: LightningModule, batch: Any, output: Any) -> Any:
-        if output is None:  # the module skipped this batch
+        task_loss = loss_of(output, pl_module, "KnowledgeDistillation")
+        if task_loss is None:  # the module skipped this batch
             return None
-        if isinstance(output, Tensor):
-            task_loss = output
-        elif isinstance(output, Mapping) and isinstance(output.get("loss"), Tensor):
-            task_loss = output["loss"]
-        else:
-            raise TypeError(
-                f"{type(pl_module).__name__}.training_step returned {type(output).__name__}; KnowledgeDistillation "
-                "needs the loss tensor or a dict with a 'loss' tensor."
-            )
         student_logits = self._distiller.captured_logits
         x = self._distiller.captured_input if self.input_key is None else select_input(batch, self.input_key)
         teacher_logits = self._distiller.teacher_logits(x)
@@ -323,9 +295,7 @@ class KnowledgeDistillation(Callback):
                 raise ValueError(f"`feature_weight` must be >= 0, got {feature_weight} at step {step}.")
             loss = loss + feature_weight * terms["feature"]
             pl_module.log(f"{self.log_prefix}_feature_loss", terms["feature"].detach(), on_step=True, on_epoch=False)
-        if isinstance(output, Tensor):
-            return loss
-        return {**output, "loss": loss}
+        return with_loss(output, loss)
 
     # -- device, optimizer, DDP -----------------------------------------------------------------------------
     @override
