@@ -184,6 +184,11 @@ ENTRIES: tuple[Entry, ...] = (
     _e("MLPClassifier", "modules", "vision", "mlp_classifier",
        "A multilayer perceptron classifier for `(B, num_features)` inputs such as TabularDataModule.",
        None, None, ("MLP", "tabular")),
+    _e("Sheaf4Rec", "modules", "recsys", "sheaf4rec",
+       "Sheaf4Rec (Purificato et al., 2023): sheaf diffusion layers with learned per-edge restriction maps on the "
+       "user-item graph, BPR.",
+       "Sheaf Neural Networks for Graph-based Recommender Systems", "2304.09097",
+       ("recommender", "sheaf neural network", "sheaf Laplacian")),
     _e("SimCLR", "modules", "ssl", "simclr",
        "SimCLR (Chen et al., ICML 2020): NT-Xent between views, negatives from the whole (global) batch.",
        "A Simple Framework for Contrastive Learning of Visual Representations", "2002.05709",
