@@ -15,15 +15,16 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-KINDS = ("callbacks", "modules", "datamodules", "scorers", "merges", "losses", "layers")
+KINDS = ("callbacks", "modules", "datamodules", "scorers", "merges", "losses", "layers", "federated")
 LIGHTNING_KINDS = ("callbacks", "modules", "datamodules")
 KIND_TITLES = {
     "callbacks": "Callbacks", "modules": "LightningModules", "datamodules": "LightningDataModules",
     "scorers": "Data scorers", "merges": "Merge algorithms", "losses": "Losses",
     "layers": "Model parts (plain PyTorch)",
+    "federated": "Federated learning (Flower)",
 }
 FAMILIES = ("vision", "data", "compression", "distillation", "merging", "ssl", "curation", "recsys", "graph",
-            "pipeline", "tabular", "mil", "metric_learning", "segmentation")
+            "pipeline", "tabular", "mil", "metric_learning", "segmentation", "federated")
 
 
 @dataclass(frozen=True)
@@ -419,6 +420,27 @@ ENTRIES: tuple[Entry, ...] = (
     _e("soft_dice_loss", "losses", "segmentation", "module",
        "Soft Dice loss averaged over the batch (and over classes for multi-class logits).",
        None, None, ("Dice", "segmentation loss")),
+
+    # ---------------------------------------------------------------- federated learning on Flower (federated/)
+    _e("FederatedDataModule", "datamodules", "federated", "datamodule",
+       "One federated client's view of a DataModule: its partition of the training split (IID or Dirichlet label "
+       "skew).",
+       None, None, ("federated", "non-IID", "Dirichlet partition", "label skew", "Flower")),
+    _e("LightningClient", "federated", "federated", "client",
+       "A Flower client from any LightningModule and DataModule that resumes its own training state each round.",
+       None, None, ("Flower", "flwr", "ClientApp", "FedAvg", "FedBN", "federated learning"), "federated"),
+    _e("FederatedSimulation", "federated", "federated", "simulation",
+       "Runs a federation in one process: Flower's strategy objects and the real `ClientApp`, no Ray, no sockets.",
+       None, None, ("Flower", "flwr", "simulation", "LocalGrid", "FedAvg"), "federated"),
+    _e("WSConv2d", "layers", "federated", "fedwon",
+       "Conv2d with scaled weight standardisation (NF-ResNets; FedWon's convolution): no normalisation layer "
+       "needed.",
+       "FedWon: Triumphing Multi-domain Federated Learning Without Normalization", "2306.05879",
+       ("FedWon", "weight standardization", "ScaledStdConv2d", "normalization-free")),
+    _e("remove_normalization", "layers", "federated", "fedwon",
+       "FedWon's model transform, in place: every normalisation layer -> Identity, every Conv2d -> `WSConv2d`.",
+       "FedWon: Triumphing Multi-domain Federated Learning Without Normalization", "2306.05879",
+       ("FedWon", "multi-domain federated learning", "batch size 1")),
 )
 
 _BY_NAME = {e.name: e for e in ENTRIES}

@@ -21,6 +21,7 @@ EXTRAS = {
     "torch_geometric": "graph",
     "torchdata": "pipeline",
     "mlxtend": "data",
+    "flwr": "federated",
 }
 
 #: Top-level module -> its pip package, for modules outside any extra whose pip name differs.

@@ -1,0 +1,239 @@
+"""Federated family: partitioners, the stateful Lightning client on Flower, the in-process simulation driver."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import Callback
+from torch import nn
+
+pytest.importorskip("flwr")
+
+from lightning_ext.data.digits import DigitsDataModule  # noqa: E402
+from lightning_ext.federated.client import LightningClient  # noqa: E402
+from lightning_ext.federated.datamodule import FederatedDataModule  # noqa: E402
+from lightning_ext.federated.partition import dirichlet_partition, iid_partition, partition  # noqa: E402
+from lightning_ext.federated.simulation import FederatedSimulation  # noqa: E402
+from lightning_ext.vision.classifier import Classifier  # noqa: E402
+
+
+def linear(optimizer=None):
+    return Classifier(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), 10, optimizer=optimizer)
+
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=0.1)
+
+
+def data(partitioner="iid", alpha=0.5):
+    return lambda i, n: FederatedDataModule(DigitsDataModule(batch_size=16), n, i, partitioner=partitioner, alpha=alpha)
+
+
+# ------------------------------------------------------------------------------------------------ partitioners
+
+
+def test_partitions_are_disjoint_complete_and_seeded():
+    labels = np.repeat(np.arange(10), 40)
+    for parts in (iid_partition(labels, 4, seed=1), dirichlet_partition(labels, 4, alpha=0.2, seed=1)):
+        joined = np.concatenate(parts)
+        assert sorted(joined.tolist()) == list(range(len(labels)))
+    assert all(np.array_equal(a, b) for a, b in zip(dirichlet_partition(labels, 4, 0.2, seed=3),
+                                                    dirichlet_partition(labels, 4, 0.2, seed=3)))
+    assert not all(np.array_equal(a, b) for a, b in zip(dirichlet_partition(labels, 4, 0.2, seed=3),
+                                                        dirichlet_partition(labels, 4, 0.2, seed=4)))
+
+
+def test_small_alpha_skews_labels_and_large_alpha_does_not():
+    labels = np.repeat(np.arange(10), 100)
+
+    def mean_classes_holding_80pct(alpha):
+        out = []
+        for part in dirichlet_partition(labels, 5, alpha, seed=0):
+            counts = np.sort(np.bincount(labels[part], minlength=10))[::-1]
+            out.append(int(np.searchsorted(np.cumsum(counts) / counts.sum(), 0.8) + 1))
+        return np.mean(out)
+
+    assert mean_classes_holding_80pct(0.05) <= 3 < 7 <= mean_classes_holding_80pct(100.0)
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda: dirichlet_partition(np.zeros(10, int), 2, alpha=0.0), "alpha"),
+    (lambda: iid_partition(np.zeros(3, int), 5), "more than the 3 samples"),
+    (lambda: partition(np.zeros(10, int), 2, "shards"), "partitioner"),
+    (lambda: dirichlet_partition(np.arange(4) % 2, 4, alpha=0.01, seed=0, min_partition_size=2), "min_partition_size"),
+    (lambda: FederatedDataModule(DigitsDataModule(), num_clients=2, partition_id=2), "partition_id"),
+])
+def test_bad_partition_arguments_fail_with_one_line(call, words):
+    with pytest.raises(ValueError, match=words):
+        call()
+
+
+def test_each_client_sees_only_its_partition():
+    dms = [FederatedDataModule(DigitsDataModule(), 3, i, partitioner="dirichlet", alpha=0.3) for i in range(3)]
+    for dm in dms:
+        dm.setup()
+    seen = [set(dm.train_set.indices) for dm in dms]
+    assert sum(len(s) for s in seen) == len(dms[0].datamodule.train_set)
+    assert not (seen[0] & seen[1]) and not (seen[1] & seen[2])
+    assert sum(len(x) for x, _ in dms[0].train_dataloader()) == len(seen[0])
+
+
+# ------------------------------------------------------------------------------------------------ client state
+
+
+class Recorder(Callback):
+    """Records, at each round's start and end, the step counter and the Adam moments (class-level log: the
+    client deep-copies its callbacks every round)."""
+
+    log: list = []
+
+    def on_train_start(self, trainer, pl_module):
+        state = trainer.optimizers[0].state
+        first = next(iter(state.values()), {})
+        Recorder.log.append(("start", trainer.global_step, trainer.current_epoch,
+                             {k: v.clone() for k, v in first.items() if torch.is_tensor(v)}))
+
+    def on_train_end(self, trainer, pl_module):
+        first = next(iter(trainer.optimizers[0].state.values()))
+        Recorder.log.append(("end", trainer.global_step, trainer.current_epoch,
+                             {k: v.clone() for k, v in first.items() if torch.is_tensor(v)}))
+
+
+@pytest.mark.parametrize("keep_state", [True, False])
+def test_optimizer_moments_and_step_counter_continue_across_rounds(keep_state):
+    Recorder.log = []
+    client = LightningClient(linear, data(), trainer={"callbacks": [Recorder()]}, local_steps=3,
+                             keep_state=keep_state)
+    sim = FederatedSimulation(client, num_clients=1, num_rounds=2, progress=False,
+                              strategy=_fedavg(1))
+    sim.fit()
+    (s1, g1, _, m1), (e1, g1e, _, m1e), (s2, g2, _, m2), (e2, g2e, _, _) = Recorder.log
+    assert (s1, e1, s2, e2) == ("start", "end", "start", "end")
+    assert g1 == 0 and g1e == 3
+    if keep_state:
+        assert g2 == 3 and g2e == 6  # the step counter continues
+        assert torch.equal(m2["exp_avg"], m1e["exp_avg"]) and torch.equal(m2["exp_avg_sq"], m1e["exp_avg_sq"])
+        assert int(m2["step"]) == 3
+    else:  # Flower's example: a fresh optimizer and counters every round
+        assert g2 == 0 and g2e == 3 and m2 == {}
+
+
+def test_epochs_continue_and_the_checkpoint_lives_in_context_state():
+    client = LightningClient(linear, data(), local_epochs=1)
+    sim = FederatedSimulation(client, num_clients=2, num_rounds=2, progress=False)
+    sim.fit()
+    state = sim.state_dict()
+    ckpt = torch.load(__import__("io").BytesIO(state["nodes"][0]), weights_only=False)
+    assert ckpt["epoch"] == 2 and ckpt["optimizer_states"]
+    assert sim.history[-1]["round"] == 2
+
+
+def _fedavg(n, **kw):
+    from flwr.serverapp.strategy import FedAvg
+
+    return FedAvg(fraction_evaluate=kw.pop("fraction_evaluate", 0.0), min_train_nodes=n, min_available_nodes=n,
+                  min_evaluate_nodes=n, **kw)
+
+
+# ------------------------------------------------------------------------------------------------ FedAvg
+
+
+def test_fedavg_of_two_clients_equals_the_hand_computed_weighted_average():
+    """One SGD step (lr 0.1) per client from the same global weights, then sum_k n_k w_k / sum_k n_k, where each
+    client's step is computed here from softmax cross-entropy's gradient of a linear model."""
+    make_data = data("dirichlet", alpha=0.5)
+    client = LightningClient(lambda: linear(sgd), make_data, local_steps=1)
+    sim = FederatedSimulation(client, num_clients=2, num_rounds=1, progress=False, strategy=_fedavg(2))
+    w0 = client.initial_arrays()
+    got = sim.fit(w0)
+    expected_w, expected_b, total = 0, 0, 0
+    for i in range(2):
+        dm = make_data(i, 2)
+        dm.setup()
+        x, y = next(iter(dm.train_dataloader()))
+        x = x.reshape(len(x), -1).double()
+        W, b = w0["net.1.weight"].double(), w0["net.1.bias"].double()
+        p = torch.softmax(x @ W.T + b, dim=1)
+        err = (p - torch.nn.functional.one_hot(y, 10).double()) / len(x)
+        n = len(dm.train_set)
+        expected_w = expected_w + n * (W - 0.1 * err.T @ x)
+        expected_b = expected_b + n * (b - 0.1 * err.sum(0))
+        total += n
+    assert torch.allclose(got["net.1.weight"].double(), expected_w / total, atol=1e-6)
+    assert torch.allclose(got["net.1.bias"].double(), expected_b / total, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+
+
+
+def test_crash_and_resume_ends_with_the_same_parameters(tmp_path):
+    from flwr.serverapp.strategy import FedAvg
+
+    class Crashing(FedAvg):
+        def aggregate_train(self, server_round, replies):
+            if server_round == 3:
+                raise RuntimeError("simulated crash")
+            return super().aggregate_train(server_round, replies)
+
+    def make(strategy, path=None):
+        client = LightningClient(linear, data("dirichlet"), local_steps=2)  # AdamW: moments must be resumed
+        return FederatedSimulation(client, num_clients=2, num_rounds=4, strategy=strategy, progress=False,
+                                   checkpoint_path=path, seed=5)
+
+    reference = make(_fedavg(2)).fit()
+    path = tmp_path / "federation.pt"
+    crashed = make(Crashing(fraction_evaluate=0.0, min_train_nodes=2, min_available_nodes=2), path)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashed.fit()
+    resumed = make(_fedavg(2), path)
+    resumed.load(path)
+    assert resumed.round == 2
+    final = resumed.fit()
+    assert resumed.round == 4 and [r["round"] for r in resumed.history] == [1, 2, 3, 4]
+    for k in reference:
+        assert torch.equal(final[k], reference[k]), k
+
+
+# ------------------------------------------------------------------------------------------------ personal layers
+
+
+def test_personal_layers_never_leave_the_client_and_stay_distinct():
+    client = LightningClient(linear, data("dirichlet", 0.1), local_steps=3, personal=[r"^net\.1\.bias$"])
+    sim = FederatedSimulation(client, num_clients=2, num_rounds=2, progress=False, strategy=_fedavg(2))
+    final = sim.fit()
+    assert "net.1.bias" not in final
+    for reply in sim.grid.last_replies:
+        assert "net.1.bias" not in reply.content["arrays"]
+    biases = [torch.load(__import__("io").BytesIO(b), weights_only=False)["state_dict"]["net.1.bias"]
+              for b in sim.state_dict()["nodes"].values()]
+    assert not torch.equal(biases[0], biases[1])
+
+
+def test_federated_evaluation_reports_client_test_metrics():
+    client = LightningClient(linear, data(), local_steps=2)
+    sim = FederatedSimulation(client, num_clients=2, num_rounds=1, progress=False,
+                              strategy=_fedavg(2, fraction_evaluate=1.0))
+    sim.fit()
+    assert 0.0 <= sim.history[-1]["clients/test_acc"] <= 1.0
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"personal": ["^nothing$"]}, "matches no state_dict key"),
+    ({"local_steps": 0}, "local_steps"),
+    ({"trainer": {"max_epochs": 3}}, "local_epochs"),
+])
+def test_client_bad_inputs(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        LightningClient(linear, data(), **kwargs).initial_arrays()
+
+
+def test_mismatched_architectures_are_refused():
+    client = LightningClient(linear, data(), local_steps=1)
+    other = {"net.1.weight": torch.zeros(5, 64), "net.1.bias": torch.zeros(5)}
+    with pytest.raises(ValueError, match="architectures differ"):
+        client.train(other, {"server-round": 1}, None, 0, 2)
+    with pytest.raises(ValueError, match="architectures differ"):
+        client.train({"net.9.weight": torch.zeros(1)}, {"server-round": 1}, None, 0, 2)
