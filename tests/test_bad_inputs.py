@@ -264,6 +264,7 @@ def _minimal(tmp: Path) -> dict[str, Callable[[], dict]]:
         "AdaMerging": ada,
         "RuleFilter": lambda: {"min_resolution": 8},
         "Classifier": lambda: {"net": nn.Linear(4, 3), "num_classes": 3},
+        "FederatedDataModule": lambda: {"datamodule": digits()},
         "DistillationModule": lambda: {"student": nn.Linear(4, 3), "teacher": nn.Linear(4, 3), "num_classes": 3},
         "ImageClassifier": lambda: {"backbone": "resnet10t", "image_size": 8},
         "BarlowTwins": lambda: {"backbone": "resnet10t"}, "FroSSL": lambda: {"backbone": "resnet10t"},
