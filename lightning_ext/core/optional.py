@@ -21,6 +21,7 @@ EXTRAS = {
     "torch_geometric": "graph",
     "torchdata": "pipeline",
     "mlxtend": "data",
+    "pycocotools": "detection",
     "flwr": "federated",
 }
 
