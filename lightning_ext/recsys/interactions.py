@@ -32,7 +32,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from typing_extensions import override
 
-from lightning_ext.core.sampling import EpochSampler
+from lightning_ext.core.sampling import EpochSampler, ResumableDataLoader
 from lightning_ext.core.validation import (
     NonNegativeInt, PositiveInt, UnitIntervalRightOpen, check_fraction, check_number, check_positive_int,
 )
@@ -317,8 +317,9 @@ class InteractionDataModule(LightningDataModule):
         world, rank = self._world()
         sampler = BPRBatchSampler(data.train, data.num_items, self.batch_size, seed=self.shuffle_seed,
                                   num_replicas=world, rank=rank)
-        return DataLoader(_Passthrough(sampler.n_batches), sampler=sampler, batch_size=None,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        # resumable: Lightning saves how many batches of the epoch were consumed and a resumed fit skips them
+        return ResumableDataLoader(_Passthrough(sampler.n_batches), sampler=sampler, batch_size=None,
+                                   num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def _eval_loader(self, target: np.ndarray, exclude: np.ndarray, split: str) -> DataLoader:
         data = self._require()
