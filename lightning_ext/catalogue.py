@@ -74,6 +74,11 @@ ENTRIES: tuple[Entry, ...] = (
        "Data-free structured pruning plus low-bit weight quantization with a closed-form reconstruction (UDFC).",
        "Unified Data-Free Compression: Pruning and Quantization without Fine-Tuning", "2308.07209",
        ("UDFC", "quantization", "data-free"), "compression"),
+    _e("EmbeddingExpiry", "callbacks", "recsys", "embedding_expiry",
+       "Monolith's expirable embeddings: every `every_n_steps` optimizer steps, evict each collisionless table's "
+       "stale rows.",
+       "Monolith: Real Time Recommendation System With Collisionless Embedding Table", "2209.07663",
+       ("Monolith", "expirable embeddings", "collisionless embedding")),
     _e("DSnoT", "callbacks", "compression", "dsnot",
        "DSnoT (Zhang et al., ICLR 2024): training-free pruning of every Linear layer to a target sparsity with "
        "Wanda's mask refined by reconstruction-error-driven grow-and-prune swaps, on calibration batches.",
@@ -149,6 +154,11 @@ ENTRIES: tuple[Entry, ...] = (
        "Barlow Twins: Self-Supervised Learning via Redundancy Reduction", "2103.03230", ("SSL",)),
     _e("Classifier", "modules", "vision", "classifier",
        "Cross-entropy classification of `(x, y)` batches with accuracy and macro-F1 from torchmetrics."),
+    _e("CollisionlessMF", "modules", "recsys", "collisionless_mf",
+       "MF-BPR whose user and item tables are Monolith collisionless embeddings (admission filter, expiry, exact "
+       "rows).",
+       "Monolith: Real Time Recommendation System With Collisionless Embedding Table", "2209.07663",
+       ("Monolith", "collisionless embedding", "recommender")),
     _e("DCCF", "modules", "recsys", "dccf",
        "DCCF (Ren et al., SIGIR 2023): per layer E^{l+1} = Z + R + H^β + H^γ + E^l, BPR plus InfoNCE between "
        "the views; E = Σ_l E^l.",
@@ -376,6 +386,14 @@ ENTRIES: tuple[Entry, ...] = (
        "tails on the outer buckets.", "Transformers Can Do Bayesian Inference", "2112.10510",
        ("PFN", "Riemann distribution", "bar distribution")),
     # ---------------------------------------------------------------- layers (plain PyTorch parts of your model)
+    _e("CollisionlessEmbedding", "layers", "recsys", "collisionless",
+       "Monolith's collisionless embedding table: every admitted id owns a row; frequency admission and expiry "
+       "save memory.",
+       "Monolith: Real Time Recommendation System With Collisionless Embedding Table", "2209.07663",
+       ("Monolith", "hash table embedding", "frequency filter", "expirable embeddings", "cuckoo hash")),
+    _e("HashedEmbedding", "layers", "recsys", "collisionless",
+       "The collision baseline: `num_buckets` rows shared by ids through a universal hash `((a·id + b) mod p) mod "
+       "n`.", None, None, ("hashing trick", "hashed embedding")),
     _e("NTKActivation", "layers", "vision", "ntk_activation",
        "An activation with a known normalised dual, so that an infinitely wide and deep network classifies "
        "consistently.",
