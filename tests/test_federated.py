@@ -237,3 +237,73 @@ def test_mismatched_architectures_are_refused():
         client.train(other, {"server-round": 1}, None, 0, 2)
     with pytest.raises(ValueError, match="architectures differ"):
         client.train({"net.9.weight": torch.zeros(1)}, {"server-round": 1}, None, 0, 2)
+
+
+# ------------------------------------------------------------------------------------------------ RQM
+
+
+def test_rqm_is_unbiased_by_monte_carlo():
+    from lightning_ext.federated.rqm import levels, rqm_quantize
+
+    gen = torch.Generator().manual_seed(0)
+    lev = levels(1.0, 8)
+    xs = torch.linspace(-0.9, 0.9, 20)
+    n = 20_000
+    draws = lev[rqm_quantize(xs.repeat(n, 1), 0.9, 1.0, 8, 0.4, gen)]
+    mean, std = draws.mean(0), draws.std(0)
+    assert ((mean - xs.double()).abs() < 4 * std / n ** 0.5 + 1e-12).all()
+
+
+def test_rqm_exact_pmf_matches_an_independent_enumeration_and_monte_carlo():
+    """The pmf against brute-force enumeration of every kept-level subset (written here from the mechanism's
+    definition), and against sampling."""
+    import itertools
+
+    from lightning_ext.federated.rqm import levels, rqm_pmf, rqm_quantize
+
+    delta, m, q, x = 1.0, 6, 0.3, 0.17
+    lev = levels(delta, m).tolist()
+    brute = [0.0] * (m + 1)
+    for kept in itertools.product([0, 1], repeat=m - 1):
+        keep = [1, *kept, 1]
+        prob = np.prod([q if k else 1 - q for k in kept])
+        a = max(j for j in range(m + 1) if keep[j] and lev[j] <= x)
+        b = min(j for j in range(m + 1) if keep[j] and lev[j] > x)
+        up = (x - lev[a]) / (lev[b] - lev[a])
+        brute[b] += prob * up
+        brute[a] += prob * (1 - up)
+    pmf = rqm_pmf(x, delta, m, q)
+    assert torch.allclose(pmf, torch.tensor(brute, dtype=torch.float64), atol=1e-12)
+    assert abs(float((pmf * levels(delta, m)).sum()) - x) < 1e-12
+    idx = rqm_quantize(torch.full((100_000,), x), 0.9, delta, m, q, torch.Generator().manual_seed(1))
+    hist = torch.bincount(idx, minlength=m + 1).double() / 1e5
+    assert (hist - pmf).abs().max() < 0.006
+
+
+def test_rqm_renyi_is_finite_below_q_one_and_grows_with_q():
+    from lightning_ext.federated.rqm import rdp_to_epsilon, rqm_renyi
+
+    rdp = [rqm_renyi(a, 0.5, 1.0, 8, q, grid=9) for q, a in ((0.2, 4.0), (0.5, 4.0), (0.8, 4.0))]
+    assert all(np.isfinite(rdp)) and rdp[0] < rdp[1] < rdp[2]
+    assert rqm_renyi(4.0, 0.5, 1.0, 8, 1.0, grid=9) == float("inf")  # plain stochastic rounding: no privacy
+    assert rdp_to_epsilon([1.0, 0.5], [2.0, 8.0], 1e-5) == pytest.approx(min(1 + np.log(1e5), 0.5 + np.log(1e5) / 7))
+
+
+def test_rqm_federation_decodes_the_mean_update():
+    """One round, 2 clients: the new global model is w0 + mean of the clients' RQM levels (recomputed here)."""
+    from lightning_ext.federated.rqm import RQMUpdate, levels, rqm_fedavg
+
+    rqm = RQMUpdate(clip=0.05, delta=0.1, m=16, q=0.5, seed=3)
+    client = LightningClient(lambda: linear(sgd), data(), local_steps=1, reply_transform=rqm)
+    strategy = rqm_fedavg(0.05, 0.1, 16, 0.5, fraction_evaluate=0.0, min_train_nodes=2, min_available_nodes=2)
+    sim = FederatedSimulation(client, num_clients=2, num_rounds=1, progress=False, strategy=strategy)
+    w0 = client.initial_arrays()
+    got = sim.fit(w0)
+    replies = sim.grid.last_replies
+    idx = [r.content["arrays"].to_torch_state_dict() for r in replies]
+    n = [r.content["metrics"]["num-examples"] for r in replies]
+    assert idx[0]["net.1.weight"].dtype == torch.uint8
+    lev = levels(0.1, 16)
+    for k in w0:
+        mean = sum(ni * lev[i[k].long()] for ni, i in zip(n, idx)) / sum(n)
+        assert torch.allclose(got[k].double(), w0[k].double() + mean, atol=1e-6)

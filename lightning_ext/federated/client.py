@@ -99,6 +99,8 @@ class LightningClient:
         personal: regular expressions of ``state_dict`` keys kept local (FedBN: ``[r"\\.bn\\d*\\."]``).
         keep_state: resume optimizer, scheduler, callback and loop state across rounds.
         seed: base seed of local training.
+        reply_transform: a method's client side, ``(reply, global_arrays, server_round, partition_id) -> reply``
+            applied to the shared weights before they are sent (e.g. :class:`~lightning_ext.federated.rqm.RQMUpdate`).
 
     Example:
         >>> from torch import nn
@@ -112,9 +114,9 @@ class LightningClient:
         (['net.1.bias', 'net.1.weight'], 647)
     """
 
-    def __init__(self, model: Factory, datamodule: Factory, trainer: Optional[dict] = None, local_epochs: int = 1,
+    def __init__(self, model: Optional[Factory] = None, datamodule: Optional[Factory] = None, trainer: Optional[dict] = None, local_epochs: int = 1,
                  local_steps: Optional[int] = None, personal: Sequence[str] = (), keep_state: bool = True,
-                 seed: int = 0) -> None:
+                 seed: int = 0, reply_transform: Optional[Callable[[dict, dict, int, int], dict]] = None) -> None:
         require_flwr("LightningClient")
         check_positive_int("local_epochs", local_epochs)
         if local_steps is not None:
@@ -123,6 +125,8 @@ class LightningClient:
         if isinstance(personal, str):
             raise TypeError("personal must be a list of regular expressions, not one string.")
         for name, spec in (("model", model), ("datamodule", datamodule)):
+            if spec is None:
+                raise ValueError(f"LightningClient needs `{name}`: a factory or a class_path dict.")
             if not (callable(spec) or (isinstance(spec, dict) and "class_path" in spec)):
                 raise TypeError(f"{name} must be a factory or a dict with `class_path`.")
         self.model, self.datamodule = model, datamodule
@@ -133,6 +137,9 @@ class LightningClient:
         self.local_epochs, self.local_steps = local_epochs, local_steps
         self.personal = [re.compile(p) for p in personal]
         self.keep_state, self.seed = keep_state, seed
+        if reply_transform is not None and not callable(reply_transform):
+            raise TypeError("reply_transform must be callable (reply, global_arrays, server_round, partition_id) -> reply.")
+        self.reply_transform = reply_transform
 
     # -- pure engine (no Flower objects) ------------------------------------------------------------------------
     def build_model(self) -> LightningModule:
@@ -215,6 +222,8 @@ class LightningClient:
                 new_state = out.read_bytes()
         final = model.state_dict()
         reply = {k: final[k].detach().cpu().clone() for k in self.shared_keys(final)}
+        if self.reply_transform is not None:  # a method's client side (RQM's quantised update, commitments, ...)
+            reply = self.reply_transform(reply, arrays, server_round, partition_id)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
                    if k.startswith("train") and torch.as_tensor(v).numel() == 1}
         metrics["num-examples"] = int(len(trainer.train_dataloader.dataset))

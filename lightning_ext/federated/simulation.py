@@ -56,7 +56,7 @@ class FederatedSimulation:
         (2, 2, ['net.1.bias', 'net.1.weight'])
     """
 
-    def __init__(self, client: LightningClient, num_clients: int = 2, num_rounds: int = 3, strategy: Any = None,
+    def __init__(self, client: Optional[LightningClient] = None, num_clients: int = 2, num_rounds: int = 3, strategy: Any = None,
                  evaluate_fn: Optional[EvaluateFn] = None, seed: int = 0, progress: bool = True,
                  checkpoint_path: Optional[Union[str, Path]] = None, train_config: Optional[dict] = None) -> None:
         flwr = require_flwr("FederatedSimulation")
