@@ -21,6 +21,7 @@ from torchmetrics import Metric
 from typing_extensions import override
 
 from lightning_ext.core.optional import require
+from lightning_ext.core.paths import check_path_argument
 from lightning_ext.core.sampling import EpochSampler, ResumableDataLoader
 from lightning_ext.core.validation import (
     PositiveFloat,
@@ -126,6 +127,8 @@ class LinkPredictionDataModule(LightningDataModule):
         check_number("seed", seed, integer=True)
         check_positive("eval_negative_ratio", eval_negative_ratio)
         check_positive_int("batch_size", batch_size)
+        check_path_argument("root", root)
+        check_path_argument("cache_dir", cache_dir)
         self.root, self.name, self.cache_dir = root or os.environ.get("PLANETOID_ROOT"), name, cache_dir
         self.val_fraction, self.test_fraction, self.split_seed = float(val_fraction), float(test_fraction), split_seed
         self.eval_negative_ratio, self.input_edge_drop = float(eval_negative_ratio), float(input_edge_drop)

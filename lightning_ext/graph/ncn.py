@@ -160,7 +160,7 @@ class NCN(GAELinkPredictor):
         nonfinite_loss: NonFiniteLoss = "error",
     ) -> None:
         check_number("beta", beta)
-        self._predictor_args = {"dropout": float(dropout), "layer_norm": bool(layer_norm), "use_xlin": bool(use_xlin),
+        self._predictor_args = {"dropout": dropout, "layer_norm": bool(layer_norm), "use_xlin": bool(use_xlin),
                                 "tail_activation": bool(tail_activation), "beta": float(beta)}
         super().__init__(num_features=num_features, hidden=hidden, num_layers=num_layers, encoder=encoder,
                          decoder="mlp", input_dropout=input_dropout, dropout=dropout, lr=lr, predictor_lr=predictor_lr,

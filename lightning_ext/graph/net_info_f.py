@@ -319,6 +319,7 @@ class NetInfoFProbe(Callback):
     def __init__(self, task: Literal["link", "node"] = "link", dim: PositiveInt = 128, bins: AtLeastTwoInt = 8,
                  clusters: AtLeastTwoInt = 16, walks: PositiveInt = 200, seed: int = 0,
                  warn_below: NonNegativeFloat = 0.0) -> None:
+        require("torch_geometric", "NetInfoFProbe")
         check_choice("task", task, ("link", "node"))
         check_positive_int("dim", dim)
         check_number("bins", bins, low=2, integer=True)

@@ -82,6 +82,7 @@ class NetInfoFLinkPredictor(LightningModule):
         nonfinite_loss: NonFiniteLoss = "error",
     ) -> None:
         super().__init__()
+        require("torch_geometric", "NetInfoFLinkPredictor")
         require("scipy", "NetInfoFLinkPredictor")
         for arg, value in (("num_features", num_features), ("dim", dim), ("max_iter", max_iter), ("walks", walks),
                            ("hits_k", hits_k)):
