@@ -307,3 +307,93 @@ def test_rqm_federation_decodes_the_mean_update():
     for k in w0:
         mean = sum(ni * lev[i[k].long()] for ni, i in zip(n, idx)) / sum(n)
         assert torch.allclose(got[k].double(), w0[k].double() + mean, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ verifiable aggregation
+
+
+def _miller_rabin(n: int, rounds: int = 16) -> bool:
+    import random as _random
+
+    d, s = n - 1, 0
+    while d % 2 == 0:
+        d, s = d // 2, s + 1
+    rng = _random.Random(0)
+    for _ in range(rounds):
+        x = pow(rng.randrange(2, n - 2), d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(s - 1):
+            x = pow(x, 2, n)
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def test_the_commitment_group_is_a_safe_prime_group():
+    from lightning_ext.federated.verifiable_aggregation import P, R
+
+    assert P.bit_length() == 2048 and P == 2 * R + 1
+    assert _miller_rabin(P) and _miller_rabin(R)
+
+
+def _verifiable_federation(tamper=None, rounds=2):
+    from lightning_ext.federated.verifiable_aggregation import VerifiableUpdate, verifiable_fedavg
+
+    update = VerifiableUpdate(frac_bits=16, key_seed=7, blinding_seed=1)
+    client = LightningClient(lambda: linear(sgd), data(), local_steps=1, reply_transform=update)
+    strategy = verifiable_fedavg(16, tamper=tamper, fraction_evaluate=0.0, min_train_nodes=3, min_available_nodes=3)
+    sim = FederatedSimulation(client, num_clients=3, num_rounds=rounds, progress=False, strategy=strategy)
+    checks = {}
+    sim.arrays = client.initial_arrays()
+    for r in range(1, rounds + 1):
+        sim.history.append(sim.run_round(r))
+        sim.round = r
+        mine = {int(m.content["arrays"]["zkfl.client"].numpy()[0]):
+                int.from_bytes(bytes(m.content["arrays"]["zkfl.commitment"].numpy().tolist()), "big")
+                for m in sim.grid.last_replies}
+        checks[r] = {cid: _verify(strategy.transcripts[r], cid, c, update) for cid, c in mine.items()}
+    return sim, checks
+
+
+def _verify(transcript, cid, commitment, update):
+    from lightning_ext.federated.verifiable_aggregation import verify_round
+
+    keys = {i: update.public_key(i) for i in range(3)}
+    scheme = update.commitment_scheme(len(transcript["total"]))
+    return verify_round(transcript, cid, commitment, keys, scheme)
+
+
+def test_honest_verifiable_rounds_verify_and_match_float_fedavg():
+    sim, checks = _verifiable_federation(rounds=1)
+    assert all(ok for ok, _ in checks[1].values())
+    plain = LightningClient(lambda: linear(sgd), data(), local_steps=1)
+    ref = FederatedSimulation(plain, num_clients=3, num_rounds=1, progress=False, strategy=_fedavg(3))
+    expected = ref.fit(plain.initial_arrays())
+    for k in expected:
+        assert torch.allclose(sim.arrays[k], expected[k], atol=2 ** -15)
+
+
+def test_dropped_replaced_and_injected_updates_are_detected():
+    def drop(rnd, entries, total, blinding):  # drop client 1 and take its update out of the sum
+        gone = next(e for e in entries if e["client"] == 1)
+        rest = [e for e in entries if e["client"] != 1]
+        return rest, total - gone["weight"] * gone["values"], blinding
+
+    def replace(rnd, entries, total, blinding):
+        total = total.clone()
+        total[0] += 1
+        return entries, total, blinding
+
+    def inject(rnd, entries, total, blinding):
+        fake = dict(entries[0], client=9)
+        return entries + [fake], total + fake["weight"] * fake["values"], blinding
+
+    _, dropped = _verifiable_federation(drop, rounds=1)
+    assert dropped[1][1] == (False, "my update is missing or altered")
+    _, replaced = _verifiable_federation(replace, rounds=1)
+    assert all(not ok and "does not open" in why for ok, why in replaced[1].values())
+    _, injected = _verifiable_federation(inject, rounds=1)
+    assert all(not ok and "unregistered client 9" in why for ok, why in injected[1].values())
