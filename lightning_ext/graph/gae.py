@@ -7,6 +7,7 @@ graph while training (NCN's ``--maskinput``, "target link removal"), Hits@K and 
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal, Optional
 
 import torch
@@ -44,8 +45,10 @@ def adjacency(edge_index: torch.Tensor, num_nodes: int) -> torch.Tensor:
     row, col = key // num_nodes, key % num_nodes
     crow = torch.zeros(num_nodes + 1, dtype=torch.long, device=edge_index.device)
     crow[1:] = torch.cumsum(torch.bincount(row, minlength=num_nodes), 0)
-    return torch.sparse_csr_tensor(crow, col, torch.ones(col.numel(), device=edge_index.device),
-                                   (num_nodes, num_nodes))
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": only the row pointers are used here
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, torch.ones(col.numel(), device=edge_index.device),
+                                       (num_nodes, num_nodes), check_invariants=False)
 
 
 def neighbor_pairs(adj: torch.Tensor, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
