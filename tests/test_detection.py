@@ -197,6 +197,7 @@ def _batch():
     return x, targets
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("box_head", ["fdr", "l1_giou"])
 def test_both_heads_fit_a_batch(box_head):
     torch.manual_seed(5)
@@ -317,3 +318,151 @@ def test_resume_mid_epoch_gives_the_uninterrupted_parameters(tmp_path):
                                            num_sanity_val_steps=0)
     assert info["resumed_from_step"] == 4
     assert_same_parameters(full, resumed)
+
+
+# ------------------------------------------------------------------------------------------ split computing (core)
+
+from lightning_ext.detection import split_computing as SC  # noqa: E402
+
+
+def test_quantisation_follows_the_reference_convention():
+    z = torch.tensor([-1.0, 0.0, 1.0, 2.0])
+    q = SC.quantize(z)
+    scale = 3 / 255  # (max - min) / (2^8 - 1); zero point floor(1 / scale) = 85
+    assert q.zero_point == 85 and q.scale == pytest.approx(scale)
+    assert q.codes.tolist() == [0, 85, 170, 255] and q.codes.dtype == torch.uint8
+    torch.manual_seed(7)
+    x = torch.randn(2, 3, 5, 5) * 3 + 1
+    q = SC.quantize(x, num_bits=4)
+    assert int(q.codes.max()) <= 15
+    assert float((SC.dequantize(q) - x).abs().max()) <= q.scale * 1.5  # rounding plus the integer zero point
+    assert SC.payload_bytes(SC.quantize(x)) == x.numel() + 8
+    assert SC.payload_bytes(q) == -(-x.numel() // 2) + 8
+
+
+def test_jpeg_bytes_grow_with_quality_and_content():
+    torch.manual_seed(8)
+    noisy, blank = torch.rand(1, 48, 48), torch.zeros(1, 48, 48)
+    assert SC.jpeg_bytes(noisy, 95) > SC.jpeg_bytes(noisy, 20) > SC.jpeg_bytes(blank, 20)
+
+
+def test_bottleneck_codec_restores_the_shape_and_passes_gradients_through_quantisation():
+    codec = SC.BottleneckCodec(16, 2, out_channels=24)
+    x = torch.randn(2, 16, 10, 12, requires_grad=True)
+    assert codec.encode(x).shape == (2, 2, 14, 16)
+    y = codec(x, num_bits=8)
+    assert y.shape == (2, 24, 10, 12)
+    y.sum().backward()
+    assert x.grad is not None and bool(x.grad.abs().sum() > 0)
+    with pytest.raises(ValueError, match="narrower"):
+        SC.BottleneckCodec(16, 16, out_channels=16)
+
+
+def test_head_distillation_loss_is_the_summed_squared_error():
+    torch.manual_seed(9)
+    s = [torch.randn(2, 3, 4, 4), torch.randn(2, 5)]
+    t = [torch.randn(2, 3, 4, 4), torch.randn(2, 5)]
+    expected = sum(float(((a - b) ** 2).sum()) for a, b in zip(s, t))
+    assert float(SC.head_distillation_loss(s, t)) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="one teacher output"):
+        SC.head_distillation_loss(s, t[:1])
+
+
+@pytest.mark.slow
+def test_neural_filter_learns_to_drop_empty_canvases():
+    dm = DigitCanvasDetectionDataModule(size=32, digit_size=(12, 20), num_canvases=(64, 8, 8), empty_prob=0.5)
+    dm.setup()
+    x = dm.sets["train"].images
+    y = torch.tensor([int(len(t["labels"]) > 0) for t in dm.sets["train"].targets])
+    torch.manual_seed(10)
+    filt = SC.NeuralFilter(1, pool=32)
+    opt = torch.optim.Adam(filt.parameters(), lr=3e-3)
+    for _ in range(40):
+        loss = F.cross_entropy(filt(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    filt.eval()
+    assert float((filt.keep(x, 0.5) == y.bool()).float().mean()) > 0.9
+    with pytest.raises(ValueError, match="pool"):
+        SC.NeuralFilter(1, pool=8)
+
+
+# ------------------------------------------------------------------------------------------ SplitComputingDetector
+
+
+def _teacher(tmp_path):
+    torch.manual_seed(11)
+    teacher = DETRDetector(hidden_dim=32, num_queries=6, decoder_layers=2)
+    path = tmp_path / "teacher.ckpt"
+    torch.save({"state_dict": teacher.state_dict(), "hyper_parameters": dict(teacher.hparams)}, path)
+    return teacher, str(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("distill", ["hnd", "ghnd"])
+def test_split_detector_distils_only_the_bottleneck(tmp_path, distill):
+    from lightning_ext.detection.split_detector import SplitComputingDetector
+
+    teacher, path = _teacher(tmp_path)
+    model = SplitComputingDetector(path, bottleneck_channels=3, distill=distill, lr=3e-3)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in model.bottleneck.parameters()}
+    x = _batch()[0]
+    before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    opt = model.configure_optimizers()
+    model.train()
+    assert not model.teacher.training and not model.student.net.proj.training and model.bottleneck.training
+    losses = []
+    for _ in range(15):
+        loss = model.distillation_loss(x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    for k, v in model.teacher.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+    # HND matches one tensor, GHND three: GHND's loss is larger at the same weights
+    model.distill = "hnd"
+    hnd = float(model.distillation_loss(x))
+    model.distill = "ghnd"
+    assert float(model.distillation_loss(x)) > hnd
+    # evaluation quantises the transmitted tensor: 3 x (4 + 4) x (4 + 4) bytes at 8 bits, plus scale and zero point
+    model.eval()
+    model(x)
+    assert model.bottleneck.last_bytes == [3 * 8 * 8 + 8] * 2
+
+
+def test_split_detector_bad_inputs(tmp_path):
+    from lightning_ext.detection.split_detector import SplitComputingDetector
+
+    _, path = _teacher(tmp_path)
+    with pytest.raises(ValueError, match="narrower"):
+        SplitComputingDetector(path, bottleneck_channels=32)
+    with pytest.raises(ValueError, match="stride"):
+        SplitComputingDetector(path, split_block=1)
+    with pytest.raises(ValueError, match="split_block"):
+        SplitComputingDetector(path, split_block=7)
+    with pytest.raises(FileNotFoundError):
+        SplitComputingDetector(str(tmp_path / "missing.ckpt"))
+    with pytest.raises(ValueError, match="teacher_checkpoint"):
+        SplitComputingDetector()
+    torch.save({"state_dict": {}}, tmp_path / "bare.ckpt")
+    with pytest.raises(ValueError, match="hyper_parameters"):
+        SplitComputingDetector(str(tmp_path / "bare.ckpt"))
+
+
+def test_split_detector_fit_logs_map_and_bytes(tmp_path):
+    import lightning.pytorch as pl
+
+    from lightning_ext.detection.split_detector import SplitComputingDetector
+
+    _, path = _teacher(tmp_path)
+    model = SplitComputingDetector(path)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", default_root_dir=tmp_path, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, logger=False, enable_checkpointing=False)
+    trainer.fit(model, _tiny_dm())
+    metrics = trainer.callback_metrics
+    assert {"val_map", "val_map_75", "val_bottleneck_bytes", "train_loss"} <= set(metrics)
+    assert float(metrics["val_bottleneck_bytes"]) == 3 * 8 * 8 + 8  # 32x32 canvases: 4x4 features, +4 per side

@@ -68,14 +68,16 @@ def check_targets(images: Tensor, targets: Any, num_classes: int) -> None:
 
 def draw_detections(images: Tensor, preds: Sequence[dict], targets: Sequence[dict],
                     score_threshold: float = 0.3) -> Tensor:
-    """A ``(3, H, k*W)`` uint8 strip: each image (min-max scaled) with its ground truth boxes in green and the
-    predictions scoring at least ``score_threshold`` in red, labelled ``class:score``."""
+    """A ``(3, H, k*W)`` uint8 strip: each image (its range widened to at least [0, 1], so a blank noisy canvas
+    stays dark) with its ground truth boxes in green and the predictions scoring at least ``score_threshold`` in
+    red, labelled ``class:score``."""
     from torchvision.utils import draw_bounding_boxes
 
     tiles = []
     for img, p, t in zip(images, preds, targets):
         g = img[:1]
-        g = ((g - g.min()) / (g.max() - g.min()).clamp_min(1e-6) * 255).to(torch.uint8).expand(3, -1, -1)
+        lo, hi = min(float(g.min()), 0.0), max(float(g.max()), 1.0)
+        g = ((g - lo) / (hi - lo) * 255).round().to(torch.uint8).expand(3, -1, -1)
         if len(t["boxes"]):
             g = draw_bounding_boxes(g, t["boxes"].float(), colors="lime", width=1)
         keep = p["scores"] >= score_threshold

@@ -225,6 +225,11 @@ class DigitCanvasDetectionDataModule(LightningDataModule):
             self.sets[name] = CanvasDataset(torch.from_numpy(images), targets)
         self.split_sizes = {k: len(v) for k, v in self.sets.items()}
 
+    @property
+    def train_set(self) -> CanvasDataset:
+        """The training canvases (after ``setup``)."""
+        return self.split_dataset("train")
+
     def split_dataset(self, split: str) -> CanvasDataset:
         """The canvases of ``split`` (after ``setup``)."""
         if split not in self.sets:
