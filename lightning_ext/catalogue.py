@@ -530,6 +530,24 @@ ENTRIES: tuple[Entry, ...] = (
        "distilled into an earlier layer's.",
        "D-FINE: Redefine Regression Task in DETRs as Fine-grained Distribution Refinement", "2410.13842",
        ("DDF", "GO-LSD", "D-FINE", "self-distillation")),
+    _e("SplitComputingDetector", "modules", "detection", "split_detector",
+       "Split computing for edge-assisted detection (Matsubara and Levorato, ICPR 2020): a trained `DETRDetector`'s "
+       "head network replaced by a quantised bottleneck, trained by head-network distillation (HND or GHND).",
+       "Neural Compression and Filtering for Edge-assisted Real-time Object Detection in Challenged Networks",
+       "2007.15818", ("HND", "GHND", "split computing", "bottleneck", "edge computing"), "detection"),
+    _e("BottleneckCodec", "layers", "detection", "split_computing",
+       "A split-computing bottleneck (Matsubara and Levorato, 2020): an encoder squeezing a head network's input to "
+       "`bottleneck_channels` for transmission, and a decoder restoring the replaced layer's output.",
+       "Neural Compression and Filtering for Edge-assisted Real-time Object Detection in Challenged Networks",
+       "2007.15818", ("split computing", "bottleneck", "HND")),
+    _e("NeuralFilter", "layers", "detection", "split_computing",
+       "The neural filter of split computing (Matsubara and Levorato, 2020): does a frame hold an object of interest?",
+       "Neural Compression and Filtering for Edge-assisted Real-time Object Detection in Challenged Networks",
+       "2007.15818", ("Ext4ResNet", "frame filter")),
+    _e("head_distillation_loss", "losses", "detection", "split_computing",
+       "Head-network distillation (HND / GHND): summed squared error between student and teacher layer outputs.",
+       "Neural Compression and Filtering for Edge-assisted Real-time Object Detection in Challenged Networks",
+       "2007.15818", ("HND", "GHND", "feature distillation")),
 )
 
 _BY_NAME = {e.name: e for e in ENTRIES}
