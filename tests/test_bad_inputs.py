@@ -254,6 +254,16 @@ def _minimal(tmp: Path) -> dict[str, Callable[[], dict]]:
             torch.save(state, path)
         return {"network": net, "checkpoints": [str(p) for p in paths]}
 
+    def detr_teacher():
+        import torch
+
+        from lightning_ext.detection.detr import DETRDetector
+
+        teacher = DETRDetector(hidden_dim=32, num_queries=4, decoder_layers=1)
+        torch.save({"state_dict": teacher.state_dict(), "hyper_parameters": dict(teacher.hparams)},
+                   tmp / "detr_teacher.ckpt")
+        return {"teacher_checkpoint": str(tmp / "detr_teacher.ckpt")}
+
     interactions = tmp / "train.txt"
     interactions.write_text("0 1 2\n1 0 2\n2 1\n")
     pruning = {"pruning_ratio": 0.3}
@@ -279,6 +289,7 @@ def _minimal(tmp: Path) -> dict[str, Callable[[], dict]]:
         "LastFMDataModule": lambda: {"root": str(REPO.parent / "shared" / "data" / "lastfm")},
         "DP4TLLabelMapping": lambda: {"target": digits()}, "DP4TLFeatureMapping": lambda: {"target": digits()},
         "ComputeAwareSelection": lambda: {"scorer": random_scorer(), "law": law(), "samples_seen": 1000},
+        "SplitComputingDetector": detr_teacher,
     }
 
 
