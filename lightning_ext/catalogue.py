@@ -159,6 +159,11 @@ ENTRIES: tuple[Entry, ...] = (
        "rows).",
        "Monolith: Real Time Recommendation System With Collisionless Embedding Table", "2209.07663",
        ("Monolith", "collisionless embedding", "recommender")),
+    _e("DNISRecommender", "modules", "recsys", "dnis_recommender",
+       "DNIS (Cheng et al., 2020): rating prediction whose embedding dimensions are searched bi-level (weights on "
+       "train, α on validation), then pruned.",
+       "Differentiable Neural Input Search for Recommender Systems", "2006.04466",
+       ("DNIS", "AutoSrh", "embedding dimension search", "mixed dimension embeddings")),
     _e("DCCF", "modules", "recsys", "dccf",
        "DCCF (Ren et al., SIGIR 2023): per layer E^{l+1} = Z + R + H^β + H^γ + E^l, BPR plus InfoNCE between "
        "the views; E = Σ_l E^l.",
@@ -277,6 +282,9 @@ ENTRIES: tuple[Entry, ...] = (
     _e("MovieLens100KDataModule", "datamodules", "recsys", "movielens100k",
        "MovieLens-100K, implicit: rating >= `min_rating` is a positive; per-user 80/20 split (random or "
        "temporal).", None, None, ("ML-100K", "MovieLens")),
+    _e("MovieLens100KRatingsDataModule", "datamodules", "recsys", "movielens_ratings",
+       "MovieLens-100K explicit ratings: `(ids (B, 2), rating (B,))` batches, random train/search/test split.",
+       None, None, ("ML-100K", "MovieLens", "rating prediction")),
     _e("MultiTaskDataModule", "datamodules", "merging", "multi_task",
        "Unlabelled inputs of several tasks (one batch of each task per step, with its task id) for test-time "
        "merging."),
@@ -394,6 +402,10 @@ ENTRIES: tuple[Entry, ...] = (
     _e("HashedEmbedding", "layers", "recsys", "collisionless",
        "The collision baseline: `num_buckets` rows shared by ids through a universal hash `((a·id + b) mod p) mod "
        "n`.", None, None, ("hashing trick", "hashed embedding")),
+    _e("DNISEmbedding", "layers", "recsys", "dnis",
+       "DNIS soft dimension selection: id `i` of frequency block `f` embeds as `e_i ⊙ repeat(α[f])`, α learned then "
+       "pruned.",
+       "Differentiable Neural Input Search for Recommender Systems", "2006.04466", ("DNIS", "AutoSrh")),
     _e("NTKActivation", "layers", "vision", "ntk_activation",
        "An activation with a known normalised dual, so that an infinitely wide and deep network classifies "
        "consistently.",
