@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -397,3 +399,82 @@ def test_dropped_replaced_and_injected_updates_are_detected():
     assert all(not ok and "does not open" in why for ok, why in replaced[1].values())
     _, injected = _verifiable_federation(inject, rounds=1)
     assert all(not ok and "unregistered client 9" in why for ok, why in injected[1].values())
+
+
+# ------------------------------------------------------------------------------------------------ federation configs
+
+FEDERATION_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "federated").glob("*.yaml"))
+
+
+@pytest.mark.slow  # a ResNet-10t per client; about 30 s on a loaded 2-core machine
+@pytest.mark.parametrize("config", FEDERATION_CONFIGS, ids=lambda p: p.stem)
+def test_federation_configs_run(config, monkeypatch):
+    """configs/federated/*.yaml are federations (not LightningCLI fits, which tests/test_configs.py runs): one
+    round each through the runner."""
+    import yaml
+
+    from lightning_ext.federated.run import build
+
+    cfg = yaml.safe_load(config.read_text())
+    cfg["federation"].update(local_steps=2, num_clients=2)
+    sim, test = build(cfg, num_rounds=1)
+    arrays = sim.fit()
+    assert sim.round == 1 and 0.0 <= test(arrays)["test_acc"] <= 1.0
+    if cfg["federation"].get("remove_normalization"):
+        assert not any("running_mean" in k for k in arrays) and any(k.endswith(".gain") for k in arrays)
+
+
+def test_federation_config_bad_keys_fail_with_one_line():
+    from lightning_ext.federated.run import build
+
+    with pytest.raises(ValueError, match="unknown federation key"):
+        build({"federation": {"rounds": 3}, "model": {"class_path": "x"}, "data": {"class_path": "y"}})
+    with pytest.raises(ValueError, match="federation.strategy='fedsgd' is unknown"):
+        build({"federation": {"strategy": "fedsgd"}, "model": {"class_path": "ImageClassifier", "init_args": {
+            "backbone": "resnet10t", "num_classes": 10, "in_chans": 1, "image_size": 8}},
+            "data": {"class_path": "DigitsDataModule"}})
+
+
+# ------------------------------------------------------------------------------------------------ FedWon
+
+
+def test_wsconv2d_equals_the_scaled_weight_standardisation_equation_and_timm():
+    from timm.layers import ScaledStdConv2d
+
+    from lightning_ext.federated.fedwon import WSConv2d
+
+    torch.manual_seed(0)
+    conv = WSConv2d(3, 5, 3, padding=1)
+    with torch.no_grad():
+        conv.gain.uniform_(0.5, 1.5)
+    w = conv.weight.reshape(5, -1).double()
+    fan_in = w.shape[1]
+    std = w.var(dim=1, unbiased=False, keepdim=True).add(1e-6).sqrt()
+    w_hat = conv.gain.reshape(5, 1).double() * 1.7139588594436646 * (w - w.mean(1, keepdim=True)) / (std * fan_in ** 0.5)
+    assert torch.allclose(conv.standardized_weight().reshape(5, -1).double(), w_hat, atol=1e-6)
+    ref = ScaledStdConv2d(3, 5, 3, padding=1, gamma=1.7139588594436646)
+    ref.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.allclose(conv(x), ref(x), atol=1e-5)
+
+
+def test_remove_normalization_strips_every_norm_and_trains_at_batch_size_one():
+    from lightning_ext.federated.fedwon import WSConv2d, remove_normalization
+
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.Sequential(nn.Conv2d(4, 4, 3), nn.GroupNorm(2, 4)), nn.Flatten(), nn.LazyLinear(10))
+    x = torch.randn(1, 1, 8, 8)
+    before = net[0](x)
+    remove_normalization(net)
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)) for m in net.modules())
+    assert sum(isinstance(m, WSConv2d) for m in net.modules()) == 2
+    assert not torch.allclose(net[0](x), before)  # the same weights, now standardised
+    model = Classifier(net, 10, optimizer=sgd)
+    opt = model.configure_optimizers()
+    opt = opt["optimizer"] if isinstance(opt, dict) else opt
+    loss = torch.nn.functional.cross_entropy(model(x), torch.tensor([3]))
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="activation"):
+        remove_normalization(net, activation="tanh")
