@@ -212,3 +212,12 @@ def test_bad_ids_and_times_are_refused():
         EmbeddingExpiry(0)
     with pytest.raises(ValueError, match="integer"):
         HashedEmbedding(2, 3)(torch.tensor([0.5]))
+
+
+def test_collisionless_mf_refuses_more_than_one_process(monkeypatch):
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False)
+    monkeypatch.setattr(Trainer, "world_size", property(lambda self: 2))
+    model = CollisionlessMF(num_users=3, num_items=4)
+    model.trainer = trainer
+    with pytest.raises(ValueError, match="one process"):
+        model.setup("fit")
