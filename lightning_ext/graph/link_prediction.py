@@ -275,7 +275,9 @@ class _PosNegMetric(Metric):
         self.neg.append(neg_scores.detach().flatten().float())
 
     def _scores(self) -> tuple[torch.Tensor, torch.Tensor]:
-        cat = lambda v: torch.cat(v) if isinstance(v, list) else v  # noqa: E731 - list before sync, tensor after
+        def cat(v):  # a list before sync (empty before any update), a tensor after
+            return (torch.cat(v) if v else torch.empty(0)) if isinstance(v, list) else v
+
         pos, neg = cat(self.pos), cat(self.neg)
         if pos.numel() == 0 or neg.numel() == 0:
             raise ValueError(f"{type(self).__name__}: no positive or no negative scores were given to update().")
