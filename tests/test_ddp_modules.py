@@ -25,6 +25,7 @@ from lightning_ext.recsys.lightgcl import LightGCL
 from lightning_ext.recsys.lightgcn import LightGCN
 from lightning_ext.recsys.metrics import RankingMetrics
 from lightning_ext.recsys.mf_bpr import MFBPR
+from lightning_ext.recsys.sheaf4rec import Sheaf4Rec
 from lightning_ext.recsys.ultragcn import UltraGCN
 from lightning_ext.ssl.barlow_twins import BarlowTwins
 from lightning_ext.ssl.knn_evaluation import KNNEvaluation
@@ -57,6 +58,7 @@ RECOMMENDERS = {
     "UltraGCN": lambda: UltraGCN(negative_num=4, num_neighbors=3, embedding_dim=8, lr=0.01, eval_ks=(5, 10)),
     "LightGCL": lambda: LightGCL(rank=2, embedding_dim=8, lr=0.01, eval_ks=(5, 10)),
     "DCCF": lambda: DCCF(num_intents=4, embedding_dim=8, lr=0.01, eval_ks=(5, 10)),
+    "Sheaf4Rec": lambda: Sheaf4Rec(num_layers=2, embedding_dim=8, lr=0.01, eval_ks=(5, 10)),
 }
 RANKING_KEYS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
 
