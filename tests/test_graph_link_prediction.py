@@ -394,6 +394,8 @@ def test_act_learns_and_refuses_bad_inputs(planetoid_root, tmp_path):
         NetInfoFLinkPredictor(components=[])
     with pytest.raises(ValueError, match="components"):
         NetInfoFLinkPredictor(components=["U", "U"])
+    with pytest.raises(ValueError, match="set_embeddings needs"):
+        NetInfoFLinkPredictor(num_features=8, dim=4).set_embeddings({"U": torch.zeros(5, 3)}, {"U": torch.zeros(5, 3)})
     with pytest.raises(RuntimeError, match="fit_embeddings"):
         NetInfoFLinkPredictor(num_features=8)(torch.tensor([[0], [1]]))
     from lightning_ext.graph.planetoid import PlanetoidDataModule

@@ -115,11 +115,18 @@ class NetInfoFLinkPredictor(LightningModule):
         x, edge_index = x.detach().cpu(), edge_index.detach().cpu()
         zs = derived_embeddings(edge_index, x, self.d, self.hparams.walks, components=self.components,
                                 seed=self.hparams.seed)
+        self.set_embeddings(zs, {c: z @ compatibility_matrix(z, edge_index, seed=self.hparams.seed)
+                                 for c, z in zs.items()})
+
+    def set_embeddings(self, z: dict, xc: dict) -> None:
+        """Use precomputed embeddings ``z[c]`` and adjusted embeddings ``xc[c] = z[c] H_c`` (e.g. shared by the
+        models of a λ grid); each ``(n, d)``."""
         device = next(self.heads.parameters()).device
-        for c, z in zs.items():
-            self.register_buffer(f"z_{c}", z.to(device), persistent=False)
-            xc = z @ compatibility_matrix(z, edge_index, seed=self.hparams.seed)
-            self.register_buffer(f"xc_{c}", xc.to(device), persistent=False)
+        for c in self.components:
+            if c not in z or c not in xc or z[c].size(1) != self.d or xc[c].shape != z[c].shape:
+                raise ValueError(f"set_embeddings needs z[{c!r}] and xc[{c!r}] of shape (n, {self.d}).")
+            self.register_buffer(f"z_{c}", z[c].to(device), persistent=False)
+            self.register_buffer(f"xc_{c}", xc[c].to(device), persistent=False)
         self._ready = True
 
     @override
