@@ -109,6 +109,10 @@ class DETRDetector(LightningModule):
     ``sample_images_every_n_epochs`` validation epochs the first validation images with their ground truth
     (green) and detections (red) are saved under ``sample_images_dir`` and logged to TensorBoard.
 
+    Under DDP the losses are normalised by each process's own box count (the reference code averages it across
+    ranks) and DDF's ``8 / B`` uses the per-process batch, as in the reference; mAP is gathered across ranks by
+    torchmetrics. No two-process test covers this module yet.
+
     Args:
         num_classes: object classes.
         in_chans: image channels.
