@@ -1,4 +1,4 @@
-"""MovieLens-100K as a user graph for fair node classification (co-rating neighbours, gender as the sensitive attribute)."""
+"""MovieLens-100K as a user graph for fair node classification (co-rating neighbours, gender sensitive)."""
 
 from __future__ import annotations
 
@@ -47,10 +47,10 @@ def _collate(batch):
 class MovieLensUserGraphDataModule(LightningDataModule):
     """MovieLens-100K's 943 users as a graph: co-rating neighbours linked, gender sensitive, few genders visible.
 
-    Protocol: node features are the top ``num_features`` singular directions of the users' L2-normalised binary
-    rating rows (which movies each user rated; the 100,000 ratings of recbole's ``ml-100k.inter``); every user is
-    linked to its ``k`` most similar users by cosine similarity of those rows (symmetrised, no self-loops). The
-    sensitive attribute is a column of ``ml-100k.user`` (``gender``: 1 = male, 0 = female); the label is
+    Protocol: node features are the top ``num_features`` singular directions (a seeded randomised SVD) of the
+    users' L2-normalised binary rating rows (which movies each user rated, from the 100,000 ratings of recbole's
+    ``ml-100k.inter``), standardised; every user is linked to its ``k`` most similar users by cosine similarity of
+    those rows (symmetrised, no self-loops). The sensitive attribute is a column of ``ml-100k.user`` (``gender``: 1 = male, 0 = female); the label is
     ``"technical"`` occupation or ``"age"`` >= the median. Users are split at random (``split_seed``) into
     ``train_fraction`` / ``val_fraction`` / rest test; the sensitive attribute is visible (``sens_mask``) on
     ``sens_fraction`` of all users, drawn from the users outside validation and test, as FairGNN's scripts draw
@@ -108,6 +108,11 @@ class MovieLensUserGraphDataModule(LightningDataModule):
             if not p.is_file():
                 raise FileNotFoundError(f"{p} does not exist; pass `path` to recbole's `ml-100k.user` (with "
                                         "`ml-100k.inter` beside it).")
+        header = self.user_path.read_text().split("\n", 1)[0]
+        columns = [h.split(":")[0] for h in header.split("\t")]
+        if sensitive not in columns:
+            raise ValueError(f"{self.user_path} has no column `{sensitive}` for the sensitive attribute "
+                             f"(columns: {', '.join(columns)}); set `sensitive` to one of them.")
         self.graph = None
 
     def _columns(self) -> tuple[np.ndarray, np.ndarray]:
@@ -141,7 +146,9 @@ class MovieLensUserGraphDataModule(LightningDataModule):
         ratings = torch.zeros(self.NUM_USERS, self.NUM_ITEMS, dtype=torch.float64)
         ratings[torch.as_tensor(raw[:, 0] - 1).long(), torch.as_tensor(raw[:, 1] - 1).long()] = 1.0
         rows = ratings / ratings.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        u, s, _ = torch.linalg.svd(rows, full_matrices=False)
+        with torch.random.fork_rng():  # a seeded randomised SVD: the same features every time, in well under a second
+            torch.manual_seed(0)
+            u, s, _ = torch.svd_lowrank(rows, q=self.num_features + 10, niter=6)
         x = u[:, : self.num_features] * s[: self.num_features]
         x = (x - x.mean(0)) / x.std(0).clamp_min(1e-12)
         sim = rows @ rows.T
