@@ -23,6 +23,8 @@ EXTRAS = {
     "mlxtend": "data",
     "pycocotools": "detection",
     "flwr": "federated",
+    "monai": "medical",
+    "nibabel": "medical",
 }
 
 #: Top-level module -> its pip package, for modules outside any extra whose pip name differs.
