@@ -379,10 +379,12 @@ def test_honest_verifiable_rounds_verify_and_match_float_fedavg():
 
 
 def test_dropped_replaced_and_injected_updates_are_detected():
-    def drop(rnd, entries, total, blinding):  # drop client 1 and take its update out of the sum
+    def drop(rnd, entries, total, blinding):  # drop client 1 consistently: its update, weight and blinding
+        from lightning_ext.federated.verifiable_aggregation import R
+
         gone = next(e for e in entries if e["client"] == 1)
         rest = [e for e in entries if e["client"] != 1]
-        return rest, total - gone["weight"] * gone["values"], blinding
+        return rest, total - gone["weight"] * gone["values"], (blinding - gone["weight"] * gone["blinding"]) % R
 
     def replace(rnd, entries, total, blinding):
         total = total.clone()
@@ -395,6 +397,7 @@ def test_dropped_replaced_and_injected_updates_are_detected():
 
     _, dropped = _verifiable_federation(drop, rounds=1)
     assert dropped[1][1] == (False, "my update is missing or altered")
+    assert dropped[1][0][0] and dropped[1][2][0]  # a consistent drop: only the dropped client can tell
     _, replaced = _verifiable_federation(replace, rounds=1)
     assert all(not ok and "does not open" in why for ok, why in replaced[1].values())
     _, injected = _verifiable_federation(inject, rounds=1)
@@ -478,3 +481,21 @@ def test_remove_normalization_strips_every_norm_and_trains_at_batch_size_one():
     assert torch.isfinite(loss)
     with pytest.raises(ValueError, match="activation"):
         remove_normalization(net, activation="tanh")
+
+
+def test_fedprox_proximal_term_adds_mu_times_the_drift_to_the_gradient():
+    """Two SGD steps: w2(mu) = w2(0) - lr * mu * (w1 - w0), since the proximal gradient is zero at w0."""
+    from flwr.serverapp.strategy import FedProx
+
+    def final(steps, mu):
+        client = LightningClient(lambda: linear(sgd), data(), local_steps=steps)
+        strategy = FedProx(proximal_mu=mu, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
+        sim = FederatedSimulation(client, num_clients=1, num_rounds=1, progress=False, strategy=strategy)
+        return sim.fit(client.initial_arrays()), client.initial_arrays()
+
+    w1, w0 = final(1, 0.0)
+    plain, _ = final(2, 0.0)
+    prox, _ = final(2, 0.5)
+    for k in w0:
+        assert torch.allclose(prox[k], plain[k] - 0.1 * 0.5 * (w1[k] - w0[k]), atol=1e-6)
+        assert not torch.allclose(prox[k], plain[k])

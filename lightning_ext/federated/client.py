@@ -24,7 +24,8 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from typing_extensions import override
 
 from lightning_ext.core.validation import check_number, check_positive_int
 from lightning_ext.federated._flwr import require_flwr
@@ -72,6 +73,27 @@ def seeded(seed: int):
             np.random.set_state(npy)
 
 
+class ProximalTerm(Callback):
+    """FedProx's client side: adds ``mu (w - w_global)`` to each shared parameter's gradient before every step.
+
+    That is exactly the gradient of ``mu / 2 ||w - w_global||^2`` (Li et al., MLSys 2020, arXiv 1812.06127), so
+    the user's loss stays untouched. Flower's ``FedProx`` strategy only sends ``config["proximal-mu"]``; the
+    :class:`LightningClient` adds this callback when it is > 0.
+    """
+
+    def __init__(self, mu: float, global_weights: dict) -> None:
+        check_number("mu", mu, low=0)
+        self.mu, self.global_weights = mu, global_weights
+
+    @override
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        """Add the proximal gradient to every shared parameter."""
+        for name, p in pl_module.named_parameters():
+            ref = self.global_weights.get(name)
+            if ref is not None and p.grad is not None:
+                p.grad.add_(p.detach() - ref.to(p.device, p.dtype), alpha=self.mu)
+
+
 class LightningClient:
     """A Flower client from any LightningModule and DataModule that resumes its own training state each round.
 
@@ -82,7 +104,8 @@ class LightningClient:
     epoch counters continue. The new checkpoint goes back into ``context.state``; the reply carries the shared
     weights only, ``num-examples`` (the partition's training size) and the scalar ``train_*`` metrics. With
     ``keep_state=False`` it behaves like Flower's example (fresh optimizer and counters every round), keeping only
-    the personal weights. An evaluate message tests global + personal weights on the client's
+    the personal weights. A ``proximal-mu`` in the round's config (Flower's ``FedProx``) adds
+    :class:`ProximalTerm`. An evaluate message tests global + personal weights on the client's
     ``test_dataloader`` and replies ``num-examples`` and the ``test_*`` metrics.
 
     Seeding: each round's local training runs under seed ``seed + 1000 * server_round + partition_id`` inside
@@ -185,9 +208,12 @@ class LightningClient:
             out[k] = glob.to(dtype=weights[k].dtype)
         return out
 
-    def _trainer(self, previous: Optional[dict]) -> Trainer:
+    def _trainer(self, previous: Optional[dict], config: Optional[dict] = None, arrays: Optional[dict] = None) -> Trainer:
         kwargs = dict(self.trainer_kwargs)
         kwargs["callbacks"] = copy.deepcopy(list(kwargs.get("callbacks") or []))
+        mu = float((config or {}).get("proximal-mu", 0.0))
+        if mu > 0:
+            kwargs["callbacks"].append(ProximalTerm(mu, {k: torch.as_tensor(v) for k, v in (arrays or {}).items()}))
         if self.local_steps is not None:
             done = previous["global_step"] if previous else 0
             kwargs.update(max_steps=done + self.local_steps, max_epochs=-1)
@@ -207,7 +233,7 @@ class LightningClient:
             start = previous["state_dict"] if previous else model.state_dict()
             weights = self._merge(start, arrays)
             resume = previous is not None and self.keep_state
-            trainer = self._trainer(previous if resume else None)
+            trainer = self._trainer(previous if resume else None, config, arrays)
             with tempfile.TemporaryDirectory() as tmp:
                 if resume:
                     previous["state_dict"] = weights

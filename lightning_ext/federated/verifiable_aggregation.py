@@ -227,8 +227,9 @@ def verifiable_fedavg(frac_bits: int = 16, tamper: Optional[Any] = None, **fedav
                 n = int(r.content["metrics"][self.weighted_by_key])
                 flat = torch.cat([arr[k].reshape(-1) for k in keys]).to(torch.int64)
                 total = flat * n if total is None else total + flat * n
-                blinding = (blinding + n * int.from_bytes(_from_tensor(arr["zkfl.blinding"]), "big")) % R
-                entries.append({"client": int(arr["zkfl.client"][0]), "weight": n, "values": flat,
+                s_i = int.from_bytes(_from_tensor(arr["zkfl.blinding"]), "big")
+                blinding = (blinding + n * s_i) % R
+                entries.append({"client": int(arr["zkfl.client"][0]), "weight": n, "values": flat, "blinding": s_i,
                                 "commitment": int.from_bytes(_from_tensor(arr["zkfl.commitment"]), "big"),
                                 "signature": _from_tensor(arr["zkfl.signature"])})
             if tamper is not None:
@@ -245,7 +246,7 @@ def verifiable_fedavg(frac_bits: int = 16, tamper: Optional[Any] = None, **fedav
                 new.setdefault(k, v)
             self.transcripts[server_round] = {
                 "round": server_round, "total": total.tolist(), "blinding": blinding,
-                "entries": [{k: v for k, v in e.items() if k != "values"} for e in entries]}
+                "entries": [{k: v for k, v in e.items() if k not in ("values", "blinding")} for e in entries]}
             return ArrayRecord(new), MetricRecord({"clients": len(entries), "num-examples": weight})
 
     return VerifiableFedAvg(**fedavg_kwargs)
