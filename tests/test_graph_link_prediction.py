@@ -123,6 +123,8 @@ def test_input_edge_drop_and_val_edges_in_the_test_graph():
 
 def test_training_negatives_are_seeded_by_the_batch_and_the_split_by_split_seed():
     a, b, c = small_dm(seed=3), small_dm(seed=3), small_dm(seed=4)
+    for split in ("val", "test"):  # PyG draws these with Python's `random`: seeded by split_seed all the same
+        assert a.splits[split]["neg"].equal(b.splits[split]["neg"])
     batches = [list(dm.train_dataloader()) for dm in (a, b, c)]
     assert all(x["neg"].equal(y["neg"]) and x["pos"].equal(y["pos"]) for x, y in zip(batches[0], batches[1]))
     assert not batches[0][0]["neg"].equal(batches[2][0]["neg"])
@@ -130,6 +132,19 @@ def test_training_negatives_are_seeded_by_the_batch_and_the_split_by_split_seed(
     loader.sampler.set_epoch(1)
     assert not next(iter(loader))["neg"].equal(batches[0][0]["neg"])  # a new epoch, new batches, new negatives
     assert not small_dm(split_seed=1).splits["test"]["pos"].equal(a.splits["test"]["pos"])
+    # a positive's negative depends on (seed, epoch, edge id) only, not on the batch it lands in
+    halves = list(small_dm(seed=3, batch_size=32).train_dataloader())
+    assert torch.cat([h["neg"] for h in halves], 1).equal(torch.cat([x["neg"] for x in batches[0]], 1))
+    neg = torch.cat([x["neg"] for x in batches[0]], 1)
+    assert neg.min() >= 0 and neg.max() < 120 and len(set(neg[0].tolist())) > 60  # spread over the nodes
+
+
+def test_hash_negatives_are_uniform_enough():
+    from lightning_ext.graph.link_prediction import epoch_negatives
+
+    neg = epoch_negatives(torch.arange(20000), torch.zeros(20000, dtype=torch.long), seed=0, num_nodes=10)
+    counts = torch.bincount(neg.flatten(), minlength=10).float()
+    assert counts.min() > 0.9 * 4000 and counts.max() < 1.1 * 4000
 
 
 def test_datamodule_refuses_bad_inputs(tmp_path):
@@ -265,6 +280,22 @@ def test_ncn_resumes_mid_epoch_to_the_same_parameters(tmp_path):
     a, b, _ = crash_and_resume(make_model, lambda: small_dm(batch_size=32), lambda: [], max_epochs=2, crash_step=3,
                                tmp_path=tmp_path)
     assert_same_parameters(a, b)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process(tmp_path):
+    from lightning_ext.testing import fit_ddp_vs_single
+
+    def make_model():
+        torch.manual_seed(0)
+        return GAELinkPredictor(num_features=8, hidden=8, hits_k=20, mask_targets=False)
+
+    single, ddp = fit_ddp_vs_single(make_model, lambda bs: small_dm(batch_size=bs), 64, tmp_path, test=False,
+                                    max_epochs=2)
+    for k, v in single.state_dict.items():
+        assert torch.allclose(v.float(), ddp.state_dict[k].float(), atol=1e-5), k
+    assert single.final_metrics["val_hits@20"] == pytest.approx(ddp.final_metrics["val_hits@20"])
+    assert single.final_metrics["val_mrr"] == pytest.approx(ddp.final_metrics["val_mrr"], rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ NetInfoF

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import random
 from typing import Any, Literal, Optional
 
 import torch
@@ -49,18 +50,59 @@ def check_link_batch(batch: Any, who: str) -> None:
         )
 
 
-def _seed_of(indices: torch.Tensor, seed: int) -> int:
-    # a deterministic seed from the batch's edge ids: a resumed run draws the same negatives for the same batch
-    ids = indices.to(torch.int64)
-    mix = (ids * 2654435761 + torch.arange(ids.numel(), dtype=torch.int64) * 40503) % (2**31 - 1)
-    return (int(mix.sum()) * 31 + int(seed)) % (2**63 - 1)
+_M64 = 2**64
+
+
+def _signed(v: int) -> int:
+    return v - _M64 if v >= 2**63 else v
+
+
+_C1, _C2, _C3 = (_signed(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def hash_uniform(keys: torch.Tensor) -> torch.Tensor:
+    """SplitMix64 of int64 ``keys`` (wrapping arithmetic, logical shifts), as non-negative int64: a stateless,
+    vectorised pseudo-random number per key."""
+    x = keys.to(torch.int64) * _C1
+    x = (x ^ ((x >> 30) & ((1 << 34) - 1))) * _C2
+    x = (x ^ ((x >> 27) & ((1 << 37) - 1))) * _C3
+    x = x ^ ((x >> 31) & ((1 << 33) - 1))
+    return x & ((1 << 62) - 1)
+
+
+def epoch_negatives(edge_ids: torch.Tensor, epoch: torch.Tensor, seed: int, num_nodes: int) -> torch.Tensor:
+    """``(2, B)`` uniform random node pairs, a pure function of (seed, epoch, positive edge id): the same positive
+    gets the same negative in any batch composition (one process or DDP ranks, a resumed run), a new one each
+    epoch."""
+    base = ((int(seed) % 1_000_003) * 1_000_033 + epoch.to(torch.int64)) * (1 << 24) + edge_ids.to(torch.int64)
+    return torch.stack([hash_uniform(base * 2 + k) % num_nodes for k in (0, 1)])
+
+
+class _TaggedIndices:
+    """The training "dataset": ``n`` positive edge ids; item ``epoch * n + i`` is handed to the collate as is."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, tagged: int) -> int:
+        return tagged
+
+
+class _EpochTaggedSampler(EpochSampler):
+    """:class:`EpochSampler` yielding ``epoch * n + index``, so the collate function knows the epoch."""
+
+    def __iter__(self):
+        n = self.num_samples_total
+        return (self.epoch * n + int(i) for i in super().__iter__())
 
 
 def _train_batch(idx: list, *, x, edge_index, pos, num_nodes, seed) -> dict:
-    ids = torch.as_tensor(idx, dtype=torch.int64)
-    g = torch.Generator().manual_seed(_seed_of(ids, seed))
-    neg = torch.randint(0, num_nodes, (2, ids.numel()), generator=g)
-    return {"x": x, "edge_index": edge_index, "pos": pos[:, ids], "neg": neg}
+    tagged = torch.as_tensor(idx, dtype=torch.int64)
+    ids, epoch = tagged % pos.size(1), tagged // pos.size(1)
+    return {"x": x, "edge_index": edge_index, "pos": pos[:, ids], "neg": epoch_negatives(ids, epoch, seed, num_nodes)}
 
 
 def _fixed_batch(_items: list, *, batch: dict) -> dict:
@@ -71,10 +113,11 @@ class LinkPredictionDataModule(LightningDataModule):
     """A Planetoid graph's edges split for link prediction by PyG's `RandomLinkSplit`, with seeded negatives.
 
     Training batches hold ``batch_size`` positive training edges (``pos``, ``(2, B)``) and as many uniform random
-    node pairs (``neg``) drawn from a generator seeded by ``seed`` and the batch's edge ids (so a resumed run draws
-    the same negatives), plus the features ``x`` and the message-passing graph ``edge_index`` (both directions).
+    node pairs (``neg``), each a pure function of (``seed``, epoch, the positive's id) (:func:`epoch_negatives`:
+    a resumed run, or two DDP ranks with half the batch, draw exactly the negatives of one process), plus the features ``x`` and the message-passing graph ``edge_index`` (both directions).
     Validation and test yield one batch with every positive of the split and ``eval_negative_ratio`` times as
-    many uniform non-edges (``RandomLinkSplit``'s negatives, sampled once with ``split_seed``). The
+    many uniform non-edges (``RandomLinkSplit``'s negatives, sampled once with ``split_seed``); under DDP each
+    rank gets every world-th of them, so the gathered Hits@K/MRR equal one process's. The
     message-passing graph is the training edges only, in every stage; ``input_edge_drop`` removes a seeded share
     of them from it (targets unchanged), the sparsified setting of NCNC. Order of training edges: seeded,
     sharded, resumable (:class:`~lightning_ext.core.sampling.EpochSampler`).
@@ -201,15 +244,19 @@ class LinkPredictionDataModule(LightningDataModule):
         s = self.splits["train"]
         trainer = getattr(self, "trainer", None)
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = EpochSampler(len(self.train_set), seed=self.seed, rank=rank, world_size=world)
+        sampler = _EpochTaggedSampler(len(self.train_set), seed=self.seed, rank=rank, world_size=world)
         collate = functools.partial(_train_batch, x=self.graph.x, edge_index=s["edge_index"], pos=s["pos"],
                                     num_nodes=int(self.graph.num_nodes), seed=self.seed)
-        return ResumableDataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, collate_fn=collate)
+        return ResumableDataLoader(_TaggedIndices(len(self.train_set)), batch_size=self.batch_size, sampler=sampler, collate_fn=collate)
 
     def _eval_loader(self, split: str) -> DataLoader:
         self._need_setup()
         s = self.splits[split]
-        batch = {"x": self.graph.x, "edge_index": s["edge_index"], "pos": s["pos"], "neg": s["neg"]}
+        trainer = getattr(self, "trainer", None)
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        # under DDP each rank scores every world-th positive and negative: the metrics' cat-sync sees each once
+        batch = {"x": self.graph.x, "edge_index": s["edge_index"], "pos": s["pos"][:, rank::world],
+                 "neg": s["neg"][:, rank::world]}
         return DataLoader([0], batch_size=1, collate_fn=functools.partial(_fixed_batch, batch=batch))
 
     @override
@@ -226,7 +273,10 @@ class LinkPredictionDataModule(LightningDataModule):
 def split_edges(graph: Any, val_fraction: float, test_fraction: float, split_seed: int,
                 eval_negative_ratio: float = 1.0, input_edge_drop: float = 0.0,
                 test_with_val_edges: bool = False) -> dict[str, dict]:
-    """Split an undirected graph's edges with `RandomLinkSplit` (seeded, RNG state restored afterwards).
+    """Split an undirected graph's edges with `RandomLinkSplit` (seeded, RNG states restored afterwards).
+
+    PyG's ``negative_sampling`` (behind ``RandomLinkSplit``'s validation/test negatives) draws with Python's
+    ``random`` module, so that generator is seeded too (torch's alone leaves the negatives unseeded).
 
     Returns ``{"train"|"val"|"test": {"edge_index", "pos", "neg"}}``: ``edge_index`` the stage's message-passing
     graph (both directions), ``pos``/``neg`` ``(2, m)`` target edges (one direction; ``neg`` empty for train).
@@ -239,11 +289,16 @@ def split_edges(graph: Any, val_fraction: float, test_fraction: float, split_see
     if edge_index.size(1) < 10:
         raise ValueError(f"The graph has {edge_index.size(1) // 2} undirected edges; link prediction needs at least 5.")
     data = Data(edge_index=edge_index, num_nodes=graph.num_nodes)
-    with torch.random.fork_rng():
-        torch.manual_seed(split_seed)
-        train, val, test = RandomLinkSplit(num_val=val_fraction, num_test=test_fraction, is_undirected=True,
-                                           add_negative_train_samples=False, split_labels=True,
-                                           neg_sampling_ratio=eval_negative_ratio)(data)
+    py_state = random.getstate()  # PyG's negative_sampling draws with Python's `random.sample`, not torch
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(split_seed)
+            random.seed(split_seed)
+            train, val, test = RandomLinkSplit(num_val=val_fraction, num_test=test_fraction, is_undirected=True,
+                                               add_negative_train_samples=False, split_labels=True,
+                                               neg_sampling_ratio=eval_negative_ratio)(data)
+    finally:
+        random.setstate(py_state)
     train_pos = train.pos_edge_label_index
     keep = torch.ones(train_pos.size(1), dtype=torch.bool)
     if input_edge_drop > 0:
