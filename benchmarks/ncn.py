@@ -222,7 +222,7 @@ common-neighbour-count heuristic test Hits@100, full graph {mean_std([100 * p['c
 edges dropped {mean_std([100 * p['cn_dropped'] for p in prem], 1)}.
 
 Tuning (seed 0, full graph, validation Hits@100): {tuning}.
-
+{chr(10) + "Note: " + res["config"]["note"] + chr(10) if res["config"].get("note") else ""}
 Per seed (test Hits@100):
 
 | setting | model | {' | '.join(f'seed {s}' for s in seeds)} |
