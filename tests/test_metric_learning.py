@@ -171,3 +171,32 @@ def test_two_processes_train_as_one_with_the_global_batch(tmp_path):
         assert float((ddp.state_dict[key] - value).abs().max()) < 1e-3 * max(moved, 1e-2), key
     # near-tied neighbours may swap under the ~1e-5 weight differences
     assert single.test_metrics["test_recall@1"] == pytest.approx(ddp.test_metrics["test_recall@1"], abs=0.02)
+
+
+def test_retrieval_samples_frame_each_neighbour_by_its_class(tmp_path, monkeypatch):
+    """The saved sample: each query's 5 nearest validation images, framed green when of the query's class."""
+    from lightning_ext.core.samples import GREEN, RED
+
+    torch.manual_seed(0)
+    model = ABEModule(width=8, sample_images_every_n_epochs=1, num_sample_queries=3)
+    saved = {}
+    import lightning_ext.metric_learning.module as module
+
+    real = module.tile_rows
+    monkeypatch.setattr(module, "tile_rows", lambda rows, borders: saved.setdefault("borders", borders) and real(
+        rows, borders))
+    _fit(model, _small_dm(), 1, limit_train_batches=2, default_root_dir=tmp_path)
+    assert [p.name for p in (tmp_path / "samples").glob("*.png")] == ["epoch_001.png"]
+    borders = saved["borders"]
+    assert len(borders) == 3 and all(row[0] is None and len(row) == 6 for row in borders)
+    # recompute the neighbours independently from the model's embeddings of the first 512 validation images
+    dm = _small_dm()
+    dm.setup("fit")
+    xs, ys = zip(*[(x, y) for x, y in dm.val_dataloader()])
+    x, y = torch.cat(xs)[:512], torch.cat(ys)[:512]
+    with torch.no_grad():
+        f = torch.nn.functional.normalize(model.eval()(x).flatten(1), dim=1)
+    sim = f @ f.T - 3 * torch.eye(len(f))
+    for i, row in enumerate(borders):
+        nearest = sim[i].topk(5).indices
+        assert row[1:] == [GREEN if y[j] == y[i] else RED for j in nearest]

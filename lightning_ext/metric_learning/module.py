@@ -13,18 +13,25 @@ from typing_extensions import override
 from lightning_ext.core.distributed import gather_with_grad, world_size
 from lightning_ext.core.guards import NonFiniteLoss, check_loss, check_nonfinite_policy, refuse_skip_under_ddp
 from lightning_ext.core.optimization import check_optimization, configure_optimization
+from lightning_ext.core.paths import check_path_argument
+from lightning_ext.core.samples import GREEN, RED, log_sample_image, sample_epoch_due, tile_rows
 from lightning_ext.core.validation import (
     NonNegativeFloat,
+    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     check_choice,
     check_non_negative,
+    check_number,
+    check_positive_int,
 )
 from lightning_ext.metric_learning.abe import ABE, divergence_loss, learner_spread, tiny_abe
 from lightning_ext.metric_learning.losses import contrastive_loss
 from lightning_ext.metric_learning.retrieval import recall_at_k
 
 __all__ = ["ABEModule"]
+
+_SAMPLE_GALLERY = 512  #: validation images kept for the retrieval sample
 
 
 class ABEModule(LightningModule):
@@ -67,6 +74,12 @@ class ABEModule(LightningModule):
         scheduler: LR-scheduler factory.
         scheduler_interval: ``"epoch"`` or ``"step"``.
         nonfinite_loss: ``"error"``, ``"skip"`` or ``"warn"`` on a non-finite training loss.
+        sample_images_every_n_epochs: every this many validation epochs of a fit, save a retrieval sample: the
+            first ``num_sample_queries`` validation images, each followed by its 5 nearest neighbours among the
+            first 512 validation images, framed green (same class) or red (0: never).
+        sample_images_dir: where (relative to ``trainer.log_dir``; ``None`` disables the files; TensorBoard gets
+            the image too).
+        num_sample_queries: query rows in the sample.
 
     Example:
         >>> model = ABEModule(num_learners=4, embedding_dim=32)
@@ -91,6 +104,9 @@ class ABEModule(LightningModule):
         scheduler: Optional[LRSchedulerCallable] = None,
         scheduler_interval: Literal["epoch", "step"] = "epoch",
         nonfinite_loss: NonFiniteLoss = "error",
+        sample_images_every_n_epochs: NonNegativeInt = 5,
+        sample_images_dir: Optional[str] = "samples",
+        num_sample_queries: PositiveInt = 6,
     ) -> None:
         super().__init__()
         for name, value in (("margin", margin), ("div_weight", div_weight), ("div_margin", div_margin)):
@@ -98,6 +114,9 @@ class ABEModule(LightningModule):
         check_optimization(lr, weight_decay)
         check_nonfinite_policy(nonfinite_loss)
         check_choice("scheduler_interval", scheduler_interval, ("epoch", "step"))
+        check_number("sample_images_every_n_epochs", sample_images_every_n_epochs, low=0, integer=True)
+        check_path_argument("sample_images_dir", sample_images_dir)
+        check_positive_int("num_sample_queries", num_sample_queries)
         if net is not None and not isinstance(net, ABE):
             raise TypeError(f"net must be an ABE (lightning_ext.metric_learning.abe.ABE); got {type(net).__name__}.")
         self.net = net if net is not None else tiny_abe(in_chans, width, num_learners, embedding_dim)
@@ -108,6 +127,9 @@ class ABEModule(LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.scheduler_interval, self.nonfinite_loss, self.skipped_steps = scheduler_interval, nonfinite_loss, 0
         self._outputs: dict[str, list] = {"val": [], "test": []}
+        self.sample_every, self.sample_dir, self.num_sample_queries = (sample_images_every_n_epochs, sample_images_dir,
+                                                                       num_sample_queries)
+        self._sample_images: list[torch.Tensor] = []
 
     @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,6 +172,29 @@ class ABEModule(LightningModule):
         x, y = batch
         f = self.net(x)
         self._outputs[stage].append((f.detach(), y.detach()))
+        if stage == "val" and sample_epoch_due(self, self.sample_every):
+            kept = sum(len(i) for i in self._sample_images)
+            if kept < _SAMPLE_GALLERY:
+                self._sample_images.append(x[:_SAMPLE_GALLERY - kept].detach().cpu())
+
+    def _save_retrieval_sample(self, outputs: list) -> None:
+        images, self._sample_images = self._sample_images, []
+        if not images:
+            return
+        x = torch.cat(images)
+        n = len(x)
+        f = torch.cat([o[0] for o in outputs])[:n].flatten(1).float().cpu()
+        y = torch.cat([o[1] for o in outputs])[:n].cpu()
+        f = torch.nn.functional.normalize(f, dim=1)
+        sim = f @ f.T
+        sim.fill_diagonal_(-float("inf"))
+        q = min(self.num_sample_queries, n)
+        k = min(5, n - 1)
+        nearest = sim[:q].topk(k, dim=1).indices
+        rows = [[x[i]] + [x[j] for j in nearest[i]] for i in range(q)]
+        borders = [[None] + [GREEN if y[j] == y[i] else RED for j in nearest[i]] for i in range(q)]
+        log_sample_image(self, tile_rows(rows, borders), "val_retrieval", self.sample_dir,
+                         f"epoch {self.current_epoch + 1}: query, then its {k} nearest (green: same class)")
 
     @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -165,6 +210,8 @@ class ABEModule(LightningModule):
         outputs, self._outputs[stage] = self._outputs[stage], []
         if not outputs:
             return
+        if stage == "val":
+            self._save_retrieval_sample(outputs)
         f = torch.cat([o[0] for o in outputs])
         y = torch.cat([o[1] for o in outputs])
         if self.trainer.world_size > 1:  # every rank evaluates the whole split

@@ -14,7 +14,8 @@ from typing_extensions import override
 
 from lightning_ext.core.guards import NonFiniteLoss, check_loss, check_nonfinite_policy, refuse_skip_under_ddp
 from lightning_ext.core.optimization import check_optimization, configure_optimization
-from lightning_ext.core.paths import check_path_argument, output_path
+from lightning_ext.core.paths import check_path_argument
+from lightning_ext.core.samples import log_sample_image, sample_epoch_due
 from lightning_ext.core.validation import (
     NonNegativeFloat,
     NonNegativeInt,
@@ -240,18 +241,9 @@ class SegmentationModule(LightningModule):
     def on_validation_epoch_end(self) -> None:
         """Every ``sample_images_every_n_epochs`` epochs of a fit, save (and log) input / target / prediction images."""
         sample, self._sample = self._sample, None
-        if (sample is None or not self.sample_every or self.trainer.sanity_checking or not self.trainer.training
-                and self.trainer.state.fn != "fit" or (self.current_epoch + 1) % self.sample_every
-                or self.global_rank != 0):
-            return
-        grid = _sample_grid(*sample)
-        logger = self.logger
-        if logger is not None and hasattr(getattr(logger, "experiment", None), "add_image"):
-            logger.experiment.add_image("val_samples", grid, self.current_epoch)
-        path = output_path(self.trainer, self.sample_dir) if self.sample_dir is not None else None
-        if path is not None:
-            _save_grid(grid, path / f"epoch_{self.current_epoch + 1:03d}.png",
-                       f"epoch {self.current_epoch + 1}: input / target / prediction")
+        if sample is not None and sample_epoch_due(self, self.sample_every):
+            log_sample_image(self, _sample_grid(*sample), "val_samples", self.sample_dir,
+                             f"epoch {self.current_epoch + 1}: input / target / prediction")
 
     @override
     def configure_optimizers(self):
@@ -267,13 +259,3 @@ def _sample_grid(x: torch.Tensor, y: torch.Tensor, pred: torch.Tensor) -> torch.
     scale = max(float(y.max()), 1.0)
     rows = [torch.cat(list(t[:, :1]), dim=-1) for t in (img, y / scale, pred / max(float(pred.max()), 1.0))]
     return torch.cat(rows, dim=-2)
-
-
-def _save_grid(grid: torch.Tensor, path, title: str) -> None:
-    from lightning_ext.core.plotting import new_figure, save_figure
-
-    fig, ax = new_figure(figsize=(1.6 * grid.shape[-1] / grid.shape[-2] * 3, 4.8))
-    ax.imshow(grid[0].numpy(), cmap="gray", vmin=0, vmax=1)
-    ax.set_title(title, fontsize=8)
-    ax.axis("off")
-    save_figure(fig, path)

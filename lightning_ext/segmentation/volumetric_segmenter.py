@@ -15,7 +15,8 @@ from lightning_ext.core.checkpoints import read_state_dict
 from lightning_ext.core.guards import NonFiniteLoss, check_loss, check_nonfinite_policy, refuse_skip_under_ddp
 from lightning_ext.core.optimization import check_optimization
 from lightning_ext.core.optional import require
-from lightning_ext.core.paths import check_path_argument, output_path
+from lightning_ext.core.paths import check_path_argument
+from lightning_ext.core.samples import log_sample_image, sample_epoch_due
 from lightning_ext.core.validation import (
     AtLeastTwoInt,
     NonNegativeFloat,
@@ -28,7 +29,7 @@ from lightning_ext.core.validation import (
     check_number,
     check_positive_int,
 )
-from lightning_ext.segmentation.module import _sample_grid, _save_grid
+from lightning_ext.segmentation.module import _sample_grid
 from lightning_ext.segmentation.stunet import STUNet
 
 __all__ = ["VolumetricSegmenter", "deep_supervision_weights"]
@@ -88,9 +89,9 @@ class VolumetricSegmenter(LightningModule):
         sample_images_every_n_epochs, sample_images_dir: sample predictions (0 / ``None``: off).
 
     Example:
-        >>> m = VolumetricSegmenter(num_classes=3, roi_size=[16, 16, 16])
-        >>> m.eval()(torch.zeros(1, 1, 16, 16, 16)).shape
-        torch.Size([1, 3, 16, 16, 16])
+        >>> m = VolumetricSegmenter(num_classes=3, roi_size=[32, 32, 32])
+        >>> m.predict_volume(torch.randn(1, 1, 40, 36, 32)).shape
+        torch.Size([1, 3, 40, 36, 32])
     """
 
     def __init__(self, net: Optional[nn.Module] = None, in_channels: PositiveInt = 1, num_classes: AtLeastTwoInt = 2,
@@ -242,18 +243,9 @@ class VolumetricSegmenter(LightningModule):
         """Log Dice; every ``sample_images_every_n_epochs`` epochs of a fit save the sample slice."""
         self._log_dice("val")
         sample, self._sample = self._sample, None
-        if (sample is None or not self.sample_every or self.trainer.sanity_checking
-                or self.trainer.state.fn != "fit" or (self.current_epoch + 1) % self.sample_every
-                or self.global_rank != 0):
-            return
-        grid = _sample_grid(*sample)
-        logger = self.logger
-        if logger is not None and hasattr(getattr(logger, "experiment", None), "add_image"):
-            logger.experiment.add_image("val_samples", grid, self.current_epoch)
-        path = output_path(self.trainer, self.sample_dir) if self.sample_dir is not None else None
-        if path is not None:
-            _save_grid(grid, path / f"epoch_{self.current_epoch + 1:03d}.png",
-                       f"epoch {self.current_epoch + 1}: input / target / prediction (middle slice)")
+        if sample is not None and sample_epoch_due(self, self.sample_every):
+            log_sample_image(self, _sample_grid(*sample), "val_samples", self.sample_dir,
+                             f"epoch {self.current_epoch + 1}: input / target / prediction (middle slice)")
 
     @override
     def on_test_epoch_end(self) -> None:
