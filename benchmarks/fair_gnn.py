@@ -218,19 +218,25 @@ def write_report(results) -> None:
                      f"{last}/{len(sels)} | - |")
     gcn_runs = finals(results, "gcn")
     null = statistics.mean(r.get("dp_null", float("nan")) for r in gcn_runs)
-    premise = summ["gcn"]["dp"] > 2 * null
+    premise = summ["gcn"]["dp"] > 2 * null and summ["gcn"]["pos_rate"] >= 0.05
     g, f = summ["gcn"], summ["fairgnn"]
     dp_ok, eo_ok = f["dp"] <= 0.5 * g["dp"], f["eo"] <= 0.5 * g["eo"]
     acc_ok, auc_ok = g["acc"] - f["acc"] <= 0.02, g["auc"] - f["auc"] <= 0.02
     degenerate = f["pos_rate"] < 0.02
-    lines = (f"GCN test Δ_SP {g['dp']:.4f} vs its permutation null {null:.4f} (premise: > 2x null: "
-             f"{'holds' if premise else 'fails'}). FairGNN vs GCN: Δ_SP {f['dp']:.4f} vs {g['dp']:.4f} "
+    lines = (f"Premise check: the GCN's test Δ_SP {g['dp']:.4f} vs its permutation null {null:.4f} (must exceed 2x "
+             f"the null) at a positive-prediction rate {g['pos_rate']:.3f} (must be >= 0.05, or the classifier is "
+             f"nearly constant): {'holds' if premise else 'fails'}. FairGNN vs GCN: Δ_SP {f['dp']:.4f} vs {g['dp']:.4f} "
              f"({'halved' if dp_ok else 'not halved'}), Δ_EO {f['eo']:.4f} vs {g['eo']:.4f} "
              f"({'halved' if eo_ok else 'not halved'}), accuracy {100 * (f['acc'] - g['acc']):+.2f} points, "
              f"AUC {100 * (f['auc'] - g['auc']):+.2f} points (margin -2). FairGNN's positive-prediction rate "
              f"{f['pos_rate']:.3f} (GCN {g['pos_rate']:.3f})"
              + ("; it predicts almost no positives, so the small gaps are those of a constant classifier" if degenerate
-                else "") + ".")
+                else "") + ". "
+             f"The GCN chosen by FairGNN's own selection rule (`gcn_fairsel`) reaches Δ_SP {summ['gcn_fairsel']['dp']:.4f}"
+             f" and Δ_EO {summ['gcn_fairsel']['eo']:.4f} at accuracy {summ['gcn_fairsel']['acc']:.4f}: on this graph the"
+             " selection rule alone finds epochs that predict (almost) no positives, so gaps of zero say nothing about"
+             " the adversary or the covariance term. The sensitive-attribute estimator, trained on 94 visible genders,"
+             " is no better than the majority share on the hidden users, so ŝ carries little information here.")
     if not premise:
         verdict = "not testable here"
     elif degenerate:
