@@ -230,6 +230,11 @@ def verdict(result: dict) -> tuple[str, list[str]]:
         lines.append(f"- longer budget (seed 0, {long[0]['rounds']} rounds): {sum(long_last)} of {len(long)} arms "
                      f"still best at their last round; the three accuracy claims "
                      f"{'still hold' if same else 'do not all hold'} there.")
+        still = [NAMES[r["arm"]] for r in long if r["val"]["best_round"] == r["rounds"]]
+        if still:
+            lines.append(f"- still improving at round {long[0]['rounds']} (best validation round = last): "
+                         f"{'; '.join(still)}. Claims that compare against these arms are not settled by this "
+                         f"budget; a claim between two arms that both peaked earlier is.")
         last = long_last
     if sum(last) > len(last) / 2:
         word = "inconclusive"
