@@ -261,12 +261,28 @@ def render(data):
     lines += ["", "Tuning (seed 0, best validation mAP):", "", "| arm | lr | best val mAP | test AP75 |", "|---|---|---|---|"]
     for r in sorted((r for r in data["runs"] if r["seed"] == 0), key=lambda r: (r["arm"], r["lr"])):
         lines.append(f"| {r['arm']} | {r['lr']:g} | {r['best_val_map']:.4f} | {r['test_map_75']:.4f} |")
+    notes = []
+    for arm in ARMS:
+        tuned = sorted((r for r in data["runs"] if r["arm"] == arm and r["seed"] == 0), key=lambda r: -r["best_val_map"])
+        if len(tuned) > 1:
+            notes.append(f"{arm}: lr {tuned[0]['lr']:g} chosen by validation mAP {tuned[0]['best_val_map']:.4f} vs "
+                         f"{tuned[1]['best_val_map']:.4f} at lr {tuned[1]['lr']:g} (gap "
+                         f"{tuned[0]['best_val_map'] - tuned[1]['best_val_map']:.4f}; test AP75 "
+                         f"{tuned[0]['test_map_75']:.3f} vs {tuned[1]['test_map_75']:.3f})")
+    final = [r for arm in ARMS for r in res[arm]]
+    if final:
+        last = sum(r["still_improving"] for r in final)
+        notes.append(f"{last} of {len(final)} final runs had their best validation mAP at their last epoch: the "
+                     "budget ends before convergence, so the ranking at this budget need not be the ranking at "
+                     "convergence")
+    if notes:
+        lines += ["", "Reading the tuning:", ""] + [f"- {n}." for n in notes]
     if "speed" in data:
         sp = data["speed"]
         lines += ["", f"Inference speed (CPU, one thread, batch 16, {sp['rounds']} alternating turns, median): "
                   + ", ".join(f"{arm} {v:.0f} canvases/s" for arm, v in sp["canvases_per_s"].items())
                   + f"; D-FINE / baseline = {sp['ratio_dfine_over_baseline']:.2f}. No GPU was available."]
-    if data.get("long"):
+    if len(data.get("long", [])) == len(ARMS):  # both arms, or nothing (one arm alone says nothing)
         lines += ["", "Supplement, not part of the verdict: seed 0 at the tuned lr with twice the budget (at most 24 "
                   "epochs = 1,512 steps, patience 4):", "", "| arm | lr | AP | AP50 | AP75 | best epoch / epochs |",
                   "|---|---|---|---|---|---|"]
@@ -275,7 +291,7 @@ def render(data):
                          f"{r['test_map_75']:.3f} | {r['best_epoch'] + 1}/{r['epochs']} |")
     lines += ["", "## Claims", ""] + [f"- {name}: {text}" for name, _, text in cl]
     lines += ["", "![validation mAP per epoch and test AP/AP50/AP75](d_fine.png)", "",
-              "![test detections, seed 1: ground truth green, detections with score >= 0.3 red](d_fine_samples.png)",
+              "![test detections, seed 1: ground truth green, detections with score >= 0.5 red (class:score)](d_fine_samples.png)",
               "", f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, one thread, "
               "2 cores shared with other jobs (CPU-s are this process's CPU time).", ""]
     atomic_write_text("\n".join(lines), OUT / "d_fine.md")
@@ -300,14 +316,14 @@ def render(data):
     if samples:
         from lightning_ext.detection.detr import draw_detections
 
-        fig, axes = new_figure(len(samples), 1, figsize=(10, 2.2 * len(samples)), squeeze=False)
+        fig, axes = new_figure(len(samples), 1, figsize=(12, 2.6 * len(samples)), squeeze=False)
         for ax, (arm, s) in zip(axes[:, 0], samples):
             x = torch.tensor(s["x"])[:, None]
             tg = [{"boxes": torch.tensor(t["boxes"]).reshape(-1, 4), "labels": torch.tensor(t["labels"])}
                   for t in s["targets"]]
             pr = [{"boxes": torch.tensor(p["boxes"]).reshape(-1, 4), "labels": torch.tensor(p["labels"]),
                    "scores": torch.tensor(p["scores"])} for p in s["preds"]]
-            ax.imshow(draw_detections(x, pr, tg, 0.3).permute(1, 2, 0).numpy())
+            ax.imshow(draw_detections(x, pr, tg, 0.5, scale=4).permute(1, 2, 0).numpy())
             ax.set_title(arm, fontsize=8)
             ax.axis("off")
         save_figure(fig, OUT / "d_fine_samples.png")

@@ -67,10 +67,10 @@ def check_targets(images: Tensor, targets: Any, num_classes: int) -> None:
 
 
 def draw_detections(images: Tensor, preds: Sequence[dict], targets: Sequence[dict],
-                    score_threshold: float = 0.3) -> Tensor:
+                    score_threshold: float = 0.3, scale: int = 1) -> Tensor:
     """A ``(3, H, k*W)`` uint8 strip: each image (its range widened to at least [0, 1], so a blank noisy canvas
     stays dark) with its ground truth boxes in green and the predictions scoring at least ``score_threshold`` in
-    red, labelled ``class:score``."""
+    red, labelled ``class:score``; ``scale`` enlarges the images (nearest neighbour) so labels stay readable."""
     from torchvision.utils import draw_bounding_boxes
 
     tiles = []
@@ -78,12 +78,13 @@ def draw_detections(images: Tensor, preds: Sequence[dict], targets: Sequence[dic
         g = img[:1]
         lo, hi = min(float(g.min()), 0.0), max(float(g.max()), 1.0)
         g = ((g - lo) / (hi - lo) * 255).round().to(torch.uint8).expand(3, -1, -1)
+        g = g.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
         if len(t["boxes"]):
-            g = draw_bounding_boxes(g, t["boxes"].float(), colors="lime", width=1)
+            g = draw_bounding_boxes(g, t["boxes"].float() * scale, colors="lime", width=1)
         keep = p["scores"] >= score_threshold
         if bool(keep.any()):
             words = [f"{int(c)}:{float(s):.2f}" for c, s in zip(p["labels"][keep], p["scores"][keep])]
-            g = draw_bounding_boxes(g, p["boxes"][keep].float(), labels=words, colors="red", width=1)
+            g = draw_bounding_boxes(g, p["boxes"][keep].float() * scale, labels=words, colors="red", width=1)
         tiles.append(torch.nn.functional.pad(g, (1, 1, 1, 1), value=255))
     return torch.cat(tiles, -1)
 
@@ -287,7 +288,8 @@ class DETRDetector(LightningModule):
         if (sample is None or not self.sample_every or self.trainer.sanity_checking
                 or (self.current_epoch + 1) % self.sample_every or self.global_rank != 0):
             return
-        strip = draw_detections(*sample, score_threshold=self.score_threshold)
+        strip = draw_detections(*sample, score_threshold=self.score_threshold,
+                                scale=max(1, 160 // int(sample[0].shape[-1])))
         logger = self.logger
         if logger is not None and hasattr(getattr(logger, "experiment", None), "add_image"):
             logger.experiment.add_image("val_detections", strip, self.current_epoch)
