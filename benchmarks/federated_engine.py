@@ -181,6 +181,13 @@ clients' batches; (B) the claim of issue 26 that keeping each client's optimizer
 rounds (the client resumes its Lightning checkpoint) is better than what Flower's Lightning example does (a new
 model, optimizer and `Trainer` every round; here `keep_state=False`).
 
+How it runs: in one process, with no Ray and no sockets. `FederatedSimulation` drives Flower 1.42's own strategy
+objects round by round (`configure_train` -> `LocalGrid`, an implementation of Flower's `Grid` that hands each
+message to the real `ClientApp` built by `LightningClient.client_app()` -> `aggregate_train`); Flower's only
+simulation backend is Ray, which resolves the machine's own address at start-up and hangs under the test suite's
+socket guard. Each client's Lightning checkpoint lives in Flower's per-node `context.state`, as it would on a
+SuperNode.
+
 Command (CPU, `torch.set_num_threads({args['threads']})`, {result['machine']}, torch {result['torch']}; shared
 machine, load average {', '.join(f'{x:.1f}' for x in result['load'])} on 2 cores):
 
