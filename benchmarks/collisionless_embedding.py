@@ -278,6 +278,27 @@ def plot(data, path):
     save_figure(fig, path)
 
 
+def caveats(data):
+    """Observations computed from the JSON that bound the verdict."""
+    c, thr, exp = "collisionless", "collisionless + movie threshold 5", "collisionless + 30-day expiry"
+    avg = lambda arm, key: mean([r[key] for r in seeds_of(data, arm)])  # noqa: E731
+    movie = lambda arm: mean([r["rows"]["movie"] for r in seeds_of(data, arm)])  # noqa: E731
+    auc_c = avg(c, "test_auc")
+    return "\n".join([
+        f"- Claim 2's row saving is measured over all fields' rows, as the rule was written: "
+        f"{1 - avg(thr, 'total_rows') / avg(c, 'total_rows'):.1%}. Within the movie table the filter removes "
+        f"{1 - movie(thr) / movie(c):.1%} of the rows (the spec's illustration, 333 of 1,682, suggests the 15% is meant "
+        "per table); by that reading the claim would hold. The verdict keeps the rule fixed before the runs.",
+        f"- Expiry (30 days, users and movies) stores {1 - avg(exp, 'total_rows') / avg(c, 'total_rows'):.1%} fewer "
+        f"rows at the end at an AUC change of {100 * (avg(exp, 'test_auc') - auc_c):+.2f} pt "
+        f"({avg(exp, 'evicted'):,.0f} evictions per run): a cheap saving, not part of the pre-registered rule.",
+        f"- The premise margin is small: the collisionless FM's test AUC {auc_c:.4f} vs movie popularity "
+        f"{data['popularity_test_auc']:.4f}; one pass over 100k events is little data for pairwise factors.",
+        "- Hashed tables at equal rows still collide (a universal hash of n ids into n buckets leaves about 37% of "
+        "the buckets empty), which is the effect under test; at 25% rows the best lr sat at the grid's top (0.1), "
+        "essentially tied with 0.03 on validation."])
+
+
 def render(data):
     v, notes, _ = verdict(data)
     rows = []
@@ -327,6 +348,10 @@ Tuning (seed 0, progressive AUC on the first 30%):
 {tuning}
 
 ![AUC and memory](collisionless_embedding.png)
+
+## Caveats (read before citing the verdict)
+
+{caveats(data)}
 
 ## Protocol
 
