@@ -464,6 +464,16 @@ ENTRIES: tuple[Entry, ...] = (
     _e("divergence_loss", "losses", "metric_learning", "abe",
        "ABE's divergence loss: learners' embeddings *of the same input* kept at least ``margin`` apart.",
        "Attention-based Ensemble for Deep Metric Learning", "1804.00382", ("ABE", "diversity")),
+    # ---------------------------------------------------------------- clutter filtering (vision/)
+    _e("ClutterFilter3D", "modules", "vision", "clutter_filter",
+       "Learn to remove temporally stationary clutter from image sequences (3D or frame-wise 2D).",
+       "Deep Spatiotemporal Clutter Filtering of Transthoracic Echocardiographic Images: Leveraging Contextual Attention and Residual Learning", "2401.13147", ("clutter filter", "echocardiography", "denoising", "video restoration")),
+    _e("SimulatedClutterDataModule", "datamodules", "vision", "simulated_clutter",
+       "Real image sequences with simulated, temporally stationary clutter added (the clutter filter's task).",
+       None, None, ("ViSP", "visp-images-data", "clutter", "reverberation", "image sequences")),
+    _e("AttentionResUNet", "layers", "vision", "attention_res_unet",
+       "The spatiotemporal clutter filter's network: a residual attention U-Net that never pools time (2D or 3D).",
+       "Deep Spatiotemporal Clutter Filtering of Transthoracic Echocardiographic Images: Leveraging Contextual Attention and Residual Learning", "2401.13147", ("attention gate", "residual learning", "3D U-Net")),
     # ---------------------------------------------------------------- segmentation (segmentation/)
     _e("SegmentationModule", "modules", "segmentation", "module",
        "2D segmentation of `(image, mask)` batches with R2U-Net or U-Net, trained by cross-entropy plus Dice.",

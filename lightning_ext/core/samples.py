@@ -42,7 +42,8 @@ def _to_unit(img: torch.Tensor) -> torch.Tensor:
 
 def tile_rows(rows: Sequence[Sequence[torch.Tensor]], borders: Optional[Sequence[Sequence[Any]]] = None,
               pad: int = 2) -> torch.Tensor:
-    """Tile rows of ``(C, H, W)`` images (each min-max scaled, grey made RGB) into one ``(3, H', W')`` image.
+    """Tile rows of ``(C, H, W)`` or ``(H, W)`` images (each min-max scaled, grey made RGB) into one ``(3, H', W')``
+    image.
 
     ``borders[i][j]`` is an RGB triple framing image ``j`` of row ``i`` (``None``: no frame), e.g. green for a
     correct retrieval and red for a wrong one; frames take ``pad`` pixels inside each cell.
@@ -53,7 +54,7 @@ def tile_rows(rows: Sequence[Sequence[torch.Tensor]], borders: Optional[Sequence
     out = torch.ones(3, len(rows) * (h + 2 * pad), cols * (w + 2 * pad))
     for i, row in enumerate(rows):
         for j, img in enumerate(row):
-            img = _to_unit(img)
+            img = _to_unit(img if img.dim() == 3 else img.unsqueeze(0))
             img = img.expand(3, -1, -1) if img.shape[0] == 1 else img[:3]
             top, left = i * (h + 2 * pad), j * (w + 2 * pad)
             color = borders[i][j] if borders is not None else None
