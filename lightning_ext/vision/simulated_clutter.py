@@ -172,6 +172,11 @@ class SimulatedClutterDataModule(SplitLoaders, LightningDataModule):
                         "val": self._clips(frames[a:b], self.clip_len, 100_000),
                         "test": self._clips(frames[b:], self.clip_len, 200_000)}
 
+    @property
+    def train_set(self) -> list:
+        """The training clips."""
+        return self.split_dataset("train")
+
     def split_dataset(self, split: str) -> list:
         """The clips of ``split``."""
         if not self._splits:
