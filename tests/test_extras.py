@@ -180,7 +180,9 @@ def _component_modules(modules: list[str]) -> list[str]:
 
 
 @pytest.mark.parametrize("argv", [["list"], ["search", "ties"]], ids=" ".join)
-def test_list_and_search_import_no_component_and_are_fast(argv):
+def test_list_and_search_import_no_component_nor_torch(argv):
+    """What keeps ``list``/``search`` fast is what they do not import (torch, Lightning, extras, components): that
+    is asserted; their time is not (a wall-clock bound failed on a loaded 2-core machine)."""
     code = f"""
 import contextlib, io, json, sys, time
 t = time.perf_counter()
@@ -193,7 +195,6 @@ print(json.dumps({{"seconds": seconds, "modules": sorted(sys.modules), "out": ou
     result = _run_python(code)
     assert _component_modules(result["modules"]) == [], "list/search must read the catalogue, not import components"
     assert not {"torch", "lightning", *HEAVY} & set(result["modules"])
-    assert result["seconds"] < 1.0, f"lightning-ext {' '.join(argv)} took {result['seconds']:.2f}s in-process"
     if argv[0] == "search":
         assert "ModelMerging" in result["out"] or "TIES" in result["out"], result["out"]
 
