@@ -25,6 +25,8 @@ ALLOWED = {
     ("lightning_ext.mil.module", "lightning_ext.vision.classifier"),
     # the scikit-learn estimators load a checkpoint the PriorFittedNetwork module trained: they are user-facing tools
     ("lightning_ext.tabular.pfn_classifier", "lightning_ext.tabular.prior_fitted_network"),
+    # the federation runner builds each client's FederatedDataModule from a YAML: a user-facing tool, not a core
+    ("lightning_ext.federated.run", "lightning_ext.federated.datamodule"),
     # the MovieLens user graph reads recbole's ML-100K files with the recsys loader's file finder and .inter reader
     ("lightning_ext.graph.movielens_users", "lightning_ext.recsys.movielens100k"),
 }
