@@ -25,6 +25,7 @@ EXTRAS = {
     "flwr": "federated",
     "monai": "medical",
     "nibabel": "medical",
+    "tifffile": "medical",
 }
 
 #: Top-level module -> its pip package, for modules outside any extra whose pip name differs.
