@@ -139,7 +139,8 @@ def main() -> None:
     if args.resume:
         old = json.loads(Path(args.resume).read_text())
         done = {(r["arm"], r["lr"], r["seed"]): r for r in old["runs"]}
-        results["resumed_from"] = {"file": args.resume, "runs": len(done), "elapsed_s": old.get("elapsed_s")}
+        earlier = (old.get("resumed_from") or {}).get("elapsed_s") or 0  # a chain of resumes: all earlier time
+        results["resumed_from"] = {"file": args.resume, "runs": len(done), "elapsed_s": old.get("elapsed_s", 0) + earlier}
 
     def run(arm, lr, seed, phase):
         if (arm, lr, seed) in done:
@@ -224,6 +225,12 @@ def write_report(results) -> None:
         if "sf_noedges" in summary:
             why += (f" Ablation (seeds {a['ablation_seeds']} only): without virtual-node edges SF reaches "
                     f"{summary['sf_noedges']['acc']:.4f}, i.e. linking the class nodes did not help here.")
+        if "ff" in summary:
+            why += (f" FF (label appending; seeds {a['ablation_seeds']}) reaches {summary['ff']['acc']:.4f}, below "
+                    "chance: its inference appends the candidate class to every non-training node at once, while "
+                    "training only ever saw the 140 training nodes labelled and all others uniform (95% of Cora's "
+                    "nodes change distribution at test time); the same code separates classes on a 90-node toy "
+                    "graph (tests/test_forward_gnn.py). Not part of the verdict.")
         budget_hit = [f"seed {r['seed']} layer {l['layer']} (best epoch {l['best_epoch']})"
                       for r in summary["sf"]["runs"] for l in r["layers"] if l["epochs"] >= a["epochs_per_layer"]]
         if budget_hit:
