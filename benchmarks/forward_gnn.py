@@ -254,7 +254,7 @@ def write_report(results) -> None:
     runtime = f"{results.get('elapsed_s', 0) / 60:.1f} min wall clock"
     if "resumed_from" in results:
         runtime += (f" for this invocation plus {(results['resumed_from'].get('elapsed_s') or 0) / 60:.1f} min for the "
-                    "earlier partial run whose finished runs it reused (`--resume`)")
+                    "earlier partial run(s) whose finished runs it reused (`--resume`)")
     missing = [arm for arm in ARMS if arm not in summary]
     if missing:
         runtime += (f". Not run: {', '.join(missing)} (stopped for the session's time; "
