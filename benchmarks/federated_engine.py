@@ -235,7 +235,7 @@ Tuning (seed 0, validation after the last round):
 |---|---|---|---|
 {tune}
 
-## Verdict
+## Verdict: **{'reproduced' if a_ok and word_b == 'holds' else 'inconclusive' if word_b == 'inconclusive' else 'partly reproduced' if a_ok or word_b == 'holds' else 'not reproduced'}**
 
 - (A) engine computes FedAvg: **{'holds' if a_ok else 'fails'}**
 - (B) keeping client state beats a new optimizer each round (mean and 2 of 3 seeds): **{word_b}**{' (most tuning runs were best at their last round)' if word_b == 'inconclusive' else ''}
