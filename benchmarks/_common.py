@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, Trainer
@@ -157,3 +158,41 @@ def combine_claims(claims) -> str:
     if len(testable) == len(claims) and all(testable):
         return "reproduced"
     return "partly reproduced" if any(testable) else "not reproduced"
+
+
+def verdict_of(claims) -> str:
+    """:func:`combine_claims` of ``(name, holds, why)`` claims, but *inconclusive* when no claim was decided and a
+    reason says so (a budget or seed shortfall is not "not testable")."""
+    claims = list(claims)
+    if all(c is None for _, c, _ in claims) and any(why.startswith("inconclusive") for _, _, why in claims):
+        return "inconclusive"
+    return combine_claims([c for _, c, _ in claims])
+
+
+def page_main(json_path, stem: str, protocol: dict, command: str, main_runs, render, plot) -> None:
+    """The shared ``main`` of a results page's script: ``--render-only`` or run (resuming from the JSON), then
+    render the page and plot from the JSON, one torch thread. ``render(data) -> (page, res, verdict)``;
+    ``plot(data, res, path)``."""
+    import argparse
+    import json
+    import platform
+
+    from lightning_ext.core.io import atomic_write_json, atomic_write_text
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--render-only", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    json_path = Path(json_path)
+    data = json.loads(json_path.read_text()) if json_path.exists() else {}
+    data.setdefault("meta", {"commands": []})
+    data["meta"].update(protocol=protocol, machine=f"{platform.machine()}, torch {torch.__version__}")
+    if not args.render_only:
+        if command not in data["meta"]["commands"]:
+            data["meta"]["commands"].append(command)
+        main_runs(data)
+        atomic_write_json(data, json_path, indent=1)
+    page, res, verdict = render(data)
+    plot(data, res, json_path.parent / f"{stem}.png")
+    atomic_write_text(page, json_path.parent / f"{stem}.md")
+    print("verdict:", verdict)

@@ -29,9 +29,6 @@ Run: ``python benchmarks/clutter_filter.py`` (``--render-only`` re-renders the p
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -39,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import combine_claims, fit_early_stopping, test_metrics  # noqa: E402
+from _common import fit_early_stopping, page_main, test_metrics, verdict_of  # noqa: E402
 
 from lightning.pytorch import seed_everything  # noqa: E402
 
@@ -168,9 +165,7 @@ def plot(data, res, path):
 
 def render(data):
     res, cl = claims(data)
-    verdict = combine_claims([c for _, c, _ in cl])
-    if all(c is None for _, c, _ in cl) and any(why.startswith("inconclusive") for _, _, why in cl):
-        verdict = "inconclusive"
+    verdict = verdict_of(cl)
     doc = __doc__.split("\n\n")
     L = ["# Deep spatiotemporal clutter filtering: 3D vs frame-wise 2D", "",
          "`ClutterFilter3D` (`lightning_ext.vision`; Tabassian et al., \"Deep Spatiotemporal Clutter Filtering of "
@@ -208,25 +203,7 @@ def render(data):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--render-only", action="store_true")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    from lightning_ext.core.io import atomic_write_json, atomic_write_text
-
-    data = json.loads(JSON.read_text()) if JSON.exists() else {}
-    data.setdefault("meta", {"commands": []})
-    data["meta"].update(protocol=P, machine=f"{platform.machine()}, torch {torch.__version__}")
-    cmd = ".venv/bin/python benchmarks/clutter_filter.py"
-    if not args.render_only:
-        if cmd not in data["meta"]["commands"]:
-            data["meta"]["commands"].append(cmd)
-        main_runs(data)
-        atomic_write_json(data, JSON, indent=1)
-    page, res, verdict = render(data)
-    plot(data, res, OUT / "clutter_filter.png")
-    atomic_write_text(page, OUT / "clutter_filter.md")
-    print("verdict:", verdict)
+    page_main(JSON, "clutter_filter", P, ".venv/bin/python benchmarks/clutter_filter.py", main_runs, render, plot)
 
 
 if __name__ == "__main__":

@@ -33,9 +33,6 @@ Run: ``python benchmarks/stunet.py`` (``--render-only`` re-renders the page from
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import shutil
 import statistics
 import sys
@@ -46,7 +43,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import combine_claims  # noqa: E402
+from _common import page_main, verdict_of  # noqa: E402
 
 from lightning.pytorch import Callback, Trainer, seed_everything  # noqa: E402
 
@@ -244,9 +241,7 @@ def plot(data, res, path):
 
 def render(data):
     res, cl = claims(data)
-    verdict = combine_claims([c for _, c, _ in cl])
-    if all(c is None for _, c, _ in cl) and any(why.startswith("inconclusive") for _, _, why in cl):
-        verdict = "inconclusive"
+    verdict = verdict_of(cl)
     doc = __doc__.split("\n\n")
     L = ["# STU-Net: tissue segmentation of real brain MRI and transfer", "",
          "`VolumetricSegmenter` with `STUNet` (`lightning_ext.segmentation`; Huang et al., \"STU-Net: Scalable and "
@@ -305,25 +300,7 @@ def render(data):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--render-only", action="store_true")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    from lightning_ext.core.io import atomic_write_json, atomic_write_text
-
-    data = json.loads(JSON.read_text()) if JSON.exists() else {}
-    data.setdefault("meta", {"commands": []})
-    data["meta"].update(protocol=P, machine=f"{platform.machine()}, torch {torch.__version__}")
-    cmd = ".venv/bin/python benchmarks/stunet.py"
-    if not args.render_only:
-        if cmd not in data["meta"]["commands"]:
-            data["meta"]["commands"].append(cmd)
-        main_runs(data)
-        atomic_write_json(data, JSON, indent=1)
-    page, res, verdict = render(data)
-    plot(data, res, OUT / "stunet.png")
-    atomic_write_text(page, OUT / "stunet.md")
-    print("verdict:", verdict)
+    page_main(JSON, "stunet", P, ".venv/bin/python benchmarks/stunet.py", main_runs, render, plot)
 
 
 if __name__ == "__main__":
