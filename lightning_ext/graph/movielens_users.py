@@ -7,7 +7,6 @@ from typing import Literal, Optional
 
 import numpy as np
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_ext.core.optional import require
@@ -19,6 +18,7 @@ from lightning_ext.core.validation import (
     check_number,
     check_positive_int,
 )
+from lightning_ext.graph.planetoid import FullGraphLoaders
 from lightning_ext.recsys.movielens100k import find_ml100k_inter, read_inter_file
 
 #: the user-level label: a technical occupation (engineer, programmer, scientist, technician, executive; 24% of
@@ -40,11 +40,7 @@ def read_user_file(path: Path) -> dict[str, list[str]]:
     return {n: [r[i] for r in rows] for i, n in enumerate(names)}
 
 
-def _collate(batch):
-    return batch[0]
-
-
-class MovieLensUserGraphDataModule(LightningDataModule):
+class MovieLensUserGraphDataModule(FullGraphLoaders, LightningDataModule):
     """MovieLens-100K's 943 users as a graph: co-rating neighbours linked, gender sensitive, few genders visible.
 
     Protocol: node features are the top ``num_features`` singular directions (a seeded randomised SVD) of the
@@ -178,28 +174,3 @@ class MovieLensUserGraphDataModule(LightningDataModule):
         """Build the graph once."""
         if self.graph is None:
             self.graph = self.build_graph()
-
-    def _loader(self) -> DataLoader:
-        if self.graph is None:
-            raise RuntimeError("MovieLensUserGraphDataModule: call setup() before asking for a dataloader.")
-        return DataLoader([self.graph], batch_size=1, collate_fn=_collate)
-
-    @override
-    def train_dataloader(self) -> DataLoader:
-        """The whole graph, once per epoch."""
-        return self._loader()
-
-    @override
-    def val_dataloader(self) -> DataLoader:
-        """The whole graph (the module uses ``val_mask``)."""
-        return self._loader()
-
-    @override
-    def test_dataloader(self) -> DataLoader:
-        """The whole graph (the module uses ``test_mask``)."""
-        return self._loader()
-
-    @override
-    def predict_dataloader(self) -> DataLoader:
-        """The whole graph."""
-        return self._loader()

@@ -24,7 +24,35 @@ def _single_graph(batch):
     return batch[0]
 
 
-class PlanetoidDataModule(LightningDataModule):
+class FullGraphLoaders:
+    """Mixin for a full-batch graph DataModule: every loader yields ``self.graph`` (a PyG ``Data``, set by
+    ``setup``) once; the module picks its nodes with the graph's masks (put it before ``LightningDataModule``)."""
+
+    graph = None
+
+    def _loader(self) -> DataLoader:
+        if self.graph is None:
+            raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a dataloader.")
+        return DataLoader([self.graph], batch_size=1, collate_fn=_single_graph)
+
+    def train_dataloader(self) -> DataLoader:
+        """The whole graph, once per epoch."""
+        return self._loader()
+
+    def val_dataloader(self) -> DataLoader:
+        """The whole graph (the module uses ``val_mask``)."""
+        return self._loader()
+
+    def test_dataloader(self) -> DataLoader:
+        """The whole graph (the module uses ``test_mask``)."""
+        return self._loader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """The whole graph."""
+        return self._loader()
+
+
+class PlanetoidDataModule(FullGraphLoaders, LightningDataModule):
     """A Planetoid citation graph for full-batch node classification (Yang et al., 2016), read by PyG.
 
     Protocol: the fixed public split of Kipf & Welling (``split="public"``): 20 labelled nodes per class for
@@ -131,28 +159,3 @@ class PlanetoidDataModule(LightningDataModule):
         if not (self.cache_dir / self.name / "raw").is_dir():
             self.prepare_data()
         self.graph = self._dataset()[0]
-
-    def _loader(self) -> DataLoader:
-        if self.graph is None:
-            raise RuntimeError("PlanetoidDataModule: call setup() before asking for a dataloader.")
-        return DataLoader([self.graph], batch_size=1, collate_fn=_single_graph)
-
-    @override
-    def train_dataloader(self) -> DataLoader:
-        """The whole graph, once per epoch."""
-        return self._loader()
-
-    @override
-    def val_dataloader(self) -> DataLoader:
-        """The whole graph (the module uses ``val_mask``)."""
-        return self._loader()
-
-    @override
-    def test_dataloader(self) -> DataLoader:
-        """The whole graph (the module uses ``test_mask``)."""
-        return self._loader()
-
-    @override
-    def predict_dataloader(self) -> DataLoader:
-        """The whole graph."""
-        return self._loader()
