@@ -22,7 +22,8 @@ KIND_TITLES = {
     "federated": "Federated learning (Flower)",
 }
 FAMILIES = ("vision", "data", "compression", "distillation", "merging", "ssl", "curation", "recsys", "graph",
-            "pipeline", "tabular", "mil", "metric_learning", "segmentation", "detection", "federated")
+            "pipeline", "tabular", "mil", "metric_learning", "segmentation", "detection", "federated",
+            "audio")
 
 
 from lightning_ext.catalogue import by_family, by_kind
