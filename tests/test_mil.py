@@ -304,3 +304,55 @@ def test_bad_aggregator_settings():
         MILClassifier(8, aggregator="attention")
     with pytest.raises(ValueError, match="in_features: 6"):
         TransMIL(8, 2, dim=8, heads=2)(torch.zeros(1, 4, 6))
+
+
+def test_sample_images_show_each_validation_bag_with_its_prediction_and_target_instances(tmp_path, monkeypatch):
+    """The saved sample: one row per validation bag (classes in turn), a first cell green/red by the bag's prediction, then its
+    instance images with the target class's instances first and framed in gold."""
+    from lightning.pytorch import Trainer
+
+    import lightning_ext.mil.module as module
+    from lightning_ext.core.samples import GREEN, RED
+
+    saved = {}
+    real = module.tile_rows
+    monkeypatch.setattr(module, "tile_rows", lambda rows, borders: saved.update(rows=rows, borders=borders) or real(
+        rows, borders))
+    torch.manual_seed(0)
+    model = MILClassifier(64, aggregator="abmil", dim=16, lr=3e-3, sample_images_every_n_epochs=1, num_sample_bags=3)
+    dm = _small_dm()
+    Trainer(max_epochs=1, limit_train_batches=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, default_root_dir=tmp_path).fit(model, dm)
+    assert [p.name for p in (tmp_path / "samples").glob("*.png")] == ["epoch_001.png"]
+    rows, borders = saved["rows"], saved["borders"]
+    assert len(rows) == 3
+    classes = dm.instance_labels("val")
+    model.eval()
+    labels = dm.datasets["val"].labels.tolist()
+    negatives = [i for i, y in enumerate(labels) if y == 0]
+    positives = [i for i, y in enumerate(labels) if y == 1]
+    chosen = [negatives[0], positives[0], negatives[1]]  # the first bag of each class in turn
+    for b, row, border in zip(chosen, rows, borders):
+        features, label = dm.datasets["val"][b]
+        n = int(features.lengths)
+        with torch.no_grad():
+            pred = int(model(features.features[:n].unsqueeze(0)).argmax())
+        assert border[0] == (GREEN if pred == int(label) else RED)
+        k = int((classes[b, :n] == 9).sum())
+        assert border[1:] == [module.GOLD] * min(k, 12) + [None] * (len(row) - 1 - min(k, 12))
+        assert int(label) == int(k > 0)
+        # the cells are the bag's own instance images (digits 8x8), the gold ones first
+        images = dm.bag_images("val", b)
+        assert len(images) == n and tuple(row[1].shape) == (1, 8, 8)
+        gold = images[torch.as_tensor(classes[b, :n] == 9)]
+        for cell, expect in zip(row[1:1 + len(gold)], gold):
+            assert torch.equal(cell, expect)
+
+
+def test_no_sample_images_when_disabled(tmp_path):
+    from lightning.pytorch import Trainer
+
+    model = MILClassifier(64, aggregator="mean", dim=16, sample_images_every_n_epochs=0)
+    Trainer(max_epochs=1, limit_train_batches=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, default_root_dir=tmp_path).fit(model, _small_dm())
+    assert not (tmp_path / "samples").exists()

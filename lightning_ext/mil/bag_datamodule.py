@@ -161,6 +161,7 @@ class BagDataModule(SplitLoaders, LightningDataModule):
         self.in_features: Optional[int] = None
         self.datasets: dict[str, _BagDataset] = {}
         self._instance_classes: dict[str, np.ndarray] = {}
+        self._images: dict[str, Tensor] = {}
 
     # -- instances -------------------------------------------------------------------------------------------
     def _source_module(self) -> LightningDataModule:
@@ -249,6 +250,7 @@ class BagDataModule(SplitLoaders, LightningDataModule):
             lengths = torch.as_tensor([len(b) for b in bags], dtype=torch.long)
             self.datasets[split] = _BagDataset(table, index, lengths, torch.as_tensor(labels))
             self._instance_classes[split] = inst
+            self._images[split] = images  # the source's tensor, not a copy: for sample images
 
     @property
     def train_set(self) -> _BagDataset:
@@ -258,6 +260,13 @@ class BagDataModule(SplitLoaders, LightningDataModule):
     def instance_labels(self, split: Literal["train", "val", "test"] = "test") -> np.ndarray:
         """Each bag's instance classes ``(bags, max_instances)``, ``-1`` for padding (after ``setup``)."""
         return self._instance_classes[split]
+
+    def bag_images(self, split: Literal["train", "val", "test"], bag: int) -> Tensor:
+        """The images ``(n, C, H, W)`` of bag ``bag``'s ``n`` instances of ``split``, in bag order (after ``setup``)."""
+        if split not in self._images:
+            raise RuntimeError("BagDataModule: call setup() before asking for bag images.")
+        dataset = self.datasets[split]
+        return self._images[split][dataset.index[bag, :int(dataset.lengths[bag])]]
 
     # -- loaders ---------------------------------------------------------------------------------------------
     def split_dataset(self, split: str) -> Dataset:

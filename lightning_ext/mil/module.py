@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
+import numpy as np
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
@@ -11,15 +12,20 @@ from torchmetrics.classification import MulticlassAUROC
 from typing_extensions import override
 
 from lightning_ext.core.guards import NonFiniteLoss
+from lightning_ext.core.paths import check_path_argument
+from lightning_ext.core.samples import GREEN, RED, log_sample_image, sample_epoch_due, tile_rows
 from lightning_ext.core.validation import (
     ClosedUnitInterval,
     NonNegativeFloat,
     PositiveFloat,
     PositiveInt,
+    NonNegativeInt,
     check_choice,
+    check_number,
     check_positive_int,
 )
 from lightning_ext.mil.abmil import ABMIL
+from lightning_ext.mil.bags import Bags
 from lightning_ext.mil.pooling import PoolingMIL
 from lightning_ext.mil.transmil import TransMIL
 from lightning_ext.vision.classifier import Classifier, NumClasses
@@ -27,6 +33,8 @@ from lightning_ext.vision.classifier import Classifier, NumClasses
 __all__ = ["MILClassifier", "build_aggregator"]
 
 Aggregator = Literal["transmil", "abmil", "mean", "max"]
+GOLD = (0.95, 0.75, 0.1)
+_SAMPLE_CELLS = 12
 
 
 def build_aggregator(aggregator: str, in_features: int, num_classes: int, dim: int = 512, heads: int = 8,
@@ -76,6 +84,14 @@ class MILClassifier(Classifier):
         attention_dim: ABMIL's attention hidden size.
         lr, weight_decay, optimizer, scheduler, scheduler_interval, nonfinite_loss: see
             :class:`~lightning_ext.vision.classifier.Classifier`.
+        sample_images_every_n_epochs: every this many validation epochs of a fit, save a sample of the first
+            ``num_sample_bags`` validation bags (the first of each class in turn) when the datamodule can show their images (``bag_images``, as
+            :class:`~lightning_ext.mil.bag_datamodule.BagDataModule`): one row per bag, a first cell green
+            (bag predicted right) or red, then up to 12 instance images with the target classes' instances first
+            and framed in gold (0: never).
+        sample_images_dir: where (relative to ``trainer.log_dir``; ``None`` disables the files; TensorBoard gets
+            the image too).
+        num_sample_bags: bags (rows) in the sample.
 
     Example:
         >>> model = MILClassifier(in_features=64, aggregator="transmil", dim=32, heads=4)
@@ -101,8 +117,14 @@ class MILClassifier(Classifier):
         scheduler: Optional[LRSchedulerCallable] = None,
         scheduler_interval: Literal["epoch", "step"] = "epoch",
         nonfinite_loss: NonFiniteLoss = "error",
+        sample_images_every_n_epochs: NonNegativeInt = 5,
+        sample_images_dir: Optional[str] = "samples",
+        num_sample_bags: PositiveInt = 4,
     ) -> None:
         check_positive_int("attention_dim", attention_dim)
+        check_number("sample_images_every_n_epochs", sample_images_every_n_epochs, low=0, integer=True)
+        check_path_argument("sample_images_dir", sample_images_dir)
+        check_positive_int("num_sample_bags", num_sample_bags)
         net = build_aggregator(aggregator, in_features, num_classes, dim=dim, heads=heads,
                                num_landmarks=num_landmarks, attention=attention, ppeg=ppeg, dropout=dropout,
                                attention_dim=attention_dim)
@@ -112,6 +134,8 @@ class MILClassifier(Classifier):
         self.in_features, self.aggregator = in_features, aggregator
         self.val_auroc = MulticlassAUROC(num_classes, average="macro")
         self.test_auroc = MulticlassAUROC(num_classes, average="macro")
+        self.sample_every, self.sample_dir, self.num_sample_bags = (sample_images_every_n_epochs, sample_images_dir,
+                                                                    num_sample_bags)
 
     @override
     def setup(self, stage: str) -> None:
@@ -129,3 +153,43 @@ class MILClassifier(Classifier):
         auroc = getattr(self, f"{stage}_auroc")
         auroc(logits.float().softmax(dim=-1), y)
         self.log(f"{stage}_auroc", auroc)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        """Save the sample of validation bags when one is due (see ``sample_images_every_n_epochs``)."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if not sample_epoch_due(self, self.sample_every) or not hasattr(dm, "bag_images"):
+            return
+        dataset, targets = dm.datasets["val"], list(getattr(dm, "targets", []))
+        classes = dm.instance_labels("val")
+        rows, borders, captions = [], [], []
+        for b in _interleave_classes(dataset.labels, self.num_sample_bags):
+            bag, label = dataset[b]
+            bags = Bags(bag.features.unsqueeze(0).to(self.device), bag.lengths.view(1).to(self.device))
+            pred = int(self(bags).argmax(dim=-1))
+            images = dm.bag_images("val", b).cpu()
+            special = np.isin(classes[b, :len(images)], targets)
+            order = np.concatenate([np.flatnonzero(special), np.flatnonzero(~special)])[:_SAMPLE_CELLS]
+            rows.append([torch.zeros_like(images[0])] + [images[i] for i in order])
+            borders.append([GREEN if pred == int(label) else RED] + [GOLD if special[i] else None for i in order])
+            captions.append(f"{int(label)}/{pred}")
+        if rows:
+            log_sample_image(self, tile_rows(rows, borders), "val_bags", self.sample_dir,
+                             f"epoch {self.current_epoch + 1}: one validation bag per row (first cell green: "
+                             f"predicted right); gold: target-class instances; label/predicted {', '.join(captions)}")
+
+
+def _interleave_classes(labels: torch.Tensor, count: int) -> list[int]:
+    """The first ``count`` indices taking the first bag of each label in turn (so both classes show).
+
+    Example:
+        >>> _interleave_classes(torch.tensor([0, 0, 0, 1, 1]), 3)
+        [0, 3, 1]
+    """
+    queues = [torch.nonzero(labels == c).flatten().tolist() for c in torch.unique(labels).tolist()]
+    out: list[int] = []
+    while len(out) < count and any(queues):
+        for queue in queues:
+            if queue and len(out) < count:
+                out.append(queue.pop(0))
+    return out
