@@ -26,6 +26,9 @@ ENTRIES: tuple[Entry, ...] = (
        "stale rows.",
        "Monolith: Real Time Recommendation System With Collisionless Embedding Table", "2209.07663",
        ("Monolith", "expirable embeddings", "collisionless embedding")),
+    _e("InfluenceCollector", "callbacks", "recsys", "dain",
+       "DAIN's cell importance: last-layer influence on the validation loss, summed over epochs up to the best one.",
+       "Influence-guided Data Augmentation for Neural Tensor Completion", "2108.10248", ("DAIN", "influence", "TracIn", "data augmentation", "tensor completion")),
     _e("DSnoT", "callbacks", "compression", "dsnot",
        "DSnoT (Zhang et al., ICLR 2024): training-free pruning of every Linear layer to a target sparsity with "
        "Wanda's mask refined by reconstruction-error-driven grow-and-prune swaps, on calibration batches.",
@@ -111,6 +114,10 @@ ENTRIES: tuple[Entry, ...] = (
        "train, α on validation), then pruned.",
        "Differentiable Neural Input Search for Recommender Systems", "2006.04466",
        ("DNIS", "AutoSrh", "embedding dimension search", "mixed dimension embeddings")),
+    _e("NeuralTensorCompletion", "modules", "recsys", "dain",
+       "DAIN's neural tensor completion (Oh et al., CIKM 2021): embeddings per tensor mode, an MLP, MSE on observed "
+       "cells.",
+       "Influence-guided Data Augmentation for Neural Tensor Completion", "2108.10248", ("DAIN", "tensor completion", "rating prediction")),
     _e("DCCF", "modules", "recsys", "dccf",
        "DCCF (Ren et al., SIGIR 2023): per layer E^{l+1} = Z + R + H^β + H^γ + E^l, BPR plus InfoNCE between "
        "the views; E = Σ_l E^l.",
@@ -232,6 +239,13 @@ ENTRIES: tuple[Entry, ...] = (
     _e("MovieLens100KRatingsDataModule", "datamodules", "recsys", "movielens_ratings",
        "MovieLens-100K explicit ratings: `(ids (B, 2), rating (B,))` batches, random train/search/test split.",
        None, None, ("ML-100K", "MovieLens", "rating prediction")),
+    _e("TensorCompletionDataModule", "datamodules", "recsys", "movielens_tensor",
+       "MovieLens-100K ratings as cells of a sparse tensor: `(cells (B, order), rating (B,))` batches, random split.",
+       None, None, ("ML-100K", "MovieLens", "tensor completion", "DAIN")),
+    _e("InfluenceAugmentedDataModule", "datamodules", "recsys", "movielens_tensor",
+       "DAIN's augmentation (Oh et al., CIKM 2021): training cells plus cells drawn by entity importance, labelled "
+       "by the teacher.",
+       "Influence-guided Data Augmentation for Neural Tensor Completion", "2108.10248", ("DAIN", "data augmentation", "tensor completion")),
     _e("MultiTaskDataModule", "datamodules", "merging", "multi_task",
        "Unlabelled inputs of several tasks (one batch of each task per step, with its task id) for test-time "
        "merging."),
