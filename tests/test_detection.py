@@ -466,3 +466,61 @@ def test_split_detector_fit_logs_map_and_bytes(tmp_path):
     metrics = trainer.callback_metrics
     assert {"val_map", "val_map_75", "val_bottleneck_bytes", "train_loss"} <= set(metrics)
     assert float(metrics["val_bottleneck_bytes"]) == 3 * 8 * 8 + 8  # 32x32 canvases: 4x4 features, +4 per side
+
+
+def test_split_detector_filter_drops_frames_and_their_bytes(tmp_path):
+    """The neural filter trains beside the bottleneck; in evaluation a dropped frame sends 0 bytes and yields no
+    detections. Threshold 0 keeps every frame (the unfiltered result); above 1 it drops every frame."""
+    import lightning.pytorch as pl
+
+    from lightning_ext.detection.split_detector import SplitComputingDetector
+
+    _, path = _teacher(tmp_path)
+    torch.manual_seed(0)
+    model = SplitComputingDetector(path, filter_threshold=0.5)
+    assert {id(p) for p in model.parameters() if p.requires_grad} == {
+        id(p) for p in list(model.bottleneck.parameters()) + list(model.filter.parameters())}
+    dm = DigitCanvasDetectionDataModule(size=32, digit_size=(10, 16), num_canvases=(24, 8, 8), batch_size=8,
+                                        empty_prob=0.5)
+    before = {k: v.clone() for k, v in model.filter.state_dict().items()}
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", default_root_dir=tmp_path, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, logger=False, enable_checkpointing=False)
+    trainer.fit(model, dm)
+    assert any(not torch.equal(v, before[k]) for k, v in model.filter.state_dict().items())
+    assert {"train_filter_loss", "val_filter_object_kept", "val_filter_empty_dropped"} <= set(trainer.callback_metrics)
+
+    def evaluate(threshold):
+        model.filter_threshold = threshold
+        return trainer.test(model, dm, verbose=False)[0]
+
+    model.filter_threshold = None
+    model.filter, kept_filter = None, model.filter
+    plain = trainer.test(model, dm, verbose=False)[0]
+    model.filter = kept_filter
+    everything = evaluate(0.0)
+    assert everything["test_bottleneck_bytes"] == plain["test_bottleneck_bytes"] == 3 * 8 * 8 + 8
+    assert everything["test_map"] == pytest.approx(plain["test_map"])
+    assert everything["test_filter_object_kept"] == 1.0 and everything["test_filter_empty_dropped"] == 0.0
+    nothing = evaluate(1.0)  # a frame is sent only if its object probability is exactly 1
+    # an exact probability of 1.0 is possible in float32 only for a saturated filter; count independently
+    dm.setup("test")
+    x = torch.cat([b[0] for b in dm.test_dataloader()])
+    targets = [t for b in dm.test_dataloader() for t in b[1]]
+    model.eval()
+    with torch.no_grad():
+        keep = model.filter(model.stem(x)).softmax(-1)[:, 1] >= 1.0
+    objects = torch.tensor([len(t["boxes"]) > 0 for t in targets])
+    assert nothing["test_bottleneck_bytes"] == pytest.approx(float(keep.float().mean()) * (3 * 8 * 8 + 8))
+    if not keep.any():
+        assert nothing["test_map"] <= 0.0 and nothing["test_filter_object_kept"] == 0.0
+    assert nothing["test_filter_empty_dropped"] == pytest.approx(float((~keep & ~objects).sum() / (~objects).sum()))
+
+
+def test_split_detector_filter_settings_are_checked(tmp_path):
+    from lightning_ext.detection.split_detector import SplitComputingDetector
+
+    _, path = _teacher(tmp_path)
+    with pytest.raises(ValueError, match="filter_threshold"):
+        SplitComputingDetector(path, filter_threshold=1.5)
+    with pytest.raises(ValueError, match="filter_pool"):
+        SplitComputingDetector(path, filter_threshold=0.5, filter_pool=8)

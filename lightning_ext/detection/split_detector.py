@@ -18,10 +18,11 @@ from lightning_ext.core.guards import NonFiniteLoss, check_loss, check_nonfinite
 from lightning_ext.core.optimization import check_optimization, configure_optimization
 from lightning_ext.core.optional import require
 from lightning_ext.core.validation import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, check_choice
-from lightning_ext.core.validation import check_number, check_positive_int
+from lightning_ext.core.validation import ClosedUnitInterval, check_fraction, check_number, check_positive_int
 from lightning_ext.detection.detr import DETRDetector, check_targets
 from lightning_ext.detection.detr_net import postprocess, sine_position
-from lightning_ext.detection.split_computing import BottleneckCodec, dequantize, head_distillation_loss, quantize
+from lightning_ext.detection.split_computing import BottleneckCodec, NeuralFilter, dequantize, head_distillation_loss
+from lightning_ext.detection.split_computing import quantize
 from lightning_ext.detection.split_computing import payload_bytes
 
 __all__ = ["SplitComputingDetector"]
@@ -75,6 +76,13 @@ class SplitComputingDetector(LightningModule):
     ``train_loss``, ``{val,test}_map``/``_map_50``/``_map_75`` of the student's detections and
     ``{val,test}_bottleneck_bytes`` (mean payload per image).
 
+    With ``filter_threshold`` set, a :class:`~lightning_ext.detection.split_computing.NeuralFilter` on the frozen
+    first backbone block's output (the stem, computed on the device anyway) learns "holds an object" by
+    cross-entropy beside the distillation (its own parameters, the stem detached), and in evaluation a frame
+    whose object probability is below the threshold is not transmitted: no detections, 0 bytes. Then
+    ``{val,test}_filter_object_kept`` (share of frames with objects that were sent) and
+    ``{val,test}_filter_empty_dropped`` (share of empty frames dropped) are logged too.
+
     Args:
         teacher_checkpoint: a DETRDetector checkpoint (Lightning ``.ckpt``, read with ``weights_only=True``).
         bottleneck_channels: channels of the transmitted tensor (narrower than the replaced block's input).
@@ -83,13 +91,28 @@ class SplitComputingDetector(LightningModule):
         quantize_bits: bits per value of the transmitted tensor in evaluation (2..8); ``0`` keeps float32.
         lr, weight_decay, optimizer, scheduler, scheduler_interval: the optimiser (default AdamW).
         nonfinite_loss: ``"error"``, ``"skip"`` or ``"warn"`` on a non-finite training loss.
+        filter_threshold: object probability below which the neural filter drops a frame in evaluation
+            (``None``: no filter).
+        filter_pool: the filter's first adaptive pooling size (the reference uses 64 on 224-px inputs' stems).
+
+    Example:
+        >>> import tempfile, torch
+        >>> from lightning_ext.detection.detr import DETRDetector
+        >>> teacher = DETRDetector(hidden_dim=32, num_queries=6, decoder_layers=2)
+        >>> path = tempfile.mkdtemp() + "/teacher.ckpt"
+        >>> torch.save({"state_dict": teacher.state_dict(), "hyper_parameters": dict(teacher.hparams)}, path)
+        >>> model = SplitComputingDetector(path, bottleneck_channels=4, filter_threshold=0.5).eval()
+        >>> out = model(torch.rand(2, 1, 48, 48))
+        >>> model.bottleneck.last_bytes  # 4 channels x (6 + 4) x (6 + 4) at 8 bits, plus scale and zero point
+        [408, 408]
     """
 
     def __init__(self, teacher_checkpoint: Optional[str] = None, bottleneck_channels: PositiveInt = 3, split_block: NonNegativeInt = 3,
                  distill: Literal["hnd", "ghnd"] = "ghnd", quantize_bits: NonNegativeInt = 8, lr: PositiveFloat = 1e-3,
                  weight_decay: NonNegativeFloat = 0.0, optimizer: Optional[OptimizerCallable] = None,
                  scheduler: Optional[LRSchedulerCallable] = None,
-                 scheduler_interval: Literal["epoch", "step"] = "epoch", nonfinite_loss: NonFiniteLoss = "error") -> None:
+                 scheduler_interval: Literal["epoch", "step"] = "epoch", nonfinite_loss: NonFiniteLoss = "error",
+                 filter_threshold: Optional[ClosedUnitInterval] = None, filter_pool: PositiveInt = 16) -> None:
         super().__init__()
         require("pycocotools", "SplitComputingDetector (torchmetrics' MeanAveragePrecision)")
         check_positive_int("bottleneck_channels", bottleneck_channels)
@@ -101,6 +124,9 @@ class SplitComputingDetector(LightningModule):
         check_optimization(lr, weight_decay)
         check_nonfinite_policy(nonfinite_loss)
         check_choice("scheduler_interval", scheduler_interval, ("epoch", "step"))
+        if filter_threshold is not None:
+            check_fraction("filter_threshold", filter_threshold)
+        check_number("filter_pool", filter_pool, low=16, integer=True)
         if not isinstance(teacher_checkpoint, str) or not teacher_checkpoint:
             raise ValueError("teacher_checkpoint must be the path of a trained DETRDetector checkpoint; got "
                              f"{teacher_checkpoint!r}.")
@@ -134,6 +160,9 @@ class SplitComputingDetector(LightningModule):
         self.student.net.backbone = nn.Sequential(*old[:3 * split_block], self.bottleneck, *old[3 * split_block + 3:])
         self.tap_teacher, self.tap_student = 3 * split_block + 2, 3 * split_block
         self.distill, self.num_classes = distill, teacher.num_classes
+        self.filter_threshold = filter_threshold
+        self.filter = NeuralFilter(old[0].out_channels, pool=filter_pool) if filter_threshold is not None else None
+        self._filter_counts = torch.zeros(4)  # object frames kept, object frames, empty frames dropped, empty frames
         self.lr, self.weight_decay = lr, weight_decay
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.scheduler_interval, self.nonfinite_loss, self.skipped_steps = scheduler_interval, nonfinite_loss, 0
@@ -148,6 +177,8 @@ class SplitComputingDetector(LightningModule):
         """Only the bottleneck trains: the teacher and the student's frozen parts stay in eval mode (BN statistics)."""
         super().train(False)
         self.bottleneck.train(mode)
+        if self.filter is not None:
+            self.filter.train(mode)
         return self
 
     @override
@@ -168,11 +199,25 @@ class SplitComputingDetector(LightningModule):
         k = 1 if self.distill == "hnd" else 3
         return head_distillation_loss(s[:k], t[:k])
 
+    def stem(self, x: Tensor) -> Tensor:
+        """The frozen first backbone block's output (the neural filter's input)."""
+        with torch.no_grad():
+            return self.student.net.backbone[:3](x)
+
+    @staticmethod
+    def has_objects(targets: Any) -> Tensor:
+        """``(B,)`` long: 1 where the target holds at least one box."""
+        return torch.as_tensor([int(len(t["boxes"]) > 0) for t in targets], dtype=torch.long)
+
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Optional[Tensor]:
-        """Head-network distillation loss of one batch (targets unused)."""
+        """Head-network distillation loss of one batch, plus the filter's cross-entropy when there is a filter."""
         x = batch[0]
         loss = self.distillation_loss(x)
+        if self.filter is not None:
+            ce = torch.nn.functional.cross_entropy(self.filter(self.stem(x)), self.has_objects(batch[1]).to(x.device))
+            self.log("train_filter_loss", ce, batch_size=len(x))
+            loss = loss + ce
         if not check_loss(self, loss, self.nonfinite_loss, batch):
             return None
         self.log("train_loss", loss, prog_bar=True, batch_size=len(x))
@@ -182,9 +227,18 @@ class SplitComputingDetector(LightningModule):
         x, targets = batch
         check_targets(x, targets, self.num_classes)
         preds = postprocess(self.student.net(x), tuple(x.shape[-2:]), self.student.top_k)
+        sent = self.bottleneck.last_bytes or [4 * int(self.bottleneck.codec.encode(x[:1]).numel())] * len(x)
+        if self.filter is not None:
+            keep = self.filter.keep(self.stem(x), self.filter_threshold).cpu()
+            objects = self.has_objects(targets).bool()
+            self._filter_counts += torch.tensor([float((keep & objects).sum()), float(objects.sum()),
+                                                 float((~keep & ~objects).sum()), float((~objects).sum())])
+            for i in torch.nonzero(~keep).flatten().tolist():  # not transmitted: nothing detected, nothing sent
+                preds[i] = {key: value[:0] for key, value in preds[i].items()}
+                sent[i] = 0
         getattr(self, f"{stage}_map").update(preds, [{"boxes": t["boxes"].float(), "labels": t["labels"].long()}
                                                      for t in targets])
-        self._bytes += self.bottleneck.last_bytes or [4 * int(self.bottleneck.codec.encode(x[:1]).numel())] * len(x)
+        self._bytes += list(sent)
 
     @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -204,6 +258,12 @@ class SplitComputingDetector(LightningModule):
         if self._bytes:
             self.log(f"{stage}_bottleneck_bytes", float(sum(self._bytes) / len(self._bytes)))
         self._bytes = []
+        kept, objects, dropped, empty = self._filter_counts.tolist()
+        if self.filter is not None and objects:
+            self.log(f"{stage}_filter_object_kept", kept / objects)
+        if self.filter is not None and empty:
+            self.log(f"{stage}_filter_empty_dropped", dropped / empty)
+        self._filter_counts = torch.zeros(4)
 
     @override
     def on_validation_epoch_end(self) -> None:
@@ -217,5 +277,6 @@ class SplitComputingDetector(LightningModule):
 
     @override
     def configure_optimizers(self):
-        """The injected optimiser (default AdamW) over the bottleneck's parameters."""
-        return configure_optimization(self, list(self.bottleneck.parameters()))
+        """The injected optimiser (default AdamW) over the bottleneck's (and the filter's) parameters."""
+        extra = list(self.filter.parameters()) if self.filter is not None else []
+        return configure_optimization(self, list(self.bottleneck.parameters()) + extra)
