@@ -283,6 +283,7 @@ def _minimal(tmp: Path) -> dict[str, Callable[[], dict]]:
         "MILClassifier": lambda: {"in_features": 8, "dim": 8, "heads": 2},
         "FilteredDataModule": lambda: {"datamodule": digits(), "scorer": random_scorer(), "cache_dir": None},
         "InteractionFileDataModule": lambda: {"train_path": str(interactions)},
+        "InfluenceAugmentedDataModule": lambda: {"influence_path": str(tmp / "influence.pt")},
         "MultiTaskDataModule": lambda: {"tasks": [digits(), digits()]},
         "DFNScorer": lambda: {"trusted_indices": [0, 1, 2]},
         "PlanetoidDataModule": lambda: {"root": str(REPO.parent / "shared" / "data" / "planetoid")},
