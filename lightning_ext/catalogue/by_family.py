@@ -5,6 +5,28 @@ from __future__ import annotations
 from lightning_ext.catalogue.entry import Entry, _e
 
 ENTRIES: tuple[Entry, ...] = (
+    # ---------------------------------------------------------------- diffusion (diffusion/)
+    _e("DiffusionModule", "modules", "diffusion", "module",
+       "DDPM training of a class-conditional denoiser with classifier-free guidance, and DDIM/DDPM sampling.",
+       "Scaling Diffusion Transformers to 16 Billion Parameters", "2407.11633",
+       ("DDPM", "DDIM", "diffusion", "classifier-free guidance", "CFG", "DiT", "UNet2DModel", "diffusers"),
+       "diffusion"),
+    _e("ExpertRoutingStats", "callbacks", "diffusion", "routing_stats",
+       "Measure what a sparse mixture of experts routes by: timestep, class and patch position, per MoE layer.",
+       "Scaling Diffusion Transformers to 16 Billion Parameters", "2407.11633",
+       ("DiT-MoE", "MoE", "expert routing", "mutual information", "load balance")),
+    _e("DiTMoE", "layers", "diffusion", "dit_moe",
+       "A class-conditional diffusion transformer whose MLPs are sparse mixtures of experts (or dense SwiGLU).",
+       "Scaling Diffusion Transformers to 16 Billion Parameters", "2407.11633",
+       ("DiT-MoE", "DiT", "diffusion transformer", "mixture of experts", "adaLN-Zero"), "diffusion"),
+    _e("SparseMoE", "layers", "diffusion", "sparse_moe",
+       "DiT-MoE's sparse mixture-of-experts MLP: top-k softmax routing to SwiGLU experts plus a shared expert.",
+       "Scaling Diffusion Transformers to 16 Billion Parameters", "2407.11633",
+       ("MoE", "mixture of experts", "top-k gating", "shared expert", "SwiGLU", "DiT-MoE")),
+    _e("moe_balance_loss", "losses", "diffusion", "sparse_moe",
+       "DiT-MoE's expert-level balance loss: \\alpha \\sum_i (E f_i) P_i over `E` routed experts.",
+       "Scaling Diffusion Transformers to 16 Billion Parameters", "2407.11633",
+       ("load balancing loss", "auxiliary loss", "MoE", "DiT-MoE")),
     # ---------------------------------------------------------------- multiple-instance learning (mil/)
     _e("MILClassifier", "modules", "mil", "module",
        "Multiple-instance classification of bags: TransMIL, ABMIL, or mean/max pooling, trained by cross-entropy.",

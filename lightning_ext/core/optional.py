@@ -23,6 +23,7 @@ EXTRAS = {
     "mlxtend": "data",
     "pycocotools": "detection",
     "flwr": "federated",
+    "diffusers": "diffusion",
     "monai": "medical",
     "nibabel": "medical",
     "tifffile": "medical",
