@@ -340,6 +340,18 @@ def test_quantisation_follows_the_reference_convention():
     assert SC.payload_bytes(q) == -(-x.numel() // 2) + 8
 
 
+def test_jpeg_roundtrip_decodes_what_it_counts():
+    torch.manual_seed(0)
+    image = torch.rand(1, 24, 24)
+    low, low_bytes = SC.jpeg_roundtrip(image, 10)
+    high, high_bytes = SC.jpeg_roundtrip(image, 95)
+    assert low.shape == high.shape == image.shape and low.dtype == torch.float32
+    assert low_bytes == SC.jpeg_bytes(image, 10) < high_bytes
+    assert (high - image).abs().mean() < (low - image).abs().mean() < 0.5
+    rgb, _ = SC.jpeg_roundtrip(torch.rand(3, 16, 16), 50)
+    assert rgb.shape == (3, 16, 16) and 0 <= float(rgb.min()) and float(rgb.max()) <= 1
+
+
 def test_jpeg_bytes_grow_with_quality_and_content():
     torch.manual_seed(8)
     noisy, blank = torch.rand(1, 48, 48), torch.zeros(1, 48, 48)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["BottleneckCodec", "NeuralFilter", "QuantizedTensor", "dequantize", "head_distillation_loss",
-           "jpeg_bytes", "payload_bytes", "quantize"]
+           "jpeg_bytes", "jpeg_roundtrip", "payload_bytes", "quantize"]
 
 
 @dataclass
@@ -76,6 +76,13 @@ def payload_bytes(q: QuantizedTensor) -> int:
 
 def jpeg_bytes(image: Tensor, quality: int = 95) -> int:
     """Size of one image ``(C, H, W)`` in [0, 1] (1 or 3 channels) saved as JPEG at ``quality`` (PIL)."""
+    return jpeg_roundtrip(image, quality)[1]
+
+
+def jpeg_roundtrip(image: Tensor, quality: int = 95) -> tuple[Tensor, int]:
+    """One image ``(C, H, W)`` in [0, 1] (1 or 3 channels) through JPEG at ``quality`` (PIL): the decoded image
+    (same shape, float32 in [0, 1]) and the JPEG's size in bytes, the cost of sending the frame itself."""
+    import numpy as np
     from PIL import Image
 
     if not 1 <= quality <= 100:
@@ -85,7 +92,11 @@ def jpeg_bytes(image: Tensor, quality: int = 95) -> int:
     pil = Image.fromarray(arr[0].numpy() if mode == "L" else arr.permute(1, 2, 0).numpy(), mode=mode)
     buf = io.BytesIO()
     pil.save(buf, format="JPEG", quality=int(quality))
-    return buf.tell()
+    size = buf.tell()
+    buf.seek(0)
+    decoded = torch.from_numpy(np.asarray(Image.open(buf).convert(mode), dtype=np.float32) / 255.0)
+    decoded = decoded.unsqueeze(0) if mode == "L" else decoded.permute(2, 0, 1)
+    return decoded.to(image.device), size
 
 
 class BottleneckCodec(nn.Module):
