@@ -27,6 +27,9 @@ EXTRAS = {
     "monai": "medical",
     "nibabel": "medical",
     "tifffile": "medical",
+    "soundfile": "audio",
+    "pesq": "audio",
+    "pystoi": "audio",
 }
 
 #: Top-level module -> its pip package, for modules outside any extra whose pip name differs.
