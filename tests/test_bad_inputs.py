@@ -287,6 +287,9 @@ def _minimal(tmp: Path) -> dict[str, Callable[[], dict]]:
         "MultiTaskDataModule": lambda: {"tasks": [digits(), digits()]},
         "DFNScorer": lambda: {"trusted_indices": [0, 1, 2]},
         "PlanetoidDataModule": lambda: {"root": str(REPO.parent / "shared" / "data" / "planetoid")},
+        "SearchedGNN": lambda: {"architecture": [
+            {"attention": "gcn", "aggregation": "sum", "activation": "relu", "heads": 1, "hidden": 16},
+            {"attention": "gcn", "aggregation": "sum", "activation": "identity", "heads": 1}]},
         "LastFMDataModule": lambda: {"root": str(REPO.parent / "shared" / "data" / "lastfm")},
         "DP4TLLabelMapping": lambda: {"target": digits()}, "DP4TLFeatureMapping": lambda: {"target": digits()},
         "ComputeAwareSelection": lambda: {"scorer": random_scorer(), "law": law(), "samples_seen": 1000},
