@@ -4,6 +4,7 @@ images, resume and bad input."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -318,6 +319,45 @@ def test_resume_mid_epoch_gives_the_uninterrupted_parameters(tmp_path):
                                            num_sanity_val_steps=0)
     assert info["resumed_from_step"] == 4
     assert_same_parameters(full, resumed)
+
+
+def _without_batchnorm(module):
+    """BatchNorm layers replaced by identities (per-process BN statistics would differ from one process's)."""
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.BatchNorm2d):
+            setattr(module, name, torch.nn.Identity())
+        else:
+            _without_batchnorm(child)
+    return module
+
+
+@pytest.mark.ddp
+def test_two_processes_match_one_process(tmp_path):
+    """Two gloo processes with half the batch each train the FDR head (VFL, FGL, L1, GIoU over every layer) to the
+    one-process weights: the box count is averaged over ranks, as the reference code does. Canvases hold 1-3
+    digits, so the per-process counts differ and a per-process normalisation would not match."""
+    from lightning_ext.testing import fit_ddp_vs_single
+
+    def make_model():
+        torch.manual_seed(0)
+        # SGD: Adam would turn float noise in zero gradients (attention key biases) into full-size steps
+        model = DETRDetector(hidden_dim=32, num_queries=6, decoder_layers=2, box_head="fdr", go_lsd=False,
+                             optimizer=functools.partial(torch.optim.SGD, lr=0.05),
+                             sample_images_every_n_epochs=0)
+        _without_batchnorm(model.net)
+        return model
+
+    def make_dm(batch_size):
+        return DigitCanvasDetectionDataModule(size=32, digit_size=(10, 16), num_canvases=(32, 8, 8),
+                                              batch_size=batch_size, empty_prob=0.2)
+
+    single, ddp = fit_ddp_vs_single(make_model, make_dm, 8, tmp_path, test=False, max_epochs=1,
+                                    num_sanity_val_steps=0, limit_val_batches=0)
+    start = make_model().state_dict()
+    moved = max(float((single.state_dict[k] - start[k]).abs().max()) for k in start if start[k].is_floating_point())
+    assert moved > 1e-3
+    for key, value in single.state_dict.items():
+        torch.testing.assert_close(ddp.state_dict[key], value, atol=1e-5, rtol=1e-4, msg=key)
 
 
 # ------------------------------------------------------------------------------------------ split computing (core)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["world_size", "rank", "gather_with_grad"]
+__all__ = ["world_size", "rank", "gather_with_grad", "mean_over_ranks"]
 
 
 def _initialized() -> bool:
@@ -54,3 +54,22 @@ def gather_with_grad(x: Tensor, dim: int = 0) -> Tensor:
             "use equal per-rank batches (drop_last=True or a DistributedSampler that pads)."
         )
     return torch.cat(all_gather(x.contiguous()), dim=dim)
+
+
+def mean_over_ranks(value: float, device: torch.device | str = "cpu") -> float:
+    """The mean of a number over all ranks (``value`` itself in one process).
+
+    A loss normalised by a per-process count (DETR's ``num_boxes``) gives DDP a gradient that is not the one of
+    the global batch; normalising every rank by the mean count does (the DETR reference code's ``all_reduce`` /
+    world size), since DDP then averages sums that share one denominator. Every rank must call it the same
+    number of times.
+
+    Example:
+        >>> mean_over_ranks(3.0)
+        3.0
+    """
+    if world_size() == 1:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return float(t) / world_size()

@@ -110,9 +110,12 @@ class DETRDetector(LightningModule):
     ``sample_images_every_n_epochs`` validation epochs the first validation images with their ground truth
     (green) and detections (red) are saved under ``sample_images_dir`` and logged to TensorBoard.
 
-    Under DDP the losses are normalised by each process's own box count (the reference code averages it across
-    ranks) and DDF's ``8 / B`` uses the per-process batch, as in the reference; mAP is gathered across ranks by
-    torchmetrics. No two-process test covers this module yet.
+    Under DDP the losses are normalised by the box count averaged over ranks (the reference code's all-reduce),
+    so the L1+GIoU head and FDR without GO-LSD train as one process on the global batch would (a two-process gloo
+    test checks it); DDF (GO-LSD) weighs positives and negatives by per-process means and ``8 / B`` with the
+    per-process batch, as the reference does, so it is not the one-process loss of the global batch. mAP is
+    gathered across ranks by torchmetrics. BatchNorm statistics are per process unless the Trainer has
+    ``sync_batchnorm=True``.
 
     Args:
         num_classes: object classes.

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 
+from lightning_ext.core.distributed import mean_over_ranks
 from lightning_ext.detection import d_fine as D
 
 __all__ = ["DETRCriterion", "DETRNet", "LOSS_WEIGHTS", "postprocess"]
@@ -232,10 +233,13 @@ class DETRCriterion(nn.Module):
         layers = out["layers"]
         extras = [out["enc"]] + ([out["pre"]] if "pre" in out else [])
         match = [D.hungarian_match(o["logits"], o["boxes"], targets) for o in layers + extras]
-        num_boxes = max(float(sum(len(t["labels"]) for t in targets)), 1.0)
+        # the box counts are averaged over ranks (the reference's all_reduce / world size): with DDP's gradient
+        # averaging the losses then normalise by the global batch's count, as in one process
+        device = layers[-1]["logits"].device
+        num_boxes = max(mean_over_ranks(sum(len(t["labels"]) for t in targets), device), 1.0)
         labels = [t["labels"] for t in targets]
         go = D.go_indices(match) if self.go_lsd else None
-        num_go = max(float(sum(len(q) for q, _ in go)), 1.0) if go is not None else num_boxes
+        num_go = max(mean_over_ranks(sum(len(q) for q, _ in go), device), 1.0) if go is not None else num_boxes
         terms = {k: layers[-1]["logits"].sum() * 0 for k in ("vfl", "bbox", "giou")}
         if self.box_head == "fdr":
             terms.update(fgl=terms["vfl"].clone(), ddf=terms["vfl"].clone())
