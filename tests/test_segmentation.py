@@ -165,3 +165,25 @@ def test_binned_pixel_auroc_is_the_auroc_of_the_binned_scores_and_needs_no_large
         assert 0.4 < float(big.compute()) < 0.6
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_training_steps_run_unchanged_under_mixed_precision(tmp_path):
+    """AMP: R2U-Net's module trains under ``precision="bf16-mixed"`` (CPU autocast here; the GPU path is
+    Lightning's autocast around the same step): convolutions run in bfloat16, the loss is finite, the float32
+    weights move and validation reports Dice."""
+    from lightning.pytorch import Trainer, seed_everything
+
+    seed_everything(0)
+    dm = DigitMasksDataModule(size=16, batch_size=64)
+    model = SegmentationModule("r2unet", widths=[4, 8, 16], t=1, lr=1e-2, sample_images_every_n_epochs=0)
+    dtypes = []
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1, precision="bf16-mixed", logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=tmp_path)
+    trainer.fit(model, dm)
+    assert torch.bfloat16 in dtypes and all(p.dtype == torch.float32 for p in model.parameters())
+    assert torch.isfinite(trainer.callback_metrics["train_loss"]) and "val_dice" in trainer.callback_metrics
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items() if v.is_floating_point())

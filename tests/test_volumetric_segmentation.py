@@ -198,3 +198,30 @@ def test_bad_input_gets_one_line(tmp_path):
         NiftiVolumeDataModule(str(tmp_path / "missing.nii.gz"), lab).setup()
     with pytest.raises(ValueError, match="6 stages"):
         STUNet(1, 2, depth=[1] * 5)
+
+
+def test_training_steps_run_unchanged_under_mixed_precision(tmp_path):
+    """AMP: the same module and data train under ``precision="bf16-mixed"`` (CPU autocast here; the GPU path is
+    Lightning's fp16/bf16 autocast around the same step): convolutions run in bfloat16, the loss is finite, the
+    float32 master weights move, and validation/test report Dice."""
+    import lightning.pytorch as pl
+
+    img, lab = _volume_files(tmp_path)
+    torch.manual_seed(0)
+    dm = NiftiVolumeDataModule(img, lab, patch_size=[8, 8, 8], num_train_patches=8, batch_size=4)
+    model = VolumetricSegmenter(num_classes=3, roi_size=[8, 8, 8], net=STUNet(1, 3, **TINY),
+                                sample_images_every_n_epochs=0)
+    dtypes = []
+    conv = next(m for m in model.net.modules() if isinstance(m, torch.nn.Conv3d))
+    conv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    before = {k: v.clone() for k, v in model.net.state_dict().items()}
+    trainer = pl.Trainer(max_epochs=1, precision="bf16-mixed", logger=False, enable_checkpointing=False,
+                         default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False,
+                         **_fit_kwargs())
+    trainer.fit(model, dm)
+    assert torch.bfloat16 in dtypes
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert torch.isfinite(trainer.callback_metrics["train_loss"])
+    assert any(not torch.equal(before[k], v) for k, v in model.net.state_dict().items() if v.is_floating_point())
+    result = trainer.test(model, dm, verbose=False)[0]
+    assert 0.0 <= result["test_dice_1"] <= 1.0
