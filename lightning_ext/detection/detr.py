@@ -15,7 +15,8 @@ from typing_extensions import override
 from lightning_ext.core.guards import NonFiniteLoss, check_loss, check_nonfinite_policy, refuse_skip_under_ddp
 from lightning_ext.core.optimization import check_num_classes, check_optimization, configure_optimization
 from lightning_ext.core.optional import require
-from lightning_ext.core.paths import check_path_argument, output_path
+from lightning_ext.core.paths import check_path_argument
+from lightning_ext.core.samples import log_sample_image, sample_epoch_due
 from lightning_ext.core.validation import (
     AtLeastTwoInt,
     NonNegativeFloat,
@@ -288,18 +289,12 @@ class DETRDetector(LightningModule):
         """Log ``val_map``/``_50``/``_75``; every ``sample_images_every_n_epochs`` epochs save sample detections."""
         self._log_map("val")
         sample, self._sample = self._sample, None
-        if (sample is None or not self.sample_every or self.trainer.sanity_checking
-                or (self.current_epoch + 1) % self.sample_every or self.global_rank != 0):
+        if sample is None or not sample_epoch_due(self, self.sample_every):
             return
         strip = draw_detections(*sample, score_threshold=self.score_threshold,
                                 scale=max(1, 160 // int(sample[0].shape[-1])))
-        logger = self.logger
-        if logger is not None and hasattr(getattr(logger, "experiment", None), "add_image"):
-            logger.experiment.add_image("val_detections", strip, self.current_epoch)
-        path = output_path(self.trainer, self.sample_dir) if self.sample_dir is not None else None
-        if path is not None:
-            save_strip(strip, path / f"epoch_{self.current_epoch + 1:03d}.png",
-                       f"epoch {self.current_epoch + 1}: ground truth (green), detections >= {self.score_threshold} (red)")
+        log_sample_image(self, strip.float() / 255.0, "val_detections", self.sample_dir,
+                         f"epoch {self.current_epoch + 1}: ground truth (green), detections >= {self.score_threshold} (red)")
 
     @override
     def on_test_epoch_end(self) -> None:
@@ -310,15 +305,3 @@ class DETRDetector(LightningModule):
     def configure_optimizers(self):
         """The injected optimiser (default AdamW) and scheduler."""
         return configure_optimization(self, [p for p in self.parameters() if p.requires_grad])
-
-
-def save_strip(strip: Tensor, path, title: str) -> None:
-    """Write a :func:`draw_detections` strip as a PNG (matplotlib's object API, atomic)."""
-    from lightning_ext.core.plotting import new_figure, save_figure
-
-    h, w = strip.shape[-2:]
-    fig, ax = new_figure(figsize=(max(3.0, 2.2 * w / h), 2.6))
-    ax.imshow(strip.permute(1, 2, 0).numpy())
-    ax.set_title(title, fontsize=7)
-    ax.axis("off")
-    save_figure(fig, path)
