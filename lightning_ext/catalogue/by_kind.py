@@ -118,6 +118,10 @@ ENTRIES: tuple[Entry, ...] = (
        "DAIN's neural tensor completion (Oh et al., CIKM 2021): embeddings per tensor mode, an MLP, MSE on observed "
        "cells.",
        "Influence-guided Data Augmentation for Neural Tensor Completion", "2108.10248", ("DAIN", "tensor completion", "rating prediction")),
+    _e("HCN", "modules", "recsys", "hcn",
+       "HCN (Yuan et al., 2022): multi-interest pre-ranking, hierarchical interest centres and long/short "
+       "co-interest.",
+       "Hierarchical Multi-Interest Co-Network For Coarse-Grained Ranking", "2210.10547", ("multi-interest", "MIND", "two-tower", "coarse ranking", "pre-ranking", "sequential recommendation")),
     _e("DCCF", "modules", "recsys", "dccf",
        "DCCF (Ren et al., SIGIR 2023): per layer E^{l+1} = Z + R + H^β + H^γ + E^l, BPR plus InfoNCE between "
        "the views; E = Σ_l E^l.",
@@ -254,6 +258,9 @@ ENTRIES: tuple[Entry, ...] = (
        "DAIN's augmentation (Oh et al., CIKM 2021): training cells plus cells drawn by entity importance, labelled "
        "by the teacher.",
        "Influence-guided Data Augmentation for Neural Tensor Completion", "2108.10248", ("DAIN", "data augmentation", "tensor completion")),
+    _e("UserSequenceDataModule", "datamodules", "recsys", "user_sequences",
+       "MovieLens-100K as per-user chronological sequences: leave-one-out next-item prediction (last item test).",
+       None, None, ("ML-100K", "MovieLens", "sequential recommendation", "next item", "HCN")),
     _e("MultiTaskDataModule", "datamodules", "merging", "multi_task",
        "Unlabelled inputs of several tasks (one batch of each task per step, with its task id) for test-time "
        "merging."),
