@@ -208,12 +208,17 @@ class LightningClient:
             out[k] = glob.to(dtype=weights[k].dtype)
         return out
 
+    def round_callbacks(self, config: dict, arrays: dict) -> list[Callback]:
+        """Callbacks a method adds to this round's ``Trainer`` from the round's config (FedGen's regulariser); none."""
+        return []
+
     def _trainer(self, previous: Optional[dict], config: Optional[dict] = None, arrays: Optional[dict] = None) -> Trainer:
         kwargs = dict(self.trainer_kwargs)
         kwargs["callbacks"] = copy.deepcopy(list(kwargs.get("callbacks") or []))
         mu = float((config or {}).get("proximal-mu", 0.0))
         if mu > 0:
             kwargs["callbacks"].append(ProximalTerm(mu, {k: torch.as_tensor(v) for k, v in (arrays or {}).items()}))
+        kwargs["callbacks"].extend(self.round_callbacks(dict(config or {}), arrays or {}))
         if self.local_steps is not None:
             done = previous["global_step"] if previous else 0
             kwargs.update(max_steps=done + self.local_steps, max_epochs=-1)

@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import yaml
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm", "fedgen")
 _FEDERATION_KEYS = {"num_clients", "num_rounds", "local_steps", "local_epochs", "partitioner", "alpha", "strategy",
                     "strategy_args", "personal", "remove_normalization", "keep_state", "checkpoint_path"}
 
@@ -38,6 +38,10 @@ def _strategy(name: str, n: int, extra: dict) -> Any:
     from flwr.serverapp import strategy as st
 
     classes = {"fedavg": st.FedAvg, "fedprox": st.FedProx, "fedadam": st.FedAdam, "fedavgm": st.FedAvgM}
+    if name == "fedgen":  # FedGen's server (its FedGenClient is built in `build`)
+        from lightning_ext.federated.fedgen import fedgen_fedavg
+
+        return fedgen_fedavg(fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n, **extra)
     if name not in classes:
         raise ValueError(f"federation.strategy={name!r} is unknown; choose one of {', '.join(STRATEGIES)}.")
     return classes[name](fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n, **extra)
@@ -70,9 +74,16 @@ def build(config: dict, num_rounds: Optional[int] = None):
         return FederatedDataModule(_instantiate(config["data"]), num, i, partitioner=fed.get("partitioner", "iid"),
                                    alpha=float(fed.get("alpha", 0.5)), partition_seed=seed)
 
-    client = LightningClient(model, data, trainer=config.get("trainer"), local_epochs=int(fed.get("local_epochs", 1)),
-                             local_steps=fed.get("local_steps"), personal=fed.get("personal") or [],
-                             keep_state=bool(fed.get("keep_state", True)), seed=seed)
+    client_kwargs = dict(model=model, datamodule=data, trainer=config.get("trainer"),
+                         local_epochs=int(fed.get("local_epochs", 1)), local_steps=fed.get("local_steps"),
+                         personal=fed.get("personal") or [], keep_state=bool(fed.get("keep_state", True)), seed=seed)
+    if fed.get("strategy") == "fedgen":  # the client side of FedGen: the generator's regulariser, label counts
+        from lightning_ext.federated.fedgen import FedGenClient
+
+        head = dict(fed.get("strategy_args") or {}).get("head", "net.decode_fc2")
+        client = FedGenClient(head=head, **client_kwargs)
+    else:
+        client = LightningClient(**client_kwargs)
     strategy = _strategy(fed.get("strategy", "fedavg"), n, dict(fed.get("strategy_args") or {}))
     sim = FederatedSimulation(client, n, num_rounds or int(fed.get("num_rounds", 3)), strategy, seed=seed,
                               checkpoint_path=fed.get("checkpoint_path"), progress=sys.stderr.isatty())
