@@ -210,4 +210,17 @@ ENTRIES: tuple[Entry, ...] = (
        "Head-network distillation (HND / GHND): summed squared error between student and teacher layer outputs.",
        "Neural Compression and Filtering for Edge-assisted Real-time Object Detection in Challenged Networks",
        "2007.15818", ("HND", "GHND", "feature distillation")),
+    # ---------------------------------------------------------------------------------------------------- audio
+    _e("SpeechEnhancementModule", "modules", "audio", "speech_enhancement",
+       "Speech enhancement with FRCRN: complex-mask plus SI-SNR loss, logging SI-SNR improvement, PESQ and STOI.",
+       "FRCRN: Boosting Feature Representation using Frequency Recurrence for Monaural Speech Enhancement",
+       "2206.07293", ("FRCRN", "speech enhancement", "denoising", "SI-SNR", "PESQ", "STOI", "cIRM"), "audio"),
+    _e("NoisySpeechDataModule", "datamodules", "audio", "noisy_speech",
+       "Real clean speech mixed with real noise recordings at sampled SNRs; train, validation and test noise types "
+       "are disjoint, so the test noise is unseen.",
+       None, None, ("speech", "noise", "SNR", "speech enhancement", "asterisk", "sonic-pi"), "audio"),
+    _e("FRCRN", "layers", "audio", "frcrn",
+       "FRCRN: a complex encoder-decoder with frequency-recurrent FSMN blocks that estimates a complex ratio mask.",
+       "FRCRN: Boosting Feature Representation using Frequency Recurrence for Monaural Speech Enhancement",
+       "2206.07293", ("FSMN", "complex U-Net", "speech enhancement", "frequency recurrence")),
 )
