@@ -223,6 +223,11 @@ Tuning, alike for both arms: lr in {{{', '.join(map(str, args['lrs']))}}} (0.01 
 validation accuracy, seed 0; seeds {', '.join(map(str, args['seeds'][1:]))} then run at the chosen lr (seed 0's test
 numbers come from its tuning run).
 
+Ablation alpha = beta = 0 (the spec asks that it match FedAvg within noise): not run here because it is exact by
+construction and tested: `tests/test_fedgen.py::test_alpha_beta_zero_is_exactly_fedavg` checks that `FedGenClient` +
+`fedgen_fedavg` with alpha = beta = 0 end with bit-identical global weights to `LightningClient` + Flower's `FedAvg`
+(the generator is still trained on the server but then touches no client loss).
+
 What was scaled down: 10 clients all participating (reference: 20 users, 10 per round), {args['rounds']} rounds
 (reference 200), MNIST-5k instead of 50 % of MNIST, a 2-point lr grid.
 
