@@ -223,4 +223,10 @@ ENTRIES: tuple[Entry, ...] = (
        "FRCRN: a complex encoder-decoder with frequency-recurrent FSMN blocks that estimates a complex ratio mask.",
        "FRCRN: Boosting Feature Representation using Frequency Recurrence for Monaural Speech Enhancement",
        "2206.07293", ("FSMN", "complex U-Net", "speech enhancement", "frequency recurrence")),
+    # ---------------------------------------------------------------- graph sampling (graph/)
+    _e("PortableNeighborSampler", "layers", "graph", "neighbor_sampler",
+       "Pure-PyTorch neighbour sampler behind PyG's `BaseSampler` interface: fan-out per hop, temporal, hetero.",
+       "Inductive Representation Learning on Large Graphs", "1706.02216",
+       ("NeighborSampler", "TemporalNeighborSampler", "NeighborLoader", "NodeLoader", "LinkLoader", "pyg-lib",
+        "temporal sampling", "GraphSAGE", "fan-out", "neighbor_loader"), "graph"),
 )
