@@ -147,7 +147,7 @@ class PortableNeighborSampler:
         ([1, 2], 1)
     """
 
-    def __init__(self, data: Any, num_neighbors: Union[list[int], dict], replace: bool = False,
+    def __init__(self, data: Any = None, num_neighbors: Union[list[int], dict, None] = None, replace: bool = False,
                  disjoint: bool = False, time_attr: Optional[str] = None,
                  temporal_strategy: Literal["uniform", "last"] = "uniform", seed: int = 0) -> None:
         require("torch_geometric", "PortableNeighborSampler")
