@@ -409,3 +409,7 @@ def neighbor_loader(data: Any, num_neighbors: Union[list[int], dict], input_node
     return NeighborLoader(data, num_neighbors, input_nodes=input_nodes, input_time=input_time, replace=replace,
                           disjoint=disjoint, time_attr=time_attr, temporal_strategy=temporal_strategy,
                           neighbor_sampler=sampler, **loader_kwargs)
+
+
+#: The spec's name for the same sampler (``graph-and-recsys.md`` section 2.1).
+TemporalNeighborSampler = PortableNeighborSampler
