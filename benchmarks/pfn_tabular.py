@@ -366,10 +366,21 @@ def main() -> None:
     OUT, SPLITS = args.out, args.splits
     if not args.render_only:
         torch.set_num_threads(1)
-        rows, train = [], []
+        # resumable: seeds already on the page are kept; a seed whose checkpoint and training record exist (a run
+        # stopped after training) is evaluated without training again
+        old = json.loads(OUT.read_text()) if OUT.is_file() else {}
+        train = [t for t in old.get("train", []) if t["steps"] == args.steps]
+        rows = [r for r in old.get("rows", []) if any(t["seed"] == r["seed"] for t in train)]
         for seed in args.seeds:
-            print(f"seed {seed}: training", flush=True)
-            ckpt, info = train_pfn(seed, args.steps)
+            if any(t["seed"] == seed for t in train):
+                continue
+            ckpt, side = CKPT_DIR / f"seed{seed}.ckpt", CKPT_DIR / f"seed{seed}_train_info.json"
+            info = json.loads(side.read_text()) if side.is_file() and ckpt.is_file() else None
+            if info is None or info.get("steps") != args.steps:
+                print(f"seed {seed}: training", flush=True)
+                ckpt, info = train_pfn(seed, args.steps)
+                atomic_write_json({"seed": seed, **info}, side, indent=1)
+            info.pop("seed", None)
             train.append({"seed": seed, **info, "speed": speed(ckpt)})
             rows += evaluate(seed, ckpt)
             data = {"command": "nice -n 10 python benchmarks/pfn_tabular.py " + " ".join(sys.argv[1:]),
