@@ -332,3 +332,34 @@ def test_bad_hetero_fanout_and_missing_seed_time():
 
     with pytest.raises(ValueError, match="needs the seeds' times"):
         sampler.sample_from_nodes(NodeSamplerInput(input_id=None, node=torch.arange(3)))
+
+
+def test_batches_are_the_same_with_worker_processes():
+    data = random_graph(num_nodes=80, num_edges=500, seed=4)
+    sampler = PortableNeighborSampler(data, [3, 2], seed=7)
+    one = [b.e_id for b in node_batches(data, sampler, torch.arange(80), batch_size=20)]
+    two = [b.e_id for b in node_batches(data, sampler, torch.arange(80), batch_size=20, num_workers=2)]
+    assert len(one) == 4 and all(torch.equal(x, y) for x, y in zip(one, two))
+
+
+def test_hetero_link_loader_with_node_time_never_leaks():
+    data = hetero_graph(seed=2)
+    et = ("user", "rates", "item")
+    label_index = data[et].edge_index[:, :120]
+    label_time = torch.maximum(data["user"].time[label_index[0]], data["item"].time[label_index[1]])
+    sampler = PortableNeighborSampler(data, [3, 2], time_attr="time", seed=1)
+    loader = LinkLoader(data, link_sampler=sampler, edge_label_index=(et, label_index), edge_label_time=label_time,
+                        neg_sampling=NegativeSampling("binary"), batch_size=30)
+    leaks, sampled = 0, 0
+    for batch in loader:
+        st = batch[et].edge_label_time
+        for t in ("user", "item"):
+            b = batch[t].batch  # the seed edge (positive or negative) each node was sampled for
+            leaks += int((batch[t].time > st[b % st.numel()]).sum()) if batch[t].num_nodes else 0
+            sampled += batch[t].num_nodes
+        for key in batch.edge_types:
+            src, dst = key[0], key[-1]
+            ei = batch[key].edge_index
+            assert torch.equal(data[key].edge_index[:, batch[key].e_id],
+                               torch.stack([batch[src].n_id[ei[0]], batch[dst].n_id[ei[1]]]))
+    assert sampled > 200 and leaks == 0
