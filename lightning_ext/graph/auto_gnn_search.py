@@ -30,6 +30,9 @@ from lightning_ext.core.validation import (
 
 #: A per-layer architecture as YAML writes it.
 Architecture = list[dict[str, Union[str, int]]]
+#: The 2-layer GCN (16 hidden units, ReLU) in Auto-GNN's search space: SearchedGNN's default architecture.
+GCN_LAYERS = ({"attention": "gcn", "aggregation": "sum", "activation": "relu", "heads": 1, "hidden": 16},
+              {"attention": "gcn", "aggregation": "sum", "activation": "identity", "heads": 1})
 
 
 def _check_data(module: LightningModule, num_features: int, num_classes: int) -> None:
@@ -210,7 +213,8 @@ class SearchedGNN(LightningModule):
     one graph with ``train_mask``/``val_mask``/``test_mask``; each stage's loss and accuracy use its mask.
 
     Args:
-        architecture: the per-layer choices.
+        architecture: the per-layer choices; ``None``: Kipf & Welling's 2-layer GCN written in this space
+            (:data:`GCN_LAYERS`).
         num_features: node feature size; num_classes: classes.
         dropout: dropout before every layer and on attention coefficients.
         lr: Adam learning rate; weight_decay: Adam weight decay.
@@ -222,12 +226,12 @@ class SearchedGNN(LightningModule):
         ...         {"attention": "gcn", "aggregation": "sum", "activation": "identity", "heads": 1}]
         >>> model = SearchedGNN(arch, num_features=1433, num_classes=7)
         >>> sum(p.numel() for p in model.parameters())
-        23159
+        23109
     """
 
     def __init__(
         self,
-        architecture: Architecture,
+        architecture: Optional[Architecture] = None,
         num_features: PositiveInt = 1433,
         num_classes: AtLeastTwoInt = 7,
         dropout: UnitIntervalRightOpen = 0.6,
@@ -239,6 +243,8 @@ class SearchedGNN(LightningModule):
         require("torch_geometric", "SearchedGNN")
         from lightning_ext.graph.auto_gnn import build_gnn, check_architecture
 
+        if architecture is None:
+            architecture = [dict(GCN_LAYERS[0]), dict(GCN_LAYERS[1])]
         check_architecture(architecture)
         check_positive_int("num_features", num_features)
         check_number("num_classes", num_classes, low=2, integer=True)
