@@ -17,7 +17,7 @@ from lightning_ext.recsys.hcn import (
     redundancy_penalty,
 )
 from lightning_ext.recsys.user_sequences import UserSequenceDataModule
-from lightning_ext.testing import crash_and_resume
+from lightning_ext.testing import crash_and_resume, fit_ddp_vs_single
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ITEMS, MAX_LEN = 24, 8
@@ -216,3 +216,21 @@ def test_out_of_range_targets_are_refused():
     model = HCN(num_items=5, max_len=4, short_len=2)
     with pytest.raises(ValueError, match=r"\[0, 5\)"):
         model.training_step((torch.tensor([[0, 1, 2, 3]]), torch.tensor([5])), 0)
+
+
+@pytest.mark.ddp
+def test_two_processes_match_one(tmp_path):
+    """Sharded training batches and evaluation users: weights, HR@K and the interest cosine match one process."""
+    def make():
+        torch.manual_seed(0)
+        return HCN(num_items=ITEMS, max_len=MAX_LEN, dim=8, k1=4, k2=2, short_len=3, lr=1e-2, eval_ks=(5,))
+
+    single, ddp = fit_ddp_vs_single(make, lambda b: TinySequences(batch_size=b, eval_batch_size=8), 32, tmp_path,
+                                    max_epochs=1, limit_train_batches=5, num_sanity_val_steps=0)
+    for k, v in single.state_dict.items():
+        a = ddp.state_dict[k]
+        if k.endswith("in_proj_bias"):  # the key bias: its exact gradient is 0 (softmax is shift-invariant), so Adam
+            a, v = torch.cat([a[:8], a[16:]]), torch.cat([v[:8], v[16:]])  # turns rounding noise into steps there
+        torch.testing.assert_close(a, v, atol=1e-5, rtol=1e-4)
+    for key in ("val_hr@5", "val_ndcg@5", "val_interest_cosine"):
+        assert ddp.final_metrics[key] == pytest.approx(single.final_metrics[key], abs=1e-5), key

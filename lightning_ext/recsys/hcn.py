@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import nn
+from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from lightning_ext.core.guards import NonFiniteLoss, check_loss, check_nonfinite_policy, refuse_skip_under_ddp
@@ -214,7 +215,7 @@ class HCN(LightningModule):
         self.redundancy_weight, self.loss_kind, self.lr, self.nonfinite_loss = redundancy_weight, loss, lr, nonfinite_loss
         self.eval_ks = tuple(eval_ks)
         self.val_metrics, self.test_metrics = RankingMetrics(self.eval_ks), RankingMetrics(self.eval_ks)
-        self._cosines: list[torch.Tensor] = []
+        self.val_cosine, self.test_cosine = MeanMetric(), MeanMetric()  # summed over ranks, empty ranks included
         self.item_embedding: Optional[nn.Embedding] = None
         if num_items is not None:
             self._build(num_items)
@@ -305,38 +306,38 @@ class HCN(LightningModule):
         self.log("train_redundancy", parts["redundancy"], on_step=False, on_epoch=True, batch_size=len(target))
         return parts["loss"]
 
-    def _eval_step(self, batch: dict, metrics: RankingMetrics) -> None:
+    def _eval_step(self, batch: dict, metrics: RankingMetrics, cosine: MeanMetric) -> None:
         u = self.interests(batch["history"])
         metrics.update(multi_interest_scores(u, self.item_vectors()), batch["target"], batch["exclude"], copy=False)
-        self._cosines.append(mean_pairwise_cosine(u).detach())
+        cosine.update(mean_pairwise_cosine(u).detach())
 
-    def _log_eval(self, metrics: RankingMetrics, stage: str) -> None:
+    def _log_eval(self, metrics: RankingMetrics, cosine: MeanMetric, stage: str) -> None:
         for name, value in metrics.compute().items():
             self.log(f"{stage}_{name.replace('recall', 'hr')}", value, prog_bar=name == f"recall@{self.eval_ks[-1]}")
         metrics.reset()
-        if self._cosines and self.extractor != "mean":
-            self.log(f"{stage}_interest_cosine", torch.cat(self._cosines).mean(), sync_dist=True)
-        self._cosines = []
+        if self.extractor != "mean":
+            self.log(f"{stage}_interest_cosine", cosine.compute())
+        cosine.reset()
 
     @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Accumulate HR@K / NDCG@K of one user batch."""
-        self._eval_step(batch, self.val_metrics)
+        self._eval_step(batch, self.val_metrics, self.val_cosine)
 
     @override
     def on_validation_epoch_end(self) -> None:
         """Log ``val_hr@K``, ``val_ndcg@K`` and ``val_interest_cosine``."""
-        self._log_eval(self.val_metrics, "val")
+        self._log_eval(self.val_metrics, self.val_cosine, "val")
 
     @override
     def test_step(self, batch: dict, batch_idx: int) -> None:
         """Accumulate HR@K / NDCG@K of one user batch."""
-        self._eval_step(batch, self.test_metrics)
+        self._eval_step(batch, self.test_metrics, self.test_cosine)
 
     @override
     def on_test_epoch_end(self) -> None:
         """Log ``test_hr@K``, ``test_ndcg@K`` and ``test_interest_cosine``."""
-        self._log_eval(self.test_metrics, "test")
+        self._log_eval(self.test_metrics, self.test_cosine, "test")
 
     @override
     def configure_optimizers(self) -> Any:
