@@ -146,7 +146,7 @@ def test_client_regularizer_equals_the_papers_two_terms_on_one_batch():
     expected_latent = 3.0 * float((p * (p.log() - log_q)).sum().detach()) / 8
     # (B_g / B) * alpha * mean_j CE(h(G(eps_j, y_hat_j)), y_hat_j)
     hat_logits = z_hat @ head.weight.T + head.bias
-    expected_teacher = (12 / 8) * 2.0 * float(sum(ref_ce(hat_logits[j], sampled[j]) for j in range(12)) / 12)
+    expected_teacher = (12 / 8) * 2.0 * float(sum(ref_ce(hat_logits[j], sampled[j]) for j in range(12)).detach() / 12)
     assert math.isclose(float(latent), expected_latent, rel_tol=1e-4)
     assert math.isclose(float(teacher), expected_teacher, rel_tol=1e-4)
     (teacher + latent).backward()
