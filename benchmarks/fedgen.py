@@ -126,7 +126,9 @@ def _ms(values, digits: int = 4) -> str:
 
 def verdict(result: dict) -> tuple[str, list[str]]:
     """Spec 2.2: FedGen's final test accuracy >= FedAvg + 1 pt, or it reaches FedAvg's final accuracy in <= 80 % of
-    the rounds; on the mean and in at least 2 of 3 seeds. Inconclusive when most runs peak at their last round."""
+    the rounds; on the mean and in at least 2 of 3 seeds. Inconclusive when any final run is best on validation at its
+    last round (DEVELOPERS.md: the budget must leave the best validation round before the last; both claims rest on
+    the same runs). A first rendering used "most runs" and read "reproduced"; tightened before the page was used."""
     by = {arm: sorted((r for r in result["final"] if r["arm"] == arm), key=lambda r: r["seed"]) for arm in ("fedavg", "fedgen")}
     rounds = result["args"]["rounds"]
     gain = [g["test_final"] - a["test_final"] for g, a in zip(by["fedgen"], by["fedavg"])]
@@ -151,9 +153,10 @@ def verdict(result: dict) -> tuple[str, list[str]]:
     last = [r["best_val_round"] == r["rounds"] for r in result["final"]]
     if not premise_ok:
         return "not testable here", lines + ["- the skew does not hurt FedAvg here, so there is nothing for FedGen to fix."]
-    if sum(last) > len(last) / 2:
-        lines.append(f"- {sum(last)} of {len(last)} runs were best on validation at their last round: the budget is too "
-                     "short to show where the arms end, so the verdict is inconclusive.")
+    if any(last):
+        lines.append(f"- {sum(last)} of {len(last)} final runs were best on validation at their last round: the budget "
+                     "is too short to show where the arms end, so the verdict is inconclusive (both claims would hold "
+                     "at this budget).")
         return "inconclusive", lines
     return ("reproduced" if c1 or c2 else "not reproduced"), lines
 
