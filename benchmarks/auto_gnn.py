@@ -332,6 +332,13 @@ def render(data):
                            if r["children_run"] > BUDGET) + " (every proposal and child is seeded by its index, so "
           "the cut record is the record of a " + str(BUDGET) + "-child search; its best architecture is the one "
           "retrained).",
+          "- Not run before the session's deadline: "
+          + (", ".join(f"{st} seed {sd}" for st, v in res["searches"].items() for sd in SEEDS
+                       if sd not in {r["seed"] for r in v}) or "nothing") + ". A claim with a missing seed is decided "
+          "only when no outcome of that seed could change it (the missing conservative seed counted as 100%, the "
+          "missing random seed as 0%).",
+          f"- With {BUDGET} children each action class is re-sampled at most {-(-(BUDGET - 1) // 5)} times by the "
+          "conservative explorer: this tests the search's early phase, not the 100-child search of the spec.",
           "- No official code: the controller (one LSTM per action class, round-robin over classes, REINFORCE with a "
           "moving-average baseline, GraphNAS's logit temperature 5 and tanh constant 2.5) and the homogeneity rule "
           "(same attention, activation, heads, width and input width; the output layer never shared) follow the "
