@@ -292,6 +292,8 @@ def render(data):
         claims.append(("(3) I(expert; timestep) > I(expert; class) in every MoE layer", ok3, f"checked in {n_seeds} seeds x {DEPTH} layers"))
         claims.append(("(4) no expert below 2% of assignments with alpha = 0.01", ok4, f"checked in {n_seeds} seeds x {DEPTH} layers"))
         a0 = runs.get(f"moe_a0|{chosen['moe']:g}|0")
+        if not a0:
+            lines += ["", "alpha = 0 (the collapse contrast of claim 4): not run in the time available."]
         if a0:
             ro = a0["routing"]
             shares = [ro[f"routing/min_share_l{i}"] for i in range(DEPTH)]
