@@ -37,7 +37,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks._common import page_main  # noqa: E402
+from benchmarks._common import mean_std, page_main  # noqa: E402
 
 OUT = REPO / "docs" / "results"
 JSON = OUT / "hcn.json"
@@ -135,8 +135,7 @@ def seeds_of(data, arm):
 
 
 def ms(xs, d=4):
-    xs = list(xs)
-    return f"{statistics.mean(xs):.{d}f} ± {(statistics.stdev(xs) if len(xs) > 1 else 0):.{d}f}"
+    return mean_std(xs, d)
 
 
 def verdict(data):
