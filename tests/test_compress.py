@@ -117,6 +117,13 @@ def test_requests_it_cannot_carry_out_say_what_to_change(fake_clock, tmp_path):
         compress(_model(), dm, speedup=1.5, monitor="val_auc", output_dir=str(tmp_path), progress=False)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_cuda_without_a_gpu_is_refused_in_one_line(tmp_path):
+    with pytest.raises(CompressError, match="no CUDA device is available here; use `device: cpu`"):
+        compress(_model(), DigitsDataModule(batch_size=64), speedup=1.5, device="cuda", output_dir=str(tmp_path),
+                 progress=False)
+
+
 def test_checkpoint_weights_are_loaded_and_checked(fake_clock, tmp_path):
     trained = _model(seed=3)
     path = tmp_path / "trained.pt"

@@ -219,3 +219,43 @@ def test_wall_clock_table_and_plan_on_this_cpu():
     plan = lp.plan_latency_pruning(net, x, l1_filter_scores(net), speedup=1.1, table=table, repeats=3,
                                    num_threads=1, tolerance=10.0)  # any measured plan passes: no timing assert
     assert plan.position >= 1 and plan.macs_after < plan.macs_before and plan.measured_s > 0
+
+
+class _FakeCudaTensor:
+    """Stands in for a CUDA tensor where only the device checks look (no GPU on the CI machines)."""
+
+    is_cuda = True
+    device = torch.device("cuda", 0)
+
+
+def test_cuda_inputs_key_the_table_by_gpu_name_and_cache_apart_from_cpu(tmp_path, monkeypatch):
+    """The CUDA branch of the device key, exercised on CPU: a CUDA batch names the GPU (not the CPU and threads),
+    so a table measured on a GPU is cached under another file than the CPU one and never read for it."""
+    net = _net()
+    cpu_key = lp.table_key(net, X, 8, 12)
+    monkeypatch.setattr(lp, "_first_tensor", lambda inputs: _FakeCudaTensor())
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert lp.device_name(X) == "cuda:NVIDIA H100 80GB HBM3"
+    cuda_key = lp.table_key(net, X, 8, 12)
+    assert cuda_key["device"] == "cuda:NVIDIA H100 80GB HBM3" and cpu_key["device"].startswith("cpu:")
+    assert {k: v for k, v in cuda_key.items() if k != "device"} == {k: v for k, v in cpu_key.items() if k != "device"}
+    assert lp._key_digest(cuda_key) != lp._key_digest(cpu_key)
+    gpu_table = lp.build_latency_table(net, X, step=16, cache_dir=tmp_path, progress=False, repeats=1)
+    assert gpu_table.key["device"].startswith("cuda:") and len(list(tmp_path.glob("*.json"))) == 1
+    monkeypatch.undo()  # back on the CPU: the GPU's cached table is not this device's; a second file is measured
+    cpu_table = lp.build_latency_table(net, X, step=16, cache_dir=tmp_path, progress=False, repeats=1)
+    assert cpu_table.key["device"].startswith("cpu:") and len(list(tmp_path.glob("*.json"))) == 2
+
+
+def test_cuda_latency_synchronises_around_every_timed_pass(monkeypatch):
+    """measure_latency on CUDA inputs waits for the device before and after each pass (kernels are asynchronous:
+    without it the clock would time the launch only), on the inputs' device; on CPU it never synchronises."""
+    from lightning_ext.core import measure
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    measure.measure_latency(_net(), X, warmup=1, repeats=3)
+    assert calls == []
+    monkeypatch.setattr(measure, "_first_tensor", lambda inputs: _FakeCudaTensor())
+    assert measure.measure_latency(_net(), X, warmup=1, repeats=3) > 0
+    assert calls == [torch.device("cuda", 0)] * (2 * (1 + 3))
