@@ -20,7 +20,7 @@ from lightning_ext.recsys.dain import (
     InfluenceCollector, NeuralTensorCompletion, TensorMLP, cell_influence, entity_importance, sample_cells,
 )
 from lightning_ext.recsys.movielens_tensor import InfluenceAugmentedDataModule, TensorCompletionDataModule
-from lightning_ext.testing import crash_and_resume
+from lightning_ext.testing import crash_and_resume, fit_ddp_vs_single
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DIMS = [20, 15, 4]
@@ -186,6 +186,36 @@ def test_crash_and_resume_mid_epoch_ends_with_the_same_weights_and_importance(tm
     a, b = info["full_callbacks"][0], info["resumed_callbacks"][0]
     assert a.best_epoch == b.best_epoch
     torch.testing.assert_close(a.importance, b.importance, rtol=1e-5, atol=1e-7)
+
+
+class CollectingCompletion(NeuralTensorCompletion):
+    """The model with a fresh InfluenceCollector of its own (writes ``influence.pt`` under the run's log_dir)."""
+
+    def configure_callbacks(self):
+        return [InfluenceCollector(influence_path="influence.pt", batch_size=50)]
+
+
+def _collecting_model():
+    seed_everything(0)
+    return CollectingCompletion(dims=DIMS, layers=(24, 32, 16), lr=1e-2)
+
+
+@pytest.mark.ddp
+def test_two_processes_sum_their_shares_of_the_influence_to_the_one_process_influence(tmp_path):
+    """Each of 2 gloo ranks scores half of the cells; the summed shares equal one process on the same global batches."""
+    single, ddp = fit_ddp_vs_single(_collecting_model, lambda b: TinyTensor(batch_size=b), 72, tmp_path, test=False,
+                                    max_epochs=4, num_sanity_val_steps=0)
+    for k, v in single.state_dict.items():
+        torch.testing.assert_close(ddp.state_dict[k], v, atol=1e-5, rtol=1e-4, msg=k)
+    one = torch.load(tmp_path / "single" / "influence.pt", weights_only=True)
+    two = torch.load(tmp_path / "ddp" / "influence.pt", weights_only=True)
+    assert two["best_epoch"] == one["best_epoch"]
+    assert two["best_val_mse"] == pytest.approx(one["best_val_mse"], rel=1e-5)
+    assert torch.equal(two["cells"], one["cells"]) and float(one["importance"].abs().max()) == pytest.approx(1.0)
+    torch.testing.assert_close(two["importance"], one["importance"], atol=1e-5, rtol=1e-4)
+    # the influence is not trivial: both signs, and not one cell carrying it all
+    assert (one["importance"] > 0).any() and (one["importance"] < 0).any()
+    assert int((one["importance"].abs() > 0.1).sum()) > 10
 
 
 @pytest.mark.parametrize("make, match", [

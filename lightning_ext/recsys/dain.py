@@ -14,8 +14,9 @@ The pipeline (``src/main.py``):
 4. augmentation: ``ratio · |train|`` new cells, each mode's index drawn independently from ``P_m``, labelled with the
    trained model's prediction; a fresh model trains on train ∪ augmented.
 
-The pure core: :class:`TensorMLP`, :func:`last_layer_gradients`, :func:`cell_influence`, :func:`entity_importance`,
-:func:`sample_cells`. The Lightning parts: :class:`NeuralTensorCompletion` (the model),
+The pure core: :class:`TensorMLP`, :func:`last_layer_gradients`, :func:`cell_influence` (and its parts
+:func:`validation_gradient`, :func:`train_influence`, split over ranks in :func:`sharded_cell_influence`),
+:func:`entity_importance`, :func:`sample_cells`. The Lightning parts: :class:`NeuralTensorCompletion` (the model),
 :class:`InfluenceCollector` (steps 2 while the model trains, then writes the importance and the best weights) and
 :class:`~lightning_ext.recsys.movielens_tensor.InfluenceAugmentedDataModule` (steps 3-4).
 
@@ -35,7 +36,7 @@ Example:
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +123,29 @@ def last_layer_gradients(hidden: torch.Tensor, prediction: torch.Tensor, target:
 
 
 @torch.no_grad()
+def validation_gradient(model: TensorMLP, val_cells: torch.Tensor, val_values: torch.Tensor,
+                        batch_size: int = 8192) -> tuple[torch.Tensor, float]:
+    """``Σ_v g(v)`` over the given validation cells ``(width,)`` and their summed squared error (zeros when empty)."""
+    total = model.output_layer.weight.new_zeros(model.layers[-1])
+    sq = 0.0
+    for cells, values in zip(val_cells.split(batch_size), val_values.split(batch_size)):
+        h = model.hidden(cells)
+        pred = model.output_layer(h).squeeze(-1)
+        total = total + last_layer_gradients(h, pred, values.to(pred.dtype)).sum(0)
+        sq += float((pred - values).pow(2).sum())
+    return total, sq
+
+
+@torch.no_grad()
+def train_influence(model: TensorMLP, train_cells: torch.Tensor, train_values: torch.Tensor,
+                    val_gradient: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
+    """``⟨g(c), G⟩`` for every given training cell, with ``G = Σ_v g(v)`` (:func:`validation_gradient`)."""
+    out = [last_layer_gradients(h := model.hidden(c), model.output_layer(h).squeeze(-1), v.to(val_gradient.dtype))
+           @ val_gradient for c, v in zip(train_cells.split(batch_size), train_values.split(batch_size))]
+    return torch.cat(out) if out else val_gradient.new_zeros(0)
+
+
+@torch.no_grad()
 def cell_influence(model: TensorMLP, train_cells: torch.Tensor, train_values: torch.Tensor,
                    val_cells: torch.Tensor, val_values: torch.Tensor, batch_size: int = 8192) -> tuple[torch.Tensor, float]:
     """One checkpoint's term ``⟨g(c), Σ_v g(v)⟩`` for every training cell ``c``, and the validation MSE.
@@ -129,18 +153,41 @@ def cell_influence(model: TensorMLP, train_cells: torch.Tensor, train_values: to
     Returns:
         ``(influence (N_train,), val_mse)``.
     """
-    total, sq = None, 0.0
-    for cells, values in zip(val_cells.split(batch_size), val_values.split(batch_size)):
-        h = model.hidden(cells)
-        pred = model.output_layer(h).squeeze(-1)
-        g = last_layer_gradients(h, pred, values.to(pred.dtype)).sum(0)
-        total = g if total is None else total + g
-        sq += float((pred - values).pow(2).sum())
-    if total is None:
+    if not len(val_cells):
         raise ValueError("the validation split is empty: DAIN's influence needs validation cells.")
-    out = [last_layer_gradients(h := model.hidden(c), model.output_layer(h).squeeze(-1), v.to(total.dtype)) @ total
-           for c, v in zip(train_cells.split(batch_size), train_values.split(batch_size))]
-    return torch.cat(out), sq / len(val_cells)
+    total, sq = validation_gradient(model, val_cells, val_values, batch_size)
+    return train_influence(model, train_cells, train_values, total, batch_size), sq / len(val_cells)
+
+
+@torch.no_grad()
+def sharded_cell_influence(model: TensorMLP, train_cells: torch.Tensor, train_values: torch.Tensor,
+                           val_cells: torch.Tensor, val_values: torch.Tensor, rank: int, world_size: int,
+                           reduce_sum: Callable[[torch.Tensor], torch.Tensor],
+                           batch_size: int = 8192) -> tuple[torch.Tensor, float]:
+    """:func:`cell_influence` split over ranks: each rank takes every ``world_size``-th cell from ``rank`` on.
+
+    A rank sums the gradients of its validation cells, ``reduce_sum`` (an all-reduce) adds the ranks' sums into
+    ``G`` and the squared errors; it then scores its training cells against ``G`` into a zero vector of all
+    ``N_train`` cells and ``reduce_sum`` adds the ranks' vectors. With the same weights on every rank (DDP), every
+    rank ends with the one-process result (up to summation order) at ``1 / world_size`` of the work.
+
+    Example (one process: ``reduce_sum`` is the identity):
+        >>> net = TensorMLP(dims=(4, 5), layers=(4, 3))
+        >>> cells, values = torch.tensor([[0, 1], [3, 4], [2, 2]]), torch.tensor([1.0, 2.0, 3.0])
+        >>> term, mse = sharded_cell_influence(net, cells, values, cells, values, 0, 1, lambda t: t)
+        >>> torch.allclose(term, cell_influence(net, cells, values, cells, values)[0].double())
+        True
+    """
+    g, sq = validation_gradient(model, val_cells[rank::world_size], val_values[rank::world_size], batch_size)
+    stats = reduce_sum(torch.cat([g.double(), torch.tensor([sq, len(val_cells[rank::world_size])], dtype=torch.float64,
+                                                        device=g.device)]))
+    if float(stats[-1]) < 1:
+        raise ValueError("the validation split is empty: DAIN's influence needs validation cells.")
+    mine = torch.arange(rank, len(train_cells), world_size, device=train_cells.device)
+    term = torch.zeros(len(train_cells), dtype=torch.float64, device=g.device)
+    term[mine] = train_influence(model, train_cells[mine], train_values[mine], stats[:-2].to(g.dtype),
+                                 batch_size).double()
+    return reduce_sum(term), float(stats[-2] / stats[-1])
 
 
 def entity_importance(cells: torch.Tensor, importance: torch.Tensor, dims: Sequence[int],
@@ -311,7 +358,8 @@ class InfluenceCollector(Callback):
 
     After every validation (sanity checks excluded) one no-grad pass over the validation and training cells adds
     ``⟨g_e(c), Σ_v g_e(v)⟩`` to each training cell's running sum (:func:`cell_influence`) and tracks the validation
-    MSE; the sums up to the best validation epoch and that epoch's weights are kept. When the fit ends, writes
+    MSE; under DDP each rank scores every ``world_size``-th cell and the shares are summed over ranks
+    (:func:`sharded_cell_influence`), so every rank holds the one-process sums; the sums up to the best validation epoch and that epoch's weights are kept. When the fit ends, writes
     ``influence_path`` (a ``torch.save`` dict of tensors and plain values, loadable with ``weights_only=True``):
     ``importance`` (normalised by its maximum absolute value), the training ``cells``, ``dims``, ``best_epoch``,
     ``layers`` and the best weights ``state_dict`` (the teacher that labels augmented cells). The sums and the
@@ -356,9 +404,11 @@ class InfluenceCollector(Callback):
         was_training = net.training
         net.eval()
         train_c, train_v, val_c, val_v = (t.to(pl_module.device) for t in self._data(trainer))
-        term, val_mse = cell_influence(net, train_c, train_v, val_c, val_v, self.batch_size)
+        term, val_mse = sharded_cell_influence(  # each rank a share of the cells, summed over ranks
+            net, train_c, train_v, val_c, val_v, trainer.global_rank, trainer.world_size,
+            lambda t: trainer.strategy.reduce(t, reduce_op="sum"), self.batch_size)
         net.train(was_training)
-        term = term.double().cpu()
+        term = term.cpu()
         self.total = term if self.total is None else self.total + term
         if val_mse < self.best_val:
             self.best_val, self.best_epoch = val_mse, trainer.current_epoch
@@ -368,14 +418,16 @@ class InfluenceCollector(Callback):
     @override
     def on_fit_end(self, trainer, pl_module) -> None:
         """Write ``influence_path`` (rank 0)."""
-        if self.importance is None or self.influence_path is None or not trainer.is_global_zero:
+        if self.importance is None or self.influence_path is None:
             return
         from lightning_ext.core.io import atomic_torch_save
         from lightning_ext.core.paths import output_path
 
+        path = output_path(trainer, self.influence_path)  # on every rank: trainer.log_dir broadcasts under DDP
+        if not trainer.is_global_zero:
+            return
         train_c, _, _, _ = self._data(trainer)
         scale = float(self.importance.abs().max()) or 1.0
-        path = output_path(trainer, self.influence_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_torch_save({"importance": (self.importance / scale).float(), "cells": train_c.clone(),
                            "dims": list(pl_module.net.dims), "layers": list(pl_module.net.layers),
