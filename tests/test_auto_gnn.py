@@ -337,3 +337,58 @@ def test_bad_architectures_and_graphs_are_refused():
                      (dict(best_architecture_path=""), "best_architecture_path")):
         with pytest.raises(ValueError, match=name):
             AutoGNNSearch(**kw)
+
+
+def _reference_step(module, graph, stage):
+    """The full-graph step as GCNNodeClassifier and SearchedGNN each wrote it before FullGraphNodeSteps (the
+    SearchedGNN copy also refused a graph without the stage's mask)."""
+    from lightning_ext.core.guards import check_loss
+
+    mask = graph[f"{stage}_mask"]
+    logits = module(graph.x, graph.edge_index)[mask]
+    loss = torch.nn.functional.cross_entropy(logits, graph.y[mask])
+    if stage == "train" and not check_loss(module, loss, module.hparams.nonfinite_loss, graph):
+        return None
+    acc = module.accuracy[f"{stage}_acc"]
+    acc(logits, graph.y[mask])
+    module.log(f"{stage}_loss", loss, batch_size=int(mask.sum()), prog_bar=stage == "train")
+    module.log(f"{stage}_acc", acc, batch_size=int(mask.sum()), prog_bar=stage != "train")
+    return loss
+
+
+@pytest.mark.parametrize("name", ["GCNNodeClassifier", "SearchedGNN"])
+def test_shared_full_graph_step_behaves_like_the_two_copies_it_replaced(name):
+    """Same seed, same graph: the shared step and the old per-class step give the same weights, the same logged
+    metrics (train/val/test) and the same predictions; SearchedGNN still refuses an empty mask."""
+    from lightning_ext.graph.full_graph_steps import FullGraphNodeSteps
+    from lightning_ext.graph.gcn_node_classifier import GCNNodeClassifier
+
+    cls = {"GCNNodeClassifier": GCNNodeClassifier, "SearchedGNN": SearchedGNN}[name]
+    assert issubclass(cls, FullGraphNodeSteps) and "_step" not in vars(cls) and "training_step" not in vars(cls)
+    kwargs = dict(num_features=8, num_classes=3, lr=0.02)
+
+    class Reference(cls):
+        def _step(self, graph, stage):
+            return _reference_step(self, graph, stage)
+
+    g = community_graph()
+    results = []
+    for make in (cls, Reference):
+        torch.manual_seed(3)
+        model = make(**kwargs)
+        trainer = _trainer(max_epochs=6)
+        trainer.fit(model, datamodule=GraphDM(g))
+        logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        logged.update(trainer.test(model, datamodule=GraphDM(g), verbose=False)[0])
+        preds = torch.cat(trainer.predict(model, datamodule=GraphDM(g)))
+        results.append((model, logged, preds))
+    (shared, got, p1), (reference, want, p2) = results
+    assert_same_parameters(shared, reference, atol=0.0)
+    assert set(got) == set(want) >= {"train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc"}
+    assert got == want
+    assert torch.equal(p1, p2)
+    if cls is SearchedGNN:
+        bad = community_graph()
+        bad.test_mask[:] = False
+        with pytest.raises(ValueError, match="test_mask.*selects no node"):
+            _trainer().test(shared, datamodule=GraphDM(bad), verbose=False)

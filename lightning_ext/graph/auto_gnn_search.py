@@ -6,12 +6,10 @@ from __future__ import annotations
 from typing import Any, Literal, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule
-from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from lightning_ext.core.guards import NonFiniteLoss, check_loss, check_nonfinite_policy, refuse_skip_under_ddp
+from lightning_ext.core.guards import NonFiniteLoss, check_nonfinite_policy, refuse_skip_under_ddp
 from lightning_ext.core.io import atomic_write_text
 from lightning_ext.core.optional import require
 from lightning_ext.core.paths import output_path
@@ -27,6 +25,7 @@ from lightning_ext.core.validation import (
     check_positive,
     check_positive_int,
 )
+from lightning_ext.graph.full_graph_steps import FullGraphNodeSteps
 
 #: A per-layer architecture as YAML writes it.
 Architecture = list[dict[str, Union[str, int]]]
@@ -204,13 +203,14 @@ class AutoGNNSearch(LightningModule):
         return self.searcher.optimizer
 
 
-class SearchedGNN(LightningModule):
+class SearchedGNN(FullGraphNodeSteps, LightningModule):
     """A GNN from Auto-GNN's search space, as a full-batch node classifier (the searched model, retrained).
 
     Paper: arXiv 1909.03184 (see :class:`AutoGNNSearch`). ``architecture`` is a list of per-layer dicts
     (``attention``, ``aggregation``, ``activation``, ``heads``, and ``hidden`` on every layer but the last), as
     ``AutoGNNSearch`` writes it; the layers are :class:`~lightning_ext.graph.auto_gnn.GraphNASConv`. Each batch is
-    one graph with ``train_mask``/``val_mask``/``test_mask``; each stage's loss and accuracy use its mask.
+    one graph with ``train_mask``/``val_mask``/``test_mask``; each stage's loss and accuracy use its mask (the steps
+    are :class:`~lightning_ext.graph.full_graph_steps.FullGraphNodeSteps`, shared with ``GCNNodeClassifier``).
 
     Args:
         architecture: the per-layer choices; ``None``: Kipf & Welling's 2-layer GCN written in this space
@@ -255,8 +255,7 @@ class SearchedGNN(LightningModule):
         self.save_hyperparameters()
         self.net = build_gnn(architecture, num_features, num_classes, dropout)
         self.skipped_steps = 0
-        self.accuracy = torch.nn.ModuleDict(
-            {f"{s}_acc": MulticlassAccuracy(num_classes, average="micro") for s in ("train", "val", "test")})
+        self.accuracy = self.stage_accuracies(num_classes)
 
     @override
     def setup(self, stage: str) -> None:
@@ -269,38 +268,10 @@ class SearchedGNN(LightningModule):
         """Logits of every node of the graph."""
         return self.net(x, edge_index)
 
-    def _step(self, graph: Any, stage: str) -> Optional[torch.Tensor]:
+    @override
+    def _check_batch(self, graph: Any, stage: str) -> None:
+        """Refuse a graph without ``x``/``edge_index``/``y`` or without nodes in this stage's mask."""
         _check_graph(graph, (f"{stage}_mask",))
-        mask = graph[f"{stage}_mask"]
-        logits = self(graph.x, graph.edge_index)[mask]
-        loss = F.cross_entropy(logits, graph.y[mask])
-        if stage == "train" and not check_loss(self, loss, self.hparams.nonfinite_loss, graph):
-            return None
-        acc = self.accuracy[f"{stage}_acc"]
-        acc(logits, graph.y[mask])
-        self.log(f"{stage}_loss", loss, batch_size=int(mask.sum()), prog_bar=stage == "train")
-        self.log(f"{stage}_acc", acc, batch_size=int(mask.sum()), prog_bar=stage != "train")
-        return loss
-
-    @override
-    def training_step(self, graph: Any, batch_idx: int) -> Optional[torch.Tensor]:
-        """Cross-entropy on the training nodes (``None`` skips a non-finite step)."""
-        return self._step(graph, "train")
-
-    @override
-    def validation_step(self, graph: Any, batch_idx: int) -> None:
-        """Loss and accuracy on the validation nodes."""
-        self._step(graph, "val")
-
-    @override
-    def test_step(self, graph: Any, batch_idx: int) -> None:
-        """Loss and accuracy on the test nodes."""
-        self._step(graph, "test")
-
-    @override
-    def predict_step(self, graph: Any, batch_idx: int) -> torch.Tensor:
-        """Predicted class of every node."""
-        return self(graph.x, graph.edge_index).argmax(dim=-1)
 
     @override
     def configure_optimizers(self):

@@ -7,10 +7,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
-from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from lightning_ext.core.guards import NonFiniteLoss, check_loss, check_nonfinite_policy, refuse_skip_under_ddp
+from lightning_ext.core.guards import NonFiniteLoss, check_nonfinite_policy, refuse_skip_under_ddp
 from lightning_ext.core.optional import require
 from lightning_ext.core.validation import (
     NonNegativeFloat,
@@ -23,18 +22,20 @@ from lightning_ext.core.validation import (
     check_positive_int,
 )
 from lightning_ext.core.validation import AtLeastTwoInt
+from lightning_ext.graph.full_graph_steps import FullGraphNodeSteps
 
 #: A class count: an integer >= 2 (shared from core.validation).
 NumClasses = AtLeastTwoInt
 
 
-class GCNNodeClassifier(LightningModule):
+class GCNNodeClassifier(FullGraphNodeSteps, LightningModule):
     """Graph convolutional network for semi-supervised node classification (Kipf & Welling, ICLR 2017).
 
     Paper: https://arxiv.org/abs/1609.02907 ; reference code: https://github.com/tkipf/gcn . Uses PyG's
     ``GCNConv``. Each batch is one ``torch_geometric.data.Data`` graph with ``train_mask``/``val_mask``/
     ``test_mask`` (as yielded by :class:`~lightning_ext.datamodules.PlanetoidDataModule`); the loss and
-    accuracy of each stage use that stage's mask. Defaults are the paper's: 16 hidden units, dropout 0.5,
+    accuracy of each stage use that stage's mask (the steps are :class:`~lightning_ext.graph.full_graph_steps.
+    FullGraphNodeSteps`, shared with ``SearchedGNN``). Defaults are the paper's: 16 hidden units, dropout 0.5,
     Adam with lr 0.01 and weight decay 5e-4 (applied to all layers here).
 
     Args:
@@ -79,9 +80,7 @@ class GCNNodeClassifier(LightningModule):
         self.conv2 = GCNConv(hidden, num_classes, cached=False)
         self.num_classes = num_classes
         self.skipped_steps = 0
-        self.accuracy = torch.nn.ModuleDict(
-            {f"{s}_acc": MulticlassAccuracy(num_classes, average="micro") for s in ("train", "val", "test")}
-        )
+        self.accuracy = self.stage_accuracies(num_classes)
 
     @override
     def setup(self, stage: str) -> None:
@@ -100,38 +99,6 @@ class GCNNodeClassifier(LightningModule):
         x = F.relu(self.conv1(x, edge_index))
         x = F.dropout(x, self.hparams.dropout, self.training)
         return self.conv2(x, edge_index)
-
-    def _step(self, graph, stage: str) -> Optional[torch.Tensor]:
-        mask = graph[f"{stage}_mask"]
-        logits = self(graph.x, graph.edge_index)[mask]
-        loss = F.cross_entropy(logits, graph.y[mask])
-        if stage == "train" and not check_loss(self, loss, self.hparams.nonfinite_loss, graph):
-            return None
-        acc = self.accuracy[f"{stage}_acc"]
-        acc(logits, graph.y[mask])
-        self.log(f"{stage}_loss", loss, batch_size=int(mask.sum()), prog_bar=stage == "train")
-        self.log(f"{stage}_acc", acc, batch_size=int(mask.sum()), prog_bar=stage != "train")
-        return loss
-
-    @override
-    def training_step(self, graph, batch_idx: int) -> Optional[torch.Tensor]:
-        """Cross-entropy on the training nodes (``None`` skips a non-finite step)."""
-        return self._step(graph, "train")
-
-    @override
-    def validation_step(self, graph, batch_idx: int) -> None:
-        """Loss and accuracy on the validation nodes."""
-        self._step(graph, "val")
-
-    @override
-    def test_step(self, graph, batch_idx: int) -> None:
-        """Loss and accuracy on the test nodes."""
-        self._step(graph, "test")
-
-    @override
-    def predict_step(self, graph, batch_idx: int) -> torch.Tensor:
-        """Predicted class of every node."""
-        return self(graph.x, graph.edge_index).argmax(dim=-1)
 
     @override
     def configure_optimizers(self):
