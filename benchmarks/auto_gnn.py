@@ -54,7 +54,7 @@ from _common import KeepBestWeights, mean_std, page_main, verdict_of  # noqa: E4
 
 ROOT = str(REPO.parent / "shared" / "data" / "planetoid")
 SPACE = {"heads": [1, 2, 4, 8], "hidden": [8, 16, 32, 64]}
-BUDGET, CHILD_EPOCHS, CHILD_PATIENCE = 12, 150, 20
+BUDGET, CHILD_EPOCHS, CHILD_PATIENCE = 24, 150, 20
 RETRAIN, FIT_EPOCHS, FIT_PATIENCE = 1, 300, 30
 SEEDS, GCN_LRS = [0, 1, 2], [0.01, 0.005]
 P = {"dataset": "Cora", "space": "GraphNAS attention/aggregation/activation, " + str(SPACE), "budget": BUDGET,
@@ -145,7 +145,13 @@ def main_runs(data):
             once(("gcn", lr, seed), gcn)
     for seed in SEEDS:
         for strategy in ("conservative", "random"):
-            s = truncated(once(("search", strategy, seed), lambda: search(strategy, seed)))
+            key = ("search", strategy, seed)
+            if key in done and len(done[key]["history"]) < BUDGET:  # a search of a smaller budget: run it again
+                old = done.pop(key)
+                data.setdefault("superseded", []).append(
+                    {"key": old["key"], "children": len(old["history"]), "best_val_acc": old["best_val_acc"],
+                     "cpu_s": old["cpu_s"]})
+            s = truncated(once(key, lambda: search(strategy, seed)))
             for k in range(RETRAIN):
                 def retrain(arch=s["best_architecture"], k=k, seed=seed):
                     seed_everything(1000 * seed + k, verbose=False)
@@ -170,9 +176,12 @@ def results(data):
         if arms:
             best = max(arms, key=lambda r: r["val_acc"])
             gcn.append(dict(best, lr=best["key"][1]))
-    searches = {st: [truncated(by[("search", st, s)]) for s in SEEDS if ("search", st, s) in by] for st in ("conservative",
-                                                                                                 "random")}
-    retrains = {st: [by[k] for k in by if k[0] == "retrain" and k[1] == st and k[3] < RETRAIN] for st in searches}
+    # a search record of a smaller budget (an earlier run, not yet rerun) does not count
+    searches = {st: [truncated(by[("search", st, s)]) for s in SEEDS if ("search", st, s) in by
+                     and len(by[("search", st, s)]["history"]) >= BUDGET] for st in ("conservative", "random")}
+    best = {(st, r["seed"]): r["best_architecture"] for st, runs in searches.items() for r in runs}
+    retrains = {st: [by[k] for k in by if k[0] == "retrain" and k[1] == st and k[3] < RETRAIN
+                     and by[k].get("architecture") == best.get((st, k[2]))] for st in searches}
     return {"gcn": gcn, "searches": searches, "retrains": retrains}
 
 
@@ -325,8 +334,10 @@ def render(data):
           f"- {BUDGET} children per search (spec 100; checkpoints {max(1, BUDGET // 4)}/{BUDGET // 2}/{BUDGET} for the "
           "spec's 25/50/100); heads {1, 2, 4, 8} and hidden {8, 16, 32, 64} (GraphNAS up to 16 heads and 256 units); "
           f"GraphNAS's `mlp` aggregator not offered; {RETRAIN} retraining(s) per best (spec 10); Cora only. Why so "
-          "small: the shared machine ran at a load of about 15 on 2 cores during the session, so a process got about "
-          "a tenth of a core (the first 30-child search took 1,087 s of wall time for 116 s of CPU).",
+          "small: 2 CPU cores shared by about 8 jobs, one thread each, so a process gets a quarter of a core or less "
+          f"(a search took {min(r['wall_s'] for v in res['searches'].values() for r in v):.0f}-"
+          f"{max(r['wall_s'] for v in res['searches'].values() for r in v):.0f} s of wall time for the CPU seconds "
+          "in the table).",
           "- " + ", ".join(f"{r['strategy']} seed {r['seed']} was run with {r['children_run']} children and is cut to "
                            "its first " + str(BUDGET) for v in res["searches"].values() for r in v
                            if r["children_run"] > BUDGET) + " (every proposal and child is seeded by its index, so "
@@ -337,6 +348,12 @@ def render(data):
                        if sd not in {r["seed"] for r in v}) or "nothing") + ". A claim with a missing seed is decided "
           "only when no outcome of that seed could change it (the missing conservative seed counted as 100%, the "
           "missing random seed as 0%).",
+          *([f"- Superseded: an earlier run of this protocol at 12 children per search, with random seed 2 not run, "
+             "gave the verdict not reproduced (best validation in search: " + "; ".join(
+                 f"{r['key'][1]} seed {r['key'][2]} {r['best_val_acc'] * 100:.1f}" for r in data["superseded"])
+             + "). Its budget was too small to separate the arms; this run doubles it for both arms and runs all 3 "
+             "seeds of each (the conservative seed 0 record, run then with 30 children, is reused, cut to "
+             f"{BUDGET}; its CPU seconds in the table are those of the 30 children)."] if data.get("superseded") else []),
           f"- With {BUDGET} children each action class is re-sampled at most {-(-(BUDGET - 1) // 5)} times by the "
           "conservative explorer: this tests the search's early phase, not the 100-child search of the spec.",
           "- No official code: the controller (one LSTM per action class, round-robin over classes, REINFORCE with a "

@@ -44,7 +44,14 @@ warnings.filterwarnings("ignore")
 from _common import combine_claims, fit_early_stopping, mean_std, test_metrics  # noqa: E402
 
 ROOT = str(REPO.parent / "shared" / "data" / "planetoid")
-SEEDS, HIDDEN, MAX_EPOCHS, PATIENCE, DROP = [0, 1, 2], 64, 40, 8, 0.5
+SEEDS, HIDDEN, MAX_EPOCHS, PATIENCE, DROP = [0, 1, 2], 64, 60, 8, 0.5
+NOTE = ("Two earlier runs of this protocol at 40 epochs: commit 2e10542 (PyG's val/test negatives not yet seeded, "
+        "not reproducible) gave test Hits@100 GAE 81.8 ± 2.3 / 77.6 ± 4.2, NCN 89.4 ± 3.0 / 87.3 ± 4.3, NCNC "
+        "86.7 ± 8.6 / 90.0 ± 2.1 (full / dropped) and the verdict reproduced; the seeded rerun (commit 7b92040 code) "
+        "gave GAE 80.1 ± 5.9 / 78.4 ± 5.7, NCN 89.6 ± 3.8 / 89.5 ± 0.3, NCNC 86.0 ± 8.1 / 78.8 ± 16.9 and the "
+        "verdict inconclusive, because one GAE run (dropped, seed 2) peaked at epoch 40 of 40. This run raises the "
+        "cap to 60 epochs (official 100) for every model, nothing else changed. The runs together show NCNC's "
+        "ranking against NCN turns on single collapsed NCNC runs.")
 PAPER = {"GAE (GCN)": 66.79, "NCN": 89.05, "NCNC": 89.65}  # Cora HR@100 (NCN paper's table; NCN row Unverified)
 GRIDS = {
     "GAE": [{"lr": 0.01}, {"lr": 0.0043}],
@@ -106,7 +113,7 @@ def run_one(name: str, cfg: dict, seed: int, drop: float) -> dict:
 def run_all() -> dict:
     torch.set_num_threads(1)
     res = {"config": {"seeds": SEEDS, "hidden": HIDDEN, "max_epochs": MAX_EPOCHS, "patience": PATIENCE,
-                      "drop": DROP, "grids": GRIDS, "threads": 1}, "premise": {}, "tuning": {}, "runs": {}}
+                      "drop": DROP, "grids": GRIDS, "threads": 1, "note": NOTE}, "premise": {}, "tuning": {}, "runs": {}}
     start = time.process_time()
     for seed in SEEDS:
         res["premise"][str(seed)] = {"cn_full": cn_heuristic(datamodule(seed, 0.0)),
@@ -190,6 +197,10 @@ def render(res) -> None:
              f"NCNC - NCN with edges dropped = {', '.join(f'{c:+.1f}' for c in comp)} points "
              f"(NCNC ahead in {sum(c > 0 for c in comp)} of {len(comp)} seeds).")
     prem = res["premise"].values()
+    fits = [r for n in res["runs"].values() for rs in n.values() for r in rs]
+    budget = (f"a run spent {min(r['epochs'] for r in fits)}-{max(r['epochs'] for r in fits)} epochs, "
+              f"{min(r['steps'] for r in fits):,}-{max(r['steps'] for r in fits):,} optimizer steps and "
+              f"{min(r['samples'] for r in fits):,}-{max(r['samples'] for r in fits):,} training edges seen")
     tuning = "; ".join(f"{n}: " + ", ".join(f"{t['cfg']} -> {100 * t['best_val']:.1f}" for t in ts)
                        for n, ts in res["tuning"].items())
     page = f"""# NCN / NCNC: neural common neighbours for link prediction (Cora)
@@ -222,6 +233,9 @@ common-neighbour-count heuristic test Hits@100, full graph {mean_std([100 * p['c
 edges dropped {mean_std([100 * p['cn_dropped'] for p in prem], 1)}.
 
 Tuning (seed 0, full graph, validation Hits@100): {tuning}.
+
+Config: hidden {res['config']['hidden']}, at most {res['config']['max_epochs']} epochs, early stop after
+{res['config']['patience']} epochs without a better validation Hits@100, best epoch's weights tested once; {budget}.
 {chr(10) + "Note: " + res["config"]["note"] + chr(10) if res["config"].get("note") else ""}
 Per seed (test Hits@100):
 
