@@ -14,7 +14,7 @@ from lightning.pytorch import Trainer
 from timm.layers import DropPath
 
 from lightning_ext.data.digits import DigitsDataModule
-from lightning_ext.vision.ffnet import VARIANTS, FFNet, TokenMixer
+from lightning_ext.vision.ffnet import VARIANTS, DepthwiseConv2d, FFNet, TokenMixer
 from lightning_ext.vision.image_classifier import ImageClassifier
 from lightning_ext.vision.scheduled_drop_path import ScheduledDropPath, collect_drop_path_modules
 
@@ -97,6 +97,37 @@ def test_token_mixer_matches_the_equation_written_with_conv2d():
     k = F.gelu(F.conv2d(q, small.key.weight, small.key.bias, padding=1, groups=dim))
     assert torch.allclose(small(x), F.conv2d(k, small.value.weight, small.value.bias, padding=1, groups=dim),
                           atol=1e-5)
+
+
+@pytest.mark.parametrize("channels,mult,size,k,stride,bias", [
+    (5, 1, 4, 7, 1, True), (5, 1, 2, 7, 1, False), (3, 2, 7, 7, 2, False), (4, 2, 4, 7, 2, False),
+    (6, 1, 5, 3, 1, True), (2, 1, 3, 5, 2, True), (3, 1, 14, 3, 1, True)])
+def test_depthwise_conv_small_map_path_matches_conv2d(channels, mult, size, k, stride, bias):
+    """The dense small-map path: outputs and gradients (input, weight, bias) equal F.conv2d's, for stride 1 and 2,
+    a channel multiplier, with and without bias; a 14x14 map with a 3x3 kernel takes F.conv2d itself."""
+    torch.manual_seed(0)
+    conv = DepthwiseConv2d(channels, channels * mult, k, stride, k // 2, groups=channels, bias=bias)
+    x = torch.randn(3, channels, size, size, requires_grad=True)
+    params = [x, *conv.parameters()]
+    calls = []
+    conv._conv_forward = lambda *a: calls.append(1) or torch.nn.Conv2d._conv_forward(conv, *a)  # the F.conv2d path
+    out = conv(x)
+    ref = F.conv2d(x, conv.weight, conv.bias, stride, k // 2, groups=channels)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(ref, params, g)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert bool(calls) == (size * size > 4 * k * k)  # the dense path on small maps only
+
+
+def test_ffnet_forward_is_the_same_with_and_without_the_small_map_path(monkeypatch):
+    net = _nano().eval()
+    x = torch.randn(2, 1, 28, 28)
+    fast = net(x)
+    monkeypatch.setattr(DepthwiseConv2d, "dense_small_maps", False)
+    torch.testing.assert_close(fast, net(x), atol=1e-5, rtol=1e-4)
+    assert sum(isinstance(m, DepthwiseConv2d) for m in net.modules()) > 0
 
 
 def test_ablations_linear_is_affine_and_none_has_no_token_mixer():
