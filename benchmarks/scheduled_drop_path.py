@@ -127,7 +127,13 @@ def verdict(results: dict) -> tuple[str, list[str]]:
         lines.append(f"{len(last_epoch_best)} of {len(results['runs'])} runs had their best validation epoch at the "
                      "last epoch (budget possibly short)")
     if not premise:
+        if last_epoch_best:  # an under-trained 'none' arm cannot over-fit: the premise was measured too early
+            lines.append("the premise was measured on runs still improving at their last epoch, so its failure "
+                         "says the budget is short, not that the set-up cannot over-fit")
+            return "inconclusive", lines
         return "not testable here", lines
+    if last_epoch_best:  # DEVELOPERS.md: a comparison with a run best at its last epoch decides nothing
+        return "inconclusive", lines
     linear_ok = lin_vs_const > -noise
     dp_helps = both_vs_none > noise
     if linear_ok and dp_helps and lin_vs_const > noise:
