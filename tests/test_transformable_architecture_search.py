@@ -286,3 +286,42 @@ def test_the_kept_widths_are_the_best_validated_ones_within_the_band():
     assert tas.chosen_widths() == {"a": 5}
     kept = tas.steps[0]["widths"]
     assert model.net[0].out_channels == kept["net.0"] and model.net[3].out_channels == kept["net.3"]
+
+
+def test_projection_moves_widths_into_the_band_along_the_learned_preferences():
+    net = make_net(bias=True)
+    search = WidthSearch(net, torch.zeros(1, 2, 6, 6), seed=0)
+    first, second = search.choices
+    with torch.no_grad():  # the first conv strongly prefers its full width, the second is indifferent
+        search.logits[0].copy_(torch.linspace(-4.0, 4.0, len(search.choices[first])))
+        search.logits[1].fill_(0.0)
+        search.logits[1][-1] = 0.01  # argmax: both at full width (share 1.0, far above the band)
+    assert search.current_macs() == pytest.approx(search.dense_macs)
+    widths = search.project_widths(0.5, 0.05)
+    share = search.macs_of(widths) / search.dense_macs
+    assert 0.45 - 1e-9 <= share <= 0.5 + 1e-9
+    # every width combination in the band: the projection kept the preferred first conv wider than the cheapest way
+    in_band = [(a, b) for a in search.choices[first] for b in search.choices[second]
+               if 0.45 <= search.macs_of({first: a, second: b}) / search.dense_macs <= 0.5]
+    assert in_band and widths[first] == max(a for a, _ in in_band)
+    assert search.project_widths(0.5, 0.05, widths) == widths  # already in the band: unchanged
+    low = {first: search.choices[first][0], second: search.choices[second][0]}  # below the band: grown into it
+    grown = search.project_widths(0.5, 0.05, low)
+    assert 0.45 - 1e-9 <= search.macs_of(grown) / search.dense_macs <= 0.5 + 1e-9
+
+
+@pytest.mark.parametrize("project", [True, False])
+def test_the_pruned_network_lands_in_the_band_when_projected(project):
+    tas = TransformableArchitectureSearch(macs_reduction=0.5, search_epochs=1, arch_lr=1e-6, select="last",
+                                          project=project, seed=3, verbose=False)
+    fit([tas], max_epochs=2)
+    share = tas.steps[0]["macs"] / tas.dense["macs"]
+    if project:
+        assert 0.45 - 1e-6 <= share <= 0.55 + 1e-6
+    else:  # near-initial distributions: the argmax lands wherever it lands (here outside the band)
+        assert abs(share - 0.5) > 0.05
+
+
+def test_a_non_boolean_project_is_refused():
+    with pytest.raises(ValueError, match="project"):
+        TransformableArchitectureSearch(project="yes")

@@ -319,6 +319,61 @@ class WidthSearch(nn.Module):
         """MACs of the most likely architecture (the reference code's ``get_flop("genotype")``)."""
         return self.macs_of(self.widths())
 
+    def project_widths(self, macs_reduction: float, tolerance: float,
+                       widths: Optional[dict[str, int]] = None) -> dict[str, int]:
+        """Move ``widths`` (default: the most likely ones) into the cost band of the loss, ``[target - tolerance,
+        target]`` (shares of the dense MACs, ``target = 1 - macs_reduction``), one candidate step at a time, each
+        step the one that gives up the least log-probability of the learned distributions per MAC moved.
+
+        Ours (the reference code keeps the argmax even outside the band): with few architecture steps the
+        distributions stay nearly uniform and their argmax lands anywhere near the target; the projection keeps
+        the learned preferences and meets the target. Widths already in the band are returned unchanged; if no
+        sequence of single steps reaches the band, the widths closest to it are returned.
+
+        Example:
+            >>> net = nn.Sequential(nn.Conv2d(1, 10, 3, padding=1), nn.ReLU(), nn.Conv2d(10, 20, 3, padding=1),
+            ...                     nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(20, 3))
+            >>> search = WidthSearch(net, torch.zeros(1, 1, 8, 8))
+            >>> widths = search.project_widths(0.5, 0.05)
+            >>> 0.45 <= search.macs_of(widths) / search.dense_macs <= 0.5
+            True
+        """
+        check_number("macs_reduction", macs_reduction, low=0, high=1, low_open=True, high_open=True)
+        check_number("tolerance", tolerance, low=0, high=1)
+        high = (1 - macs_reduction) * self.dense_macs
+        low = high - tolerance * self.dense_macs
+        current = dict(self.widths() if widths is None else widths)
+        logp = {root: F.log_softmax(a.detach().double(), -1) for root, a in zip(self.choices, self.logits)}
+
+        def gap(macs: float) -> float:
+            return max(low - macs, macs - high, 0.0)
+
+        best, best_gap = dict(current), gap(self.macs_of(current))
+        for _ in range(sum(len(c) for c in self.choices.values())):
+            macs = self.macs_of(current)
+            if gap(macs) == 0:
+                return current
+            shrink = macs > high
+            options = []
+            for root, choices in self.choices.items():
+                i = choices.index(current[root])
+                j = i - 1 if shrink else i + 1
+                if not 0 <= j < len(choices):
+                    continue
+                trial = {**current, root: choices[j]}
+                after = self.macs_of(trial)
+                moved = abs(after - macs)
+                if moved <= 0 or (not shrink and after > high):  # growing must not overshoot the band
+                    continue
+                options.append((float(logp[root][i] - logp[root][j]) / moved, root, choices[j], after))
+            if not options:
+                break
+            _, root, width, after = min(options)
+            current[root] = width
+            if gap(after) < best_gap:
+                best, best_gap = dict(current), gap(after)
+        return best if gap(self.macs_of(current)) > best_gap else current
+
     def min_macs(self) -> tuple[float, str, float]:
         """MACs with every searched conv at its smallest candidate, the leaf layer that then costs most, and its
         share of the dense MACs."""

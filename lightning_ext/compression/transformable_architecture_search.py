@@ -70,7 +70,7 @@ class TransformableArchitectureSearch(Callback):
     **Pruning** (start of epoch ``search_epochs``): with ``select="best_in_band"`` (the reference script's choice) the
     widths kept are those of the validation, among the search's, whose widths cost within ``flops_tolerance`` of the
     target and scored the best ``monitor``; without such a validation (or with ``select="last"``) the most likely
-    widths at the end of the search. The filters beyond each layer's kept width are removed by
+    widths at the end of the search, projected into the band when they miss it (``project``). The filters beyond each layer's kept width are removed by
     the library's pruning engine (:func:`~lightning_ext.compression.plan.apply_pruning_history`), the optimisers
     are rebuilt on the new parameters (LR schedule carried over) and the rest of ``fit`` retrains the thinner
     network. Add :class:`~lightning_ext.distillation.KnowledgeDistillation` with the dense model as teacher (the
@@ -98,6 +98,9 @@ class TransformableArchitectureSearch(Callback):
         flops_tolerance: no cost loss while the most likely widths cost between ``target - tolerance`` and
             ``target`` (share of the dense MACs; ``FLOP_tolerant`` 0.05); also the band of ``select``.
         select: which widths to keep: ``"best_in_band"`` or ``"last"`` (see above).
+        project: when the kept widths cost more than ``flops_tolerance`` away from the target, move them into the
+            band with :meth:`~lightning_ext.compression.tas.WidthSearch.project_widths` (ours; the reference code
+            keeps them as they are).
         monitor: the validation metric ``select="best_in_band"`` maximises.
         ignored_layers: conv names or globs (relative to the LightningModule) whose width is kept.
         input_shape: shape of one input without the batch dimension (default: from the module or the data).
@@ -122,6 +125,7 @@ class TransformableArchitectureSearch(Callback):
         flops_weight: NonNegativeFloat = 2.0,
         flops_tolerance: NonNegativeFloat = 0.05,
         select: Literal["best_in_band", "last"] = "best_in_band",
+        project: bool = True,
         monitor: str = "val_acc",
         ignored_layers: Optional[list[str]] = None,
         input_shape: Optional[list[PositiveInt]] = None,
@@ -162,6 +166,9 @@ class TransformableArchitectureSearch(Callback):
         self.arch_lr, self.arch_weight_decay = float(arch_lr), float(arch_weight_decay)
         self.flops_weight, self.flops_tolerance = float(flops_weight), float(flops_tolerance)
         self.select, self.monitor = select, monitor
+        if not isinstance(project, bool):
+            raise ValueError(f"`project` must be true or false, got {project!r}.")
+        self.project = project
         self.candidates: list[dict] = []  # per search validation: widths, their MACs share, the monitored value
         self.ignored_layers = list(ignored_layers or [])
         self.input_shape = None if input_shape is None else [int(s) for s in input_shape]
@@ -277,13 +284,17 @@ class TransformableArchitectureSearch(Callback):
                                 "macs_share": self.search.macs_of(widths) / self.search.dense_macs})
 
     def chosen_widths(self) -> dict[str, int]:
-        """The widths the pruning step keeps (see ``select``)."""
+        """The widths the pruning step keeps (see ``select`` and ``project``)."""
         if self.select == "best_in_band":
             band = [c for c in self.candidates
                     if abs(c["macs_share"] - (1 - self.macs_reduction)) <= self.flops_tolerance + 1e-12]
             if band:
                 return dict(max(band, key=lambda c: c["value"])["widths"])
-        return self.search.widths()
+        widths = self.search.widths()
+        share = self.search.macs_of(widths) / self.search.dense_macs
+        if self.project and abs(share - (1 - self.macs_reduction)) > self.flops_tolerance + 1e-12:
+            widths = self.search.project_widths(self.macs_reduction, self.flops_tolerance, widths)
+        return widths
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
