@@ -1,4 +1,5 @@
-"""Speech and audio: offline noisy-speech data, FRCRN speech enhancement and its Lightning module.
+"""Speech and audio: offline noisy-speech data, FRCRN speech enhancement and its Lightning module; speaker data with
+speaker-disjoint trials, the EfficientTDNN supernet, its MACs-budget search and speaker verification (EER, minDCF).
 
 Audio is read with ``soundfile`` (WAV, FLAC, OGG) and resampled with SciPy's polyphase filter, so the family needs
 no torchaudio backend; ``pesq`` and ``pystoi`` back torchmetrics' PESQ and STOI. All three come with the
