@@ -254,6 +254,16 @@ def write_report(results: dict, args) -> None:
     else:
         tuning = (f"No tuning, alike for every arm: every arm trains at lr {args.lrs[0]:g} (the official AdamW lr is "
                   f"1e-3), seeds {', '.join(map(str, args.seeds))}; a grid did not fit the shared machine's time.")
+    fast = ""
+    if "jobs" in vars(args):  # runs made after DepthwiseConv2d (commit 6d25f84)
+        fast = (" Depthwise convolutions on the small maps (2x2-7x7) run as dense matrix products (`DepthwiseConv2d`, "
+                "same outputs and gradients as `F.conv2d`, about 1.6x faster per training step here); runs went "
+                f"{args.jobs} at a time, one process each.")
+    earlier = "" if results["args"].get("epochs") == 6 and results["args"].get("batch_size") == 64 else (
+        "\nEarlier run (commit a66e8de, at most 6 epochs, patience 2, batch 64, 114 steps per run): ffnified 0.8100 ± "
+        "0.0131, linear 0.7987 ± 0.0136, none 0.8030 ± 0.0030 test accuracy, but 6 of 9 final runs were best at their "
+        "last epoch, so it decided nothing (inconclusive); this page replaces it with a larger budget.\n")
+    notes = "".join(f"\n**Note.** {n}\n" for n in results.get("notes", []))
     text = f"""# FFNet (MetaMixer) vs its token-mixer ablations on a Fashion-MNIST subset
 
 Claim (Yun, Lee and Ro, "MetaMixer Is All You Need", arXiv 2406.02021; code github.com/ysj9909/FFNet): the
@@ -271,19 +281,14 @@ training split, a fixed subset), {args.val_size:,} validation images held out of
 {args.test_size:,} of the official 10,000 test images (a fixed subset, to fit the time). AdamW, weight decay 0.05
 (official), batch {args.batch_size}, cosine schedule over at most {args.epochs} epochs, early stopping after
 {args.patience} epochs without a better validation accuracy, the best epoch's weights (kept in memory) tested once.
-Budgets per run (optimizer steps and training samples seen) are in the table. Depthwise convolutions on the small
-maps (2x2-7x7) run as dense matrix products (`DepthwiseConv2d`, same outputs and gradients as `F.conv2d`, about
-1.6x faster per training step here); runs went {getattr(args, 'jobs', 1)} at a time, one process each.
+Budgets per run (optimizer steps and training samples seen) are in the table.{fast}
 
 {tuning}
 
 What was scaled down (2 shared CPU cores, one thread): a 0.9 M-parameter nano variant instead of FFNet-1..4
 (13.8-79.9 M), 28x28 grayscale instead of 256 px ImageNet-1k, {args.train_fraction:.1%} of Fashion-MNIST, at most
 {args.epochs} epochs instead of 300, no RandAugment/mixup/EMA/label smoothing, a {len(args.lrs)}-point lr grid.
-
-Earlier run (commit a66e8de, at most 6 epochs, patience 2, batch 64, 114 steps per run): ffnified 0.8100 ± 0.0131,
-linear 0.7987 ± 0.0136, none 0.8030 ± 0.0030 test accuracy, but 6 of 9 final runs were best at their last epoch,
-so it decided nothing (inconclusive); this page replaces it with a larger budget.
+{earlier}{notes}
 
 Command (CPU, `torch.set_num_threads({args.threads})`, {platform.machine()}, torch {torch.__version__}; the machine
 was shared: 1-minute load average {statistics.mean(load) if load else float('nan'):.1f} on 2 cores during the runs):
@@ -353,12 +358,15 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (one process and --threads each)")
     parser.add_argument("--out_dir", type=str, default=str(OUT), help="where the page, JSON and plot go")
     parser.add_argument("--render", action="store_true", help="re-render the page from the saved JSON")
+    parser.add_argument("--note", type=str, default=None, help="with --render: add this note to the JSON and page")
     parser.add_argument("--resume", type=str, default=None,
                         help="a JSON of an interrupted run with the same arguments: its finished runs are kept")
     args = parser.parse_args()
     OUT = Path(args.out_dir)
     if args.render:
         saved = json.loads((OUT / "ffnet.json").read_text())
+        if args.note:
+            saved.setdefault("notes", []).append(args.note)
         write_report(saved, argparse.Namespace(**saved["args"]))
         return
     torch.set_num_threads(args.threads)
