@@ -366,8 +366,8 @@ def search_check_lines(record: dict) -> list:
     out += ["## Band check of the search with the projection (search only, no retraining)", "",
             f"Command: `{record.get('search_check_command', '')}`. The same search as above (same split, "
             "architecture lr 1e-3, tau 5 -> 0.1, cost weight 2, tolerance 0.05); the picked widths are the reference "
-            "script's choice (best validated in-band epoch, else the last), then projected into [0.45, 0.50] of the "
-            "dense MACs when they miss the 5-point band.", "",
+            "script's choice (best validated in-band epoch, else the last), then projected into the loss's band [0.45, 0.50] of the "
+            "dense MACs (a no-op for widths already in it).", "",
             "| seed | search epochs (architecture steps) | argmax MACs share per epoch | E[MACs] share per epoch | mass "
             "of the most likely width (uniform: 0.125) | picked share | after projection | widths |", "|---" * 8 + "|"]
     for c in checks:
@@ -417,8 +417,8 @@ def render(record: dict) -> None:
            "validation split, else the last epoch's. " if a.get("genotype", "last") == "best_in_band" else
            "The genotype kept is the most likely widths after the last search epoch (`--genotype last`; the reference "
            "script instead picks, among the epochs within the tolerance band, the best validated one). ")
-        + ("If the kept widths miss the 5-point band they are projected into the loss's band [45%, 50%] of the dense "
-           "MACs (`WidthSearch.project_widths`, ours: one candidate step at a time, each the step that gives up the "
+        + ("The kept widths are then projected into the loss's band [45%, 50%] of the dense "
+           "MACs (`WidthSearch.project_widths`, ours, a no-op for widths in it: one candidate step at a time, each the step giving up the "
            "least log-probability of the final distributions per MAC moved). " if a.get("project") else "")
         + "The searched shape is cut from a fresh copy by the pruning engine and re-initialised (the paper trains it anew; the "
         "callback instead keeps the supernet's weights).",
