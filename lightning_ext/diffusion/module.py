@@ -48,9 +48,12 @@ class DiffusionModule(LightningModule):
     with target :math:`\epsilon` (``prediction="eps"``), :math:`v` or :math:`x_0`; :math:`\tilde y` is the label,
     replaced by the "no class" label ``num_classes`` with probability ``cfg_dropout``; :math:`L_{balance}` is the
     balance loss a DiT-MoE denoiser returns (logged as ``train_balance_loss``; ``train_loss`` is the denoising
-    loss alone). Noise, timesteps and label drops come from a generator seeded by ``(seed, global_step, rank)``,
-    so a run resumed mid-epoch continues bit-identically; validation uses fixed noise per batch
-    (``val_loss``/``test_loss``: held-out denoising loss, comparable across epochs and models).
+    loss alone). Noise, timesteps and label drops come from a generator seeded by ``(seed, global_step)`` and are
+    drawn for the whole global batch, each rank keeping its own samples' share (rank ``r`` of ``W`` holds the
+    global batch's samples ``r, r + W, ...``, as the library's samplers and ``DistributedSampler`` shard), so two
+    ranks train exactly as one process on the same global batches and a run resumed mid-epoch continues
+    bit-identically; validation uses fixed noise per batch (``val_loss``/``test_loss``: held-out denoising loss,
+    comparable across epochs and models).
 
     The denoiser is called ``denoiser(x_t, t, y)`` and may return a tensor, ``(tensor, balance_loss)``
     (:class:`~lightning_ext.diffusion.dit_moe.DiTMoE`) or an object with ``.sample`` (diffusers' ``UNet2DModel``
@@ -180,12 +183,15 @@ class DiffusionModule(LightningModule):
 
     def diffusion_loss(self, x0: torch.Tensor, y: Optional[torch.Tensor], generator: torch.Generator,
                        drop_labels: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(denoising MSE, balance loss)`` of one batch, with noise, timesteps and label drops from ``generator``."""
+        """``(denoising MSE, balance loss)`` of one batch, with noise, timesteps and label drops from ``generator``,
+        drawn for the global batch (this rank's batch size x world size) and sliced to this rank's samples."""
         b = x0.shape[0]
-        t = torch.randint(0, self.num_train_timesteps, (b,), generator=generator).to(x0.device)
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        world, rank = (self.trainer.world_size, self.global_rank) if self._trainer is not None else (1, 0)
+        n, mine = b * world, slice(rank, None, world)
+        t = torch.randint(0, self.num_train_timesteps, (n,), generator=generator)[mine].to(x0.device)
+        noise = torch.randn((n, *x0.shape[1:]), generator=generator, dtype=x0.dtype)[mine].to(x0.device)
         if y is not None and drop_labels and self.cfg_dropout > 0:
-            drop = (torch.rand(b, generator=generator) < self.cfg_dropout).to(y.device)
+            drop = (torch.rand(n, generator=generator)[mine] < self.cfg_dropout).to(y.device)
             y = torch.where(drop, torch.full_like(y, self.num_classes), y)
         x_t = self.noise_scheduler.add_noise(x0, noise, t)
         if self.prediction == "eps":
@@ -216,7 +222,7 @@ class DiffusionModule(LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Optional[torch.Tensor]:
         """Denoising loss plus the balance loss of one batch."""
         x, y = self._batch(batch)
-        mse, aux = self.diffusion_loss(x, y, self._generator(0, self.global_step, self.global_rank), True)
+        mse, aux = self.diffusion_loss(x, y, self._generator(0, self.global_step, 0), True)
         loss = mse + aux
         if not check_loss(self, loss, self.nonfinite_loss, batch):
             return None
@@ -226,7 +232,7 @@ class DiffusionModule(LightningModule):
 
     def _eval_step(self, batch: Any, batch_idx: int, stage: str) -> None:
         x, y = self._batch(batch)
-        mse, _ = self.diffusion_loss(x, y, self._generator(1, batch_idx, self.global_rank), False)
+        mse, _ = self.diffusion_loss(x, y, self._generator(1, batch_idx, 0), False)
         self.log(f"{stage}_loss", mse, sync_dist=True, prog_bar=stage == "val")
 
     @override

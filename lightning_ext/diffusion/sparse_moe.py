@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_ext.core.distributed import world_size
 from lightning_ext.core.validation import check_number, check_positive, check_positive_int
 
 __all__ = ["SparseMoE", "SwiGLU", "moe_balance_loss"]
@@ -17,7 +18,8 @@ __all__ = ["SparseMoE", "SwiGLU", "moe_balance_loss"]
 PAPER = "Scaling Diffusion Transformers to 16 Billion Parameters"
 
 
-def moe_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, alpha: float = 0.01) -> torch.Tensor:
+def moe_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, alpha: float = 0.01,
+                     sync_counts: bool = True) -> torch.Tensor:
     r"""DiT-MoE's expert-level balance loss: :math:`\alpha \sum_i (E f_i) P_i` over ``E`` routed experts.
 
     :math:`f_i` is the share of all (token, slot) top-k assignments that go to expert :math:`i` and :math:`P_i` the
@@ -25,10 +27,16 @@ def moe_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, alpha: float 
     https://github.com/feizc/DiT-MoE ``models.py``). Uniform routing gives :math:`\alpha k / k = \alpha`; only
     :math:`P` carries a gradient (the counts are not differentiable).
 
+    Under ``torch.distributed`` (more than one process, gradients enabled) the counts behind :math:`f_i` are summed
+    over ranks (``sync_counts``; one all-reduce of ``E`` numbers), so :math:`f` is the global batch's: with DDP's
+    gradient averaging over equal per-rank batches, the gradient is then exactly that of one process on the global
+    batch. The official code uses each device's own counts; ``sync_counts=False`` does that.
+
     Args:
         scores: router probabilities ``(T, E)`` (softmax over experts) of ``T`` tokens.
         topk_idx: the experts each token was sent to, ``(T, k)``.
         alpha: the loss weight :math:`\alpha` (official 0.01).
+        sync_counts: sum the assignment counts over ranks (see above).
 
     Example:
         >>> scores = torch.full((4, 2), 0.5)
@@ -40,7 +48,12 @@ def moe_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, alpha: float 
                          f"{tuple(scores.shape)} and {tuple(topk_idx.shape)}.")
     num_experts = scores.shape[1]
     counts = torch.bincount(topk_idx.reshape(-1), minlength=num_experts).to(scores.dtype)
-    f = counts / topk_idx.numel()
+    total = counts.new_tensor([topk_idx.numel()])
+    if sync_counts and torch.is_grad_enabled() and world_size() > 1:
+        both = torch.cat([counts, total]).detach()
+        torch.distributed.all_reduce(both)  # every rank's counts and assignments (ranks may hold unequal batches)
+        counts, total = both[:-1], both[-1:]
+    f = counts / total
     return alpha * (num_experts * f * scores.mean(0)).sum()
 
 
@@ -80,8 +93,8 @@ class SparseMoE(nn.Module):
     experts; 0 drops it) and a router :math:`W_g` without bias. As in the official code the top-k weights are
     **not** renormalised (``renormalize=False``: with ``k = 2`` they sum to less than 1). While training, the layer
     also returns the balance loss :func:`moe_balance_loss` (``balance_alpha``; 0 in eval mode or with
-    ``balance_alpha=0``); the official code hides it in the gradient (``AddAuxiliaryLoss``), here the caller adds
-    it to its loss so it can be logged.
+    ``balance_alpha=0``; under DDP its expert shares are the global batch's); the official code hides it in the
+    gradient (``AddAuxiliaryLoss``), here the caller adds it to its loss so it can be logged.
 
     ``capacity_factor`` (not in the official code) caps each expert at
     :math:`\lceil c \cdot T k / E \rceil` of a batch's ``T`` tokens, earliest tokens first; an assignment beyond
