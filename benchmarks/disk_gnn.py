@@ -249,8 +249,10 @@ Online reads are counted as the distinct 4 KiB pages they touch; packed reads as
 """ + "\n".join(io_rows) + """
 
 Not ported (and why): the pipelined four-thread loader and GPU cache (DataLoader workers prefetch instead),
-`O_DIRECT` reads, the segment disk cache (`--blowup`). Wall-clock on this machine is affected by other jobs; the
-byte counts are not.
+`O_DIRECT` reads, the segment disk cache (`--blowup`). Not measured yet: the issue's out-of-core check (training
+under a set memory budget with peak RSS, epoch time against in-memory training). The accuracy claim is read
+one-sided (pool 1 at most 1 point below online): reuse is the suspected cost. Wall-clock on this machine is affected
+by other jobs (load 15-45 during these runs); the byte counts are not.
 
 ![DiskGNN](disk_gnn.png)
 """
