@@ -15,9 +15,10 @@ paper and that code's conventions.
   :math:`s = (\max z - \min z) / (2^b - 1)`, integer zero point :math:`z_0 = \mathrm{clip}(\lfloor -\min z / s
   \rfloor, 0, 2^b - 1)`, :math:`q = \mathrm{round}(\mathrm{clip}(z_0 + z / s, 0, 2^b - 1))`, :math:`\hat z =
   s (q - z_0)`; the payload is ``numel`` bytes at 8 bits plus the scale and zero point (:func:`payload_bytes`).
-- **HND / GHND** (:func:`head_distillation_loss`): :math:`\sum_{l} \|f^S_l(x) - f^T_l(x)\|_2^2` (sum-reduced MSE)
-  over the replaced layer's output only (HND) or over that and every later stage's output with those stages
-  frozen (GHND).
+- **HND / GHND** (:func:`~lightning_ext.detection.head_distillation.head_distillation_loss`, re-exported here):
+  :math:`\sum_{l} \|f^S_l(x) - f^T_l(x)\|_2^2` (sum-reduced MSE) over the replaced layer's output only (HND) or
+  over that and every later stage's output with those stages frozen (GHND); its core (the loss and the layer
+  hooks) lives in :mod:`lightning_ext.detection.head_distillation`.
 - **Neural filter** (:class:`NeuralFilter`): a small classifier on the head's early features, "contains an object
   of interest"; a frame whose probability is below a threshold is not transmitted.
 
@@ -32,11 +33,11 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lightning_ext.detection.head_distillation import head_distillation_loss
 
 __all__ = ["BottleneckCodec", "NeuralFilter", "QuantizedTensor", "dequantize", "head_distillation_loss",
            "jpeg_bytes", "jpeg_roundtrip", "payload_bytes", "quantize"]
@@ -171,19 +172,3 @@ class NeuralFilter(nn.Module):
     def keep(self, x: Tensor, threshold: float) -> Tensor:
         """Boolean ``(B,)``: frames whose object probability is at least ``threshold`` (sent to the server)."""
         return self(x).softmax(-1)[:, 1] >= threshold
-
-
-def head_distillation_loss(student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
-    """Head-network distillation (HND / GHND): summed squared error between student and teacher layer outputs.
-
-    HND passes only the replaced layer's output; GHND that and every later stage's output (those stages frozen).
-    """
-    if len(student) != len(teacher) or not student:
-        raise ValueError(f"give one teacher output per student output (got {len(student)} and {len(teacher)}), "
-                         "at least one.")
-    total = student[0].new_zeros(())
-    for s, t in zip(student, teacher):
-        if s.shape != t.shape:
-            raise ValueError(f"student output {tuple(s.shape)} does not match the teacher's {tuple(t.shape)}.")
-        total = total + F.mse_loss(s, t.detach(), reduction="sum")
-    return total

@@ -20,8 +20,9 @@ from lightning_ext.core.optional import require
 from lightning_ext.core.validation import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, check_choice
 from lightning_ext.core.validation import ClosedUnitInterval, check_fraction, check_number, check_positive_int
 from lightning_ext.detection.detr import DETRDetector, check_targets
-from lightning_ext.detection.detr_net import postprocess, sine_position
-from lightning_ext.detection.split_computing import BottleneckCodec, NeuralFilter, dequantize, head_distillation_loss
+from lightning_ext.detection.detr_net import postprocess
+from lightning_ext.detection.head_distillation import HeadDistiller
+from lightning_ext.detection.split_computing import BottleneckCodec, NeuralFilter, dequantize
 from lightning_ext.detection.split_computing import quantize
 from lightning_ext.detection.split_computing import payload_bytes
 
@@ -45,19 +46,11 @@ class QuantizedBottleneck(nn.Module):
         return self.codec.decode(z)
 
 
-def _trunk(net: nn.Module, x: Tensor, tap: int) -> list[Tensor]:
-    """[output of backbone module ``tap``, projected features, encoder memory] of a :class:`DETRNet`."""
-    h, tapped = x, None
-    for i, module in enumerate(net.backbone):
-        h = module(h)
-        if i == tap:
-            tapped = h
-    feat = net.proj(h)
-    b, d, hh, ww = feat.shape
-    memory = feat.flatten(2).transpose(1, 2) + sine_position(hh, ww, d, feat.device)[None]
-    for layer in net.encoder:
-        memory = layer(memory)
-    return [tapped, feat, memory]
+def trunk_layers(net: nn.Module, tap: int) -> list[str]:
+    """Names (relative to a :class:`DETRDetector`) of backbone module ``tap``, the projection and the last encoder
+    layer: the stage outputs HND (the first) and GHND (all) match."""
+    names = [f"net.backbone.{tap}", "net.proj"]
+    return names + ([f"net.encoder.{len(net.encoder) - 1}"] if len(net.encoder) else [])
 
 
 class SplitComputingDetector(LightningModule):
@@ -160,6 +153,10 @@ class SplitComputingDetector(LightningModule):
         self.student.net.backbone = nn.Sequential(*old[:3 * split_block], self.bottleneck, *old[3 * split_block + 3:])
         self.tap_teacher, self.tap_student = 3 * split_block + 2, 3 * split_block
         self.distill, self.num_classes = distill, teacher.num_classes
+        # the shared HND/GHND core (also behind the HeadNetworkDistillation callback): hooks on the student's
+        # bottleneck, projection and encoder output against the teacher's replaced block, projection and encoder
+        self._distiller = HeadDistiller(self.student, self.teacher, trunk_layers(self.student.net, self.tap_student),
+                                        trunk_layers(self.teacher.net, self.tap_teacher), method=distill)
         self.filter_threshold = filter_threshold
         self.filter = NeuralFilter(old[0].out_channels, pool=filter_pool) if filter_threshold is not None else None
         self._filter_counts = torch.zeros(4)  # object frames kept, object frames, empty frames dropped, empty frames
@@ -192,12 +189,10 @@ class SplitComputingDetector(LightningModule):
         refuse_skip_under_ddp(self, self.nonfinite_loss)
 
     def distillation_loss(self, x: Tensor) -> Tensor:
-        """HND: the replaced block's output; GHND: that plus projected features and encoder memory."""
-        with torch.no_grad():
-            t = _trunk(self.teacher.net, x, self.tap_teacher)
-        s = _trunk(self.student.net, x, self.tap_student)
-        k = 1 if self.distill == "hnd" else 3
-        return head_distillation_loss(s[:k], t[:k])
+        """HND: the replaced block's output; GHND: that plus projected features and encoder memory (both forward
+        passes stop after the encoder)."""
+        self._distiller.method = self.distill
+        return self._distiller.loss(x, student_forward=self.student.net)
 
     def stem(self, x: Tensor) -> Tensor:
         """The frozen first backbone block's output (the neural filter's input)."""
