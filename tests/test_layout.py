@@ -23,6 +23,8 @@ ALLOWED = {
     ("lightning_ext.curation.select", "lightning_ext.curation.datamodule"),
     # MILClassifier *is* a Classifier over bags (subclass): the same loss, metrics, guards and optimiser injection
     ("lightning_ext.mil.module", "lightning_ext.vision.classifier"),
+    # FedD2SModule *is* a Classifier (subclass) whose training loss is FedD2S's; evaluation is the Classifier's
+    ("lightning_ext.federated.fedd2s_module", "lightning_ext.vision.classifier"),
     # the scikit-learn estimators load a checkpoint the PriorFittedNetwork module trained: they are user-facing tools
     ("lightning_ext.tabular.pfn_classifier", "lightning_ext.tabular.prior_fitted_network"),
     # the federation runner builds each client's FederatedDataModule from a YAML: a user-facing tool, not a core

@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import yaml
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm", "fedgen")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm", "fedgen", "fedd2s")
 _FEDERATION_KEYS = {"num_clients", "num_rounds", "local_steps", "local_epochs", "partitioner", "alpha", "strategy",
                     "strategy_args", "personal", "remove_normalization", "keep_state", "checkpoint_path"}
 
@@ -42,6 +42,11 @@ def _strategy(name: str, n: int, extra: dict) -> Any:
         from lightning_ext.federated.fedgen import fedgen_fedavg
 
         return fedgen_fedavg(fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n, **extra)
+    if name == "fedd2s":  # FedD2S's schedule; personal models, so the clients also test theirs every round
+        from lightning_ext.federated.fedd2s import fedd2s_fedavg
+
+        return fedd2s_fedavg(fraction_evaluate=1.0, min_train_nodes=n, min_available_nodes=n, min_evaluate_nodes=n,
+                             **extra)
     if name not in classes:
         raise ValueError(f"federation.strategy={name!r} is unknown; choose one of {', '.join(STRATEGIES)}.")
     return classes[name](fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n, **extra)
@@ -82,6 +87,10 @@ def build(config: dict, num_rounds: Optional[int] = None):
 
         head = dict(fed.get("strategy_args") or {}).get("head", "net.decode_fc2")
         client = FedGenClient(head=head, **client_kwargs)
+    elif fed.get("strategy") == "fedd2s":  # the client side of FedD2S: shared keys follow the server's depth
+        from lightning_ext.federated.fedd2s import FedD2SClient
+
+        client = FedD2SClient(**client_kwargs)
     else:
         client = LightningClient(**client_kwargs)
     strategy = _strategy(fed.get("strategy", "fedavg"), n, dict(fed.get("strategy_args") or {}))
