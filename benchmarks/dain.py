@@ -298,7 +298,8 @@ def render(data):
                     f"{ms((r['steps'] for r in runs), 0)} | {ms((r['cpu_s'] for r in runs), 0)} |")
     tuning = "\n".join(f"| {r['arm']} | {r['lr']:g} | {r['val_rmse']:.4f} | {r['best_epoch']} / {r['epochs']} | "
                        f"{'yes' if r['lr'] == data['selected_lr'].get(r['arm']) else ''} |"
-                       for r in data["runs"] if r["seed"] == 0)
+                       for r in sorted((q for q in data["runs"] if q["seed"] == 0),
+                                       key=lambda q: (list(ARMS).index(q["arm"]), q["lr"])))
     aug = "\n".join(f"| {arm} | {ms((r['augmented_user_coverage'] for r in seeds_of(data, arm)), 3)} | "
                     f"{ms((r['augmented_top10_user_share'] for r in seeds_of(data, arm)), 3)} | "
                     f"{seeds_of(data, arm)[0]['observed_top10_user_share']:.3f} |"
@@ -401,7 +402,9 @@ previous version of this page compared every arm at lr 3e-3, the no-augmentation
 Wall {data.get('wall_s', 0):.0f} s, CPU {data.get('cpu_s', 0):.0f} s in the main process (summed over resumed invocations);
 training CPU summed over all {len(data.get('runs', []))} runs {sum(r['cpu_s'] for r in data.get('runs', [])):.0f} s; {'not finished: the runs the verdict lists are missing (the previous protocol finished ' + data.get('finished', '?') + ')' if missing_notes(data) else 'finished ' + data.get('finished', '?')}. On 2026-12-07 the machine ran at load 30-47 (2 cores), so the runs added then
 were started side by side as single runs, each its own process on 1 thread at nice 10, and picked up by the main
-command:
+command. CPU seconds of those runs are inflated by the contention: the three refitted teachers, bit-identical to
+their first runs, took {', '.join(f"{r['cpu_s']:.0f}" for r in data.get('runs', []) if 'refit_of' in r)} CPU-s where
+the first runs of the same computation were recorded with 24-35 CPU-s.
 
 ```bash
 nice -n 10 python benchmarks/dain.py --job 'DAIN|0.001|0|0.003'   # arm|lr|seed|teacher lr (empty for a teacher)
