@@ -31,9 +31,9 @@ batch 32. Supernet: sandwich rule (the largest + one random sub-network per step
 progressive shrinking, not reproduced here). From scratch: the uniform architecture alone. Both: the same number
 of steps, validation EER every ``val_every`` steps (the supernet's largest network, after BatchNorm
 recalibration on 8 training batches), best validation weights kept. Search: population 6, 2 generations, MACs <=
-the uniform sub-network's. One torch thread on a 2-core machine shared with about 8 other jobs (load 12-50 during the runs). Only seed 0
-ran to the end: seeds 1 and 2 (launched beside it, niced) had got about 26 s of CPU in 15 minutes and were
-stopped, so every claim is undecided ("fewer than 3 seeds") and the verdict is inconclusive by the rules above.
+the uniform sub-network's. One torch thread on a 2-core machine shared with about 8 other jobs (load 3-50 during the runs). Seed 0 ran
+alone (seeds 1 and 2, launched beside it, got about 26 s of CPU in 15 minutes and were stopped); seeds 1 and 2 were
+rerun with the same script after it, when the load had dropped.
 
 Run: ``python benchmarks/efficient_tdnn.py --seeds 0 1 2`` (``--render-only`` re-renders the page from the JSON).
 """
