@@ -170,6 +170,19 @@ ENTRIES: tuple[Entry, ...] = (
        "FedGen's label-conditional generator of the head's input: `[eps || onehot(y)] -> FC-BN-ReLU -> FC`.",
        "Data-Free Knowledge Distillation for Heterogeneous Federated Learning", "2105.10056",
        ("FedGen", "conditional generator")),
+    _e("FedD2SClient", "federated", "federated", "fedd2s",
+       "A LightningClient whose shared layers shrink from deep to shallow.",
+       "FedD2S: Personalized Data-Free Federated Knowledge Distillation", "2402.10846", ("FedD2S", "personalised federated learning", "layer dropping", "mutual distillation",
+                      "pFL"), "federated"),
+    _e("fedd2s_fedavg", "federated", "federated", "fedd2s",
+       "A Flower `FedAvg` that schedules FedD2S's deep-to-shallow dropping and sends `lambda` and `T`.",
+       "FedD2S: Personalized Data-Free Federated Knowledge Distillation", "2402.10846", ("FedD2S", "deep-to-shallow layer dropping"), "federated"),
+    _e("FedD2SModule", "modules", "federated", "fedd2s_module",
+       "A Classifier over a FedD2SNet trained with fedd2s_loss.",
+       "FedD2S: Personalized Data-Free Federated Knowledge Distillation", "2402.10846", ("FedD2S", "mutual distillation", "personal head")),
+    _e("FedD2SNet", "layers", "federated", "fedd2s",
+       "`L` conv blocks (conv3x3-BN-ReLU-maxpool2), a personal head on the last and a global exit head on each.",
+       "FedD2S: Personalized Data-Free Federated Knowledge Distillation", "2402.10846", ("FedD2S", "multi-exit CNN")),
     # ---------------------------------------------------------------- detection (detection/)
     _e("DETRDetector", "modules", "detection", "detr",
        "DETR object detector with a D-FINE head (FDR + GO-LSD) or an L1+GIoU regression head (`box_head`).",
@@ -206,10 +219,16 @@ ENTRIES: tuple[Entry, ...] = (
        "The neural filter of split computing (Matsubara and Levorato, 2020): does a frame hold an object of interest?",
        "Neural Compression and Filtering for Edge-assisted Real-time Object Detection in Challenged Networks",
        "2007.15818", ("Ext4ResNet", "frame filter")),
-    _e("head_distillation_loss", "losses", "detection", "split_computing",
+    _e("head_distillation_loss", "losses", "detection", "head_distillation",
        "Head-network distillation (HND / GHND): summed squared error between student and teacher layer outputs.",
        "Neural Compression and Filtering for Edge-assisted Real-time Object Detection in Challenged Networks",
        "2007.15818", ("HND", "GHND", "feature distillation")),
+    _e("HeadNetworkDistillation", "callbacks", "detection", "head_distillation_callback",
+       "Head-network distillation (HND) and generalised HND (GHND) of split computing, as a callback on any "
+       "LightningModule: the student's head network (with its bottleneck) learns to reproduce a frozen teacher's "
+       "intermediate outputs.",
+       "Neural Compression and Filtering for Edge-assisted Real-time Object Detection in Challenged Networks",
+       "2007.15818", ("HND", "GHND", "head network distillation", "split computing", "bottleneck")),
     # ---------------------------------------------------------------------------------------------------- audio
     _e("SpeechEnhancementModule", "modules", "audio", "speech_enhancement",
        "Speech enhancement with FRCRN: complex-mask plus SI-SNR loss, logging SI-SNR improvement, PESQ and STOI.",
@@ -223,6 +242,25 @@ ENTRIES: tuple[Entry, ...] = (
        "FRCRN: a complex encoder-decoder with frequency-recurrent FSMN blocks that estimates a complex ratio mask.",
        "FRCRN: Boosting Feature Representation using Frequency Recurrence for Monaural Speech Enhancement",
        "2206.07293", ("FSMN", "complex U-Net", "speech enhancement", "frequency recurrence")),
+    _e("SpeakerVerificationModule", "modules", "audio", "speaker_verification",
+       "Speaker recognition with the EfficientTDNN supernet: AAM-softmax speaker classification on training speakers, "
+       "verification of unseen speakers by cosine scoring of embeddings (EER and minDCF).",
+       "EfficientTDNN: Efficient Architecture Search for Speaker Recognition", "2103.13581",
+       ("EfficientTDNN", "speaker verification", "speaker recognition", "EER", "minDCF", "supernet", "ECAPA-TDNN")),
+    _e("SpeakerDataModule", "datamodules", "audio", "speakers",
+       "Utterances grouped by speaker for speaker recognition: training speakers for classification, and disjoint "
+       "validation and test speakers whose utterances form the verification trials (every pair of utterances; "
+       "target when both come from one speaker).",
+       None, None, ("speaker", "speaker verification", "trials", "pseudo-speakers", "asterisk"), "audio"),
+    _e("EfficientTDNN", "layers", "audio", "efficient_tdnn",
+       "EfficientTDNN's dynamic TDNN supernet: a speaker-embedding network whose depth, widths and kernel sizes are "
+       "chosen per forward pass from one set of shared weights.",
+       "EfficientTDNN: Efficient Architecture Search for Speaker Recognition", "2103.13581",
+       ("DynamicTDNN", "TDNN", "supernet", "weight sharing", "NAS", "elastic width", "MACs budget")),
+    _e("aam_softmax_logits", "losses", "audio", "speaker_verification",
+       "Additive angular margin softmax (AAM-softmax, ArcFace) logits; their cross-entropy is the speaker loss.",
+       "EfficientTDNN: Efficient Architecture Search for Speaker Recognition", "2103.13581",
+       ("AAM-softmax", "ArcFace", "additive angular margin", "AAMSoftmax")),
     # ---------------------------------------------------------------- graph sampling (graph/)
     _e("PortableNeighborSampler", "layers", "graph", "neighbor_sampler",
        "Pure-PyTorch neighbour sampler behind PyG's `BaseSampler` interface: fan-out per hop, temporal, hetero.",
