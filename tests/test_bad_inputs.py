@@ -271,6 +271,9 @@ def _minimal(tmp: Path) -> dict[str, Callable[[], dict]]:
         "BetaRankPruning": lambda: dict(pruning), "L1FilterPruning": lambda: dict(pruning),
         "RandomFilterPruning": lambda: dict(pruning),
         "KnowledgeDistillation": lambda: {"teacher": nn.Linear(4, 3)},
+        "HeadNetworkDistillation": lambda: {"teacher": nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)),
+                                            "student_layers": ["2"]},
+        "FedD2SModule": _fedd2s_net,
         "AdaMerging": ada,
         "RuleFilter": lambda: {"min_resolution": 8},
         "Classifier": lambda: {"net": nn.Linear(4, 3), "num_classes": 3},
@@ -467,6 +470,12 @@ def test_constructor_refuses_bad_value_naming_the_argument(case, tmp_path, monke
     monkeypatch.setenv("LIGHTNING_EXT_CACHE", str(tmp_path / "cache"))
     verdict, detail = run_python_case(case, tmp_path)
     assert verdict == "clear", f"{case.id}: {verdict}: {detail}"
+
+
+def _fedd2s_net() -> dict:
+    from lightning_ext.federated.fedd2s import FedD2SNet
+
+    return {"net": FedD2SNet(1, 10, (4, 8, 8))}
 
 
 def lightning_components_and_scorers() -> list[str]:

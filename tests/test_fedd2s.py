@@ -205,7 +205,7 @@ def test_bad_inputs_fail_with_one_line():
         plain.initial_arrays()
     with pytest.raises(TypeError, match="forward_exit"):
         FedD2SModule(nn.Linear(4, 10), 10)
-    with pytest.raises(ValueError, match="exit_depth=5"):
+    with pytest.raises(ValueError, match="exit_depth must be an integer >= 1 and <= 2, got 5"):
         FedD2SModule(FedD2SNet(widths=(4, 4)), 10, exit_depth=5)
     with pytest.raises(ValueError, match="kd_weight"):
         fedd2s_fedavg(3, kd_weight=-1.0)

@@ -167,7 +167,13 @@ class SpeakerVerificationModule(LightningModule):
         super().__init__()
         if num_classes is not None:
             check_number("num_classes", num_classes, low=2, integer=True)
-        check_positive_int("sample_rate", sample_rate)
+        for name, value in (("sample_rate", sample_rate), ("n_mels", n_mels), ("channels", channels),
+                            ("widths", widths), ("num_blocks", num_blocks), ("kernel_size", kernel_size),
+                            ("catconv_channels", catconv_channels), ("embed_dim", embed_dim),
+                            ("res2_scale", res2_scale), ("attention_dim", attention_dim)):
+            check_positive_int(name, value)
+        if min_depth is not None:
+            check_positive_int("min_depth", min_depth)
         check_number("margin", margin, low=0, high=math.pi / 2)
         check_positive("logit_scale", logit_scale)
         check_choice("subnet_sampling", subnet_sampling, ("none", "random", "sandwich"))

@@ -44,6 +44,8 @@ class FedD2SModule(Classifier):
         check_number("kd_weight", kd_weight, low=0)
         check_number("temperature", temperature, low=0, low_open=True)
         self.kd_weight, self.temperature = float(kd_weight), float(temperature)
+        if exit_depth is not None:
+            check_number("exit_depth", exit_depth, low=1, high=net.num_blocks, integer=True)
         self.exit_depth = int(net.num_blocks if exit_depth is None else exit_depth)
         if not 1 <= self.exit_depth <= net.num_blocks:
             raise ValueError(f"exit_depth={exit_depth} must lie in [1, {net.num_blocks}].")
