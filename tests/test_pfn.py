@@ -256,8 +256,10 @@ def test_two_processes_match_one(tmp_path):
         return SCMPriorDataModule(max_features=3, max_classes=3, batch_size=bs, seq_len=16, steps_per_epoch=3)
 
     single, ddp = fit_ddp_vs_single(_resume_model, dm, 4, tmp_path, test=False, max_epochs=1)
+    # float32: a batch of 4 and two batches of 2 averaged by all-reduce sum in different orders; after Adam's
+    # normalisation a near-zero second moment can turn that into ~1e-5 (seen once in CI: 1.08e-5 on 1 of 48)
     for k, v in single.state_dict.items():
-        torch.testing.assert_close(v, ddp.state_dict[k], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(v, ddp.state_dict[k], atol=5e-5, rtol=1e-4)
 
 
 # --------------------------------------------------------------------------------------- scikit-learn front end
