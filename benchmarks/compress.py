@@ -295,7 +295,7 @@ def accuracy_part(args) -> dict:
                 keepers = []
 
                 def trainer():
-                    keepers.append(KeepBestWeights("val_acc", patience=args.finetune_epochs))
+                    keepers.append(KeepBestWeights("val_acc", patience=args.finetune_patience or args.finetune_epochs))
                     return Trainer(max_epochs=args.finetune_epochs, accelerator="cpu", devices=1, logger=False,
                                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                                    num_sanity_val_steps=0, callbacks=[keepers[-1]])
@@ -350,7 +350,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--finetune-lr", type=float, default=0.0, help="fine-tuning lr of all arms (0: --lr)")
     ap.add_argument("--dense-epochs", type=int, default=30)
-    ap.add_argument("--finetune-epochs", type=int, default=10)
+    ap.add_argument("--finetune-epochs", type=int, default=10, help="the fine-tuning cap of every arm")
+    ap.add_argument("--finetune-patience", type=int, default=0,
+                    help="stop an arm's fine-tuning after this many epochs without a better validation accuracy "
+                         "(0: never, every arm runs --finetune-epochs)")
     ap.add_argument("--cache-dir", default=str(Path("~/.cache/lightning_ext/benchmarks/compress").expanduser()))
     ap.add_argument("--models", nargs="+", default=["rescnn", "resnet18", "mobilenetv2"])
     ap.add_argument("--speedups", type=float, nargs="+", default=[1.5, 2.0, 3.0])

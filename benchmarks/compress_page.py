@@ -264,6 +264,7 @@ def _command(c: dict) -> str:
             f"--seeds {' '.join(map(str, c['seeds']))} --speedups {' '.join(f'{v:g}' for v in c['speedups'])} "
             f"--train-fraction {c['train_fraction']} --dense-epochs {c['dense_epochs']} --finetune-epochs "
             f"{c['finetune_epochs']}" + (f" --finetune-lr {c['finetune_lr']:g}" if c.get("finetune_lr") else "")
+            + (f" --finetune-patience {c['finetune_patience']}" if c.get("finetune_patience") else "")
             + f" --acc-json docs/results/{c['file']}   # finished: {done}")
 
 
@@ -378,13 +379,25 @@ def plans_section(L: list[str], data: dict) -> None:
           "capacity for the same time.", "", "![plans](compress.png)", ""]
 
 
+def _budget_text(configs: list[dict], steps: int, train_n: int) -> str:
+    """The fine-tuning budget of each command: a fixed number of epochs, or early stopping under a cap."""
+    parts = []
+    for c in configs:
+        cap, pat = c.get("finetune_epochs", 0), c.get("finetune_patience", 0)
+        what = (f"early stopping after {pat} epochs without a better validation accuracy, at most {cap} epochs = "
+                f"{cap * steps} optimizer steps = {cap * train_n:,} samples seen (epochs actually run: the epochs "
+                "column)" if pat else
+                f"a fixed {cap} epochs = {cap * steps} optimizer steps = {cap * train_n:,} samples seen")
+        parts.append(f"`{c['file']}` ({', '.join(c['models'])}): {what}")
+    return "Fine-tuning budget, every arm of a command alike: " + "; ".join(parts) + "."
+
+
 def accuracy_section(L: list[str], cells: list[dict], configs: list[dict]) -> None:
     if not cells:
         return
     c0 = next((c for c in configs if "val_fraction" in c), {})
     train_n = round(60000 * (1 - c0.get("val_fraction", 0)) * c0.get("train_fraction", 0))
     steps = math.ceil(train_n / 128)
-    ft_epochs = c0.get("finetune_epochs", 0)
     L += ["## Accuracy at the same measured latency (`--part accuracy`)", "", "```bash"]
     L += [_command(c) for c in configs]
     L += ["```", "",
@@ -399,9 +412,8 @@ def accuracy_section(L: list[str], cells: list[dict], configs: list[dict]) -> No
           f"latency plan on this CPU, one thread, batch {c0.get('batch')}, then fine-tuning with KD weight 0.9, "
           "T = 4 from the dense model) vs the **uniform L1** plan (the same share of filters removed from every "
           "group: Torch-Pruning's uniform `pruning_ratio` plan, through our engine) bisected to compress's measured "
-          "latency, fine-tuned the same way without and with the same KD. Fine-tuning budget, every arm alike: "
-          f"{ft_epochs} epochs = {ft_epochs * steps} optimizer steps = {ft_epochs * train_n:,} samples seen, the "
-          "same optimiser and lr (one untuned value per row: no arm is tuned, so the arms are tuned alike with a "
+          "latency, fine-tuned the same way without and with the same KD. " + _budget_text(configs, steps, train_n)
+          + " The same optimiser and lr for every arm (one untuned value per row: no arm is tuned, so the arms are tuned alike with a "
           "grid of one; the lr column of the model name says which), best validation epoch's weights tested. "
           f"Latency: minimum per-thread CPU time of {c0.get('repeats')} passes (the least disturbed pass on a shared "
           "machine). All runs one thread (`torch.set_num_threads(1)`).", "",
@@ -412,8 +424,8 @@ def accuracy_section(L: list[str], cells: list[dict], configs: list[dict]) -> No
           "| model | target | dense acc | compress + KD: acc (ms, speedup) | uniform L1: acc (ms) | uniform L1 + KD: "
           "acc (ms) | compress - uniform, per seed: status | compress - uniform+KD, per seed: status | KD control: "
           "uniform+KD - uniform | latency match | compress met its budget (own check) | runs best at last epoch "
-          "(C/U/U+KD) | seeds |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "(C/U/U+KD) | epochs run, mean per run (C/U/U+KD) | seeds |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def arm(a):
         return _pm(a["acc"]) + (f" (did not train in {a['collapsed']})" if a["collapsed"] else "")
@@ -423,7 +435,7 @@ def accuracy_section(L: list[str], cells: list[dict], configs: list[dict]) -> No
         if not c.get("seeds"):
             why = c["unreachable"] or "not run"
             L.append(f"| {c['model']} | {c['target']:g}x | {dense} | out of reach: "
-                     f"{why.split(': with')[-1].split('. Raise')[0]} | | | | | | | | | 0 |")
+                     f"{why.split(': with')[-1].split('. Raise')[0]} | | | | | | | | | | 0 |")
             continue
         o, u, k = c[OURS], c[UNI], c[UNI_KD]
         su, sk = cell_status(c, UNI)[0], cell_status(c, UNI_KD)[0]
@@ -435,7 +447,8 @@ def accuracy_section(L: list[str], cells: list[dict], configs: list[dict]) -> No
                  f"{', '.join(f'{d:+.3f}' for d in control)} | "
                  f"{', '.join(f'{m:.2f}' for m in c['latency_match'])} | "
                  f"{sum(r['compressed_ms'] <= 1.03 * r['dense_ms'] / r['target'] for r in c['runs'])}/{len(c['runs'])} | "
-                 f"{o['still_improving']}/{u['still_improving']}/{k['still_improving']} | {len(c['seeds'])} |")
+                 f"{o['still_improving']}/{u['still_improving']}/{k['still_improving']} | "
+                 + "/".join(f"{a['epochs'] / len(c['seeds']):.1f}" for a in (o, u, k)) + f" | {len(c['seeds'])} |")
     if any(c.get("seeds") and any(c[a]["collapsed"] for a in ARMS) for c in cells):
         L += ["", "Runs that did not train: on MobileNetV2 at fine-tuning lr 3e-3 (AdamW), uniform L1 without "
               "distillation stayed at chance (training loss 2.30) in every run, while the same student with KD "
