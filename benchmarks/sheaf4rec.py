@@ -134,14 +134,16 @@ class Tracker(Callback):
 CACHE = Path("/tmp/sheaf4rec_cache")  # finished runs, keyed by their full signature: an interrupted run resumes
 
 
-def run(label, lr, seed, dm):
+def run(label, lr, seed, dm, budget=None):
+    """One fit (or its cached result); ``budget`` epochs, default ``BUDGET[label]`` (the LastFM page sets its own)."""
     import hashlib
 
-    key = json.dumps([label, MODELS[label], lr, seed, BATCH, BUDGET[label], EVAL_EVERY, PATIENCE, dm.name])
+    budget = budget or BUDGET[label]
+    key = json.dumps([label, MODELS[label], lr, seed, BATCH, budget, EVAL_EVERY, PATIENCE, dm.name])
     path = CACHE / (hashlib.sha1(key.encode()).hexdigest() + ".json")
     if path.exists():
         return json.loads(path.read_text())
-    out = _run(label, lr, seed, dm)
+    out = _run(label, lr, seed, dm, budget)
     from lightning_ext.core.io import atomic_write_json
 
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -149,7 +151,7 @@ def run(label, lr, seed, dm):
     return out
 
 
-def _run(label, lr, seed, dm):
+def _run(label, lr, seed, dm, budget):
     import lightning_ext.recsys.lightgcn as lg
     import lightning_ext.recsys.mf_bpr as mf
     import lightning_ext.recsys.sheaf4rec as sh
@@ -162,7 +164,7 @@ def _run(label, lr, seed, dm):
     tracker = Tracker(list(dm.val_dataloader()))
     trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                      limit_val_batches=0, max_epochs=BUDGET[label], callbacks=[tracker])
+                      limit_val_batches=0, max_epochs=budget, callbacks=[tracker])
     trainer.fit(model, datamodule=dm)
     b, last = tracker.best, tracker.curve[-1]
     model.load_state_dict(b["state"])
@@ -172,7 +174,7 @@ def _run(label, lr, seed, dm):
     test = list(dm.test_dataloader())
     out = {"model": label, "lr": lr, "seed": seed, "config": fixed, "best_epoch": b["epoch"], "best_step": b["step"],
            "val_f1": b["val_f1"], "epochs_run": last["epoch"], "steps_run": trainer.global_step,
-           "samples_seen": trainer.global_step * BATCH, "max_epochs": BUDGET[label], "still_improving": b["epoch"] == last["epoch"],
+           "samples_seen": trainer.global_step * BATCH, "max_epochs": budget, "still_improving": b["epoch"] == last["epoch"],
            "train_cpu": tracker.cpu, "curve": tracker.curve,
            "test": f1_at_k(*emb, test), "test_multiplicative_mask": f1_at_k(*emb, test, multiplicative=True),
            "params": sum(p.numel() for p in model.parameters())}
