@@ -30,7 +30,7 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["loss_of", "unwrap_training_step", "with_loss", "wrap_training_step", "wrapped_by"]
+__all__ = ["FitStepWrapping", "loss_of", "unwrap_training_step", "with_loss", "wrap_training_step", "wrapped_by"]
 
 _OWNER = "_lightning_ext_owner"
 _PREVIOUS = "_lightning_ext_previous"
@@ -87,6 +87,31 @@ def unwrap_training_step(module: Any, owner: Any) -> bool:
         return False
     _pop(module)
     return True
+
+
+class FitStepWrapping:
+    """Mixin for a callback that wraps its LightningModule's ``training_step`` for the length of a fit.
+
+    ``_wrap_step`` removes this callback's own earlier wrapper, then every outermost wrapper left by a callback of
+    ``stale_kind`` that is not in this trainer (its fit crashed before ``teardown``), and installs ``around``;
+    ``_unwrap`` removes it again (from ``teardown`` and ``on_exception``). Shared by ``KnowledgeDistillation`` and
+    ``HeadNetworkDistillation``. The wrapped module is kept in ``self._module``.
+    """
+
+    _module: Any = None
+
+    def _wrap_step(self, trainer: Any, module: Any, around: Around, stale_kind: type) -> None:
+        """Install ``around`` on ``module.training_step`` (see the class docstring)."""
+        self._unwrap()
+        wrap_training_step(module, self, around, drop_stale=lambda owner: isinstance(
+            owner, stale_kind) and owner not in trainer.callbacks)
+        self._module = module
+
+    def _unwrap(self) -> None:
+        """Remove this callback's wrapper, if it installed one."""
+        module, self._module = self._module, None
+        if module is not None:
+            unwrap_training_step(module, self)
 
 
 def loss_of(output: Any, module: Any, who: str) -> Tensor | None:

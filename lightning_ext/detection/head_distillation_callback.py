@@ -13,7 +13,7 @@ from typing_extensions import override
 
 from lightning_ext.core.inputs import batch_inputs
 from lightning_ext.core.layers import resolve_layer_names
-from lightning_ext.core.step_wrapper import loss_of, unwrap_training_step, with_loss, wrap_training_step
+from lightning_ext.core.step_wrapper import FitStepWrapping, loss_of, with_loss
 from lightning_ext.core.strategy import refuse_sharded_strategy
 from lightning_ext.core.validation import NonNegativeFloat, PositiveInt, check_choice, check_number
 from lightning_ext.core.validation import check_positive_int
@@ -24,7 +24,7 @@ from lightning_ext.distillation.teacher import build_teacher
 __all__ = ["HeadNetworkDistillation"]
 
 
-class HeadNetworkDistillation(Callback):
+class HeadNetworkDistillation(FitStepWrapping, Callback):
     r"""Head-network distillation (HND) and generalised HND (GHND) of split computing, as a callback on any
     LightningModule: the student's head network (with its bottleneck) learns to reproduce a frozen teacher's
     intermediate outputs.
@@ -223,8 +223,6 @@ class HeadNetworkDistillation(Callback):
 
     # -- the training_step wrapper ------------------------------------------------------------------------------
     def _wrap(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._unwrap()
-
         def around(step: Any, args: tuple, kwargs: dict) -> Any:
             batch = args[0] if args else kwargs.get("batch")
             with self._distiller.capturing():
@@ -234,14 +232,8 @@ class HeadNetworkDistillation(Callback):
             finally:
                 self._distiller.student_taps.clear()
 
-        wrap_training_step(pl_module, self, around, drop_stale=lambda owner: isinstance(
-            owner, HeadNetworkDistillation) and owner not in trainer.callbacks)
-        self._module = pl_module
-
-    def _unwrap(self) -> None:
-        module, self._module = self._module, None
-        if module is not None:
-            unwrap_training_step(module, self)
+        # the same install/remove as KnowledgeDistillation (core.step_wrapper.FitStepWrapping)
+        self._wrap_step(trainer, pl_module, around, stale_kind=HeadNetworkDistillation)
 
     def _add_distillation(self, pl_module: LightningModule, batch: Any, output: Any) -> Any:
         task = loss_of(output, pl_module, "HeadNetworkDistillation")

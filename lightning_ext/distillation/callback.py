@@ -19,7 +19,7 @@ from typing_extensions import override
 from lightning_ext.core.inputs import example_inputs
 from lightning_ext.core.optimization import add_param_group
 from lightning_ext.core.strategy import refuse_sharded_strategy
-from lightning_ext.core.step_wrapper import loss_of, unwrap_training_step, with_loss, wrap_training_step
+from lightning_ext.core.step_wrapper import FitStepWrapping, loss_of, with_loss
 from lightning_ext.core.validation import (
     NonNegativeInt,
     PositiveFloat,
@@ -34,7 +34,7 @@ from lightning_ext.distillation.teacher import build_teacher
 
 __all__ = ["KnowledgeDistillation"]
 
-class KnowledgeDistillation(Callback):
+class KnowledgeDistillation(FitStepWrapping, Callback):
     r"""Knowledge distillation from a frozen teacher into any LightningModule, without changing its code.
 
     ``Trainer(callbacks=[KnowledgeDistillation(teacher=...)])`` adds the distillation terms to the loss the
@@ -257,8 +257,6 @@ class KnowledgeDistillation(Callback):
         return None
 
     def _wrap(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._unwrap()
-
         def around(step: Any, args: tuple, kwargs: dict) -> Any:
             batch = args[0] if args else kwargs.get("batch")
             with self._distiller.capturing():
@@ -266,14 +264,7 @@ class KnowledgeDistillation(Callback):
             return self._add_distillation(trainer, pl_module, batch, output)
 
         # a wrapper left by a KnowledgeDistillation that is not in this trainer (its fit crashed) is dropped
-        wrap_training_step(pl_module, self, around, drop_stale=lambda owner: isinstance(
-            owner, KnowledgeDistillation) and owner not in trainer.callbacks)
-        self._module = pl_module
-
-    def _unwrap(self) -> None:
-        module, self._module = self._module, None
-        if module is not None:
-            unwrap_training_step(module, self)
+        self._wrap_step(trainer, pl_module, around, stale_kind=KnowledgeDistillation)
 
     def _add_distillation(self, trainer: Trainer, pl_module: LightningModule, batch: Any, output: Any) -> Any:
         task_loss = loss_of(output, pl_module, "KnowledgeDistillation")
