@@ -192,6 +192,7 @@ def test_bad_arguments_fail_in_one_line(kwargs, word):
     (dict(student_layers=["net.99"]), "no module 'net.99'"),
     (dict(bottleneck_layer="net.4"), "stride-1 Conv2d"),
     (dict(bottleneck_layer="net.1"), "stride-1 Conv2d"),
+    (dict(bottleneck_layer="net.2", bottleneck_channels=8), "narrower"),  # as wide as the conv it replaces
 ])
 def test_bad_layers_fail_at_setup(kwargs, word):
     cb = HeadNetworkDistillation(TinyNet(seed=2), **kwargs)
