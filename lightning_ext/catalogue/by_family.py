@@ -284,4 +284,15 @@ ENTRIES: tuple[Entry, ...] = (
        "Node classification on sampled mini-batches: the loss on each batch's first `batch_size` (seed) nodes.",
        "Inductive Representation Learning on Large Graphs", "1706.02216",
        ("GraphSAGE", "mini-batch", "neighbour sampling", "node classification"), "graph"),
+    _e("RelationalDataModule", "datamodules", "graph", "relational",
+       "Relational Deep Learning's data: a SQLite database as a temporal HeteroData, a forecast task's seed rows.",
+       "Position: Relational Deep Learning: Graph Representation Learning on Relational Databases", "2312.04615",
+       ("RDL", "RelBench", "relational database", "SQLite", "SQL", "temporal graph", "forecast task",
+        "SQLiteSource", "ForecastTask", "MovieLens-100K"), "graph"),
+    _e("RDLModule", "modules", "graph", "rdl",
+       "Relational Deep Learning's model on a temporal heterogeneous graph: per-table encoders, time encoding, "
+       "hetero SAGE.",
+       "Position: Relational Deep Learning: Graph Representation Learning on Relational Databases", "2312.04615",
+       ("RDL", "RelBench", "HeteroGraphSAGE", "heterogeneous GNN", "relational database", "temporal encoder"),
+       "graph"),
 )
