@@ -74,6 +74,24 @@ def test_exits_are_ordered_by_depth_and_compute_grows_to_one():
     torch.testing.assert_close(model(x), exits[-1])
 
 
+def test_pooled_internal_exits_keep_a_coarse_layout_and_the_final_exit_pools_globally():
+    model = _model(exit_pool_size=2)
+    assert [h[-1].in_features for h in model.net.heads] == [8 * 4, 16 * 4, 16]
+    model.eval()
+    x = torch.randn(5, 1, 8, 8)
+    h0 = model.net.stages[0](x)
+    h2 = model.net.stages[2](model.net.stages[1](h0))
+    # independent: 8x8 map -> mean over each 4x4 quadrant, row-major (channel, row, column) flattening
+    quads = h0.reshape(5, 8, 2, 4, 2, 4).mean(dim=(3, 5)).reshape(5, -1)
+    exits = model.forward_exits(x)
+    torch.testing.assert_close(exits[0], quads @ model.net.heads[0][-1].weight.T + model.net.heads[0][-1].bias)
+    torch.testing.assert_close(exits[-1], model.net.heads[-1][-1](h2.mean(dim=(2, 3))))
+    twin = model.static_twin(share_weights=True).eval()  # the twin is the final path, whatever the exits' pooling
+    torch.testing.assert_close(twin(x), exits[-1])
+    ff = model.flops_fraction
+    assert all(a < b for a, b in zip(ff, ff[1:])) and ff[-1] == pytest.approx(1.0)
+
+
 def test_timm_backbone_gets_one_exit_per_feature_stage():
     model = EarlyExitClassifier("resnet10t", num_classes=3, in_chans=1, image_size=8, exits=[1, 3])
     assert model.net.exit_stages == [1, 3] and model.num_exits == 2
@@ -229,6 +247,7 @@ def test_crash_and_resume_mid_epoch(tmp_path):
     (lambda: _model(exit_weights=[1.0, float("nan"), 1.0]), "exit_weights"),
     (lambda: _model(threshold=1.5), "threshold"),
     (lambda: _model(policy="margin"), "policy"),
+    (lambda: _model(exit_pool_size=0), "exit_pool_size"),
     (lambda: EarlyExitClassifier(nn.Linear(3, 3), num_classes=3, in_chans=1, image_size=8), "nn.Sequential"),
     (lambda: EarlyExitClassifier("resnet10x", num_classes=3), "Unknown timm backbone"),
     (lambda: EarlyExitNetwork([nn.Identity()], [3, 4], 2), "one channel count per stage"),

@@ -6,7 +6,10 @@ of Dynamic Mechanisms in Neural Networks", ICCV 2023 Workshop on Resource Effici
 Vision (arXiv 2308.08709; no official code found), in its early-exit form (Shallow-Deep Networks: Kaya, Hong and
 Dumitras, "Shallow-Deep Networks: Understanding and Mitigating Network Overthinking", ICML 2019; reference code
 https://github.com/yigitcankaya/Shallow-Deep-Networks). The backbone is split into stages; after stage ``k`` an
-exit ``f_k`` (global average pool + linear) gives logits ``z_k``. Training minimises
+exit ``f_k`` (average pool + linear) gives logits ``z_k``. The final exit pools globally (the backbone's own
+classifier); an internal exit pools to ``exit_pool_size x exit_pool_size`` (default 1: global), which keeps the
+spatial layout that early, wide feature maps need (SDN's internal classifiers likewise reduce the map to a small
+fixed size instead of a single vector). Training minimises
 
     L = Σ_k w_k · CE(z_k, y)
 
@@ -93,6 +96,8 @@ class EarlyExitNetwork(nn.Module):
             classifier). ``None``: every stage.
         threshold: τ of the inference policy.
         policy: ``"confidence"`` or ``"entropy"``.
+        exit_pool_size: output side of the average pool of the internal (non-final) exits (1: global pool); the
+            final exit always pools globally.
 
     Example:
         >>> stages = [nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU()),
@@ -104,7 +109,7 @@ class EarlyExitNetwork(nn.Module):
 
     def __init__(self, stages: Sequence[nn.Module], channels: Sequence[int], num_classes: int,
                  exits: Optional[Sequence[int]] = None, threshold: float = 0.9,
-                 policy: ExitPolicy = "confidence") -> None:
+                 policy: ExitPolicy = "confidence", exit_pool_size: int = 1) -> None:
         super().__init__()
         if len(stages) != len(channels) or not stages:
             raise ValueError(f"EarlyExitNetwork needs one channel count per stage; got {len(stages)} stages and "
@@ -115,11 +120,13 @@ class EarlyExitNetwork(nn.Module):
             raise ValueError(f"exit indices must be stage indices in [0, {n - 1}]; got {exits}")
         check_number("threshold", threshold, low=0, high=1)
         check_choice("policy", policy, ("confidence", "entropy"))
+        check_number("exit_pool_size", exit_pool_size, low=1, integer=True)
         self.stages = nn.ModuleList(stages)
         self.exit_stages = exits
-        self.heads = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels[e],
-                                                                                                  num_classes))
-                                   for e in exits)
+        sides = [int(exit_pool_size)] * (len(exits) - 1) + [1]
+        self.heads = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(s), nn.Flatten(),
+                                                 nn.Linear(channels[e] * s * s, num_classes))
+                                   for e, s in zip(exits, sides))
         self.threshold, self.policy = float(threshold), policy
         self.flops_fraction: Optional[list[float]] = None  # per exit, set by measure_flops
 

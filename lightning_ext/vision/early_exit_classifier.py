@@ -45,6 +45,8 @@ class EarlyExitClassifier(Classifier):
         exit_weights: ``w_k`` per exit (``None``: all 1).
         threshold: τ of the policy (confidence ≥ τ, or normalised entropy ≤ 1 − τ).
         policy: ``"confidence"`` or ``"entropy"``.
+        exit_pool_size: internal exits average-pool their stage's map to this side (1: global pool, the default);
+            2 keeps a coarse layout, which exits on small early maps need (the final exit always pools globally).
         stem_downsample: stem downsampling of timm CNNs (``None``: 1 under 64 pixels, else 4).
         backbone_kwargs: extra ``timm.create_model`` arguments.
         **kwargs: optimisation arguments of :class:`Classifier`.
@@ -66,6 +68,7 @@ class EarlyExitClassifier(Classifier):
         exit_weights: Optional[list[NonNegativeFloat]] = None,
         threshold: ClosedUnitInterval = 0.9,
         policy: ExitPolicy = "confidence",
+        exit_pool_size: PositiveInt = 1,
         stem_downsample: Optional[StemDownsample] = None,
         backbone_kwargs: Optional[dict] = None,
         **kwargs,
@@ -75,7 +78,8 @@ class EarlyExitClassifier(Classifier):
         height, width = image_pair(image_size)
         stages, channels = build_stages(backbone, in_chans, (height, width), stem_downsample, out_indices,
                                         backbone_kwargs)
-        net = EarlyExitNetwork(stages, channels, num_classes, exits, threshold, policy)
+        check_positive_int("exit_pool_size", exit_pool_size)
+        net = EarlyExitNetwork(stages, channels, num_classes, exits, threshold, policy, exit_pool_size)
         if exit_weights is not None:
             if len(exit_weights) != net.num_exits:
                 raise ValueError(f"`exit_weights` has {len(exit_weights)} entries for {net.num_exits} exits (stages "
