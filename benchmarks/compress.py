@@ -312,7 +312,7 @@ def accuracy_part(args) -> dict:
                 ours.lr = ft_lr
                 try:
                     result = compress(ours, dm, speedup=target, batch_size=args.batch, trainer=trainer,
-                                      distill_weight=0.9, temperature=4.0, output_dir=str(cache / "out"),
+                                      distill_weight=0.9, temperature=4.0, output_dir=str(cache / f"out-{acc_json.stem}-s{seed}-{target:g}x"),
                                       progress=False, latency_fn=timer, tolerance=0.03)
                 except (CompressError, PruningError) as err:  # the target is below what filter pruning can reach
                     row["unreachable"] = str(err)
@@ -326,7 +326,9 @@ def accuracy_part(args) -> dict:
                 row["uniform_reduction"] = r
                 for label, kd in (("uniform L1, no KD", False), ("uniform L1 + KD", True)):
                     seed_everything(seed, workers=True)
-                    student, t0 = wrap(copy.deepcopy(uniform), ft_lr), time.process_time()
+                    # train mode: the dense model was evaluated (eval mode) and Lightning keeps modules' modes, so a
+                    # copy would fine-tune with frozen BatchNorm statistics (compress() itself calls train())
+                    student, t0 = wrap(copy.deepcopy(uniform), ft_lr).train(), time.process_time()
                     tr = trainer()
                     if kd:
                         tr.callbacks.append(KnowledgeDistillation(copy.deepcopy(dense).eval(), weight=0.9,
