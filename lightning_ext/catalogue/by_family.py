@@ -295,4 +295,15 @@ ENTRIES: tuple[Entry, ...] = (
        "Position: Relational Deep Learning: Graph Representation Learning on Relational Databases", "2312.04615",
        ("RDL", "RelBench", "HeteroGraphSAGE", "heterogeneous GNN", "relational database", "temporal encoder"),
        "graph"),
+    # ---------------------------------------------------------------- temporal graphs: TGN and PRES (graph/)
+    _e("TemporalEventDataModule", "datamodules", "graph", "temporal_events",
+       "MovieLens-100K as a continuous-time dynamic graph: chronological events in contiguous temporal batches.",
+       "PRES: Toward Scalable Memory-Based Dynamic Graph Neural Networks", "2402.04284",
+       ("TemporalData", "CTDG", "dynamic graph", "event stream", "temporal batch", "MovieLens-100K", "JODIE split"),
+       "graph"),
+    _e("TGNLinkPredictor", "modules", "graph", "tgn",
+       "TGN future-link prediction on a continuous-time event stream, with optional PRES memory correction.",
+       "PRES: Toward Scalable Memory-Based Dynamic Graph Neural Networks", "2402.04284",
+       ("TGN", "PRES", "MDGNN", "TGNMemory", "memory coherence", "temporal batch", "dynamic GNN",
+        "temporal graph network", "link prediction"), "graph"),
 )
