@@ -144,11 +144,14 @@ def main_runs(data, arms=tuple(ARMS), json_path=None):
 
 
 def merge_shards(data) -> bool:
-    """Folds the per-arm shards (``d_fine.<arm>.json``) into ``data``; True when there were any."""
+    """Folds the per-arm shards (``d_fine.<arm>.json``) into ``data``; True when there were any. The time each
+    shard was last written (its arm's last finished run) is kept under ``shard_written_utc``."""
     found = False
     for key in KEYS:
         shard = OUT / f"d_fine.{key}.json"
         if shard.exists():
+            data.setdefault("shard_written_utc", {})[key] = time.strftime(
+                "%Y-%m-%d %H:%M", time.gmtime(shard.stat().st_mtime))
             part = json.loads(shard.read_text())
             have = {(r["arm"], r["lr"], r["seed"]) for r in data.setdefault("runs", [])}
             data["runs"] += [r for r in part.get("runs", []) if (r["arm"], r["lr"], r["seed"]) not in have]
@@ -307,17 +310,28 @@ def render(data):
              f"Premise (positive control): baseline test mAP_50 >= 0.3: "
              f"{'holds' if premise else 'fails' if premise is False else 'pending'}.", "",
              "## Results (test split, best-validation weights, tuned lr, mean ± std over seeds)", ""]
-    if not complete:
+    history = ("a first attempt at this budget was stopped at 02:25 UTC with 1 of its "
+               f"{len(ARMS) * (len(P['lrs']) + 2)} runs finished: the machine's 2 cores then ran ~45 processes of 8 "
+               "helpers, and a one-thread, niced D-FINE epoch took 578-946 s of wall time for ~7 CPU-s. It resumed "
+               "from the shards at 04:32 UTC (one process per arm, side by side, on the 2 cores shared with the "
+               "lead's and other helpers' jobs)")
+    if complete:
+        written = data.get("shard_written_utc", {})
+        walls = {arm: sum(r["wall_s"] for r in data["runs"] if r["arm"] == arm) for arm in ARMS}
+        cpus = {arm: sum(r["cpu_s"] for r in data["runs"] if r["arm"] == arm) for arm in ARMS}
+        lines += ["Runtime: " + history + (f"; the last shard was written at {max(written.values())} UTC"
+                                           if written else "") + ". Training wall time per arm, all "
+                  f"{len(P['lrs']) + 2} runs (the baseline's lr 1e-3 seed-0 run is the first attempt's, on the "
+                  "overloaded machine): " + ", ".join(f"{arm} {walls[arm] / 60:.0f} min ({cpus[arm] / 60:.1f} "
+                                                      "CPU-min)" for arm in ARMS) + ".", ""]
+    else:
         done = "; ".join(f"{r['arm']} lr {r['lr']:g} seed {r['seed']} (best epoch {r['best_epoch'] + 1}/"
                          f"{r['epochs']}, test AP75 {r['test_map_75']:.3f}, {r['cpu_s']:.0f} CPU-s)"
                          for r in data["runs"]) or "none"
-        lines += [f"**The rerun did not finish** ({len(data['runs'])} of the {len(ARMS) * (len(P['lrs']) + 2)} "
-                  "runs it needs). The machine's 2 cores ran ~45 processes of 8 helpers at the time, and each "
-                  "one-thread, niced run got a few percent of a core (a 48x48 D-FINE epoch took 578-946 s of wall "
-                  "time for ~7 CPU-s); both arms were stopped at 02:25 UTC so that the session's tests could run. "
-                  f"Finished: {done}. No claim is decided on it and the verdict stays **inconclusive**; the first "
-                  "run's record below is unchanged. To finish: rerun the two `--arm` commands on an idle machine "
-                  "(about 30 CPU-minutes; they resume from the shards).", ""]
+        lines += [f"**The rerun has not finished** ({len(data['runs'])} of the {len(ARMS) * (len(P['lrs']) + 2)} "
+                  f"runs it needs). {history[0].upper() + history[1:]}. Finished: {done}. No claim is decided on "
+                  "it and the verdict stays **inconclusive**; the first run's record below is unchanged. To finish: "
+                  "rerun the two `--arm` commands (they resume from the shards).", ""]
     lines += results_table(res)
     lines += ["", "Tuning (seed 0, best validation mAP):", "", "| arm | lr | best val mAP | test AP75 |", "|---|---|---|---|"]
     for r in sorted((r for r in data["runs"] if r["seed"] == 0), key=lambda r: (r["arm"], r["lr"])):
@@ -333,9 +347,13 @@ def render(data):
     final = [r for arm in ARMS for r in res[arm]]
     if final:
         last = sum(r["still_improving"] for r in final)
+        full = sum(r["epochs"] == P["max_epochs"] for r in final)
         notes.append(f"{last} of {len(final)} final runs had their best validation mAP at their last epoch" + (
             ": the budget ends before convergence, so the ranking at this budget need not be the ranking at "
-            "convergence" if last else " (every one stopped early, after its best epoch)"))
+            "convergence" if last else " (each one's best came before its last epoch)")
+            + (f"; {full} of them ran all {P['max_epochs']} epochs without early stopping (best epochs: "
+               + ", ".join(f"{r['best_epoch'] + 1}" for r in final if r["epochs"] == P["max_epochs"])
+               + "), so a larger budget could still move them" if full else ""))
     if notes:
         lines += ["", "Reading the tuning:", ""] + [f"- {n}." for n in notes]
     if "speed" in data:
