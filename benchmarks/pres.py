@@ -158,8 +158,20 @@ def render(data: dict):
         claims.append(f"drop_TGN(800) = {dt:+.4f} ± {st:.4f}; drop_PRES(800) = {dp:+.4f} ± {sp:.4f} "
                       f"(AP(200) − AP(800) on validation, paired by seed)")
         claims.append(f"training-epoch time ratio 800/200: TGN {t_ratio['tgn']:.2f}x, PRES {t_ratio['pres']:.2f}x")
+        anchor = float(np.mean(res["tgn"][200]["best_val_ap"]))
+        within = [b for b in batches if res["pres"][b]["best_val_ap"]
+                  and float(np.mean(res["pres"][b]["best_val_ap"])) >= anchor - 0.01]
+        claims.append(f"largest temporal batch at which TGN+PRES stays within 1 AP point of TGN at 200 "
+                      f"({anchor:.4f}): {max(within) if within else 'none'}")
+        premise = (f"the premise check {'passes' if dt > 2 * st else 'fails'}: drop_TGN(800) = {dt:.4f} is "
+                   f"{'above' if dt > 2 * st else 'within'} 2 std ({2 * st:.4f}) of 0")
         if at_last:
-            verdict, why = "inconclusive", f"best validation epoch is the last epoch for {', '.join(at_last)}"
+            verdict, why = "inconclusive", (f"best validation epoch is the last epoch for {', '.join(at_last)} "
+                                            f"(training too short for the larger batches, which take 4x fewer "
+                                            f"steps per epoch); also, {premise}. To decide it: set "
+                                            f"PROTO['epochs'] = 10 (and seeds [0..4]) in benchmarks/pres.py, delete "
+                                            f"docs/results/pres.json and run `{COMMAND}` (about 2 to 3 hours on this "
+                                            f"shared 2-core machine)")
         elif not dt > 2 * st:
             verdict, why = "not testable here", ("TGN loses no significant accuracy from batch 200 to 800 here "
                                                  "(drop within 2 std of 0), so there is nothing for PRES to recover "
@@ -209,6 +221,7 @@ time at 800 is ≤ 0.5× that at 200; if `drop_TGN(800)` is within 2 std of 0 th
   (min-max running sum, raw fixed γ {p['pres_gamma']}, detached column-wise coherence), on batch nodes only.
 - Seeds {p['seeds']}; one process, `torch.set_num_threads(1)`, on a 2-core machine shared with other jobs (epoch
   times are comparable only within this run). Machine: {data.get('meta', {}).get('machine', '?')}.
+- Runtime: {sum(r['wall_s'] for r in runs.values()) / 60:.1f} minutes for {len(runs)} runs (fit + test).
 - Command: `{COMMAND}` (resumes from `docs/results/pres.json`; `--render-only` re-renders).
 """
     return page, res, verdict
