@@ -44,6 +44,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from disk_gnn import _evict as evict  # noqa: E402  (page cache eviction, shared with the I/O benchmark)
+
 ROOT = Path(__file__).resolve().parents[1]
 JSON = ROOT / "docs" / "results" / "disk_gnn_memory.json"
 P = dict(nodes=2_000_000, dim=512, blocks=50, degree=5, classes=10, signal=0.1, train_seeds=10_240, val_seeds=1_000,
@@ -81,14 +84,6 @@ def make_graph(root: Path) -> Path:
                       ("val_idx", perm[t: t + v]), ("test_idx", perm[t + v: t + 2 * v])):
         np.save(root / f"{name}.npy", arr)
     return root
-
-
-def evict(*files: Path) -> None:
-    for f in files:
-        if f.exists():
-            fd = os.open(f, os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
 
 
 # -- a memory cgroup ---------------------------------------------------------------------------------------------
