@@ -161,6 +161,16 @@ def test_deleting_far_future_rows_leaves_val_and_test_predictions_unchanged(ml10
     assert torch.equal(preds[0]["test"][:n], preds[1]["test"])
 
 
+def test_ddp_is_refused_in_setup(tmp_path):
+    class _Trainer:
+        world_size = 2
+
+    dm = _toy_dm(tmp_path)
+    dm.trainer = _Trainer()
+    with pytest.raises(RuntimeError, match="devices=1"):
+        dm.setup("fit")
+
+
 def test_rdl_learns_the_toy_task_and_logs_auroc(tmp_path):
     import lightning.pytorch as pl
 

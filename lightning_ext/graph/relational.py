@@ -122,7 +122,10 @@ class RelationalDataModule(LightningDataModule):
 
     @override
     def setup(self, stage: str) -> None:
-        """Read the tables, build the graph, compute the task's labels per split (once)."""
+        """Read the tables, build the graph, compute the task's labels per split (once); refuse DDP."""
+        if self.trainer is not None and self.trainer.world_size > 1:
+            raise RuntimeError("RelationalDataModule does not shard its seed order or neighbour draws across "
+                               "processes: run it on one device (devices=1, no DDP)")
         if self.data is not None:
             return
         start = time.perf_counter()
