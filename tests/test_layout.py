@@ -12,7 +12,7 @@ ROOT = Path(lightning_ext.__file__).parent
 FACADES = {"callbacks", "modules", "datamodules"}
 FAMILIES = {"compression", "distillation", "merging", "ssl", "curation", "recsys", "graph", "pipeline", "vision",
             "data", "tabular", "mil", "metric_learning", "segmentation", "federated",
-            "detection", "audio", "diffusion"}
+            "detection", "audio", "diffusion", "traffic", "text", "export", "parallel"}
 #: Lightning wrappers: modules that define a Callback, LightningModule or LightningDataModule for users.
 WRAPPERS = {e.module for e in catalogue.ENTRIES if e.kind in catalogue.LIGHTNING_KINDS}
 #: Reasoned exceptions (importer, imported wrapper module): why each may import a wrapper module.

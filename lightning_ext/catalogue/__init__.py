@@ -23,7 +23,7 @@ KIND_TITLES = {
 }
 FAMILIES = ("vision", "data", "compression", "distillation", "merging", "ssl", "curation", "recsys", "graph",
             "pipeline", "tabular", "mil", "metric_learning", "segmentation", "detection", "federated",
-            "audio", "diffusion")
+            "audio", "diffusion", "traffic", "text", "export", "parallel")
 
 
 from lightning_ext.catalogue import by_family, by_kind
