@@ -88,6 +88,12 @@ import json, sys
 from lightning_ext import catalogue
 heavy = {HEAVY!r}
 needs = {{}}
+# torchmetrics (a core dependency) imports transformers itself when it is installed (BERTScore, InfoLM): that
+# import is torchmetrics', not a component's, and cannot be made lazy here; any other preloaded extra is a failure
+import torchmetrics
+preloaded = {{m for m in heavy if m in sys.modules}}
+if preloaded - {{"transformers"}}:
+    needs["torchmetrics"] = "imported " + ", ".join(sorted(preloaded))
 for e in catalogue.ENTRIES:
     try:
         e.load()
@@ -96,7 +102,7 @@ for e in catalogue.ENTRIES:
             needs[e.name] = str(err)
     except Exception:
         pass
-    now = [m for m in heavy if m in sys.modules and m not in needs.get("_imported", [])]
+    now = [m for m in heavy if m in sys.modules and m not in preloaded and m not in needs.get("_imported", [])]
     if now:
         needs.setdefault("_imported", []).extend(now)
         needs[e.name] = "imported " + ", ".join(now)
