@@ -29,10 +29,6 @@ ALLOWED = {
     ("lightning_ext.tabular.pfn_classifier", "lightning_ext.tabular.prior_fitted_network"),
     # the federation runner builds each client's FederatedDataModule from a YAML: a user-facing tool, not a core
     ("lightning_ext.federated.run", "lightning_ext.federated.datamodule"),
-    # the MovieLens user graph reads recbole's ML-100K files with the recsys loader's file finder and .inter reader
-    ("lightning_ext.graph.movielens_users", "lightning_ext.recsys.movielens100k"),
-    # the TGN event stream reads the same files with the same two functions (find_ml100k_inter, read_inter_file)
-    ("lightning_ext.graph.temporal_events", "lightning_ext.recsys.movielens100k"),
 }
 SOURCES = sorted(p for p in ROOT.rglob("*.py") if "__pycache__" not in p.parts)
 

@@ -19,7 +19,7 @@ from lightning_ext.core.validation import (
     check_positive_int,
 )
 from lightning_ext.graph.planetoid import FullGraphLoaders
-from lightning_ext.recsys.movielens100k import find_ml100k_inter, read_inter_file
+from lightning_ext.data.movielens100k import find_ml100k_inter, read_inter_file
 
 #: the user-level label: a technical occupation (engineer, programmer, scientist, technician, executive; 24% of
 #: users, 31% of men and 5% of women) or age at or above the median (31; independent of gender: a control)

@@ -20,7 +20,7 @@ NUM_USERS, NUM_ITEMS = 943, 1682
 def load_ml100k_events(path: Optional[Path] = None) -> dict[str, Any]:
     """ML-100K ratings as events sorted by time (ties keep file order): ``src`` user, ``dst`` ``943 + movie``,
     ``t`` seconds since the first rating, ``msg`` the rating one-hot (5), ``order`` the row in the file."""
-    from lightning_ext.recsys.movielens100k import find_ml100k_inter, read_inter_file
+    from lightning_ext.data.movielens100k import find_ml100k_inter, read_inter_file
 
     raw = read_inter_file(Path(path) if path else find_ml100k_inter(), NUM_USERS, NUM_ITEMS)
     order = np.argsort(raw[:, 3], kind="stable")

@@ -13,7 +13,8 @@ from typing_extensions import override
 
 from lightning_ext.core.sampling import epoch_loader
 from lightning_ext.core.validation import NonNegativeInt, PositiveInt, check_number, check_positive_int
-from lightning_ext.recsys.movielens100k import MovieLens100KDataModule, find_ml100k_inter, read_inter_file
+from lightning_ext.data.movielens100k import find_ml100k_inter, read_inter_file
+from lightning_ext.recsys.movielens100k import MovieLens100KDataModule
 
 #: how the training and search loaders are zipped each epoch (``"min_size"`` is the official truncated loop)
 CombineMode = Literal["max_size_cycle", "min_size"]

@@ -15,7 +15,8 @@ from lightning_ext.core.sampling import epoch_loader
 from lightning_ext.core.validation import (
     NonNegativeInt, PositiveFloat, PositiveInt, check_choice, check_number, check_positive, check_positive_int,
 )
-from lightning_ext.recsys.movielens100k import MovieLens100KDataModule, find_ml100k_inter, read_inter_file
+from lightning_ext.data.movielens100k import find_ml100k_inter, read_inter_file
+from lightning_ext.recsys.movielens100k import MovieLens100KDataModule
 
 #: the tensor modes MovieLens-100K offers
 Mode = Literal["user", "item", "week", "day"]

@@ -14,7 +14,8 @@ from typing_extensions import override
 from lightning_ext.core.sampling import epoch_loader
 from lightning_ext.core.validation import NonNegativeInt, PositiveInt, check_number, check_positive_int
 from lightning_ext.recsys.interactions import _ShardSampler
-from lightning_ext.recsys.movielens100k import MovieLens100KDataModule, find_ml100k_inter, read_inter_file
+from lightning_ext.data.movielens100k import find_ml100k_inter, read_inter_file
+from lightning_ext.recsys.movielens100k import MovieLens100KDataModule
 
 
 def left_padded(items: list[int], max_len: int) -> list[int]:
