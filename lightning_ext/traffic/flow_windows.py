@@ -211,6 +211,11 @@ class FlowWindowDataModule(SplitLoaders, LightningDataModule):
                        f"{'included (leakage probe)' if self.include_ports else 'left out'}.")
         self._splits = {k: _Windows(num_t, cat_t, y, v, self.window) for k, v in ends.items()}
 
+    @property
+    def train_set(self):
+        """The training split (after ``setup``)."""
+        return self.split_dataset("train")
+
     def split_dataset(self, split: str) -> _Windows:
         """The windows of ``split`` (``"train"``, ``"val"`` or ``"test"``)."""
         if not self._splits:

@@ -212,6 +212,11 @@ class PcapBurstDataModule(SplitLoaders, LightningDataModule):
         self._splits = {k: TensorDataset(*(t[torch.as_tensor(v)] for t in tensors), y[torch.as_tensor(v)])
                         for k, v in split.items()}
 
+    @property
+    def train_set(self):
+        """The training split (after ``setup``)."""
+        return self.split_dataset("train")
+
     def split_dataset(self, split: str) -> TensorDataset:
         """The dataset of ``split`` (``"train"``, ``"val"`` or ``"test"``)."""
         if not self._splits:
