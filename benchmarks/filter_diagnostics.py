@@ -138,6 +138,23 @@ def write_report(runs: list[dict], args, total_s: float) -> None:
     moved_max = [max(r["claims"]["moved"].values()) for r in runs]
     control = all(m > CONTROL_FACTOR for m in moved_max)
     word = combine_claims([c2 if control else None]) if len(runs) >= 2 else "inconclusive"
+    moved_mean = {n: statistics.mean(r["claims"]["moved"][n] for r in runs) for n in runs[0]["names"]}
+    stage_moved = {st: statistics.mean(v for n, v in moved_mean.items() if f".{st}." in n) for st in ("layer1", "layer4")}
+    moved_layers = [n.replace("net.", "") for n, v in moved_mean.items() if v > CONTROL_FACTOR]
+    if not control:
+        stage_text = "No layer's filter distribution has left the random one at this budget."
+    elif stage_moved["layer4"] > stage_moved["layer1"]:
+        stage_text = ("The order is the reverse of the claim: the last stage moved furthest from its random "
+                      "initialisation and the first stage stayed at its floor, so \"the last stage barely leaves its "
+                      "random initialisation while the first does\" is **not supported**.")
+    else:
+        stage_text = "The first stage moved further from its random initialisation than the last, as claimed."
+    ent = [(h["epoch"], h["layer"], h["variance_entropy"]) for r in runs for h in r["history"]]
+    final_epoch = max(e for e, _, _ in ent)
+    min_entropy = min(statistics.mean(v for e, n2, v in ent if e == final_epoch and n2 == n) for n in runs[0]["names"])
+    init_entropy = statistics.mean(v for e, _, v in ent if e == -1)
+    budget_note = ("the spec ran 5; fewer here to fit the shared CPU" if args.epochs < 5 else
+                   "the spec ran 5; at 2 epochs no layer's D left its noise floor, so the positive control failed")
     OUT.mkdir(parents=True, exist_ok=True)
     atomic_write_json({"args": vars(args), "runs": runs, "verdict": word, "total_s": total_s},
                       OUT / "filter_diagnostics.json", indent=2)
@@ -189,7 +206,7 @@ in `layer1`, variance entropy staying at the random level (0.95).
 Set-up: timm `resnet18`, `in_chans=1`, first conv stride 1 and no max-pool (ImageClassifier's small-image stem;
 {runs[0]['n_filters']:,} 3x3 filters in 16 layers), scikit-learn digits (1,797 8x8 images; the library's split:
 {args.train_size:,} training images), AdamW lr 1e-3 (ImageClassifier's default), batch 64, **{args.epochs} epochs**
-(the spec ran 5: scaled down to fit the shared CPU), FilterDiagnostics at fit start and after every epoch
+({budget_note}), FilterDiagnostics at fit start and after every epoch
 (PCA basis and histogram ranges fitted on the initial filters, 70 bins, sparsity threshold 1%). Noise floor: D
 between the initial filters and an independent random initialisation of the same layer (same basis). Pass
 criteria (the spec's): (1) at init every layer has normalised variance entropy >= 0.95 and sparsity 0; (2) after
@@ -240,20 +257,18 @@ Raw numbers: [`filter_diagnostics.json`](filter_diagnostics.json).
   'although the network reaches ' + f"{min(r['train_acc'] for r in runs):.2f}" + ' training accuracy)'}.
 - (1) random init reads as random (entropy >= 0.95 of the normalised maximum, no sparse filters): {'holds' if c1 else 'fails'} in every seed.
 - (2) the spec's raw criterion, D(`layer1.0.conv1`) > 10 x D(`layer4.1.conv2`): {'holds' if c2_raw else 'fails'} in
-  {'every seed' if c2_raw else 'at least one seed'}. **But the control explains it**: D between two independent random
-  initialisations (no training at all) shows the same depth pattern, because D is a histogram KL whose sampling
+  {'every seed' if c2_raw else 'at least one seed'}. **But the control explains the raw ratio**: D between two
+  independent random initialisations (no training at all) shows the same depth pattern (ratio of the floors
+  {mean_std([r['claims']['floor_ratio_first_last'] for r in runs], 1)}), because D is a histogram KL whose sampling
   noise falls with the number of filters (4,096 in `layer1` vs 262,144 in `layer4`). Measured against each layer's
-  own floor, the trained drift is at the floor in every layer (D / floor column), so the first stage has not moved
-  10x more than the last: the claim that "the last stage barely leaves its random initialisation" while the first
-  does is **not supported** at this budget; rather no layer's filter *distribution* has left the random one yet
-  (consistent with the unchanged variance entropy). Normalised criterion (ratio of D / floor > 10, layer4 flagged
-  near-random, layer1 not): {'holds' if c2 else 'fails'}.
-- The callback now judges "near-random" against each layer's own noise floor (`drift_floor`, from the two halves
+  own floor: mean D / floor is {stage_moved['layer1']:.2f} in `layer1` and {stage_moved['layer4']:.2f} in `layer4`;
+  layers beyond {CONTROL_FACTOR:g} x their floor (mean over seeds): {', '.join(moved_layers) or 'none'}. {stage_text}
+  Normalised criterion (ratio of D / floor > 10, layer4 flagged near-random, layer1 not): {'holds' if c2 else 'fails'}.
+- The callback judges "near-random" against each layer's own noise floor (`drift_floor`, from the two halves
   of its initial filters) instead of against the largest layer's D; its flags above use that rule.
-- Trained filters keep the random-level variance entropy at this budget: no sparse or low-entropy (degenerate)
-  layers appear; the degeneration visible here is the near-random kind only.
-- Scaled down: {args.epochs} epochs instead of the spec's 5 (the spec's own table shows D already at its
-  epoch-5 level after epoch 1); digits only.
+- Variance entropy after training: lowest layer mean {min_entropy:.4f} against {init_entropy:.4f} at random init, so
+  no sparse or low-entropy (degenerate) layers appear at this budget.
+- Scale: {args.epochs} epochs on digits only (the spec ran 5 epochs).
 """
     atomic_write_text(text, OUT / "filter_diagnostics.md")
 
