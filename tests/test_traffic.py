@@ -337,3 +337,85 @@ def test_capture_recipe_makes_a_labelled_ethernet_capture(tmp_path):
     assert {"http", "tls", "dns"} <= seen
     assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout == before
     assert np.isfinite(manifest["seconds"])
+
+
+# ------------------------------------------------------------------------------------------ netFound
+
+
+def _bursts_dm(**kw):
+    return PcapBurstDataModule([str(PCAP)], labels=["http", "tls", "stream"], cache_dir=None, batch_size=8,
+                               val_fraction=0.25, test_fraction=0.25, **kw)
+
+
+def _tiny_netfound(**kw):
+    from lightning_ext.traffic.net_found_module import NetFoundModule
+
+    torch.manual_seed(0)
+    return NetFoundModule(**{**dict(num_classes=3, hidden=16, layers=1, heads=2, ff_dim=32, dropout=0.0), **kw})
+
+
+def test_netfound_corruption_swaps_and_masks_only_real_tokens():
+    from lightning_ext.traffic.net_found import mask_bursts
+
+    dm = _bursts_dm()
+    dm.setup()
+    tok, meta, _ = dm.split_dataset("train")[:16]
+    out = mask_bursts(tok, meta, 0.3, 0.5, torch.Generator().manual_seed(0))
+    assert out["mlm"].any() and out["swapped"].any()
+    assert not ((out["targets"] == P.CLS) & out["mlm"]).any() and not ((out["targets"] == P.PAD) & out["mlm"]).any()
+    assert (out["tokens"][out["mlm"]] == P.MASK).all() and torch.equal(out["tokens"][~out["mlm"]],
+                                                                       out["targets"][~out["mlm"]])
+    unswapped = out["swapped"] == 0
+    torch.testing.assert_close(out["targets"][unswapped], tok[unswapped])
+    share = out["mlm"].sum() / ((tok != P.PAD) & (tok != P.CLS)).sum()
+    assert 0.2 < float(share) < 0.4
+    assert (out["meta"][out["meta_mask"]] == 0).all()
+
+
+def test_netfound_losses_match_an_independent_computation():
+    from lightning_ext.traffic.net_found import mask_bursts, netfound_losses
+
+    dm = _bursts_dm()
+    dm.setup()
+    tok, meta, _ = dm.split_dataset("train")[:6]
+    net = _tiny_netfound().net.eval()
+    batch = mask_bursts(tok, meta, 0.3, 0.5, torch.Generator().manual_seed(1))
+    got = netfound_losses(net, batch, metadata_weight=0.4)
+    h, _ = net.encode(batch["tokens"], batch["meta"])
+    hi = lo = n = 0.0
+    for b, i, j in batch["mlm"].nonzero().tolist():  # token by token: value = token - 1 = 256 * hi + lo
+        v = int(batch["targets"][b, i, j]) - 1
+        hi = hi - torch.log_softmax(net.mlm_hi(h[b, i, j]), -1)[v // 256]
+        lo = lo - torch.log_softmax(net.mlm_lo(h[b, i, j]), -1)[v % 256]
+        n += 1
+    sw, k, mae, m = 0.0, 0, 0.0, 0
+    for b in range(tok.shape[0]):
+        for i in range(tok.shape[1]):
+            if batch["tokens"][b, i, 0] == P.PAD:
+                continue
+            sw = sw - torch.log_softmax(net.swap_head(h[b, i, 0]), -1)[int(batch["swapped"][b, i])]
+            k += 1
+            if batch["meta_mask"][b, i]:
+                tm = batch["target_meta"][b, i]
+                target = torch.cat([tm[:1], torch.log1p(tm[1:].clamp(min=0))])
+                mae = mae + (net.meta_head(h[b, i, 0]) - target).abs().mean()
+                m += 1
+    expected = hi / n + lo / n + sw / k + 0.4 * mae / m
+    torch.testing.assert_close(got["loss"], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_netfound_flat_ablation_and_frozen_fine_tuning(tmp_path):
+    pre = _tiny_netfound(task="pretrain")
+    torch.save({"state_dict": pre.state_dict()}, tmp_path / "pre.ckpt")
+    clf = _tiny_netfound(pretrained_path=str(tmp_path / "pre.ckpt"), freeze_encoder=True)
+    torch.testing.assert_close(clf.net.token.weight, pre.net.token.weight)
+    assert {n.split(".")[1] for n, p in clf.named_parameters() if p.requires_grad} == {"head", "pool"}
+    assert len(_tiny_netfound(flat=True).net.flow_layers) == 0
+    with pytest.raises(ValueError, match="does not fit this network"):
+        _tiny_netfound(hidden=8, pretrained_path=str(tmp_path / "pre.ckpt"))
+
+
+def test_netfound_pretraining_resumes_mid_epoch(tmp_path):
+    full, resumed, _ = crash_and_resume(lambda: _tiny_netfound(task="pretrain"), _bursts_dm, lambda: [],
+                                        max_epochs=2, crash_step=3, tmp_path=tmp_path)
+    assert_same_parameters(full, resumed)
