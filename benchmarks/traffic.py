@@ -42,6 +42,9 @@ NM = dict(byte_length=192, dim=32, depth=2, d_state=8, expand=2, decoder_dim=16,
           backend="torch")
 NM_LAYOUT = dict(packets=3, header_bytes=40, payload_bytes=24)
 NM_LR, NM_CAP, FEW = 2e-3, 40, 10
+#: the port check again with 5 packets (the first 3 of a TCP flow are the handshake: no payload) and longer training
+NM5 = dict(NM, byte_length=320, depth=1)
+NM5_LAYOUT = dict(packets=5, header_bytes=40, payload_bytes=24)
 
 
 def save(data: dict) -> None:
@@ -112,52 +115,59 @@ def flow_probe(capture: str, multiclass: bool = False) -> dict:
     return out
 
 
-def nm_dm(capture: str, mask_ports: bool, seed: int, per_class) -> PcapBurstDataModule:
+def nm_dm(capture: str, mask_ports: bool, seed: int, per_class, layout=None) -> PcapBurstDataModule:
     return PcapBurstDataModule([capture], labels=APPS, representation="netmamba_bytes", mask_ports=mask_ports,
                                labels_per_class=per_class, batch_size=32, seed=seed, shuffle_seed=seed,
-                               cache_dir=CACHE, **NM_LAYOUT)
+                               cache_dir=CACHE, **(layout or NM_LAYOUT))
 
 
-def run_nm(dm, seed: int, max_epochs: int, patience: int, label: str, **kw) -> dict:
+def run_nm(dm, seed: int, max_epochs: int, patience: int, label: str, net=None, **kw) -> dict:
     torch.manual_seed(seed)
-    model = NetMambaModule(num_classes=len(APPS), lr=NM_LR, seed=seed, **NM, **kw)
+    model = NetMambaModule(num_classes=len(APPS), lr=NM_LR, seed=seed, **(net or NM), **kw)
     fit = fit_early_stopping(model, dm, max_epochs=max_epochs, callbacks=[], label=label, patience=patience,
                              monitor="val_f1")
     return {**fit, "test": test_metrics(model, dm), "seed": seed}
 
 
-def part_ports(data: dict, capture: str) -> None:
-    out = data.setdefault("ports", {"runs": {}})
+def part_ports(data: dict, capture: str, key: str = "ports") -> None:
+    five = key == "ports5"
+    layout, net, epochs, patience = (NM5_LAYOUT, NM5, 30, 5) if five else (NM_LAYOUT, NM, 12, 3)
+    out = data.setdefault(key, {"runs": {}})
     for masked in (True, False):
         name = "ports_masked" if masked else "ports_unmasked"
         runs = out["runs"].setdefault(name, {})
         for seed in SEEDS:
             if str(seed) not in runs:
-                dm = nm_dm(capture, masked, seed, NM_CAP)
-                runs[str(seed)] = run_nm(dm, seed, 12, 3, f"nm {name} s{seed}")
+                dm = nm_dm(capture, masked, seed, NM_CAP, layout)
+                runs[str(seed)] = run_nm(dm, seed, epochs, patience, f"nm {key} {name} s{seed}", net=net)
                 save(data)
         if f"shortcuts_{name}" not in out:
-            dm = nm_dm(capture, masked, 0, NM_CAP)
+            dm = nm_dm(capture, masked, 0, NM_CAP, layout)
             dm.setup()
             out[f"shortcuts_{name}"] = dm.shortcuts
             save(data)
     if "probe" not in out:
-        out["probe"] = bytes_probe(capture)
+        out["probe"] = bytes_probe(capture, layout)
         save(data)
 
 
-def bytes_probe(capture: str) -> dict:
+def part_ports5(data: dict, capture: str) -> None:
+    part_ports(data, capture, "ports5")
+
+
+def bytes_probe(capture: str, layout=None) -> dict:
     """Shortcut probe: logistic regression on the server/client port and the first packets' sizes."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import f1_score
 
-    dm = nm_dm(capture, False, 0, NM_CAP)
+    layout = layout or NM_LAYOUT
+    dm = nm_dm(capture, False, 0, NM_CAP, layout)
     dm.setup()
     out = {}
 
     def xy(split, ports):
         x, y = dm.split_dataset(split)[:]
-        raw = ((x + 1) * 127.5).round().long().reshape(len(x), 3, 64)
+        raw = ((x + 1) * 127.5).round().long().reshape(len(x), layout["packets"], 64)
         size = (raw[:, :, 2] * 256 + raw[:, :, 3]).float()  # IPv4 total length of each packet
         feats = [torch.log1p(size)]
         if ports:
@@ -173,13 +183,15 @@ def bytes_probe(capture: str) -> dict:
     return out
 
 
-def part_pretrain(data: dict, capture: str) -> None:
-    out = data.setdefault("pretrain", {"runs": {}})
-    ckpt = Path(CACHE) / "net_mamba_mae.pt"
+def part_pretrain(data: dict, capture: str, key: str = "pretrain") -> None:
+    five = key == "pretrain5"
+    layout, net = (NM5_LAYOUT, NM5) if five else (NM_LAYOUT, NM)
+    out = data.setdefault(key, {"runs": {}})
+    ckpt = Path(CACHE) / f"net_mamba_mae_{key}.pt"
     if "mae" not in out or not ckpt.is_file():
         torch.manual_seed(0)
-        dm = nm_dm(capture, True, 0, None)
-        model = NetMambaModule(task="mae", num_classes=len(APPS), lr=1e-3, seed=0, mask_ratio=0.9, **NM)
+        dm = nm_dm(capture, True, 0, None, layout)
+        model = NetMambaModule(task="mae", num_classes=len(APPS), lr=1e-3, seed=0, mask_ratio=0.9, **net)
         dm.setup()
         first = float(np.mean([float(model.objective(b, "val")) for b in dm.val_dataloader()]))
         fit = _fit_mae(model, dm)
@@ -190,9 +202,13 @@ def part_pretrain(data: dict, capture: str) -> None:
         runs = out["runs"].setdefault(arm, {})
         for seed in SEEDS:
             if str(seed) not in runs:
-                dm = nm_dm(capture, True, seed, FEW)
-                runs[str(seed)] = run_nm(dm, seed, 25, 6, f"nm {arm} 10/class s{seed}", **kw)
+                dm = nm_dm(capture, True, seed, FEW, layout)
+                runs[str(seed)] = run_nm(dm, seed, 25, 6, f"nm {key} {arm} 10/class s{seed}", net=net, **kw)
                 save(data)
+
+
+def part_pretrain5(data: dict, capture: str) -> None:
+    part_pretrain(data, capture, "pretrain5")
 
 
 def _fit_mae(model, dm, max_epochs: int = 8) -> dict:
@@ -261,7 +277,8 @@ def part_speed(data: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--capture", default="/tmp/lx_cap/day0")
-    ap.add_argument("--part", default="all", choices=["all", "speed", "flow", "ports", "pretrain"])
+    ap.add_argument("--part", default="all", choices=["all", "speed", "flow", "ports", "pretrain",
+                                                          "ports5", "rerun", "pretrain5"])
     ap.add_argument("--render-only", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -275,7 +292,8 @@ def main() -> None:
         data.setdefault("meta", {})["command"] = f"benchmarks/traffic.py --capture {args.capture} --part {args.part}"
         data["meta"]["capture"] = json.loads((Path(args.capture) / "capture.labels.json").read_text())
         data["meta"]["torch"] = torch.__version__
-        parts = ["speed", "flow", "ports", "pretrain"] if args.part == "all" else [args.part]
+        parts = {"all": ["speed", "flow", "ports", "pretrain", "ports5", "pretrain5"],
+                 "rerun": ["flow", "ports5"]}.get(args.part, [args.part])
         for part in parts:
             start = time.time()
             if part == "speed":
