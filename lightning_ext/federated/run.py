@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import yaml
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm", "fedgen", "fedd2s")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm", "fedgen", "fedd2s", "fedpub", "fedins")
 _FEDERATION_KEYS = {"num_clients", "num_rounds", "local_steps", "local_epochs", "partitioner", "alpha", "strategy",
                     "strategy_args", "personal", "remove_normalization", "keep_state", "checkpoint_path"}
 
@@ -47,9 +47,31 @@ def _strategy(name: str, n: int, extra: dict) -> Any:
 
         return fedd2s_fedavg(fraction_evaluate=1.0, min_train_nodes=n, min_available_nodes=n, min_evaluate_nodes=n,
                              **extra)
+    if name == "fedpub":  # FED-PUB's personalised server; the clients test their personalised models every round
+        from lightning_ext.federated.fedpub_module import fedpub_fedavg
+
+        return fedpub_fedavg(fraction_evaluate=1.0, min_train_nodes=n, min_available_nodes=n, min_evaluate_nodes=n,
+                             **extra)
+    if name == "fedins":  # FedIns' server: a uniform mean of the pools, keys and heads
+        from lightning_ext.federated.fedins_module import fedins_fedavg
+
+        return fedins_fedavg(fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n, **extra)
     if name not in classes:
         raise ValueError(f"federation.strategy={name!r} is unknown; choose one of {', '.join(STRATEGIES)}.")
     return classes[name](fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n, **extra)
+
+
+def _partitions_itself(spec: dict) -> bool:
+    """Whether the data class takes ``partition_id``/``num_clients`` itself (``federated_partitions = True``)."""
+    import importlib
+
+    path = spec["class_path"]
+    if "." not in path:
+        from lightning_ext import catalogue
+
+        path = catalogue.get(path).class_path
+    module, name = path.rsplit(".", 1)
+    return bool(getattr(getattr(importlib.import_module(module), name), "federated_partitions", False))
 
 
 def build(config: dict, num_rounds: Optional[int] = None):
@@ -76,6 +98,8 @@ def build(config: dict, num_rounds: Optional[int] = None):
         return remove_normalization(module) if fed.get("remove_normalization") else module
 
     def data(i: int, num: int):
+        if _partitions_itself(config["data"]):  # e.g. FED-PUB's subgraph clients: the class cuts its own share
+            return _instantiate(config["data"], partition_id=i, num_clients=num)
         return FederatedDataModule(_instantiate(config["data"]), num, i, partitioner=fed.get("partitioner", "iid"),
                                    alpha=float(fed.get("alpha", 0.5)), partition_seed=seed)
 
@@ -87,6 +111,14 @@ def build(config: dict, num_rounds: Optional[int] = None):
 
         head = dict(fed.get("strategy_args") or {}).get("head", "net.decode_fc2")
         client = FedGenClient(head=head, **client_kwargs)
+    elif fed.get("strategy") == "fedpub":  # masks stay personal, replies carry the functional embedding
+        from lightning_ext.federated.fedpub_module import FedPubClient
+
+        client = FedPubClient(**client_kwargs)
+    elif fed.get("strategy") == "fedins":  # only the pools, keys and heads travel, weighted uniformly
+        from lightning_ext.federated.fedins_module import FedInsClient
+
+        client = FedInsClient(**client_kwargs)
     elif fed.get("strategy") == "fedd2s":  # the client side of FedD2S: shared keys follow the server's depth
         from lightning_ext.federated.fedd2s import FedD2SClient
 
