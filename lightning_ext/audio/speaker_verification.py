@@ -123,11 +123,15 @@ class SpeakerVerificationModule(LightningModule):
     log-mel features (:class:`~lightning_ext.audio.efficient_tdnn.LogMel`). Loss: cross-entropy of
     :func:`aam_softmax_logits` (margin 0.2, scale 30 by default, the reference's values).
 
-    Weight sharing: with ``subnet_sampling="random"`` each training step trains one sub-network drawn from a
-    generator seeded by ``(seed, global_step)`` (the same on every rank); ``"sandwich"`` adds the largest one
-    (two forward/backward passes a step, losses summed); ``"none"`` trains only :attr:`net`'s active config (the
-    whole network, or a fixed sub-network). Evaluation uses ``eval_config`` (``None``: the largest); after changing
-    it, recalibrate BatchNorm (:func:`~lightning_ext.audio.efficient_tdnn.recalibrate_batchnorm`).
+    Weight sharing is best driven by the callbacks: keep ``subnet_sampling="none"`` (the module trains :attr:`net`'s
+    active config: the whole network, or a fixed sub-network) and add
+    :class:`~lightning_ext.audio.subnet_sampling.SubnetSampling` (the sub-networks of each step, seeded and
+    resume-exact) and :class:`~lightning_ext.audio.bn_recalibration.BNRecalibration` (BatchNorm statistics of the
+    evaluated sub-network before validation/test). The older in-module rules stay available: ``"random"`` trains
+    one sub-network drawn from a generator seeded by ``(seed, global_step)`` (the same draw as
+    ``SubnetSampling(rule="random")``); ``"sandwich"`` adds the largest one (two forward/backward passes a step,
+    losses summed). Evaluation uses ``eval_config`` (``None``: the active config); recalibrate BatchNorm for it
+    (``BNRecalibration``, or :func:`~lightning_ext.audio.efficient_tdnn.recalibrate_batchnorm`).
 
     Batches are ``(waveform (B, N), speaker index)`` (:class:`~lightning_ext.audio.speakers.SpeakerDataModule`);
     validation and test trials are every pair of the split's utterances. Logs ``train_loss``, ``train_acc``,

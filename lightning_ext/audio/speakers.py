@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
+import subprocess
+import tempfile
 from fractions import Fraction
 from typing import Literal, Optional
 
@@ -27,9 +30,51 @@ from lightning_ext.core.validation import (
     check_positive_int,
 )
 
-__all__ = ["SpeakerDataModule", "warp_voice"]
+__all__ = ["HEDGEWARS", "SpeakerDataModule", "synthesize_espeak", "warp_voice"]
 
 APT = "apt-get install asterisk-core-sounds-en-wav"
+#: Debian ``hedgewars-data``: 15 game voice packs (839 OGG clips, 44.1/48 kHz), one folder per pack.
+HEDGEWARS = "/usr/share/games/hedgewars/Data/Sounds/voices/*/*.ogg"
+#: Harvard sentences, lists 1 and 2 (IEEE Recommended Practice for Speech Quality Measurements, 1969).
+SENTENCES = (
+    "The birch canoe slid on the smooth planks.", "Glue the sheet to the dark blue background.",
+    "It's easy to tell the depth of a well.", "These days a chicken leg is a rare dish.",
+    "Rice is often served in round bowls.", "The juice of lemons makes fine punch.",
+    "The box was thrown beside the parked truck.", "The hogs were fed chopped corn and garbage.",
+    "Four hours of steady work faced us.", "A large size in stockings is hard to sell.",
+    "The boy was there when the sun rose.", "A rod is used to catch pink salmon.",
+    "The source of the huge river is the clear spring.", "Kick the ball straight and follow through.",
+    "Help the woman get back to her feet.", "A pot of tea helps to pass the evening.",
+    "Smoky fires lack flame and heat.", "The soft cushion broke the man's fall.",
+    "The salt breeze came across from the sea.", "The girl at the booth sold fifty bonds.")
+
+
+def synthesize_espeak(voice: str, sentences: list[str], sample_rate: int) -> list[tuple[str, np.ndarray]]:
+    """``sentences`` spoken by the espeak-ng voice ``voice`` (e.g. ``"en+m3"``, ``"en-us+f2"``; formant synthesis,
+    Debian ``espeak-ng``), as ``(name, waveform at sample_rate)`` pairs, synthesised into a temporary folder."""
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        raise FileNotFoundError("SpeakerDataModule: tts_voices needs the espeak-ng program; `apt-get install "
+                                "espeak-ng`, or set tts_voices=[].")
+    def names(arg: str) -> set[str]:
+        rows = subprocess.run([exe, arg], capture_output=True, text=True, timeout=60).stdout.splitlines()[1:]
+        return {v.lower() for r in rows if len(r.split()) >= 5 for v in (r.split()[1], r.split()[3],
+                                                                          r.split()[4].split("/")[-1])}
+
+    base, _, variant = voice.partition("+")
+    if base.lower() not in names("--voices") or (variant and variant.lower() not in names("--voices=variant")):
+        raise ValueError(f"espeak-ng could not speak with voice {voice!r} (unknown language or variant); list "
+                         "voices with `espeak-ng --voices` and variants with `espeak-ng --voices=variant`.")
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, text in enumerate(sentences):
+            path = os.path.join(tmp, f"{i:02d}.wav")
+            done = subprocess.run([exe, "-v", voice, "-w", path, text], capture_output=True, text=True, timeout=60)
+            if done.returncode != 0 or not os.path.exists(path):
+                raise ValueError(f"espeak-ng could not speak with voice {voice!r} ({done.stderr.strip()[:120]}); "
+                                 "list voices with `espeak-ng --voices` and variants with `--voices=variant`.")
+            out.append((f"espeak:{voice}/{i:02d}", read_audio(path, sample_rate, True)))
+    return out
 
 
 def warp_voice(wav: np.ndarray, warp: float, sample_rate: int, resonance_hz: float = 0.0,
@@ -63,8 +108,10 @@ class _Crops(Dataset):
     """``(waveform, speaker index)`` crops: training crops drawn from a generator seeded by ``(seed, index)``
     (random utterance, random offset), evaluation crops one per utterance (centred, zero-padded when short)."""
 
-    def __init__(self, clips: list[np.ndarray], labels: list[int], length: int, size: Optional[int], seed: int) -> None:
+    def __init__(self, clips: list[np.ndarray], labels: list[int], length: int, size: Optional[int], seed: int,
+                 pad_mode: str = "zeros") -> None:
         self.clips, self.labels, self.length, self.size, self.seed = clips, labels, length, size, seed
+        self.pad_mode = pad_mode
 
     def __len__(self) -> int:
         return len(self.clips) if self.size is None else self.size
@@ -82,7 +129,8 @@ class _Crops(Dataset):
             start = int(g.integers(len(clip) - n + 1)) if len(clip) >= n else 0
             offset = int(g.integers(n - len(clip) + 1)) if len(clip) < n else 0
         crop = clip[start:start + n]
-        crop = np.pad(crop, (offset, n - len(crop) - offset))
+        mode = "wrap" if self.pad_mode == "wrap" and len(crop) else "constant"
+        crop = np.pad(crop, (offset, n - len(crop) - offset), mode=mode)
         return torch.from_numpy(crop.astype(np.float32)), label
 
 
@@ -95,6 +143,8 @@ class SpeakerDataModule(SplitLoaders, LightningDataModule):
 
     - ``"parent_dir"``: the speaker of a file is its parent folder's name (e.g. voice packs
       ``<root>/<speaker>/*.ogg``); files are read with ``soundfile``, averaged to mono, resampled to ``sample_rate``.
+      Real recorded voices on Debian: ``files=[HEDGEWARS]`` (``apt-get install hedgewars-data``: 15 game voice
+      packs, 39-67 clips each; treat a pack as a speaker, though some packs may share a voice actor).
     - ``"pseudo_warp"`` (the default, because the machine this library is tested on has speech of only one real
       speaker installed, the Asterisk "Allison" prompts: ``apt-get install asterisk-core-sounds-en-wav``):
       ``num_speakers`` **synthetic pseudo-speakers** made from one voice. The files are shuffled (``split_seed``)
@@ -103,6 +153,11 @@ class SpeakerDataModule(SplitLoaders, LightningDataModule):
       held-out speakers' warps interleave the training ones) and a peaking resonance at a seeded frequency and
       gain (:func:`warp_voice`). This is a stand-in that keeps the pipeline honest (disjoint utterances and
       speakers), not a substitute for real multi-speaker speech: a verifier may learn the warp and colouring.
+
+    Synthetic TTS speakers can be added with ``tts_voices`` (espeak-ng voices such as ``"en+m3"``; ``apt-get install
+    espeak-ng``): each voice speaks ``tts_sentences`` Harvard sentences and becomes the speaker ``espeak:<voice>``.
+    With ``tts_split="train"`` (default) they only add training speakers, so verification stays on the recorded
+    speech; ``"any"`` puts them in the pool that is split.
 
     Speakers are split ``train/val/test`` (``val_speakers`` and ``test_speakers`` counts, shuffled by
     ``split_seed``). Training batches are ``(waveform (B, N), speaker index)`` random ``crop_s`` crops (a pool of
@@ -125,7 +180,11 @@ class SpeakerDataModule(SplitLoaders, LightningDataModule):
         crop_s: training crop length in seconds; eval_crop_s: evaluation crop length.
         num_train_crops: training crops per epoch (a fixed seeded pool).
         on_short_clip: ``"pad"``, ``"skip"`` or ``"error"`` for clips shorter than ``crop_s``.
+        pad_mode: how a short clip is padded to its crop: ``"zeros"`` (silence) or ``"wrap"`` (the clip repeated, as
+            the reference's loader does with ``numpy.pad(..., "wrap")``, so the crop carries no duration cue).
         max_files: use at most this many files (after the seeded shuffle); ``None``: all.
+        tts_voices: espeak-ng voices to add as synthetic speakers; tts_sentences: sentences each (1-20);
+            tts_split: ``"train"`` (training speakers only) or ``"any"``.
         split_seed: seed of the speaker split and pseudo-speakers; seed: seed of the training crops.
         batch_size, num_workers, shuffle, shuffle_seed: the loaders.
 
@@ -142,6 +201,8 @@ class SpeakerDataModule(SplitLoaders, LightningDataModule):
                  test_speakers: PositiveInt = 8, sample_rate: PositiveInt = 8000, resample: bool = True,
                  crop_s: PositiveFloat = 1.0, eval_crop_s: PositiveFloat = 2.0, num_train_crops: PositiveInt = 2000,
                  on_short_clip: Literal["pad", "skip", "error"] = "pad", max_files: Optional[PositiveInt] = None,
+                 tts_voices: list[str] = [], tts_sentences: PositiveInt = 20,  # noqa: B006 - read only
+                 tts_split: Literal["train", "any"] = "train", pad_mode: Literal["zeros", "wrap"] = "zeros",
                  split_seed: NonNegativeInt = 0, seed: NonNegativeInt = 0, batch_size: PositiveInt = 32,
                  num_workers: NonNegativeInt = 0, shuffle: bool = True, shuffle_seed: NonNegativeInt = 0) -> None:
         super().__init__()
@@ -168,7 +229,14 @@ class SpeakerDataModule(SplitLoaders, LightningDataModule):
         for name, value in (("split_seed", split_seed), ("seed", seed), ("num_workers", num_workers),
                             ("shuffle_seed", shuffle_seed)):
             check_number(name, value, low=0, integer=True)
+        if isinstance(tts_voices, str) or not all(isinstance(v, str) and v.strip() for v in tts_voices):
+            raise ValueError(f"`tts_voices` must be a list of espeak-ng voice names, got {tts_voices!r}.")
+        check_number("tts_sentences", tts_sentences, low=1, high=len(SENTENCES), integer=True)
+        check_choice("tts_split", tts_split, ("train", "any"))
+        check_choice("pad_mode", pad_mode, ("zeros", "wrap"))
+        self.pad_mode = pad_mode
         require("soundfile", type(self).__name__)
+        self.tts_voices, self.tts_sentences, self.tts_split = list(tts_voices), int(tts_sentences), tts_split
         self.file_globs, self.speaker_from, self.num_speakers = list(files), speaker_from, num_speakers
         self.warp_range = (float(warp_range[0]), float(warp_range[1]))
         self.resonance_db = (float(resonance_db[0]), float(resonance_db[1]))
@@ -221,6 +289,9 @@ class SpeakerDataModule(SplitLoaders, LightningDataModule):
         if self.sets:
             return
         groups = self._grouped()
+        tts = {f"espeak:{v}" for v in self.tts_voices}
+        for v in self.tts_voices:
+            groups[f"espeak:{v}"] = synthesize_espeak(v, list(SENTENCES[:self.tts_sentences]), self.sample_rate)
         n, n_eval = int(round(self.crop_s * self.sample_rate)), int(round(self.eval_crop_s * self.sample_rate))
         for name in list(groups):
             short = [f for f, c in groups[name] if len(c) < n]
@@ -231,8 +302,9 @@ class SpeakerDataModule(SplitLoaders, LightningDataModule):
                 groups[name] = [(f, c) for f, c in groups[name] if len(c) >= n]
             if not groups[name]:
                 del groups[name]
-        names = sorted(groups)
-        need = self.held_out["val"] + self.held_out["test"] + 2
+        extra = sorted(tts & set(groups)) if self.tts_split == "train" else []
+        names = sorted(set(groups) - set(extra))
+        need = self.held_out["val"] + self.held_out["test"] + (0 if len(extra) >= 2 else 2 - len(extra))
         if len(names) < need:
             raise ValueError(f"{len(names)} speakers are too few for val_speakers={self.held_out['val']}, "
                              f"test_speakers={self.held_out['test']} and two training speakers; add speakers or "
@@ -240,7 +312,7 @@ class SpeakerDataModule(SplitLoaders, LightningDataModule):
         order = [names[i] for i in np.random.default_rng([self.split_seed, 1]).permutation(len(names))]
         n_test, n_val = self.held_out["test"], self.held_out["val"]
         self.speakers = {"test": sorted(order[:n_test]), "val": sorted(order[n_test:n_test + n_val]),
-                         "train": sorted(order[n_test + n_val:])}
+                         "train": sorted(order[n_test + n_val:] + extra)}
         for split in ("val", "test"):
             lonely = [s for s in self.speakers[split] if len(groups[s]) < 2]
             if lonely:
@@ -251,9 +323,9 @@ class SpeakerDataModule(SplitLoaders, LightningDataModule):
             self.files[split] = [f for f, _, _ in items]
             clips, labels = [c for _, c, _ in items], [i for _, _, i in items]
             if split == "train":
-                self.sets[split] = _Crops(clips, labels, n, self.num_train_crops, self.seed)
+                self.sets[split] = _Crops(clips, labels, n, self.num_train_crops, self.seed, self.pad_mode)
             else:
-                self.sets[split] = _Crops(clips, labels, n_eval, None, self.seed)
+                self.sets[split] = _Crops(clips, labels, n_eval, None, self.seed, self.pad_mode)
 
     def split_dataset(self, split: str) -> Dataset:
         """The crops of ``split`` (after ``setup``)."""
