@@ -306,4 +306,32 @@ ENTRIES: tuple[Entry, ...] = (
        "PRES: Toward Scalable Memory-Based Dynamic Graph Neural Networks", "2402.04284",
        ("TGN", "PRES", "MDGNN", "TGNMemory", "memory coherence", "temporal batch", "dynamic GNN",
         "temporal graph network", "link prediction"), "graph"),
+    # ---------------------------------------------------------------- text: WASA and ReposVul (text/)
+    _e("WatermarkedCausalLM", "modules", "text", "watermarked_lm",
+       "A small GPT-2 trained with WASA's watermarks, so that it embeds its data providers' watermarks in generated "
+       "text and attributes a text to the provider whose data it resembles.",
+       "WASA: WAtermark-based Source Attribution for Large Language Model-Generated Data", "2310.00646",
+       ("WASA", "watermark", "source attribution", "data provenance", "invisible Unicode", "GPT-2", "language model",
+        "LLM"), "text"),
+    _e("SourceAttributionTextDataModule", "datamodules", "text", "source_attribution",
+       "Texts of several data providers for WASA source attribution: every training, validation and test text "
+       "carries its provider's invisible watermark, inserted once after a random word.",
+       "WASA: WAtermark-based Source Attribution for Large Language Model-Generated Data", "2310.00646",
+       ("WASA", "data providers", "fortunes", "GCIDE", "pydoc", "character tokenizer", "watermarked text")),
+    _e("WasaGPT", "layers", "text", "wasa",
+       "A GPT-2 (transformers' GPT2Model built from a config, never downloaded) with WASA's separate watermark "
+       "embedding and head.",
+       "WASA: WAtermark-based Source Attribution for Large Language Model-Generated Data", "2310.00646",
+       ("WASA", "GPT2Model", "watermark head", "separated prediction space"), "text"),
+    _e("wasa_loss", "losses", "text", "wasa",
+       "WASA's separated-space loss: text targets scored by a softmax over the text vocabulary only, watermark "
+       "targets by a softmax over the watermark symbols only, L = L_{text} + \\lambda L_{wtm}.",
+       "WASA: WAtermark-based Source Attribution for Large Language Model-Generated Data", "2310.00646",
+       ("WASA", "watermark loss", "separated softmax")),
+    _e("VulnerabilityDataModule", "datamodules", "text", "vulnerability_data",
+       "A local ReposVul-format dataset as vulnerability detection, CWE classification or repair pairs, split by "
+       "project or by commit time so no repository (or no future commit) leaks into training.",
+       "ReposVul: A Repository-Level High-Quality Vulnerability Dataset", "2401.13169",
+       ("ReposVul", "vulnerability detection", "CWE", "CVE", "repair pairs", "project split", "time split",
+        "software security")),
 )

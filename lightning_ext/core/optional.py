@@ -30,6 +30,7 @@ EXTRAS = {
     "soundfile": "audio",
     "pesq": "audio",
     "pystoi": "audio",
+    "transformers": "text",
 }
 
 #: Top-level module -> its pip package, for modules outside any extra whose pip name differs.
