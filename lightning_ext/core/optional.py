@@ -30,6 +30,7 @@ EXTRAS = {
     "soundfile": "audio",
     "pesq": "audio",
     "pystoi": "audio",
+    "dpkt": "traffic",
     "transformers": "text",
 }
 
