@@ -418,6 +418,7 @@ def test_federation_configs_run(config, monkeypatch):
 
     from lightning_ext.federated.run import build
 
+    monkeypatch.chdir(config.parents[2])  # configs use paths relative to the repository root (fedpub_cora's Cora)
     cfg = yaml.safe_load(config.read_text())
     cfg["federation"].update(local_steps=2, num_clients=2)
     sim, test = build(cfg, num_rounds=1)
