@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import yaml
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm", "fedgen", "fedd2s", "fedpub", "fedins")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm", "fedgen", "fedd2s", "fedpub", "fedins", "fedsyn", "sfprompt")
 _FEDERATION_KEYS = {"num_clients", "num_rounds", "local_steps", "local_epochs", "partitioner", "alpha", "strategy",
                     "strategy_args", "personal", "remove_normalization", "keep_state", "checkpoint_path"}
 
@@ -56,6 +56,8 @@ def _strategy(name: str, n: int, extra: dict) -> Any:
         from lightning_ext.federated.fedins_module import fedins_fedavg
 
         return fedins_fedavg(fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n, **extra)
+    if name == "fedsyn":  # FedSyn's server is FedAvg over generator and discriminator; clip/epsilon go to the clients
+        return st.FedAvg(fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n)
     if name not in classes:
         raise ValueError(f"federation.strategy={name!r} is unknown; choose one of {', '.join(STRATEGIES)}.")
     return classes[name](fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n, **extra)
@@ -103,9 +105,25 @@ def build(config: dict, num_rounds: Optional[int] = None):
         return FederatedDataModule(_instantiate(config["data"]), num, i, partitioner=fed.get("partitioner", "iid"),
                                    alpha=float(fed.get("alpha", 0.5)), partition_seed=seed)
 
+    if fed.get("strategy") == "sfprompt":  # split learning: its own message flow (SFPromptFederation), no Trainer
+        from lightning_ext.federated.sfprompt_federation import build_sfprompt
+
+        return build_sfprompt(config, data, num_rounds)
     client_kwargs = dict(model=model, datamodule=data, trainer=config.get("trainer"),
                          local_epochs=int(fed.get("local_epochs", 1)), local_steps=fed.get("local_steps"),
                          personal=fed.get("personal") or [], keep_state=bool(fed.get("keep_state", True)), seed=seed)
+    if fed.get("strategy") == "fedsyn":  # FedSyn's optional Laplace noise on each client's update
+        args = dict(fed.get("strategy_args") or {})
+        if set(args) - {"clip", "epsilon"}:
+            raise ValueError(f"unknown fedsyn strategy_args {sorted(set(args) - {'clip', 'epsilon'})}; known: "
+                             "['clip', 'epsilon'] (both set: Laplace noise on the updates).")
+        if args and "epsilon" not in args:
+            raise ValueError("fedsyn strategy_args need `epsilon` (and optionally `clip`) for Laplace noise.")
+        if args:
+            from lightning_ext.federated.fedsyn import LaplaceUpdateNoise
+
+            client_kwargs["reply_transform"] = LaplaceUpdateNoise(float(args.get("clip", 1.0)),
+                                                                  float(args["epsilon"]), seed)
     if fed.get("strategy") == "fedgen":  # the client side of FedGen: the generator's regulariser, label counts
         from lightning_ext.federated.fedgen import FedGenClient
 

@@ -66,10 +66,13 @@ def _tensors(dm: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _nbytes(content: Any) -> int:
+    """Payload bytes of every array in a message (shape x item size; the serialisation's headers not counted)."""
+    import numpy as np
+
     total = 0
     for record in content.array_records.values():
         for array in record.values():
-            total += len(array.data)
+            total += int(np.prod(array.shape)) * np.dtype(array.dtype).itemsize
     return total
 
 
@@ -402,15 +405,15 @@ def evaluate_accuracy(net: SplitPromptViT, x: torch.Tensor, y: torch.Tensor, bat
     return correct / max(1, len(y))
 
 
-def build_sfprompt(config: dict, num_rounds: Optional[int] = None) -> tuple:
-    """``(federation, test)`` for a ``federation.strategy: sfprompt`` config of ``lightning_ext.federated.run``.
+def build_sfprompt(config: dict, data: Callable[[int, int], Any], num_rounds: Optional[int] = None) -> tuple:
+    """``(federation, test)`` for a ``federation.strategy: sfprompt`` config of ``lightning_ext.federated.run``
+    (``data(i, n)``: client ``i``'s DataModule, the runner's ``FederatedDataModule`` of the config's data).
 
     ``strategy_args``: ``tune`` (sfprompt/prompt/full), ``keep``, ``local_loss``, ``lr``, ``pretrained_path``
     (a ``state_dict`` file read with ``weights_only=True``; ``None``: the model's own initialisation).
     """
     from lightning_ext.core.checkpoints import read_state_dict
     from lightning_ext.federated.client import _instantiate
-    from lightning_ext.federated.datamodule import FederatedDataModule
 
     fed = dict(config.get("federation") or {})
     args = dict(fed.get("strategy_args") or {})
@@ -422,10 +425,6 @@ def build_sfprompt(config: dict, num_rounds: Optional[int] = None) -> tuple:
 
     def model() -> SplitPromptViT:
         return _instantiate(config["model"])
-
-    def data(i: int, num: int) -> Any:
-        return FederatedDataModule(_instantiate(config["data"]), num, i, partitioner=fed.get("partitioner", "iid"),
-                                   alpha=float(fed.get("alpha", 0.5)), partition_seed=seed)
 
     initial = None
     if args.get("pretrained_path"):
