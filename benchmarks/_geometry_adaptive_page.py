@@ -101,6 +101,7 @@ def render_page(data, cfg, mean_std, verdict_of):
         else:
             claims.append((f"(3) at the largest N model-model cosine > nearest-training cosine", c3, why3))
     jac = next((r["jacobian_a"] for r in data.get("runs", {}).values() if "jacobian_a" in r), None)
+    jac_claim = None
     if jac:
         imgs = sorted({j["image"] for j in jac})
         sig = sorted({j["sigma"] for j in jac})
@@ -117,8 +118,8 @@ def render_page(data, cfg, mean_std, verdict_of):
         inside = all(-0.05 <= j["eig_min"] and j["eig_max"] <= 1.05 for j in jac)
         lines += ["", f"trace(J_D) falls with sigma for every image: {falls}; every eigenvalue in [-0.05, 1.05]: "
                   f"{inside}."]
-        claims.append(("(4) trace(J_D) falls as sigma grows and eigenvalues lie in [-0.05, 1.05]", falls and inside,
-                       f"{len(imgs)} test images x sigma {sig}"))
+        jac_claim = ("(4) trace(J_D) falls as sigma grows and eigenvalues lie in [-0.05, 1.05]", falls and inside,
+                     f"{len(imgs)} test images x sigma {sig}")
         small_jac = next((r["jacobian_a_small_n"] for r in data["runs"].values() if "jacobian_a_small_n" in r), None)
         if small_jac:
             lines += ["", f"For contrast, N={small} (seed 0, model A): traces " + ", ".join(
@@ -128,6 +129,9 @@ def render_page(data, cfg, mean_std, verdict_of):
         shortfall.append(f"only {n_seeds} of {len(seeds)} planned seeds finished for every N")
     if not complete:
         shortfall.append("sizes " + ", ".join(str(n) for n in sizes if n not in res) + " did not finish")
+    if jac_claim is not None:
+        claims.append(jac_claim if premise else (jac_claim[0], None, "not testable here: the premise fails; measured "
+                                                 f"{'holds' if jac_claim[1] else 'fails'}"))
     verdict = verdict_of(claims)
     lines += ["", "## Verdict", "", f"**{verdict}**", ""]
     lines += [f"- {name}: {'holds' if ok else 'fails' if ok is False else 'not decided'} ({why})"

@@ -55,7 +55,9 @@ PROTOCOL = dict(
          "disjoint random subsets of size N per seed (disjoint_subsets(60000, N, seed)); test split: 256 images "
          "for validation loss, 256 others for PSNR, 5 for the Jacobian",
     sizes=list(SIZES), seeds=list(SEEDS), steps=STEPS, batch=BATCH, samples_seen=STEPS * BATCH,
-    net=f"BiasFreeUNet({BLOCKS} blocks, {BASE} base channels, 2 convs per block, no biases, BF batch norm)",
+    net=f"BiasFreeUNet({BLOCKS} blocks, {BASE} base channels, 2 convs per block, no biases, BF batch norm; "
+        "PyTorch's default conv initialisation, kaiming_init=False: the official Kaiming-normal init was added to "
+        "the library after this run started)",
     training="BlindDenoiserModule defaults: sigma per image uniform on the sqrt scale over [0, 255]/255, predict "
              f"the noise, loss = squared error summed over pixels / batch; Adam lr {LR:g} (official), fixed steps "
              "for every N (batches drawn with replacement), same noise seed for both models, different init seeds",
@@ -85,7 +87,8 @@ class ValCurve(Callback):
 
 def train(images: torch.Tensor, val: torch.Tensor, seed: int, init_seed: int) -> tuple[BlindDenoiserModule, dict]:
     torch.manual_seed(init_seed)
-    model = BlindDenoiserModule(BiasFreeUNet(base_channels=BASE, num_blocks=BLOCKS), seed=seed, lr=LR,
+    net = BiasFreeUNet(base_channels=BASE, num_blocks=BLOCKS, kaiming_init=False)
+    model = BlindDenoiserModule(net, seed=seed, lr=LR,
                                 sample_images_every_n_epochs=0)
     g = torch.Generator().manual_seed(seed)
     loader = DataLoader(TensorDataset(images), batch_size=BATCH,
@@ -135,7 +138,8 @@ def main_runs(data):
     train_all, test = load_images()
     val, psnr_set, jac_set = test[:N_VAL], test[N_VAL:N_VAL + N_PSNR], test[N_VAL + N_PSNR:N_VAL + N_PSNR + N_JAC]
     runs = data.setdefault("runs", {})
-    samples_path = OUT.with_name(OUT.stem + "_samples.pt")
+    samples_path = MODELS / "samples.pt"
+    MODELS.mkdir(parents=True, exist_ok=True)
     grids = torch.load(samples_path, weights_only=True) if samples_path.exists() else {}
     for seed in SEEDS:
         for n in SIZES:
@@ -186,7 +190,7 @@ def render(data):
 def plot(data, res, path):
     from _geometry_adaptive_page import plot_page
 
-    plot_page(data, res, path, OUT.with_name(OUT.stem + "_samples.pt"), SIZES)
+    plot_page(data, res, path, MODELS / "samples.pt", SIZES)
 
 
 if __name__ == "__main__":

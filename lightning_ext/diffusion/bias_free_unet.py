@@ -62,8 +62,8 @@ class BiasFreeUNet(nn.Module):
 
     .. math:: f(a y) = a f(y) \quad (a > 0), \qquad f(y) = J_f(y)\, y.
 
-    Official defaults: 3 blocks, 64 base channels, 2 convolutions per block. Image sides must be divisible by
-    ``2**num_blocks``.
+    Official defaults: 3 blocks, 64 base channels, 2 convolutions per block, convolution weights Kaiming-normal
+    (fan-in, ReLU gain; ``weights_init_kaiming``). Image sides must be divisible by ``2**num_blocks``.
 
     Args:
         in_channels: image channels (1: grayscale).
@@ -71,6 +71,8 @@ class BiasFreeUNet(nn.Module):
         num_blocks: encoder (and decoder) blocks.
         convs_per_block: convolutions per encoder, middle and decoder block (at least 2, as the official code).
         kernel_size: odd kernel size of the convolutions.
+        kaiming_init: initialise every (transposed) convolution Kaiming-normal, fan-in, as the official code;
+            ``False`` keeps PyTorch's default initialisation.
 
     Example:
         >>> net = BiasFreeUNet(base_channels=4, num_blocks=2).eval()
@@ -80,7 +82,7 @@ class BiasFreeUNet(nn.Module):
     """
 
     def __init__(self, in_channels: PositiveInt = 1, base_channels: PositiveInt = 64, num_blocks: PositiveInt = 3,
-                 convs_per_block: PositiveInt = 2, kernel_size: PositiveInt = 3) -> None:
+                 convs_per_block: PositiveInt = 2, kernel_size: PositiveInt = 3, kaiming_init: bool = True) -> None:
         super().__init__()
         for name, value in (("in_channels", in_channels), ("base_channels", base_channels),
                             ("num_blocks", num_blocks), ("kernel_size", kernel_size)):
@@ -117,6 +119,10 @@ class BiasFreeUNet(nn.Module):
                 layers.append(_conv(ch[b], in_channels, k))
             self.decoder.append(nn.Sequential(*layers))
         self.pool = nn.AvgPool2d(2)
+        if kaiming_init:
+            for m in self.modules():
+                if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                    nn.init.kaiming_normal_(m.weight, a=0, mode="fan_in")
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         """The predicted noise :math:`f(y)` of a batch ``(B, C, H, W)``; the denoised image is ``y - f(y)``."""

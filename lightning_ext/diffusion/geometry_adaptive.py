@@ -128,9 +128,10 @@ def sample_blind(denoiser: Denoiser, shape: tuple[int, ...], h0: float = 0.01, b
 
     until :math:`\sigma < \sigma_L` (tested before each iteration on the last estimate, the first from
     :math:`f(y_0)`), or until :math:`\sigma > \sigma_{max}` (the official "not converging" stop, 2); the result is
-    :math:`y - f(y)`, with ``diverged`` marking the images stopped by :math:`\sigma_{max}`. Images are drawn as a batch, each with its own
-    :math:`\sigma_t` and stopping time (a stopped image is frozen); :math:`z_t` is drawn for the whole batch from a
-    generator seeded with ``seed``, so the same seed gives two denoisers the same initial noise (and noise draws).
+    :math:`y - f(y)`, with ``diverged`` marking the images stopped by :math:`\sigma_{max}`. Images are drawn as a
+    batch, each with its own :math:`\sigma_t` and stopping time (a stopped image is frozen); :math:`z_t` is drawn for
+    the whole batch from a generator seeded with ``seed``, so the same seed gives two denoisers the same initial
+    noise (and noise draws).
 
     Args:
         denoiser: returns the predicted noise :math:`f(y)` for a batch (an ``nn.Module`` is run in eval mode).
