@@ -264,6 +264,13 @@ def _minimal(tmp: Path) -> dict[str, Callable[[], dict]]:
                    tmp / "detr_teacher.ckpt")
         return {"teacher_checkpoint": str(tmp / "detr_teacher.ckpt")}
 
+    def traffic_capture():  # the family's real fixture capture and its labels, copied so caches land in tmp
+        import shutil
+
+        for name in ("capture.pcap", "capture.labels.json"):
+            shutil.copy(REPO / "tests" / "data" / "traffic" / name, tmp / name)
+        return {"pcap_paths": [str(tmp / "capture.pcap")]}
+
     interactions = tmp / "train.txt"
     interactions.write_text("0 1 2\n1 0 2\n2 1\n")
     pruning = {"pruning_ratio": 0.3}
@@ -297,6 +304,7 @@ def _minimal(tmp: Path) -> dict[str, Callable[[], dict]]:
         "DP4TLLabelMapping": lambda: {"target": digits()}, "DP4TLFeatureMapping": lambda: {"target": digits()},
         "ComputeAwareSelection": lambda: {"scorer": random_scorer(), "law": law(), "samples_seen": 1000},
         "SplitComputingDetector": detr_teacher,
+        "PcapBurstDataModule": traffic_capture, "FlowWindowDataModule": traffic_capture,
     }
 
 

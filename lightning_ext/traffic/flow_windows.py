@@ -15,7 +15,7 @@ from lightning_ext.core.optional import require
 from lightning_ext.core.paths import check_path_argument
 from lightning_ext.core.sampling import SplitLoaders
 from lightning_ext.core.validation import NonNegativeInt, PositiveFloat, PositiveInt, check_choice, check_fraction
-from lightning_ext.core.validation import check_positive_int
+from lightning_ext.core.validation import check_number, check_positive, check_positive_int
 from lightning_ext.traffic.flows import cached, find_pcaps, labelled_flows, source_key, time_split
 
 __all__ = ["FlowWindowDataModule", "fit_preprocessing"]
@@ -116,6 +116,9 @@ class FlowWindowDataModule(SplitLoaders, LightningDataModule):
         for name, value in (("window", window), ("n_categorical_levels", n_categorical_levels),
                             ("min_packets", min_packets), ("batch_size", batch_size)):
             check_positive_int(name, value)
+        for name, value in (("num_workers", num_workers), ("shuffle_seed", shuffle_seed), ("seed", seed)):
+            check_number(name, value, low=0, integer=True)
+        check_positive("idle_timeout", idle_timeout)
         check_fraction("val_fraction", val_fraction, allow_one=False)
         check_fraction("test_fraction", test_fraction, allow_one=False)
         if val_fraction + test_fraction >= 1:

@@ -18,6 +18,7 @@ from lightning_ext.core.validation import (
     UnitIntervalRightOpen,
     check_choice,
     check_fraction,
+    check_number,
     check_positive_int,
 )
 from lightning_ext.traffic.classification import TrafficClassifierBase
@@ -102,6 +103,7 @@ class NetMambaModule(TrafficClassifierBase):
         check_optimization(lr, weight_decay)
         check_nonfinite_policy(nonfinite_loss)
         check_choice("scheduler_interval", scheduler_interval, ("epoch", "step"))
+        check_number("seed", seed, low=0, integer=True)
         if pretrained_path == "":
             raise ValueError("pretrained_path must name a checkpoint; use None (null in YAML) to start from scratch.")
         if freeze_encoder and pretrained_path is None:

@@ -20,6 +20,7 @@ from lightning_ext.core.validation import (
     PositiveInt,
     check_choice,
     check_fraction,
+    check_number,
     check_positive,
     check_positive_int,
 )
@@ -103,6 +104,9 @@ class PcapBurstDataModule(SplitLoaders, LightningDataModule):
         for name, value in (("max_bursts", max_bursts), ("max_packets", max_packets), ("packets", packets),
                             ("header_bytes", header_bytes), ("min_packets", min_packets), ("batch_size", batch_size)):
             check_positive_int(name, value)
+        for name, value in (("payload_tokens", payload_tokens), ("payload_bytes", payload_bytes),
+                            ("num_workers", num_workers), ("shuffle_seed", shuffle_seed), ("seed", seed)):
+            check_number(name, value, low=0, integer=True)
         check_positive("burst_gap", burst_gap)
         check_positive("idle_timeout", idle_timeout)
         check_fraction("val_fraction", val_fraction, allow_one=False)
