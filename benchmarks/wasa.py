@@ -342,7 +342,13 @@ def render(data):
                   f"{diag['real']['tfidf']:.3f}); generated {diag['generated']['wasa']:.3f} (TF-IDF "
                   f"{diag['generated']['tfidf']:.3f}), regeneration only {diag['generated']['regenerated']:.3f}, "
                   f"carrying a full watermark {diag['generated']['carry_full_watermark']:.3f}; delete-3 "
-                  f"{diag['attacks']['delete 3 watermark chars']['wasa']:.3f}; chance {diag['chance']:.3f}."]
+                  f"{diag['attacks']['delete 3 watermark chars']['wasa']:.3f}; chance {diag['chance']:.3f}.", "",
+                  "Reading: training longer makes the model emit its watermark far more often and the carried "
+                  "watermark names the provider more often, but watermark regeneration after a text (the route the "
+                  "paper relies on once watermarks are removed) stays near or below chance, and real-text "
+                  "attribution stays far below the TF-IDF classifier; so the weak regeneration is not only a budget "
+                  "artefact of the main runs. A rerun of all three seeds with this stopping rule (about 25 "
+                  "minutes a seed on this shared machine) is what would earn a verdict."]
     lines += ["", "Example generated continuations (seed 0; `\\u200b`... are watermark characters):", ""]
     lines += [f"- `{e}`" for e in runs[0]["generated"]["examples"]]
     lines += ["", "Not measured here: performance preservation (an un-watermarked LM of the same size), for lack of "
