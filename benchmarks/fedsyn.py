@@ -48,7 +48,8 @@ from lightning_ext.core.io import atomic_write_json, atomic_write_text  # noqa: 
 from lightning_ext.core.sampling import epoch_loader  # noqa: E402
 from lightning_ext.data.mnist5k import MNIST5kDataModule  # noqa: E402
 from lightning_ext.federated.client import LightningClient, seeded  # noqa: E402
-from lightning_ext.federated.fedsyn import ConditionalGAN, LaplaceUpdateNoise, sample_grid, to_unit_range  # noqa: E402
+from lightning_ext.federated.fedsyn import LaplaceUpdateNoise, sample_grid, to_unit_range  # noqa: E402
+from lightning_ext.federated.fedsyn_module import ConditionalGAN  # noqa: E402
 from lightning_ext.federated.simulation import FederatedSimulation  # noqa: E402
 
 OUT = ROOT / "docs" / "results"

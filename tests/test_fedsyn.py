@@ -17,8 +17,8 @@ from torch.utils.data import TensorDataset  # noqa: E402
 
 from lightning_ext.core.sampling import epoch_loader  # noqa: E402
 from lightning_ext.federated.client import LightningClient  # noqa: E402
+from lightning_ext.federated.fedsyn_module import ConditionalGAN  # noqa: E402
 from lightning_ext.federated.fedsyn import (  # noqa: E402
-    ConditionalGAN,
     LaplaceUpdateNoise,
     discriminator_loss,
     generator_loss,
