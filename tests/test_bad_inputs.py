@@ -305,6 +305,7 @@ def _minimal(tmp: Path) -> dict[str, Callable[[], dict]]:
         "ComputeAwareSelection": lambda: {"scorer": random_scorer(), "law": law(), "samples_seen": 1000},
         "SplitComputingDetector": detr_teacher,
         "PcapBurstDataModule": traffic_capture, "FlowWindowDataModule": traffic_capture,
+        "VulnerabilityDataModule": lambda: {"path": str(REPO / "tests" / "fixtures" / "reposvul_tiny.jsonl")},
     }
 
 

@@ -201,7 +201,8 @@ class SourceAttributionTextDataModule(SplitLoaders, LightningDataModule):
         if val_fraction + test_fraction >= 1:
             raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}.")
         check_positive_int("batch_size", batch_size)
-        check_number("num_workers", num_workers, low=0, integer=True)
+        for name, value in (("num_workers", num_workers), ("seed", seed), ("shuffle_seed", shuffle_seed)):
+            check_number(name, value, low=0, integer=True)
         self.save_hyperparameters()
         self.providers = providers
         self.provider_names = list(providers)
