@@ -218,6 +218,10 @@ def render(data):
              f"**Verdict: {verdict}.**", "", __doc__.split("Run:")[0].strip(), "", "## Command", "",
              *[f"    {c}" for c in data.get("meta", {}).get("commands", [])], "",
              f"Seeds run: {sorted(seeds)}. Machine: {data.get('meta', {}).get('machine', '?')}.", ""]
+    missing = [k for k in ("0", "1", "2") if k not in seeds]
+    if missing:
+        lines += [f"Status: seed(s) {', '.join(missing)} did not finish ({data.get('meta', {}).get('status', '')}); "
+                  "the command above resumes from the JSON and runs only the missing seeds.", ""]
     if seeds:
         lines += ["## Test results (unseen packs; mean ± std over seeds)", "",
                   "| sub-network | MACs (1 s) | weight-shared test EER % | from scratch test EER % | weight-shared "
