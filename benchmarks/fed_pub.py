@@ -241,7 +241,7 @@ FED-PUB's off-diagonal similarity S_ij correlates with the clients' label-distri
 {'Runs whose best validation round is the last: ' + ', '.join(last) if last else 'No run of the pass-rule arms had its best validation round at the last round.'}
 The effective-penalty variant (reported alongside, not part of the pass rule) has {len(res['fedpub_effective'])} of
 {len(seeds)} seeds, lr tried: {sorted({k.split('|')[1] for k in data['runs'] if k.startswith('fedpub_effective|')})}{': best at the last round for ' + ', '.join(eff_last) if eff_last else ''}
-(it ran last; the CPU time ran out first: rerunning the command resumes from fed_pub.json and completes it).
+{'(it ran last; the CPU time ran out first: rerunning the command resumes from fed_pub.json and completes it).' if len(res['fedpub_effective']) < len(seeds) else '(it ran last, after the pass-rule arms).'}
 
 | claim (spec 2.7 pass rule) | result |
 |---|---|
