@@ -29,6 +29,9 @@ ALLOWED = {
     ("lightning_ext.tabular.pfn_classifier", "lightning_ext.tabular.prior_fitted_network"),
     # the federation runner builds each client's FederatedDataModule from a YAML: a user-facing tool, not a core
     ("lightning_ext.federated.run", "lightning_ext.federated.datamodule"),
+    # ... and FED-PUB's / FedIns' client and strategy (beside their modules) for `strategy: fedpub|fedins`
+    ("lightning_ext.federated.run", "lightning_ext.federated.fedpub_module"),
+    ("lightning_ext.federated.run", "lightning_ext.federated.fedins_module"),
 }
 SOURCES = sorted(p for p in ROOT.rglob("*.py") if "__pycache__" not in p.parts)
 

@@ -49,7 +49,6 @@ from lightning_ext.federated.fedpub import (
     proxy_graph,
     similarity_weights,
 )
-from lightning_ext.graph.planetoid import FullGraphLoaders
 
 #: keys of FED-PUB's entries in a round's ConfigRecord and a reply's MetricRecord
 CONFIG_PROXY, METRIC_EMBEDDING = "fedpub-proxy", "fedpub-embedding"
@@ -60,13 +59,28 @@ def subgraph_clients(root: str, name: str = "Cora", num_clients: int = 10, parti
                      split_seed: int = 1234, cache_dir: Optional[str] = None) -> tuple:
     """Client subgraphs of a Planetoid graph: a tuple of PyG ``Data`` with ``x, edge_index, y`` and the
     ``train/val/test_mask`` of the global random 20/40/40 split (seeded by ``split_seed``); cached per process."""
-    from torch_geometric.transforms import LargestConnectedComponents
+    import shutil
+    from pathlib import Path
 
-    from lightning_ext.graph.planetoid import PlanetoidDataModule
+    from torch_geometric.datasets import Planetoid
+    from torch_geometric.transforms import LargestConnectedComponents, NormalizeFeatures
 
-    dm = PlanetoidDataModule(root=root, name=name, split="full", cache_dir=cache_dir, normalize_features=True)
-    dm.setup()
-    graph = LargestConnectedComponents()(dm.graph)
+    from lightning_ext.core.paths import cache_root
+
+    prefix = {"Cora": "cora", "CiteSeer": "citeseer", "PubMed": "pubmed"}[name]
+    src = Path(root).expanduser() / name / "raw"
+    files = [src / f"ind.{prefix}.{s}" for s in ("x", "tx", "allx", "y", "ty", "ally", "graph", "test.index")]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"Planetoid {name}: {', '.join(missing)} not found under {src}; pass root= a folder "
+                                f"holding {name}/raw/ind.{prefix}.* (here ../shared/data/planetoid).")
+    cache = Path(cache_dir).expanduser() if cache_dir else cache_root("planetoid")
+    (cache / name / "raw").mkdir(parents=True, exist_ok=True)
+    for f in files:  # PyG writes processed/ beside raw/: copy, so the source may stay read-only
+        dst = cache / name / "raw" / f.name
+        if not dst.exists() or dst.stat().st_size != f.stat().st_size:
+            shutil.copyfile(f, dst)
+    graph = LargestConnectedComponents()(Planetoid(str(cache), name, split="full", transform=NormalizeFeatures())[0])
     n = graph.num_nodes
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
     n_train, n_test = int(0.2 * n), int(0.4 * n)
@@ -86,7 +100,11 @@ def subgraph_clients(root: str, name: str = "Cora", num_clients: int = 10, parti
     return tuple(out)
 
 
-class SubgraphClientDataModule(FullGraphLoaders, LightningDataModule):
+def _single_graph(batch: list) -> Any:
+    return batch[0]
+
+
+class SubgraphClientDataModule(LightningDataModule):
     """One FED-PUB client's subgraph of a Planetoid graph (disjoint Louvain communities), full batch.
 
     Every loader yields the client's subgraph once (``train_mask``/``val_mask``/``test_mask`` pick the nodes).
@@ -117,6 +135,30 @@ class SubgraphClientDataModule(FullGraphLoaders, LightningDataModule):
                              "../shared/data/planetoid.")
         self.root, self.name, self.num_clients, self.partition_id = root, name, num_clients, partition_id
         self.partition_seed, self.split_seed, self.cache_dir = partition_seed, split_seed, cache_dir
+
+    graph = None
+
+    def _loader(self) -> Any:
+        from torch.utils.data import DataLoader
+
+        if self.graph is None:
+            raise RuntimeError("SubgraphClientDataModule: call setup() before asking for a dataloader.")
+        return DataLoader([self.graph], batch_size=1, collate_fn=_single_graph)
+
+    @override
+    def train_dataloader(self) -> Any:
+        """The client's subgraph, once per epoch."""
+        return self._loader()
+
+    @override
+    def val_dataloader(self) -> Any:
+        """The client's subgraph (the module uses ``val_mask``)."""
+        return self._loader()
+
+    @override
+    def test_dataloader(self) -> Any:
+        """The client's subgraph (the module uses ``test_mask``)."""
+        return self._loader()
 
     @override
     def setup(self, stage: Optional[str] = None) -> None:
