@@ -189,6 +189,10 @@ def write_report(results: dict, args, total_s: float) -> None:
            f" --epochs {args.epochs} --rates {' '.join(map(str, args.rates))} --train_fraction {args.train_fraction}"
            f" --val_size {args.val_size} --test_size {args.test_size}")
     hook = results["hook_share"]
+    merged = results.get("merged_seeds")
+    merged_text = (f" Seed(s) {', '.join(map(str, merged))} ran in a process of their own at the chosen rate "
+                   f"(`--seeds S --rates {results['chosen_rate']} --out S.json`, the same recipe) and were added with "
+                   "`--merge S.json`." if merged else "")
     if len(args.rates) > 1:
         tuning_text = (f"Tuning: r in {args.rates} on validation with seed {args.seeds[0]}, for both drop-path arms "
                        f"alike; the chosen r (best mean validation accuracy of the two arms) is **{chosen}**; \"none\" "
@@ -220,7 +224,7 @@ was shared, 1-minute load average {statistics.mean(r['load_avg'] for r in result
 {cmd}
 ```
 
-Runtime: {total_s / 60:.1f} min wall clock.
+Runtime: {total_s / 60:.1f} min (wall clock, summed over the processes that ran seeds).{merged_text}
 
 {"## Tuning (seed " + str(args.seeds[0]) + ", validation accuracy)" + chr(10) + chr(10) + "| arm | r | best val acc | best epoch |" + chr(10) + "|---|---|---|---|" + chr(10) + tune_rows + chr(10) if len(args.rates) > 1 else ""}
 ## Results at r = {chosen}
@@ -289,7 +293,32 @@ def main() -> None:
     parser.add_argument("--val_size", type=int, default=1000)
     parser.add_argument("--test_size", type=int, default=3000)
     parser.add_argument("--render", action="store_true", help="re-render the page from the saved JSON")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write only this process's runs to this JSON (one seed in its own process, with the "
+                             "chosen rate as the only --rates); combine with --merge")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="add the runs of these --out JSONs to the saved page's JSON and re-render")
     args = parser.parse_args()
+    if args.merge:
+        saved = json.loads((OUT / "scheduled_drop_path.json").read_text())
+        have = {(r["arm"], r["seed"]) for r in saved["runs"]}
+        for extra in args.merge:
+            part = json.loads(extra.read_text())
+            added = False
+            for r in part["runs"]:
+                if r["rate"] == saved["chosen_rate"] or r["arm"] == "none":
+                    if (r["arm"], r["seed"]) not in have:
+                        saved["runs"].append(r)
+                        have.add((r["arm"], r["seed"]))
+                        added = True
+            if added:  # merging the same file twice adds neither its runs nor its time again
+                saved["total_s"] = saved.get("total_s", 0.0) + part.get("total_s", 0.0)
+        saved["merged_seeds"] = sorted({r["seed"] for extra in args.merge for r in json.loads(extra.read_text())["runs"]})
+        seeds = sorted({r["seed"] for r in saved["runs"]})
+        saved["args"]["seeds"] = seeds
+        args = argparse.Namespace(**saved["args"])
+        write_report(saved, args, saved["total_s"])
+        return
     if args.render:
         saved = json.loads((OUT / "scheduled_drop_path.json").read_text())
         args = argparse.Namespace(**saved["args"])
@@ -306,7 +335,7 @@ def main() -> None:
     dm = FashionMNISTDataModule(batch_size=args.batch_size, train_fraction=args.train_fraction,
                                 val_fraction=args.val_size / 60000)
     dm.setup("fit")
-    results = {"args": vars(args), "runs": [], "train_size": len(dm.train_set),
+    results = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "runs": [], "train_size": len(dm.train_set),
                "params": sum(p.numel() for p in make_model(0.2, 0.1, 1, 0).parameters())}
 
     def do(arm, rate, seed):
@@ -324,6 +353,10 @@ def main() -> None:
             for rate in args.rates}
     results["chosen_rate"] = max(tune, key=tune.get)
     do("none", results["chosen_rate"], seed0)
+    if args.out is not None:  # one seed of a split run: its runs only, merged into the page later
+        results["total_s"] = time.perf_counter() - start
+        atomic_write_json(results, args.out, indent=2)
+        return
     write_report(results, args, time.perf_counter() - start)
     for seed in args.seeds[1:]:
         for arm in ARMS:
