@@ -264,6 +264,11 @@ def _minimal(tmp: Path) -> dict[str, Callable[[], dict]]:
                    tmp / "detr_teacher.ckpt")
         return {"teacher_checkpoint": str(tmp / "detr_teacher.ckpt")}
 
+    def sbp():
+        from lightning_ext.parallel.module import MLP
+
+        return {"net": MLP([8, 16, 3]), "sbp_plan": {"1": "B, S(0) -> S(-1)", "3": "S(-1), S(1) -> B"}}
+
     def traffic_capture():  # the family's real fixture capture and its labels, copied so caches land in tmp
         import shutil
 
@@ -306,6 +311,8 @@ def _minimal(tmp: Path) -> dict[str, Callable[[], dict]]:
         "SplitComputingDetector": detr_teacher,
         "PcapBurstDataModule": traffic_capture, "FlowWindowDataModule": traffic_capture,
         "VulnerabilityDataModule": lambda: {"path": str(REPO / "tests" / "fixtures" / "reposvul_tiny.jsonl")},
+        "SubgraphClientDataModule": lambda: {"root": str(REPO.parent / "shared" / "data" / "planetoid")},
+        "SBPModule": sbp,
     }
 
 

@@ -29,6 +29,7 @@ CANDIDATE_ARGS: tuple[dict, ...] = (
     {"ratio": 0.5},
     {"macs_reduction": 0.5},
     {"target_macs_reduction": 0.5},
+    {"model": lambda: None, "datamodule": lambda i, n: None},  # runners built from factories (SFPromptFederation)
 )
 
 

@@ -29,6 +29,8 @@ ALLOWED = {
     ("lightning_ext.tabular.pfn_classifier", "lightning_ext.tabular.prior_fitted_network"),
     # the federation runner builds each client's FederatedDataModule from a YAML: a user-facing tool, not a core
     ("lightning_ext.federated.run", "lightning_ext.federated.datamodule"),
+    # the SBP fit check runs SBPModule under ModelParallelStrategy against dense SGD: a user-facing tool, not a core
+    ("lightning_ext.parallel.fit_check", "lightning_ext.parallel.module"),
     # ... and FED-PUB's / FedIns' client and strategy (beside their modules) for `strategy: fedpub|fedins`
     ("lightning_ext.federated.run", "lightning_ext.federated.fedpub_module"),
     ("lightning_ext.federated.run", "lightning_ext.federated.fedins_module"),

@@ -140,7 +140,7 @@ class LightningClient:
     def __init__(self, model: Optional[Factory] = None, datamodule: Optional[Factory] = None, trainer: Optional[dict] = None, local_epochs: int = 1,
                  local_steps: Optional[int] = None, personal: Sequence[str] = (), keep_state: bool = True,
                  seed: int = 0, reply_transform: Optional[Callable[[dict, dict, int, int], dict]] = None) -> None:
-        require_flwr("LightningClient")
+        require_flwr(type(self).__name__)
         check_positive_int("local_epochs", local_epochs)
         if local_steps is not None:
             check_positive_int("local_steps", local_steps)

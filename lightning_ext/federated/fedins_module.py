@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
-from lightning_ext.core.guards import check_loss
+from lightning_ext.core.guards import check_loss, check_nonfinite_policy
 from lightning_ext.core.paths import check_path_argument
 from lightning_ext.core.sampling import epoch_loader
 from lightning_ext.core.validation import (
@@ -116,6 +116,7 @@ class FedInsModule(LightningModule):
         check_path_argument("backbone_path", backbone_path)
         check_number("key_loss_weight", key_loss_weight, low=0, high=1)
         check_number("lr", lr, low=0, low_open=True)
+        check_nonfinite_policy(nonfinite_loss)
         self.save_hyperparameters()
         backbone = TinyConvBackbone(in_chans, tuple(widths), feature_dim, image_size)
         if backbone_path is not None:
@@ -220,6 +221,7 @@ class MixedDigitsDataModule(LightningDataModule):
         super().__init__()
         check_positive_int("batch_size", batch_size)
         check_number("split_seed", split_seed, integer=True)
+        check_number("shuffle_seed", shuffle_seed, low=0, integer=True)
         self.batch_size, self.split_seed, self.shuffle_seed = batch_size, split_seed, shuffle_seed
         self.train_set = self.val_set = self.test_set = None
 

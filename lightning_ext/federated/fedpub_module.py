@@ -27,12 +27,14 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule, LightningModule
 from typing_extensions import override
 
-from lightning_ext.core.guards import check_loss
+from lightning_ext.core.guards import check_loss, check_nonfinite_policy
+from lightning_ext.core.paths import check_path_argument
 from lightning_ext.core.validation import (
     NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    check_choice,
     check_number,
     check_positive_int,
 )
@@ -130,6 +132,10 @@ class SubgraphClientDataModule(LightningDataModule):
         check_number("partition_id", partition_id, low=0, integer=True)
         if partition_id >= num_clients:
             raise ValueError(f"partition_id={partition_id} must be below num_clients={num_clients}.")
+        check_choice("name", name, ("Cora", "CiteSeer", "PubMed"))
+        for arg, value in (("partition_seed", partition_seed), ("split_seed", split_seed)):
+            check_number(arg, value, low=0, integer=True)
+        check_path_argument("cache_dir", cache_dir)
         if root is None:
             raise ValueError("SubgraphClientDataModule needs root=<folder holding Cora/raw>, e.g. "
                              "../shared/data/planetoid.")
@@ -203,6 +209,7 @@ class FedPubModule(LightningModule):
         check_number("proximal_weight", proximal_weight, low=0)
         check_number("lr", lr, low=0, low_open=True)
         check_number("weight_decay", weight_decay, low=0)
+        check_nonfinite_policy(nonfinite_loss)
         self.save_hyperparameters()
         self.net = MaskedGCN(num_features, num_classes, hidden, dropout, l1=max(l1_weight, 0.0), masked=masked)
         self.proximal = True

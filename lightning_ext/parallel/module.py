@@ -91,6 +91,7 @@ class SBPModule(LightningModule):
         """Whether the plan has been applied."""
         return self._parallel
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         """The network's output (a plain tensor: the plan's outputs are local)."""
         return self.net(x)
