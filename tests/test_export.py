@@ -231,3 +231,15 @@ def test_callback_bad_arguments(kwargs, match):
 def test_callback_names_a_missing_submodule(tmp_path):
     with pytest.raises(ValueError, match="no submodule 'backbone'"):
         DynamicExportCheck(module="backbone").target(nn.Module().__class__())
+
+
+
+def test_callback_refuses_more_than_one_process_in_setup():
+    """Under two gloo processes the export hung (rank 0 exporting, rank 1 at the barrier): refused up front."""
+
+    class _Trainer:
+        world_size = 2
+        strategy = None
+
+    with pytest.raises(RuntimeError, match="devices=1"):
+        DynamicExportCheck(module="net").setup(_Trainer(), None, "fit")

@@ -44,7 +44,7 @@ class DynamicExportCheck(Callback):
        rewritten model and the exported program, written as a Markdown table with ratios to eager.
 
     The report (sites, export errors, differences, latency) goes to ``report_path`` and to :attr:`results`; the
-    program to :attr:`program`. Under several processes rank 0 does the work; sharded strategies are refused.
+    program to :attr:`program`. It runs in one process: more than one process (it hung under two gloo processes) and sharded strategies are refused in ``setup()``.
 
     Args:
         module: dotted name of the submodule to export (``None``: the LightningModule's ``forward``).
@@ -116,8 +116,12 @@ class DynamicExportCheck(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Refuse strategies that shard parameters (the export needs the whole model in one process)."""
+        """Refuse more than one process: a two-process gloo run hung with rank 0 exporting and rank 1 at the barrier
+        (measured), so the check runs on one device only (export the trained checkpoint afterwards for DDP fits)."""
         refuse_sharded_strategy(trainer, "DynamicExportCheck", "exports the whole model from one process")
+        if trainer.world_size > 1:
+            raise RuntimeError("DynamicExportCheck runs in one process only (its export hung under two gloo processes): "
+                               "fit with devices=1, or export the saved checkpoint afterwards with `export_dynamic`")
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
