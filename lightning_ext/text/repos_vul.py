@@ -204,17 +204,21 @@ def function_samples(records: Sequence[dict], cwes: Optional[Sequence[str]] = No
     vulnerable, else 0) and each function after the fix (label 0, the repaired version). ``cwes`` are the checked
     labels of :func:`check_record` (default: the records' ``cwe_id``). With ``deduplicate`` an identical function
     (whitespace-normalised) is kept once, and a vulnerable function whose text also appears as fixed code is dropped
-    (its label would contradict itself)."""
+    (its label would contradict itself). Empty code (a new file's pre-image, a deleted file's post-image) is no
+    sample."""
     cwes = [r["cwe_id"] for r in records] if cwes is None else cwes
     out: list[Sample] = []
     for rec, cwe, d in _kept(zip(records, cwes), drop_outdated, languages):
         after = [fn["function"] for fn in d["function_after"] or []]
         for k, fn in enumerate(d["function_before"] or []):
+            if not str(fn["function"]).strip():  # a new file's (empty) pre-image
+                continue
             fixed = after[k] if k < len(after) else ""
             out.append(Sample(fn["function"], int(_vulnerable(fn, d, relevance)), cwe, str(rec["project"]),
-                              str(rec["commit_date"]), str(rec["cve_id"]), fixed))
+                              str(rec["commit_date"]), str(rec["cve_id"]), fixed if str(fixed).strip() else ""))
         for code in after:
-            out.append(Sample(code, 0, cwe, str(rec["project"]), str(rec["commit_date"]), str(rec["cve_id"])))
+            if str(code).strip():  # a deleted file's (empty) post-image is no sample
+                out.append(Sample(code, 0, cwe, str(rec["project"]), str(rec["commit_date"]), str(rec["cve_id"])))
     return _dedup(out) if deduplicate else out
 
 
@@ -228,8 +232,10 @@ def file_samples(records: Sequence[dict], cwes: Optional[Sequence[str]] = None, 
     for rec, cwe, d in _kept(zip(records, cwes), drop_outdated, languages):
         vulnerable = _vulnerable({"target": d.get("target", 1)}, d, relevance)
         meta = (cwe, str(rec["project"]), str(rec["commit_date"]), str(rec["cve_id"]))
-        out.append(Sample(d["code_before"], int(vulnerable), *meta, fixed=d["code"]))
-        out.append(Sample(d["code"], 0, *meta))
+        if str(d["code_before"]).strip():  # a new file has no code before the fix
+            out.append(Sample(d["code_before"], int(vulnerable), *meta, fixed=d["code"]))
+        if str(d["code"]).strip():
+            out.append(Sample(d["code"], 0, *meta))
     return _dedup(out) if deduplicate else out
 
 
