@@ -1,4 +1,4 @@
-"""The ``lightning-ext`` command: a LightningCLI in subclass mode, plus ``list`` and ``search``.
+"""The ``lightning-ext`` command: a LightningCLI in subclass mode, plus ``list``, ``search`` and ``federate``.
 
 ``lightning-ext fit|validate|test|predict --config configs/<x>.yaml`` trains or evaluates any
 LightningModule and LightningDataModule, ours or the user's, named by class path; ours, Lightning's
@@ -6,6 +6,8 @@ callbacks and any other imported subclass also resolve by their short class name
 anything is built, with the closest known names suggested. ``test_after_fit: true`` in a fit config runs
 the test split once training ends. ``lightning-ext list [--kind K] [--family F]`` and ``lightning-ext search
 WORDS`` read the static catalogue and import no component; a config imports only the classes it names.
+``lightning-ext federate --config configs/federated/<x>.yaml`` runs a whole federation (many Trainers, so not a
+LightningCLI run; see :mod:`lightning_ext.federated.run`).
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def _list_command(argv: list[str]) -> None:
 
 def run_cli(args: Optional[list[str]] = None) -> Optional[LightningExtCLI]:
     """Run the command line ``args`` (default ``sys.argv[1:]``) and return the CLI object (``None`` for
-    ``list``/``search``/``--version``). Tests and notebooks call this; unknown class names raise
+    ``list``/``search``/``federate``/``--version``). Tests and notebooks call this; unknown class names raise
     :class:`UnknownClassError`, malformed ``list``/``search`` lines :class:`UsageError`."""
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] == ["list"]:
@@ -97,6 +99,11 @@ def run_cli(args: Optional[list[str]] = None) -> Optional[LightningExtCLI]:
         if not argv[1:]:
             raise UsageError("lightning-ext search WORDS: give one or more words, e.g. `lightning-ext search ties`")
         print_entries(catalogue.search(argv[1:]), " ".join(argv[1:]))
+        return None
+    if argv[:1] == ["federate"]:  # a federation is many Trainers, not one LightningCLI run
+        from lightning_ext.federated.run import main as federate
+
+        federate(argv[1:], prog="lightning-ext federate")
         return None
     if argv[:1] == ["--version"]:
         import lightning_ext

@@ -411,21 +411,84 @@ FEDERATION_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "
 
 @pytest.mark.slow  # a ResNet-10t per client; about 30 s on a loaded 2-core machine
 @pytest.mark.parametrize("config", FEDERATION_CONFIGS, ids=lambda p: p.stem)
-def test_federation_configs_run(config, monkeypatch):
+def test_federation_configs_run(config, monkeypatch, tmp_path):
     """configs/federated/*.yaml are federations (not LightningCLI fits, which tests/test_configs.py runs): one
-    round each through the runner."""
+    round each through ``lightning-ext federate``."""
+    import json
+
     import yaml
 
-    from lightning_ext.federated.run import build
+    from lightning_ext.cli import main
 
     monkeypatch.chdir(config.parents[2])  # configs use paths relative to the repository root (fedpub_cora's Cora)
     cfg = yaml.safe_load(config.read_text())
     cfg["federation"].update(local_steps=2, num_clients=2)
-    sim, test = build(cfg, num_rounds=1)
-    arrays = sim.fit()
-    assert sim.round == 1 and 0.0 <= test(arrays)["test_acc"] <= 1.0
-    if cfg["federation"].get("remove_normalization"):
-        assert not any("running_mean" in k for k in arrays) and any(k.endswith(".gain") for k in arrays)
+    small = tmp_path / config.name
+    small.write_text(yaml.safe_dump(cfg))
+    main(["federate", "--config", str(small), "--num_rounds", "1", "--output", str(tmp_path / "out.json")])
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["rounds"] == 1 and 0.0 <= out["test"]["test_acc"] <= 1.0 and len(out["history"]) >= 1
+
+
+@pytest.mark.parametrize("text, expected", [
+    (None, "does not exist"),
+    ("federation: [1, 2", "is not valid YAML"),
+    ("- a\n- b\n", "must hold a mapping"),
+    ("federation: {rounds: 3}\nmodel: {class_path: x}\ndata: {class_path: y}\n", "unknown federation key"),
+    ("federation: {strategy: fedsgd}\nmodel: {class_path: ImageClassifier}\ndata: {class_path: DigitsDataModule}\n",
+     "federation.strategy='fedsgd' is unknown"),
+])
+def test_federate_command_refuses_bad_configs_with_one_line_and_exit_2(text, expected, tmp_path, capsys):
+    from lightning_ext.cli import main
+
+    path = tmp_path / "fed.yaml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["federate", "--config", str(path)])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and expected in err and len(err.splitlines()) == 1, err
+    assert err.startswith("error: federate:")
+
+
+def test_federate_command_refuses_a_non_positive_round_count(tmp_path, capsys):
+    from lightning_ext.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["federate", "--config", str(tmp_path / "x.yaml"), "--num_rounds", "0"])
+    assert exit_info.value.code == 2 and "--num_rounds must be a positive integer" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # three short federations of a ResNet-10t
+def test_federate_command_resumes_a_crashed_federation_from_its_checkpoint(tmp_path, monkeypatch, capsys):
+    """The same `lightning-ext federate` command run again after round 1 (the crash) finishes like one run."""
+    import json
+
+    import yaml
+
+    from lightning_ext.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "federated" / "fedavg_digits.yaml"
+    cfg = yaml.safe_load(config.read_text())
+    cfg["federation"].update(local_steps=1, num_clients=2, num_rounds=2)
+    plain, crashed = tmp_path / "plain.yaml", tmp_path / "crashed.yaml"
+    plain.write_text(yaml.safe_dump(cfg))
+    cfg["federation"]["checkpoint_path"] = str(tmp_path / "federation.pt")
+    crashed.write_text(yaml.safe_dump(cfg))
+    main(["federate", "--config", str(plain), "--output", str(tmp_path / "plain.json")])
+    main(["federate", "--config", str(crashed), "--num_rounds", "1"])  # stops after round 1, as a crash would
+    capsys.readouterr()
+    main(["federate", "--config", str(crashed), "--output", str(tmp_path / "resumed.json")])
+    assert "resuming from" in capsys.readouterr().err
+    once, resumed = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("plain", "resumed"))
+    assert resumed["rounds"] == 2 and len(resumed["history"]) == len(once["history"])
+    assert resumed["test"] == pytest.approx(once["test"], abs=1e-6)
+    cfg["federation"]["num_clients"] = 3  # a checkpoint of another federation is refused with one line
+    crashed.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["federate", "--config", str(crashed)])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "cannot resume" in err and len(err.splitlines()) == 1
 
 
 def test_federation_config_bad_keys_fail_with_one_line():

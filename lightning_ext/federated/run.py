@@ -1,4 +1,5 @@
-"""Run a whole federation from one YAML: ``python -m lightning_ext.federated.run --config x.yaml``.
+"""Run a whole federation from one YAML: ``lightning-ext federate --config x.yaml`` (or
+``python -m lightning_ext.federated.run --config x.yaml``).
 
 A federation is not a LightningCLI run (one Trainer per client per round), so it has its own small config, in the
 LightningCLI style for the parts that are: ``model`` and ``data`` are ``class_path``/``init_args`` dicts (short
@@ -13,7 +14,10 @@ how many clients and rounds, the partition, the strategy and the client's option
 
 It runs in-process (:class:`~lightning_ext.federated.simulation.FederatedSimulation`), tests the final global
 model on the data's test split and prints one JSON line; ``--num_rounds`` overrides the config,
-``--output`` writes the history as JSON.
+``--output`` writes the history as JSON. A config error (missing file, YAML that does not parse, an unknown key or
+strategy) is one ``error:`` line and exit status 2 from ``lightning-ext federate``; with
+``federation.checkpoint_path`` set, running the same command again after a crash resumes the federation (server
+and client states) from its last finished round.
 """
 
 from __future__ import annotations
@@ -160,15 +164,51 @@ def build(config: dict, num_rounds: Optional[int] = None):
     return sim, test
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
-    """Parse ``--config`` (and overrides), run the federation, print and return the summary."""
-    parser = argparse.ArgumentParser(prog="python -m lightning_ext.federated.run", description=__doc__.split("\n")[0])
+def load_config(path: str) -> dict:
+    """The federation YAML at ``path`` as a dict; a missing file or bad YAML raises one-line ``UsageError``."""
+    from lightning_ext.cli import UsageError
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UsageError(f"federate: the config {path!r} does not exist; give the path of a federation YAML "
+                         "(examples in configs/federated/).")
+    try:
+        config = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as err:
+        raise UsageError(f"federate: {path!r} is not valid YAML ({str(err).splitlines()[0]}); fix the file.") from None
+    if config is None:
+        config = {}
+    if not isinstance(config, dict):
+        raise UsageError(f"federate: {path!r} must hold a mapping with `federation:`, `model:` and `data:` keys.")
+    return config
+
+
+def main(argv: Optional[list[str]] = None, prog: str = "python -m lightning_ext.federated.run") -> dict:
+    """Parse ``--config`` (and overrides), run the federation, print and return the summary. Config errors (see the
+    module docstring) raise :class:`lightning_ext.cli.UsageError`, which ``lightning-ext federate`` prints as one
+    line with exit status 2."""
+    from lightning_ext.cli import UsageError
+
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="federation YAML")
     parser.add_argument("--num_rounds", type=int, default=None, help="override federation.num_rounds")
     parser.add_argument("--output", default=None, help="write the per-round history here (JSON)")
     args = parser.parse_args(argv)
-    config = yaml.safe_load(Path(args.config).read_text()) or {}
-    sim, test = build(config, args.num_rounds)
+    if args.num_rounds is not None and args.num_rounds < 1:
+        raise UsageError(f"federate: --num_rounds must be a positive integer, got {args.num_rounds}.")
+    config = load_config(args.config)
+    try:
+        sim, test = build(config, args.num_rounds)
+    except (ValueError, TypeError) as err:  # the config's keys and values (before any training)
+        raise UsageError(f"federate: {args.config}: {str(err).strip().splitlines()[0]}") from None
+    saved = getattr(sim, "checkpoint_path", None)
+    if saved is not None and Path(saved).is_file() and hasattr(sim, "load"):  # the same command after a crash
+        try:
+            sim.load(saved)
+        except (ValueError, KeyError) as err:
+            raise UsageError(f"federate: cannot resume from {str(saved)!r} ({str(err).strip().splitlines()[0]}); "
+                             "use the config that wrote it, or move the file away to start afresh.") from None
+        print(f"federate: resuming from {saved} after round {sim.round}", file=sys.stderr)
     arrays = sim.fit()
     summary = {"rounds": sim.round, "test": test(arrays), "history": sim.history}
     if args.output:
@@ -180,4 +220,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from lightning_ext.cli import main as cli_main
+
+    cli_main(["federate", *sys.argv[1:]])
