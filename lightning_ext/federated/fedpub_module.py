@@ -39,6 +39,7 @@ from lightning_ext.core.validation import (
     check_positive_int,
 )
 from lightning_ext.federated.client import LightningClient
+from lightning_ext.graph.full_graph_steps import FullGraphNodeSteps
 from lightning_ext.federated.fedpub import (
     MaskedGCN,
     fedpub_penalty,
@@ -174,14 +175,15 @@ class SubgraphClientDataModule(LightningDataModule):
                                           self.split_seed, self.cache_dir)[self.partition_id]
 
 
-class FedPubModule(LightningModule):
+class FedPubModule(FullGraphNodeSteps, LightningModule):
     """FED-PUB's client model: a :class:`~lightning_ext.federated.fedpub.MaskedGCN` trained full-batch with
     ``CE + l1 sum ||M||_1 + loc_l2 sum ||theta - theta_received||_2`` (reference defaults 1e-3, 1e-3; Adam 0.01).
 
     ``theta_received`` is the model as it stands when ``fit`` starts (in a federation: the weights the server sent
     this round); ``proximal=False`` drops that term (the client sets it for the first round, as the reference).
     ``official_inert=True`` computes both penalties on detached tensors, as the reference code does, so they add no
-    gradient. Logs ``{stage}_loss``/``{stage}_acc`` on each stage's mask and ``fedpub/mask_sparsity``.
+    gradient. Logs ``{stage}_loss``/``{stage}_acc`` on each stage's mask and ``fedpub/mask_sparsity``; the step
+    hooks are :class:`~lightning_ext.graph.full_graph_steps.FullGraphNodeSteps`' with this module's ``_step``.
 
     Args:
         num_features, num_classes, hidden, dropout: the GCN's sizes (Cora 1433, 7; reference 128, 0.5).
@@ -226,6 +228,7 @@ class FedPubModule(LightningModule):
         self._received = {f"net.{n}": p.detach().clone() for n, p in self.net.named_parameters() if not is_mask(n)}
 
     def _step(self, graph: Any, stage: str) -> Optional[torch.Tensor]:
+        """The training loss adds FED-PUB's penalties; accuracy is computed per call (no metric state)."""
         for key in ("x", "edge_index", "y", f"{stage}_mask"):
             if getattr(graph, key, None) is None:
                 raise ValueError(f"FedPubModule needs a PyG graph with `{key}` (SubgraphClientDataModule yields one).")
@@ -245,21 +248,6 @@ class FedPubModule(LightningModule):
         self.log(f"{stage}_loss", loss, batch_size=n)
         self.log(f"{stage}_acc", acc, batch_size=n)
         return loss
-
-    @override
-    def training_step(self, graph: Any, batch_idx: int) -> Optional[torch.Tensor]:
-        """Cross-entropy on the training nodes plus the two penalties."""
-        return self._step(graph, "train")
-
-    @override
-    def validation_step(self, graph: Any, batch_idx: int) -> None:
-        """Loss and accuracy on the validation nodes."""
-        self._step(graph, "val")
-
-    @override
-    def test_step(self, graph: Any, batch_idx: int) -> None:
-        """Loss and accuracy on the test nodes."""
-        self._step(graph, "test")
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
