@@ -20,6 +20,15 @@ What it does (the recipe of the spec's section 2.0):
 4. writes ``capture.pcap`` and ``capture.labels.json`` (client address -> label, the server address, offload
    state, seed), and deletes both namespaces even when a step fails.
 
+Options, all off by default: ``--profile mixed`` (:mod:`lightning_ext.traffic.capture_mixed`: four applications
+over TLS on one port, DNS lookups from every application, overlapping seeded sizes and timing, so a single flow
+does not name its application), ``--rate-mbit R`` (a ``tc tbf`` token bucket on both veth ends; ``netem`` is not in
+every kernel), ``--server-delay-ms D`` (seeded log-normal delay before each mixed-profile HTTPS response) and
+``--workers N`` (concurrent client threads, 3 by default)::
+
+    sudo python -m lightning_ext.traffic.capture --out captures/mixed --seconds 180 --seed 0 --attacks \
+        --profile mixed --rate-mbit 20 --server-delay-ms 20 --workers 5
+
 Labels come from the client address (ground truth known by construction); models must not see addresses or ports:
 the DataModules mask them by default (:mod:`lightning_ext.traffic.pcap`).
 """
@@ -27,7 +36,9 @@ the DataModules mask them by default (:mod:`lightning_ext.traffic.pcap`).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import os
 import random
 import shutil
@@ -87,8 +98,10 @@ def offloads_off(dev: str) -> str:
 # ---------------------------------------------------------------------------------------------------- servers
 
 
-def _serve(root: Path, cert: Path, key: Path, stop_file: Path) -> None:
-    """Run every server in this (server) namespace until ``stop_file`` appears."""
+def _serve(root: Path, cert: Path, key: Path, stop_file: Path, profile: str = "basic", delay_ms: float = 0.0,
+           seed: int = 0) -> None:
+    """Run every server in this (server) namespace until ``stop_file`` appears (``profile="mixed"`` adds the
+    keep-alive HTTPS server of :mod:`lightning_ext.traffic.capture_mixed`)."""
     import functools
     import http.server
     import ssl
@@ -110,6 +123,11 @@ def _serve(root: Path, cert: Path, key: Path, stop_file: Path) -> None:
     servers += [httpd, tlsd]
     for s in servers:
         threading.Thread(target=s.serve_forever, daemon=True).start()
+    stops = [s.shutdown for s in servers]
+    if profile == "mixed":
+        from lightning_ext.traffic.capture_mixed import start_https_server
+
+        stops.append(start_https_server(str(cert), str(key), delay_ms, seed))
 
     def dns_loop() -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -192,8 +210,8 @@ def _serve(root: Path, cert: Path, key: Path, stop_file: Path) -> None:
     print("ready", flush=True)
     while not stop_file.exists():
         time.sleep(0.2)
-    for s in servers:
-        s.shutdown()
+    for stop in stops:
+        stop()
 
 
 # ---------------------------------------------------------------------------------------------------- clients
@@ -302,25 +320,35 @@ SESSIONS: dict[str, Callable[[random.Random, list[str]], None]] = {
 }
 
 
-def _drive(seconds: float, seed: int, attacks: bool, files: list[str], workers: int = 3) -> dict[str, int]:
+def _drive(seconds: float, seed: int, attacks: bool, files: list[str], workers: int = 3,
+           profile: str = "basic") -> dict[str, int]:
     """Run sessions of randomly chosen applications from ``workers`` threads until ``seconds`` have passed."""
-    kinds = list(APPS) + (list(ATTACKS) if attacks else [])
+    apps, attack_names = profile_addresses(profile)
+    kinds = list(apps) + (list(attack_names) if attacks else [])
+    if profile == "mixed":
+        from lightning_ext.traffic.capture_mixed import mixed_session
+
+        sessions = {k: functools.partial(mixed_session, k) for k in kinds}
+    else:
+        sessions = SESSIONS
     counts = {k: 0 for k in kinds}
     errors = {k: 0 for k in kinds}
+    last_error: dict[str, str] = {}
     deadline = time.time() + seconds
     lock = threading.Lock()
 
     def worker(i: int) -> None:
         rng = random.Random(seed * 1000 + i)
         while time.time() < deadline:
-            kind = rng.choices(kinds, weights=[1.0] * len(APPS) + [0.3] * (len(kinds) - len(APPS)))[0]
+            kind = rng.choices(kinds, weights=[1.0] * len(apps) + [0.3] * (len(kinds) - len(apps)))[0]
             try:
-                SESSIONS[kind](rng, files)
+                sessions[kind](rng, files)
                 with lock:
                     counts[kind] += 1
-            except OSError:
+            except OSError as err:
                 with lock:
                     errors[kind] += 1
+                    last_error[kind] = f"{type(err).__name__}: {err}"[:200]
             time.sleep(rng.expovariate(1 / 0.05))
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(workers)]
@@ -328,7 +356,17 @@ def _drive(seconds: float, seed: int, attacks: bool, files: list[str], workers: 
         t.start()
     for t in threads:
         t.join(timeout=seconds + 60)
-    return {"sessions": counts, "errors": errors}
+    return {"sessions": counts, "errors": errors, "last_error": last_error}
+
+
+def profile_addresses(profile: str) -> tuple[dict[str, tuple], dict[str, str]]:
+    """``(applications, attacks)`` of a profile: label -> (client address, server port, transport) and label ->
+    client address."""
+    if profile == "mixed":
+        from lightning_ext.traffic.capture_mixed import MIXED_APPS, MIXED_ATTACKS
+
+        return MIXED_APPS, MIXED_ATTACKS
+    return APPS, ATTACKS
 
 
 # ---------------------------------------------------------------------------------------------------- orchestration
@@ -345,11 +383,19 @@ def _make_content(root: Path, seed: int) -> list[str]:
     return names
 
 
-def capture(out: Path, seconds: float = 60.0, seed: int = 0, attacks: bool = False) -> dict:
-    """Make one labelled capture under ``out`` (``capture.pcap``, ``capture.labels.json``); return the manifest."""
+def capture(out: Path, seconds: float = 60.0, seed: int = 0, attacks: bool = False, profile: str = "basic",
+            rate_mbit: Optional[float] = None, server_delay_ms: float = 0.0, workers: int = 3) -> dict:
+    """Make one labelled capture under ``out`` (``capture.pcap``, ``capture.labels.json``); return the manifest.
+
+    ``profile="mixed"`` runs the applications of :mod:`lightning_ext.traffic.capture_mixed` (not separable flow by
+    flow); ``rate_mbit`` shapes both veth ends with ``tc qdisc ... tbf``; ``server_delay_ms`` delays the mixed
+    profile's HTTPS responses (seeded log-normal); ``workers`` client threads run sessions concurrently."""
+    if profile not in ("basic", "mixed"):
+        raise ValueError(f"profile must be 'basic' or 'mixed', got {profile!r}.")
+    apps, attack_ips = profile_addresses(profile)
     if os.geteuid() != 0:
         raise PermissionError("the capture needs root (network namespaces and tcpdump); run it with sudo.")
-    for tool in ("ip", "tcpdump", "openssl"):
+    for tool in ("ip", "tcpdump", "openssl") + (("tc",) if rate_mbit is not None else ()):
         if shutil.which(tool) is None:
             raise FileNotFoundError(f"the capture needs `{tool}`; install it (Debian: apt-get install iproute2 "
                                     "tcpdump openssl).")
@@ -369,11 +415,17 @@ def capture(out: Path, seconds: float = 60.0, seed: int = 0, attacks: bool = Fal
         _run(["ip", "link", "set", dev_c, "netns", ns_c])
         _run(["ip", "link", "set", dev_s, "netns", ns_s])
         _run(["ip", "-n", ns_s, "addr", "add", f"{SERVER_IP}/24", "dev", dev_s])
-        for ip in [a[0] for a in APPS.values()] + list(ATTACKS.values()):
+        for ip in [a[0] for a in apps.values()] + list(attack_ips.values()):
             _run(["ip", "-n", ns_c, "addr", "add", f"{ip}/24", "dev", dev_c])
         for ns, dev in ((ns_c, dev_c), (ns_s, dev_s)):
             _run(["ip", "-n", ns, "link", "set", dev, "up"])
             _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        shaping = None
+        if rate_mbit is not None:  # a token bucket on both ends: real queueing between concurrent flows
+            for ns, dev in ((ns_c, dev_c), (ns_s, dev_s)):
+                _run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate",
+                      f"{rate_mbit}mbit", "burst", "32kbit", "latency", "200ms"])
+            shaping = f"tc tbf rate {rate_mbit}mbit burst 32kbit latency 200ms on both veth ends"
         offload = [_run(["ip", "netns", "exec", ns, *py, "offloads-off", dev], check=True).stdout.strip()
                    for ns, dev in ((ns_c, dev_c), (ns_s, dev_s))]
         cert, key = work / "cert.pem", work / "key.pem"
@@ -383,7 +435,7 @@ def capture(out: Path, seconds: float = 60.0, seed: int = 0, attacks: bool = Fal
         content.mkdir()
         files = _make_content(content, seed)
         server = subprocess.Popen(["ip", "netns", "exec", ns_s, *py, "serve", str(content), str(cert), str(key),
-                                   str(stop)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                                   str(stop), profile, str(server_delay_ms), str(seed)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         procs.append(server)
         if server.stdout.readline().strip() != "ready":
             raise RuntimeError(f"the servers did not start: {server.stderr.read()[-500:]}")
@@ -391,13 +443,15 @@ def capture(out: Path, seconds: float = 60.0, seed: int = 0, attacks: bool = Fal
                                  "-w", str(pcap)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         procs.append(dump)
         time.sleep(1.5)  # tcpdump prints "listening on" when ready; one second is plenty on an idle veth
-        client = _run_client(ns_c, py, env, seconds, seed, attacks, files)
+        client = _run_client(ns_c, py, env, seconds, seed, attacks, files, workers, profile)
         time.sleep(1.0)
         dump.send_signal(signal.SIGINT)
         dump.wait(timeout=20)
         manifest = {"label_by": "client_ip", "server": SERVER_IP,
-                    "labels": {**{v[0]: k for k, v in APPS.items()},
-                               **({v: k for k, v in ATTACKS.items()} if attacks else {})},
+                    "labels": {**{v[0]: k for k, v in apps.items()},
+                               **({v: k for k, v in attack_ips.items()} if attacks else {})},
+                    "applications": list(apps), "attack_labels": list(attack_ips) if attacks else [],
+                    "profile": profile, "shaping": shaping, "server_delay_ms": server_delay_ms, "workers": workers,
                     "seconds": seconds, "seed": seed, "attacks": attacks, "offloads": offload,
                     "ssh": "left out: sshd is not installed" if not shutil.which("sshd") else "not scripted",
                     **client}
@@ -420,8 +474,9 @@ def capture(out: Path, seconds: float = 60.0, seed: int = 0, attacks: bool = Fal
 
 
 def _run_client(ns: str, py: list[str], env: dict, seconds: float, seed: int, attacks: bool,
-                files: list[str]) -> dict:
-    cmd = ["ip", "netns", "exec", ns, *py, "client", str(seconds), str(seed), str(int(attacks)), ",".join(files)]
+                files: list[str], workers: int = 3, profile: str = "basic") -> dict:
+    cmd = ["ip", "netns", "exec", ns, *py, "client", str(seconds), str(seed), str(int(attacks)), ",".join(files),
+           str(workers), profile]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"the client driver failed: {res.stderr[-800:]}")
@@ -435,21 +490,40 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(offloads_off(argv[1]))
         return 0
     if argv and argv[0] == "serve":
-        _serve(Path(argv[1]), Path(argv[2]), Path(argv[3]), Path(argv[4]))
+        _serve(Path(argv[1]), Path(argv[2]), Path(argv[3]), Path(argv[4]), *argv[5:6], *map(float, argv[6:7]),
+               *map(int, argv[7:8]))
         return 0
     if argv and argv[0] == "client":
-        print(json.dumps(_drive(float(argv[1]), int(argv[2]), bool(int(argv[3])), argv[4].split(","))))
+        print(json.dumps(_drive(float(argv[1]), int(argv[2]), bool(int(argv[3])), argv[4].split(","),
+                                *map(int, argv[5:6]), *argv[6:7])))
         return 0
     parser = argparse.ArgumentParser(prog="python -m lightning_ext.traffic.capture", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="folder for capture.pcap and capture.labels.json")
     parser.add_argument("--seconds", type=float, default=60.0, help="how long clients run sessions (default 60)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--attacks", action="store_true", help="add bounded scan and flood flows")
+    parser.add_argument("--attacks", action="store_true", help="add bounded attack flows (basic: scan and flood; "
+                        "mixed: scan and a slow HTTPS login brute force)")
+    parser.add_argument("--profile", choices=["basic", "mixed"], default="basic",
+                        help="basic (default): one protocol and port per application, separable flow by flow; mixed: "
+                        "four applications over TLS on one port, DNS lookups from every application, overlapping "
+                        "seeded sizes and timing (lightning_ext.traffic.capture_mixed)")
+    parser.add_argument("--rate-mbit", type=float, default=None,
+                        help="shape both veth ends with a token bucket (tc tbf) of this rate (default: off)")
+    parser.add_argument("--server-delay-ms", type=float, default=0.0,
+                        help="mixed profile: mean seeded log-normal delay before each HTTPS response (default 0)")
+    parser.add_argument("--workers", type=int, default=3, help="concurrent client threads (default 3)")
     args = parser.parse_args(argv)
     if not 0 < args.seconds <= 3600:
         parser.error(f"--seconds must be in (0, 3600], got {args.seconds}")
+    if args.rate_mbit is not None and not (math.isfinite(args.rate_mbit) and 0.1 <= args.rate_mbit <= 10_000):
+        parser.error(f"--rate-mbit must be in [0.1, 10000], got {args.rate_mbit}")
+    if not (math.isfinite(args.server_delay_ms) and 0 <= args.server_delay_ms <= 1000):
+        parser.error(f"--server-delay-ms must be in [0, 1000], got {args.server_delay_ms}")
+    if not 1 <= args.workers <= 32:
+        parser.error(f"--workers must be in [1, 32], got {args.workers}")
     try:
-        manifest = capture(Path(args.out), args.seconds, args.seed, args.attacks)
+        manifest = capture(Path(args.out), args.seconds, args.seed, args.attacks, args.profile, args.rate_mbit,
+                           args.server_delay_ms, args.workers)
     except (PermissionError, FileNotFoundError, RuntimeError, subprocess.CalledProcessError) as err:
         detail = getattr(err, "stderr", None)
         print(f"capture failed: {err}" + (f" ({detail.strip()[-300:]})" if detail else ""), file=sys.stderr)
