@@ -51,8 +51,18 @@ def save(data: dict) -> None:
     atomic_write_json(data, RESULTS, indent=1)
 
 
+def manifest_of(capture: str) -> dict:
+    """The capture's label manifest (the recipe's ``capture.labels.json``)."""
+    return json.loads(Path(capture).with_name(Path(capture).stem + ".labels.json").read_text())
+
+
+def apps_of(capture: str) -> list[str]:
+    """The capture's benign application labels (the basic profile's six when the manifest predates the field)."""
+    return manifest_of(capture).get("applications") or APPS
+
+
 def ft_dm(capture: str, window: int, seed: int, multiclass: bool = False) -> FlowWindowDataModule:
-    return FlowWindowDataModule([capture], benign_labels=None if multiclass else APPS, window=window,
+    return FlowWindowDataModule([capture], benign_labels=None if multiclass else apps_of(capture), window=window,
                                 batch_size=128, seed=seed,
                                 shuffle_seed=seed, cache_dir=CACHE)
 
@@ -60,7 +70,8 @@ def ft_dm(capture: str, window: int, seed: int, multiclass: bool = False) -> Flo
 def run_ft(capture: str, head: str, window: int, lr: float, seed: int, multiclass: bool = False) -> dict:
     torch.manual_seed(seed)
     dm = ft_dm(capture, window, seed, multiclass)
-    model = FlowTransformerModule(num_classes=len(APPS) + 2 if multiclass else 2, window=window, head=head,
+    classes = len(set(manifest_of(capture)["labels"].values()))
+    model = FlowTransformerModule(num_classes=classes if multiclass else 2, window=window, head=head,
                                   d_model=64, layers=2, heads=2,
                                   ff_dim=128, lr=lr)
     fit = fit_early_stopping(model, dm, max_epochs=20, callbacks=[], label=f"ft {head} w{window} lr{lr} s{seed}",
@@ -68,11 +79,17 @@ def run_ft(capture: str, head: str, window: int, lr: float, seed: int, multiclas
     return {**fit, "test": test_metrics(model, dm), "lr": lr, "seed": seed}
 
 
-def part_flow(data: dict, capture: str) -> None:
+def part_flow(data: dict, capture: str, multiclass_only: bool = False) -> None:
     """Binary benign/attack (the paper's NIDS task; "flow") and 8-way application + attack labels of the last flow
-    ("flow_multiclass": the binary task turned out to be at the ceiling here)."""
-    for key, multi in (("flow", False), ("flow_multiclass", True)):
-        out = data.setdefault(key, {"tuning": {}, "runs": {}})
+    ("flow_multiclass": the binary task turned out to be at the ceiling here). A capture of the recipe's mixed
+    profile stores its results under ``data["mixed"]`` (the basic capture's stay where they were)."""
+    mixed = manifest_of(capture).get("profile") == "mixed"
+    store = data.setdefault("mixed", {}) if mixed else data
+    if mixed:
+        store["capture"] = manifest_of(capture)
+    tasks = (("flow_multiclass", True), ("flow", False)) if mixed else (("flow", False), ("flow_multiclass", True))
+    for key, multi in tasks[:1] if multiclass_only else tasks:
+        out = store.setdefault(key, {"tuning": {}, "runs": {}})
         for name, head, window in FT_ARMS:
             for lr in FT_LRS:
                 tk = f"{name}@{lr}"
@@ -91,6 +108,11 @@ def part_flow(data: dict, capture: str) -> None:
             save(data)
 
 
+def part_flow8(data: dict, capture: str) -> None:
+    """The 8-way task only (labels of the last flow)."""
+    part_flow(data, capture, multiclass_only=True)
+
+
 def flow_probe(capture: str, multiclass: bool = False) -> dict:
     """Shortcut probe: logistic regression on the last flow's record alone, with and without its ports."""
     from sklearn.linear_model import LogisticRegression
@@ -98,7 +120,7 @@ def flow_probe(capture: str, multiclass: bool = False) -> dict:
 
     out = {}
     for ports in (False, True):
-        dm = FlowWindowDataModule([capture], benign_labels=None if multiclass else APPS, window=1,
+        dm = FlowWindowDataModule([capture], benign_labels=None if multiclass else apps_of(capture), window=1,
                                   include_ports=ports, cache_dir=CACHE,
                                   balanced_train=False)
         dm.setup()
@@ -109,9 +131,20 @@ def flow_probe(capture: str, multiclass: bool = False) -> dict:
             cat = torch.nn.functional.one_hot(ds.cat[rows], 33).flatten(1).float()
             return torch.cat([ds.num[rows], cat], 1).numpy(), ds.y[rows].numpy()
 
+        def xy_window(split, k=8):  # the same probe on the last k records concatenated (context for a linear model)
+            ds = dm.split_dataset(split)
+            rows = ds.ends[ds.ends >= k - 1]
+            parts = [torch.cat([ds.num[rows - j], torch.nn.functional.one_hot(ds.cat[rows - j], 33).flatten(1).float()],
+                               1) for j in range(k)]
+            return torch.cat(parts, 1).numpy(), ds.y[rows].numpy()
+
         (xt, yt), (xs, ys) = xy("train"), xy("test")
         clf = LogisticRegression(max_iter=2000, class_weight="balanced").fit(xt, yt)
         out["with_ports" if ports else "no_ports"] = float(f1_score(ys, clf.predict(xs), average="macro"))
+        if not ports:
+            (xt, yt), (xs, ys) = xy_window("train"), xy_window("test")
+            clf = LogisticRegression(max_iter=3000, class_weight="balanced").fit(xt, yt)
+            out["window8_no_ports"] = float(f1_score(ys, clf.predict(xs), average="macro"))
     return out
 
 
@@ -194,7 +227,7 @@ def part_pretrain(data: dict, capture: str, key: str = "pretrain") -> None:
         model = NetMambaModule(task="mae", num_classes=len(APPS), lr=1e-3, seed=0, mask_ratio=0.9, **net)
         dm.setup()
         first = float(np.mean([float(model.objective(b, "val")) for b in dm.val_dataloader()]))
-        fit = _fit_mae(model, dm)
+        fit = fit_pretraining(model, dm)
         torch.save({"state_dict": model.state_dict()}, ckpt)
         out["mae"] = {**fit, "val_loss_at_init": first}
         save(data)
@@ -211,8 +244,8 @@ def part_pretrain5(data: dict, capture: str) -> None:
     part_pretrain(data, capture, "pretrain5")
 
 
-def _fit_mae(model, dm, max_epochs: int = 8) -> dict:
-    """MAE pretraining with the validation MAE loss tracked per epoch (best weights kept)."""
+def fit_pretraining(model, dm, max_epochs: int = 8, label: str = "mae") -> dict:
+    """Self-supervised pretraining with the validation loss tracked per epoch (best weights kept)."""
     from lightning.pytorch import Callback, Trainer
 
     class Track(Callback):
@@ -224,11 +257,12 @@ def _fit_mae(model, dm, max_epochs: int = 8) -> dict:
                 return
             v = float(trainer.callback_metrics["val_loss"])
             self.history.append(v)
-            print(f"  [mae] epoch {len(self.history)} val_loss {v:.4f}", flush=True)
+            print(f"  [{label}] epoch {len(self.history)} val_loss {v:.4f}", flush=True)
             if v < self.best:
                 self.best, self.state = v, {k: t.clone() for k, t in pl_module.state_dict().items()}
 
     track, start = Track(), time.time()
+    model.train()  # Lightning keeps the modules' modes: a model evaluated before must pretrain in train mode
     trainer = Trainer(max_epochs=max_epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[track])
     trainer.fit(model, datamodule=dm)
@@ -277,7 +311,7 @@ def part_speed(data: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--capture", default="/tmp/lx_cap/day0")
-    ap.add_argument("--part", default="all", choices=["all", "speed", "flow", "ports", "pretrain",
+    ap.add_argument("--part", default="all", choices=["all", "speed", "flow", "flow8", "ports", "pretrain",
                                                           "ports5", "rerun", "pretrain5"])
     ap.add_argument("--render-only", action="store_true")
     args = ap.parse_args()
@@ -289,18 +323,23 @@ def main() -> None:
             from lightning_ext.traffic.capture import capture as make_capture
 
             data["capture_manifest"] = make_capture(Path(args.capture), 120.0, 0, True)
-        data.setdefault("meta", {})["command"] = f"benchmarks/traffic.py --capture {args.capture} --part {args.part}"
-        data["meta"]["capture"] = json.loads((Path(args.capture) / "capture.labels.json").read_text())
-        data["meta"]["torch"] = torch.__version__
+        manifest = manifest_of(str(capture))
+        mixed = manifest.get("profile") == "mixed"
+        meta = data.setdefault("mixed", {}).setdefault("meta", {}) if mixed else data.setdefault("meta", {})
+        meta["command"] = f"benchmarks/traffic.py --capture {args.capture} --part {args.part}"
+        meta["capture"] = manifest
+        meta["torch"] = torch.__version__
         parts = {"all": ["speed", "flow", "ports", "pretrain", "ports5", "pretrain5"],
                  "rerun": ["flow", "ports5"]}.get(args.part, [args.part])
+        if mixed and parts not in (["flow"], ["flow8"]):
+            sys.exit("a mixed-profile capture runs `--part flow` or `flow8` only (results under traffic.json's 'mixed').")
         for part in parts:
             start = time.time()
             if part == "speed":
                 part_speed(data)
             else:
                 globals()[f"part_{part}"](data, str(capture))
-            data["meta"][f"{part}_wall_s"] = time.time() - start
+            meta[f"{part}_wall_s"] = time.time() - start
             save(data)
     from traffic_pages import render_all
 
