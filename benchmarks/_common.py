@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -167,6 +168,20 @@ def verdict_of(claims) -> str:
     if all(c is None for _, c, _ in claims) and any(why.startswith("inconclusive") for _, _, why in claims):
         return "inconclusive"
     return combine_claims([c for _, c, _ in claims])
+
+
+def pop_option(name: str, many: bool = False) -> list[str]:
+    """Remove ``name VALUE`` (``many``: every value up to the next ``--option``) from ``sys.argv`` and return the
+    values (``[]`` when absent): options of a script whose ``main`` is :func:`page_main`, which parses only
+    ``--render-only``."""
+    if name not in sys.argv:
+        return []
+    i = sys.argv.index(name)
+    end = i + 2 if not many else next((j for j in range(i + 1, len(sys.argv)) if sys.argv[j].startswith("--")),
+                                      len(sys.argv))
+    values = sys.argv[i + 1:end]
+    del sys.argv[i:end]
+    return values
 
 
 def page_main(json_path, stem: str, protocol: dict, command: str, main_runs, render, plot) -> None:

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fit_early_stopping, mean_std, page_main, verdict_of  # noqa: E402
+from _common import fit_early_stopping, mean_std, page_main, pop_option, verdict_of  # noqa: E402
 
 from lightning.pytorch import seed_everything  # noqa: E402
 
@@ -428,27 +428,15 @@ def plot(data, res, path):
     save_figure(fig, path)
 
 
-def _pop_option(name, many=False):
-    """Remove ``name VALUE...`` from ``sys.argv`` (``page_main`` parses only ``--render-only``)."""
-    if name not in sys.argv:
-        return []
-    i = sys.argv.index(name)
-    end = i + 2 if not many else next((j for j in range(i + 1, len(sys.argv)) if sys.argv[j].startswith("--")),
-                                      len(sys.argv))
-    values = sys.argv[i + 1:end]
-    del sys.argv[i:end]
-    return values
-
-
 JSON_PATH = JSON
 
 if __name__ == "__main__":
     DIAGNOSTIC = "--diagnostic" in sys.argv
     if DIAGNOSTIC:
         sys.argv.remove("--diagnostic")
-    SEEDS = [int(v) for v in _pop_option("--seed")]
-    MERGE = _pop_option("--merge", many=True)
-    JSON_PATH = Path((_pop_option("--json") or [str(JSON)])[0])
+    SEEDS = [int(v) for v in pop_option("--seed")]
+    MERGE = pop_option("--merge", many=True)
+    JSON_PATH = Path((pop_option("--json") or [str(JSON)])[0])
     command = ".venv/bin/python benchmarks/wasa.py" + (" --diagnostic" if DIAGNOSTIC else "")
     if SEEDS or MERGE:  # parallel seeds: ``--seed N --json /tmp/wasa_sN.json`` each, then ``--merge`` them
         command = ("for s in 0 1 2; do .venv/bin/python benchmarks/wasa.py --seed $s --json /tmp/wasa_s$s.json & "
