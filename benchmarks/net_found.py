@@ -262,7 +262,8 @@ def plot(data: dict, res: list, path: Path) -> None:
         for i, (name, vals) in enumerate(groups.items()):
             x = i + 0.15 * j
             ax.scatter([x] * len(vals), vals, color=f"C{j}", label=key if i == 0 else None)
-            ax.errorbar([x], [statistics.mean(vals)], yerr=[statistics.stdev(vals)], fmt="_", color="black", capsize=5)
+            ax.errorbar([x], [statistics.mean(vals)], yerr=[statistics.stdev(vals)], fmt="_", color="black",
+                        capsize=5, markersize=18)
         ax.set_xticks(range(len(groups)), list(groups), rotation=10)
     ax.set_ylabel("test macro-F1")
     ax.set_title(f"netFound at {FEW} labels per class (seeds 0-2)")
