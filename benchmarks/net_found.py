@@ -169,6 +169,8 @@ def _section(key: str, out: dict):
                "< 0.5)" if not learnable else f"scratch is at the ceiling ({scratch:.3f} > 0.95: no room for +0.05; best "
                f"arm {best:.3f})")
         claim = (name, None, f"not testable: {why}")
+    elif not pre["converged"]:
+        claim = (name, None, "inconclusive: pretraining's best validation loss was at its last epoch (budget-limited)")
     tuned = ", ".join(f"{a} lr {max(LRS, key=lambda lr: out['tuning'][f'{a}@{lr}']['best_val']):g}" for a in ARMS)
     grid = "; ".join(f"{k}: val {v['best_val']:.3f}" for k, v in out["tuning"].items())
     c_few = lg["few"]["0"]["c"]
@@ -190,6 +192,16 @@ def _section(key: str, out: dict):
             f"{lg['all']['0']['val_f1']:.3f} | **{full:.3f}** | | | | | | |\n\n"
             f"Tuned on seed 0's validation macro-F1: {tuned} ({grid}). Runtime of this capture's runs: "
             f"{out.get('wall_s', 0) / 60:.1f} min wall.\n")
+    frozen = statistics.mean(_vals(runs["frozen"]))
+    if frozen < scratch - 0.05:
+        text += (f"\nReading: here the frozen pretrained encoder is {scratch - frozen:.3f} below scratch, the opposite "
+                 f"direction to the claim (frozen per seed {', '.join(f'{v:.3f}' for v in _vals(runs['frozen']))}); "
+                 "the verdict does not count it because the premise above fails.\n")
+    if not pre["converged"]:
+        last = pre["history"]
+        text += (f"\nPretraining budget: its best validation loss was at its last epoch ({last[-2]:.3f} -> "
+                 f"{last[-1]:.3f} in the last epoch; {pre['steps']} steps, netFound pretrains for far longer), so a "
+                 "longer pretraining might give a better frozen encoder.\n")
     return claim, text, {a: _vals(runs[a]) for a in ARMS} | {f"logreg {FEW}/cls": few}
 
 
@@ -217,7 +229,8 @@ Rendered by `benchmarks/net_found.py` from `net_found.json`. Claim (netFound, ar
 {lines}
 
 **Rule:** mean test macro-F1 over seeds 0-2, margin 0.05 fixed before the runs; a compared run whose best
-validation epoch is its last makes the claim inconclusive; the claim is not testable when pretraining did not lower
+validation epoch is its last, or a pretraining whose best validation loss is at its last epoch, makes the claim
+inconclusive; the claim is not testable when pretraining did not lower
 its loss 10%, when a logistic regression on every training flow stays below 0.5 (not learnable from these inputs) or
 when scratch is above 0.95 (no room for the margin; the ceiling rule was first written as "best arm or the
 {FEW}/class logistic regression above 0.98" and changed to this before any network's result was seen, since a
