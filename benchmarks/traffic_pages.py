@@ -121,7 +121,7 @@ def render_flow(data: dict) -> str:
                 f"{_mixed_capture_text(cap)}; same flow records, split, model and training as below. Runtime of this "
                 f"part {sum(mixed.get('meta', {}).get(k, 0) for k in ('flow_wall_s', 'flow8_wall_s')) / 60:.1f} min wall (`benchmarks/traffic.py "
                 f"--capture /tmp/lx_cap/mixed0 --part {mixed.get('meta', {}).get('command', 'flow').split()[-1]}`).\n\n{m_multi}\n{m_bin}\n"
-                f"## Basic capture (first run, not testable)\n\n{body}")
+                f"## Basic capture (first run): not testable here\n\n{body}")
         claims = judged
     verdict = verdict_of(claims)
     return f"""# FlowTransformer: classification head and window size on a real capture
