@@ -225,7 +225,7 @@ was shared, 1-minute load average {statistics.mean(r['load_avg'] for r in result
 ```
 
 Runtime: {total_s / 60:.1f} min (wall clock, summed over the processes that ran seeds).{merged_text}
-
+{chr(10) + results["history_note"] + chr(10) if results.get("history_note") else ""}
 {"## Tuning (seed " + str(args.seeds[0]) + ", validation accuracy)" + chr(10) + chr(10) + "| arm | r | best val acc | best epoch |" + chr(10) + "|---|---|---|---|" + chr(10) + tune_rows + chr(10) if len(args.rates) > 1 else ""}
 ## Results at r = {chosen}
 
@@ -296,6 +296,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="write only this process's runs to this JSON (one seed in its own process, with the "
                              "chosen rate as the only --rates); combine with --merge")
+    parser.add_argument("--skip-none", action="store_true",
+                        help="with --out: run only the drop-path arms (the seed's 'none' run is in another --out file; "
+                             "'none' does not depend on the rate)")
     parser.add_argument("--merge", type=Path, nargs="+", default=None,
                         help="add the runs of these --out JSONs to the saved page's JSON and re-render")
     args = parser.parse_args()
@@ -352,7 +355,8 @@ def main() -> None:
     tune = {rate: statistics.mean(r["best_val"] for r in results["runs"] if r["rate"] == rate)
             for rate in args.rates}
     results["chosen_rate"] = max(tune, key=tune.get)
-    do("none", results["chosen_rate"], seed0)
+    if not args.skip_none:
+        do("none", results["chosen_rate"], seed0)
     if args.out is not None:  # one seed of a split run: its runs only, merged into the page later
         results["total_s"] = time.perf_counter() - start
         atomic_write_json(results, args.out, indent=2)
