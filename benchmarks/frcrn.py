@@ -354,9 +354,19 @@ def render(data):
     if res["frcrn"]["n"] and res["frcrn"]["n"] == res["no_frequency_fsmn"]["n"]:
         diffs = [a - b for a, b in zip(res["frcrn"]["sisnri"], res["no_frequency_fsmn"]["sisnri"])]
         lines += ["", "Paired per-seed test SI-SNRi difference (FRCRN minus the ablation, same seed, data and loss): "
-                  + ", ".join(f"{d:+.2f}" for d in diffs) + " dB. Every run's validation SI-SNRi was still rising at "
-                  "its last check, so under the rule above neither claim is decided; the direction of (b) is the same "
-                  "in every seed, while (a) is far from 5 dB at this budget."]
+                  + ", ".join(f"{d:+.2f}" for d in diffs) + " dB: "
+                  + ("the same sign in every seed" if all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
+                     else "the sign changes between seeds")
+                  + f"; runs still improving at the budget's end: {res['frcrn']['still_improving']} of "
+                  f"{res['frcrn']['n']} (FRCRN) and {res['no_frequency_fsmn']['still_improving']} of "
+                  f"{res['no_frequency_fsmn']['n']} (ablation)."]
+    old = data.get("runs_v1", {})
+    if old:
+        lines += ["", f"Protocol 1 (150 steps, validation every 30; superseded, runs kept in the JSON as `runs_v1`): "
+                  "test SI-SNRi " + ", ".join(
+                      f"{LABELS[a]} " + _ms([r["test"]["test_sisnri"] for k, r in old.items()
+                                            if k.startswith(a + "/sisnr/") and "/x2" not in k])
+                      for a in P["arms"]) + " dB; every run was still improving at its end, so it was inconclusive."]
     lines += ["", "Loss selection on seed 0 (best validation SI-SNRi in dB, test SI-SNRi in brackets, not used to "
               "choose):", "", "| arm | " + " | ".join(P["losses"]) + " | chosen |", "|---|" + "---|" * len(P["losses"]) + "---|"]
     for arm in P["arms"]:
