@@ -278,12 +278,12 @@ def _file_session(rng: random.Random, files: list[str]) -> None:
             got += len(chunk)
 
 
-def _stream_session(rng: random.Random, files: list[str]) -> None:
-    src, port, _ = APPS["stream"]
+def udp_play(src: str, port: int, n: int, gap: float, size: int) -> None:
+    """Ask the UDP streaming server at ``port`` for ``n`` datagrams of ``size`` bytes every ``gap`` s, from ``src``,
+    and read them until the stream ends (or a second passes without one)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind((src, 0))
         s.settimeout(1)
-        n, gap, size = rng.randint(20, 120), rng.choice([0.01, 0.02]), rng.choice([160, 320, 640])
         s.sendto(f"PLAY {n} {gap} {size}".encode(), (SERVER_IP, port))
         end = time.time() + n * gap + 1
         while time.time() < end:
@@ -291,6 +291,11 @@ def _stream_session(rng: random.Random, files: list[str]) -> None:
                 s.recvfrom(2048)
             except socket.timeout:
                 break
+
+
+def _stream_session(rng: random.Random, files: list[str]) -> None:
+    src, port, _ = APPS["stream"]
+    udp_play(src, port, rng.randint(20, 120), rng.choice([0.01, 0.02]), rng.choice([160, 320, 640]))
 
 
 def _scan_session(rng: random.Random, files: list[str]) -> None:

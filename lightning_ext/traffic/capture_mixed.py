@@ -31,7 +31,7 @@ import time
 from typing import Callable
 
 from lightning_ext.traffic.capture import APPS as BASIC_APPS
-from lightning_ext.traffic.capture import SERVER_IP, SUBNET
+from lightning_ext.traffic.capture import SERVER_IP, SUBNET, udp_play
 
 TLS_PORT = 8444
 #: application -> (client address, server port, transport); every TCP application but mail on TLS_PORT
@@ -196,17 +196,7 @@ def _mail(rng: random.Random) -> None:
 def _voip(rng: random.Random) -> None:
     src, port, _ = MIXED_APPS["voip"]
     _lookups(rng, src, rng.randint(1, 2))
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((src, 0))
-        s.settimeout(1)
-        n, gap, size = rng.randint(10, 150), rng.choice([0.01, 0.02, 0.03]), log_uniform(rng, 80, 1000)
-        s.sendto(f"PLAY {n} {gap} {size}".encode(), (SERVER_IP, port))
-        end = time.time() + n * gap + 1
-        while time.time() < end:
-            try:
-                s.recvfrom(2048)
-            except socket.timeout:
-                break
+    udp_play(src, port, rng.randint(10, 150), rng.choice([0.01, 0.02, 0.03]), log_uniform(rng, 80, 1000))
 
 
 def _scan(rng: random.Random) -> None:
