@@ -62,24 +62,28 @@ class StepTimer(Callback):
         self.steps.append(time.perf_counter() - self._t)
 
 
-def make_model(rate: float, lr: float, epochs: int, seed: int) -> ImageClassifier:
+def make_model(rate: float, lr: float, epochs: int, seed: int, lr_schedule: str = "cosine") -> ImageClassifier:
     torch.manual_seed(seed)
+    scheduler = (functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=epochs)
+                 if lr_schedule == "cosine" else None)
     return ImageClassifier(
         "resnet10t", num_classes=10, in_chans=1, image_size=28, stem_downsample=4,
         backbone_kwargs={"drop_path_rate": rate},
         optimizer=functools.partial(torch.optim.SGD, lr=lr, momentum=0.9, weight_decay=5e-4),
-        scheduler=functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=epochs),
+        scheduler=scheduler,
     )
 
 
 def run(arm: str, rate: float, seed: int, args) -> dict:
     dm = FashionMNISTDataModule(batch_size=args.batch_size, train_fraction=args.train_fraction, train_subset_seed=0,
                                 shuffle_seed=seed, val_fraction=args.val_size / 60000)
-    model = make_model(rate if arm != "none" else max(args.rates), args.lr, args.epochs, seed)
+    model = make_model(rate if arm != "none" else max(args.rates), args.lr, args.epochs, seed,
+                       getattr(args, "lr_schedule", "cosine"))
     sdp = ScheduledDropPath(schedule=arm)
     timer = StepTimer(sdp)  # the timer's batch-start hook runs before the callback's, so steps include it
     label = f"{arm} r={rate} seed {seed}"
-    info = fit_early_stopping(model, dm, args.epochs, [timer, sdp], label, patience=args.epochs)
+    info = fit_early_stopping(model, dm, args.epochs, [timer, sdp], label,
+                              patience=getattr(args, "patience", None) or args.epochs)
     preds, labels = test_predictions(model, dm, args.test_size)
     acc = float((preds == labels).float().mean())
     train_acc = train_accuracy(model, dm)  # of the kept (best-validation) weights: the overfitting premise
@@ -89,7 +93,8 @@ def run(arm: str, rate: float, seed: int, args) -> dict:
             "val_history": info["history"], "steps": info["steps"], "samples": info["samples"],
             "wall_s": info["wall_s"], "median_step_s": statistics.median(steps),
             "median_hook_s": statistics.median(timer.hook), "load_avg": os.getloadavg()[0],
-            "train_acc": train_acc, "train_gap": train_acc - info["best_val"]}
+            "train_acc": train_acc, "train_gap": train_acc - info["best_val"],
+            "final_rates": list(sdp.last_rates)}
 
 
 def summarise(results: dict, args) -> dict:
@@ -187,7 +192,9 @@ def write_report(results: dict, args, total_s: float) -> None:
                      for a in ARMS)
     cmd = (f"python benchmarks/scheduled_drop_path.py --seeds {' '.join(map(str, args.seeds))} --threads {args.threads}"
            f" --epochs {args.epochs} --rates {' '.join(map(str, args.rates))} --train_fraction {args.train_fraction}"
-           f" --val_size {args.val_size} --test_size {args.test_size}")
+           f" --val_size {args.val_size} --test_size {args.test_size}"
+           + (f" --lr_schedule constant --patience {args.patience}" if getattr(args, "lr_schedule", "cosine") == "constant"
+              else ""))
     hook = results["hook_share"]
     merged = results.get("merged_seeds")
     merged_text = (f" Seed(s) {', '.join(map(str, merged))} ran in a process of their own at the chosen rate "
@@ -200,6 +207,20 @@ def write_report(results: dict, args, total_s: float) -> None:
     else:
         tuning_text = (f"Tuning: none. Every arm uses the same recipe and both drop-path arms the same r = **{chosen}** "
                        "(the spec's proposal); a grid did not fit the shared machine's time (load average above 10).")
+    final_runs = [r for r in results["runs"] if r["rate"] == chosen or r["arm"] == "none"]
+    patience = getattr(args, "patience", None)
+    if getattr(args, "lr_schedule", "cosine") == "constant":
+        schedule_text = (f"constant learning rate, at most {args.epochs} epochs with early stopping on validation "
+                         f"accuracy (patience {patience} epochs); the drop-path ramp of `linear` spans the "
+                         f"{args.epochs}-epoch horizon (the callback's default `warmup_fraction=1.0`), so a run that "
+                         "stops early ends below the full rate (its final per-block rates are in the JSON)")
+    else:
+        schedule_text = f"cosine over {args.epochs} epochs"
+    steps = [r["steps"] for r in final_runs]
+    samples = [r["samples"] for r in final_runs]
+    budget_text = (f"{min(steps)}-{max(steps)} optimizer steps and {min(samples):,}-{max(samples):,} samples seen per run"
+                   if min(steps) != max(steps) else
+                   f"{steps[0]} optimizer steps and {samples[0]:,} samples seen per run")
     text = f"""# ScheduledDropPath (NASNet) on a Fashion-MNIST subset
 
 Claim (Zoph et al., "Learning Transferable Architectures for Scalable Image Recognition", arXiv 1707.07012):
@@ -211,9 +232,8 @@ Set-up (scaled down to 2 shared CPU cores): timm `resnet10t` with its ImageNet s
 `drop_path_rate` r (DropPath r/3, 2r/3, r in layer2..layer4; {results['params']:,} parameters); Fashion-MNIST,
 {results['train_size']:,} training images ({args.train_fraction:.0%} of the training split, fixed subset),
 {args.val_size:,} validation images (held out of the training split), the first {args.test_size:,} of the official 10,000 test
-images (a fixed subset, to fit the time); SGD lr {args.lr}, momentum 0.9, weight decay 5e-4, cosine over
-{args.epochs} epochs, batch {args.batch_size}; {results['steps_per_run']} optimizer steps and
-{results['samples_per_run']:,} samples seen per run. The best-validation epoch's weights are tested once.
+images (a fixed subset, to fit the time); SGD lr {args.lr}, momentum 0.9, weight decay 5e-4, {schedule_text},
+batch {args.batch_size}; {budget_text}. The best-validation epoch's weights are tested once.
 {tuning_text} What was scaled down: {args.train_fraction:.0%} of
 the data, {args.epochs} epochs instead of 600, a 4-block ResNet instead of a NASNet (timm's NASNets have no drop path).
 
@@ -292,6 +312,12 @@ def main() -> None:
     parser.add_argument("--train_fraction", type=float, default=0.02)
     parser.add_argument("--val_size", type=int, default=1000)
     parser.add_argument("--test_size", type=int, default=3000)
+    parser.add_argument("--lr_schedule", choices=("cosine", "constant"), default="cosine",
+                        help="cosine to zero over --epochs, or a constant lr (use with --patience)")
+    parser.add_argument("--patience", type=int, default=None,
+                        help="early stopping: epochs without a better validation accuracy (default: never stop)")
+    parser.add_argument("--none-only", action="store_true",
+                        help="with --out: run only the 'none' arm for the first of --seeds (it does not depend on r)")
     parser.add_argument("--render", action="store_true", help="re-render the page from the saved JSON")
     parser.add_argument("--out", type=Path, default=None,
                         help="write only this process's runs to this JSON (one seed in its own process, with the "
@@ -349,6 +375,14 @@ def main() -> None:
               f"gap {r['train_gap']:.3f}", flush=True)
 
     seed0 = args.seeds[0]
+    if args.none_only:
+        if args.out is None:
+            parser.error("--none-only needs --out")
+        do("none", max(args.rates), seed0)
+        results["chosen_rate"] = None
+        results["total_s"] = time.perf_counter() - start
+        atomic_write_json(results, args.out, indent=2)
+        return
     for rate in args.rates:
         for arm in ("linear", "constant"):
             do(arm, rate, seed0)
