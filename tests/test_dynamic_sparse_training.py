@@ -207,6 +207,53 @@ def test_adam_state_and_weights_of_inactive_entries_stay_zero():
     assert (model.proj.weight != 0).all()  # not targeted: dense
 
 
+@pytest.mark.parametrize("make_opt", [lambda p: torch.optim.Adam(p, lr=0.05),
+                                      lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.1, amsgrad=True)],
+                         ids=["adam", "adamw-amsgrad"])
+def test_second_moment_fill_is_bit_identical_to_the_plain_path(make_opt):
+    """The faster path (before_step given the optimizer: inactive second moments hold 1 during the step, zeroed by a
+    step post-hook) ends with exactly the parameters, masks and optimizer state of before_step() without it."""
+    def run(fast):
+        torch.manual_seed(0)
+        model = _TinyRec()
+        params = sparse_parameters(model)
+        opt = make_opt(model.parameters())
+        dsl = DynamicSparsity(params, 0.4, 3, 12, seed=2)
+        dsl.apply([opt])
+        filled = []
+        for batch in _batches(12):
+            opt.zero_grad()
+            model.loss(batch).backward()
+            grads = dsl.before_step([opt] if fast else ())
+            if opt.state:
+                filled.append(all(bool((opt.state[p][k][~dsl.masks[n]] == 1).all()) for n, p in params.items()
+                                  for k in ("exp_avg_sq", "max_exp_avg_sq") if k in opt.state[p]))
+            opt.step()
+            for n, p in params.items():  # zero again right after the step, before after_step
+                assert all(bool((v[~dsl.masks[n]] == 0).all()) for k, v in opt.state[p].items() if k != "step")
+            dsl.after_step([opt], grads)
+        return model, dsl, opt, filled
+
+    (a, da, oa, filled_a), (b, db, ob, filled_b) = run(True), run(False)
+    assert len(filled_a) == 11 and all(filled_a) and not any(filled_b)  # the fast path was taken, the plain was not
+    assert len(da.history) == 4 and any(not torch.equal(da.masks[k], m) for k, m in
+                                        random_masks({n: tuple(p.shape) for n, p in da.params.items()}, 0.4, 2).items())
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), name
+        assert oa.state[pa].keys() == ob.state[pb].keys()
+        for key in oa.state[pa]:
+            assert torch.equal(oa.state[pa][key], ob.state[pb][key]), (name, key)
+    assert all(torch.equal(da.masks[k], db.masks[k]) for k in da.masks)
+    assert not oa._optimizer_step_post_hooks  # the one-shot hooks are gone
+    # a step that never runs (e.g. skipped by a gradient scaler): after_step still zeroes the filled entries
+    oa.zero_grad()
+    a.loss(_batches(1, seed=3)[0]).backward()
+    da.before_step([oa])
+    da.after_step([oa])
+    w = a.get_parameter("item.weight")
+    assert (oa.state[w]["exp_avg_sq"][~da.masks["item.weight"]] == 0).all() and not oa._optimizer_step_post_hooks
+
+
 # -- layer selection and bad inputs ---------------------------------------------------------------------------
 def test_targets_layers_and_bias_selection():
     model = _TinyRec()
