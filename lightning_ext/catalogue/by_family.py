@@ -325,6 +325,22 @@ ENTRIES: tuple[Entry, ...] = (
     _e("el2n_keep", "federated", "federated", "sfprompt",
        "SFPrompt's client-side pruning rule: the hardest `keep` fraction by EL2N score.",
        "SFPrompt: Communication-Efficient Split Federated Fine-Tuning for Large Pre-Trained Models over Resource-Limited Devices", "2407.17533", ("SFPrompt", "EL2N", "dataset pruning")),
+    # FedTiny (issue 26)
+    _e("FedTinyClient", "federated", "federated", "fedtiny_flower",
+       "A LightningClient that trains FedTiny's sparse model and answers its BN-selection queries.",
+       "Distributed Pruning Towards Tiny Neural Networks in Federated Learning", "2212.01977",
+       ("FedTiny", "federated pruning", "sparse training", "masked FedAvg", "adaptive BN selection"), "federated"),
+    _e("fedtiny_fedavg", "federated", "federated", "fedtiny_flower",
+       "A Flower `FedAvg` running FedTiny's server: BN-selected candidate masks, masked FedAvg, prune-and-grow.",
+       "Distributed Pruning Towards Tiny Neural Networks in Federated Learning", "2212.01977",
+       ("FedTiny", "progressive pruning", "prune-and-grow", "top-k gradients", "ERK"), "federated"),
+    _e("candidate_masks", "federated", "federated", "fedtiny",
+       "`num_candidates` coarse-pruned masks of the same weights: ERK, uniform, then random allocations.",
+       "Distributed Pruning Towards Tiny Neural Networks in Federated Learning", "2212.01977", ("FedTiny", "coarse pruning", "ERK", "magnitude pruning")),
+    _e("select_candidate", "federated", "federated", "fedtiny",
+       "`(argmin_c sum_k n_k L_ck / sum_k n_k, the weighted means)`; `losses[k][c]` is client `k`'s loss of "
+       "candidate `c`. Ties go to the lower index (candidate 0, ERK, first).",
+       "Distributed Pruning Towards Tiny Neural Networks in Federated Learning", "2212.01977", ("FedTiny", "adaptive BN selection", "BN recalibration")),
     # ---------------------------------------------------------------- detection (detection/)
     _e("DETRDetector", "modules", "detection", "detr",
        "DETR object detector with a D-FINE head (FDR + GO-LSD) or an L1+GIoU regression head (`box_head`).",

@@ -30,7 +30,8 @@ from typing import Any, Optional
 
 import yaml
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm", "fedgen", "fedd2s", "fedpub", "fedins", "fedsyn", "sfprompt")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm", "fedgen", "fedd2s", "fedpub", "fedins", "fedsyn", "sfprompt",
+              "fedtiny")
 _FEDERATION_KEYS = {"num_clients", "num_rounds", "local_steps", "local_epochs", "partitioner", "alpha", "strategy",
                     "strategy_args", "personal", "remove_normalization", "keep_state", "checkpoint_path"}
 
@@ -60,6 +61,10 @@ def _strategy(name: str, n: int, extra: dict) -> Any:
         from lightning_ext.federated.fedins_module import fedins_fedavg
 
         return fedins_fedavg(fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n, **extra)
+    if name == "fedtiny":  # FedTiny's server: BN-selected candidate masks, masked FedAvg, prune-and-grow
+        from lightning_ext.federated.fedtiny_flower import fedtiny_fedavg
+
+        return fedtiny_fedavg(fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n, **extra)
     if name == "fedsyn":  # FedSyn's server is FedAvg over generator and discriminator; clip/epsilon go to the clients
         return st.FedAvg(fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n)
     if name not in classes:
@@ -145,6 +150,10 @@ def build(config: dict, num_rounds: Optional[int] = None):
         from lightning_ext.federated.fedd2s import FedD2SClient
 
         client = FedD2SClient(**client_kwargs)
+    elif fed.get("strategy") == "fedtiny":  # masked training, BN-selection queries, top-k gradient uploads
+        from lightning_ext.federated.fedtiny_flower import FedTinyClient
+
+        client = FedTinyClient(**client_kwargs)
     else:
         client = LightningClient(**client_kwargs)
     strategy = _strategy(fed.get("strategy", "fedavg"), n, dict(fed.get("strategy_args") or {}))
