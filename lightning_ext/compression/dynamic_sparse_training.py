@@ -298,9 +298,10 @@ class DynamicSparsity:
             for key in SECOND_MOMENTS:
                 value = state.get(key)
                 if isinstance(value, Tensor) and value.shape == p.shape and value.is_floating_point():
+                    same = value.dtype == p.dtype  # the usual case: no conversion
                     states.append(value)
-                    fills.append(self._fill[n].to(value.dtype))
-                    masks.append(self._float[n].to(value.dtype))
+                    fills.append(self._fill[n] if same else self._fill[n].to(value.dtype))
+                    masks.append(self._float[n] if same else self._float[n].to(value.dtype))
         if states:
             torch._foreach_add_(states, fills)
             restore = _RestoreSecondMoments(states, masks)
