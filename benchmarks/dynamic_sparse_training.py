@@ -392,6 +392,13 @@ def render(data):
               f"{rs[0]['active_fraction']:.2f} (non-zero {max(r['nonzero_fraction_best'] for r in rs):.3f}) | "
               f"{statistics.mean(r['train_cpu'] for r in rs):.0f} |")
         p("")
+        low_nz = [a for a in runs if a.startswith("DSL") and
+                  min(r["nonzero_fraction_best"] for r in runs[a]) < runs[a][0]["active_fraction"] - 0.05]
+        if low_nz:
+            p(f"Non-zero share below the active share ({', '.join(low_nz)}): with {runs['dense'][0]['steps_per_epoch']} "
+              f"steps per epoch, ΔT = {Q['delta_t']} steps and validation every {Q['eval_every']} epochs, evaluations "
+              "can fall right after an update, when the entries just grown are still 0 (they count as active).")
+            p("")
         tun = "; ".join(f"{a}: " + ", ".join(f"{t['lr']:g} → {t['val_recall@20']:.4f}" + (" *" if t["selected"] else "")
                                              for t in res["tuning"][a]) for a in runs)
         p(f"Tuning (seed 0, validation Recall@20, * = chosen): {tun}.")
@@ -405,7 +412,8 @@ def render(data):
         cl = verdicts(res)
         all_claims += [c[1] for c in cl]
         for name, okv, why in cl:
-            tag = "holds" if okv else ("fails" if okv is False else "not testable / inconclusive")
+            tag = "holds" if okv else ("fails" if okv is False else "not run" if why.startswith("not run")
+                                       else "not testable / inconclusive")
             p(f"- {name}: **{tag}**: {why}.")
         p("")
     hz = data.get("horizon", {})
@@ -466,7 +474,7 @@ def render(data):
                  "" if j[i][2].startswith(("not run", "inconclusive", "not testable")) else "inconclusive: ") + j[i][2]
                 for j in judged) + " |")
     if ov and isinstance(ov.get("ratios"), dict):
-        summary += ["", summary_line(ov)]
+        summary += ["", summary_line(ov, data.get("overhead_cyclic"))]
     summary += ["", "![DSL results](dynamic_sparse_training.png)", ""]
     return "\n".join(body[:head_idx] + summary + body[head_idx:]) + "\n", verdict
 
