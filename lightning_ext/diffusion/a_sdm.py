@@ -1,8 +1,8 @@
 r"""A-SDM: feature inheritance across denoising steps and assembly distillation of a smaller UNet.
 
 Paper: "A-SDM: Accelerating Stable Diffusion through Model Assembly and Feature Inheritance Strategies" (Jinchao Zhu,
-Yuxuan Wang, Siyuan Pan, Pengfei Wan, Di Zhang, Gao Huang; arXiv 2406.00210). Reference code: none found (a code search for
-the method returned unrelated repositories such as DeepCache, https://github.com/horseee/DeepCache, whose
+Yuxuan Wang, Siyuan Pan, Pengfei Wan, Di Zhang, Gao Huang; arXiv 2406.00210). Reference code: none found (a code
+search for the method returned unrelated repositories such as DeepCache, https://github.com/horseee/DeepCache, whose
 cache-the-deep-branch design this follows); everything beyond the abstract is written from its description.
 
 Two tools for diffusers' ``UNet2DModel`` (DownBlock/UpBlock stacks with skip connections):
@@ -68,7 +68,8 @@ from lightning_ext.core.validation import (
 )
 from lightning_ext.diffusion.module import DiffusionModule
 
-__all__ = ["FeatureInheritance", "assemble_unet", "inherit_weights", "block_features", "distillation_terms", "assembly_distillation_loss",
+__all__ = ["FeatureInheritance", "assemble_unet", "inherit_weights", "block_features", "distillation_terms",
+           "assembly_distillation_loss", "default_teacher",
            "AssemblyDistillationModule"]
 
 
@@ -88,7 +89,8 @@ class FeatureInheritance(nn.Module):
 
     Call it like the UNet (``(sample, timestep, class_labels)``; it returns the UNet's output type). A sampling
     trajectory is recognised from the timesteps: a call whose timestep is not below the previous call's, or whose
-    batch shape changed, starts a new one (the cache is dropped). In training mode with gradients enabled every call is full and nothing is cached. The cache
+    batch shape changed, starts a new one (the cache is dropped). In training mode with gradients enabled every call
+    is full and nothing is cached. The cache
     holds the hidden state entering the first shallow up block (the output of the deepest reused up block, or of
     the mid block when ``shallow_levels`` is the number of levels).
 
@@ -422,7 +424,8 @@ class AssemblyDistillationModule(DiffusionModule):
             pred = self.denoiser(x, t, y).sample
         with torch.no_grad(), block_features(self.teacher) as t_feats:
             t_pred = self.teacher(x, t, y).sample
-        self._terms = {"student_out": pred, "teacher_out": t_pred, "student_feats": list(s_feats), "teacher_feats": list(t_feats)}
+        self._terms = {"student_out": pred, "teacher_out": t_pred, "student_feats": list(s_feats),
+                       "teacher_feats": list(t_feats)}
         return pred, x.new_zeros(())
 
     @override
