@@ -357,7 +357,7 @@ def render(data):
           "the part ran "
           "density 0.5 first, then 0.2 (`--densities`); the positive control is the lowest-density static arm run.")
     p("- Scaled down from the paper (ML-1M, Yelp, Gowalla, ... with MultVAE/NeuMF/LightGCN, ΔT 100-3000, GPU): MF-BPR "
-      "and LightGCN, small datasets, 3 learning rates, ΔT 100.")
+      "and LightGCN, small datasets, 3 learning rates (2 for LightGCN), ΔT 100.")
     if data.get("lightgcn"):
         p("- Not run: LightGCN on LastFM (ML-100K only, to fit the 2 shared cores' budget).")
     elif "lastfm" not in data.get("accuracy", {}):
