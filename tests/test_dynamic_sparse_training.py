@@ -423,7 +423,7 @@ def test_the_config_trains_mf_bpr_with_half_of_each_table(tmp_path, monkeypatch,
 
 
 def test_linear_time_selection_equals_a_stable_sort_on_ties():
-    from lightning_ext.compression.dynamic_sparse_training import _smallest
+    from lightning_ext.compression.dynamic_sparsity import _smallest
 
     gen = torch.Generator().manual_seed(0)
     for n in (1, 7, 50, 99, 100):

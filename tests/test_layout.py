@@ -34,10 +34,6 @@ ALLOWED = {
     # ... and FED-PUB's / FedIns' client and strategy (beside their modules) for `strategy: fedpub|fedins`
     ("lightning_ext.federated.run", "lightning_ext.federated.fedpub_module"),
     ("lightning_ext.federated.run", "lightning_ext.federated.fedins_module"),
-    # FedTiny reuses the compression family's masks: DSL's pure prune_and_grow and DynamicSparsity (no Trainer), which
-    # share dynamic_sparse_training.py with the DynamicSparseTraining callback; nothing of the callback is used
-    ("lightning_ext.federated.fedtiny", "lightning_ext.compression.dynamic_sparse_training"),
-    ("lightning_ext.federated.fedtiny_flower", "lightning_ext.compression.dynamic_sparse_training"),
 }
 SOURCES = sorted(p for p in ROOT.rglob("*.py") if "__pycache__" not in p.parts)
 

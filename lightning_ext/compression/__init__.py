@@ -37,7 +37,7 @@ Example:
 """
 
 from lightning_ext.compression.dsnot import DSnoTReport, dsnot_prune
-from lightning_ext.compression.dynamic_sparse_training import DynamicSparsity, prune_and_grow, update_ratio_schedule
+from lightning_ext.compression.dynamic_sparsity import DynamicSparsity, prune_and_grow, update_ratio_schedule
 from lightning_ext.compression.graph import FilterGroup, PruningError, prunable_filter_groups, resolve_layer_names
 from lightning_ext.compression.history import load_pruned_checkpoint, pruning_steps_from_checkpoint, replay_pruning_steps
 from lightning_ext.compression.latency_pruning import (

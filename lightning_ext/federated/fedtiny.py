@@ -78,7 +78,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_ext.compression.dynamic_sparse_training import prune_and_grow
+from lightning_ext.compression.dynamic_sparsity import prune_and_grow
 from lightning_ext.core.inputs import batch_inputs
 from lightning_ext.core.layers import match_names
 from lightning_ext.core.validation import check_choice, check_number, check_positive_int

@@ -42,7 +42,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
-from lightning_ext.compression.dynamic_sparse_training import DynamicSparsity
+from lightning_ext.compression.dynamic_sparsity import DynamicSparsity
 from lightning_ext.core.guards import buffer_snapshot, restore_buffers
 from lightning_ext.core.validation import check_number, check_positive_int
 from lightning_ext.federated.client import LightningClient, seeded
