@@ -312,20 +312,28 @@ def render(data):
                            f"{seeds_note}"))
     else:
         claims.append(("all", None, "inconclusive: the runs did not finish"))
+    metric_control = True  # positive control of the quality metric: fewer plain sampler steps must not score better
     if res and any(k.startswith("plain DDIM-") and k != "plain DDIM-50" for k in res):
         fewer = min((k for k in res if k.startswith("plain DDIM-") and k != "plain DDIM-50"),
                     key=lambda k: statistics.mean(res[k]["fd_clf"]))
         if statistics.mean(res[fewer]["fd_clf"]) < statistics.mean(res["plain DDIM-50"]["fd_clf"]):
-            lines += [f"Reading: {fewer.split(' (')[0]} scores a lower FD_clf than DDIM-50 itself, so on this "
-                      "under-trained UNet with guidance the metric does not improve with more sampler steps; the "
-                      "equal-time comparison (c) says that cutting steps costs nothing here, and feature inheritance "
-                      "(which keeps 50 steps but approximates half of them) is no better than that cheaper route.",
-                      ""]
+            metric_control = False
+            lines += [f"Positive control of the quality metric fails: {fewer.split(' (')[0]} scores a lower FD_clf "
+                      "than DDIM-50 itself, so on this under-trained UNet with guidance FD_clf does not get better "
+                      "with more sampler steps and cannot show a quality loss from approximating steps. The quality "
+                      "claims (b) and (c) are therefore not decided (their measured numbers are kept in the list "
+                      "below), and the claim, a speed-up at a bounded quality loss, is not testable here; the "
+                      "speed-up (a) alone is measured. (A first rendering of this page scored (b) as holding and "
+                      "(c) as failing, i.e. partly reproduced; the lead changed it after reading the control.)", ""]
+    if not metric_control:
+        claims = [(name, ok, why) if name.startswith("(a)") else
+                  (name, None, f"not testable here, the metric's positive control fails; measured: {why}")
+                  for name, ok, why in claims]
     if teacher and teacher["best_val_step"] == teacher["steps"]:
         lines += ["Note: the UNet's best validation loss is at its last step (still improving); the claims compare "
                   "samplers of one fixed model, so the budget rule does not decide them, but a better-trained model "
                   "could change the quality margins.", ""]
-    verdict = verdict_of(claims)
+    verdict = verdict_of(claims) if metric_control else "not testable here"
     lines += ["## Verdict", "", f"**{verdict}**", ""]
     lines += [f"- {name}: {'holds' if ok else 'fails' if ok is False else 'not decided'} ({why})"
               for name, ok, why in claims]
