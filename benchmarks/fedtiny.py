@@ -346,7 +346,7 @@ Prune-and-grow (arm c, seed {args['seeds'][0]}): {', '.join(f"round {a['round']}
 - One torch thread, niced, on a shared 2-core machine ({result['machine']}, torch {result['torch']}): {result['minutes']:.1f} min in all.
 
     {result['command']}
-
+{chr(10) + result['history_note'] + chr(10) if result.get('history_note') else ''}
 ## Reading
 {reading}
 
