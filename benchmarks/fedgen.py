@@ -158,6 +158,8 @@ def verdict(result: dict) -> tuple[str, list[str]]:
                      "is too short to show where the arms end, so the verdict is inconclusive (both claims would hold "
                      "at this budget).")
         return "inconclusive", lines
+    lines.append("- rule (spec 2.2, fixed before the runs): the claim is reproduced when either target holds, each on the "
+                 "mean and in at least 2 of 3 seeds; the page reports both")
     return ("reproduced" if c1 or c2 else "not reproduced"), lines
 
 
