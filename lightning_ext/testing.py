@@ -190,6 +190,24 @@ class SimulatedCrash(RuntimeError):
     """Raised by the crash callback of :func:`crash_and_resume` to interrupt a fit."""
 
 
+def crash_in_aggregation(strategy: Any, server_round: int, after: bool = False) -> Any:
+    """Make a Flower strategy's ``aggregate_train`` raise :class:`SimulatedCrash` ("simulated crash") in round
+    ``server_round``: before aggregating, or ``after=True`` once aggregation has run (and mutated server state), as a
+    crash of a federation's server would. Returns the strategy, patched in place."""
+    original = strategy.aggregate_train
+
+    def aggregate_train(round_: int, replies: Any) -> Any:
+        if round_ == server_round and not after:
+            raise SimulatedCrash("simulated crash")
+        out = original(round_, replies)
+        if round_ == server_round:
+            raise SimulatedCrash("simulated crash")
+        return out
+
+    strategy.aggregate_train = aggregate_train
+    return strategy
+
+
 def _crash_callback(epoch: Optional[int], step: Optional[int]):
     from lightning.pytorch import Callback
 

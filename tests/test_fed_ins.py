@@ -17,6 +17,7 @@ from lightning_ext.federated.fedins import (
     select_topk,
     uniform_mean,
 )
+from lightning_ext.testing import crash_in_aggregation
 
 
 def _net(pool=6, k=2, batch_mean=False, seed=0):
@@ -172,14 +173,7 @@ def test_federation_resumes_after_a_crash(tmp_path):
     def make(path=None, crash=False):
         strategy = fedins_fedavg(fraction_evaluate=0.0, min_train_nodes=2, min_available_nodes=2)
         if crash:
-            original = strategy.aggregate_train
-
-            def crashing(server_round, replies):
-                if server_round == 2:
-                    raise RuntimeError("simulated crash")
-                return original(server_round, replies)
-
-            strategy.aggregate_train = crashing
+            crash_in_aggregation(strategy, 2)
         return FederatedSimulation(_small_client(), 2, 3, strategy, progress=False, checkpoint_path=path, seed=2)
 
     ref = make().fit()

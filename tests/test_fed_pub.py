@@ -27,6 +27,7 @@ from lightning_ext.federated.fedpub import (  # noqa: E402
     proxy_graph,
     similarity_weights,
 )
+from lightning_ext.testing import crash_in_aggregation
 
 
 def _graph(n=12, f=6, seed=0):
@@ -222,14 +223,7 @@ def _federation(rounds=3, path=None, crash_at=None, similarity="functional"):
     strategy = fedpub_fedavg(num_features=6, tau=3.0, proxy_blocks=2, proxy_block_size=10, similarity=similarity,
                              fraction_evaluate=0.0, min_train_nodes=2, min_available_nodes=2)
     if crash_at is not None:
-        original = strategy.aggregate_train
-
-        def crashing(server_round, replies):
-            if server_round == crash_at:
-                raise RuntimeError("simulated crash")
-            return original(server_round, replies)
-
-        strategy.aggregate_train = crashing
+        crash_in_aggregation(strategy, crash_at)
     client = FedPubClient(model=lambda: FedPubModule(6, 3, hidden=8, dropout=0.0, l1_weight=0.01),
                           datamodule=lambda i, n: _ToyGraphs.make(i), local_steps=2)
     return FederatedSimulation(client, 2, rounds, strategy, progress=False, checkpoint_path=path, seed=1)

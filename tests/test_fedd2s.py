@@ -25,6 +25,7 @@ from lightning_ext.federated.fedd2s import (  # noqa: E402
 from lightning_ext.federated.fedd2s_module import FedD2SModule  # noqa: E402
 from lightning_ext.federated.simulation import FederatedSimulation  # noqa: E402
 from lightning_ext.vision.classifier import Classifier  # noqa: E402
+from lightning_ext.testing import crash_in_aggregation
 
 
 def model():
@@ -170,13 +171,7 @@ def test_crash_and_resume_ends_identically(tmp_path):
         client = FedD2SClient(model=model, datamodule=data, local_steps=2, seed=3)
         strat = strategy()
         if crash:
-            original = strat.aggregate_train
-
-            def aggregate_train(server_round, replies):
-                if server_round == 3:
-                    raise RuntimeError("simulated crash")
-                return original(server_round, replies)
-            strat.aggregate_train = aggregate_train
+            crash_in_aggregation(strat, 3)
         return FederatedSimulation(client, 2, 3, strat, progress=False, checkpoint_path=path, seed=3)
 
     final_ref = make().fit()

@@ -31,6 +31,7 @@ from lightning_ext.federated.fedgen import (  # noqa: E402
 )
 from lightning_ext.federated.simulation import FederatedSimulation  # noqa: E402
 from lightning_ext.vision.classifier import Classifier  # noqa: E402
+from lightning_ext.testing import crash_in_aggregation
 
 
 def model():
@@ -229,14 +230,7 @@ def test_crash_and_resume_restores_the_generator_and_ends_identically(tmp_path):
         client = FedGenClient(model=model, datamodule=data, local_steps=2, seed=3)
         strat = strategy(seed=3)
         if crash:
-            original = strat.aggregate_train
-
-            def aggregate_train(server_round, replies):
-                out = original(server_round, replies)  # the generator has been trained (mutated) here
-                if server_round == 2:
-                    raise RuntimeError("simulated crash")
-                return out
-            strat.aggregate_train = aggregate_train
+            crash_in_aggregation(strat, 2, after=True)  # the generator has been trained (mutated) by then
         return FederatedSimulation(client, 2, 3, strat, progress=False, checkpoint_path=path, seed=3)
 
     reference = make()

@@ -26,6 +26,7 @@ from lightning_ext.federated.fedtiny import (
     sparse_weights,
     top_inactive_gradients,
 )
+from lightning_ext.testing import crash_in_aggregation
 
 
 def tiny_net(seed=0):
@@ -277,13 +278,7 @@ def test_crash_and_resume_ends_identically(tmp_path):
     def make(path=None, crash=False):
         strat = strategy()
         if crash:
-            original = strat.aggregate_train
-
-            def aggregate_train(server_round, replies):
-                if server_round == 3:
-                    raise RuntimeError("simulated crash")
-                return original(server_round, replies)
-            strat.aggregate_train = aggregate_train
+            crash_in_aggregation(strat, 3)
         return simulation(path, seed=3, strat=strat)
 
     reference = make()
