@@ -289,6 +289,11 @@ def accuracy_part(args) -> dict:
                 path.with_suffix(".json").write_text(json.dumps(dense_fit))
             dense_acc = accuracy(dense, dm)
             for target in args.speedups:
+                if any(r["model"] == name and r["seed"] == seed and r["target"] == target
+                       and r.get("finetune_lr") == ft_lr and ("unreachable" in r or len(r["methods"]) == 3)
+                       for r in out["runs"]):  # --merge resumes a cut run: finished targets are kept, not rerun
+                    print(f"{name} s{seed} {target}x: already in {acc_json.name}", flush=True)
+                    continue
                 row = {"model": name, "seed": seed, "target": target, "dense_acc": dense_acc, "finetune_lr": ft_lr,
                        "dense_fit": {k: dense_fit[k] for k in ("epochs", "best_epoch", "converged", "steps")},
                        "methods": {}}
@@ -365,7 +370,8 @@ def main() -> None:
     ap.add_argument("--max-widths", type=int, default=12)
     ap.add_argument("--bisect", type=int, default=7)
     ap.add_argument("--acc-json", default="", help="where --part accuracy writes (default docs/results/compress_accuracy.json)")
-    ap.add_argument("--merge", action="store_true", help="keep the JSON's rows of models not run now")
+    ap.add_argument("--merge", action="store_true", help="plans: keep the JSON's rows of models not run now; "
+                    "accuracy: keep the JSON's rows and skip the model x seed x target runs it already has (resume)")
     ap.add_argument("--render-only", action="store_true")
     args = ap.parse_args()
     if not args.render_only and args.part == "accuracy":
