@@ -102,6 +102,61 @@ def rqm_renyi(alpha: float, clip: float, delta: float, m: int, q: float, grid: i
     return worst
 
 
+#: Renyi orders of the accountants (Opacus's default list): 1.1 .. 10.9 in steps of 0.1, then 12 .. 63.
+DEFAULT_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + [float(a) for a in range(12, 64)])
+
+
+def rqm_rdp_curve(orders: Sequence[float], clip: float, delta: float, m: int, q: float,
+                  grid: int = 21) -> np.ndarray:
+    """Per-coordinate RDP of RQM at every order: :func:`rqm_renyi`'s supremum over the grid, the pmfs built once.
+
+    Returns a float64 array of ``len(orders)`` (``inf`` where an output of one input is impossible under another,
+    e.g. ``q = 1``). Depends on ``delta / clip``, ``m`` and ``q`` only (the mechanism is scale-equivariant).
+    """
+    check_rqm(clip, delta, m, q)
+    with np.errstate(divide="ignore"):
+        logp = np.log(np.stack([rqm_pmf(float(x), delta, m, q).numpy() for x in np.linspace(-clip, clip, grid)]))
+    out = []
+    for alpha in orders:
+        check_number("alpha", alpha, low=1, low_open=True)
+        pi, pj = logp[:, None, :], logp[None, :, :]  # D_alpha(P_i || P_j) over every pair of grid inputs
+        with np.errstate(invalid="ignore"):
+            terms = np.where(np.isfinite(pi), alpha * pi + (1 - alpha) * pj, -np.inf)
+        top = terms.max(axis=2, keepdims=True)
+        with np.errstate(invalid="ignore"):
+            lse = np.where(np.isfinite(top[..., 0]), top[..., 0] + np.log(np.exp(terms - top).sum(axis=2)), top[..., 0])
+        out.append(float(lse.max()) / (alpha - 1))
+    return np.array(out, dtype=np.float64)
+
+
+def rqm_delta_for_epsilon(target_epsilon: float, target_delta: float, clip: float, m: int, q: float, events: int,
+                          orders: Sequence[float] = DEFAULT_ORDERS, grid: int = 21, tol: float = 1e-4) -> float:
+    """The level range ``Delta`` at which ``events`` composed RQM coordinates are ``(target_epsilon, target_delta)``-DP.
+
+    ``events`` counts the per-coordinate releases composed (e.g. ``d`` coordinates x ``T`` rounds of one client);
+    RDP adds over them, then :func:`rdp_to_epsilon`. Epsilon falls as ``Delta / clip`` grows; bisection on
+    ``log(Delta / clip - 1)`` to a relative ``tol`` of epsilon.
+    """
+    check_number("target_epsilon", target_epsilon, low=0, low_open=True)
+    check_positive_int("events", events)
+
+    def eps(log_gap: float) -> float:
+        return rdp_to_epsilon(events * rqm_rdp_curve(orders, clip, clip * (1 + math.exp(log_gap)), m, q, grid),
+                              orders, target_delta)
+
+    lo, hi = math.log(1e-6), math.log(1e6)  # small gap: large epsilon; large gap: small epsilon
+    if eps(hi) > target_epsilon or eps(lo) < target_epsilon:
+        raise ValueError(f"target_epsilon={target_epsilon} is outside what Delta in (clip, 1e6 clip] reaches for "
+                         f"m={m}, q={q}, events={events}; change target_epsilon or events.")
+    while hi - lo > 1e-9:
+        mid = (lo + hi) / 2
+        e = eps(mid)
+        if abs(e - target_epsilon) <= tol * target_epsilon:
+            return clip * (1 + math.exp(mid))
+        lo, hi = (mid, hi) if e > target_epsilon else (lo, mid)
+    return clip * (1 + math.exp(hi))
+
+
 def gaussian_rdp(alpha: float, sensitivity: float, sigma: float) -> float:
     """RDP of the Gaussian mechanism: ``alpha * sensitivity^2 / (2 sigma^2)`` (Mironov 2017)."""
     return alpha * sensitivity ** 2 / (2 * sigma ** 2)
