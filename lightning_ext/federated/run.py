@@ -18,6 +18,11 @@ model on the data's test split and prints one JSON line; ``--num_rounds`` overri
 strategy) is one ``error:`` line and exit status 2 from ``lightning-ext federate``; with
 ``federation.checkpoint_path`` set, running the same command again after a crash resumes the federation (server
 and client states) from its last finished round.
+
+``lightning-ext federate export-app --config x.yaml --out DIR`` writes the same federation as a Flower app for
+``flwr run`` (a SuperLink + SuperNodes deployment, or Flower's Ray simulation; see
+:mod:`lightning_ext.federated.flower_app`) and prints the commands. ``--backend simulation`` refuses with the install
+line when Ray (``flwr[simulation]``) is missing.
 """
 
 from __future__ import annotations
@@ -26,12 +31,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple, Optional
 
 import yaml
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedavgm", "fedgen", "fedd2s", "fedpub", "fedins", "fedsyn", "sfprompt",
-              "fedtiny")
+              "fedtiny", "fedsto")
 _FEDERATION_KEYS = {"num_clients", "num_rounds", "local_steps", "local_epochs", "partitioner", "alpha", "strategy",
                     "strategy_args", "personal", "remove_normalization", "keep_state", "checkpoint_path"}
 
@@ -87,12 +93,36 @@ def _partitions_itself(spec: dict) -> bool:
 
 def build(config: dict, num_rounds: Optional[int] = None):
     """``(simulation, test)``: the simulation the config describes and a function testing a global state_dict."""
+    from lightning_ext.federated.simulation import FederatedSimulation
+
+    parts = build_parts(config, num_rounds)
+    if not isinstance(parts, FederationParts):  # SFPrompt's own federation
+        return parts
+    fed = parts.federation
+    sim = FederatedSimulation(parts.client, parts.num_clients, parts.num_rounds, parts.strategy, seed=parts.seed,
+                              checkpoint_path=fed.get("checkpoint_path"), progress=sys.stderr.isatty())
+    return sim, parts.test
+
+
+class FederationParts(NamedTuple):
+    """What a federation YAML describes, for any runtime (in-process, or the Flower app of ``export-app``)."""
+
+    client: Any
+    strategy: Any
+    num_clients: int
+    num_rounds: int
+    seed: int
+    federation: dict
+    test: Callable[[dict], dict]
+
+
+def build_parts(config: dict, num_rounds: Optional[int] = None) -> Any:
+    """The client, the strategy and a test function of a federation config (SFPrompt: its federation, as ``build``)."""
     from lightning.pytorch import Trainer
 
     from lightning_ext.federated.client import LightningClient, _instantiate
     from lightning_ext.federated.datamodule import FederatedDataModule
     from lightning_ext.federated.fedwon import remove_normalization
-    from lightning_ext.federated.simulation import FederatedSimulation
 
     fed = dict(config.get("federation") or {})
     unknown = set(fed) - _FEDERATION_KEYS
@@ -154,11 +184,20 @@ def build(config: dict, num_rounds: Optional[int] = None):
         from lightning_ext.federated.fedtiny_flower import FedTinyClient
 
         client = FedTinyClient(**client_kwargs)
+    elif fed.get("strategy") == "fedsto":  # stage 1: backbone only; stage 2: all + orthogonality; local EMA teacher
+        from lightning_ext.federated.fedsto import FedSTOClient, fedsto_fedavg
+
+        args = dict(fed.get("strategy_args") or {})
+        client = FedSTOClient(backbone=args.get("backbone", "net.backbone"), **client_kwargs)
+        if "server_data" not in args:
+            raise ValueError("fedsto needs strategy_args.server_data: the server's labelled DataModule (class_path).")
+        fedsto = fedsto_fedavg(model, seed=seed, fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n, **args)
     else:
         client = LightningClient(**client_kwargs)
-    strategy = _strategy(fed.get("strategy", "fedavg"), n, dict(fed.get("strategy_args") or {}))
-    sim = FederatedSimulation(client, n, num_rounds or int(fed.get("num_rounds", 3)), strategy, seed=seed,
-                              checkpoint_path=fed.get("checkpoint_path"), progress=sys.stderr.isatty())
+    if fed.get("strategy") == "fedsto":
+        strategy = fedsto
+    else:
+        strategy = _strategy(fed.get("strategy", "fedavg"), n, dict(fed.get("strategy_args") or {}))
 
     def test(arrays: dict) -> dict:
         module = model()
@@ -170,7 +209,7 @@ def build(config: dict, num_rounds: Optional[int] = None):
                           enable_model_summary=False, enable_checkpointing=False)
         return {k: float(v) for k, v in trainer.test(module, dm, verbose=False)[0].items()}
 
-    return sim, test
+    return FederationParts(client, strategy, n, num_rounds or int(fed.get("num_rounds", 3)), seed, fed, test)
 
 
 def load_config(path: str) -> dict:
@@ -198,13 +237,27 @@ def main(argv: Optional[list[str]] = None, prog: str = "python -m lightning_ext.
     line with exit status 2."""
     from lightning_ext.cli import UsageError
 
+    if list(argv or [])[:1] == ["export-app"]:
+        return export_app_main(list(argv)[1:], prog=f"{prog} export-app")
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="federation YAML")
     parser.add_argument("--num_rounds", type=int, default=None, help="override federation.num_rounds")
     parser.add_argument("--output", default=None, help="write the per-round history here (JSON)")
+    parser.add_argument("--backend", choices=("local", "simulation"), default="local",
+                        help="local: in-process (default); simulation: Flower's simulation runtime, which needs Ray "
+                             "(for it and for a deployment, see `federate export-app`)")
     args = parser.parse_args(argv)
     if args.num_rounds is not None and args.num_rounds < 1:
         raise UsageError(f"federate: --num_rounds must be a positive integer, got {args.num_rounds}.")
+    if args.backend == "simulation":
+        from lightning_ext.federated.flower_app import require_simulation
+
+        try:
+            require_simulation()
+        except RuntimeError as err:
+            raise UsageError(f"federate: {err}") from None
+        raise UsageError("federate: Ray is installed; run Flower's simulation with `lightning-ext federate export-app "
+                         f"--config {args.config} --out APP_DIR` and then `flwr run APP_DIR --stream`.")
     config = load_config(args.config)
     try:
         sim, test = build(config, args.num_rounds)
@@ -226,6 +279,31 @@ def main(argv: Optional[list[str]] = None, prog: str = "python -m lightning_ext.
         atomic_write_json(summary, args.output, indent=1)
     print(json.dumps({"rounds": summary["rounds"], "test": summary["test"]}))
     return summary
+
+
+def export_app_main(argv: list[str], prog: str) -> dict:
+    """``federate export-app --config x.yaml --out DIR [--num_rounds N]``: write the Flower app, print how to run it."""
+    from lightning_ext.cli import UsageError
+    from lightning_ext.federated.flower_app import SIMULATION_INSTALL, deployment_commands, export_app, ray_available
+
+    parser = argparse.ArgumentParser(prog=prog, description="Write a Flower app (for `flwr run`) from a federation YAML")
+    parser.add_argument("--config", required=True, help="federation YAML")
+    parser.add_argument("--out", required=True, help="a new (or empty) directory for the app")
+    parser.add_argument("--num_rounds", type=int, default=None, help="override federation.num_rounds")
+    args = parser.parse_args(argv)
+    if args.num_rounds is not None and args.num_rounds < 1:
+        raise UsageError(f"federate export-app: --num_rounds must be a positive integer, got {args.num_rounds}.")
+    load_config(args.config)  # a missing file or bad YAML: one line
+    try:
+        out = export_app(args.config, args.out, args.num_rounds)
+    except (ValueError, TypeError, FileExistsError) as err:
+        raise UsageError(f"federate export-app: {str(err).strip().splitlines()[0]}") from None
+    n = int(dict(load_config(args.config).get("federation") or {}).get("num_clients", 2))
+    simulation = (f"flwr run {out} --stream" if ray_available() else
+                  f"(Flower's simulation, `flwr run {out}`, needs Ray: {SIMULATION_INSTALL})")
+    print(f"wrote the Flower app {out}\n# a deployment (SuperLink + {n} SuperNodes, here all on this machine):\n"
+          f"{deployment_commands(out, n)}\n# simulation:\n{simulation}")
+    return {"app": str(out)}
 
 
 if __name__ == "__main__":
