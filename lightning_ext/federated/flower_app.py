@@ -271,15 +271,17 @@ def export_app(config: Union[str, Path], out_dir: Union[str, Path], num_rounds: 
 
 
 def deployment_commands(app_dir: Union[str, Path], num_clients: int, port: int = 9092) -> str:
-    """The shell commands that run an exported app on a SuperLink and ``num_clients`` SuperNodes (one host)."""
+    """The shell commands that run an exported app on a SuperLink and ``num_clients`` SuperNodes, all on this
+    machine (the flags :class:`~lightning_ext.federated.loopback.LoopbackDeployment` uses). On several machines the
+    SuperLink binds ``--host 0.0.0.0`` and each SuperNode names ``--superlink <server-ip>:<port>``."""
     lines = ["export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 "
              "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1",
-             f"flower-superlink --insecure --port {port} --disable-runtime-dependency-installation &"]
+             'export FLWR_HOME="$PWD/flwr_home" && mkdir -p "$FLWR_HOME"   # Flower\'s state, apps and connections',
+             f"flower-superlink --insecure --host 127.0.0.1 --port {port} --disable-runtime-dependency-installation &"]
     for i in range(num_clients):
         lines.append(f"flower-supernode --insecure --superlink 127.0.0.1:{port} --port {9200 + i} "
                      f"--node-config 'partition-id={i} num-partitions={num_clients}' &")
-    lines += ["cat >> \"${FLWR_HOME:-$HOME/.flwr}/config.toml\" <<EOF",
-              f"[superlink.deploy]\naddress = \"127.0.0.1:{port}\"\ninsecure = true\nEOF",
+    lines += [f"printf '[superlink]\\ndefault = \"deploy\"\\n[superlink.deploy]\\naddress = \"127.0.0.1:{port}\"\\n"
+              f"insecure = true\\n' > \"$FLWR_HOME/config.toml\"",
               f"flwr run {app_dir} deploy --stream"]
     return "\n".join(lines)
-
