@@ -522,6 +522,20 @@ ENTRIES: tuple[Entry, ...] = (
        "PRES: Toward Scalable Memory-Based Dynamic Graph Neural Networks", "2402.04284",
        ("TGN", "PRES", "MDGNN", "TGNMemory", "memory coherence", "temporal batch", "dynamic GNN",
         "temporal graph network", "link prediction"), "graph"),
+    # ---------------------------------------------------------------- graph time series: Z-GCNETs (graph/)
+    _e("ZGCNETs", "modules", "graph", "zgcnets",
+       "Z-GCNETs graph time-series forecaster (ICML 2021), with the zigzag persistence image channel optional.",
+       "Z-GCNETs: Time Zigzags at Graph Convolutional Networks for Time Series Forecasting", "2105.04100",
+       ("Z-GCNETs", "zigzag persistence", "ZPI", "topological data analysis", "TDA", "AGCRN", "graph time series",
+        "spatio-temporal forecasting", "adaptive graph", "GRU")),
+    _e("GraphTimeSeriesDataModule", "datamodules", "graph", "graph_time_series",
+       "Token-network graph time series (degree per node and day) with each window's zigzag persistence image.",
+       "Z-GCNETs: Time Zigzags at Graph Convolutional Networks for Time Series Forecasting", "2105.04100",
+       ("token networks", "Ethereum", "Bytom", "Decentraland", "sliding windows", "graph time series", "ZPI")),
+    _e("ZigzagPersistenceImage", "layers", "graph", "zigzag_persistence",
+       "Zigzag persistence image (dimension 0) of a window of graphs, as Z-GCNETs' topological input.",
+       "Z-GCNETs: Time Zigzags at Graph Convolutional Networks for Time Series Forecasting", "2105.04100",
+       ("zigzag persistence", "persistence image", "H0", "barcode", "TDA", "dionysus", "Möbius inversion")),
     # ---------------------------------------------------------------- text: WASA and ReposVul (text/)
     _e("WatermarkedCausalLM", "modules", "text", "watermarked_lm",
        "A small GPT-2 trained with WASA's watermarks, so that it embeds its data providers' watermarks in generated "
