@@ -176,7 +176,7 @@ class FedSTOClient(LightningClient):
         return reply, metrics, new_state
 
 
-def fedsto_fedavg(model: Factory, server_data: Factory, stage1_rounds: int = 10, server_steps: int = 20,
+def fedsto_fedavg(model: Optional[Factory] = None, server_data: Optional[Factory] = None, stage1_rounds: int = 10, server_steps: int = 20,
                   warmup_steps: int = 100, orthogonal_weight: float = 1e-2, backbone: str = "net.backbone",
                   seed: int = 0, server_trainer: Optional[dict] = None, **fedavg_kwargs: Any) -> Any:
     """A Flower ``FedAvg`` running FedSTO's server: stage schedule, merge of backbone-only averages, and the
@@ -206,6 +206,8 @@ def fedsto_fedavg(model: Factory, server_data: Factory, stage1_rounds: int = 10,
     from flwr.app import ArrayRecord, ConfigRecord
     from flwr.serverapp.strategy import FedAvg
 
+    if model is None:
+        raise ValueError("fedsto_fedavg needs `model`: the clients' model factory or class_path dict (for the server).")
     check_number("stage1_rounds", stage1_rounds, low=0, integer=True)
     check_positive_int("server_steps", server_steps)
     check_number("warmup_steps", warmup_steps, low=0, integer=True)
