@@ -209,7 +209,7 @@ def test_federation_resumes_after_a_crash(tmp_path):
         strategy = _strategy()
         if crash:
             crash_in_aggregation(strategy, 2, after=True)
-        return FederatedSimulation(_client(), 2, 3, strategy, progress=False, checkpoint_path=path, seed=1)
+        return FederatedSimulation(_client(), 2, 2, strategy, progress=False, checkpoint_path=path, seed=1)
 
     reference = make()
     ref = reference.fit()
