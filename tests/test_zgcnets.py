@@ -498,3 +498,22 @@ def test_fit_takes_the_scaler_and_refuses_a_mismatched_channel(tmp_path):
     with pytest.raises(ValueError, match="window_len"):
         _trainer(tmp_path).fit(ZGCNETs(num_nodes=6, window_len=4, horizon=2, rnn_units=8, resolution=32),
                                datamodule=dm)
+
+
+def test_mid_epoch_crash_and_resume_ends_with_the_same_parameters(tmp_path):
+    from lightning_ext.testing import assert_same_parameters, crash_and_resume
+
+    _token_folder(tmp_path / "data")
+
+    def make_model():
+        torch.manual_seed(0)
+        return ZGCNETs(num_nodes=6, window_len=3, horizon=2, rnn_units=8, resolution=32, lr=0.01)
+
+    def make_dm():
+        return GraphTimeSeriesDataModule(root=str(tmp_path / "data"), lag=3, horizon=2, resolution=32,
+                                         batch_size=4, cache_dir=str(tmp_path / "cache"), shuffle_seed=1)
+
+    full, resumed, info = crash_and_resume(make_model, make_dm, list, max_epochs=2, crash_step=7,
+                                           tmp_path=tmp_path, weights_only=True, limit_val_batches=0)
+    assert info["resumed_from_step"] == 7
+    assert_same_parameters(full, resumed)
