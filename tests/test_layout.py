@@ -34,6 +34,8 @@ ALLOWED = {
     # ... and FED-PUB's / FedIns' client and strategy (beside their modules) for `strategy: fedpub|fedins`
     ("lightning_ext.federated.run", "lightning_ext.federated.fedpub_module"),
     ("lightning_ext.federated.run", "lightning_ext.federated.fedins_module"),
+    # ... and FedSTO's client and strategy, beside its stage callbacks, for `strategy: fedsto`
+    ("lightning_ext.federated.run", "lightning_ext.federated.fedsto"),
 }
 SOURCES = sorted(p for p in ROOT.rglob("*.py") if "__pycache__" not in p.parts)
 

@@ -33,7 +33,7 @@ Example:
     >>> bool(r > 0)
     True
     >>> with torch.no_grad():
-    ...     net[1].weight.copy_(torch.eye(4)[:3].reshape(3, 4, 1, 1))
+    ...     _ = net[1].weight.copy_(torch.eye(4)[:3].reshape(3, 4, 1, 1))
     >>> float(orthogonality_penalty([net[1].weight]))
     0.0
 """
