@@ -302,7 +302,7 @@ def _spec_check(ip: dict, dep: dict | None) -> list[str]:
     word = "reproduced" if ratio >= 10 else "not reproduced"
     return head + ["", f"**Verdict: {word}** (a deployed round costs at least 10x an in-process round: {ratio:.1f}x "
                    f"here, median over rounds, against the spec's {spec:.0f}x; the threshold 10x is this page's reading of "
-                   "'tens of times', fixed before the check; the spec does not state its machine's load, this run "
+                   "'tens of times', chosen after this run's numbers were known; the spec does not state its machine's load, this run "
                    "was under load ~14, where the fresh client-app process per message dominates).", ""]
 
 
