@@ -77,14 +77,16 @@ class KeepBestWeights(Callback):
     whether the run stopped because the metric stopped improving (``converged``) or because ``max_epochs`` ran out.
     """
 
-    def __init__(self, monitor: str = "val_acc", patience: int = 2) -> None:
-        self.monitor, self.patience = monitor, patience
+    def __init__(self, monitor: str = "val_acc", patience: int = 2, mode: str = "max") -> None:
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode={mode!r}: use 'max' or 'min'.")
+        self.monitor, self.patience, self.sign = monitor, patience, 1.0 if mode == "max" else -1.0
         self.best, self.best_epoch, self.best_state, self.history = -float("inf"), -1, None, []
 
     def on_validation_end(self, trainer, pl_module):
         if trainer.sanity_checking:
             return
-        value = float(trainer.callback_metrics[self.monitor])
+        value = self.sign * float(trainer.callback_metrics[self.monitor])  # mode 'min': the negated metric
         self.history.append(value)
         if value > self.best:
             self.best, self.best_epoch = value, trainer.current_epoch

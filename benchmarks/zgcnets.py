@@ -37,21 +37,6 @@ if os.environ.get("ZGCNETS_SMOKE"):
     PROTO.update(max_epochs=3, patience=1, seeds=[0, 1])
 
 
-class MinKeeper(KeepBestWeights):
-    """:class:`KeepBestWeights` for a metric to minimise (val MAE)."""
-
-    def on_validation_end(self, trainer, pl_module):
-        if trainer.sanity_checking:
-            return
-        value = -float(trainer.callback_metrics[self.monitor])
-        self.history.append(value)
-        if value > self.best:
-            self.best, self.best_epoch = value, trainer.current_epoch
-            self.best_state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
-        elif trainer.current_epoch - self.best_epoch >= self.patience:
-            trainer.should_stop = True
-
-
 def _dm(arm: str, seed: int):
     from lightning_ext.graph.graph_time_series import GraphTimeSeriesDataModule
 
@@ -72,7 +57,7 @@ def run_one(arm: str, lr: float, seed: int) -> dict:
     model = ZGCNETs(num_nodes=dm.num_nodes, window_len=PROTO["lag"], horizon=PROTO["horizon"],
                     rnn_units=PROTO["rnn_units"], embed_dim=PROTO["embed_dim"], num_layers=PROTO["num_layers"],
                     link_len=PROTO["link_len"], use_zpi=arm != "none", lr=lr)
-    keeper = MinKeeper("val_mae", PROTO["patience"])
+    keeper = KeepBestWeights("val_mae", PROTO["patience"], mode="min")  # history and best: the negated MAE
     start, cpu = time.time(), time.process_time()
     trainer = Trainer(max_epochs=PROTO["max_epochs"], accelerator="cpu", devices=1, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
