@@ -406,6 +406,7 @@ HAND_CASES: list[PyCase] = [
     PyCase("LightGCN.num_users=without num_items", "LightGCN", "num_users", "without num_items", 5),
     PyCase("UltraGCN.num_items=without num_users", "UltraGCN", "num_items", "without num_users", 7),
     PyCase("MLPClassifier.num_classes=-3", "MLPClassifier", "num_classes", "negative", -3),
+    PyCase("SelectiveTraining.trainable=empty", "SelectiveTraining", "trainable", "empty prefix", ""),
     PyCase("MLPClassifier.hidden=negative width", "MLPClassifier", "hidden", "negative width", [-4]),
     PyCase("InteractionFileDataModule.train_path=garbage lines", "InteractionFileDataModule", "train_path",
            "garbage lines", _file("garbage.txt", "0 1 2\nuser item\n"), setup=True),
