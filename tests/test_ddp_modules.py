@@ -8,7 +8,6 @@ one-process metric on the same weights.
 from __future__ import annotations
 
 import os
-import socket
 from functools import partial
 from types import SimpleNamespace
 
@@ -18,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lightning_ext.core.distributed import free_port
 from lightning_ext.data.digits import DigitsDataModule
 from lightning_ext.recsys.dccf import DCCF
 from lightning_ext.recsys.interactions import InteractionDataModule, per_user_split
@@ -103,12 +103,6 @@ def test_two_ranks_together_see_exactly_the_one_process_bpr_batches(epoch):
 # -- evaluation: Recall/NDCG from two ranks equal one process, for every model ---------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _evaluate(name, dm, stage):
     """Bind a seeded model to the data, score this rank's user batches and compute the (synced) metrics."""
     model = _seeded(name)().bind(dm.interactions).eval()
@@ -138,7 +132,7 @@ def _eval_worker(rank, world, port, out):
 @pytest.mark.ddp
 def test_ranking_metrics_from_two_ranks_equal_one_process_for_every_model(tmp_path):
     out = tmp_path / "ddp.pt"
-    torch.multiprocessing.spawn(_eval_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_eval_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     ddp = torch.load(out)
     dm = _tiny_dm(16)
     dm.setup("fit")

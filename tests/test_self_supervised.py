@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 from lightning.pytorch import Trainer, seed_everything
 from torch import nn
 
+from lightning_ext.core.distributed import free_port
 from lightning_ext.callbacks import KNNEvaluation
 from lightning_ext.ssl.knn_evaluation import knn_predict
 from lightning_ext.datamodules import DigitsDataModule
@@ -289,17 +289,11 @@ def _ddp_worker(rank, world, port, out):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.ddp
 @pytest.mark.slow
 def test_gathered_losses_give_one_process_gradients_under_ddp(tmp_path):
     out = tmp_path / "ddp.pt"
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     ddp = torch.load(out)
     x, lin = _problem()
     for name, fn in LOSSES.items():

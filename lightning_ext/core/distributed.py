@@ -10,10 +10,12 @@ gloo processes).
 
 from __future__ import annotations
 
+import socket
+
 import torch
 from torch import Tensor
 
-__all__ = ["world_size", "rank", "gather_with_grad", "mean_over_ranks"]
+__all__ = ["world_size", "rank", "gather_with_grad", "mean_over_ranks", "free_port"]
 
 
 def _initialized() -> bool:
@@ -73,3 +75,15 @@ def mean_over_ranks(value: float, device: torch.device | str = "cpu") -> float:
     t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
     return float(t) / world_size()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (a rendezvous port for spawned ranks, a loopback server's port).
+
+    Example:
+        >>> 1024 <= free_port() <= 65535
+        True
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -31,21 +31,11 @@ import time
 from pathlib import Path
 from typing import Optional, Union
 
+from lightning_ext.core.distributed import free_port
+
 #: the environment every Flower process gets: nothing leaves the machine, nothing is installed
 OFFLINE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now.
-
-    Example:
-        >>> 1024 <= free_port() <= 65535
-        True
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _script(name: str) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,14 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_ext.core.distributed import free_port
+
 __all__ = ["compare_cases", "compare_with_dense", "free_port"]
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _full(t: Any) -> torch.Tensor:
