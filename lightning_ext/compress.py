@@ -74,6 +74,7 @@ class CompressResult:
     final_metric: Optional[float]
     tolerance: float = 0.0
     steps: list[dict] = field(default_factory=list)
+    timing: str = "median wall time of a forward pass"
 
     @property
     def speedup(self) -> float:
@@ -397,7 +398,8 @@ def compress(
         device=device_name(example, num_threads), batch_size=batch_size, budget_ms=budget_ms,
         dense_ms=dense["ms"], compressed_ms=final["ms"], macs_before=dense["macs"], macs_after=final["macs"],
         params_before=dense["params"], params_after=final["params"], monitor=monitor, dense_metric=dense_metric,
-        final_metric=rows[-1]["metric"], tolerance=tolerance, steps=rows)
+        final_metric=rows[-1]["metric"], tolerance=tolerance, steps=rows,
+        timing=("the caller's latency_fn" if latency_fn is not None else "median wall time of a forward pass"))
     _write_checkpoint(model, history, result)
     write_plot(rows, plans, result)
     _write_config(model, datamodule, config_yaml, result, dict(

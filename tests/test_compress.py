@@ -61,6 +61,7 @@ def test_compress_meets_the_budget_writes_everything_and_reloads(fake_clock, tmp
         assert (tmp_path / "out").joinpath(path.split("/")[-1]).stat().st_size > 0
     report = open(result.report_path).read()
     assert "| step 1: fine-tuned |" in report and "budget met" in report and "val_acc" in report
+    assert "latency = median wall time of a forward pass" in report
     # a fresh process: build the dense model, replay the history, load the weights -> the same function
     fresh = load_pruned_checkpoint(_model(seed=1), result.checkpoint_path)
     x = torch.rand(5, 1, 8, 8)
@@ -68,6 +69,17 @@ def test_compress_meets_the_budget_writes_everything_and_reloads(fake_clock, tmp
     torch.testing.assert_close(fresh(x), model(x))
     config = yaml.safe_load(open(result.config_path).read())
     assert config["speedup"] == 2.0 and config["model"]["class_path"].endswith("Classifier")
+
+
+def test_the_report_names_a_callers_latency_fn(tmp_path):
+    def macs_ms(model, inputs):  # a deterministic stand-in for a device timer: seconds proportional to MACs
+        return count_macs_params(model, inputs)[0] * 1e-9
+
+    result = compress(_model(), DigitsDataModule(batch_size=64), speedup=1.5, batch_size=16, finetune_epochs=1,
+                      output_dir=str(tmp_path / "out"), progress=False, latency_fn=macs_ms)
+    report = open(result.report_path).read()
+    assert "latency = the caller's latency_fn" in report and "median wall time" not in report
+    assert result.timing == "the caller's latency_fn" and result.budget_met
 
 
 def test_distillation_runs_during_fine_tuning(fake_clock, tmp_path):

@@ -44,7 +44,7 @@ def write_report(rows: list[dict], plans: list[dict], result: Any) -> None:
     met = "met" if result.compressed_ms <= result.budget_ms else (
         f"met within the {result.tolerance:.0%} timing tolerance" if result.budget_met else "MISSED")
     lines = [f"# Compression report ({time.strftime('%Y-%m-%d %H:%M:%S')})", "",
-             f"- Device: {result.device}; batch {result.batch_size}; latency = median wall time of a forward pass.",
+             f"- Device: {result.device}; batch {result.batch_size}; latency = {result.timing}.",
              f"- Budget: {result.budget_ms:.3f} ms; dense {result.dense_ms:.3f} ms; compressed "
              f"{result.compressed_ms:.3f} ms ({result.speedup:.2f}x faster); budget {met}.",
              f"- MACs {result.macs_before:,} -> {result.macs_after:,}; parameters {result.params_before:,} -> "
