@@ -135,3 +135,21 @@ def test_learns_far_better_than_chance_and_checkpoint_restores(tmp_path):
     trainer.save_checkpoint(tmp_path / "sheaf.ckpt")
     restored = Sheaf4Rec.load_from_checkpoint(tmp_path / "sheaf.ckpt").bind(dm.interactions)
     torch.testing.assert_close(restored.propagate()[0], model.propagate()[0])
+
+
+@pytest.mark.parametrize("point", [{"crash_epoch": 2}, {"crash_step": 7, "checkpoint_every_n_steps": 3}])
+def test_crash_and_resume_ends_with_the_uninterrupted_weights(tmp_path, point):
+    """Epoch boundary and mid-epoch (the BPR sampler replays the rest of its epoch) -> the same parameters."""
+    from lightning_ext.testing import crash_and_resume
+
+    def make():
+        seed_everything(0)
+        return Sheaf4Rec(num_layers=2, embedding_dim=8, lr=0.02, reg_weight=1e-3, eval_ks=(10,))
+
+    full, resumed, info = crash_and_resume(make, lambda: SyntheticInteractions(batch_size=256, val_fraction=0.1),
+                                           lambda: [], max_epochs=3, tmp_path=tmp_path, weights_only=True,
+                                           num_sanity_val_steps=0, limit_val_batches=0, **point)
+    assert info["resumed_from_step"] > 0 and full.state_dict().keys() == resumed.state_dict().keys()
+    assert "user_embedding.weight" in full.state_dict()
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
