@@ -137,10 +137,10 @@ def _fit(make_model, make_datamodule, batch_size, log_dir: Path, test: bool, **t
     return result
 
 
-def _orderly_ddp_spawn(start_method: str = "forkserver"):
+def _orderly_ddp_spawn(start_method: str = "forkserver", **ddp_kwargs: Any):
     from lightning_ext.core.ddp_spawn import OrderlyDDPSpawn  # imports Lightning: only when a test needs it
 
-    return OrderlyDDPSpawn(start_method=start_method)
+    return OrderlyDDPSpawn(start_method=start_method, **ddp_kwargs)
 
 
 def fit_ddp_vs_single(
@@ -150,12 +150,14 @@ def fit_ddp_vs_single(
     tmp_path: Path,
     test: bool = True,
     start_method: str = "forkserver",
+    ddp_kwargs: Optional[dict] = None,
     **trainer_kwargs: Any,
 ) -> tuple[RunResult, RunResult]:
     """Fit in one process with ``global_batch_size``, then in two gloo processes with half of it each.
 
     ``start_method="forkserver"`` (default) forks the two ranks from a server that imported torch and Lightning
-    once per test process; ``"spawn"`` starts fresh interpreters (slower: each imports them again). Either way the
+    once per test process; ``"spawn"`` starts fresh interpreters (slower: each imports them again). ``ddp_kwargs``
+    go to the DDP strategy (e.g. ``{"find_unused_parameters": True}``). Either way the
     ranks get the parent's environment, RNG states and unshared weights (see :mod:`lightning_ext.core.ddp_spawn`).
 
     ``make_datamodule(batch_size)`` must build a datamodule whose training sampler shards one permutation
@@ -172,7 +174,7 @@ def fit_ddp_vs_single(
                   devices=1, **trainer_kwargs)
     try:
         ddp = _fit(make_model, make_datamodule, global_batch_size // 2, tmp_path / "ddp", test,
-                   devices=2, strategy=_orderly_ddp_spawn(start_method), **trainer_kwargs)
+                   devices=2, strategy=_orderly_ddp_spawn(start_method, **(ddp_kwargs or {})), **trainer_kwargs)
     except Exception as err:  # noqa: BLE001 - only the teardown abort below is retried
         # A spawned rank can abort at interpreter exit ("terminate called without an active exception", SIGABRT)
         # when the machine is loaded: seen in 2 of 3 clean-clone CI runs on 2 cores (2026-12-06), never alone.
@@ -182,7 +184,7 @@ def fit_ddp_vs_single(
         warnings.warn(f"fit_ddp_vs_single: a spawned rank aborted at exit ({err}); retrying the two-process fit once.",
                       stacklevel=2)
         ddp = _fit(make_model, make_datamodule, global_batch_size // 2, tmp_path / "ddp_retry", test,
-                   devices=2, strategy=_orderly_ddp_spawn(start_method), **trainer_kwargs)
+                   devices=2, strategy=_orderly_ddp_spawn(start_method, **(ddp_kwargs or {})), **trainer_kwargs)
     return single, ddp
 
 

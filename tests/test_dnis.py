@@ -19,7 +19,7 @@ from torch.utils.data import TensorDataset
 from lightning_ext.core.sampling import epoch_loader
 from lightning_ext.recsys.dnis import DNISEmbedding
 from lightning_ext.recsys.dnis_recommender import DNISRecommender, normalized_alpha_grad
-from lightning_ext.testing import crash_and_resume
+from lightning_ext.testing import crash_and_resume, fit_ddp_vs_single
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,9 +42,14 @@ class TinyRatings(LightningDataModule):
         self.train_mean, self.batch_size = 3.0, batch_size
 
     def train_dataloader(self):
-        return CombinedLoader({"train": epoch_loader(self.sets[0], self.batch_size, train=True, seed=0),
-                               "search": epoch_loader(self.sets[1], self.batch_size, train=True, seed=1)},
+        trainer = self.trainer if self._trainer_attached() else None  # shard over ranks under DDP
+        return CombinedLoader({"train": epoch_loader(self.sets[0], self.batch_size, train=True, seed=0, trainer=trainer),
+                               "search": epoch_loader(self.sets[1], self.batch_size, train=True, seed=1,
+                                                      trainer=trainer)},
                               mode="max_size_cycle")
+
+    def _trainer_attached(self) -> bool:
+        return getattr(self, "trainer", None) is not None
 
     def val_dataloader(self):
         return epoch_loader(self.sets[1], 256, train=False)
@@ -184,3 +189,35 @@ def test_bad_ids_frequencies_and_prune_calls_are_refused():
         emb.prune()
     with pytest.raises(ValueError, match=r"\(B, 2\)"):
         DNISRecommender(num_ids=10, embedding_dim=4, dim_blocks=2, feature_blocks=2)(torch.tensor([1, 2]))
+
+
+@pytest.mark.ddp
+def test_two_processes_match_one_through_warm_start_search_and_pruning(tmp_path):
+    """Both optimisers' steps (manual optimisation), the search's alpha and the pruning at the phase change are the
+    same in two gloo processes with half the batch each as in one process."""
+    def make():
+        seed_everything(0)
+        return DNISRecommender(num_ids=70, embedding_dim=8, dim_blocks=4, feature_blocks=5, lr_w=1e-2, lr_a=5e-2,
+                               warm_start_epochs=1, search_epochs=1, prune_budget=0.5)
+
+    single, ddp = fit_ddp_vs_single(make, lambda b: TinyRatings(batch_size=b), 64, tmp_path, max_epochs=3,
+                                    ddp_kwargs={"find_unused_parameters": True}, limit_train_batches=6,
+                                    num_sanity_val_steps=0)
+    assert single.state_dict.keys() == ddp.state_dict.keys() and "embedding.alpha" in single.state_dict
+    assert set(single.state_dict["embedding.alpha"].unique().tolist()) <= {0.0, 1.0}  # pruned in both runs
+    for k, v in single.state_dict.items():
+        torch.testing.assert_close(ddp.state_dict[k], v, atol=1e-5, rtol=1e-4, msg=k)
+    assert ddp.final_metrics["val_mse"] == pytest.approx(single.final_metrics["val_mse"], rel=1e-4)
+
+
+def test_ddp_without_find_unused_parameters_is_refused_in_setup_with_one_line():
+    from types import SimpleNamespace
+
+    model = DNISRecommender(num_ids=70, embedding_dim=8, dim_blocks=4, feature_blocks=5)
+    ddp = SimpleNamespace(_ddp_kwargs={}, world_size=2)
+    model._trainer = SimpleNamespace(strategy=ddp, world_size=2, datamodule=None)
+    with pytest.raises(ValueError, match="ddp_find_unused_parameters_true") as err:
+        model.setup("fit")
+    assert "\n" not in str(err.value)
+    ddp._ddp_kwargs["find_unused_parameters"] = True
+    model.setup("fit")  # accepted

@@ -46,3 +46,23 @@ def refuse_sharded_strategy(trainer: Any, component: str, why: str, error: type[
         name = type(trainer.strategy).__name__
         raise error(f"{component} {why}, which needs every process to hold whole parameters; {name} shards them."
                     + (f" {suggestion}" if suggestion else ""))
+
+
+def require_find_unused_parameters(trainer: Any, component: str, why: str) -> None:
+    """Raise ``ValueError`` with one line if ``trainer`` runs DDP on several processes without
+    ``find_unused_parameters=True`` (which a step that leaves some parameters without a gradient needs: DDP would
+    otherwise fail mid-fit with a long message).
+
+    Example:
+        >>> class DDPStrategy: _ddp_kwargs = {}
+        >>> class Trainer: strategy, world_size = DDPStrategy(), 2
+        >>> require_find_unused_parameters(Trainer(), "X", "updates its weights and α in separate steps")
+        Traceback (most recent call last):
+        ...
+        ValueError: X updates its weights and α in separate steps, so under DDP it needs strategy='ddp_find_unused_parameters_true' (or DDPStrategy(find_unused_parameters=True)).
+    """
+    strategy = getattr(trainer, "strategy", None)
+    kwargs = getattr(strategy, "_ddp_kwargs", None)  # Lightning's DDP strategies keep their DDP arguments here
+    if getattr(trainer, "world_size", 1) > 1 and kwargs is not None and not kwargs.get("find_unused_parameters"):
+        raise ValueError(f"{component} {why}, so under DDP it needs strategy='ddp_find_unused_parameters_true' "
+                         "(or DDPStrategy(find_unused_parameters=True)).")

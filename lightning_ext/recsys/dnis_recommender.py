@@ -12,6 +12,7 @@ from torchmetrics import MeanSquaredError
 from typing_extensions import override
 
 from lightning_ext.core.guards import NonFiniteLoss, check_loss, check_nonfinite_policy, refuse_skip_under_ddp
+from lightning_ext.core.strategy import require_find_unused_parameters
 from lightning_ext.core.validation import (
     NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, check_choice, check_fraction, check_non_negative,
     check_number, check_positive, check_positive_int,
@@ -132,6 +133,9 @@ class DNISRecommender(LightningModule):
     def setup(self, stage: str) -> None:
         """Build from the DataModule's ``num_ids``, ``frequency`` and training mean (unless built)."""
         refuse_skip_under_ddp(self, self.nonfinite_loss)
+        if self._trainer is not None:
+            require_find_unused_parameters(self.trainer, "DNISRecommender",
+                                           "leaves α or the frozen weights without a gradient in some steps")
         if self.embedding is not None:
             return
         dm = self.trainer.datamodule if self._trainer is not None else None
