@@ -50,6 +50,7 @@ def _command(source: str) -> str:
 
 SOURCE = _source_argument()
 DAYS = {"Decentraland": 206, "Bytom": 272}
+CUT = {"Bytom": " (its seed 4 was stopped at 21:01 UTC in its first arm, to keep the arms at the same seeds)"}
 STEM = _stem(SOURCE)
 JSON = Path(__file__).resolve().parents[1] / "docs" / "results" / f"{STEM}.json"
 PROTO = dict(source=SOURCE, lag=7, horizon=7, split="60/20/20 chronological by days", rnn_units=32,
@@ -286,7 +287,8 @@ def render(data: dict):
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {_best_lr(runs, arm)} |")
     done = min((len(v) for v in fin.values()), default=0)
     lines += ["", f"## Results ({done} of {len(seeds)} planned seeds per arm, chosen lr"
-              + ("; the rest not started before the deadline" if done < len(seeds) else "") + ")", "",
+              + (f"; the rest not run before the deadline{CUT.get(src, '')}" if done < len(seeds) else "")
+              + ")", "",
               "| arm | lr | test MAE | test RMSE | val MAE | best epoch / epochs (per seed) | steps | samples seen "
               "| params | CPU s | wall s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm, rs in fin.items():
@@ -301,6 +303,11 @@ def render(data: dict):
               f"{sum(r['samples'] for r in all_runs)} training windows seen, "
               f"{sum(r['cpu_s'] for r in all_runs) / 60:.1f} CPU-minutes ({sum(r['wall_s'] for r in all_runs) / 60:.1f} "
               "wall minutes on the loaded machine).", ""]
+    at_last = [f"`{r['arm']}` lr {r['lr']} seed {r['seed']} ({r['best_epoch'] + 1}/{r['epochs']})"
+               for r in all_runs if not r["converged"]]
+    if at_last:
+        lines += [f"Best validation epoch = last epoch (the {PROTO['max_epochs']}-epoch budget was too short for "
+                  f"these; a comparison that uses them is inconclusive): {', '.join(at_last)}.", ""]
     why = ""
     unconverged = [f"{r['arm']} s{r['seed']}" for rs in fin.values() for r in rs if not r["converged"]]
     diffs = {}
@@ -335,6 +342,13 @@ def render(data: dict):
                "datasets: the other one has its own section and verdict)" if holds else
                "the real channel does not beat both the shuffled channel and no channel by a paired std "
                "(spec: beating only `none` would credit the extra parameters, not the topology)")
+    if verdict == "not testable here" and unconverged:
+        done = {a: statistics.mean(r["test_mae"] for r in rs) for a, rs in fin.items()
+                if all(r["converged"] for r in rs)}
+        why += (f"; {', '.join(unconverged)} ended at the epoch budget, so those runs may be under-trained"
+                + (", but the arms that converged (" + ", ".join(f"`{a}` {m:.4f}" for a, m in done.items())
+                   + f") stay {100 * (min(done.values()) / nv['last_test_mae'] - 1):.0f}% or more above the last "
+                   f"value's test MAE {nv['last_test_mae']:.4f}" if done else ""))
     lines += ["## Verdict", "", f"**{verdict}**: {why}.", ""] + _why_premise_fails(nv, fin, premise) + [
               "Notes: " + ("the first tuning fit (`real`, lr 0.003, seed 0) ran before a speed-up of the graph "
               "convolution (one `bmm` instead of two einsums: the same function, tested against the reference "
