@@ -213,3 +213,31 @@ def page_main(json_path, stem: str, protocol: dict, command: str, main_runs, ren
     plot(data, res, json_path.parent / f"{stem}.png")
     atomic_write_text(page, json_path.parent / f"{stem}.md")
     print("verdict:", verdict)
+
+
+def rounds_budget(meta: dict) -> str:
+    """A federated benchmark's round budget in words: ``meta`` holds ``rounds`` and, when early stopping is on,
+    ``patience``."""
+    if meta.get("patience"):
+        return (f"up to {meta['rounds']} rounds (stopping after {meta['patience']} rounds without a better "
+                f"validation accuracy)")
+    return f"{meta['rounds']} rounds"
+
+
+def superseded_summary(data: dict, arms: dict, chosen_lr, json_name: str) -> str:
+    """One markdown bullet per superseded protocol kept in ``data["superseded"]`` (``{"meta", "runs"}`` with run
+    keys ``arm|lr|seed``): each named arm's mean test accuracy at the lr its first seed chose then. ``arms`` maps
+    an arm key to its label; ``chosen_lr(data, arm, lrs, seed)`` is the benchmark's own rule."""
+    import statistics
+
+    out = []
+    for old in data.get("superseded", []):
+        means = []
+        for arm, label in arms.items():
+            lr = chosen_lr({"runs": old["runs"]}, arm, old["meta"]["lrs"], old["meta"]["seeds"][0])
+            v = [r["test"] for k, r in old["runs"].items() if k.split("|")[:2] == [arm, str(lr)]]
+            means.append(f"{label} {100 * statistics.mean(v):.2f} % ({len(v)} runs)" if v else f"{label} n/a")
+        out.append(f"- Superseded protocol ({rounds_budget(old['meta'])}, lrs {old['meta']['lrs']}; kept in "
+                   f"{json_name} under `superseded`): test accuracy {', '.join(means)}; inconclusive there because "
+                   f"a best validation round was the last.\n")
+    return "".join(out)

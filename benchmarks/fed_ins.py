@@ -36,6 +36,9 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import rounds_budget, superseded_summary  # noqa: E402
 
 from lightning_ext.core.io import atomic_torch_save, atomic_write_json, atomic_write_text  # noqa: E402
 from lightning_ext.federated.fedins import FedInsNet, fedins_loss, mutual_information, uniform_mean  # noqa: E402
@@ -115,7 +118,9 @@ def evaluate(net, x, y, q, dom) -> dict:
             "mi": mutual_information(dom, top1), "keys_used": int(top1.unique().numel())}
 
 
-def run(arm: str, lr: float, seed: int, rounds: int, data: dict, backbone_state: dict) -> dict:
+def run(arm: str, lr: float, seed: int, rounds: int, data: dict, backbone_state: dict, patience: int = 0) -> dict:
+    """One federation; with ``patience`` > 0 it stops once that many rounds pass without a better validation
+    accuracy (the best round is then never the last one run)."""
     cfg = ARMS[arm]
     x, y, dom = data["train"]
     parts = dirichlet_partition(y.numpy(), CLIENTS, 0.5, seed=seed, min_partition_size=BATCH)
@@ -163,11 +168,15 @@ def run(arm: str, lr: float, seed: int, rounds: int, data: dict, backbone_state:
         hist["test"].append(statistics.mean(t["acc"] for t in test))
         hist["mi"].append(statistics.mean(t["mi"] for t in test))
         hist["test_domain"].append([statistics.mean(t["acc_domain"][d] for t in test) for d in (0, 1)])
-    best = max(range(rounds), key=lambda t: hist["val"][t])
+        if patience and r - max(range(r + 1), key=lambda t: hist["val"][t]) >= patience:
+            break
+    ran = len(hist["val"])
+    best = max(range(ran), key=lambda t: hist["val"][t])
     return {"best_round": best + 1, "best_val": hist["val"][best], "test": hist["test"][best],
-            "mi": hist["mi"][best], "test_domain": hist["test_domain"][best], "last_is_best": best == rounds - 1,
+            "mi": hist["mi"][best], "test_domain": hist["test_domain"][best], "last_is_best": best == ran - 1,
+            "rounds_run": ran,
             "history": hist, "steps_per_round": sum(-(-len(p) // BATCH) for p in parts),
-            "samples_seen": int(sizes.sum()) * rounds, "client_sizes": [len(p) for p in parts]}
+            "samples_seen": int(sizes.sum()) * ran, "client_sizes": [len(p) for p in parts]}
 
 
 def premise(data) -> dict:
@@ -221,6 +230,7 @@ def render(data) -> tuple[str, str]:
         f"{ms([r['mi'] for r in res[a]], 1)} | {', '.join(str(r['best_round']) for r in res[a])} |" for a in ARMS
         if res[a])
     grid = "\n".join(f"| {NAMES[a]} | " + " | ".join(f"{100 * runs[f'{a}|{lr}|{seeds[0]}']['best_val']:.2f}"
+                                                     if f"{a}|{lr}|{seeds[0]}" in runs else "-"
                                                      for lr in lrs) + " |" for a in ARMS if a not in ABLATIONS)
     claim_rows = "\n".join(f"| {n} | {'holds' if ok else 'fails'}{' (descriptive only)' if verdict == 'inconclusive' else ''} |"
                            for n, ok in claims)
@@ -240,10 +250,10 @@ MixedDigitsDataModule, FedInsClient, fedins_fedavg).
 - Data: MNIST-5k (domain 0) + scikit-learn digits upsampled to 20x20 and padded to 28x28 (domain 1), each split
   72/8/20; train/val/test sizes {data['premise']['sizes']}. 5 clients from a Dirichlet(0.5) label partition of
   the union (partition seed = run seed), so each client mixes both domains. Test = union of both test splits.
-- Training: {meta['rounds']} rounds x 1 local epoch, batch 32, SGD recreated each round (the reference) but with
+- Training: {rounds_budget(meta)} x 1 local epoch, batch 32, SGD recreated each round (the reference) but with
   momentum 0.9 (the reference has none, with 10 local passes x 300 rounds, beyond this CPU budget), every client
-  every round: {r0['steps_per_round']} local steps per round in all, {r0['samples_seen']:,}
-  training samples seen per run. lambda = 0.1 (0 for P = 1, where the key term is constant). FedIns-family and SSF
+  every round: {r0['steps_per_round']} local steps and {r0['samples_seen'] // r0.get('rounds_run', meta['rounds']):,}
+  training samples per round; rounds run per FedIns seed: {[r.get('rounds_run', meta['rounds']) for r in res['fedins']]}. lambda = 0.1 (0 for P = 1, where the key term is constant). FedIns-family and SSF
   arms average uniformly (the reference); full fine-tuning averages by client size.
 - lr per arm from {lrs} by seed-0 best validation accuracy (grid below; 0.01 is the reference's value); seeds
   {seeds} (partition and initialisation); the batch-mean ablation runs at FedIns' lr. Test accuracy at the
@@ -283,7 +293,7 @@ lr grid, seed-0 best validation accuracy %:
 - Where this differs from the reference code: the reference averages the selected SSF rows over the batch as well
   (`get_top_ssf`), so it trains and tests one instance at a time; here selection is per instance for any batch
   size (equal at batch 1, tested in tests/test_fed_ins.py). {'The "batch-mean" arm runs the reference batched behaviour at batch 32.' if res['fedins_batchmean'] else 'The "batch-mean" ablation (the reference batched behaviour at batch 32) was not run for lack of CPU time: rerun the command above and it resumes from fed_ins.json and adds it.'}
-- Not the paper's scale (ViT-B/16 on Tiny-ImageNet/DomainNet): a 26k-parameter CNN and two digit domains; the
+{superseded_summary(data, {"fedins": "FedIns", "ssf": "SSF + FedAvg"}, chosen_lr, "fed_ins.json")}- Not the paper's scale (ViT-B/16 on Tiny-ImageNet/DomainNet): a 26k-parameter CNN and two digit domains; the
   backbone saw MNIST-5k's training images in pretraining (every arm shares it; the test split stays held out).
 """
     return page, verdict
@@ -311,15 +321,20 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.05])
+    ap.add_argument("--patience", type=int, default=0, help="stop a run after this many rounds without a better "
+                    "validation accuracy (0: run every round)")
     ap.add_argument("--render-only", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
     path = OUT / "fed_ins.json"
     data = json.loads(path.read_text()) if path.exists() else {"runs": {}}
     if not args.render_only:
-        if data.get("meta", {}).get("rounds") not in (None, args.rounds):
+        old = data.get("meta", {})
+        if (old.get("rounds"), old.get("patience", 0)) not in ((None, 0), (args.rounds, args.patience)):
+            if data["runs"]:  # a superseded protocol: keep its runs beside the new ones, out of the verdict
+                data.setdefault("superseded", []).append({"meta": old, "runs": data["runs"]})
             data["runs"] = {}
-        data["meta"] = {"seeds": args.seeds, "rounds": args.rounds, "lrs": args.lrs,
+        data["meta"] = {"seeds": args.seeds, "rounds": args.rounds, "patience": args.patience, "lrs": args.lrs,
                         "command": "nice -n 10 python benchmarks/fed_ins.py " + " ".join(sys.argv[1:]),
                         "machine": f"{platform.machine()}, torch {torch.__version__}",
                         "runtime_s": data.get("meta", {}).get("runtime_s", 0.0)}
@@ -345,7 +360,7 @@ def main() -> None:
             if key in data["runs"]:
                 continue
             t = time.time()
-            data["runs"][key] = run(a, lr, seed, args.rounds, d, state)
+            data["runs"][key] = run(a, lr, seed, args.rounds, d, state, args.patience)
             data["meta"]["runtime_s"] += time.time() - t
             r = data["runs"][key]
             print(f"{key}: val {r['best_val']:.3f} test {r['test']:.3f} mi {r['mi']:.3f} best round "

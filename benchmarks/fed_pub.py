@@ -34,6 +34,9 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import rounds_budget, superseded_summary  # noqa: E402
 
 from lightning_ext.core.io import atomic_write_json, atomic_write_text  # noqa: E402
 from lightning_ext.federated.fedpub import (  # noqa: E402
@@ -72,7 +75,9 @@ def _accs(model, g) -> tuple[float, float]:
     return tuple(float((pred[g[f"{s}_mask"]] == g.y[g[f"{s}_mask"]]).float().mean()) for s in ("val", "test"))
 
 
-def run(arm: str, lr: float, seed: int, rounds: int, clients) -> dict:
+def run(arm: str, lr: float, seed: int, rounds: int, clients, patience: int = 0) -> dict:
+    """One federation; with ``patience`` > 0 it stops once that many rounds pass without a better mean validation
+    accuracy (the best round is then never the last one run)."""
     cfg = ARMS[arm]
     torch.manual_seed(seed)
     n = len(clients)
@@ -125,10 +130,13 @@ def run(arm: str, lr: float, seed: int, rounds: int, clients) -> dict:
         hist["val"].append(statistics.mean(a[0] for a in accs))
         hist["test"].append(statistics.mean(a[1] for a in accs))
         hist["sparsity"].append(statistics.mean(mask_sparsity(m, L1) for m in models) if cfg["masked"] else 0.0)
-    best = max(range(rounds), key=lambda t: hist["val"][t])
+        if patience and len(hist["val"]) - 1 - max(range(len(hist["val"])), key=lambda t: hist["val"][t]) >= patience:
+            break
+    ran = len(hist["val"])
+    best = max(range(ran), key=lambda t: hist["val"][t])
     out = {"best_round": best + 1, "best_val": hist["val"][best], "test": hist["test"][best],
-           "sparsity": hist["sparsity"][best], "last_is_best": best == rounds - 1, "history": hist,
-           "steps_per_client": rounds, "train_nodes_seen": int(sizes.sum()) * rounds}
+           "sparsity": hist["sparsity"][best], "last_is_best": best == ran - 1, "history": hist,
+           "rounds_run": ran, "steps_per_client": ran, "train_nodes_seen": int(sizes.sum()) * ran}
     if sims is not None:
         out["similarity"] = [[round(float(v), 4) for v in row] for row in sims]
     return out
@@ -212,9 +220,9 @@ Code: `lightning_ext/federated/fedpub.py` (core), `fedpub_module.py` (FedPubModu
   the reference partitioner, is not installable offline: no pymetis/metis, and PyG's METIS needs torch-sparse or
   pyg-lib). Cross-client edges are dropped.
 - Model: the reference MaskedGCN (1433-128-128-7, dropout 0.5); masks initialised to one, personal; Adam, state kept
-  per client across rounds; 1 local epoch = 1 full-batch step per round; {meta['rounds']} rounds, all clients each
-  round: {meta['rounds']} optimizer steps per client, {res['fedpub'][0]['train_nodes_seen']:,} training-node visits
-  in all per run.
+  per client across rounds; 1 local epoch = 1 full-batch step per round; {rounds_budget(meta)}, all clients each
+  round: one optimizer step per client and round, {res['fedpub'][0]['train_nodes_seen'] // res['fedpub'][0].get('rounds_run', meta['rounds']):,}
+  training-node visits per round; rounds run per FED-PUB seed: {[r.get('rounds_run', meta['rounds']) for r in res['fedpub']]}.
 - FED-PUB: proxy graph `random_partition_graph([100]*5, 0.1, 0)` with N(0,1) features, tau = {TAU} (scripts/
   disjoint.sh), l1 = loc_l2 = 1e-3, proximal term skipped in round 1. "Official" computes the penalties on detached
   tensors as the reference code does (no gradient); "effective" gives them gradients (this library's default).
@@ -250,7 +258,7 @@ The effective-penalty variant (reported alongside, not part of the pass rule) ha
 ![validation accuracy per round](fed_pub.png)
 
 ## Notes
-- Where this differs from the reference code: the mask-L1 and proximal penalties are computed on the parameters
+{superseded_summary(data, {"fedpub": "FED-PUB", "fedavg": "FedAvg"}, chosen_lr, "fed_pub.json")}- Where this differs from the reference code: the mask-L1 and proximal penalties are computed on the parameters
   (the reference builds them from `state_dict()`, detached, so they never change a gradient). The official
   variant above reproduces the reference behaviour; "effective" is the intended objective. Mask sparsity is the
   share of mask entries below 1e-3 (zeroed at evaluation).
@@ -289,6 +297,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--rounds", type=int, default=150)
     ap.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.03])
+    ap.add_argument("--patience", type=int, default=0, help="stop a run after this many rounds without a better "
+                    "validation accuracy (0: run every round)")
     ap.add_argument("--render-only", action="store_true")
     ap.add_argument("--cache-dir", default="/tmp/lightning_ext_fed_pub")
     args = ap.parse_args()
@@ -296,9 +306,12 @@ def main() -> None:
     path = OUT / "fed_pub.json"
     data = json.loads(path.read_text()) if path.exists() else {"runs": {}}
     if not args.render_only:
-        if data.get("meta", {}).get("rounds") not in (None, args.rounds):
+        old = data.get("meta", {})
+        if (old.get("rounds"), old.get("patience", 0)) not in ((None, 0), (args.rounds, args.patience)):
+            if data["runs"]:  # a superseded protocol: keep its runs beside the new ones, out of the verdict
+                data.setdefault("superseded", []).append({"meta": old, "runs": data["runs"]})
             data["runs"] = {}
-        data["meta"] = {"seeds": args.seeds, "rounds": args.rounds, "lrs": args.lrs,
+        data["meta"] = {"seeds": args.seeds, "rounds": args.rounds, "patience": args.patience, "lrs": args.lrs,
                         "command": "nice -n 10 python benchmarks/fed_pub.py " + " ".join(sys.argv[1:]),
                         "machine": f"{platform.machine()}, torch {torch.__version__}",
                         "runtime_s": data.get("meta", {}).get("runtime_s", 0.0)}
@@ -320,7 +333,7 @@ def main() -> None:
             if key in data["runs"]:
                 continue
             start = time.time()
-            data["runs"][key] = run(arm, lr, seed, args.rounds, clients)
+            data["runs"][key] = run(arm, lr, seed, args.rounds, clients, args.patience)
             data["meta"]["runtime_s"] += time.time() - start
             r = data["runs"][key]
             print(f"{key}: val {r['best_val']:.3f} test {r['test']:.3f} best round {r['best_round']} "

@@ -16,7 +16,8 @@ Protocol: each arm's learning rate tuned on validation with seed 0 over a grid o
 official default (RDL: Adam {0.005 (RelBench), 0.001}; HistGradientBoosting: {0.1 (scikit-learn), 0.05}); then
 3 seeds at the chosen value. RDL: 2 layers, num_neighbors [32, 16], channels 64, batch 512, at most 20 epochs,
 early stopping on val_auroc (patience 3), best weights restored, test once. One torch thread. The 1-layer
-ablation runs at the 2-layer model's chosen lr.
+ablation runs at the 2-layer model's chosen lr. Beside the verdict (added later): the spec's 3 layers,
+num_neighbors [32, 16, 8], with its own lr grid on seed 0.
 
     python benchmarks/relational_deep_learning.py            # runs what the JSON lacks, then renders
     python benchmarks/relational_deep_learning.py --render-only
@@ -42,6 +43,7 @@ SEEDS = (0, 1, 2)
 GNN_LRS = (0.005, 0.001)
 HGB_LRS = (0.1, 0.05)
 GNN = {"channels": 64, "num_layers": 2, "num_neighbors": [32, 16]}
+SPEC_FANOUT = [32, 16, 8]  # the spec's (RelBench's) 3-layer model, an extra arm reported beside the verdict
 MAX_EPOCHS, PATIENCE = 20, 3
 CMD = "python benchmarks/relational_deep_learning.py"
 P = {"task": "movie-active-14d", "seeds": list(SEEDS), "gnn_lrs": list(GNN_LRS), "hgb_lrs": list(HGB_LRS),
@@ -116,7 +118,7 @@ def _gnn(seed: int, lr: float, layers: int) -> dict:
     from lightning_ext.graph.rdl import RDLModule
 
     torch.manual_seed(seed)
-    dm = _dm(seed, GNN["num_neighbors"][:layers])
+    dm = _dm(seed, (GNN["num_neighbors"] if layers <= 2 else SPEC_FANOUT)[:layers])
     model = RDLModule(channels=GNN["channels"], num_layers=layers, lr=lr)
     rec = fit_early_stopping(model, dm, MAX_EPOCHS, [], f"rdl L{layers} lr {lr} s{seed}", patience=PATIENCE,
                              monitor="val_auroc")
@@ -166,6 +168,20 @@ def main_runs(data: dict) -> None:
                 runs[key] = _gnn(seed, best, layers)
                 save()
                 print(key, runs[key]["val_auroc"], runs[key]["test_auroc"], flush=True)
+    # the spec's 3 layers, num_neighbors [32, 16, 8]: its own lr grid on seed 0, like the 2-layer model
+    for lr in GNN_LRS:
+        key = f"rdl L3 lr {lr} seed 0"
+        if key not in runs:
+            runs[key] = _gnn(0, lr, 3)
+            save()
+            print(key, runs[key]["val_auroc"], runs[key]["test_auroc"], flush=True)
+    best3 = _chosen(runs, "rdl L3", GNN_LRS)
+    for seed in SEEDS[1:]:
+        key = f"rdl L3 lr {best3} seed {seed}"
+        if key not in runs:
+            runs[key] = _gnn(seed, best3, 3)
+            save()
+            print(key, runs[key]["val_auroc"], runs[key]["test_auroc"], flush=True)
 
 
 def _val(run: dict) -> float:
@@ -183,7 +199,7 @@ def _results(data: dict) -> dict:
     runs, res = data.get("runs", {}), {}
     for name, prefix, lrs in (("single-table HGB", "hgb single", HGB_LRS), ("hand-made SQL features HGB", "hgb hand",
                               HGB_LRS), ("RDL 2 layers", "rdl L2", GNN_LRS), ("RDL 1 layer (ablation)", "rdl L1",
-                              GNN_LRS)):
+                              GNN_LRS), ("RDL 3 layers (spec, beside the verdict)", "rdl L3", GNN_LRS)):
         lr = _chosen(runs, "rdl L2" if prefix == "rdl L1" else prefix, lrs)
         fin = [runs[f"{prefix} lr {lr} seed {s}"] for s in SEEDS if f"{prefix} lr {lr} seed {s}" in runs]
         res[name] = {"lr": lr, "runs": fin}
@@ -197,7 +213,7 @@ def render(data: dict):
     g = data.get("graph", {})
     test = {k: [r.get("test", r.get("test_auroc")) for r in v["runs"]] for k, v in res.items()}
     val = {k: [r.get("val", r.get("val_auroc")) for r in v["runs"]] for k, v in res.items()}
-    single, hand, rdl, one = (test[k] for k in res)
+    single, hand, rdl, one, three = (test[k] for k in res)
     leak = g.get("leak_check", {})
     premise = bool(val["hand-made SQL features HGB"] and val["single-table HGB"]
                    and mean(val["hand-made SQL features HGB"]) >= mean(val["single-table HGB"]) + 0.05
@@ -223,6 +239,17 @@ def render(data: dict):
     verdict = verdict_of(claims)
     if not premise and all(len(v) == len(SEEDS) for v in test.values()):
         verdict = "not testable here"
+    spec3 = ""
+    if len(three) == len(SEEDS):
+        capped = sum(not r["converged"] for r in res["RDL 3 layers (spec, beside the verdict)"]["runs"])
+        spec3 = (f"\nThe spec's 3-layer model (num_neighbors {SPEC_FANOUT}, its own lr grid; added after the 2-layer "
+                 f"results, so it is reported beside the verdict, which rests on the pre-registered 2-layer arm): "
+                 f"test AUROC {mean_std(three, 3)}; against the pass rules: >= single-table + 0.10 "
+                 f"{'holds' if mean(three) >= mean(single) + 0.10 else 'fails'} ({mean(three):.3f} vs "
+                 f"{mean(single) + 0.10:.3f}), >= hand features - 0.02 "
+                 f"{'holds' if mean(three) >= mean(hand) - 0.02 else 'fails'} ({mean(three):.3f} vs "
+                 f"{mean(hand) - 0.02:.3f}); {mean(three) - mean(rdl):+.3f} against 2 layers"
+                 f"{f'; {capped} run(s) with the best epoch last' if capped else ''}.\n")
     rows = []
     for name, r in res.items():
         fin = r["runs"]
@@ -289,7 +316,7 @@ Papers: Fey et al., "Position: Relational Deep Learning" (ICML 2024, arXiv 2312.
 Claims:
 {chr(10).join(f"- {c}: {'holds' if h else 'fails' if h is not None else 'undecided'} ({w})" for c, h, w in claims)}
 
-{reading}
+{reading}{spec3}
 Tuning grid (seed 0, validation AUROC):
 
 | run | val AUROC |
@@ -299,9 +326,9 @@ Tuning grid (seed 0, validation AUROC):
 ![test AUROC per arm](relational_deep_learning.png)
 
 ## What this does not cover
-- The spec's RDL runs 3 layers with num_neighbors [32, 16, 8]; on this CPU a 3-hop batch of 512 seeds took
-  ~3.4 s (72,617 sampled ratings) against ~0.3 s for 2 hops, so the benchmark uses 2 layers (movie, its ratings,
-  their users). PyTorch Frame is not installed: columns are one-hot/standardised, not stype-encoded.
+- The verdict's RDL has 2 layers (movie, its ratings, their users): the spec's 3 layers with num_neighbors
+  [32, 16, 8] looked too slow when the protocol was fixed (~0.75 CPU-s per training step against ~0.06 s for 2
+  hops, measured on an idle core), so it was added later as the extra arm above. PyTorch Frame is not installed: columns are one-hot/standardised, not stype-encoded.
 - Text columns (titles, zip codes) are dropped (no offline text embedder wired in).
 
 Command: `{CMD}` (JSON: `relational_deep_learning.json`).
@@ -319,11 +346,11 @@ def plot(data: dict, res: dict, path: Path) -> None:
         if vals:
             ax.bar(i, np.mean(vals), yerr=np.std(vals), color=f"C{i}")
     ax.set_xticks(range(len(res)), ["single table\nHGB", "hand SQL\nfeatures HGB", "RDL\n2 layers",
-                                    "RDL 1 layer\n(ablation)"], fontsize=7)
+                                    "RDL 1 layer\n(ablation)", "RDL 3 layers\n(spec)"], fontsize=7)
     ax.set_ylim(0.5, 1.0)
     ax.set_ylabel("test AUROC")
     ax = axes[1]
-    for i, name in enumerate(("RDL 2 layers", "RDL 1 layer (ablation)")):
+    for i, name in enumerate(("RDL 2 layers", "RDL 1 layer (ablation)", "RDL 3 layers (spec, beside the verdict)")):
         for j, x in enumerate(res[name]["runs"]):
             ax.plot(range(1, len(x["history"]) + 1), x["history"], color=f"C{i + 2}", alpha=0.8,
                     label=name if j == 0 else None)
