@@ -1,6 +1,7 @@
 """netFound (issue 28): does the frozen pretrained encoder beat training from scratch at 10 labels per class?
 
     sudo nice -n 10 .venv/bin/python benchmarks/net_found.py --capture /tmp/lx_cap/mixed0
+    nice -n 10 .venv/bin/python benchmarks/net_found.py --capture /tmp/lx_cap/mid3 --screen  # positive control only
     .venv/bin/python benchmarks/net_found.py --render-only
 
 Spec ``domains.md`` 2a, smallest experiment: pretrain netFound-tiny (swapped bursts + masked header tokens + masked
@@ -26,8 +27,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fit_early_stopping, mean_std, page_main, test_metrics, verdict_of  # noqa: E402
-from traffic import CACHE, fit_pretraining  # noqa: E402
+from _common import KeepBestWeights, fit_early_stopping, mean_std, page_main, test_metrics, verdict_of  # noqa: E402
+from traffic import CACHE  # noqa: E402
 from traffic_pages import HEADER, _compare, _row, _vals  # noqa: E402
 
 from lightning_ext.core.io import atomic_write_json  # noqa: E402
@@ -44,7 +45,24 @@ PRETRAIN = dict(lr=1e-3, epochs=20, mlm_probability=0.3, swap_rate=0.5, metadata
 #: the fully fine-tuned arm is left out: the shared CPU (~1/6 of a core per process) had no room for it
 ARMS = {"frozen": dict(pretrained=True, freeze_encoder=True), "scratch": dict(pretrained=False, freeze_encoder=False)}
 FIT = dict(max_epochs=40, patience=8)
-ARGS = argparse.Namespace(capture="/tmp/lx_cap/mixed0")
+ARGS = argparse.Namespace(capture="/tmp/lx_cap/mixed0", screen=False)
+#: pretraining of a capture benchmarked after mixed0 and day0 (whose pretraining stopped at PRETRAIN's 20 epochs with
+#: the best validation loss at the last one): up to max_epochs, stopping after `patience` epochs without a better
+#: validation loss, best weights kept
+PRETRAIN_ES = dict(max_epochs=80, patience=8)
+#: how the third capture was chosen, written down before any capture of it was made and before any network ran on
+#: it: candidates of the recipe's mid profile, screened with the positive control alone
+SELECTION = dict(
+    capture="--seconds 200 --seed 0 --attacks --profile mid --rate-mbit 20 --server-delay-ms 20 --workers 6",
+    first=("mid3", "web,api,video"), harder=("mid4", "web,api,download,video"), easier=("mid2", "web,video"),
+    band=(0.6, 0.9),
+    rule="candidates of `--profile mid` are screened with the positive control only (logistic regression on every "
+         "training flow, C in {1, 0.1} tuned on validation; its test macro-F1), in a fixed order: first `mid3` "
+         "(web, api and video share the TLS port beside mail, voip and dns); if it is below 0.6, `mid2` (web and "
+         "video share it: easier); if it is above 0.9, `mid4` (web, api, download and video: harder). The first "
+         "candidate in [0.6, 0.9] is benchmarked and no later one is tried; if none is, no network runs on them. "
+         "The band keeps the task learnable (>= 0.5) with room below the scratch ceiling (0.95) for the +0.05 "
+         "margin; the rule was fixed before any candidate was captured and before any network ran on one")
 
 
 def labels_of(capture: Path) -> list[str]:
@@ -69,10 +87,30 @@ def pretrain(out: dict, capture: Path, ckpt: Path) -> None:
     model.eval()
     with torch.no_grad():
         first = float(np.mean([float(model.objective(b, "val")) for b in dm.val_dataloader()]))
-    fit = fit_pretraining(model, dm, PRETRAIN["epochs"], "netfound pretrain")
+    fit = pretrain_early_stopping(model, dm)
     torch.save({"state_dict": model.state_dict()}, ckpt)
     out["pretrain"] = {**fit, "val_loss_at_init": first, "train_flows": len(dm.train_set),
-                       "shortcuts": dm.shortcuts, "classes": dm.class_names}
+                       "shortcuts": dm.shortcuts, "classes": dm.class_names, "budget": PRETRAIN_ES}
+
+
+def pretrain_early_stopping(model, dm) -> dict:
+    """Pretraining with a validation pass per epoch, stopping after ``PRETRAIN_ES["patience"]`` epochs without a
+    lower validation loss (at most ``max_epochs``); the best epoch's weights are restored."""
+    from lightning.pytorch import Trainer
+
+    keeper = KeepBestWeights("val_loss", PRETRAIN_ES["patience"], mode="min")
+    model.train()
+    start, cpu = time.time(), time.process_time()
+    trainer = Trainer(max_epochs=PRETRAIN_ES["max_epochs"], accelerator="cpu", devices=1, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=0, callbacks=[keeper])
+    trainer.fit(model, datamodule=dm)
+    history = [-v for v in keeper.history]
+    print(f"  [netfound pretrain] val_loss per epoch {[round(v, 3) for v in history]}", flush=True)
+    best = int(np.argmin(history))
+    return {"history": history, "best_epoch": best, "epochs": len(history), "converged": best < len(history) - 1,
+            "steps": int(trainer.global_step), "samples": len(history) * len(dm.train_set),
+            "wall_s": time.time() - start, "cpu_s": time.process_time() - cpu}
 
 
 def run_arm(capture: Path, arm: str, lr: float, seed: int, ckpt: Path) -> dict:
@@ -110,8 +148,25 @@ def logistic(capture: Path, seed: int, per_class, c: float) -> dict:
             "train_flows": len(yt)}
 
 
+def screen(data: dict, capture: Path) -> None:
+    """The selection rule's screening of a candidate capture: the positive control alone (no network)."""
+    runs = {f"tune@{c}": logistic(capture, 0, None, c) for c in CS}
+    best = max(CS, key=lambda c: runs[f"tune@{c}"]["val_f1"])
+    test = runs[f"tune@{best}"]["test_f1"]
+    man = json.loads(capture.with_name("capture.labels.json").read_text())
+    data.setdefault("screening", {})[Path(ARGS.capture).name] = {
+        **runs, "c": best, "test_f1": test, "in_band": SELECTION["band"][0] <= test <= SELECTION["band"][1],
+        "shared": man.get("shared"), "sessions": man.get("sessions"), "profile": man.get("profile")}
+    print(f"screening {Path(ARGS.capture).name}: logistic regression on every training flow, C {best:g}: test "
+          f"macro-F1 {test:.3f}", flush=True)
+
+
 def main_runs(data: dict) -> None:
     capture = Path(ARGS.capture) / "capture.pcap"
+    if ARGS.screen:
+        screen(data, capture)
+        atomic_write_json(data, RESULTS, indent=1)
+        return
     if not capture.is_file():
         from lightning_ext.traffic.capture import capture as make_capture
 
@@ -212,11 +267,8 @@ def render(data: dict):
     lines = "\n".join(f"- {n}: **{'holds' if c else ('fails' if c is False else 'undecided')}** ({why})"
                       for n, c, why in claims)
     cmds = "; ".join(f"`{c}`" for c in data.get("meta", {}).get("commands", []))
-    caps = "; ".join(f"`{k}`: `sudo .venv/bin/python -m lightning_ext.traffic.capture --out /tmp/lx_cap/{k} "
-                     f"--seconds {v['manifest'].get('seconds', 0):g} --seed {v['manifest'].get('seed')} --attacks"
-                     + (f" --profile mixed --rate-mbit 20 --server-delay-ms {v['manifest'].get('server_delay_ms', 0):g} "
-                        f"--workers {v['manifest'].get('workers', 3)}" if v["manifest"].get("profile") == "mixed" else "")
-                     + f"` (sessions {v['manifest'].get('sessions')})" for k, v in data.get("captures", {}).items())
+    caps = "; ".join(f"`{k}`: `{_capture_command(k, v['manifest'])}` (sessions {v['manifest'].get('sessions')})"
+                     for k, v in data.get("captures", {}).items())
     page = f"""# netFound: frozen pretrained encoder vs training from scratch at {FEW} labels per class
 
 Rendered by `benchmarks/net_found.py` from `net_found.json`. Claim (netFound, arXiv 2310.17025; issue 28 and spec
@@ -238,13 +290,16 @@ ceiling of the baseline alone does not stop the arms from differing). The spec's
 and flat ablation were left out: the CPU, shared by about 12 benchmark processes (~1/6 of a core each), had no
 room for them.
 
+{_selection_text(data)}
 {chr(10).join(s[1] for s in sections)}
 ## Set-up
 
 - Data: {caps}. Real traffic made on this machine by the recipe (two network namespaces, a veth pair, offloads off;
   nothing leaves the machine). The mixed profile (`lightning_ext/traffic/capture_mixed.py`) runs web, api, download
   and video over TLS to one port, mail (SMTP) and voip (RTP-like UDP), each session starting with DNS lookups from the
-  application's own address, a 20 Mbit/s token bucket on the veth and a seeded server delay. Application flows only
+  application's own address, a 20 Mbit/s token bucket on the veth and a seeded server delay. The mid profile
+  (`capture_mixed.mid_apps`) keeps the `--shared` ones of those TLS applications on the one port, beside mail, voip
+  and `dns` as its own application, and no application makes DNS lookups. Application flows only
   (attacks left out), split by flow start time 60/20/20; `PcapBurstDataModule` netFound v2 bursts (payload
   stripped, 12 header tokens per packet), cut for the shared CPU from netFound's 12 bursts x 6 packets to
   {LAYOUT['max_bursts']} bursts x (CLS + {LAYOUT['max_packets']} packets x 12 tokens), burst gap 10 ms, ports and addresses masked; per
@@ -252,8 +307,9 @@ room for them.
 - Model: `NetFoundModule` hidden {NET['hidden']}, {NET['layers']} hierarchical layers (burst + flow level), {NET['heads']}
   heads, FFN {NET['ff_dim']}, dropout {NET['dropout']} (netFound-small is 512/4/4/768; CPU-sized). Pretraining: swapped bursts
   (rate 0.5), masked tokens (0.3, each 16-bit token as two bytes), masked bursts' metadata (L1, weight 0.4), AdamW
-  lr {PRETRAIN['lr']:g}, batch 16, {PRETRAIN['epochs']} epochs at most, best validation loss kept, on every training flow
-  without labels (seed 0). Classification: {FEW} labelled flows per class drawn from the training split (seeded),
+  lr {PRETRAIN['lr']:g}, batch 16, on every training flow without labels (seed 0), best validation loss kept:
+  {PRETRAIN['epochs']} epochs for `mixed0` and `day0`; later captures up to {PRETRAIN_ES['max_epochs']} epochs, stopping after
+  {PRETRAIN_ES['patience']} without a lower validation loss. Classification: {FEW} labelled flows per class drawn from the training split (seeded),
   attentive pooling + Linear-GELU-Linear, AdamW, batch 16, early stopping on validation macro-F1 (patience
   {FIT['patience']}, at most {FIT['max_epochs']} epochs), best epoch's weights tested. lr grid {{1e-4 (official fine-tuning
   default), 1e-3}} for every arm, tuned on seed 0's validation. Logistic regression (sklearn, standardised
@@ -264,6 +320,31 @@ room for them.
 ![test macro-F1 per arm](net_found.png)
 """
     return page, [s[2] for s in sections], verdict
+
+
+def _capture_command(key: str, man: dict) -> str:
+    """The recipe's command line that made capture ``key`` (from its manifest)."""
+    cmd = (f"sudo .venv/bin/python -m lightning_ext.traffic.capture --out /tmp/lx_cap/{key} --seconds "
+           f"{man.get('seconds', 0):g} --seed {man.get('seed')} --attacks")
+    if man.get("profile") in ("mixed", "mid"):
+        cmd += (f" --profile {man['profile']} --rate-mbit 20 --server-delay-ms {man.get('server_delay_ms', 0):g} "
+                f"--workers {man.get('workers', 3)}")
+    return cmd + (f" --shared {','.join(man['shared'])}" if man.get("shared") else "")
+
+
+def _selection_text(data: dict) -> str:
+    """The third capture's selection rule and the screening of each candidate tried."""
+    rows = "\n".join(f"| `{k}` | {v['profile']} | {', '.join(v.get('shared') or [])} | {v['sessions']} | "
+                      f"{v['tune@1.0']['val_f1']:.3f} / {v['tune@0.1']['val_f1']:.3f} | {v['c']:g} | "
+                      f"**{v['test_f1']:.3f}** | {'yes' if v['in_band'] else 'no'} |"
+                      for k, v in data.get("screening", {}).items())
+    table = ("\n\n| candidate | profile | shared TLS port | sessions | val macro-F1 (C 1 / C 0.1) | C | test macro-F1 | "
+             "in [0.6, 0.9] |\n|---|---|---|---|---|---|---|---|\n" + rows) if rows else "\n\nNo candidate screened yet."
+    return (f"### Choosing a third capture of intermediate difficulty\n\n`mixed0` is not learnable from the inputs and "
+            f"`day0` is at the ceiling, so a third capture was made. Rule: {SELECTION['rule']}. Every candidate: "
+            f"`{SELECTION['capture']} --shared ...`; screening command "
+            f"`nice -n 10 .venv/bin/python benchmarks/net_found.py --capture /tmp/lx_cap/<candidate> --screen`."
+            + table + "\n")
 
 
 def plot(data: dict, res: list, path: Path) -> None:
@@ -288,11 +369,13 @@ def plot(data: dict, res: list, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--capture", default=ARGS.capture)
+    ap.add_argument("--screen", action="store_true", help="the selection rule's screening only (no network)")
     args, rest = ap.parse_known_args()
-    ARGS.capture = args.capture
+    ARGS.capture, ARGS.screen = args.capture, args.screen
     sys.argv = [sys.argv[0], *rest]
-    command = f"nice -n 10 .venv/bin/python benchmarks/net_found.py --capture {args.capture}"
-    protocol = dict(few=FEW, lrs=LRS, cs=CS, layout=LAYOUT, net=NET, pretrain=PRETRAIN, fit=FIT, seeds=SEEDS)
+    command = f"nice -n 10 .venv/bin/python benchmarks/net_found.py --capture {args.capture}" + " --screen" * args.screen
+    protocol = dict(few=FEW, lrs=LRS, cs=CS, layout=LAYOUT, net=NET, pretrain=PRETRAIN, fit=FIT, seeds=SEEDS,
+                    pretrain_es=PRETRAIN_ES, selection=SELECTION)
     page_main(RESULTS, "net_found", protocol, command, main_runs, render, plot)
 
 

@@ -124,7 +124,7 @@ def _serve(root: Path, cert: Path, key: Path, stop_file: Path, profile: str = "b
     for s in servers:
         threading.Thread(target=s.serve_forever, daemon=True).start()
     stops = [s.shutdown for s in servers]
-    if profile == "mixed":
+    if profile in ("mixed", "mid"):
         from lightning_ext.traffic.capture_mixed import start_https_server
 
         stops.append(start_https_server(str(cert), str(key), delay_ms, seed))
@@ -326,14 +326,15 @@ SESSIONS: dict[str, Callable[[random.Random, list[str]], None]] = {
 
 
 def _drive(seconds: float, seed: int, attacks: bool, files: list[str], workers: int = 3,
-           profile: str = "basic") -> dict[str, int]:
+           profile: str = "basic", shared: Optional[tuple[str, ...]] = None) -> dict[str, int]:
     """Run sessions of randomly chosen applications from ``workers`` threads until ``seconds`` have passed."""
-    apps, attack_names = profile_addresses(profile)
+    apps, attack_names = profile_addresses(profile, shared)
     kinds = list(apps) + (list(attack_names) if attacks else [])
-    if profile == "mixed":
-        from lightning_ext.traffic.capture_mixed import mixed_session
+    if profile in ("mixed", "mid"):
+        from lightning_ext.traffic.capture_mixed import mid_session, mixed_session
 
-        sessions = {k: functools.partial(mixed_session, k) for k in kinds}
+        one = mixed_session if profile == "mixed" else mid_session
+        sessions = {k: functools.partial(one, k) for k in kinds}
     else:
         sessions = SESSIONS
     counts = {k: 0 for k in kinds}
@@ -364,13 +365,13 @@ def _drive(seconds: float, seed: int, attacks: bool, files: list[str], workers: 
     return {"sessions": counts, "errors": errors, "last_error": last_error}
 
 
-def profile_addresses(profile: str) -> tuple[dict[str, tuple], dict[str, str]]:
+def profile_addresses(profile: str, shared: Optional[tuple[str, ...]] = None) -> tuple[dict[str, tuple], dict[str, str]]:
     """``(applications, attacks)`` of a profile: label -> (client address, server port, transport) and label ->
-    client address."""
-    if profile == "mixed":
-        from lightning_ext.traffic.capture_mixed import MIXED_APPS, MIXED_ATTACKS
+    client address (``shared``: the mid profile's shared-TLS group, its default when ``None``)."""
+    if profile in ("mixed", "mid"):
+        from lightning_ext.traffic.capture_mixed import MID_SHARED, MIXED_APPS, MIXED_ATTACKS, mid_apps
 
-        return MIXED_APPS, MIXED_ATTACKS
+        return (MIXED_APPS if profile == "mixed" else mid_apps(shared or MID_SHARED)), MIXED_ATTACKS
     return APPS, ATTACKS
 
 
@@ -389,15 +390,24 @@ def _make_content(root: Path, seed: int) -> list[str]:
 
 
 def capture(out: Path, seconds: float = 60.0, seed: int = 0, attacks: bool = False, profile: str = "basic",
-            rate_mbit: Optional[float] = None, server_delay_ms: float = 0.0, workers: int = 3) -> dict:
+            rate_mbit: Optional[float] = None, server_delay_ms: float = 0.0, workers: int = 3,
+            shared: Optional[tuple[str, ...]] = None) -> dict:
     """Make one labelled capture under ``out`` (``capture.pcap``, ``capture.labels.json``); return the manifest.
 
     ``profile="mixed"`` runs the applications of :mod:`lightning_ext.traffic.capture_mixed` (not separable flow by
     flow); ``rate_mbit`` shapes both veth ends with ``tc qdisc ... tbf``; ``server_delay_ms`` delays the mixed
-    profile's HTTPS responses (seeded log-normal); ``workers`` client threads run sessions concurrently."""
-    if profile not in ("basic", "mixed"):
-        raise ValueError(f"profile must be 'basic' or 'mixed', got {profile!r}.")
-    apps, attack_ips = profile_addresses(profile)
+    profile's HTTPS responses (seeded log-normal); ``workers`` client threads run sessions concurrently;
+    ``profile="mid"`` puts the ``shared`` mixed applications on the TLS port beside separable ones
+    (:func:`~lightning_ext.traffic.capture_mixed.mid_apps`)."""
+    if profile not in ("basic", "mixed", "mid"):
+        raise ValueError(f"profile must be 'basic', 'mixed' or 'mid', got {profile!r}.")
+    if profile == "mid":
+        from lightning_ext.traffic.capture_mixed import MID_SHARED, check_shared
+
+        shared = check_shared(shared or MID_SHARED)
+    elif shared is not None:
+        raise ValueError("shared applies to profile='mid' only; leave it out.")
+    apps, attack_ips = profile_addresses(profile, shared)
     if os.geteuid() != 0:
         raise PermissionError("the capture needs root (network namespaces and tcpdump); run it with sudo.")
     for tool in ("ip", "tcpdump", "openssl") + (("tc",) if rate_mbit is not None else ()):
@@ -448,7 +458,7 @@ def capture(out: Path, seconds: float = 60.0, seed: int = 0, attacks: bool = Fal
                                  "-w", str(pcap)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         procs.append(dump)
         time.sleep(1.5)  # tcpdump prints "listening on" when ready; one second is plenty on an idle veth
-        client = _run_client(ns_c, py, env, seconds, seed, attacks, files, workers, profile)
+        client = _run_client(ns_c, py, env, seconds, seed, attacks, files, workers, profile, shared)
         time.sleep(1.0)
         dump.send_signal(signal.SIGINT)
         dump.wait(timeout=20)
@@ -456,7 +466,7 @@ def capture(out: Path, seconds: float = 60.0, seed: int = 0, attacks: bool = Fal
                     "labels": {**{v[0]: k for k, v in apps.items()},
                                **({v: k for k, v in attack_ips.items()} if attacks else {})},
                     "applications": list(apps), "attack_labels": list(attack_ips) if attacks else [],
-                    "profile": profile, "shaping": shaping, "server_delay_ms": server_delay_ms, "workers": workers,
+                    "profile": profile, **({"shared": list(shared)} if shared else {}), "shaping": shaping, "server_delay_ms": server_delay_ms, "workers": workers,
                     "seconds": seconds, "seed": seed, "attacks": attacks, "offloads": offload,
                     "ssh": "left out: sshd is not installed" if not shutil.which("sshd") else "not scripted",
                     **client}
@@ -479,9 +489,10 @@ def capture(out: Path, seconds: float = 60.0, seed: int = 0, attacks: bool = Fal
 
 
 def _run_client(ns: str, py: list[str], env: dict, seconds: float, seed: int, attacks: bool,
-                files: list[str], workers: int = 3, profile: str = "basic") -> dict:
+                files: list[str], workers: int = 3, profile: str = "basic",
+                shared: Optional[tuple[str, ...]] = None) -> dict:
     cmd = ["ip", "netns", "exec", ns, *py, "client", str(seconds), str(seed), str(int(attacks)), ",".join(files),
-           str(workers), profile]
+           str(workers), profile, ",".join(shared or ())]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"the client driver failed: {res.stderr[-800:]}")
@@ -499,8 +510,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                *map(int, argv[7:8]))
         return 0
     if argv and argv[0] == "client":
+        shared = tuple(argv[7].split(",")) if len(argv) > 7 and argv[7] else None
         print(json.dumps(_drive(float(argv[1]), int(argv[2]), bool(int(argv[3])), argv[4].split(","),
-                                *map(int, argv[5:6]), *argv[6:7])))
+                                *map(int, argv[5:6]), *argv[6:7], shared=shared)))
         return 0
     parser = argparse.ArgumentParser(prog="python -m lightning_ext.traffic.capture", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="folder for capture.pcap and capture.labels.json")
@@ -508,10 +520,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--attacks", action="store_true", help="add bounded attack flows (basic: scan and flood; "
                         "mixed: scan and a slow HTTPS login brute force)")
-    parser.add_argument("--profile", choices=["basic", "mixed"], default="basic",
+    parser.add_argument("--profile", choices=["basic", "mixed", "mid"], default="basic",
                         help="basic (default): one protocol and port per application, separable flow by flow; mixed: "
                         "four applications over TLS on one port, DNS lookups from every application, overlapping "
-                        "seeded sizes and timing (lightning_ext.traffic.capture_mixed)")
+                        "seeded sizes and timing (lightning_ext.traffic.capture_mixed); mid: --shared of those TLS "
+                        "applications beside separable mail, voip and dns, no lookups from applications")
+    parser.add_argument("--shared", default=None, help="mid profile: comma-separated TLS applications sharing the "
+                        "port, 1-4 of web,api,download,video (default web,api,video)")
     parser.add_argument("--rate-mbit", type=float, default=None,
                         help="shape both veth ends with a token bucket (tc tbf) of this rate (default: off)")
     parser.add_argument("--server-delay-ms", type=float, default=0.0,
@@ -526,9 +541,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"--server-delay-ms must be in [0, 1000], got {args.server_delay_ms}")
     if not 1 <= args.workers <= 32:
         parser.error(f"--workers must be in [1, 32], got {args.workers}")
+    shared = tuple(args.shared.split(",")) if args.shared else None
+    if shared is not None and args.profile != "mid":
+        parser.error("--shared applies to --profile mid only")
     try:
         manifest = capture(Path(args.out), args.seconds, args.seed, args.attacks, args.profile, args.rate_mbit,
-                           args.server_delay_ms, args.workers)
+                           args.server_delay_ms, args.workers, shared)
+    except ValueError as err:
+        parser.error(str(err))
     except (PermissionError, FileNotFoundError, RuntimeError, subprocess.CalledProcessError) as err:
         detail = getattr(err, "stderr", None)
         print(f"capture failed: {err}" + (f" ({detail.strip()[-300:]})" if detail else ""), file=sys.stderr)

@@ -138,9 +138,9 @@ def _lookups(rng: random.Random, src: str, n: int) -> None:
             time.sleep(rng.uniform(0, 0.05))
 
 
-def _web(rng: random.Random) -> None:
+def _web(rng: random.Random, lookups: bool = True) -> None:
     src = MIXED_APPS["web"][0]
-    _lookups(rng, src, rng.randint(1, 3))
+    _lookups(rng, src, rng.randint(1, 3) if lookups else 0)
     for _ in range(rng.randint(1, 3)):
         conn = _https(src)
         for _ in range(rng.randint(1, 6)):
@@ -149,9 +149,9 @@ def _web(rng: random.Random) -> None:
         conn.close()
 
 
-def _api(rng: random.Random) -> None:
+def _api(rng: random.Random, lookups: bool = True) -> None:
     src = MIXED_APPS["api"][0]
-    _lookups(rng, src, rng.randint(0, 2))
+    _lookups(rng, src, rng.randint(0, 2) if lookups else 0)
     for _ in range(rng.randint(1, 2)):
         conn = _https(src)
         for _ in range(rng.randint(1, 12)):
@@ -161,18 +161,18 @@ def _api(rng: random.Random) -> None:
         conn.close()
 
 
-def _download(rng: random.Random) -> None:
+def _download(rng: random.Random, lookups: bool = True) -> None:
     src = MIXED_APPS["download"][0]
-    _lookups(rng, src, rng.randint(1, 2))
+    _lookups(rng, src, rng.randint(1, 2) if lookups else 0)
     conn = _https(src)
     for _ in range(rng.randint(1, 2)):
         _request(conn, rng, "GET", log_uniform(rng, 20_000, 2_000_000))
     conn.close()
 
 
-def _video(rng: random.Random) -> None:
+def _video(rng: random.Random, lookups: bool = True) -> None:
     src = MIXED_APPS["video"][0]
-    _lookups(rng, src, rng.randint(1, 2))
+    _lookups(rng, src, rng.randint(1, 2) if lookups else 0)
     conn = _https(src)
     pace = rng.uniform(0.1, 0.5)
     for _ in range(rng.randint(2, 12)):
@@ -181,11 +181,11 @@ def _video(rng: random.Random) -> None:
     conn.close()
 
 
-def _mail(rng: random.Random) -> None:
+def _mail(rng: random.Random, lookups: bool = True) -> None:
     import smtplib
 
     src, port, _ = MIXED_APPS["mail"]
-    _lookups(rng, src, rng.randint(1, 3))
+    _lookups(rng, src, rng.randint(1, 3) if lookups else 0)
     with smtplib.SMTP(SERVER_IP, port, timeout=5, source_address=(src, 0)) as smtp:
         for _ in range(rng.randint(1, 3)):
             body = "x" * log_uniform(rng, 50, 60_000)
@@ -193,13 +193,13 @@ def _mail(rng: random.Random) -> None:
             time.sleep(rng.uniform(0, 0.2))
 
 
-def _voip(rng: random.Random) -> None:
+def _voip(rng: random.Random, lookups: bool = True) -> None:
     src, port, _ = MIXED_APPS["voip"]
-    _lookups(rng, src, rng.randint(1, 2))
+    _lookups(rng, src, rng.randint(1, 2) if lookups else 0)
     udp_play(src, port, rng.randint(10, 150), rng.choice([0.01, 0.02, 0.03]), log_uniform(rng, 80, 1000))
 
 
-def _scan(rng: random.Random) -> None:
+def _scan(rng: random.Random, lookups: bool = True) -> None:
     start = rng.randrange(1, 60_000)
     for port in range(start, start + rng.randint(10, 40)):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -209,10 +209,10 @@ def _scan(rng: random.Random) -> None:
         time.sleep(rng.uniform(0, 0.05))
 
 
-def _bruteforce(rng: random.Random) -> None:
+def _bruteforce(rng: random.Random, lookups: bool = True) -> None:
     """Slow login guessing: a few short HTTPS POSTs per connection, pauses between attempts."""
     src = MIXED_ATTACKS["bruteforce"]
-    _lookups(rng, src, rng.randint(0, 1))
+    _lookups(rng, src, rng.randint(0, 1) if lookups else 0)
     for _ in range(rng.randint(1, 4)):
         conn = _https(src)
         for _ in range(rng.randint(1, 3)):
@@ -233,4 +233,42 @@ def mixed_session(kind: str, rng: random.Random, files: list[str]) -> None:
     MIXED_SESSIONS[kind](rng)
 
 
-__all__ = ["MIXED_APPS", "MIXED_ATTACKS", "TLS_PORT", "log_uniform", "mixed_session", "start_https_server"]
+# ---------------------------------------------------------------------------------------------------- mid profile
+
+#: ``--profile mid``'s default group of mixed applications that share the TLS port
+MID_SHARED = ("web", "api", "video")
+_TLS_APPS = ("web", "api", "download", "video")
+
+
+def check_shared(shared) -> tuple[str, ...]:
+    """The mid profile's shared-TLS group, checked: 1 to 4 distinct names of ``web, api, download, video``."""
+    shared = tuple(shared)
+    bad = [s for s in shared if s not in _TLS_APPS]
+    if bad or not 1 <= len(shared) <= 4 or len(set(shared)) != len(shared):
+        raise ValueError(f"shared must be 1-4 distinct names of {', '.join(_TLS_APPS)}, got {','.join(shared)!r}.")
+    return shared
+
+
+def mid_apps(shared=MID_SHARED) -> dict[str, tuple]:
+    """``--profile mid``: between ``basic`` and ``mixed``. The ``shared`` applications of the mixed profile speak HTTPS
+    to the one TLS port (not separable flow by flow); ``mail`` and ``voip`` keep their own protocols, and ``dns`` is
+    its own application (the basic profile's resolver client), so **no application makes DNS lookups** (the mixed
+    profile's label-ambiguous DNS flows, about 44% of its flows, are gone). Separable and confusable applications
+    side by side: a difficulty between the two other profiles, set by the size of ``shared``."""
+    shared = check_shared(shared)
+    return {**{k: MIXED_APPS[k] for k in shared}, "mail": MIXED_APPS["mail"], "voip": MIXED_APPS["voip"],
+            "dns": BASIC_APPS["dns"]}
+
+
+def mid_session(kind: str, rng: random.Random, files: list[str]) -> None:
+    """Run one mid-profile session of ``kind``: a mixed session without DNS lookups, or the basic ``dns`` session."""
+    if kind == "dns":
+        from lightning_ext.traffic.capture import SESSIONS
+
+        SESSIONS["dns"](rng, files)
+    else:
+        MIXED_SESSIONS[kind](rng, lookups=False)
+
+
+__all__ = ["MID_SHARED", "MIXED_APPS", "MIXED_ATTACKS", "TLS_PORT", "check_shared", "log_uniform", "mid_apps",
+           "mid_session", "mixed_session", "start_https_server"]
