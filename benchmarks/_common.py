@@ -219,8 +219,9 @@ def rounds_budget(meta: dict) -> str:
     """A federated benchmark's round budget in words: ``meta`` holds ``rounds`` and, when early stopping is on,
     ``patience``."""
     if meta.get("patience"):
+        after = f", never before round {meta['min_rounds']}" if meta.get("min_rounds") else ""
         return (f"up to {meta['rounds']} rounds (stopping after {meta['patience']} rounds without a better "
-                f"validation accuracy)")
+                f"validation accuracy{after})")
     return f"{meta['rounds']} rounds"
 
 

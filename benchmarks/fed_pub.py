@@ -75,9 +75,9 @@ def _accs(model, g) -> tuple[float, float]:
     return tuple(float((pred[g[f"{s}_mask"]] == g.y[g[f"{s}_mask"]]).float().mean()) for s in ("val", "test"))
 
 
-def run(arm: str, lr: float, seed: int, rounds: int, clients, patience: int = 0) -> dict:
-    """One federation; with ``patience`` > 0 it stops once that many rounds pass without a better mean validation
-    accuracy (the best round is then never the last one run)."""
+def run(arm: str, lr: float, seed: int, rounds: int, clients, patience: int = 0, min_rounds: int = 0) -> dict:
+    """One federation; with ``patience`` > 0 it stops, once ``min_rounds`` have run, when that many rounds pass
+    without a better mean validation accuracy (the best round is then never the last one run)."""
     cfg = ARMS[arm]
     torch.manual_seed(seed)
     n = len(clients)
@@ -130,7 +130,8 @@ def run(arm: str, lr: float, seed: int, rounds: int, clients, patience: int = 0)
         hist["val"].append(statistics.mean(a[0] for a in accs))
         hist["test"].append(statistics.mean(a[1] for a in accs))
         hist["sparsity"].append(statistics.mean(mask_sparsity(m, L1) for m in models) if cfg["masked"] else 0.0)
-        if patience and len(hist["val"]) - 1 - max(range(len(hist["val"])), key=lambda t: hist["val"][t]) >= patience:
+        since_best = len(hist["val"]) - 1 - max(range(len(hist["val"])), key=lambda t: hist["val"][t])
+        if patience and r >= min_rounds and since_best >= patience:
             break
     ran = len(hist["val"])
     best = max(range(ran), key=lambda t: hist["val"][t])
@@ -299,6 +300,8 @@ def main() -> None:
     ap.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.03])
     ap.add_argument("--patience", type=int, default=0, help="stop a run after this many rounds without a better "
                     "validation accuracy (0: run every round)")
+    ap.add_argument("--min-rounds", type=int, default=0, help="never stop a run by patience before this round "
+                    "(some arms dip before they climb)")
     ap.add_argument("--render-only", action="store_true")
     ap.add_argument("--cache-dir", default="/tmp/lightning_ext_fed_pub")
     args = ap.parse_args()
@@ -307,11 +310,13 @@ def main() -> None:
     data = json.loads(path.read_text()) if path.exists() else {"runs": {}}
     if not args.render_only:
         old = data.get("meta", {})
-        if (old.get("rounds"), old.get("patience", 0)) not in ((None, 0), (args.rounds, args.patience)):
+        if ((old.get("rounds"), old.get("patience", 0), old.get("min_rounds", 0))
+                not in ((None, 0, 0), (args.rounds, args.patience, args.min_rounds))):
             if data["runs"]:  # a superseded protocol: keep its runs beside the new ones, out of the verdict
                 data.setdefault("superseded", []).append({"meta": old, "runs": data["runs"]})
             data["runs"] = {}
-        data["meta"] = {"seeds": args.seeds, "rounds": args.rounds, "patience": args.patience, "lrs": args.lrs,
+        data["meta"] = {"seeds": args.seeds, "rounds": args.rounds, "patience": args.patience,
+                        "min_rounds": args.min_rounds, "lrs": args.lrs,
                         "command": "nice -n 10 python benchmarks/fed_pub.py " + " ".join(sys.argv[1:]),
                         "machine": f"{platform.machine()}, torch {torch.__version__}",
                         "runtime_s": data.get("meta", {}).get("runtime_s", 0.0)}
@@ -333,7 +338,7 @@ def main() -> None:
             if key in data["runs"]:
                 continue
             start = time.time()
-            data["runs"][key] = run(arm, lr, seed, args.rounds, clients, args.patience)
+            data["runs"][key] = run(arm, lr, seed, args.rounds, clients, args.patience, args.min_rounds)
             data["meta"]["runtime_s"] += time.time() - start
             r = data["runs"][key]
             print(f"{key}: val {r['best_val']:.3f} test {r['test']:.3f} best round {r['best_round']} "
