@@ -334,10 +334,11 @@ def main() -> None:
             if data["runs"]:  # a superseded protocol: keep its runs beside the new ones, out of the verdict
                 data.setdefault("superseded", []).append({"meta": old, "runs": data["runs"]})
             data["runs"] = {}
+            old = {}  # the runtime below counts this protocol's runs only
         data["meta"] = {"seeds": args.seeds, "rounds": args.rounds, "patience": args.patience, "lrs": args.lrs,
                         "command": "nice -n 10 python benchmarks/fed_ins.py " + " ".join(sys.argv[1:]),
                         "machine": f"{platform.machine()}, torch {torch.__version__}",
-                        "runtime_s": data.get("meta", {}).get("runtime_s", 0.0)}
+                        "runtime_s": old.get("runtime_s", 0.0)}
         start = time.time()
         state, acc = pretrain(Path("/tmp/lightning_ext_fed_ins_backbone.pt"))
         data["backbone_acc"] = acc
