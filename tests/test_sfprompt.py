@@ -196,3 +196,15 @@ def test_runner_dispatches_sfprompt_configs():
     cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/federated/sfprompt_mnist.yaml").read_text())
     fed, _ = build(cfg, num_rounds=1)
     assert isinstance(fed, SFPromptFederation) and fed.tune == "sfprompt" and fed.keep == 0.7 and fed.num_rounds == 1
+
+
+def test_unfused_attention_equals_timms_fused_attention():
+    """The model runs attention unfused (so the FLOP counter sees its matmuls); that must not change the function."""
+    torch.manual_seed(0)
+    m = net().eval()
+    x = torch.randn(3, 1, 8, 8)
+    unfused = m(x)
+    assert all(not b.attn.fused_attn for b in m.vit.blocks)
+    for b in m.vit.blocks:
+        b.attn.fused_attn = True
+    assert torch.allclose(unfused, m(x), atol=1e-5)
