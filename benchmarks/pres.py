@@ -210,7 +210,9 @@ def render(data: dict):
         claims.append(f"training-epoch {'CPU' if cpu else 'wall'} time ratio 800/200: TGN {t_ratio['tgn']:.2f}x, "
                       f"PRES {t_ratio['pres']:.2f}x")
         m, sd, n = _paired(runs, ("pres", 800), ("tgn", 800))
-        claims.append(f"at batch 800, PRES − TGN best val AP = {m:+.4f} ± {sd:.4f} (paired, {n} seeds)")
+        m2, sd2, _ = _paired(runs, ("pres", 200), ("tgn", 200))
+        claims.append(f"PRES − TGN best val AP (paired, {n} seeds): {m2:+.4f} ± {sd2:.4f} at batch 200, {m:+.4f} ± "
+                      f"{sd:.4f} at 800; the paper-form drop is smaller partly because PRES starts lower at 200")
         if all(len(res.get("pres_code", {}).get(b, {}).get("best_val_ap", [])) for b in (200, 800)):
             dc, sc = drop("pres_code", 800)
             mc, sdc, nc = _paired(runs, ("pres_code", 800), ("tgn", 800))
