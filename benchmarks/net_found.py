@@ -45,7 +45,9 @@ PRETRAIN = dict(lr=1e-3, epochs=20, mlm_probability=0.3, swap_rate=0.5, metadata
 #: the fully fine-tuned arm is left out: the shared CPU (~1/6 of a core per process) had no room for it
 ARMS = {"frozen": dict(pretrained=True, freeze_encoder=True), "scratch": dict(pretrained=False, freeze_encoder=False)}
 FIT = dict(max_epochs=40, patience=8)
-ARGS = argparse.Namespace(capture="/tmp/lx_cap/mixed0", screen=False)
+ARGS = argparse.Namespace(capture="/tmp/lx_cap/mixed0", screen=False, patience_check=False)
+#: `--patience-check`: every arm and seed again at its tuned lr with a longer stopping rule (outside the verdict)
+PATIENCE_CHECK = dict(max_epochs=100, patience=20)
 #: pretraining of a capture benchmarked after mixed0 and day0 (whose pretraining stopped at PRETRAIN's 20 epochs with
 #: the best validation loss at the last one): up to max_epochs, stopping after `patience` epochs without a better
 #: validation loss, best weights kept
@@ -113,14 +115,14 @@ def pretrain_early_stopping(model, dm) -> dict:
             "wall_s": time.time() - start, "cpu_s": time.process_time() - cpu}
 
 
-def run_arm(capture: Path, arm: str, lr: float, seed: int, ckpt: Path) -> dict:
+def run_arm(capture: Path, arm: str, lr: float, seed: int, ckpt: Path, fit_budget: dict = FIT) -> dict:
     torch.manual_seed(seed)
     dm = bursts_dm(capture, seed, FEW)
     spec = ARMS[arm]
     model = NetFoundModule(num_classes=len(labels_of(capture)), lr=lr, seed=seed, freeze_encoder=spec["freeze_encoder"],
                            pretrained_path=str(ckpt) if spec["pretrained"] else None, **NET)
-    fit = fit_early_stopping(model, dm, FIT["max_epochs"], [], f"netfound {arm} lr{lr} s{seed}", FIT["patience"],
-                             monitor="val_f1")
+    fit = fit_early_stopping(model, dm, fit_budget["max_epochs"], [], f"netfound {arm} lr{lr} s{seed}",
+                             fit_budget["patience"], monitor="val_f1")
     return {**fit, "test": test_metrics(model, dm), "lr": lr, "seed": seed,
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
@@ -204,6 +206,14 @@ def main_runs(data: dict) -> None:
                 runs[str(seed)] = out["tuning"][f"{arm}@{best}"] if seed == 0 else run_arm(capture, arm, best, seed, ckpt)
                 save()
     out["wall_s"] = out.get("wall_s", 0.0) + time.time() - start
+    if ARGS.patience_check:  # a sensitivity check of the stopping rule, outside the verdict
+        check = out.setdefault("patience_check", {**PATIENCE_CHECK, "runs": {}})
+        for arm in ARMS:
+            best = max(LRS, key=lambda lr: out["tuning"][f"{arm}@{lr}"]["best_val"])
+            for seed in SEEDS:
+                if str(seed) not in check["runs"].setdefault(arm, {}):
+                    check["runs"][arm][str(seed)] = run_arm(capture, arm, best, seed, ckpt, PATIENCE_CHECK)
+                    save()
 
 
 def _section(key: str, out: dict):
@@ -251,7 +261,21 @@ def _section(key: str, out: dict):
     if frozen < scratch - 0.05:
         text += (f"\nReading: here the frozen pretrained encoder is {scratch - frozen:.3f} below scratch, the opposite "
                  f"direction to the claim (frozen per seed {', '.join(f'{v:.3f}' for v in _vals(runs['frozen']))}); "
-                 "the verdict does not count it because the premise above fails.\n")
+                 + ("the verdict does not count it because the premise above fails.\n" if not (learned and learnable and room) else
+                    f"the frozen arm trains {runs['frozen']['0']['trainable']} parameters (pooling + head) against "
+                    f"scratch's {runs['scratch']['0']['trainable']}, and its runs stop after "
+                    f"{statistics.mean(r['steps'] for r in runs['frozen'].values()):.0f} steps on average.\n"))
+    check = out.get("patience_check")
+    if check and all(len(check["runs"].get(a, {})) == len(SEEDS) for a in ARMS):
+        pc = check["runs"]
+        text += (f"\nPatience check (not part of the verdict; both arms at their tuned lr, patience "
+                 f"{check['patience']}, at most {check['max_epochs']} epochs): frozen "
+                 f"{mean_std(_vals(pc['frozen']), 3)} (best / last epoch "
+                 f"{mean_std([r['best_epoch'] + 1 for r in pc['frozen'].values()], 1)} / "
+                 f"{mean_std([r['epochs'] for r in pc['frozen'].values()], 1)}), scratch {mean_std(_vals(pc['scratch']), 3)} "
+                 f"(best / last epoch {mean_std([r['best_epoch'] + 1 for r in pc['scratch'].values()], 1)} / "
+                 f"{mean_std([r['epochs'] for r in pc['scratch'].values()], 1)}) test macro-F1; runs with best = last: "
+                 f"{sum(not r['converged'] for a in ARMS for r in pc[a].values())}.\n")
     if not pre["converged"]:
         last = pre["history"]
         text += (f"\nPretraining budget: its best validation loss was at its last epoch ({last[-2]:.3f} -> "
@@ -370,12 +394,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--capture", default=ARGS.capture)
     ap.add_argument("--screen", action="store_true", help="the selection rule's screening only (no network)")
+    ap.add_argument("--patience-check", action="store_true", help="also rerun every arm with patience 20 (not verdict)")
     args, rest = ap.parse_known_args()
-    ARGS.capture, ARGS.screen = args.capture, args.screen
+    ARGS.capture, ARGS.screen, ARGS.patience_check = args.capture, args.screen, args.patience_check
     sys.argv = [sys.argv[0], *rest]
-    command = f"nice -n 10 .venv/bin/python benchmarks/net_found.py --capture {args.capture}" + " --screen" * args.screen
+    command = (f"nice -n 10 .venv/bin/python benchmarks/net_found.py --capture {args.capture}" + " --screen" * args.screen
+               + " --patience-check" * args.patience_check)
     protocol = dict(few=FEW, lrs=LRS, cs=CS, layout=LAYOUT, net=NET, pretrain=PRETRAIN, fit=FIT, seeds=SEEDS,
-                    pretrain_es=PRETRAIN_ES, selection=SELECTION)
+                    pretrain_es=PRETRAIN_ES, selection=SELECTION, patience_check=PATIENCE_CHECK)
     page_main(RESULTS, "net_found", protocol, command, main_runs, render, plot)
 
 

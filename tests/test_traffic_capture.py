@@ -18,7 +18,7 @@ pytest.importorskip("dpkt")
 
 
 def test_profiles_give_every_label_its_own_client_address():
-    for profile in ("basic", "mixed"):
+    for profile in ("basic", "mixed", "mid"):
         apps, attacks = C.profile_addresses(profile)
         addresses = [a[0] for a in apps.values()] + list(attacks.values())
         assert len(set(addresses)) == len(addresses)  # labels come from the client address: they must not collide
@@ -42,7 +42,36 @@ def test_log_uniform_stays_in_range_and_spreads_over_decades():
     assert min(per_decade) > 350  # about 500 per decade, not piled at one end
 
 
+def test_mid_profile_puts_only_the_shared_applications_on_the_tls_port():
+    from lightning_ext.traffic.capture_mixed import TLS_PORT, mid_apps
+
+    for shared in (("web", "video"), ("web", "api", "video"), ("web", "api", "download", "video")):
+        apps, _ = C.profile_addresses("mid", shared)
+        assert {k for k, (_, port, _) in apps.items() if port == TLS_PORT} == set(shared)
+        assert set(apps) == set(shared) | {"mail", "voip", "dns"}  # the separable three stay
+        assert apps["dns"] == C.APPS["dns"]  # dns is its own application, not lookups of the others
+    assert mid_apps() == C.profile_addresses("mid")[0]
+    for bad in (("web", "mail"), ("web", "web"), ()):
+        with pytest.raises(ValueError, match="shared must be"):
+            mid_apps(bad)
+    with pytest.raises(ValueError, match="profile='mid' only"):
+        C.capture(__import__("pathlib").Path("/nonexistent"), 1.0, profile="mixed", shared=("web",))
+
+
+def test_mid_sessions_make_no_dns_lookups(monkeypatch):
+    from lightning_ext.traffic import capture_mixed as M
+
+    calls = []
+    monkeypatch.setattr(M, "_lookups", lambda rng, src, n: calls.append(n))
+    monkeypatch.setattr(M, "udp_play", lambda *a: None)
+    M._voip(random.Random(0), lookups=False)
+    M._voip(random.Random(0))
+    assert calls[0] == 0 and calls[1] >= 1  # the mixed profile's session looks up, the mid profile's does not
+
+
 @pytest.mark.parametrize("args, message", [(["--rate-mbit", "0"], "--rate-mbit"),
+                                           (["--shared", "web"], "--profile mid only"),
+                                           (["--profile", "mid", "--shared", "web,ftp"], "shared must be"),
                                            (["--server-delay-ms", "nan"], "--server-delay-ms"),
                                            (["--workers", "0"], "--workers"),
                                            (["--profile", "odd"], "invalid choice")])
