@@ -95,6 +95,8 @@ class TGNLinkPredictor(LightningModule):
         lr: Adam learning rate.
         pres: enable PRES.
         pres_variant: ``"paper"`` (Gaussian prediction, sigmoid gamma) or ``"code"`` (the official code's rules).
+            On ML-100K events (docs/results/pres.md, 5 seeds) only ``"code"`` (with ``learn_gamma=False``,
+            ``coherence_detach=True``) kept the accuracy at batch 800; ``"paper"`` did not.
         pres_gamma: initial (or fixed) gamma, in (0, 1).
         learn_gamma: learn gamma.
         coherence_weight: weight of the memory-coherence loss.
