@@ -203,6 +203,7 @@ def main():
     ap.add_argument("--patience", type=int, default=None, help="stop an arm after this many rounds without a "
                     "better validation accuracy (default: run every round)")
     ap.add_argument("--central_epochs", type=int, default=3)
+    ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3])
     ap.add_argument("--pretrain_n", type=int, default=6000)
     ap.add_argument("--pretrain_epochs", type=int, default=2)
@@ -215,7 +216,11 @@ def main():
     path = OUT / "sfprompt.json"
     res = json.loads(path.read_text()) if path.exists() else {"runs": {}}
     if not args.render_only:
-        res["meta"] = {"command": "nice -n 10 python benchmarks/sfprompt.py " + " ".join(sys.argv[1:]),
+        command = "nice -n 10 python benchmarks/sfprompt.py " + " ".join(sys.argv[1:])
+        previous = res.get("meta", {}).get("command", "")
+        if previous and command not in previous.split("\n"):  # a resumed run (e.g. one more --arms) keeps both lines
+            command = previous + "\n" + command
+        res["meta"] = {"command": command,
                        "rounds": args.rounds, "local_steps": args.local_steps, "lrs": args.lrs, "patience": args.patience,
                        "threads": args.threads, "machine": f"{platform.machine()}, torch {torch.__version__}"}
         pretrained = pretrain(args.pretrain_n, args.pretrain_epochs)
@@ -228,7 +233,7 @@ def main():
             print("central full fine-tuning, val per epoch:", res["central"]["val_curve"], flush=True)
             atomic_write_json(res, path, indent=1)
         for seed in args.seeds:
-            for arm in ARMS:
+            for arm in args.arms:
                 lrs = args.lrs if seed == args.seeds[0] else [res["chosen_lr"][arm]]
                 for lr in lrs:
                     key = f"{arm}/seed{seed}/lr{lr:g}"
@@ -277,8 +282,10 @@ def claims_of(res):
                        f"not testable here: the positive control fails, full fine-tuning reaches only {control:.3f} "
                        "test accuracy (needs >= 0.80) in this budget"))
     elif any(r["best_round"] == r["rounds"] for rs in arms.values() for r in rs):
+        diff = statistics.mean(r["test_at_best"] for r in sfp) - control
         claims.append(("accuracy within 2 points of full fine-tuning", None,
-                       "inconclusive: some arm's best validation round is its last round"))
+                       "inconclusive: some arm's best validation round is its last round (not judged; the difference "
+                       f"at the best validation round is {diff:+.3f}, control {control:.3f})"))
     else:
         diff = statistics.mean(r["test_at_best"] for r in sfp) - control
         claims.append(("accuracy within 2 points of full fine-tuning", diff >= -0.02, f"difference {diff:+.3f}"))
@@ -301,6 +308,15 @@ def render(res, png):
     premise = ("the backbone and the data learn the task quickly, so a failing federated control would point at "
                "the federation's budget." if max(cv) >= 0.9 else
                "even central training learns the task slowly from this backbone (below 0.90 validation accuracy).")
+    prompt_note = ("" if "prompt" in arms else
+                   "\nThe prompt + classifier arm (no split) was not rerun at this budget: the CPU left before the\n"
+                   "deadline went to the two arms the claims compare (its previous-budget number, 0.147 ± 0.007, is not\n"
+                   "comparable to the rows above).\n")
+    grid = meta.get("lrs") or [0]
+    edge = [NAMES[a] for a in arms if res.get("chosen_lr", {}).get(a) == max(grid)]
+    if edge:
+        prompt_note += ("\nThe lr chosen on validation is the grid's top value for: " + "; ".join(edge) +
+                        ". A grid reaching higher could move these arms (it was not run, for CPU).\n")
     convergence = ("Every run's best validation round comes before its last round (early stopping)." if not last else
                    "Best validation round = last round (not converged) for: " + "; ".join(last) + ".")
     fig, axes = new_figure(ncols=3, figsize=(13, 3.6))
@@ -391,15 +407,32 @@ process 27 tokens instead of 17 (59 % more), and it also runs the local-loss pas
 from clients that hold a tiny fraction of a large model.
 
 Budget changes from the previous run, and why: that run (10 rounds, at most 12 local batches, the ViT pretrained
-on only 6,000 Fashion-MNIST images for 2 epochs, Fashion-MNIST test accuracy 0.689, one untuned lr 1e-3) failed its
-positive control (full fine-tuning 0.538 ± 0.030 test accuracy) with every arm's best round at or near its last; it
-was sized for a machine at load 12-14. Central fine-tuning from that backbone reached only 0.75 validation accuracy
-after 3 epochs; a backbone that has learnt useful features needs the spec's pretraining (the whole Fashion-MNIST
-training split; 55,000 of its 60,000 images, the DataModule holding 5,000 out for validation). Changed: pretraining
-on {pre.get('n')} images for {pre.get('epochs')} epochs (the spec's 2), up to the spec's
-{meta.get('rounds')} rounds with early stopping, and a 3-value lr grid for every arm. No bug was found in the
-federation: the one-round message-passing tests match a joint autograd step for every arm.
+on only 6,000 Fashion-MNIST images for 2 epochs, Fashion-MNIST test accuracy 0.689, one untuned lr 1e-3 for every
+arm) failed its positive control (full fine-tuning 0.538 ± 0.030 test accuracy) with every arm's best round at or
+near its last; it was sized for a machine at load 12-14. Measured now (CPU seconds, one thread, niced): pretraining
+{pre.get('cpu_s_per_epoch', 0):.0f} s per epoch of 55,000 images; a 20-round run as in the table's last column
+(the FLOP-counted round 1 costs about 4 normal rounds). Changed: pretraining on the
+spec's whole Fashion-MNIST training split (55,000 of its 60,000 images; the DataModule holds 5,000 out for
+validation) for the spec's 2 epochs; up to the spec's {meta.get('rounds')} rounds, stopped after
+{meta.get('patience')} rounds without a better validation accuracy; a 3-value lr grid tuned alike for every arm.
+Checked first that nothing is broken: the one-round message-passing tests match a joint autograd step for every
+arm, and the unfused attention equals timm's fused one (tests). Central full fine-tuning reached 0.75 validation
+accuracy after 3 epochs from the old backbone and {max(cv):.3f} from the new one (premise check above), while
+logistic regression on raw pixels reaches 0.853 after one epoch: the tiny patch-7 ViT learns MNIST-5k slowly even
+centrally (a data-hungry model on 3,600 images), not because of a bug; the federated control can at best approach
+the central number.
 
+Set-up findings that bear on the SFPrompt arm (one central epoch each, seed 0, lr 1e-3 unless stated;
+`python benchmarks/sfprompt_diagnostics.py`): every arm starts from the pretrained Fashion-MNIST classifier, so the
+first loss is 4.84 (chance is 2.30), and a fresh classifier would have learnt faster (full fine-tuning 0.715 instead
+of 0.675); SFPrompt's trainable set (prompts + tail) reaches 0.378 through the whole model, but trained through its
+local-loss model (head then tail, body skipped) it leaves the whole model at 0.105 (chance): the local-loss phase
+fits the tail to block-1 features that the split phase then feeds it from block 5, so the two phases pull the tail
+apart in this 6-block model; the prompt arm's set reaches 0.170 at lr 1e-3 but 0.465 at 1e-2, so prompt-style tuning
+wants a higher lr than the shared grid's top value. These were found after the benchmark started and were not
+changed (the shared grid and classifier are alike for every arm), but they mean the accuracy comparison here tests
+this reading of SFPrompt at a full-fine-tuning lr range.
+{prompt_note}
 Still scaled down for CPU (2 shared cores): patch 7 instead of the spec's 4 (16 patches, so the 10 prompts weigh
 more), at most {meta.get('local_steps')} local batches per client-round, lr tuned on one seed.
 {convergence}
