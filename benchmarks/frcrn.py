@@ -169,9 +169,12 @@ def main_runs(data):
     if ONLY:
         if "premise" not in data:
             premise(data)
-        for key in ONLY:
-            arm, loss, seed = key.split("/")
-            _one(data, runs, arm, loss, int(seed.removeprefix("seed")))
+        for key in ONLY:  # arm/loss/seedN, or arm/loss/seed0/x2 for the supplement's twice-the-budget run
+            arm, loss, seed, *x2 = key.split("/")
+            if x2:
+                _supplement(data, runs, arm, loss)
+            else:
+                _one(data, runs, arm, loss, int(seed.removeprefix("seed")))
         return
     if "premise" not in data:
         premise(data)
@@ -184,12 +187,17 @@ def main_runs(data):
             _one(data, runs, arm, chosen_loss(data, arm), seed)
     if os.environ.get("FRCRN_SUPPLEMENT"):  # seed 0 of both arms at twice the budget (a convergence check)
         for arm in P["arms"]:
-            key = f"{arm}/{chosen_loss(data, arm)}/seed0/x2"
-            if key not in runs:
-                print("run", key, flush=True)
-                runs[key] = run(arm, chosen_loss(data, arm), 0, steps=2 * P["steps"])
-                print(key, runs[key]["test"], f"{runs[key]['wall_s']:.0f} s", flush=True)
-                _save(data)
+            _supplement(data, runs, arm, chosen_loss(data, arm))
+
+
+def _supplement(data, runs, arm, loss):
+    """Seed 0 of ``arm`` at twice the budget (a convergence check, not part of the verdict)."""
+    key = f"{arm}/{loss}/seed0/x2"
+    if key not in runs:
+        print("run", key, flush=True)
+        runs[key] = run(arm, loss, 0, steps=2 * P["steps"])
+        print(key, runs[key]["test"], f"{runs[key]['wall_s']:.0f} s", flush=True)
+        _save(data)
 
 
 def _one(data, runs, arm, loss, seed):
