@@ -154,34 +154,24 @@ def main_runs(data: dict) -> None:
                     runs[key] = {**_hgb(tables, features, lr, seed), "wall_s": time.perf_counter() - start}
                     save()
                     print(key, runs[key], flush=True)
-    for lr in GNN_LRS:
-        key = f"rdl L2 lr {lr} seed 0"
+    def gnn(layers: int, lr: float, seed: int) -> None:
+        key = f"rdl L{layers} lr {lr} seed {seed}"
         if key not in runs:
-            runs[key] = _gnn(0, lr, 2)
+            runs[key] = _gnn(seed, lr, layers)
             save()
             print(key, runs[key]["val_auroc"], runs[key]["test_auroc"], flush=True)
+
+    for lr in GNN_LRS:
+        gnn(2, lr, 0)
     best = _chosen(runs, "rdl L2", GNN_LRS)
     for layers, seeds in ((2, SEEDS[1:]), (1, SEEDS)):  # the 1-layer ablation at the 2-layer model's lr
         for seed in seeds:
-            key = f"rdl L{layers} lr {best} seed {seed}"
-            if key not in runs:
-                runs[key] = _gnn(seed, best, layers)
-                save()
-                print(key, runs[key]["val_auroc"], runs[key]["test_auroc"], flush=True)
+            gnn(layers, best, seed)
     # the spec's 3 layers, num_neighbors [32, 16, 8]: its own lr grid on seed 0, like the 2-layer model
     for lr in GNN_LRS:
-        key = f"rdl L3 lr {lr} seed 0"
-        if key not in runs:
-            runs[key] = _gnn(0, lr, 3)
-            save()
-            print(key, runs[key]["val_auroc"], runs[key]["test_auroc"], flush=True)
-    best3 = _chosen(runs, "rdl L3", GNN_LRS)
+        gnn(3, lr, 0)
     for seed in SEEDS[1:]:
-        key = f"rdl L3 lr {best3} seed {seed}"
-        if key not in runs:
-            runs[key] = _gnn(seed, best3, 3)
-            save()
-            print(key, runs[key]["val_auroc"], runs[key]["test_auroc"], flush=True)
+        gnn(3, _chosen(runs, "rdl L3", GNN_LRS), seed)
 
 
 def _val(run: dict) -> float:
