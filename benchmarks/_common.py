@@ -242,3 +242,25 @@ def superseded_summary(data: dict, arms: dict, chosen_lr, json_name: str) -> str
                    f"{json_name} under `superseded`): test accuracy {', '.join(means)}; inconclusive there because "
                    f"a best validation round was the last.\n")
     return "".join(out)
+
+
+def patience_stop(history: list, patience: int, min_rounds: int = 0) -> bool:
+    """Early stopping for hand-written round loops: True once ``len(history) >= min_rounds`` and the best value of
+    ``history`` (higher is better; ties to the earliest) is ``patience`` or more entries back. ``patience`` 0: never."""
+    if not patience or len(history) < min_rounds:
+        return False
+    best = max(range(len(history)), key=lambda t: history[t])
+    return len(history) - 1 - best >= patience
+
+
+def supersede_changed_protocol(data: dict, protocol: dict) -> dict:
+    """If ``data["meta"]`` was run under another ``protocol`` (its keys compared; absent keys count as 0 and a
+    fresh JSON matches anything), move its runs to ``data["superseded"]`` and start ``data["runs"]`` afresh.
+    Returns the meta whose ``runtime_s`` the new protocol carries on from (empty when superseded)."""
+    old = data.get("meta", {})
+    if old.get("rounds") is None or all(old.get(k, 0) == v for k, v in protocol.items()):
+        return old
+    if data["runs"]:  # a superseded protocol: keep its runs beside the new ones, out of the verdict
+        data.setdefault("superseded", []).append({"meta": old, "runs": data["runs"]})
+    data["runs"] = {}
+    return {}  # the runtime counts this protocol's runs only

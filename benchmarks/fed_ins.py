@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import rounds_budget, superseded_summary  # noqa: E402
+from _common import patience_stop, rounds_budget, supersede_changed_protocol, superseded_summary  # noqa: E402
 
 from lightning_ext.core.io import atomic_torch_save, atomic_write_json, atomic_write_text  # noqa: E402
 from lightning_ext.federated.fedins import FedInsNet, fedins_loss, mutual_information, uniform_mean  # noqa: E402
@@ -168,7 +168,7 @@ def run(arm: str, lr: float, seed: int, rounds: int, data: dict, backbone_state:
         hist["test"].append(statistics.mean(t["acc"] for t in test))
         hist["mi"].append(statistics.mean(t["mi"] for t in test))
         hist["test_domain"].append([statistics.mean(t["acc_domain"][d] for t in test) for d in (0, 1)])
-        if patience and r - max(range(r + 1), key=lambda t: hist["val"][t]) >= patience:
+        if patience_stop(hist["val"], patience):
             break
     ran = len(hist["val"])
     best = max(range(ran), key=lambda t: hist["val"][t])
@@ -329,12 +329,7 @@ def main() -> None:
     path = OUT / "fed_ins.json"
     data = json.loads(path.read_text()) if path.exists() else {"runs": {}}
     if not args.render_only:
-        old = data.get("meta", {})
-        if (old.get("rounds"), old.get("patience", 0)) not in ((None, 0), (args.rounds, args.patience)):
-            if data["runs"]:  # a superseded protocol: keep its runs beside the new ones, out of the verdict
-                data.setdefault("superseded", []).append({"meta": old, "runs": data["runs"]})
-            data["runs"] = {}
-            old = {}  # the runtime below counts this protocol's runs only
+        old = supersede_changed_protocol(data, {"rounds": args.rounds, "patience": args.patience})
         data["meta"] = {"seeds": args.seeds, "rounds": args.rounds, "patience": args.patience, "lrs": args.lrs,
                         "command": "nice -n 10 python benchmarks/fed_ins.py " + " ".join(sys.argv[1:]),
                         "machine": f"{platform.machine()}, torch {torch.__version__}",

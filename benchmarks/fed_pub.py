@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import rounds_budget, superseded_summary  # noqa: E402
+from _common import patience_stop, rounds_budget, supersede_changed_protocol, superseded_summary  # noqa: E402
 
 from lightning_ext.core.io import atomic_write_json, atomic_write_text  # noqa: E402
 from lightning_ext.federated.fedpub import (  # noqa: E402
@@ -130,8 +130,7 @@ def run(arm: str, lr: float, seed: int, rounds: int, clients, patience: int = 0,
         hist["val"].append(statistics.mean(a[0] for a in accs))
         hist["test"].append(statistics.mean(a[1] for a in accs))
         hist["sparsity"].append(statistics.mean(mask_sparsity(m, L1) for m in models) if cfg["masked"] else 0.0)
-        since_best = len(hist["val"]) - 1 - max(range(len(hist["val"])), key=lambda t: hist["val"][t])
-        if patience and r >= min_rounds and since_best >= patience:
+        if patience_stop(hist["val"], patience, min_rounds):
             break
     ran = len(hist["val"])
     best = max(range(ran), key=lambda t: hist["val"][t])
@@ -309,13 +308,8 @@ def main() -> None:
     path = OUT / "fed_pub.json"
     data = json.loads(path.read_text()) if path.exists() else {"runs": {}}
     if not args.render_only:
-        old = data.get("meta", {})
-        if ((old.get("rounds"), old.get("patience", 0), old.get("min_rounds", 0))
-                not in ((None, 0, 0), (args.rounds, args.patience, args.min_rounds))):
-            if data["runs"]:  # a superseded protocol: keep its runs beside the new ones, out of the verdict
-                data.setdefault("superseded", []).append({"meta": old, "runs": data["runs"]})
-            data["runs"] = {}
-            old = {}  # the runtime below counts this protocol's runs only
+        old = supersede_changed_protocol(data, {"rounds": args.rounds, "patience": args.patience,
+                                                "min_rounds": args.min_rounds})
         data["meta"] = {"seeds": args.seeds, "rounds": args.rounds, "patience": args.patience,
                         "min_rounds": args.min_rounds, "lrs": args.lrs,
                         "command": "nice -n 10 python benchmarks/fed_pub.py " + " ".join(sys.argv[1:]),
